@@ -1,0 +1,162 @@
+"""Load an ONNX model file into lipcert's model graph, safely.
+
+External data is read only from files inside the model's own folder; functions (as the dynamo exporter
+emits) are inlined; every operator must be in lipcert's registry, and every unsupported one is listed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
+
+from .errors import ModelError
+from .fold import fold
+from .graph import Graph, Node, toposort
+from .ops import REGISTRY
+
+MIN_OPSET = 11
+MAX_OPSET = onnx.defs.onnx_opset_version()
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def tensor_to_torch(proto: onnx.TensorProto, source: str) -> torch.Tensor:
+    """An ONNX tensor as a torch tensor; half precision is widened to float32; NaN/Inf are refused."""
+    try:
+        array = numpy_helper.to_array(proto)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a malformed tensor
+        raise ModelError(f"tensor {proto.name!r} cannot be decoded: {exc}", source=source) from None
+    if array.dtype.kind == "f" and array.dtype.itemsize < 4 or str(array.dtype) == "bfloat16":
+        array = array.astype(np.float32)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise ModelError(f"tensor {proto.name!r} contains NaN or Inf values", source=source)
+    if array.dtype.kind not in "fiub":
+        raise ModelError(f"tensor {proto.name!r} has unsupported type {array.dtype}", source=source)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _check_external_data(model: onnx.ModelProto, folder: Path, source: str) -> None:
+    """Refuse external-data locations that leave the model's folder (.., absolute paths, symlinks)."""
+    root = folder.resolve()
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ModelError(f"external data of tensor {tensor.name!r} has location {location!r}, "
+                             "which is not a path inside the model's folder", source=source)
+        target = (folder / location).resolve()
+        if root not in target.parents and target != root:
+            raise ModelError(f"external data of tensor {tensor.name!r} points to {location!r}, "
+                             "outside the model's folder", source=source)
+        if not target.is_file():
+            raise ModelError(f"external data file {location!r} of tensor {tensor.name!r} is missing",
+                             source=source)
+
+
+def read_model(path: str | Path) -> onnx.ModelProto:
+    """Parse an ONNX file, load its external data safely and inline its local functions."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ModelError("no such model file", source=source)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelError(f"not a valid ONNX model ({type(exc).__name__})", source=source) from None
+    if not model.graph.node:
+        raise ModelError("not a valid ONNX model: the graph has no nodes", source=source)
+    _check_external_data(model, path.parent, source)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read external data: {exc}", source=source) from None
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelError(f"ONNX opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})",
+                         source=source)
+    if model.functions:
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception as exc:  # noqa: BLE001 - the inliner reports malformed functions this way
+            raise ModelError(f"cannot inline the model's functions: {exc}", source=source) from None
+    return model
+
+
+def _attr_value(attr: onnx.AttributeProto, source: str):
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, onnx.TensorProto):
+        return tensor_to_torch(value, source)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode("utf-8", "replace") for v in value]
+    return value
+
+
+def _input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, ...] | None, source: str) -> tuple[int, ...]:
+    dims = value_info.type.tensor_type.shape.dim
+    if override is not None:
+        if dims and len(dims) != len(override) + 1:
+            raise ModelError(f"--input-shape has {len(override)} dimensions but input {value_info.name!r} "
+                             f"has {len(dims) - 1} besides the batch", source=source)
+        return tuple(override)
+    if not dims:
+        raise ModelError(f"input {value_info.name!r} has no declared shape; pass --input-shape", source=source)
+    shape = []
+    for d in list(dims)[1:]:
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            raise ModelError(f"input {value_info.name!r} has a dynamic dimension {d.dim_param or '?'!r} besides "
+                             "the batch; pass --input-shape", source=source)
+        shape.append(int(d.dim_value))
+    return tuple(shape)
+
+
+def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int, ...] | None = None) -> Graph:
+    """Convert a parsed (function-free) ONNX model to a folded lipcert Graph."""
+    g = model.graph
+    params = {t.name: tensor_to_torch(t, source) for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in params]
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        raise ModelError(f"lipcert analyses models with exactly one input; this one has {names}", source=source)
+    unsupported = [f"{n.name or '#' + str(i)!s} ({n.op_type})" for i, n in enumerate(g.node)
+                   if n.domain not in DEFAULT_DOMAINS or n.op_type not in REGISTRY]
+    if unsupported:
+        raise ModelError(f"unsupported operators: {', '.join(unsupported)}", source=source)
+    nodes = []
+    for i, n in enumerate(g.node):
+        attrs = {a.name: _attr_value(a, source) for a in n.attribute}
+        nodes.append(Node(name=n.name or f"{n.op_type}_{i}", op=n.op_type, inputs=list(n.input),
+                          outputs=list(n.output), attrs=attrs))
+    for node in nodes:
+        value = node.attrs.get("value")
+        if node.op == "Constant" and isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not torch.isfinite(value).all():
+                raise ModelError(f"constant {node.outputs[0]!r} contains NaN or Inf values", source=source)
+    if not g.output:
+        raise ModelError("the graph declares no outputs", source=source)
+    input_info = inputs[0]
+    shape = _input_shape(input_info, input_shape, source)
+    ordered = toposort(nodes, set(params) | {input_info.name}, source)
+    graph = Graph(nodes=ordered, params=params, input_name=input_info.name, input_shape=shape,
+                  outputs=[o.name for o in g.output], source=source,
+                  metadata={p.key: p.value for p in model.metadata_props}, onnx_model=model)
+    produced = {o for n in ordered for o in n.outputs} | set(params) | {input_info.name}
+    missing = [o for o in graph.outputs if o not in produced]
+    if missing:
+        raise ModelError(f"graph output {missing[0]!r} is produced by no node", source=source)
+    return fold(graph)
+
+
+def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Graph:
+    """Load an ONNX file as a lipcert Graph (see module docstring for the safety rules)."""
+    return graph_from_onnx(read_model(path), str(path), input_shape)

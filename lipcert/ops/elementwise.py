@@ -1,0 +1,374 @@
+"""Elementwise operators: arithmetic, activations, comparisons."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..graph import Node
+from .base import LipschitzRule, Op, RunContext, bad, register
+
+Inputs = Sequence[torch.Tensor | None]
+
+
+class Unary(Op):
+    """An elementwise function of one input, with an optional global Lipschitz constant."""
+
+    constant: float | None = None
+    reason = ""
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [self.fn(node, inputs[0])]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+        return None if self.constant is None else LipschitzRule(self.constant, self.reason)
+
+
+@register
+class Relu(Unary):
+    name = "Relu"
+    constant, reason = 1.0, "ReLU is 1-Lipschitz"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+@register
+class LeakyRelu(Unary):
+    name = "LeakyRelu"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, float(node.attr("alpha", 0.01)))
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+        slope = abs(float(node.attr("alpha", 0.01)))
+        return LipschitzRule(max(1.0, slope), f"LeakyReLU with slope {slope:g}: max(1, |slope|)")
+
+
+@register
+class Abs(Unary):
+    name = "Abs"
+    constant, reason = 1.0, "|x| is 1-Lipschitz"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(x)
+
+
+@register
+class Neg(Unary):
+    name = "Neg"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+
+@register
+class Sign(Unary):
+    name = "Sign"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+
+@register
+class Sqrt(Unary):
+    name = "Sqrt"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(x)
+
+
+@register
+class Exp(Unary):
+    name = "Exp"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+@register
+class Log(Unary):
+    name = "Log"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+@register
+class Reciprocal(Unary):
+    name = "Reciprocal"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.reciprocal(x)
+
+
+@register
+class Sigmoid(Unary):
+    name = "Sigmoid"
+    constant, reason = 0.25, "sigmoid' <= 1/4"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+
+@register
+class Tanh(Unary):
+    name = "Tanh"
+    constant, reason = 1.0, "tanh' <= 1"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+@register
+class Softplus(Unary):
+    name = "Softplus"
+    constant, reason = 1.0, "softplus' = sigmoid <= 1"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(x)
+
+
+@register
+class Elu(Unary):
+    name = "Elu"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x, float(node.attr("alpha", 1.0)))
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+        alpha = abs(float(node.attr("alpha", 1.0)))
+        return LipschitzRule(max(1.0, alpha), f"ELU with alpha {alpha:g}: max(1, alpha)")
+
+
+@register
+class Identity(Unary):
+    name = "Identity"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@register
+class Dropout(Op):
+    """Inference-time dropout: the identity (the optional mask output is all true)."""
+
+    name = "Dropout"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        return [x, torch.ones_like(x, dtype=torch.bool)]
+
+
+@register
+class Clip(Op):
+    name = "Clip"
+
+    def bounds(self, node: Node, inputs: Inputs) -> tuple[float | None, float | None]:
+        lo = inputs[1] if len(inputs) > 1 else None
+        hi = inputs[2] if len(inputs) > 2 else None
+        lo_v = float(lo) if lo is not None else node.attr("min")
+        hi_v = float(hi) if hi is not None else node.attr("max")
+        return lo_v, hi_v
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        lo, hi = self.bounds(node, inputs)
+        return [torch.clamp(inputs[0], min=lo, max=hi)]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+        return LipschitzRule(1.0, "clipping is 1-Lipschitz") if var == 0 else None
+
+
+@register
+class Softmax(Op):
+    name = "Softmax"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.softmax(inputs[0], int(node.attr("axis", -1)))]
+
+
+@register
+class LogSoftmax(Op):
+    name = "LogSoftmax"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.log_softmax(inputs[0], int(node.attr("axis", -1)))]
+
+
+class Binary(Op):
+    """A broadcasting elementwise function of two inputs."""
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [self.fn(inputs[0], inputs[1])]
+
+
+@register
+class Add(Binary):
+    name = "Add"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+@register
+class Sub(Binary):
+    name = "Sub"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
+
+
+@register
+class Mul(Binary):
+    name = "Mul"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+@register
+class Div(Binary):
+    name = "Div"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.is_floating_point() or b.is_floating_point():
+            return a / b
+        return torch.div(a, b, rounding_mode="trunc")
+
+
+@register
+class Pow(Binary):
+    name = "Pow"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.pow(a, b)
+        return out.to(a.dtype)
+
+
+class Variadic(Op):
+    """An elementwise function of one or more broadcast inputs (ONNX Max, Min, Sum, Mean)."""
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        present = [t for t in inputs if t is not None]
+        if not present:
+            raise bad(node, "needs at least one input")
+        out = present[0]
+        for t in present[1:]:
+            out = self.combine(out, t)
+        return [self.finish(out, len(present))]
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, out: torch.Tensor, count: int) -> torch.Tensor:
+        return out
+
+
+@register
+class Max(Variadic):
+    name = "Max"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(a, b)
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+        return LipschitzRule(1.0, "max with constants is 1-Lipschitz")
+
+
+@register
+class Min(Variadic):
+    name = "Min"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(a, b)
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+        return LipschitzRule(1.0, "min with constants is 1-Lipschitz")
+
+
+@register
+class Sum(Variadic):
+    name = "Sum"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+@register
+class Mean(Variadic):
+    name = "Mean"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def finish(self, out: torch.Tensor, count: int) -> torch.Tensor:
+        return out / count
+
+
+class Compare(Binary):
+    """Comparisons and logic: shape plumbing that exporters emit; outputs are booleans."""
+
+
+@register
+class Equal(Compare):
+    name = "Equal"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.eq(a, b)
+
+
+@register
+class Less(Compare):
+    name = "Less"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.lt(a, b)
+
+
+@register
+class Greater(Compare):
+    name = "Greater"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.gt(a, b)
+
+
+@register
+class And(Compare):
+    name = "And"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.logical_and(a, b)
+
+
+@register
+class Or(Compare):
+    name = "Or"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.logical_or(a, b)
+
+
+@register
+class Not(Unary):
+    name = "Not"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.logical_not(x)
+
+
+@register
+class Where(Op):
+    name = "Where"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        cond, a, b = inputs
+        return [torch.where(cond.bool(), a, b)]

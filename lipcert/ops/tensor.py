@@ -1,0 +1,371 @@
+"""Operators that move, select or build tensors: shape plumbing, reshapes, slicing, padding, sorting."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..graph import Node
+from ..linop import LinearOperator, from_function
+from .base import LipschitzRule, Op, RunContext, bad, int_list, register, torch_pad_list
+
+Inputs = Sequence[torch.Tensor | None]
+
+#: ONNX TensorProto data types lipcert can cast to; floating types follow the graph's run precision.
+ONNX_DTYPES: dict[int, torch.dtype | None] = {
+    1: None, 10: None, 11: None, 16: None,
+    2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64, 9: torch.bool,
+}
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+@register
+class Constant(Op):
+    name = "Constant"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
+                           ("value_int", torch.int64), ("value_ints", torch.int64)):
+            if key in node.attrs:
+                return [torch.tensor(node.attrs[key], dtype=dtype)]
+        if "value" in node.attrs:
+            return [node.attrs["value"]]
+        raise bad(node, "has no supported value attribute")
+
+
+@register
+class Cast(Op):
+    name = "Cast"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        to = int(node.attr("to", 1))
+        if to not in ONNX_DTYPES:
+            raise bad(node, f"cast to ONNX type {to} is not supported")
+        target = ONNX_DTYPES[to]
+        x = inputs[0]
+        if target is None:
+            return [x if x.is_floating_point() else x.to(ctx.dtype)]
+        return [x.to(target)]
+
+
+@register
+class Shape(Op):
+    name = "Shape"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        dims = list(inputs[0].shape)
+        start, end = node.attr("start", 0), node.attr("end", None)
+        return [torch.tensor(dims[start:end], dtype=torch.int64)]
+
+
+@register
+class Size(Op):
+    name = "Size"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.tensor(inputs[0].numel(), dtype=torch.int64)]
+
+
+@register
+class ConstantOfShape(Op):
+    name = "ConstantOfShape"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        value = node.attr("value")
+        fill = value.reshape(-1)[0] if value is not None else torch.tensor(0.0)
+        shape = int_list(inputs[0]) or []
+        return [torch.full(shape, fill.item(), dtype=fill.dtype)]
+
+
+@register
+class Range(Op):
+    name = "Range"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        start, limit, delta = inputs
+        return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)]
+
+
+@register
+class Gather(Op):
+    name = "Gather"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, idx = inputs
+        axis = _axis(int(node.attr("axis", 0)), x.dim())
+        idx = idx.long().to(x.device)
+        flat = torch.where(idx < 0, idx + x.shape[axis], idx).reshape(-1)
+        out = torch.index_select(x, axis, flat)
+        return [out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))]
+
+
+@register
+class Expand(Op):
+    name = "Expand"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, shape = inputs
+        target = torch.broadcast_shapes(tuple(x.shape), tuple(int_list(shape) or []))
+        return [x.expand(target)]
+
+
+@register
+class Tile(Op):
+    name = "Tile"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [inputs[0].repeat(*(int_list(inputs[1]) or []))]
+
+
+class Rearrange(Op):
+    """An operator that only moves entries (reshape, transpose, squeeze): an isometry."""
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            full = [x] + [None if c is None else c.to(x.device) for c in consts[1:]]
+            return self.run(node, full, RunContext(x.dtype))[0]
+
+        return from_function(forward, in_shape, out_shape, kind="isometry", name=node.name)
+
+
+@register
+class Reshape(Rearrange):
+    name = "Reshape"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, shape = inputs
+        dims = int_list(shape) or []
+        if not node.attr("allowzero", 0):
+            dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+        return [x.reshape(dims)]
+
+
+@register
+class Flatten(Rearrange):
+    name = "Flatten"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        axis = _axis(int(node.attr("axis", 1)), x.dim())
+        return [x.reshape(math.prod(x.shape[:axis]), -1)]
+
+
+@register
+class Transpose(Rearrange):
+    name = "Transpose"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        perm = node.attr("perm") or list(reversed(range(x.dim())))
+        return [x.permute(*perm)]
+
+
+def _axes(node: Node, inputs: Inputs) -> list[int] | None:
+    """Axes from the opset-13+ input or the older attribute."""
+    if len(inputs) > 1 and inputs[1] is not None:
+        return int_list(inputs[1])
+    value = node.attr("axes")
+    return None if value is None else [int(a) for a in value]
+
+
+@register
+class Squeeze(Rearrange):
+    name = "Squeeze"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        axes = _axes(node, inputs)
+        if axes is None:
+            return [x.squeeze()]
+        keep = [d for i, d in enumerate(x.shape) if i not in {_axis(a, x.dim()) for a in axes}]
+        return [x.reshape(keep)]
+
+
+@register
+class Unsqueeze(Rearrange):
+    name = "Unsqueeze"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        axes = _axes(node, inputs) or []
+        rank = x.dim() + len(axes)
+        out = x
+        for a in sorted(_axis(a, rank) for a in axes):
+            out = out.unsqueeze(a)
+        return [out]
+
+
+@register
+class Concat(Op):
+    name = "Concat"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        parts = [t for t in inputs if t is not None]
+        dtype = torch.promote_types(parts[0].dtype, parts[-1].dtype) if parts else None
+        return [torch.cat([p.to(dtype) for p in parts], dim=int(node.attr("axis", 0)))]
+
+
+@register
+class Split(Op):
+    name = "Split"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        axis = _axis(int(node.attr("axis", 0)), x.dim())
+        sizes = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("split")
+        if sizes is None:
+            n = int(node.attr("num_outputs", len(node.outputs)))
+            chunk = -(-x.shape[axis] // n)
+            sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(n)]
+        return list(torch.split(x, [int(s) for s in sizes], dim=axis))
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            full = [x] + [None if c is None else c.to(x.device) for c in consts[1:]]
+            return self.run(node, full, RunContext(x.dtype))[output]
+
+        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name)
+
+
+@register
+class Slice(Op):
+    name = "Slice"
+
+    def params(self, node: Node, inputs: Inputs, rank: int) -> list[tuple[int, int, int, int]]:
+        if len(inputs) > 1:
+            starts, ends = int_list(inputs[1]), int_list(inputs[2])
+            axes = int_list(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+            steps = int_list(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else None
+        else:
+            starts, ends, axes, steps = node.attr("starts"), node.attr("ends"), node.attr("axes"), None
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        return [(_axis(a, rank), s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)]
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        index: list[slice] = [slice(None)] * x.dim()
+        flips = []
+        for axis, start, end, step in self.params(node, inputs, x.dim()):
+            n = x.shape[axis]
+            if step > 0:
+                s = max(0, min(n, start + n if start < 0 else start))
+                e = max(0, min(n, end + n if end < 0 else end))
+                index[axis] = slice(s, e, step)
+            else:
+                s = max(-1, min(n - 1, start + n if start < 0 else start))
+                e = max(-1, min(n - 1, end + n if end < 0 else end))
+                idx = torch.arange(s, e, step, device=x.device)
+                flips.append((axis, idx))
+        out = x[tuple(index)]
+        for axis, idx in flips:
+            out = torch.index_select(out, axis, idx)
+        return [out]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
+
+        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name)
+
+
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+@register
+class Pad(Op):
+    name = "Pad"
+
+    def settings(self, node: Node, inputs: Inputs, rank: int) -> tuple[str, list[int], float]:
+        mode = node.attr("mode", "constant")
+        if mode not in PAD_MODES:
+            raise bad(node, f"pad mode {mode!r} is not supported")
+        pads = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else list(node.attr("pads", []))
+        value = node.attr("value", 0.0)
+        if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel():
+            value = float(inputs[2].reshape(-1)[0])
+        axes = int_list(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+        if axes is not None:
+            full = [0] * (2 * rank)
+            for i, a in enumerate(axes):
+                a = _axis(a, rank)
+                full[a], full[a + rank] = pads[i], pads[i + len(axes)]
+            pads = full
+        return mode, pads, float(value)
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        mode, pads, value = self.settings(node, inputs, x.dim())
+        if mode == "constant":
+            return [F.pad(x, torch_pad_list(pads), mode="constant", value=value)]
+        rank = x.dim()
+        padded = [i for i in range(rank) if pads[i] or pads[i + rank]]
+        if not padded:
+            return [x]
+        first = min(padded)
+        if first < 1 or rank - first > 3:
+            raise bad(node, f"{mode} padding is supported on the last three axes (not the batch axis) only")
+        tp = torch_pad_list(pads[first:rank] + pads[rank + first:])
+        return [F.pad(x, tp, mode=PAD_MODES[mode])]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        mode, pads, value = self.settings(node, list(consts), len(in_shape) + 1)
+        if mode == "constant" and value != 0.0:
+            return None
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
+
+        if mode == "constant":
+            kind = "isometry" if min(pads) >= 0 else "projection"
+        else:
+            kind = "generic"
+        return from_function(forward, in_shape, out_shape, kind=kind, name=node.name,
+                             structure={"mode": mode, "pads": pads})
+
+
+@register
+class TopK(Op):
+    name = "TopK"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        k = int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else int(node.attr("k"))
+        axis = int(node.attr("axis", -1))
+        values, indices = torch.topk(x, k, dim=axis, largest=bool(node.attr("largest", 1)),
+                                     sorted=bool(node.attr("sorted", 1)))
+        return [values, indices]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+        k = int(consts[1].reshape(-1)[0]) if len(consts) > 1 and consts[1] is not None else int(node.attr("k"))
+        axis = int(node.attr("axis", -1))
+        size = in_shape[_axis(axis, len(in_shape) + 1) - 1]
+        if var == 0 and k == size:
+            return LipschitzRule(1.0, f"sort of the whole axis ({size} entries): a permutation per sample, "
+                                      "1-Lipschitz (Anil et al. 2019)")
+        return None
+
+
+@register
+class ArgMax(Op):
+    name = "ArgMax"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.argmax(inputs[0], dim=int(node.attr("axis", 0)), keepdim=bool(node.attr("keepdims", 1)))]
