@@ -9,7 +9,9 @@ from onnx import helper, numpy_helper
 
 from .graph import Graph
 
-WRITE_OPSET = 17
+#: opset 19 is the first with Pad mode "wrap"; IR version 9 is what it needs and onnxruntime reads
+WRITE_OPSET = 19
+WRITE_IR_VERSION = 9
 
 
 def _attr(value):
@@ -28,7 +30,8 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
     inp = helper.make_tensor_value_info(graph.input_name, onnx.TensorProto.FLOAT, [batch, *graph.input_shape])
     outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in graph.outputs]
     model = helper.make_model(helper.make_graph(nodes, "lipcert", [inp], outs, inits),
-                              opset_imports=[helper.make_opsetid("", WRITE_OPSET)], producer_name="lipcert")
+                              opset_imports=[helper.make_opsetid("", WRITE_OPSET)], producer_name="lipcert",
+                              ir_version=WRITE_IR_VERSION)
     for key, value in graph.metadata.items():
         model.metadata_props.add(key=key, value=value)
     return model

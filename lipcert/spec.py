@@ -163,7 +163,7 @@ class SpecBuilder:
             raise ModelError(f"{where}: {shape[1]} channels do not split into groups of {g}", source=self.source)
         grouped = self.node("Reshape", [x, self.const(torch.tensor([0, shape[1] // g, g] + [-1] * (len(shape) > 2)))],
                             where)[0]
-        top = self.node("TopK", [grouped, self.const(torch.tensor([g]))], where, n_out=2, axis=2)[0]
+        top = self.node("TopK", [grouped, self.const(torch.tensor([g]))], where, n_out=2, axis=2, largest=0)[0]
         return self.node("Reshape", [top, self.const(torch.tensor([0] + shape[1:]))], where)[0]
 
     def layer_maxmin(self, layer: dict, x: str, where: str) -> str:
@@ -171,7 +171,7 @@ class SpecBuilder:
 
     def layer_fullsort(self, layer: dict, x: str, where: str) -> str:
         n = self.values[x].shape[1]
-        return self.node("TopK", [x, self.const(torch.tensor([n]))], where, n_out=2, axis=1)[0]
+        return self.node("TopK", [x, self.const(torch.tensor([n]))], where, n_out=2, axis=1, largest=0)[0]
 
     def _pool(self, op: str, layer: dict, x: str, where: str, **extra: Any) -> str:
         nd = self.spatial(x)

@@ -13,6 +13,7 @@ Higham (ibid., ch. 3) for the rounding-error bounds quoted in the comments.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -188,68 +189,87 @@ def conv_circular_norm(weight: torch.Tensor, input_hw: Sequence[int], *,
     return value
 
 
-def _row_multiplicity(n: int, begin: int, end: int, k_eff: int, stride: int) -> tuple[int, bool]:
-    """For circular padding then a valid conv along one axis: max times one circular-conv row is output, bijective?
+def _polyphase_kernel(weight: torch.Tensor, factor: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """Rewrite a strided, dilated kernel as a stride-1, undilated one over ``prod(factor)`` input phases.
 
-    Output o reads padded positions s*o + d*t, i.e. x[(s*o + d*t - begin) mod n], which is row
-    (s*o - begin) mod n of the stride-1 circular conv on the n-grid.
+    Per axis, output o reads input position f*o + d*t for tap t (f = factor, d = dilation). Writing
+    d*t = f*a_t + r_t with 0 <= r_t < f, it reads phase r_t (the inputs at positions = r_t mod f) at phase
+    position o + a_t. So K'[:, c * R + r, a] = K[:, c, t] (R = prod(factor), r raveled over axes) is the
+    kernel of the equivalent stride-1 convolution over the phases; t -> (r, a) is injective, so K' holds
+    exactly the entries of K (same Frobenius norm).
     """
-    outputs = (n + begin + end - k_eff) // stride + 1
-    counts = Counter((stride * o - begin) % n for o in range(max(0, outputs)))
-    most = max(counts.values(), default=0)
-    return most, len(counts) == n and most == 1
+    c_out, c_in_g, *ks = weight.shape
+    per_axis = [[divmod(d * t, f) for t in range(k)] for k, f, d in zip(ks, factor, dilation)]
+    lengths = [axis[-1][0] + 1 for axis in per_axis]
+    out = weight.new_zeros(c_out, c_in_g, *factor, *lengths)
+    for t in itertools.product(*[range(k) for k in ks]):
+        a_r = [per_axis[i][ti] for i, ti in enumerate(t)]
+        index = (slice(None), slice(None), *[r for _, r in a_r], *[a for a, _ in a_r])
+        out[index] = weight[(slice(None), slice(None), *t)]
+    return out.reshape(c_out, c_in_g * math.prod(factor), *lengths)
 
 
 def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | None:
-    """FFT bound for a ``kind="conv"`` operator, or None if its structure is outside what is handled.
+    """DFT bound for a ``kind="conv"`` operator, or None if its structure is outside what is handled.
 
-    * circular, no transpose: the rows of the operator are rows of the stride-1 circular conv C on the
-      ``input_spatial`` grid (``pads`` being the circular padding before a valid conv), each used at most m
-      times (m = product over axes of the per-axis maximum, see ``_row_multiplicity``). So A = R C with
-      R^T R <= m I and ||A|| <= sqrt(m) ||C||; with stride 1 and every row used once A is C with permuted
-      rows and the bound is exact ("fft-circular").
-    * zero padding, any stride: pad the input to P = n + begin + end per axis and place it on a circular grid
-      of size G = max(P, k_eff), zeros elsewhere (an isometric embedding). The valid outputs o in
-      [0, P - k_eff] read positions o + d*t <= P - 1 < G, so no wrap-around occurs and they equal the circular
-      conv's outputs; striding keeps a subset of them. A is thus a submatrix of the circular conv on G:
-      ||A|| <= ||C_G|| ("fft-embedding").
-    * transposed (zero padding): ONNX ConvTranspose is the adjoint of the conv with the same weight tensor
-      (read as [c_out, c_in/groups, k...]), the same stride, dilation and pads, acting on the transposed conv's
-      output of size m = (n-1)s + k_eff + output_padding - begin - end; ||A^T|| = ||A||, and that conv's padded
-      input has size m + begin + end = (n-1)s + k_eff + output_padding, the grid used.
+    Per axis (n = input_spatial, s = stride, d = dilation, (b, e) = pads, k_eff = d*(k-1) + 1), the strided
+    conv is rewritten by ``_polyphase_kernel`` as a stride-1 conv over the s phases of its input (the notes'
+    "polyphase channels"), whose norm is then taken on a circular grid by DFT:
+
+    * zero padding: with M outputs, the conv reads padded positions [0, L), L = s*(M-1) + k_eff <= n + b + e.
+      Dropping the unread positions and splitting the rest into s phases of length Q = ceil(L/s) placed on a
+      circular grid of size G = max(Q, A) (A the polyphase kernel length) maps the input by a contraction.
+      Output o reads phase positions o + a_t <= (L - 1) // s = Q - 1 < G: no wrap-around, so the conv equals
+      a submatrix of the circular conv on G after that contraction, and ||A|| <= ||C_G|| ("fft-embedding").
+    * transposed conv (zero padding): ONNX ConvTranspose is the adjoint of the conv with the same weight tensor
+      (read as [c_out, c_in/groups, k...]), stride, dilation and pads, whose M outputs are the n inputs of the
+      transposed conv (output_padding only adds positions that conv never reads); ||A^T|| = ||A||, so it is
+      bounded as above with M = n.
+    * circular (``pads`` = the circular padding before a valid conv): output o reads x[(s*o + d*t - b) mod n],
+      i.e. x'[(s*o + d*t) mod n] for the circular shift x' of x (an isometry). If s divides n the phases
+      x'[(s*q + r) mod n] are a permutation of x', and output o is row o mod (n/s) of the stride-1 circular conv
+      on the n/s grid; if not, phase factor 1 is used and output o is row (s*o) mod n of the circular conv on
+      the n grid. With each row used at most m times (m = product of the per-axis maxima), A = R C with
+      R^T R <= m I, so ||A|| <= sqrt(m) ||C||; when every row is used exactly once, A is C with permuted rows
+      and the value is exact ("fft-circular").
     """
     s = op.structure
     w = s.get("weight")
     if w is None:
         return None
+    w = w.detach().to(torch.float64)
     nd = w.dim() - 2
     n = tuple(int(v) for v in s.get("input_spatial", op.in_shape[1:]))
     stride = tuple(int(v) for v in s.get("stride", (1,) * nd))
     dil = tuple(int(v) for v in s.get("dilation", (1,) * nd))
     pads = tuple(int(v) for v in s.get("pads", (0,) * (2 * nd)))
     groups = int(s.get("groups", 1))
-    out_pad = tuple(int(v) for v in s.get("output_padding", (0,) * nd))
     circular, transpose = bool(s.get("circular", False)), bool(s.get("transpose", False))
-    if min(pads, default=0) < 0 or any(len(t) != nd for t in (n, stride, dil, out_pad)) or len(pads) != 2 * nd:
+    if (circular and transpose) or len(pads) != 2 * nd or min(pads, default=0) < 0 \
+            or any(len(t) != nd for t in (n, stride, dil)):
         return None
-    if circular and transpose:
-        return None
-    begin, end = pads[:nd], pads[nd:]
     k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dil, w.shape[2:]))
+    outputs = n if transpose else tuple((ni + b + e - ke) // si + 1
+                                        for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, stride))
+    if min(outputs) < 1:
+        return None
+    margin_dim = sum(w.shape[:2])
     if not circular:
-        if transpose:
-            grid = tuple((ni - 1) * si + ke + op_i for ni, si, ke, op_i in zip(n, stride, k_eff, out_pad))
-        else:
-            grid = tuple(max(ni + b + e, ke) for ni, b, e, ke in zip(n, begin, end, k_eff))
-        value, err = _circular_norm_and_error(w, grid, dil, groups, device)
-        return UpperBound(_inflate(value + err, sum(w.shape[:2])), "fft-embedding", False)
+        kernel = _polyphase_kernel(w, stride, dil)
+        reach = tuple(si * (mi - 1) + ke for si, mi, ke in zip(stride, outputs, k_eff))
+        grid = tuple(max(-(-li // si), a) for li, si, a in zip(reach, stride, kernel.shape[2:]))
+        value, err = _circular_norm_and_error(kernel, grid, (1,) * nd, groups, device)
+        return UpperBound(_inflate(value + err, margin_dim), "fft-embedding", False)
+    factor = tuple(si if ni % si == 0 else 1 for ni, si in zip(n, stride))
     mult, exact = 1, True
-    for ni, b, e, ke, si in zip(n, begin, end, k_eff, stride):
-        most, bijective = _row_multiplicity(ni, b, e, ke, si)
-        mult *= most
-        exact = exact and bijective and si == 1
-    value, err = _circular_norm_and_error(w, n, dil, groups, device)
-    return UpperBound(_mul_up(_inflate(value + err, sum(w.shape[:2])), math.sqrt(mult)), "fft-circular", exact)
+    for ni, mi, si, f in zip(n, outputs, stride, factor):
+        rows = Counter((si // f * o) % (ni // f) for o in range(mi))
+        mult *= max(rows.values())
+        exact = exact and len(rows) == ni // f and max(rows.values()) == 1
+    kernel = _polyphase_kernel(w, factor, dil)
+    value, err = _circular_norm_and_error(kernel, tuple(ni // f for ni, f in zip(n, factor)), (1,) * nd, groups,
+                                          device)
+    return UpperBound(_mul_up(_inflate(value + err, margin_dim), math.sqrt(mult)), "fft-circular", exact)
 
 
 # ---------------------------------------------------------------------------------------- dispatcher

@@ -35,14 +35,14 @@ HASH_CHUNK = 1 << 20
 class DatasetInfo:
     """What a dataset holds, as reported to the user and checked against a model."""
 
-    path: str
-    format: str
+    path: str  # as given to open_dataset
+    format: str  # "npz" | "safetensors" | "cifar" | "idx" | "image-folder"
     num_samples: int
-    sample_shape: tuple[int, ...]
-    layout: str
-    value_range: str
-    num_classes: int | None
-    sha256: str
+    sample_shape: tuple[int, ...]  # per sample as delivered: channels first, e.g. (3, 32, 32) or (1, 28, 28)
+    layout: str  # as stored: "NCHW" | "NHWC" | "NHW" (no channel axis) | "NC" (flat)
+    value_range: str  # "uint8 0-255" (delivered divided by 255) | "float 0-1" (delivered as is)
+    num_classes: int | None  # from the format's metadata, else the largest label + 1
+    sha256: str  # of the data file; several files: names, sizes and bytes in order
 
 
 @runtime_checkable
@@ -237,12 +237,12 @@ def delivered_shape(x_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def channels_first(raw: np.ndarray, layout: str) -> np.ndarray:
-    """Raw rows as a C-contiguous float32 array, channels first."""
+    """Raw rows as a new (writable, C-contiguous) float32 array, channels first."""
     if layout == "NHWC":
         raw = raw.transpose(0, 3, 1, 2)
     elif layout == "NHW":
         raw = raw[:, None]
-    return np.ascontiguousarray(raw, dtype=np.float32)
+    return np.array(raw, dtype=np.float32, order="C")
 
 
 def check_values(x: np.ndarray, offset: int, top: float, path: Path | str, expected: str) -> None:
@@ -287,7 +287,7 @@ def as_labels(raw: np.ndarray, offset: int, path: Path | str) -> np.ndarray:
         if whole.all():
             return raw.astype(np.int64)
         i = int(np.argmin(whole))
-        raise DataError(f"sample {offset + i}: label {raw[i]!r} is not an integer", source=str(path))
+        raise DataError(f"sample {offset + i}: label {raw[i].item()} is not an integer", source=str(path))
     raise DataError(f"labels have dtype {raw.dtype}; expected integer class indices", source=str(path))
 
 
@@ -317,7 +317,7 @@ class StreamingDataset:
         offset = start
         for raw, y in zip(xs, ys, strict=True):
             x = channels_first(raw, self.info.layout)
-            if raw.dtype != np.uint8:
+            if not (scale and raw.dtype == np.uint8):  # uint8 pixels always fit the 0-255 range
                 check_values(x, offset, top, self._source.path, expected)
             if scale:
                 x /= np.float32(255.0)
@@ -333,8 +333,8 @@ class StreamingDataset:
             offset += len(y)
 
 
-def build_dataset(source: Source, *, layout: str, value_range: str) -> StreamingDataset:
-    """Resolve layout, value range, class count and hash of a source, and wrap it as a Dataset."""
+def build_dataset(source: Source, *, path: str, layout: str, value_range: str) -> StreamingDataset:
+    """Resolve layout, value range, class count and hash of a source, and wrap it as a Dataset named ``path``."""
     if source.num_samples == 0:
         raise DataError("the dataset is empty: it holds no samples", source=str(source.path))
     resolved_layout = resolve_layout(source, layout)
@@ -346,7 +346,7 @@ def build_dataset(source: Source, *, layout: str, value_range: str) -> Streaming
             top = max(top, int(as_labels(y, offset, source.path).max()))
             offset += len(y)
         num_classes = top + 1
-    info = DatasetInfo(path=str(source.path), format=source.format, num_samples=source.num_samples,
+    info = DatasetInfo(path=path, format=source.format, num_samples=source.num_samples,
                        sample_shape=delivered_shape(source.x_shape, resolved_layout), layout=resolved_layout,
                        value_range=resolved_range, num_classes=num_classes, sha256=source.sha256())
     return StreamingDataset(source, info)

@@ -55,7 +55,7 @@ class NpzSource(Source):
     format = "npz"
 
     def __init__(self, path: Path, split: str) -> None:
-        with reading(path, "not a readable .npz archive"), zipfile.ZipFile(path) as archive:
+        with reading(path, "not a readable .npz archive (damaged or truncated?)"), zipfile.ZipFile(path) as archive:
             members = {n[:-4]: n for n in archive.namelist() if n.endswith(".npy")}
             x_key, y_key = pick_keys(list(members), split, path)
             self._x = read_member(archive, members[x_key], path)

@@ -20,7 +20,7 @@ def _reader(path: Path):
     try:
         return safe_open(str(path), framework="numpy")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise DataError(f"not a readable .safetensors file: {exc}", source=str(path)) from exc
+        raise DataError(f"not a readable .safetensors file (damaged or truncated?): {exc}", source=str(path)) from exc
 
 
 class SafetensorsSource(Source):

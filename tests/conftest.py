@@ -1,0 +1,60 @@
+"""Shared fixtures: sample model paths and exporters that make real models on the fly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+
+torch.set_num_threads(2)
+
+
+def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...], dynamo: bool,
+                opset: int | None = None) -> Path:
+    """Export with torch's TorchScript (dynamo=False) or dynamo exporter, batch dimension dynamic."""
+    model.eval()
+    x = torch.rand((2,) + tuple(input_shape))
+    kwargs: dict = {"input_names": ["input"], "output_names": ["logits"], "dynamo": dynamo}
+    if dynamo:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+    else:
+        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), **kwargs)
+    return path
+
+
+def strip_parametrizations(model: torch.nn.Module) -> torch.nn.Module:
+    """Bake torch parametrizations (orthogonium, spectral_norm) into plain weights, as an export does."""
+    import torch.nn.utils.parametrize as parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name)
+    return model
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``lipcert`` command (falling back to ``python -m lipcert``) as a subprocess."""
+    exe = shutil.which("lipcert")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "lipcert", *args]
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
