@@ -16,9 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .atomic import write_text_atomic
+from .device import resolve_device
 from .errors import ConfigError, LipcertError
 from .inspect_model import summarize
 from .loader import load_model
+from .verify import DEFAULT_TOL, PROVEN, VIOLATED, VerifyResult, verify as run_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Certify the robustness of 1-Lipschitz neural networks from the exported model file.\n\n"
@@ -27,7 +30,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 def console(stderr: bool = False) -> Console:
     """A rich console; plain text when NO_COLOR is set or the stream is not a terminal."""
-    return Console(stderr=stderr, no_color="NO_COLOR" in os.environ, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or "COLUMNS" in os.environ else 140
+    return Console(stderr=stderr, no_color="NO_COLOR" in os.environ, highlight=False, width=width)
 
 
 def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -87,6 +92,70 @@ def inspect(
         out.print(f"note: {note}")
 
 
+STATUS_STYLE = {"proven": "green", "violated": "bold red", "unproven": "yellow", "no rule": "yellow"}
+
+
+def _num(value: Optional[float], digits: int = 7) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def render_verify(result: VerifyResult, out: Console) -> None:
+    """The verify table and verdict, as a person reads them."""
+    table = Table(title=f"{result.model}: is it {result.claimed:g}-Lipschitz (L2)?")
+    for col in ("node", "op", "shape", "lower (power it.)", "upper", "method", "gap", "status"):
+        table.add_column(col, justify="right" if col in ("lower (power it.)", "upper", "gap") else "left")
+    for row in result.layers:
+        shape = f"{_shape_text(row.in_shape)} -> {_shape_text(row.out_shape)}"
+        status = row.status
+        table.add_row(row.name, row.op, shape, _num(row.lower), _num(row.upper), row.upper_method,
+                      "-" if row.gap is None else f"{row.gap:.1e}",
+                      f"[{STATUS_STYLE[status]}]{status}[/]")
+    out.print(table)
+    for combo in result.combinations:
+        out.print(f"{combo['node']} ({combo['op']}): bound {_num(combo['bound'])} by {combo['rule']}")
+    verdict = result.status.upper()
+    style = STATUS_STYLE[result.status]
+    upper = "unbounded (an op has no rule)" if result.network_upper == float("inf") else _num(result.network_upper)
+    out.print(f"network: upper bound {upper}, lower bound {_num(result.network_lower)} "
+              f"({result.network_lower_method}); claim {result.claimed:g} ({result.claim_source}), "
+              f"tolerance {result.tol:g}")
+    for layer in result.breaking_layers:
+        out.print(f"[bold red]breaks the claim:[/] {layer.name} ({layer.op}) has operator norm at least "
+                  f"{layer.lower:.6g} > {result.claimed:g}")
+    for name in result.no_rule:
+        out.print(f"[yellow]no rule:[/] {name}: lipcert cannot bound this node, so the claim cannot be proven")
+    if result.top_contributors:
+        parts = ", ".join(f"{c['layer']} ({c['factor']:.4g})" for c in result.top_contributors)
+        out.print(f"largest factors: {parts}")
+    out.print(f"verdict: [{style}]{verdict}[/]  ({result.seconds:.1f} s)")
+
+
+@app.command()
+def verify(
+    model: Path = typer.Argument(..., help="model file (.onnx or .safetensors)"),
+    bound: Optional[float] = typer.Option(None, "--bound", help="the claimed Lipschitz bound (default: the "
+                                          "model's lipcert.claimed_lipschitz metadata, else 1.0)"),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="relative tolerance on the claim"),
+    arch: Optional[Path] = ARCH,
+    arch_python: Optional[str] = ARCH_PY,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON to this file"),
+    seed: int = typer.Option(0, "--seed", help="random seed of power iteration and the empirical search"),
+) -> None:
+    """Check that the model is really L-Lipschitz: sound per-layer bounds on the exact operators.
+
+    Exit code 0 when the claim is proven, 1 when it is violated or unproven, 2 on bad input.
+    """
+    graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape))
+    result = run_verify(graph, bound, tol=tol, device=resolve_device(device), seed=seed)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
+    render_verify(result, console())
+    if result.status != PROVEN:
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print lipcert's version."""
@@ -96,7 +165,7 @@ def version() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the CLI and turn every failure into its documented exit code."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="lipcert")
+        code = app(args=argv, standalone_mode=False, prog_name="lipcert")
     except LipcertError as exc:
         console(stderr=True).print(f"lipcert: error: {exc}", markup=False, soft_wrap=True)
         return exc.exit_code
@@ -113,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    "(please report this at the lipcert issue tracker with the command you ran)",
                                    markup=False, soft_wrap=True)
         return 3
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

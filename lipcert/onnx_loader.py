@@ -102,6 +102,26 @@ def _attr_value(attr: onnx.AttributeProto, source: str):
     return value
 
 
+def _legacy_softmax(nodes: list[Node], opset: int) -> list[Node]:
+    """Before opset 13, (Log)Softmax flattens its input to 2-D at ``axis`` (default 1) and normalises each row:
+    spell that out with Flatten and Reshape, so that every node has its opset-13 meaning."""
+    if opset >= 13:
+        return nodes
+    out: list[Node] = []
+    for node in nodes:
+        axis = int(node.attrs.get("axis", 1))
+        if node.op not in ("Softmax", "LogSoftmax") or axis == -1:
+            out.append(node)
+            continue
+        base = node.name
+        x, shape, flat, rows = node.inputs[0], f"{base}/shape:0", f"{base}/flat:0", f"{base}/rows:0"
+        out += [Node(f"{base}/shape", "Shape", [x], [shape]),
+                Node(f"{base}/flatten", "Flatten", [x], [flat], {"axis": axis}),
+                Node(base, node.op, [flat], [rows], {"axis": 1}),
+                Node(f"{base}/reshape", "Reshape", [rows, shape], list(node.outputs[:1]))]
+    return out
+
+
 def _input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, ...] | None, source: str) -> tuple[int, ...]:
     dims = value_info.type.tensor_type.shape.dim
     if override is not None:
@@ -137,6 +157,8 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
         attrs = {a.name: _attr_value(a, source) for a in n.attribute}
         nodes.append(Node(name=n.name or f"{n.op_type}_{i}", op=n.op_type, inputs=list(n.input),
                           outputs=list(n.output), attrs=attrs))
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), MAX_OPSET)
+    nodes = _legacy_softmax(nodes, opset)
     for node in nodes:
         value = node.attrs.get("value")
         if node.op == "Constant" and isinstance(value, torch.Tensor) and value.is_floating_point():

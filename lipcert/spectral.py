@@ -26,12 +26,13 @@ from .linop import LinearOperator
 # Unit roundoff of float64 (half the machine epsilon).
 U64 = 2.0 ** -53
 
-# Relative margin applied to every float64 result. Backward-stable float64 algorithms (Householder/LAPACK SVD,
-# sums and inner products) return values within p(n) * u * ||A|| of the exact ones, p(n) = c * n a modestly
-# growing function of the problem dimension n (Higham ch. 3 and 20; LAPACK Users' Guide, "Error bounds for
-# the singular value decomposition"). With c = ROUNDING_C = 8 and u = 2^-53 ~ 1.1e-16, c * n * u <= 1e-9 for
-# n up to 1.1e6; for larger n the margin grows as c * n * u (see ``_inflate``). 1e-9 is still far below
-# anything that matters for a certificate computed from float32 weights (relative precision 6e-8).
+# Relative margin applied to every float64 result. The computations used (inner products and sums, Gram
+# matrices, LAPACK's backward-stable Hermitian eigensolver) return the top singular value within p(n) * u
+# of the exact one, relatively, where p(n) = c * n grows with the size n of the problem (Higham ch. 3 for
+# inner products, gamma_n = n u / (1 - n u); LAPACK Users' Guide, "Error bounds for the symmetric
+# eigenproblem"; each caller states its n). With c = ROUNDING_C = 8 and u = 2^-53 ~ 1.1e-16,
+# c * n * u <= 1e-9 for n up to 1.1e6; for larger n the margin grows as c * n * u (see ``_inflate``).
+# Either way it is far below anything that matters for a certificate from float32 weights (precision 6e-8).
 ROUNDING_MARGIN = 1e-9
 ROUNDING_C = 8
 
@@ -47,7 +48,7 @@ class UpperBound:
     """A proven upper bound on ||A||_2 and how it was obtained."""
 
     value: float  # proven upper bound on ||A||_2, float rounding included
-    method: str  # "svd", "fft-circular", "fft-embedding", "gram", "schur", "product(...)", "structural", "none"
+    method: str  # svd, fft-circular, fft-embedding, gram, schur, product(...), structural, none
     exact: bool  # value equals the norm up to the rounding margin
 
 
@@ -60,6 +61,21 @@ def _inflate(value: float, n: int) -> float:
 def _mul_up(a: float, b: float) -> float:
     """a * b rounded upwards (for products of non-negative bounds)."""
     return math.nextafter(a * b, math.inf)
+
+
+def _largest_singular_value(mat: torch.Tensor) -> float:
+    """max over a batch of matrices of ||M||_2, from the top eigenvalue of the smaller Gram matrix M M^H.
+
+    Much faster than a full SVD for wide or batched complex matrices. Rounding: fl(M M^H) = M M^H + E with
+    ||E||_2 <= gamma_k ||M||_F^2 <= r gamma_k ||M||_2^2 (k the long side, r the short one), and eigvalsh is
+    backward stable, so sigma_max^2 has relative error O(k r u): callers inflate with n = k * r.
+    """
+    if mat.numel() == 0:
+        return 0.0
+    if mat.shape[-2] > mat.shape[-1]:
+        mat = mat.mH
+    top = torch.linalg.eigvalsh(mat @ mat.mH)[..., -1].max()
+    return math.sqrt(max(float(top), 0.0))
 
 
 # ----------------------------------------------------------------------------------------------- dense
@@ -75,40 +91,46 @@ def _dense_norm(op: LinearOperator, device: str | torch.device) -> float:
     """||A||_2 by float64 SVD of the explicit matrix, built from the smaller side (A or A^T) in chunks."""
     side = op
     if op.out_numel < op.in_numel:  # fewer adjoint calls; ||A^T|| = ||A||
-        side = LinearOperator(in_shape=op.out_shape, out_shape=op.in_shape, forward=op.adjoint, adjoint=op.forward)
+        side = LinearOperator(in_shape=op.out_shape, out_shape=op.in_shape, forward=op.adjoint,
+                              adjoint=op.forward)
     chunk = max(1, min(1024, _CHUNK_ELEMS // max(op.in_numel, op.out_numel)))
     with torch.no_grad():
         mat = side.to_dense(dtype=torch.float64, device=device, chunk=chunk)
-    return float(torch.linalg.matrix_norm(mat, ord=2))
+    return _largest_singular_value(mat)
 
 
 def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
-    """Exact dense SVD of the operator, inflated by the rounding margin."""
-    return UpperBound(_inflate(_dense_norm(op, device), op.in_numel + op.out_numel), "svd", True)
+    """Exact dense SVD of the operator, inflated by the rounding margin.
+
+    The explicit matrix is computed by the operator itself in float64: for one layer each entry is a single
+    weight (exact); for a chain each entry carries O(depth * fan-in * u) relative rounding, which the margin
+    (at least 1e-9, i.e. ~10^7 u) is meant to absorb.
+    """
+    return UpperBound(_inflate(_dense_norm(op, device), op.in_numel * op.out_numel), "svd", True)
 
 
 # ------------------------------------------------------------------------------------------ matrices
 
 
 def kernel_matrix_norm(weight: torch.Tensor) -> float:
-    """||weight.reshape(c_out, -1)||_2: what torch's spectral_norm normalises; for contrast only, never a bound."""
+    """||weight.reshape(c_out, -1)||_2, what torch's spectral_norm normalises: for contrast, never a bound."""
     w = weight.detach().to(torch.float64)
-    return float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2))
+    return _largest_singular_value(w.reshape(w.shape[0], -1))
 
 
 def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
     """Upper bound on ||M||_2 by Gram iteration (Delattre et al., ICML 2023), rescaled so it cannot overflow.
 
     G_0 = M, G_{t+1} = G_t^T G_t gives ||M||_2 = ||G_t||_2^(1/2^t) <= ||G_t||_F^(1/2^t). Each G_t is kept
-    as exp(s_t) * H_t with ||H_t||_F = 1 before squaring, so only the log-scale s_t grows. Rounding: with H
-    normalised, fl(H^T H) = H^T H + E with ||E||_2 <= gamma_n and ||H^T H||_2 >= 1/n, a relative error of
-    at most n * gamma_n ~ n^2 u per step; after the 2^-t roots these add up to less than twice the last one,
-    which the margin ``_inflate(., n^2)`` covers.
+    as exp(s_t) * H_t with ||H_t||_F = 1 before squaring, so only the log-scale s_t grows. Rounding (M is
+    m x n, m >= n): with H normalised, fl(H^T H) = H^T H + E with ||E||_2 <= ||E||_F <= gamma_m and
+    ||H^T H||_2 = ||H||_2^2 >= 1/n, so each step has relative error delta <= n gamma_m ~ m n u, i.e.
+    ||G_t||_2^2 <= (1 + delta) ||G_{t+1}||_2; taking the 2^-t-th roots, these factors multiply to less than
+    (1 + delta), which ``_inflate(., m * n)`` covers (the log-scale bookkeeping adds O(iters u |log value|)).
     """
     g = matrix.detach().to(torch.float64)
     if g.shape[0] < g.shape[1]:  # iterate on the smaller Gram matrix; ||M^T|| = ||M||
         g = g.T
-    n = g.shape[1]
     if g.numel() == 0:
         return 0.0
     log_scale = 0.0  # G_t = exp(log_scale) * g
@@ -123,32 +145,31 @@ def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
     if f == 0.0:
         return 0.0
     value = math.exp((log_scale + math.log(f)) / 2.0 ** iters)
-    return _inflate(value, n * n)
+    return _inflate(value, matrix.numel())
 
 
 def _matrix_bound(m: torch.Tensor, dense_limit: int, device: str | torch.device) -> UpperBound:
     """||M||_2 for an operator applying M along the last axis: exact SVD when small, else Gram iteration."""
     m = m.detach().to(device=device, dtype=torch.float64)
     if min(m.shape) <= dense_limit:
-        return UpperBound(_inflate(float(torch.linalg.matrix_norm(m, ord=2)), sum(m.shape)), "svd", True)
+        return UpperBound(_inflate(_largest_singular_value(m), m.numel()), "svd", True)
     return UpperBound(gram_norm_bound(m), "gram", False)
 
 
 # ------------------------------------------------------------------------------------- convolutions
 
 
-def _circular_norm_and_error(weight: torch.Tensor, grid: Sequence[int], dilation: Sequence[int],
-                             groups: int, device: str | torch.device = "cpu") -> tuple[float, float]:
-    """Largest singular value over all DFT frequencies of a stride-1 circular conv, and a bound on the DFT error.
+def _circular_norm(weight: torch.Tensor, grid: Sequence[int], dilation: Sequence[int], groups: int,
+                   device: str | torch.device) -> float:
+    """Largest singular value over all DFT frequencies of a stride-1 circular conv on ``grid``.
 
     The conv computes y[:, r] = sum_t K[:, :, t] x[:, (r + dilation * t) mod grid] (cross-correlation), which
-    the DFT block-diagonalises into the c_out x c_in matrices K_hat(w) = sum_t K[:, :, t] exp(2 pi i <w, d t> / grid)
-    (Sedghi et al. 2019; the sign convention does not matter, as w ranges over all frequencies). Since the
+    the DFT block-diagonalises into the c_out x c_in matrices
+    K_hat(w) = sum_t K[:, :, t] exp(2 pi i <w, d t> / grid) (Sedghi et al. 2019; the sign convention does not
+    matter, as w ranges over all frequencies). Since the
     kernel is real, K_hat(-w) = conj(K_hat(w)) has the same singular values, so only half the frequencies of
     the last axis are evaluated. With groups, K_hat(w) is block diagonal and its norm is the max over blocks.
-    K_hat is evaluated by direct summation over the T taps, in chunks of frequencies: each entry then has an
-    absolute error <= gamma_{T+4} sum_t |K_t| (4 roundings for the phase), so ||E(w)||_2 <= ||E(w)||_F <=
-    gamma_{T+4} sqrt(T) ||K||_F, the second number returned.
+    K_hat is evaluated by direct summation over the taps, in chunks of frequencies, to bound memory.
     """
     w = weight.detach().to(device=device, dtype=torch.float64)
     nd = w.dim() - 2
@@ -165,7 +186,7 @@ def _circular_norm_and_error(weight: torch.Tensor, grid: Sequence[int], dilation
                                      indexing="ij"), dim=-1).reshape(taps, nd)
     half = grid[:-1] + (grid[-1] // 2 + 1,)
     n_freq = math.prod(half)
-    chunk = max(1, _CHUNK_ELEMS // max(1, kw.numel() // taps + taps))
+    chunk = max(1, _CHUNK_ELEMS // (kw.numel() // taps + taps))
     best = 0.0
     for start in range(0, n_freq, chunk):
         idx = torch.unravel_index(torch.arange(start, min(n_freq, start + chunk), device=device), half)
@@ -175,18 +196,28 @@ def _circular_norm_and_error(weight: torch.Tensor, grid: Sequence[int], dilation
             prod = (idx[axis][:, None] * pos[None, :, axis]) % grid[axis]
             angle += prod.to(torch.float64) * (2.0 * math.pi / grid[axis])
         phase = torch.polar(torch.ones_like(angle), angle)
-        k_hat = torch.einsum("ft,goit->fgoi", phase, kw)
-        best = max(best, float(torch.linalg.matrix_norm(k_hat, ord=2).max()))
-    err = ROUNDING_C * (taps + 4) * U64 * math.sqrt(taps) * float(torch.linalg.vector_norm(w))
-    return best, err
+        best = max(best, _largest_singular_value(torch.einsum("ft,goit->fgoi", phase, kw)))
+    return best
+
+
+def _circular_upper(kernel: torch.Tensor, grid: Sequence[int], groups: int,
+                    device: str | torch.device) -> float:
+    """Proven upper bound on the norm of the stride-1, undilated circular conv with ``kernel`` on ``grid``.
+
+    Each computed K_hat entry has an absolute error <= gamma_{T+4} sum_t |K_t| (T taps, 4 roundings for the
+    phase), so ||E(w)||_2 <= ||E(w)||_F <= gamma_{T+4} sqrt(T) ||K||_F, added in full; the per-frequency
+    eigenvalue solve is then covered by ``_inflate`` with n = (c_out/groups) * (c_in/groups).
+    """
+    taps = math.prod(kernel.shape[2:])
+    err = ROUNDING_C * (taps + 4) * U64 * math.sqrt(taps) * float(torch.linalg.vector_norm(kernel))
+    value = _circular_norm(kernel, grid, (1,) * (kernel.dim() - 2), groups, device)
+    return _inflate(value + err, kernel.shape[0] // groups * kernel.shape[1])
 
 
 def conv_circular_norm(weight: torch.Tensor, input_hw: Sequence[int], *,
                        dilation: Sequence[int] | None = None, groups: int = 1) -> float:
-    """Exact norm of the stride-1 circular convolution with ``weight`` on an ``input_hw`` grid (Sedghi et al. 2019)."""
-    nd = weight.dim() - 2
-    value, _ = _circular_norm_and_error(weight, input_hw, dilation or (1,) * nd, groups)
-    return value
+    """Exact norm of the stride-1 circular conv on an ``input_hw`` grid (Sedghi et al. 2019)."""
+    return _circular_norm(weight, input_hw, dilation or (1,) * (weight.dim() - 2), groups, "cpu")
 
 
 def _polyphase_kernel(weight: torch.Tensor, factor: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
@@ -221,17 +252,17 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
       circular grid of size G = max(Q, A) (A the polyphase kernel length) maps the input by a contraction.
       Output o reads phase positions o + a_t <= (L - 1) // s = Q - 1 < G: no wrap-around, so the conv equals
       a submatrix of the circular conv on G after that contraction, and ||A|| <= ||C_G|| ("fft-embedding").
-    * transposed conv (zero padding): ONNX ConvTranspose is the adjoint of the conv with the same weight tensor
-      (read as [c_out, c_in/groups, k...]), stride, dilation and pads, whose M outputs are the n inputs of the
-      transposed conv (output_padding only adds positions that conv never reads); ||A^T|| = ||A||, so it is
-      bounded as above with M = n.
+    * transposed conv (zero padding): ONNX ConvTranspose is the adjoint of the conv with the same weight
+      tensor (read as [c_out, c_in/groups, k...]), stride, dilation and pads, whose M outputs are the n inputs
+      of the transposed conv (output_padding only adds positions that conv never reads); ||A^T|| = ||A||, so
+      it is bounded as above with M = n.
     * circular (``pads`` = the circular padding before a valid conv): output o reads x[(s*o + d*t - b) mod n],
       i.e. x'[(s*o + d*t) mod n] for the circular shift x' of x (an isometry). If s divides n the phases
-      x'[(s*q + r) mod n] are a permutation of x', and output o is row o mod (n/s) of the stride-1 circular conv
-      on the n/s grid; if not, phase factor 1 is used and output o is row (s*o) mod n of the circular conv on
-      the n grid. With each row used at most m times (m = product of the per-axis maxima), A = R C with
-      R^T R <= m I, so ||A|| <= sqrt(m) ||C||; when every row is used exactly once, A is C with permuted rows
-      and the value is exact ("fft-circular").
+      x'[(s*q + r) mod n] are a permutation of x', and output o is row o mod (n/s) of the stride-1 circular
+      conv on the n/s grid; if not, phase factor 1 is used and output o is row (s*o) mod n of the circular
+      conv on the n grid. With each row used at most m times (m = product of the per-axis maxima), A = R C
+      with R^T R <= m I, so ||A|| <= sqrt(m) ||C||; when every row is used exactly once, A is C with permuted
+      rows and the value is exact ("fft-circular").
     """
     s = op.structure
     w = s.get("weight")
@@ -253,13 +284,11 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
                                         for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, stride))
     if min(outputs) < 1:
         return None
-    margin_dim = sum(w.shape[:2])
     if not circular:
         kernel = _polyphase_kernel(w, stride, dil)
         reach = tuple(si * (mi - 1) + ke for si, mi, ke in zip(stride, outputs, k_eff))
         grid = tuple(max(-(-li // si), a) for li, si, a in zip(reach, stride, kernel.shape[2:]))
-        value, err = _circular_norm_and_error(kernel, grid, (1,) * nd, groups, device)
-        return UpperBound(_inflate(value + err, margin_dim), "fft-embedding", False)
+        return UpperBound(_circular_upper(kernel, grid, groups, device), "fft-embedding", False)
     factor = tuple(si if ni % si == 0 else 1 for ni, si in zip(n, stride))
     mult, exact = 1, True
     for ni, mi, si, f in zip(n, outputs, stride, factor):
@@ -267,9 +296,8 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
         mult *= max(rows.values())
         exact = exact and len(rows) == ni // f and max(rows.values()) == 1
     kernel = _polyphase_kernel(w, factor, dil)
-    value, err = _circular_norm_and_error(kernel, tuple(ni // f for ni, f in zip(n, factor)), (1,) * nd, groups,
-                                          device)
-    return UpperBound(_mul_up(_inflate(value + err, margin_dim), math.sqrt(mult)), "fft-circular", exact)
+    value = _circular_upper(kernel, tuple(ni // f for ni, f in zip(n, factor)), groups, device)
+    return UpperBound(_mul_up(value, math.sqrt(mult)), "fft-circular", exact)
 
 
 # ---------------------------------------------------------------------------------------- dispatcher
@@ -285,7 +313,8 @@ def _schur_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
     return UpperBound(_inflate(value, op.in_numel + op.out_numel), "schur", False)
 
 
-def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device, dense_limit: int) -> UpperBound:
+def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
+                   dense_limit: int) -> UpperBound:
     """||A_k ... A_1|| <= prod ||A_i||, each factor bounded on its own, the product rounded upwards."""
     bounds = [upper_bound(p, device=device, dense_limit=dense_limit) for p in parts]
     value = 1.0
@@ -294,7 +323,8 @@ def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device, 
     return UpperBound(value, f"product({','.join(b.method for b in bounds)})", False)
 
 
-def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu", dense_limit: int = 4096) -> UpperBound:
+def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
+                dense_limit: int = 4096) -> UpperBound:
     """A proven upper bound on ||op||_2, by the tightest method available for ``op.kind``.
 
     Methods: scalar |c| and diag max|scale| (exact); isometry 1 (exact) and projection 1 (a bound), both

@@ -8,9 +8,38 @@ import torch
 import torch.nn.functional as F
 
 from ..graph import Node
+from ..linop import LinearOperator, from_function
 from .base import LipschitzRule, Op, RunContext, bad, register
 
 Inputs = Sequence[torch.Tensor | None]
+
+
+def per_sample(c: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A constant operand as a per-sample factor (its batch axis of size 1 dropped), or None if it spans
+    the batch."""
+    if c.dim() > len(in_shape):
+        if c.dim() > len(in_shape) + 1 or c.shape[0] != 1:
+            return None
+        c = c[0]
+    return c
+
+
+def scaling(name: str, factor: torch.Tensor | float, in_shape: tuple[int, ...],
+            out_shape: tuple[int, ...]) -> LinearOperator | None:
+    """The linear map x -> factor * x (broadcast), as a scalar or diagonal operator."""
+    if isinstance(factor, float) or factor.numel() == 1:
+        value = float(factor) if isinstance(factor, float) else float(factor.reshape(-1)[0])
+        return from_function(lambda x: x * value, in_shape, out_shape, kind="scalar",
+                             structure={"value": value}, name=name, adjoint=lambda y: y * value)
+    if tuple(torch.broadcast_shapes(factor.shape, in_shape)) != tuple(in_shape):
+        return None
+    scale = factor
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        return y * scale.to(y)
+
+    return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
+                         structure={"scale": scale}, name=name, adjoint=adjoint)
 
 
 class Unary(Op):
@@ -65,6 +94,10 @@ class Neg(Unary):
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return -x
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, -1.0, in_shape, out_shape)
 
 
 @register
@@ -153,6 +186,10 @@ class Identity(Unary):
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, 1.0, in_shape, out_shape)
+
 
 @register
 class Dropout(Op):
@@ -163,6 +200,10 @@ class Dropout(Op):
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
         return [x, torch.ones_like(x, dtype=torch.bool)]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, 1.0, in_shape, out_shape) if var == 0 and output == 0 else None
 
 
 @register
@@ -178,6 +219,8 @@ class Clip(Op):
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         lo, hi = self.bounds(node, inputs)
+        if lo is None and hi is None:
+            return [inputs[0]]
         return [torch.clamp(inputs[0], min=lo, max=hi)]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
@@ -217,6 +260,10 @@ class Add(Binary):
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
 
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, 1.0, in_shape, out_shape) if tuple(in_shape) == tuple(out_shape) else None
+
 
 @register
 class Sub(Binary):
@@ -225,6 +272,12 @@ class Sub(Binary):
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a - b
 
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if tuple(in_shape) != tuple(out_shape):
+            return None
+        return scaling(node.name, 1.0 if var == 0 else -1.0, in_shape, out_shape)
+
 
 @register
 class Mul(Binary):
@@ -232,6 +285,11 @@ class Mul(Binary):
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a * b
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        factor = per_sample(consts[1 - var], in_shape)
+        return None if factor is None else scaling(node.name, factor.double(), in_shape, out_shape)
 
 
 @register
@@ -242,6 +300,13 @@ class Div(Binary):
         if a.is_floating_point() or b.is_floating_point():
             return a / b
         return torch.div(a, b, rounding_mode="trunc")
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        factor = per_sample(consts[1], in_shape)
+        return None if factor is None else scaling(node.name, 1.0 / factor.double(), in_shape, out_shape)
 
 
 @register

@@ -112,8 +112,9 @@ def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: to
             total = (s["strides"][i] * (spatial[i] - 1) + s["output_padding"][i]
                      + (s["kernel"][i] - 1) * s["dilations"][i] + 1 - target[i])
             small, large = total // 2, total - total // 2
-            begins.append(large if auto_pad == "SAME_LOWER" else small)
-            ends.append(small if auto_pad == "SAME_LOWER" else large)
+            # the odd unit goes at the end only for SAME_UPPER; SAME_LOWER and an explicit output_shape put it first
+            begins.append(small if auto_pad == "SAME_UPPER" else large)
+            ends.append(large if auto_pad == "SAME_UPPER" else small)
         s["pads"] = begins + ends
     return s
 

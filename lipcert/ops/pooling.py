@@ -186,11 +186,15 @@ class Reduce(Op):
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def unreduced(self, x: torch.Tensor) -> torch.Tensor:
+        """The result when noop_with_empty_axes leaves every axis: the elementwise part of the reduction."""
+        return x
+
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
         axes = self.axes(node, inputs, x.dim())
         if axes is None:
-            return [x]
+            return [self.unreduced(x)]
         return [self.reduce(x, axes, bool(node.attr("keepdims", 1)))]
 
 
@@ -232,3 +236,6 @@ class ReduceL2(Reduce):
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
         return torch.sqrt(torch.sum(x * x, dim=axes, keepdim=keep))
+
+    def unreduced(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(x)

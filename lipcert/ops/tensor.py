@@ -124,17 +124,22 @@ class Tile(Op):
 
 
 class Rearrange(Op):
-    """An operator that only moves entries (reshape, transpose, squeeze): an isometry."""
+    """An operator that only moves entries of each sample (reshape, transpose, squeeze): an isometry."""
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            full = [x] + [None if c is None else c.to(x.device) for c in consts[1:]]
-            return self.run(node, full, RunContext(x.dtype))[0]
-
-        return from_function(forward, in_shape, out_shape, kind="isometry", name=node.name)
+        if node.op == "Transpose":
+            perm = node.attr("perm") or list(reversed(range(len(in_shape) + 1)))
+            if perm[0] != 0:
+                return None
+            inverse = [perm.index(i) for i in range(len(perm))]
+            return from_function(lambda x: x.permute(*perm), in_shape, out_shape, kind="isometry",
+                                 name=node.name, adjoint=lambda y: y.permute(*inverse))
+        return from_function(lambda x: x.reshape((x.shape[0],) + tuple(out_shape)), in_shape, out_shape,
+                             kind="isometry", name=node.name,
+                             adjoint=lambda y: y.reshape((y.shape[0],) + tuple(in_shape)))
 
 
 @register
@@ -317,8 +322,9 @@ class Pad(Op):
         padded = [i for i in range(rank) if pads[i] or pads[i + rank]]
         if not padded:
             return [x]
-        first = min(padded)
-        if first < 1 or rank - first > 3:
+        # torch pads the trailing k axes of a (k+1)- or (k+2)-D tensor only: start at axis 1 or 2
+        first = min(min(padded), 2)
+        if min(padded) < 1 or rank - first > 3:
             raise bad(node, f"{mode} padding is supported on the last three axes (not the batch axis) only")
         tp = torch_pad_list(pads[first:rank] + pads[rank + first:])
         return [F.pad(x, tp, mode=PAD_MODES[mode])]

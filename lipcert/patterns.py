@@ -1,0 +1,388 @@
+"""Subgraphs that 1-Lipschitz libraries export to, recognised from the graph and given exact constants.
+
+Each recogniser is called with the *last* node of its pattern and returns a ``Step`` covering every node
+it claims, or None. Patterns: GroupSort/MaxMin (ReduceMax+ReduceMin+Concat, Split+Max+Min+Concat,
+Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt) and the SLL / SDP residual block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .analysis import Context, Step
+from .graph import Node
+from .linop import LinearOperator, from_function
+from .ops import REGISTRY
+
+SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
+
+
+def _axis(node: Node, ctx: Context, value: str) -> int | None:
+    shape = ctx.shape(value)
+    if shape is None:
+        return None
+    axis = int(node.attr("axis", 0))
+    return axis + len(shape) + 1 if axis < 0 else axis
+
+
+def _reduce_axes(node: Node, ctx: Context) -> list[int] | None:
+    axes = node.attr("axes")
+    if len(node.inputs) > 1 and node.inputs[1]:
+        c = ctx.consts.get(node.inputs[1])
+        axes = None if c is None else c.reshape(-1).tolist()
+    shape = ctx.shape(node.inputs[0])
+    if axes is None or shape is None:
+        return None
+    return [int(a) + len(shape) + 1 if a < 0 else int(a) for a in axes]
+
+
+def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
+    """Concat(ReduceMax(v, a), ReduceMin(v, a), axis=a): the max and min of each group along axis a."""
+    if node.op != "Concat" or len(node.inputs) != 2:
+        return None
+    prods = [ctx.producer.get(i) for i in node.inputs]
+    if any(p is None for p in prods) or {p.op for p in prods} != {"ReduceMax", "ReduceMin"}:
+        return None
+    if prods[0].inputs[0] != prods[1].inputs[0] or prods[0].inputs[0] not in ctx.data:
+        return None
+    axes = [_reduce_axes(p, ctx) for p in prods]
+    axis = _axis(node, ctx, node.inputs[0])
+    if axes[0] is None or axes[0] != axes[1] or axes[0] != [axis]:
+        return None
+    if not all(int(p.attr("keepdims", 1)) for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
+        return None
+    size = ctx.shape(prods[0].inputs[0])[axis - 1]
+    return Step("pattern", f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
+                [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
+                constant=1.0, reason=SORT_REASON)
+
+
+def _split_parts(ctx: Context, a: str, b: str) -> tuple[str, list[Node]] | None:
+    """The tensor that a and b are two disjoint parts of (outputs of one Split), with the Split node."""
+    pa, pb = ctx.producer.get(a), ctx.producer.get(b)
+    if pa is None or pa is not pb or pa.op != "Split" or a == b:
+        if pa is not None and pb is not None and pa.op == pb.op == "Slice" and pa.inputs[0] == pb.inputs[0]:
+            return _disjoint_slices(ctx, pa, pb)
+        return None
+    return pa.inputs[0], [pa]
+
+
+def _disjoint_slices(ctx: Context, pa: Node, pb: Node) -> tuple[str, list[Node]] | None:
+    """Two Slices of the same tensor along one axis with step 1 and disjoint index ranges."""
+    src = pa.inputs[0]
+    shape = ctx.shape(src)
+    if shape is None:
+        return None
+    ranges = []
+    for p in (pa, pb):
+        c = ctx.const_inputs(p)
+        if len(c) < 4 or c[1] is None or c[2] is None or c[3] is None or c[1].numel() != 1:
+            return None
+        if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
+            return None
+        axis = int(c[3].reshape(-1)[0])
+        axis = axis + len(shape) + 1 if axis < 0 else axis
+        n = shape[axis - 1] if axis >= 1 else None
+        if n is None:
+            return None
+        start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
+        start = max(0, min(n, start + n if start < 0 else start))
+        end = max(0, min(n, end + n if end < 0 else end))
+        ranges.append((axis, start, end))
+    (ax1, s1, e1), (ax2, s2, e2) = ranges
+    if ax1 != ax2 or not (e1 <= s2 or e2 <= s1):
+        return None
+    return src, [pa, pb]
+
+
+def maxmin_split(ctx: Context, node: Node) -> Step | None:
+    """Concat(Max(a, b), Min(a, b)) with a, b disjoint parts of one tensor: MaxMin / GroupSort2."""
+    if node.op != "Concat" or len(node.inputs) != 2:
+        return None
+    prods = [ctx.producer.get(i) for i in node.inputs]
+    if any(p is None for p in prods) or {p.op for p in prods} != {"Max", "Min"}:
+        return None
+    if any(len(p.inputs) != 2 for p in prods) or set(prods[0].inputs) != set(prods[1].inputs):
+        return None
+    if not all(ctx.only_user(i, node) for i in node.inputs):
+        return None
+    a, b = prods[0].inputs
+    found = _split_parts(ctx, a, b)
+    if found is None:
+        return None
+    src, splitters = found
+    claimed = [p.name for p in prods] + [node.name]
+    for s in splitters:
+        if all(all(u in prods for u in ctx.users.get(o, [])) for o in s.outputs if o):
+            claimed.append(s.name)
+    return Step("pattern", "MaxMin (Split/Max/Min/Concat)", claimed, [src], node.outputs[0],
+                constant=1.0, reason="max and min of disjoint pairs: a permutation of the pair per sample, "
+                                     "1-Lipschitz (Anil et al. 2019)")
+
+
+def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
+    """Concat(Relu(v), Relu(Neg(v))): the pair (relu(x), relu(-x)) is 1-Lipschitz in x."""
+    if node.op != "Concat" or len(node.inputs) != 2:
+        return None
+    prods = [ctx.producer.get(i) for i in node.inputs]
+    if any(p is None or p.op != "Relu" for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
+        return None
+    for direct, negated in ((prods[0], prods[1]), (prods[1], prods[0])):
+        neg = ctx.producer.get(negated.inputs[0])
+        if neg is not None and neg.op == "Neg" and neg.inputs[0] == direct.inputs[0] \
+                and ctx.only_user(neg.outputs[0], negated) and direct.inputs[0] in ctx.data:
+            return Step("pattern", "MaxMin-style (Relu(x), Relu(-x))",
+                        [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
+                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
+    return None
+
+
+def _scalar_const(ctx: Context, node: Node) -> tuple[str, float] | None:
+    """For Mul/Div by a positive scalar constant: (the data input, the factor)."""
+    data = ctx.data_inputs(node)
+    if node.op not in ("Mul", "Div") or len(data) != 1:
+        return None
+    c = ctx.const_inputs(node)[1 - data[0]]
+    if c is None or c.numel() != 1 or (node.op == "Div" and data[0] != 0):
+        return None
+    value = float(c.reshape(-1)[0])
+    value = 1.0 / value if node.op == "Div" else value
+    return (node.inputs[data[0]], value) if value > 0 else None
+
+
+def _guard_degree(ctx: Context, value: str, base: str, seen: list[Node]) -> int | None:
+    """Degree of ``value`` as a monomial in ``base`` >= 0 through Abs/Relu/Sign/Mul guards (Sign: 0)."""
+    if value == base:
+        return 1
+    node = ctx.producer.get(value)
+    if node is None or value in ctx.graph.outputs:
+        return None
+    if node.op in ("Abs", "Relu", "Identity"):
+        d = _guard_degree(ctx, node.inputs[0], base, seen)
+    elif node.op == "Sign":
+        d = 0 if _guard_degree(ctx, node.inputs[0], base, seen) is not None else None
+    elif node.op == "Mul" and len(ctx.data_inputs(node)) == 2:
+        parts = [_guard_degree(ctx, i, base, seen) for i in node.inputs]
+        d = None if None in parts else sum(parts)
+    else:
+        return None
+    if d is not None:
+        seen.append(node)
+    return d
+
+
+def l2_pool(ctx: Context, node: Node) -> Step | None:
+    """sqrt(c * AveragePool(x^2)) with guards: c/K-scaled L2-norm pooling over windows of K entries."""
+    if node.op == "Sqrt":
+        t = node.inputs[0]
+    elif node.op == "Pow" and len(ctx.data_inputs(node)) == 1 and ctx.data_inputs(node)[0] == 0:
+        e = ctx.const_inputs(node)[1]
+        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 0.5:
+            return None
+        t = node.inputs[0]
+    else:
+        return None
+    claimed: list[Node] = [node]
+    factor = 1.0
+    while True:
+        p = ctx.producer.get(t)
+        scaled = _scalar_const(ctx, p) if p is not None else None
+        if scaled is None:
+            break
+        claimed.append(p)
+        t, factor = scaled[0], factor * scaled[1]
+    guards: list[Node] = []
+    pool = None
+    for candidate in [n for n in ctx.graph.nodes if n.op == "AveragePool" and n.outputs[0] in ctx.data]:
+        if _guard_degree(ctx, t, candidate.outputs[0], guards) == 1:
+            pool = candidate
+            break
+        guards.clear()
+    if pool is None:
+        return None
+    square = ctx.producer.get(pool.inputs[0])
+    if square is None:
+        return None
+    if square.op == "Pow":
+        e = ctx.const_inputs(square)[1]
+        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 2.0:
+            return None
+    elif not (square.op == "Mul" and square.inputs[0] == square.inputs[1]):
+        return None
+    x = square.inputs[0]
+    in_shape = ctx.shape(x)
+    from .ops.pooling import pool_rule, pool_settings
+
+    settings = pool_settings(pool, in_shape[1:]) if in_shape else None
+    if settings is None or (any(settings["pads"]) and not int(pool.attr("count_include_pad", 0))):
+        return None
+    window = math.prod(settings["kernel"])
+    inner = guards + [pool, square] + claimed
+    if not all(all(u in inner for u in ctx.users.get(o, [])) for n in inner if n is not node for o in n.outputs):
+        return None
+    overlap = pool_rule("L2-norm pooling", settings)
+    constant = math.sqrt(factor / window) * overlap.constant
+    return Step("pattern", "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x],
+                node.outputs[0], constant=constant,
+                reason=f"sqrt({factor:g}/{window}) * ||window||_2; {overlap.reason}")
+
+
+def wrap_concat(ctx: Context, node: Node) -> Step | None:
+    """Concat(Slice(x, -p:), x, Slice(x, :q)) along one axis: torch's export of circular padding."""
+    if node.op != "Concat" or len(node.inputs) != 3:
+        return None
+    first, x, last = node.inputs
+    shape, out_shape = ctx.shape(x), ctx.shape(node.outputs[0])
+    axis = _axis(node, ctx, x)
+    if shape is None or out_shape is None or axis is None or axis < 1:
+        return None
+    n = shape[axis - 1]
+    parts = []
+    for value, at_end in ((first, True), (last, False)):
+        p = ctx.producer.get(value)
+        if p is None or p.op != "Slice" or p.inputs[0] != x or not ctx.only_user(value, node):
+            return None
+        c = ctx.const_inputs(p)
+        if len(c) < 4 or any(t is None or t.numel() != 1 for t in c[1:4]):
+            return None
+        if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
+            return None
+        ax = int(c[3].reshape(-1)[0])
+        start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
+        start = max(0, min(n, start + n if start < 0 else start))
+        end = max(0, min(n, end + n if end < 0 else end))
+        if (ax + len(shape) + 1 if ax < 0 else ax) != axis or (end != n if at_end else start != 0):
+            return None
+        parts.append((p, end - start))
+    (s1, p_begin), (s2, p_end) = parts
+    rank = len(shape) + 1
+    pads = [0] * (2 * rank)
+    pads[axis], pads[rank + axis] = p_begin, p_end
+
+    def forward(v: torch.Tensor) -> torch.Tensor:
+        size = v.shape[axis]
+        return torch.cat([v.narrow(axis, size - p_begin, p_begin), v, v.narrow(axis, 0, p_end)], dim=axis)
+
+    operator = from_function(forward, shape, out_shape, kind="generic", name=node.name,
+                             structure={"mode": "wrap", "pads": pads})
+    return Step("linear", "Pad (wrap: Slice/Concat)", [s1.name, s2.name, node.name], [x], node.outputs[0],
+                operator=operator)
+
+
+SLOPE_01 = {"Relu", "Sigmoid", "Tanh"}
+
+
+def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
+                  target: str | None = None) -> tuple[list[Node], str] | None:
+    """Walk back from ``value`` through single-data-input linear nodes, each value read only by the next,
+    until reaching ``target`` or a node for which ``stop`` holds; the nodes come in forward order."""
+    nodes: list[Node] = []
+    reader: Node | None = None
+    while True:
+        if value == target:
+            return nodes[::-1], value
+        node = ctx.producer.get(value)
+        if node is None or (reader is not None and not ctx.only_user(value, reader)):
+            return None
+        if stop(node):
+            return nodes[::-1], value
+        data = ctx.data_inputs(node)
+        if len(data) != 1:
+            return None
+        shape_in, shape_out = ctx.shape(node.inputs[data[0]]), ctx.shape(value)
+        if shape_in is None or shape_out is None:
+            return None
+        if REGISTRY[node.op].linear(node, ctx.const_inputs(node), data[0], shape_in, shape_out) is None:
+            return None
+        nodes.append(node)
+        reader = node
+        value = node.inputs[data[0]]
+
+
+def _operator(ctx: Context, nodes: list[Node]) -> LinearOperator:
+    ops = []
+    for node in nodes:
+        var = ctx.data_inputs(node)[0]
+        ops.append(REGISTRY[node.op].linear(node, ctx.const_inputs(node), var, ctx.shape(node.inputs[var]),
+                                            ctx.shape(node.outputs[0])))
+    op = ops[0]
+    for nxt in ops[1:]:
+        op = op.then(nxt)
+    return op
+
+
+#: above this many entries an SLL block's operators are not materialised as matrices
+SLL_DENSE_LIMIT = 2 ** 24
+
+
+def sll_block(ctx: Context, node: Node) -> Step | None:
+    """y = x -/+ A s(B x + b) with A = +/- B^T S, S >= 0 diagonal, s slope in [0, 1]: 1-Lipschitz when
+    ||S^(1/2) B|| <= sqrt(2) (Araujo et al., ICLR 2023). Checked on the materialised matrices."""
+    if node.op not in ("Sub", "Add") or len(ctx.data_inputs(node)) != 2:
+        return None
+    x, r = node.inputs
+    for skip, branch, sign in ((x, r, 1.0), (r, x, -1.0)) if node.op == "Add" else ((x, r, 1.0),):
+        found = _sll_branch(ctx, node, skip, branch)
+        if found is None:
+            continue
+        a_nodes, act, b_nodes = found
+        a_op, b_op = _operator(ctx, a_nodes), _operator(ctx, b_nodes)
+        if a_op.in_numel * a_op.out_numel > SLL_DENSE_LIMIT:
+            return None
+        a = a_op.to_dense()
+        if node.op == "Add":
+            a = -a
+        b = b_op.to_dense()
+        norms = (b * b).sum(dim=1)
+        s = torch.where(norms > 0, (a.T * b).sum(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        if (s < 0).any():
+            return None
+        residual = torch.linalg.matrix_norm(a - b.T * s, "fro").item()
+        if residual > 1e-5 * max(torch.linalg.matrix_norm(a, "fro").item(), 1e-30):
+            return None
+        from .spectral import upper_bound
+
+        scaled = torch.sqrt(s)[:, None] * b
+        sb = upper_bound(from_function(lambda v, m=scaled: v.reshape(v.shape[0], -1) @ m.to(v).T,
+                                       (scaled.shape[1],), (scaled.shape[0],), kind="matrix",
+                                       structure={"matrix": scaled})).value
+        if sb * sb > 2.0:
+            return None
+        b_norm = upper_bound(from_function(lambda v, m=b: v.reshape(v.shape[0], -1) @ m.to(v).T,
+                                           (b.shape[1],), (b.shape[0],), kind="matrix",
+                                           structure={"matrix": b})).value
+        slack = residual * b_norm
+        names = [n.name for n in a_nodes + [act] + b_nodes] + [node.name]
+        return Step("pattern", "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
+                    constant=1.0 + slack,
+                    reason=f"||S^1/2 B|| <= {sb:.6g} <= sqrt(2) (Araujo et al. 2023); "
+                           f"A = B^T S up to {residual:.2g} (Frobenius), adding {slack:.2g}",
+                    details={"sqrt_s_b_norm": sb, "residual": residual})
+    return None
+
+
+def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
+    """Nodes of the branch A s(B skip + b), or None when the branch has another form."""
+    if skip not in ctx.data or not ctx.only_user(branch, node):
+        return None
+    found = _affine_chain(ctx, branch, lambda n: n.op in SLOPE_01 or (
+        n.op == "LeakyRelu" and 0.0 <= float(n.attr("alpha", 0.01)) <= 1.0))
+    if found is None or not found[0]:
+        return None
+    a_nodes, act_out = found
+    act = ctx.producer[act_out]
+    if not ctx.only_user(act_out, a_nodes[0]):
+        return None
+    found_b = _affine_chain(ctx, act.inputs[0], lambda n: False, target=skip)
+    if found_b is None or not found_b[0] or found_b[1] != skip:
+        return None
+    b_nodes = found_b[0]
+    if not ctx.only_user(act.inputs[0], act):
+        return None
+    return a_nodes, act, b_nodes
+
+
+PATTERNS = [sll_block, wrap_concat, groupsort_reduce, maxmin_split, relu_neg_concat, l2_pool]

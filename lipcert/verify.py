@@ -1,0 +1,209 @@
+"""``lipcert verify``: is the exported model really L-Lipschitz (L2 to L2), and if not, where does it break?
+
+Each step of the network (see ``analysis``) gets a sound upper bound on its exact operator (``spectral``)
+and, for linear steps, a power-iteration lower estimate; the upper bounds propagate over the graph into
+the network bound. An empirical network lower bound (``empirical``) can prove a claim false on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import __version__
+from .analysis import Step, decompose
+from .empirical import network_lower_bound
+from .errors import ConfigError
+from .executor import GraphModule
+from .fusion import refine
+from .graph import Graph
+from .power_iteration import power_iteration
+from .spectral import UpperBound, upper_bound
+
+#: relative slack on the claim that absorbs float32 rounding of weights normalised to 1 (e.g. 1.0000005)
+DEFAULT_TOL = 1e-5
+SCHEMA = "lipcert.verify/1"
+PROVEN, VIOLATED, UNPROVEN, NO_RULE = "proven", "violated", "unproven", "no rule"
+
+
+@dataclass
+class LayerResult:
+    """One step of the network: its bounds, how they were obtained, and its status against the claim."""
+
+    name: str
+    op: str
+    nodes: list[str]
+    in_shape: list[int] | None
+    out_shape: list[int] | None
+    lower: float | None
+    lower_method: str | None
+    upper: float | None
+    upper_method: str
+    exact: bool
+    gap: float | None
+    status: str
+    reason: str = ""
+
+
+@dataclass
+class VerifyResult:
+    """The answer of ``verify``: per-layer bounds, the network bound and the verdict."""
+
+    schema: str
+    lipcert_version: str
+    model: str
+    claimed: float
+    claim_source: str
+    tol: float
+    device: str
+    seed: int
+    layers: list[LayerResult]
+    network_upper: float
+    network_lower: float
+    network_lower_method: str
+    status: str
+    top_contributors: list[dict]
+    no_rule: list[str]
+    combinations: list[dict]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def breaking_layers(self) -> list[LayerResult]:
+        return [layer for layer in self.layers if layer.status == VIOLATED]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return _finite(data)
+
+
+def _finite(value):
+    """JSON has no infinity: write unbounded values as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def status_of(lower: float | None, upper: float | None, claim: float, tol: float) -> str:
+    """proven: upper <= claim (1 + tol); violated: lower > claim (1 + tol); otherwise unproven."""
+    limit = claim * (1.0 + tol)
+    if lower is not None and lower > limit:
+        return VIOLATED
+    if upper is not None and upper <= limit:
+        return PROVEN
+    return UNPROVEN
+
+
+#: operators that name a layer row, by priority (the rest of a fused chain is reshaping and padding)
+MAIN_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "AveragePool", "GlobalAveragePool",
+            "Mul", "Div", "Pad", "Concat"]
+
+
+def _svd_start(op) -> torch.Tensor:
+    """The top right singular vector of a small operator's explicit matrix: a start that needs no iterations."""
+    matrix = op.to_dense()
+    return torch.linalg.svd(matrix, full_matrices=False).Vh[0]
+
+
+def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: Graph) -> tuple[LayerResult, float]:
+    """Bound one step; returns its row and its Lipschitz factor (inf when it has no rule)."""
+    graph_ops = {n.name: n.op for n in graph.nodes}
+    shapes = graph.value_shapes
+    in_shape = list(shapes[step.inputs[0]]) if step.inputs and step.inputs[0] in shapes else None
+    out_shape = list(shapes[step.output]) if step.output in shapes else None
+    main = sorted((n for n in step.nodes if graph_ops.get(n) in MAIN_OPS), key=lambda n: MAIN_OPS.index(graph_ops[n]))
+    name = (main or step.nodes)[0]
+    if step.kind == "linear":
+        op = refine(step.operator)
+        label = graph_ops.get(name, step.label)
+        if op.kind == "conv" and op.structure.get("circular"):
+            label += " (circular padding)"
+        others = sorted({graph_ops[n] for n in step.nodes} & set(MAIN_OPS) - {graph_ops.get(name), "Pad", "Concat"})
+        step.label = label + "".join(f" + {o}" for o in others)
+        ub: UpperBound = upper_bound(op, device=device)
+        pi = power_iteration(op, device=device, seed=seed, init=_svd_start(op) if ub.method == "svd" else None)
+        lower = min(pi.sigma, ub.value) if ub.exact else pi.sigma
+        gap = (ub.value - lower) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
+        method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
+        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, pi.sigma, method,
+                          ub.value if math.isfinite(ub.value) else None, ub.method, ub.exact, gap,
+                          status_of(pi.sigma, ub.value, claim, tol))
+        return row, ub.value
+    if step.kind in ("rule", "pattern"):
+        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, step.constant,
+                          "rule" if step.kind == "rule" else "pattern", True, None,
+                          status_of(None, step.constant, claim, tol), step.reason)
+        return row, float(step.constant)
+    row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, "none", False, None,
+                      NO_RULE, step.reason)
+    return row, math.inf
+
+
+def _combine(kind: str, values: list[float]) -> float:
+    if kind == "sum":
+        return math.fsum(values) * (1 + 1e-12)
+    return math.sqrt(math.fsum(v * v for v in values)) * (1 + 1e-12)
+
+
+def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "cpu",
+           seed: int = 0, points: torch.Tensor | None = None, empirical: bool = True) -> VerifyResult:
+    """Check the model's Lipschitz claim: ``bound`` if given, else its metadata claim, else 1.
+
+    Example::
+
+        graph = lipcert.load_model("sample_models/digits_broken.onnx")
+        result = lipcert.verify(graph)
+        print(result.status, [layer.name for layer in result.breaking_layers])
+    """
+    start = time.perf_counter()
+    if bound is not None:
+        claim, source = float(bound), "--bound"
+    elif graph.claimed_lipschitz() is not None:
+        claim, source = graph.claimed_lipschitz(), "model metadata"
+    else:
+        claim, source = 1.0, "default"
+    if not math.isfinite(claim) or claim <= 0:
+        raise ConfigError(f"--bound must be a positive number, got {claim}")
+    if tol < 0:
+        raise ConfigError(f"--tol must be non-negative, got {tol}")
+    steps = decompose(graph)
+    bounds: dict[str, float] = {graph.input_name: 1.0}
+    layers: list[LayerResult] = []
+    factors: list[tuple[float, str]] = []
+    combos: list[dict] = []
+    for step in steps:
+        incoming = [bounds.get(i, 0.0) for i in step.inputs]
+        if step.kind in ("sum", "concat", "max"):
+            bounds[step.output] = _combine(step.kind, incoming)
+            combos.append({"node": step.nodes[0], "op": step.label, "rule": step.reason,
+                           "inputs": incoming, "bound": bounds[step.output]})
+            continue
+        row, factor = _layer(step, claim, tol, device, seed, graph)
+        layers.append(row)
+        factors.append((factor, row.name))
+        bounds[step.output] = incoming[0] * factor if incoming[0] else 0.0
+    upper = bounds.get(graph.output, 0.0)
+    module = GraphModule(graph).to(device=device, dtype=torch.float64)
+    lower, lower_method = 0.0, "not run"
+    if empirical:
+        if points is None:
+            gen = torch.Generator().manual_seed(seed)
+            points = torch.rand((16,) + graph.input_shape, generator=gen)
+        found = network_lower_bound(module, points.to(device=device, dtype=torch.float64), seed=seed)
+        lower, lower_method = found.value, f"{found.method} ({found.points} points)"
+    status = status_of(lower, upper, claim, tol)
+    top = sorted(((f, n) for f, n in factors if f > 1.0 + tol), key=lambda t: -t[0])[:5]
+    return VerifyResult(
+        schema=SCHEMA, lipcert_version=__version__, model=graph.source, claimed=claim, claim_source=source,
+        tol=tol, device=str(device), seed=seed, layers=layers, network_upper=upper, network_lower=lower,
+        network_lower_method=lower_method, status=status,
+        top_contributors=[{"layer": n, "factor": f} for f, n in top],
+        no_rule=[row.name for row in layers if row.status == NO_RULE], combinations=combos,
+        notes=list(graph.notes), seconds=time.perf_counter() - start)
