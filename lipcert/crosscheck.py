@@ -35,6 +35,7 @@ def ort_session(model: onnx.ModelProto, providers: list[str] | None = None, opti
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options,
@@ -50,9 +51,10 @@ def _first_divergence(graph: Graph, x: np.ndarray, ours: dict[str, torch.Tensor]
     model = onnx.ModelProto()
     model.CopyFrom(graph.onnx_model)
     known = {o.name for o in model.graph.output}
+    exists = {o for n in model.graph.node for o in n.output}
     for node in graph.nodes:
         for name in node.outputs:
-            if name and name not in known and name in ours and ours[name].is_floating_point():
+            if name in exists and name not in known and name in ours and ours[name].is_floating_point():
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort_session(model, optimize=False)
     names = [o.name for o in session.get_outputs()]

@@ -3,7 +3,8 @@
 The chain's forward and adjoint stay exactly as built; only the description used by ``spectral`` changes,
 and every rewrite is an exact identity: a wrap pad followed by an unpadded convolution whose kernel spans
 the pad is a circular convolution (how torch exports ``padding_mode="circular"``); scalar and per-channel
-scales fold into the neighbouring convolution or matrix (an un-folded batch norm); matrices multiply.
+scales fold into the neighbouring convolution or matrix (an un-folded batch norm); matrices multiply;
+isometries (reshapes) change no norm and take the structure of their neighbour.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def _scaled_weight(conv: LinearOperator, scale: torch.Tensor | float, before: bo
 
 def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     """One operator for ``b o a`` with a known structure, or None when the pair does not simplify."""
+    if b.kind == "isometry" or a.kind == "isometry":
+        kept = a if b.kind == "isometry" else b
+        return replace(a.then(b), kind=kept.kind, structure=kept.structure)
     if a.kind == "generic" and b.kind == "conv":
         return _circular(a, b)
     if a.structure.get("mode") == "wrap" and b.structure.get("mode") == "wrap":

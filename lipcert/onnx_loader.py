@@ -91,6 +91,12 @@ def read_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def _attr_value(attr: onnx.AttributeProto, source: str):
     value = helper.get_attribute_value(attr)
     if isinstance(value, bytes):
@@ -140,6 +146,47 @@ def _input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, ...] | No
     return tuple(shape)
 
 
+def _supported(node: onnx.NodeProto) -> bool:
+    return node.domain in DEFAULT_DOMAINS and node.op_type in REGISTRY
+
+
+def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str) -> dict[str, torch.Tensor]:
+    """Evaluate the nodes that do not depend on the input with onnx's reference evaluator, when some of them
+    are operators lipcert does not run (weight-only computations such as a parametrisation's normaliser).
+
+    Returns the constant values that input-dependent nodes read; the evaluated nodes are removed from
+    ``model``. onnx's reference evaluator implements the standard operators itself: nothing from the model
+    file is executed as code."""
+    g = model.graph
+    depends = {input_name}
+    for node in g.node:
+        if node.op_type in ("Shape", "Size") or any(i in depends for i in node.input if i):
+            depends.update(o for o in node.output if o)
+    constant = [n for n in g.node if not any(o in depends for o in n.output)]
+    if all(_supported(n) for n in constant):
+        return {}
+    needed = sorted({i for n in g.node if n not in constant for i in n.input if i}
+                    & {o for n in constant for o in n.output if o})
+    needed += [o.name for o in g.output if o.name in {x for n in constant for x in n.output}]
+    sub = onnx.helper.make_graph(constant, "constants", [], [onnx.helper.make_empty_tensor_value_info(v) for v in needed],
+                                 list(g.initializer))
+    sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        values = ReferenceEvaluator(sub_model).run(None, {})
+    except Exception as exc:  # noqa: BLE001 - the reference evaluator raises many types
+        raise ModelError(f"cannot evaluate the model's constant subgraph: {type(exc).__name__}: {exc}",
+                         source=source) from None
+    keep = [n for n in g.node if n not in constant]
+    del g.node[:]
+    g.node.extend(keep)
+    folded = {}
+    for name, value in zip(needed, values):
+        folded[name] = tensor_to_torch(numpy_helper.from_array(np.asarray(value), name), source)
+    return folded
+
+
 def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int, ...] | None = None) -> Graph:
     """Convert a parsed (function-free) ONNX model to a folded lipcert Graph."""
     g = model.graph
@@ -148,8 +195,11 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
     if len(inputs) != 1:
         names = ", ".join(repr(i.name) for i in inputs) or "none"
         raise ModelError(f"lipcert analyses models with exactly one input; this one has {names}", source=source)
+    original, model = model, _copy(model)
+    g = model.graph
+    params.update(_fold_with_reference(model, inputs[0].name, source))
     unsupported = [f"{n.name or '#' + str(i)!s} ({n.op_type})" for i, n in enumerate(g.node)
-                   if n.domain not in DEFAULT_DOMAINS or n.op_type not in REGISTRY]
+                   if not _supported(n)]
     if unsupported:
         raise ModelError(f"unsupported operators: {', '.join(unsupported)}", source=source)
     nodes = []
@@ -171,7 +221,7 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
     ordered = toposort(nodes, set(params) | {input_info.name}, source)
     graph = Graph(nodes=ordered, params=params, input_name=input_info.name, input_shape=shape,
                   outputs=[o.name for o in g.output], source=source,
-                  metadata={p.key: p.value for p in model.metadata_props}, onnx_model=model)
+                  metadata={p.key: p.value for p in model.metadata_props}, onnx_model=original)
     produced = {o for n in ordered for o in n.outputs} | set(params) | {input_info.name}
     missing = [o for o in graph.outputs if o not in produced]
     if missing:

@@ -231,17 +231,23 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
 
 
 def wrap_concat(ctx: Context, node: Node) -> Step | None:
-    """Concat(Slice(x, -p:), x, Slice(x, :q)) along one axis: torch's export of circular padding."""
-    if node.op != "Concat" or len(node.inputs) != 3:
+    """Concat([Slice(x, -p:),] x [, Slice(x, :q)]) along one axis: torch's export of circular padding."""
+    if node.op != "Concat" or len(node.inputs) not in (2, 3):
         return None
-    first, x, last = node.inputs
+    centre = [i for i, v in enumerate(node.inputs) if ctx.producer.get(v) is None or ctx.producer[v].op != "Slice"]
+    if len(centre) != 1 or (len(node.inputs) == 3 and centre[0] != 1):
+        return None
+    x = node.inputs[centre[0]]
     shape, out_shape = ctx.shape(x), ctx.shape(node.outputs[0])
     axis = _axis(node, ctx, x)
-    if shape is None or out_shape is None or axis is None or axis < 1:
+    if shape is None or out_shape is None or axis is None or axis < 1 or x not in ctx.data:
         return None
     n = shape[axis - 1]
-    parts = []
-    for value, at_end in ((first, True), (last, False)):
+    parts = {}
+    for position, value in enumerate(node.inputs):
+        if position == centre[0]:
+            continue
+        at_end = position < centre[0]
         p = ctx.producer.get(value)
         if p is None or p.op != "Slice" or p.inputs[0] != x or not ctx.only_user(value, node):
             return None
@@ -256,8 +262,10 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
         end = max(0, min(n, end + n if end < 0 else end))
         if (ax + len(shape) + 1 if ax < 0 else ax) != axis or (end != n if at_end else start != 0):
             return None
-        parts.append((p, end - start))
-    (s1, p_begin), (s2, p_end) = parts
+        parts[at_end] = (p, end - start)
+    slices = [p for p, _ in parts.values()]
+    p_begin = parts[True][1] if True in parts else 0
+    p_end = parts[False][1] if False in parts else 0
     rank = len(shape) + 1
     pads = [0] * (2 * rank)
     pads[axis], pads[rank + axis] = p_begin, p_end
@@ -268,7 +276,7 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
 
     operator = from_function(forward, shape, out_shape, kind="generic", name=node.name,
                              structure={"mode": "wrap", "pads": pads})
-    return Step("linear", "Pad (wrap: Slice/Concat)", [s1.name, s2.name, node.name], [x], node.outputs[0],
+    return Step("linear", "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
                 operator=operator)
 
 

@@ -50,8 +50,8 @@ def power_iteration(op: LinearOperator, *, starts: int = 4, tol: float = 1e-6, m
                     seed: int = 0, init: torch.Tensor | None = None) -> PowerResult:
     """Lower estimate of ||A||_2 by power iteration on A^T A from ``starts`` random vectors, run as one batch.
 
-    ``init`` (one vector of the input shape, e.g. a singular vector from an SVD) replaces the first start; the
-    estimate stays a measured ratio ||A v|| / ||v||, so it remains a lower bound whatever the start.
+    ``init`` (vectors of the input shape, e.g. singular vectors from an SVD) replaces the first starts; the
+    estimate stays a measured ratio ||A v|| / ||v||, so it remains a lower bound whatever the starts.
 
     The starts are drawn from a CPU ``torch.Generator`` seeded with ``seed`` (then moved to ``device``), so
     the result is deterministic. Stops when the relative change of sigma between two steps is below ``tol``.
@@ -61,7 +61,8 @@ def power_iteration(op: LinearOperator, *, starts: int = 4, tol: float = 1e-6, m
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn((starts, *op.in_shape), generator=gen, dtype=dtype)
     if init is not None:
-        v[0] = init.reshape(op.in_shape).to(dtype)
+        given = init.reshape((-1, *op.in_shape)).to(dtype)[:starts]
+        v[: given.shape[0]] = given
     v = v.to(device)
     with torch.no_grad():
         v = _normalise(v)

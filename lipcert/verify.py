@@ -107,9 +107,44 @@ MAIN_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Av
 
 
 def _svd_start(op) -> torch.Tensor:
-    """The top right singular vector of a small operator's explicit matrix: a start that needs no iterations."""
-    matrix = op.to_dense()
-    return torch.linalg.svd(matrix, full_matrices=False).Vh[0]
+    """The top right singular vector of the operator's matrix (for a matrix on the last axis: A^T applied to
+    its top left singular vector at the first position): a start that needs no iterations."""
+    if op.kind == "matrix":
+        matrix = op.structure["matrix"].double()
+        left = torch.linalg.svd(matrix, full_matrices=False).U[:, 0]
+        target = torch.zeros(op.out_numel, dtype=torch.float64)
+        target[: left.numel()] = left
+        with torch.no_grad():
+            return op.adjoint(target.reshape((1,) + tuple(op.out_shape)))[0]
+    return torch.linalg.svd(op.to_dense(), full_matrices=False).Vh[0]
+
+
+def _fft_starts(op) -> torch.Tensor | None:
+    """For a stride-1 circular 2-D convolution: real inputs built from the top singular vector of the
+    kernel's DFT at its worst frequency (for both sign conventions of the DFT), which attain the norm."""
+    s = op.structure
+    if op.kind != "conv" or not s.get("circular") or s.get("transpose") or s["groups"] != 1 \
+            or len(s["input_spatial"]) != 2 or any(st != 1 for st in s["stride"]):
+        return None
+    h, w = s["input_spatial"]
+    weight = s["weight"].double()
+    grid = torch.zeros(weight.shape[:2] + (h, w), dtype=torch.float64)
+    dh, dw = s["dilation"]
+    for p in range(weight.shape[2]):
+        for q in range(weight.shape[3]):
+            grid[:, :, (p * dh) % h, (q * dw) % w] += weight[:, :, p, q]
+    freq = torch.fft.fft2(grid).permute(2, 3, 0, 1)
+    _, sv, vh = torch.linalg.svd(freq)
+    flat = int(sv[..., 0].reshape(-1).argmax())
+    u, v = divmod(flat, w)
+    vector = vh[u, v, 0].conj()
+    hh = torch.arange(h, dtype=torch.float64)[:, None]
+    ww = torch.arange(w, dtype=torch.float64)[None, :]
+    starts = []
+    for sign in (1.0, -1.0):
+        phase = torch.exp(sign * 2j * torch.pi * (u * hh / h + v * ww / w))
+        starts.append(torch.real(vector[:, None, None] * phase[None]))
+    return torch.stack(starts)
 
 
 def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: Graph) -> tuple[LayerResult, float]:
@@ -128,7 +163,8 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
         others = sorted({graph_ops[n] for n in step.nodes} & set(MAIN_OPS) - {graph_ops.get(name), "Pad", "Concat"})
         step.label = label + "".join(f" + {o}" for o in others)
         ub: UpperBound = upper_bound(op, device=device)
-        pi = power_iteration(op, device=device, seed=seed, init=_svd_start(op) if ub.method == "svd" else None)
+        init = _svd_start(op) if ub.method == "svd" else _fft_starts(op) if ub.method == "fft-circular" else None
+        pi = power_iteration(op, device=device, seed=seed, init=init)
         lower = min(pi.sigma, ub.value) if ub.exact else pi.sigma
         gap = (ub.value - lower) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
         method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")

@@ -105,7 +105,7 @@ class Case:
     shape: tuple[int, ...]
     inits: dict = field(default_factory=dict)
     opsets: tuple[int, ...] = STANDARD
-    data: str = "normal"  # normal | positive | int | small-int
+    data: str = "normal"  # normal | positive | int | small-int | cast (see make_input)
     outputs: tuple[str, ...] = ("y",)
 
     @property
@@ -525,6 +525,8 @@ for name, attrs in [
 case("LpPool-1d-p2", [n("LpPool", ["x"], kernel_shape=[3], strides=[2], p=2)], (3, 9))
 case("LpPool-ceil-mode", [n("LpPool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1, p=2)], (3, 5, 5),
      opsets=since(18))
+case("LpPool-ceil-window-in-right-pad", [n("LpPool", ["x"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                                          ceil_mode=1, p=2)], (2, 8, 5), opsets=since(18))
 # onnxruntime implements GlobalLpPool only up to version 2 (opset 21); version 22 only widened the types
 for name, attrs in [("p2", dict(p=2)), ("default", {}), ("p1", dict(p=1))]:
     case(f"GlobalLpPool-{name}", [n("GlobalLpPool", ["x"], **attrs)], (3, 4, 5), opsets=since(11, 21))
@@ -771,6 +773,14 @@ UNSUPPORTED = [
                       {"pads": i64(1, 0, 0, 1, 0, 0)}), 13, "pad_0", id="Pad-reflect-batch-axis"),
     pytest.param(Case("cast-string", [n("Cast", ["x"], to=TensorProto.STRING)], (3, 4)), 13, "cast_0",
                  id="Cast-to-string"),
+    pytest.param(Case("dropout-training", [n("Dropout", ["x", "r", "t"])], (3, 4),
+                      {"r": f32(0.5), "t": np.array(True)}), 13, "dropout_0", id="Dropout-training-mode"),
+    pytest.param(Case("avgpool-dilated", [n("AveragePool", ["x"], kernel_shape=[2, 2], dilations=[2, 2])],
+                      (3, 6, 6)), 19, "averagepool_0", id="AveragePool-dilations"),
+    pytest.param(Case("lppool-dilated", [n("LpPool", ["x"], kernel_shape=[2, 2], dilations=[2, 2])], (3, 6, 6)),
+                 18, "lppool_0", id="LpPool-dilations"),
+    pytest.param(Case("conv-4d", [n("Conv", ["x", "W"])], (2, 3, 3, 3, 3), {"W": w(2, 2, 2, 2, 2, 2)}), 13,
+                 "conv_0", id="Conv-4-spatial-axes"),
 ]
 
 

@@ -84,3 +84,14 @@ def test_zero_operator() -> None:
     res = power_iteration(op)
     assert res == PowerResult(sigma=0.0, iterations=1, converged=True, rel_change=0.0)
     assert not math.isnan(res.sigma)
+
+
+def test_init_start_is_used_and_stays_a_lower_bound() -> None:
+    op = conv_op(2)
+    dense = op.to_dense()
+    true = float(torch.linalg.matrix_norm(dense, ord=2))
+    top = torch.linalg.svd(dense, full_matrices=False).Vh[0]
+    res = power_iteration(op, init=top, max_iter=0)  # no step: the measured ratio of the given start
+    assert true * (1 - 1e-12) <= res.sigma <= true * (1 + 1e-12)
+    res = power_iteration(op, init=-top, tol=1e-9)
+    assert res.converged and res.iterations <= 2 and res.sigma <= true * (1 + 1e-12)

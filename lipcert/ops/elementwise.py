@@ -199,6 +199,10 @@ class Dropout(Op):
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
+        training = len(inputs) > 2 and inputs[2] is not None and bool(inputs[2].reshape(-1)[0])
+        ratio = float(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else 0.5
+        if training and ratio != 0.0:
+            raise bad(node, "training-mode dropout is random and cannot be analysed; export in eval mode")
         return [x, torch.ones_like(x, dtype=torch.bool)]
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],

@@ -60,7 +60,21 @@ def average_pool(x: torch.Tensor, s: dict, count_include_pad: bool) -> torch.Ten
         counts = window_sum(F.pad(ones, torch_pad_list(s["pads"]), value=1.0), {**s, "pads": [0] * 2 * s["nd"]})
     else:
         counts = window_sum(ones, s)
-    return sums / counts
+    return ceil_crop(sums / counts, x.shape[2:], s)
+
+
+def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: dict) -> torch.Tensor:
+    """With ceil_mode, drop a last window that starts in the end padding, as onnxruntime (and torch) do."""
+    if not s["ceil"]:
+        return out
+    nd = s["nd"]
+    index: list[slice] = [slice(None)] * (out.dim() - nd)
+    for i in range(nd):
+        size = out.shape[out.dim() - nd + i]
+        if size > 1 and (size - 1) * s["strides"][i] >= x_spatial[i] + s["pads"][i]:
+            size -= 1
+        index.append(slice(0, size))
+    return out[tuple(index)]
 
 
 @register
@@ -109,7 +123,8 @@ class MaxPool(Op):
             raise bad(node, "MaxPool with an Indices output is not supported")
         s = pool_settings(node, x.shape[2:])
         xp = F.pad(x, torch_pad_list(s["pads"]), value=float("-inf"))
-        return [MAX[s["nd"]](xp, s["kernel"], s["strides"], 0, s["dilations"], s["ceil"])]
+        out = MAX[s["nd"]](xp, s["kernel"], s["strides"], 0, s["dilations"], s["ceil"])
+        return [ceil_crop(out, x.shape[2:], s)]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
         s = pool_settings(node, in_shape[1:])
@@ -148,7 +163,7 @@ class LpPool(Op):
         p = float(node.attr("p", 2))
         s = pool_settings(node, x.shape[2:])
         try:
-            return [window_sum(x.abs() ** p, s) ** (1.0 / p)]
+            return [ceil_crop(window_sum(x.abs() ** p, s) ** (1.0 / p), x.shape[2:], s)]
         except ValueError as exc:
             raise bad(node, str(exc)) from None
 

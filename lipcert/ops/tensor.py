@@ -218,6 +218,18 @@ class Concat(Op):
         dtype = torch.promote_types(parts[0].dtype, parts[-1].dtype) if parts else None
         return [torch.cat([p.to(dtype) for p in parts], dim=int(node.attr("axis", 0)))]
 
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        """One data input among constants: its linear part places x among zeros, an isometry."""
+        axis = int(node.attr("axis", 0))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            parts = [x if i == var else torch.zeros(x.shape[:1] + tuple(c.shape[1:]), dtype=x.dtype, device=x.device)
+                     for i, c in enumerate(consts) if i == var or c is not None]
+            return torch.cat(parts, dim=axis)
+
+        return from_function(forward, in_shape, out_shape, kind="isometry", name=node.name)
+
 
 @register
 class Split(Op):
@@ -355,9 +367,9 @@ class TopK(Op):
         x = inputs[0]
         k = int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else int(node.attr("k"))
         axis = int(node.attr("axis", -1))
-        values, indices = torch.topk(x, k, dim=axis, largest=bool(node.attr("largest", 1)),
-                                     sorted=bool(node.attr("sorted", 1)))
-        return [values, indices]
+        # a stable sort: equal values keep their order, lower index first (as ONNX and onnxruntime order ties)
+        values, indices = torch.sort(x, dim=axis, descending=bool(node.attr("largest", 1)), stable=True)
+        return [values.narrow(axis, 0, k), indices.narrow(axis, 0, k)]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
         k = int(consts[1].reshape(-1)[0]) if len(consts) > 1 and consts[1] is not None else int(node.attr("k"))
@@ -374,4 +386,7 @@ class ArgMax(Op):
     name = "ArgMax"
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [torch.argmax(inputs[0], dim=int(node.attr("axis", 0)), keepdim=bool(node.attr("keepdims", 1)))]
+        x, axis, keep = inputs[0], int(node.attr("axis", 0)), bool(node.attr("keepdims", 1))
+        if node.attr("select_last_index", 0):  # torch picks the first of tied maxima: search the flipped axis
+            return [x.shape[axis] - 1 - torch.argmax(torch.flip(x, [axis]), dim=axis, keepdim=keep)]
+        return [torch.argmax(x, dim=axis, keepdim=keep)]

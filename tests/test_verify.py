@@ -1,0 +1,213 @@
+"""``lipcert verify``: sound per-layer bounds on exact operators, patterns, network verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipcert.analysis import decompose
+from lipcert.loader import load_model
+from lipcert.ops import REGISTRY
+from lipcert.graph import Node
+from lipcert.spectral import kernel_matrix_norm, upper_bound
+from lipcert.verify import PROVEN, UNPROVEN, VIOLATED, verify
+
+from .conftest import SAMPLES, export_onnx, run_cli, strip_parametrizations
+from .test_loading import orthogonium_model, torchlip_model
+
+
+@pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx", "digits_conv.safetensors",
+                                  "digits_dense.safetensors"])
+def test_sample_models_are_proven(name: str) -> None:
+    result = verify(load_model(SAMPLES / name))
+    assert result.status == PROVEN, [(r.name, r.status, r.upper) for r in result.layers]
+    assert result.network_upper <= 1.0 + 1e-5
+    assert 0.5 < result.network_lower <= result.network_upper
+
+
+@pytest.mark.parametrize("name", ["digits_broken.onnx", "digits_broken.safetensors"])
+def test_broken_model_is_violated_and_names_the_conv(name: str) -> None:
+    result = verify(load_model(SAMPLES / name))
+    assert result.status == VIOLATED
+    assert result.network_lower > 1.0
+    broken = result.breaking_layers
+    assert len(broken) == 1 and broken[0].op == "Conv"
+    assert broken[0].lower > 2.0 and broken[0].upper >= broken[0].lower
+
+
+def test_cli_verify_exit_codes_and_json(tmp_path: Path) -> None:
+    ok = run_cli("verify", str(SAMPLES / "digits_dense.onnx"), "--json", str(tmp_path / "v.json"))
+    assert ok.returncode == 0, ok.stderr
+    assert "PROVEN" in ok.stdout
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["schema"] == "lipcert.verify/1" and data["status"] == "proven"
+    assert all(layer["upper"] >= (layer["lower"] or 0) * (1 - 1e-9) for layer in data["layers"])
+    bad = run_cli("verify", str(SAMPLES / "digits_broken.onnx"))
+    assert bad.returncode == 1
+    assert "VIOLATED" in bad.stdout and "/conv1/Conv" in bad.stdout and "2.79" in bad.stdout
+    missing = run_cli("verify", str(tmp_path / "nope.onnx"))
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_bound_flag_changes_the_verdict() -> None:
+    graph = load_model(SAMPLES / "digits_broken.onnx")
+    assert verify(graph, bound=3.0).status == PROVEN
+    assert verify(graph, bound=0.5).status == VIOLATED
+
+
+def _sll_model() -> torch.nn.Module:
+    from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
+    from orthogonium.layers.conv.SLL.sll_layer import SDPBasedLipschitzDense, SDPBasedLipschitzResBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        AdaptiveOrthoConv2d(1, 4, 3, padding="same", padding_mode="circular"), SDPBasedLipschitzResBlock(4, 2, 3),
+        MaxMin(), torch.nn.Flatten(), SDPBasedLipschitzDense(256, 256, 64), OrthoLinear(256, 10))
+    return strip_parametrizations(model.eval())
+
+
+PEERS = {
+    "torchlip-conv (zero padding, stride 2, GroupSort, L2 pooling)": lambda: torchlip_model("conv"),
+    "torchlip-dense (FullSort)": lambda: torchlip_model("dense"),
+    "orthogonium (circular padding, strided, MaxMin)": orthogonium_model,
+    "orthogonium SLL residual network": _sll_model,
+}
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("peer", sorted(PEERS))
+def test_peer_models_are_proven(tmp_path: Path, peer: str, dynamo: bool) -> None:
+    path = export_onnx(PEERS[peer](), tmp_path / "m.onnx", (1, 8, 8), dynamo)
+    result = verify(load_model(path))
+    assert result.status == PROVEN, [(r.name, r.op, r.status, r.upper) for r in result.layers]
+    assert not result.no_rule
+
+
+def test_sll_block_needs_its_rule() -> None:
+    """Without the SLL rule the sum rule gives 1 + ||A|| ||B|| > 1; with it, exactly 1."""
+    model = _sll_model()
+    result = verify(load_model(export_onnx(model, Path(__import__("tempfile").mkdtemp()) / "m.onnx", (1, 8, 8),
+                                           dynamo=False)))
+    labels = [r.op for r in result.layers]
+    assert sum("SLL" in label for label in labels) == 2
+    assert result.network_upper <= 1.0 + 1e-5
+
+
+def test_pattern_names_are_reported(tmp_path: Path) -> None:
+    result = verify(load_model(SAMPLES / "digits_conv.onnx"))
+    labels = " ".join(r.op for r in result.layers)
+    assert "GroupSort2" in labels and "L2-norm pool" in labels and "circular" in labels
+
+
+def test_no_rule_means_not_proven(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Softmax(dim=1))
+    result = verify(load_model(export_onnx(model, tmp_path / "m.onnx", (1, 8, 8), dynamo=False)), bound=100.0)
+    assert result.status == UNPROVEN
+    assert result.no_rule and math.isinf(result.network_upper)
+
+
+def test_residual_sum_and_concat_rules(tmp_path: Path) -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return torch.cat([x + torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=1)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    result = verify(load_model(export_onnx(net, tmp_path / "m.onnx", (1, 4, 4), dynamo=False)), bound=10.0)
+    na = torch.linalg.matrix_norm(net.a.weight.double(), 2).item()
+    nb = torch.linalg.matrix_norm(net.b.weight.double(), 2).item()
+    assert result.network_upper == pytest.approx(math.sqrt((1 + na) ** 2 + nb ** 2), rel=1e-6)
+    assert result.network_lower <= result.network_upper
+
+
+CONV_CASES = {
+    "stride2-asym": dict(weight=(4, 3, 3, 3), strides=[2, 2], pads=[0, 1, 1, 2], dilations=[1, 1], group=1),
+    "dilated": dict(weight=(4, 3, 3, 3), strides=[1, 1], pads=[2, 2, 2, 2], dilations=[2, 2], group=1),
+    "groups": dict(weight=(4, 1, 3, 3), strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=2),
+}
+
+
+def _conv_operator(case: dict, in_shape: tuple[int, ...], transpose: bool = False):
+    torch.manual_seed(0)
+    w = torch.randn(*case["weight"], dtype=torch.float64)
+    attrs = {k: v for k, v in case.items() if k != "weight"}
+    op = "ConvTranspose" if transpose else "Conv"
+    node = Node("c", op, ["x", "w"], ["y"], attrs)
+    x = torch.zeros((1,) + in_shape, dtype=torch.float64)
+    out_shape = tuple(REGISTRY[op].run(node, [x, w], None)[0].shape[1:])
+    return REGISTRY[op].linear(node, [None, w], 0, in_shape, out_shape), w
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_adjoint_and_bounds_match_dense_svd(case: str) -> None:
+    in_shape = (CONV_CASES[case]["weight"][1] * CONV_CASES[case]["group"], 7, 6)
+    op, w = _conv_operator(CONV_CASES[case], in_shape)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((3,) + op.in_shape, generator=gen, dtype=torch.float64)
+    y = torch.randn((3,) + op.out_shape, generator=gen, dtype=torch.float64)
+    assert torch.allclose((op.forward(x) * y).sum(), (x * op.adjoint(y)).sum(), rtol=1e-10)
+    exact = torch.linalg.matrix_norm(op.to_dense(), 2).item()
+    structured = upper_bound(op, dense_limit=0)
+    assert structured.value >= exact * (1 - 1e-12)
+    assert upper_bound(op).value == pytest.approx(exact, rel=1e-8)
+
+
+def test_conv_transpose_adjoint() -> None:
+    op, _ = _conv_operator(dict(weight=(3, 4, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1],
+                                group=1, output_padding=[1, 1]), (3, 5, 5), transpose=True)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn((2,) + op.in_shape, generator=gen, dtype=torch.float64)
+    y = torch.randn((2,) + op.out_shape, generator=gen, dtype=torch.float64)
+    assert torch.allclose((op.forward(x) * y).sum(), (x * op.adjoint(y)).sum(), rtol=1e-10)
+
+
+def test_kernel_matrix_norm_is_not_the_operator_norm() -> None:
+    """The broken sample conv: its reshaped kernel has norm < 1, its operator norm is > 2x that."""
+    graph = load_model(SAMPLES / "digits_broken.onnx")
+    weight = next(t for n, t in graph.params.items() if t.dim() == 4 and t.shape[1] == 1)
+    result = verify(graph)
+    conv = result.breaking_layers[0]
+    assert kernel_matrix_norm(weight) < 1.0
+    assert conv.upper > 2 * kernel_matrix_norm(weight)
+    assert all(abs(r.upper - kernel_matrix_norm(weight)) > 0.5 for r in result.layers if r.op == "Conv"
+               and r.status == VIOLATED)
+
+
+def test_layer_bounds_equal_dense_svd_of_the_whole_step(tmp_path: Path) -> None:
+    graph = load_model(SAMPLES / "digits_conv.onnx")
+    steps = [s for s in decompose(graph) if s.kind == "linear"]
+    result = verify(graph)
+    rows = [r for r in result.layers if r.upper_method not in ("rule", "pattern")]
+    for step, row in zip(steps, rows):
+        exact = torch.linalg.matrix_norm(step.operator.to_dense(), 2).item()
+        assert row.upper >= exact * (1 - 1e-12)
+        assert row.upper == pytest.approx(exact, rel=1e-6)
+        assert row.lower <= exact * (1 + 1e-12)
+        if row.upper_method == "svd":
+            assert (row.upper - row.lower) / row.upper < 1e-4
+
+
+def test_circular_conv_bound_without_dense_is_tight(tmp_path: Path) -> None:
+    """A 24x24 circular conv (too large for the dense path) gets the exact FFT bound; power iteration meets it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular", bias=False)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+    result = verify(load_model(export_onnx(model, tmp_path / "m.onnx", (8, 24, 24), dynamo=True)), bound=100.0)
+    row = result.layers[0]
+    assert row.upper_method == "fft-circular" and row.exact
+    exact_w = conv.weight.detach().double()
+    freq = torch.fft.fft2(exact_w, s=(24, 24)).permute(2, 3, 0, 1)
+    expected = torch.linalg.matrix_norm(freq, 2).max().item()
+    assert row.upper == pytest.approx(expected, rel=1e-8)
+    assert (row.upper - row.lower) / row.upper < 1e-4
