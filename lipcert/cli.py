@@ -21,6 +21,8 @@ from .device import resolve_device
 from .errors import ConfigError, LipcertError
 from .inspect_model import summarize
 from .loader import load_model
+from .pipeline import certify
+from .render import render_terminal, summary_line
 from .verify import DEFAULT_TOL, PROVEN, VIOLATED, VerifyResult, verify as run_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -154,6 +156,80 @@ def verify(
     render_verify(result, console())
     if result.status != PROVEN:
         raise typer.Exit(1)
+
+
+def parse_floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+    """``0.5,0.5,0.5`` -> [0.5, 0.5, 0.5]."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected numbers separated by commas") from None
+
+
+def progress_bar(quiet: bool):
+    """A rich progress bar on stderr, or None when quiet or not on a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console(stderr=True), transient=True)
+
+
+@app.command()
+def report(
+    model: Path = typer.Argument(..., help="model file (.onnx or .safetensors)"),
+    data: Path = typer.Option(..., "--data", help="dataset: .npz, .safetensors, CIFAR batches folder, MNIST IDX "
+                                                  "files or an image folder"),
+    eps: str = typer.Option("36/255,72/255,108/255,1", "--eps", help="radii to certify, e.g. 36/255,72/255"),
+    norm: str = typer.Option("l2", "--norm", help="l2 or linf (linf radii via ||d||_2 <= sqrt(d) ||d||_inf)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 256 on CPU, 1024 on GPU"),
+    out: Path = typer.Option(Path("lipcert-report"), "--out", help="folder for the report files"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="per-channel mean of a normalisation outside the model"),
+    std: Optional[str] = typer.Option(None, "--std", help="per-channel std of a normalisation outside the model"),
+    lipschitz: Optional[float] = typer.Option(None, "--lipschitz", help="certify with this declared bound "
+                                              "instead of lipcert's sound one (stated in the report)"),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch or onnxruntime"),
+    layout: str = typer.Option("auto", "--layout", help="auto, NCHW or NHWC"),
+    value_range: str = typer.Option("auto", "--value-range", help="auto, 0-255 or 0-1"),
+    arch: Optional[Path] = ARCH,
+    arch_python: Optional[str] = ARCH_PY,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the summary line"),
+) -> None:
+    """Certified accuracy versus radius on a dataset: report.json, report.md, samples.csv and a plot."""
+    dev = resolve_device(device)
+    graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape))
+    bar = progress_bar(quiet)
+    task = None
+
+    def started(total: int) -> None:
+        nonlocal task
+        if bar is not None:
+            bar.start()
+            task = bar.add_task("certifying", total=total)
+
+    def advance(n: int) -> None:
+        if bar is not None and task is not None:
+            bar.advance(task, n)
+
+    try:
+        result = certify(graph, data, eps, norm=norm, device=dev,
+                         batch_size=batch_size or (1024 if dev.startswith("cuda") else 256), backend=backend,
+                         mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), lipschitz=lipschitz,
+                         layout=layout, value_range=value_range, progress=advance, on_start=started)
+    finally:
+        if bar is not None:
+            bar.stop()
+    result.write(out)
+    if quiet:
+        print(summary_line(result))
+        return
+    render_terminal(result, console())
+    console().print(f"wrote {out}/report.json, report.md, samples.csv, certified_accuracy.png")
 
 
 @app.command()

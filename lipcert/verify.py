@@ -147,7 +147,8 @@ def _fft_starts(op) -> torch.Tensor | None:
     return torch.stack(starts)
 
 
-def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: Graph) -> tuple[LayerResult, float]:
+def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: Graph,
+           lower_bounds: bool = True) -> tuple[LayerResult, float]:
     """Bound one step; returns its row and its Lipschitz factor (inf when it has no rule)."""
     graph_ops = {n.name: n.op for n in graph.nodes}
     shapes = graph.value_shapes
@@ -162,15 +163,18 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
             label += " (circular padding)"
         others = sorted({graph_ops[n] for n in step.nodes} & set(MAIN_OPS) - {graph_ops.get(name), "Pad", "Concat"})
         step.label = label + "".join(f" + {o}" for o in others)
+        step.operator = op
         ub: UpperBound = upper_bound(op, device=device)
-        init = _svd_start(op) if ub.method == "svd" else _fft_starts(op) if ub.method == "fft-circular" else None
-        pi = power_iteration(op, device=device, seed=seed, init=init)
-        lower = min(pi.sigma, ub.value) if ub.exact else pi.sigma
-        gap = (ub.value - lower) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
-        method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
-        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, pi.sigma, method,
+        sigma, method, gap = None, None, None
+        if lower_bounds:
+            init = _svd_start(op) if ub.method == "svd" else _fft_starts(op) if ub.method == "fft-circular" else None
+            pi = power_iteration(op, device=device, seed=seed, init=init)
+            sigma = pi.sigma
+            gap = (ub.value - sigma) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
+            method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
+        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method,
                           ub.value if math.isfinite(ub.value) else None, ub.method, ub.exact, gap,
-                          status_of(pi.sigma, ub.value, claim, tol))
+                          status_of(sigma, ub.value, claim, tol))
         return row, ub.value
     if step.kind in ("rule", "pattern"):
         row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, step.constant,
@@ -186,6 +190,43 @@ def _combine(kind: str, values: list[float]) -> float:
     if kind == "sum":
         return math.fsum(values) * (1 + 1e-12)
     return math.sqrt(math.fsum(v * v for v in values)) * (1 + 1e-12)
+
+
+@dataclass
+class Propagation:
+    """Bounds of every step and value, from the input to the output."""
+
+    layers: list[LayerResult]
+    steps: list[Step]
+    bounds: dict[str, float]
+    factors: list[tuple[float, str]]
+    combinations: list[dict]
+
+    @property
+    def upper(self) -> float:
+        return self.bounds.get(self.output, 0.0)
+
+    output: str = ""
+
+
+def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device: str = "cpu", seed: int = 0,
+              lower_bounds: bool = True) -> Propagation:
+    """Bound each step and propagate: linear and rule steps multiply, sums add, concatenations and
+    elementwise max/min combine as sqrt(sum of squares)."""
+    steps = decompose(graph)
+    prop = Propagation([], steps, {graph.input_name: 1.0}, [], [], output=graph.output)
+    for step in steps:
+        incoming = [prop.bounds.get(i, 0.0) for i in step.inputs]
+        if step.kind in ("sum", "concat", "max"):
+            prop.bounds[step.output] = _combine(step.kind, incoming)
+            prop.combinations.append({"node": step.nodes[0], "op": step.label, "rule": step.reason,
+                                      "inputs": incoming, "bound": prop.bounds[step.output]})
+            continue
+        row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds)
+        prop.layers.append(row)
+        prop.factors.append((factor, row.name))
+        prop.bounds[step.output] = incoming[0] * factor if incoming[0] else 0.0
+    return prop
 
 
 def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "cpu",
@@ -209,23 +250,8 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
         raise ConfigError(f"--bound must be a positive number, got {claim}")
     if tol < 0:
         raise ConfigError(f"--tol must be non-negative, got {tol}")
-    steps = decompose(graph)
-    bounds: dict[str, float] = {graph.input_name: 1.0}
-    layers: list[LayerResult] = []
-    factors: list[tuple[float, str]] = []
-    combos: list[dict] = []
-    for step in steps:
-        incoming = [bounds.get(i, 0.0) for i in step.inputs]
-        if step.kind in ("sum", "concat", "max"):
-            bounds[step.output] = _combine(step.kind, incoming)
-            combos.append({"node": step.nodes[0], "op": step.label, "rule": step.reason,
-                           "inputs": incoming, "bound": bounds[step.output]})
-            continue
-        row, factor = _layer(step, claim, tol, device, seed, graph)
-        layers.append(row)
-        factors.append((factor, row.name))
-        bounds[step.output] = incoming[0] * factor if incoming[0] else 0.0
-    upper = bounds.get(graph.output, 0.0)
+    prop = propagate(graph, claim, tol, device, seed)
+    layers, upper = prop.layers, prop.upper
     module = GraphModule(graph).to(device=device, dtype=torch.float64)
     lower, lower_method = 0.0, "not run"
     if empirical:
@@ -235,11 +261,11 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
         found = network_lower_bound(module, points.to(device=device, dtype=torch.float64), seed=seed)
         lower, lower_method = found.value, f"{found.method} ({found.points} points)"
     status = status_of(lower, upper, claim, tol)
-    top = sorted(((f, n) for f, n in factors if f > 1.0 + tol), key=lambda t: -t[0])[:5]
+    top = sorted(((f, n) for f, n in prop.factors if f > 1.0 + tol), key=lambda t: -t[0])[:5]
     return VerifyResult(
         schema=SCHEMA, lipcert_version=__version__, model=graph.source, claimed=claim, claim_source=source,
         tol=tol, device=str(device), seed=seed, layers=layers, network_upper=upper, network_lower=lower,
         network_lower_method=lower_method, status=status,
         top_contributors=[{"layer": n, "factor": f} for f, n in top],
-        no_rule=[row.name for row in layers if row.status == NO_RULE], combinations=combos,
+        no_rule=[row.name for row in layers if row.status == NO_RULE], combinations=prop.combinations,
         notes=list(graph.notes), seconds=time.perf_counter() - start)

@@ -1,0 +1,247 @@
+"""Stream a dataset through the model and certify every sample: the engine behind ``lipcert report``.
+
+Batches are read in a background thread (bounded queue) while the device computes; on a GPU they are
+copied from pinned memory without blocking. ONNX models can run through onnxruntime or lipcert's torch
+executor; ``backend="auto"`` times both on the first batch and keeps the faster one.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .certify import CertificateSetup, certify_logits, float_error_scale, pair_norms
+from .data import Dataset
+from .errors import ConfigError, DataError
+from .executor import GraphModule
+from .fusion import refine
+from .graph import Graph
+from .verify import propagate
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+PREFETCH = 2
+
+
+@dataclass
+class BoundInfo:
+    """The Lipschitz bound a report certifies with, where it comes from, and the input-space factor."""
+
+    value: float
+    method: str
+    computed_upper: float
+    declared: float | None
+    normalisation_factor: float
+    rule: str
+    error_scale: float
+    depth: int
+    max_fan_in: int
+
+
+def _fan_in(graph: Graph) -> int:
+    """The longest sum any layer computes per output (conv window x channels, dense inputs, pool windows)."""
+    best = 1
+    for node in graph.nodes:
+        weight = graph.params.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        in_shape = graph.value_shapes.get(node.inputs[0]) if node.inputs else None
+        if node.op == "Conv" and weight is not None:
+            best = max(best, int(weight[0].numel()))
+        elif node.op == "ConvTranspose" and weight is not None:
+            best = max(best, int(weight.numel() // max(1, weight.shape[1])))
+        elif node.op in ("Gemm", "MatMul") and weight is not None:
+            best = max(best, int(weight.shape[0] if node.op == "MatMul" or not node.attr("transB", 0)
+                                 else weight.shape[1]))
+        elif node.op in ("AveragePool", "LpPool") and node.attr("kernel_shape"):
+            best = max(best, math.prod(node.attr("kernel_shape")))
+        elif (node.op.startswith("Reduce") or node.op.startswith("Global")) and in_shape is not None:
+            best = max(best, math.prod(in_shape))
+    return best
+
+
+def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | None = None,
+                      std: Sequence[float] | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[CertificateSetup, BoundInfo]:
+    """The sound bound (or the user's declared one, stated as such) in pixel space, and the per-pair head."""
+    prop = propagate(graph, device=device, lower_bounds=False)
+    computed = prop.upper
+    factor = 1.0 / min(std) if std else 1.0
+    value = declared if declared is not None else computed
+    method = ("declared by the user (--lipschitz), not verified" if declared is not None
+              else "computed sound upper bound (lipcert verify)")
+    head_weight, head_lip = None, None
+    last = prop.steps[-1] if prop.steps else None
+    if declared is None and last is not None and last.kind == "linear" and last.output == graph.output:
+        op = last.operator
+        if op.kind == "matrix":
+            matrix = op.structure["matrix"].double()
+            if matrix.shape == (op.out_numel, op.in_numel) and len(op.out_shape) == 1:
+                head_weight, head_lip = matrix, prop.bounds.get(last.inputs[0], math.inf) * factor
+    depth = sum(1 for s in prop.steps if s.kind != "none")
+    fan_in = _fan_in(graph)
+    scale = float_error_scale(depth, fan_in, dtype)
+    rule = "per-pair (last dense layer) and sqrt(2), the larger" if head_weight is not None else "sqrt(2) margin"
+    if graph.value_shapes.get(graph.output, (2,))[-1] == 1:
+        rule = "binary |z| / L"
+    setup = CertificateSetup(lipschitz=value * factor, head_lipschitz=head_lip, head_weight=head_weight,
+                             error_scale=scale)
+    info = BoundInfo(value=value * factor, method=method, computed_upper=computed * factor, declared=declared,
+                     normalisation_factor=factor, rule=rule, error_scale=scale, depth=depth, max_fan_in=fan_in)
+    return setup, info
+
+
+@dataclass
+class Evaluation:
+    """Per-sample results in dataset order, and how the pass went."""
+
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    margins: torch.Tensor
+    radii: torch.Tensor
+    radii_sqrt2: torch.Tensor
+    backend: str
+    seconds: float
+    batch_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def images_per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+def _prefetch(batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Read batches in a background thread, at most PREFETCH ahead; errors are raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in batches:
+                q.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            q.put(exc)
+        q.put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class Runner:
+    """Runs the model on a batch of pixel-space inputs (normalised first when asked) and returns logits."""
+
+    def __init__(self, graph: Graph, backend: str, device: str, mean: torch.Tensor | None,
+                 std: torch.Tensor | None) -> None:
+        self.graph, self.backend, self.device = graph, backend, device
+        self.mean, self.std = mean, std
+        if backend == "torch":
+            self.module = GraphModule(graph).to(device).eval()
+        else:
+            from .crosscheck import ort_session
+
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+            self.session = ort_session(graph.onnx_model, providers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            x = (x - self.mean.to(x)) / self.std.to(x)
+        if self.backend == "torch":
+            with torch.inference_mode():
+                return self.module(x)
+        out = self.session.run(None, {self.graph.input_name: x.cpu().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def _time(runner: Runner, x: torch.Tensor) -> float:
+    runner(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    runner(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tensor, mean, std) -> Runner:
+    """The requested backend, or for ``auto`` the faster of torch and onnxruntime on one batch."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"--backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        if requested == "onnxruntime" and graph.onnx_model is None:
+            raise ConfigError("--backend onnxruntime needs an ONNX model")
+        return Runner(graph, requested, device, mean, std)
+    candidates = [Runner(graph, "torch", device, mean, std)]
+    if graph.onnx_model is not None:
+        candidates.append(Runner(graph, "onnxruntime", device, mean, std))
+    if len(candidates) == 1:
+        return candidates[0]
+    return min(candidates, key=lambda r: _time(r, sample))
+
+
+def evaluate(graph: Graph, dataset: Dataset, setup: CertificateSetup, *, device: str = "cpu",
+             batch_size: int = 256, backend: str = "auto", mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None,
+             progress: Callable[[int], None] | None = None) -> Evaluation:
+    """Certify every sample of ``dataset`` (in order); ``progress`` is called with each batch's size."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if graph.fixed_batch and batch_size % graph.fixed_batch:
+        batch_size = max(graph.fixed_batch, batch_size // graph.fixed_batch * graph.fixed_batch)
+    channels = graph.input_shape[0] if graph.input_shape else 1
+    mean_t = std_t = None
+    if mean is not None or std is not None:
+        if mean is None or std is None or len(mean) != len(std) or len(mean) not in (1, channels):
+            raise ConfigError(f"--mean and --std need 1 or {channels} values each")
+        if min(std) <= 0:
+            raise ConfigError("--std values must be positive")
+        view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).reshape(view)
+        std_t = torch.tensor(std, dtype=torch.float32).reshape(view)
+    pin = device.startswith("cuda")
+    pairs = pair_norms(setup.head_weight).to(device) if setup.head_weight is not None else None
+    runner: Runner | None = None
+    results: dict[str, list[torch.Tensor]] = {k: [] for k in ("y", "pred", "margin", "radius", "sqrt2")}
+    start = time.perf_counter()
+    seen = 0
+    for xb, yb in _prefetch(dataset.batches(batch_size)):
+        x = torch.from_numpy(xb)
+        if pin:
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+        if runner is None:
+            runner = choose_backend(graph, backend, device, x, mean_t, std_t)
+            start = time.perf_counter()
+        logits = runner(x).reshape(x.shape[0], -1)
+        if not torch.isfinite(logits).all():
+            raise DataError(f"the model gives NaN or Inf logits in the batch of samples {seen} to {seen + len(yb) - 1}",
+                            source=dataset.info.path)
+        seen += len(yb)
+        cert = certify_logits(logits, x.flatten(1).double().norm(dim=1), setup, pairs)
+        results["y"].append(torch.from_numpy(yb))
+        results["pred"].append(cert.prediction.cpu())
+        results["margin"].append(cert.margin.cpu())
+        results["radius"].append(cert.radius.cpu())
+        results["sqrt2"].append(cert.radius_sqrt2.cpu())
+        if progress:
+            progress(len(yb))
+    seconds = time.perf_counter() - start
+    cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in results.items()}
+    return Evaluation(labels=cat["y"].long(), predictions=cat["pred"].long(), margins=cat["margin"],
+                      radii=cat["radius"], radii_sqrt2=cat["sqrt2"],
+                      backend=runner.backend if runner else backend, seconds=seconds, batch_size=batch_size)

@@ -1,0 +1,157 @@
+"""Every output format of a ``Report``: JSON, Markdown, CSV, the plot, and the terminal table."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .atomic import write_bytes_atomic
+from .errors import ConfigError
+from .report import Report
+
+FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def summary_line(report: Report) -> str:
+    """One line: clean accuracy and certified accuracy at each eps."""
+    parts = [f"clean {_pct(report.clean_accuracy)}"]
+    parts += [f"certified@{e.label} {_pct(e.certified_accuracy)}" for e in report.eps]
+    return ", ".join(parts)
+
+
+def to_markdown(report: Report) -> str:
+    """A summary a person reads, fit for a CI job summary."""
+    b, d = report.bound, report.dataset
+    lines = [
+        f"## lipcert report: `{Path(report.model['path']).name}`",
+        "",
+        f"**{summary_line(report)}** on {report.num_samples} samples of `{d['path']}` ({d['format']}).",
+        "",
+        f"| {report.norm.upper()} radius eps | certified accuracy | certified samples |",
+        "| --- | ---: | ---: |",
+    ]
+    for e in report.eps:
+        lines.append(f"| {e.label} ({e.eps:.4g}) | {_pct(e.certified_accuracy)} | {e.certified} |")
+    lines += [
+        "",
+        f"- Lipschitz bound used: **{b['value']:.6g}** ({b['method']}); computed sound upper bound "
+        f"{b['computed_upper']:.6g}.",
+        f"- Certificate rule: {b['rule']}; floating-point error bound subtracted from every margin "
+        f"(relative {b['error_scale']:.2g}).",
+        f"- Radii are in pixel space ({d['value_range']} input scaled to [0, 1], layout {d['layout']})"
+        + (f"; the input normalisation multiplies the bound by {b['normalisation_factor']:.6g}."
+           if b["normalisation_factor"] != 1.0 else "."),
+    ]
+    if report.norm == "linf":
+        lines.append(f"- L-infinity radii come from the L2 ones by ||d||_2 <= sqrt({report.input_dim}) ||d||_inf.")
+    if report.attack:
+        lines += ["", f"- PGD attack: {report.attack.get('summary', '')}"]
+    for note in report.notes:
+        lines.append(f"- {note}")
+    t = report.timings
+    lines += ["", f"Model sha256 `{report.model['sha256'][:16]}…`, data sha256 `{d['sha256'][:16]}…`, "
+                  f"device {report.device}, backend {report.backend}, {t.get('images_per_second', 0):.0f} images/s, "
+                  f"lipcert {report.lipcert_version}.", ""]
+    return "\n".join(lines)
+
+
+def to_csv(report: Report) -> str:
+    """One row per sample: index, label, prediction, margin, radius (+ any extra columns)."""
+    s = report.samples
+    extra = list(s.columns)
+    buf = io.StringIO()
+    buf.write(",".join(["index", "label", "prediction", "margin", "radius"] + extra) + "\n")
+    cols = [s.labels.tolist(), s.predictions.tolist(), s.margins.tolist(), s.radii.tolist()]
+    cols += [s.columns[c].tolist() for c in extra]
+    for i, row in enumerate(zip(*cols)):
+        label, pred, margin, radius, *rest = row
+        buf.write(",".join([str(i), str(label), str(pred), f"{margin:.9g}", f"{radius:.9g}"]
+                           + [f"{v:.9g}" if isinstance(v, float) else str(v) for v in rest]) + "\n")
+    return buf.getvalue()
+
+
+def plot_png(report: Report) -> bytes:
+    """Certified accuracy against radius, with the requested eps marked (and the attack's curve if any)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    radii = [p[0] for p in report.curve]
+    accs = [100 * p[1] for p in report.curve]
+    ax.plot(radii, accs, label="certified", color="tab:blue")
+    if report.attack and report.attack.get("curve"):
+        ax.plot([p[0] for p in report.attack["curve"]], [100 * p[1] for p in report.attack["curve"]],
+                label="empirical (PGD)", color="tab:orange", linestyle="--")
+    for e in report.eps:
+        ax.axvline(e.eps, color="grey", linestyle=":", linewidth=1)
+        ax.plot([e.eps], [100 * e.certified_accuracy], "o", color="tab:blue")
+        ax.annotate(f"{e.label}: {100 * e.certified_accuracy:.1f}%", (e.eps, 100 * e.certified_accuracy),
+                    textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xlabel(f"{report.norm.upper()} radius (pixel space)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{Path(report.model['path']).name}: certified accuracy vs radius")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot(report: Report, path: str | Path) -> None:
+    write_bytes_atomic(path, plot_png(report))
+
+
+def write_all(report: Report, out_dir: Path) -> list[Path]:
+    """Render every file first, then rename each into place: a failure leaves no partial report."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a folder")
+    contents = {
+        "report.json": to_json(report).encode(),
+        "report.md": to_markdown(report).encode(),
+        "samples.csv": to_csv(report).encode(),
+        "certified_accuracy.png": plot_png(report),
+    }
+    paths = []
+    for name in FILES:
+        write_bytes_atomic(out_dir / name, contents[name])
+        paths.append(out_dir / name)
+    return paths
+
+
+def render_terminal(report: Report, out: Console) -> None:
+    """The summary as a rich table."""
+    table = Table(title=f"{report.model['path']} on {report.dataset['path']} ({report.num_samples} samples)")
+    table.add_column(f"{report.norm.upper()} eps")
+    table.add_column("certified accuracy", justify="right")
+    table.add_column("certified", justify="right")
+    for key in (report.eps[0].extra if report.eps else {}):
+        table.add_column(key, justify="right")
+    for e in report.eps:
+        extra = [f"{100 * v:.2f}%" if isinstance(v, float) else str(v) for v in e.extra.values()]
+        table.add_row(f"{e.label} ({e.eps:.4g})", _pct(e.certified_accuracy), str(e.certified), *extra)
+    out.print(table)
+    b = report.bound
+    out.print(f"clean accuracy {_pct(report.clean_accuracy)}; Lipschitz bound {b['value']:.6g} ({b['method']}); "
+              f"rule: {b['rule']}")
+    out.print(f"data: {report.dataset['format']}, layout {report.dataset['layout']}, "
+              f"{report.dataset['value_range']}; backend {report.backend} on {report.device}, "
+              f"{report.timings.get('images_per_second', 0):.0f} images/s")
+    for note in report.notes:
+        out.print(f"note: {note}")
