@@ -21,6 +21,7 @@ from .device import resolve_device
 from .errors import ConfigError, LipcertError
 from .inspect_model import summarize
 from .loader import load_model
+from .attack import AttackConfig
 from .pipeline import certify
 from .render import render_terminal, summary_line
 from .verify import DEFAULT_TOL, PROVEN, VIOLATED, VerifyResult, verify as run_verify
@@ -198,38 +199,50 @@ def report(
     arch: Optional[Path] = ARCH,
     arch_python: Optional[str] = ARCH_PY,
     input_shape: Optional[str] = INPUT_SHAPE,
+    attack: bool = typer.Option(True, "--attack/--no-attack", help="run the PGD sanity check (default on)"),
+    attack_steps: int = typer.Option(50, "--attack-steps", help="PGD steps per restart"),
+    attack_restarts: int = typer.Option(2, "--attack-restarts", help="PGD random restarts"),
+    seed: int = typer.Option(0, "--seed", help="random seed of the attack"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the summary line"),
 ) -> None:
-    """Certified accuracy versus radius on a dataset: report.json, report.md, samples.csv and a plot."""
+    """Certified accuracy versus radius on a dataset: report.json, report.md, samples.csv and a plot.
+
+    With the PGD attack (on by default), exit code 1 when the attack breaks a certified point.
+    """
     dev = resolve_device(device)
+    if attack_steps < 1 or attack_restarts < 1:
+        raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
     graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape))
     bar = progress_bar(quiet)
-    task = None
+    tasks: dict[str, int] = {}
 
-    def started(total: int) -> None:
-        nonlocal task
+    def started(phase: str, total: int) -> None:
         if bar is not None:
             bar.start()
-            task = bar.add_task("certifying", total=total)
+            tasks[phase] = bar.add_task(phase, total=total)
 
-    def advance(n: int) -> None:
-        if bar is not None and task is not None:
-            bar.advance(task, n)
+    def advance(phase: str, n: int) -> None:
+        if bar is not None and phase in tasks:
+            bar.advance(tasks[phase], n)
 
     try:
         result = certify(graph, data, eps, norm=norm, device=dev,
                          batch_size=batch_size or (1024 if dev.startswith("cuda") else 256), backend=backend,
                          mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), lipschitz=lipschitz,
-                         layout=layout, value_range=value_range, progress=advance, on_start=started)
+                         layout=layout, value_range=value_range, progress=advance, on_start=started,
+                         attack=AttackConfig(steps=attack_steps, restarts=attack_restarts, norm=norm, seed=seed)
+                         if attack else None)
     finally:
         if bar is not None:
             bar.stop()
     result.write(out)
     if quiet:
         print(summary_line(result))
-        return
-    render_terminal(result, console())
-    console().print(f"wrote {out}/report.json, report.md, samples.csv, certified_accuracy.png")
+    else:
+        render_terminal(result, console())
+        console().print(f"wrote {out}/report.json, report.md, samples.csv, certified_accuracy.png")
+    if result.attack and result.attack["violation_count"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -57,7 +57,19 @@ def to_markdown(report: Report) -> str:
     if report.norm == "linf":
         lines.append(f"- L-infinity radii come from the L2 ones by ||d||_2 <= sqrt({report.input_dim}) ||d||_inf.")
     if report.attack:
-        lines += ["", f"- PGD attack: {report.attack.get('summary', '')}"]
+        a = report.attack
+        lines += ["", f"- PGD attack: {a['summary']}; step rule {a['step_rule']}, seed {a['seed']}."]
+        if a.get("median_gap") is not None:
+            lines.append(f"- Median gap between attack radius and certified radius: {a['median_gap']:.4g}.")
+        if a["violations"]:
+            lines += ["", "**The model's Lipschitz claim or the certificate is wrong: the attack broke certified "
+                          "points inside their certified radius.**", "",
+                      "| sample | label | certified radius | eps | adversarial distance | class | logit true | "
+                      "logit adversarial |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for v in a["violations"][:50]:
+                lines.append(f"| {v['index']} | {v['label']} | {v['certified_radius']:.4g} | {v['eps']:.4g} | "
+                             f"{v['adversarial_distance']:.4g} | {v['adversarial_class']} | "
+                             f"{v['logit_true']:.4g} | {v['logit_adversarial']:.4g} |")
     for note in report.notes:
         lines.append(f"- {note}")
     t = report.timings
@@ -89,7 +101,17 @@ def plot_png(report: Report) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    histogram = (report.attack or {}).get("gap_histogram") or {}
+    if histogram.get("counts"):
+        fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+        edges = histogram["edges"]
+        hx.bar(edges[:-1], histogram["counts"], width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
+               color="tab:orange", alpha=0.7)
+        hx.set_xlabel("attack radius - certified radius")
+        hx.set_ylabel("samples")
+        hx.set_title("gap per attacked point")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     radii = [p[0] for p in report.curve]
     accs = [100 * p[1] for p in report.curve]
     ax.plot(radii, accs, label="certified", color="tab:blue")
@@ -153,5 +175,10 @@ def render_terminal(report: Report, out: Console) -> None:
     out.print(f"data: {report.dataset['format']}, layout {report.dataset['layout']}, "
               f"{report.dataset['value_range']}; backend {report.backend} on {report.device}, "
               f"{report.timings.get('images_per_second', 0):.0f} images/s")
+    if report.attack:
+        out.print(f"attack: {report.attack['summary']}")
+        for v in report.attack["violations"][:20]:
+            out.print(f"[bold red]violation:[/] sample {v['index']} certified at {v['certified_radius']:.4g}, "
+                      f"broken at distance {v['adversarial_distance']:.4g} (class {v['adversarial_class']})")
     for note in report.notes:
         out.print(f"note: {note}")
