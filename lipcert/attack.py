@@ -3,8 +3,8 @@
 Standard PGD (Madry et al. 2018) with a margin loss (largest other logit minus the true logit), a random
 start in the eps-ball, steps of alpha = 2.5 eps / steps along the normalised gradient (L2) or its sign
 (L-infinity), projection onto the ball and onto the valid input box [0, 1], restarts in the batch dimension,
-and the best example kept. Only points still unbroken are attacked, in increasing eps: a point broken at
-eps_i is broken for every larger eps. Every adversarial example is checked by a fresh forward pass before
+and the best example kept. Only points still unbroken are attacked, in increasing eps (a point broken at
+eps_i is broken for every larger eps), and a point stops being attacked at the step it falls. Every adversarial example is checked by a fresh forward pass before
 it counts; a certified point that the attack flips within its certified radius is a soundness violation.
 """
 
@@ -106,7 +106,9 @@ def _random_start(x: torch.Tensor, eps: float, cfg: AttackConfig, gen: torch.Gen
 
 def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
         cfg: AttackConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best adversarial examples over restarts and steps: (examples, found mask), checked afresh."""
+    """Best adversarial examples over restarts and steps: (examples, found mask), checked afresh.
+
+    A sample stops being attacked (all its restarts) as soon as one restart misclassifies it."""
     n = x.shape[0]
     xr = x.repeat(cfg.restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(cfg.restarts)
@@ -114,21 +116,25 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
     delta = _random_start(xr, eps, cfg, gen)
     best_loss = torch.full((xr.shape[0],), -math.inf, device=x.device)
     best = xr.clone()
-    for _ in range(cfg.steps):
-        delta.requires_grad_(True)
-        loss = margin_loss(model(xr + delta), yr)
-        (grad,) = torch.autograd.grad(loss.sum(), delta)
+    active = torch.ones(xr.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(cfg.steps + 1):
+        rows = active.nonzero()[:, 0]
+        if rows.numel() == 0:
+            break
+        d = delta[rows].requires_grad_(True)
+        loss = margin_loss(model(xr[rows] + d), yr[rows])
+        (grad,) = torch.autograd.grad(loss.sum(), d)
         with torch.no_grad():
-            better = loss.detach() > best_loss
-            best[better] = (xr + delta.detach())[better]
-            best_loss = torch.where(better, loss.detach(), best_loss)
+            loss = loss.detach()
+            better = loss > best_loss[rows]
+            best[rows[better]] = xr[rows[better]] + d.detach()[better]
+            best_loss[rows[better]] = loss[better]
+            done = torch.zeros(n, dtype=torch.bool, device=x.device)
+            done[rows[loss > 0] % n] = True
+            active &= ~done.repeat(cfg.restarts)
             step = grad / _shape(_norms(grad, "l2").clamp_min(1e-12), grad) if cfg.norm == "l2" else grad.sign()
-            delta = _project(delta.detach() + alpha * step, xr, eps, cfg)
+            delta[rows] = _project(d.detach() + alpha * step, xr[rows], eps, cfg)
     with torch.no_grad():
-        loss = margin_loss(model(xr + delta), yr)
-        better = loss > best_loss
-        best[better] = (xr + delta)[better]
-        best_loss = torch.where(better, loss, best_loss)
         pick = best_loss.reshape(cfg.restarts, n).argmax(dim=0)
         chosen = best.reshape(cfg.restarts, n, *x.shape[1:])[pick, torch.arange(n, device=x.device)]
         fresh = model(chosen)
