@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -22,8 +22,12 @@ from .errors import ConfigError, LipcertError
 from .inspect_model import summarize
 from .loader import load_model
 from .attack import AttackConfig
+from .config import load_config
+from .gates import (Gate, gates_markdown, junit_xml, load_baseline, parse_min_certified, report_gates,
+                    verify_gates)
 from .pipeline import certify
-from .render import render_terminal, summary_line
+from .render import render_terminal, summary_line, verify_markdown
+from .report import parse_eps
 from .verify import DEFAULT_TOL, PROVEN, VIOLATED, VerifyResult, verify as run_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -133,38 +137,109 @@ def render_verify(result: VerifyResult, out: Console) -> None:
     out.print(f"verdict: [{style}]{verdict}[/]  ({result.seconds:.1f} s)")
 
 
-@app.command()
-def verify(
-    model: Path = typer.Argument(..., help="model file (.onnx or .safetensors)"),
-    bound: Optional[float] = typer.Option(None, "--bound", help="the claimed Lipschitz bound (default: the "
-                                          "model's lipcert.claimed_lipschitz metadata, else 1.0)"),
-    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="relative tolerance on the claim"),
-    arch: Optional[Path] = ARCH,
-    arch_python: Optional[str] = ARCH_PY,
-    input_shape: Optional[str] = INPUT_SHAPE,
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON to this file"),
-    seed: int = typer.Option(0, "--seed", help="random seed of power iteration and the empirical search"),
-) -> None:
-    """Check that the model is really L-Lipschitz: sound per-layer bounds on the exact operators.
+class Settings:
+    """Flags given on the command line, over the config file, over the defaults."""
 
-    Exit code 0 when the claim is proven, 1 when it is violated or unproven, 2 on bad input.
-    """
-    graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape))
-    result = run_verify(graph, bound, tol=tol, device=resolve_device(device), seed=seed)
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
-    render_verify(result, console())
-    if result.status != PROVEN:
+    def __init__(self, command: str, flags: dict, config: Optional[Path]) -> None:
+        self.values = {**load_config(command, config), **{k: v for k, v in flags.items() if v is not None}}
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+    def path(self, key: str) -> Optional[Path]:
+        value = self.values.get(key)
+        return None if value is None else Path(value)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"--format {fmt!r}: expected text or json")
+
+
+def finish(command: str, gates: list[Gate], data: dict, markdown: str, verdict: str, s: Settings,
+           render: Callable[[Console], None], seconds: float) -> None:
+    """Write the machine-readable outputs, print the human ones, and exit 1 when any gate failed."""
+    failed = [g for g in gates if not g.passed]
+    data = {**data, "gates": [g.to_dict() for g in gates], "passed": not failed}
+    if s.get("junit"):
+        write_text_atomic(s.path("junit"), junit_xml(command, gates, seconds))
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        with open(summary_file, "a", encoding="utf-8") as f:
+            f.write(markdown + "\n" + gates_markdown(gates) + "\n")
+    line = f"{verdict}: {'all gates pass' if not failed else f'{len(failed)} gate(s) failed'}"
+    if s.get("format", "text") == "json":
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    elif s.get("quiet"):
+        print(line)
+    else:
+        out = console()
+        render(out)
+        for g in failed:
+            out.print(f"[bold red]FAILED[/] {g.name}: measured {g.measured}, required {g.required}"
+                      + (f" ({g.message})" if g.message else ""))
+        out.print(line)
+    if failed:
         raise typer.Exit(1)
 
 
+CONFIG = typer.Option(None, "--config", help="settings file (default: ./lipcert.toml or [tool.lipcert] in "
+                                             "./pyproject.toml)")
+FORMAT = typer.Option(None, "--format", help="text (default) or json: the result as JSON on stdout, nothing else")
+JUNIT = typer.Option(None, "--junit", help="write JUnit XML, one test case per gate")
+QUIET = typer.Option(None, "--quiet", "-q", help="print only the verdict line")
+MAX_LIP = typer.Option(None, "--max-lipschitz", help="gate: fail when the Lipschitz bound is above this")
+
+
+@app.command()
+def verify(
+    model: Optional[Path] = typer.Argument(None, help="model file (.onnx or .safetensors); or set it in the config"),
+    bound: Optional[float] = typer.Option(None, "--bound", help="the claimed Lipschitz bound (default: the "
+                                          "model's lipcert.claimed_lipschitz metadata, else 1.0)"),
+    tol: Optional[float] = typer.Option(None, "--tol", help=f"relative tolerance on the claim (default {DEFAULT_TOL})"),
+    arch: Optional[Path] = ARCH,
+    arch_python: Optional[str] = ARCH_PY,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON to this file"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed of power iteration and the search"),
+    require: Optional[str] = typer.Option(None, "--require", help="gate: proven (default) or not-violated"),
+    max_lipschitz: Optional[float] = MAX_LIP,
+    junit: Optional[Path] = JUNIT,
+    fmt: Optional[str] = FORMAT,
+    quiet: Optional[bool] = QUIET,
+    config: Optional[Path] = CONFIG,
+) -> None:
+    """Check that the model is really L-Lipschitz: sound per-layer bounds on the exact operators.
+
+    Exit code 0 when the claim is proven (and every gate passes), 1 when a gate fails (the claim violated or
+    unproven), 2 on bad input or configuration, 3 on an internal error.
+    """
+    s = Settings("verify", dict(model=model, bound=bound, tol=tol, arch=arch, arch_python=arch_python,
+                                input_shape=input_shape, device=device, json=json_out, seed=seed, require=require,
+                                max_lipschitz=max_lipschitz, junit=junit, format=fmt, quiet=quiet), config)
+    _check_format(s.get("format", "text"))
+    if s.get("model") is None:
+        raise ConfigError("no model given: pass MODEL or set model in the config file")
+    graph = load_model(s.path("model"), s.path("arch"), arch_python=s.get("arch_python"),
+                       input_shape=parse_shape(s.get("input_shape")))
+    result = run_verify(graph, s.get("bound"), tol=float(s.get("tol", DEFAULT_TOL)),
+                        device=resolve_device(s.get("device", "auto")), seed=int(s.get("seed", 0)))
+    if s.get("json"):
+        write_text_atomic(s.path("json"), json.dumps(result.to_dict(), indent=2) + "\n")
+    gates = verify_gates(result, require=s.get("require", "proven"), max_lipschitz=s.get("max_lipschitz"))
+    finish("verify", gates, result.to_dict(), verify_markdown(result), f"verdict: {result.status.upper()}", s,
+           lambda out: render_verify(result, out), result.seconds)
+
+
 def parse_floats(text: Optional[str], flag: str) -> Optional[list[float]]:
-    """``0.5,0.5,0.5`` -> [0.5, 0.5, 0.5]."""
+    """``0.5,0.5,0.5`` (or a list from the config) -> [0.5, 0.5, 0.5]."""
     if text is None:
         return None
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(v) for v in text)
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected numbers separated by commas") from None
 
@@ -179,41 +254,81 @@ def progress_bar(quiet: bool):
                     console=console(stderr=True), transient=True)
 
 
+def _eps_with_gates(eps: str, min_certified: list[tuple[str, float, float]]) -> str:
+    """The requested radii plus every radius a --min-certified-acc gate names."""
+    values = [v for _, v in parse_eps(eps)]
+    extra = [label for label, value, _ in min_certified if not any(abs(value - v) <= 1e-12 for v in values)]
+    return ",".join([eps] + extra)
+
+
 @app.command()
 def report(
-    model: Path = typer.Argument(..., help="model file (.onnx or .safetensors)"),
-    data: Path = typer.Option(..., "--data", help="dataset: .npz, .safetensors, CIFAR batches folder, MNIST IDX "
-                                                  "files or an image folder"),
-    eps: str = typer.Option("36/255,72/255,108/255,1", "--eps", help="radii to certify, e.g. 36/255,72/255"),
-    norm: str = typer.Option("l2", "--norm", help="l2 or linf (linf radii via ||d||_2 <= sqrt(d) ||d||_inf)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    model: Optional[Path] = typer.Argument(None, help="model file (.onnx or .safetensors); or set it in the config"),
+    data: Optional[Path] = typer.Option(None, "--data", help="dataset: .npz, .safetensors, CIFAR batches folder, "
+                                                             "MNIST IDX files or an image folder"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="radii to certify (default 36/255,72/255,108/255,1)"),
+    norm: Optional[str] = typer.Option(None, "--norm", help="l2 (default) or linf"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 256 on CPU, 1024 on GPU"),
-    out: Path = typer.Option(Path("lipcert-report"), "--out", help="folder for the report files"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the report files (default lipcert-report)"),
     mean: Optional[str] = typer.Option(None, "--mean", help="per-channel mean of a normalisation outside the model"),
     std: Optional[str] = typer.Option(None, "--std", help="per-channel std of a normalisation outside the model"),
     lipschitz: Optional[float] = typer.Option(None, "--lipschitz", help="certify with this declared bound "
                                               "instead of lipcert's sound one (stated in the report)"),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch or onnxruntime"),
-    layout: str = typer.Option("auto", "--layout", help="auto, NCHW or NHWC"),
-    value_range: str = typer.Option("auto", "--value-range", help="auto, 0-255 or 0-1"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="auto (default), torch or onnxruntime"),
+    layout: Optional[str] = typer.Option(None, "--layout", help="auto (default), NCHW or NHWC"),
+    value_range: Optional[str] = typer.Option(None, "--value-range", help="auto (default), 0-255 or 0-1"),
     arch: Optional[Path] = ARCH,
     arch_python: Optional[str] = ARCH_PY,
     input_shape: Optional[str] = INPUT_SHAPE,
-    attack: bool = typer.Option(True, "--attack/--no-attack", help="run the PGD sanity check (default on)"),
-    attack_steps: int = typer.Option(50, "--attack-steps", help="PGD steps per restart"),
-    attack_restarts: int = typer.Option(2, "--attack-restarts", help="PGD random restarts"),
-    seed: int = typer.Option(0, "--seed", help="random seed of the attack"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the summary line"),
+    attack: Optional[bool] = typer.Option(None, "--attack/--no-attack", help="run the PGD sanity check (default on)"),
+    attack_steps: Optional[int] = typer.Option(None, "--attack-steps", help="PGD steps per restart (default 50)"),
+    attack_restarts: Optional[int] = typer.Option(None, "--attack-restarts", help="PGD random restarts (default 2)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed of the attack"),
+    min_clean_acc: Optional[float] = typer.Option(None, "--min-clean-acc", help="gate: minimum clean accuracy"),
+    min_certified_acc: Optional[list[str]] = typer.Option(None, "--min-certified-acc",
+                                                          help="gate EPS=ACC, e.g. 36/255=0.60 (repeatable)"),
+    max_violations: Optional[int] = typer.Option(None, "--max-violations", help="gate: attack contradictions "
+                                                 "allowed (default 0)"),
+    max_lipschitz: Optional[float] = MAX_LIP,
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="gate: a previous report.json to compare with"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="largest allowed drop in certified accuracy "
+                                             "against the baseline (default 0)"),
+    junit: Optional[Path] = JUNIT,
+    fmt: Optional[str] = FORMAT,
+    quiet: Optional[bool] = QUIET,
+    config: Optional[Path] = CONFIG,
 ) -> None:
     """Certified accuracy versus radius on a dataset: report.json, report.md, samples.csv and a plot.
 
-    With the PGD attack (on by default), exit code 1 when the attack breaks a certified point.
+    Exit code 0 when every gate passes, 1 when one fails (the attack breaking a certified point always
+    does unless --max-violations allows it), 2 on bad input or configuration, 3 on an internal error.
     """
-    dev = resolve_device(device)
-    if attack_steps < 1 or attack_restarts < 1:
+    s = Settings("report", dict(
+        model=model, data=data, eps=eps, norm=norm, device=device, batch_size=batch_size, out=out, mean=mean,
+        std=std, lipschitz=lipschitz, backend=backend, layout=layout, value_range=value_range, arch=arch,
+        arch_python=arch_python, input_shape=input_shape, attack=attack, attack_steps=attack_steps,
+        attack_restarts=attack_restarts, seed=seed, min_clean_acc=min_clean_acc,
+        min_certified_acc=min_certified_acc or None, max_violations=max_violations, max_lipschitz=max_lipschitz,
+        baseline=baseline, max_drop=max_drop, junit=junit, format=fmt, quiet=quiet), config)
+    _check_format(s.get("format", "text"))
+    for key, flag in (("model", "MODEL"), ("data", "--data")):
+        if s.get(key) is None:
+            raise ConfigError(f"no {key} given: pass {flag} or set {key} in the config file")
+    dev = resolve_device(s.get("device", "auto"))
+    steps, restarts = int(s.get("attack_steps", 50)), int(s.get("attack_restarts", 2))
+    if steps < 1 or restarts < 1:
         raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
-    graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape))
-    bar = progress_bar(quiet)
+    min_certified = parse_min_certified(s.get("min_certified_acc", []))
+    baseline_data = load_baseline(s.path("baseline")) if s.get("baseline") else None
+    max_drop_value = float(s.get("max_drop", 0.0))
+    if max_drop_value < 0:
+        raise ConfigError("--max-drop must be non-negative")
+    eps_text = _eps_with_gates(str(s.get("eps", "36/255,72/255,108/255,1")), min_certified)
+    graph = load_model(s.path("model"), s.path("arch"), arch_python=s.get("arch_python"),
+                       input_shape=parse_shape(s.get("input_shape")))
+    quiet_run = bool(s.get("quiet")) or s.get("format") == "json"
+    bar = progress_bar(quiet_run)
     tasks: dict[str, int] = {}
 
     def started(phase: str, total: int) -> None:
@@ -225,24 +340,32 @@ def report(
         if bar is not None and phase in tasks:
             bar.advance(tasks[phase], n)
 
+    norm_value = s.get("norm", "l2")
     try:
-        result = certify(graph, data, eps, norm=norm, device=dev,
-                         batch_size=batch_size or (1024 if dev.startswith("cuda") else 256), backend=backend,
-                         mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), lipschitz=lipschitz,
-                         layout=layout, value_range=value_range, progress=advance, on_start=started,
-                         attack=AttackConfig(steps=attack_steps, restarts=attack_restarts, norm=norm, seed=seed)
-                         if attack else None)
+        result = certify(graph, s.path("data"), eps_text, norm=norm_value, device=dev,
+                         batch_size=int(s.get("batch_size") or (1024 if dev.startswith("cuda") else 256)),
+                         backend=s.get("backend", "auto"), mean=parse_floats(s.get("mean"), "--mean"),
+                         std=parse_floats(s.get("std"), "--std"), lipschitz=s.get("lipschitz"),
+                         layout=s.get("layout", "auto"), value_range=s.get("value_range", "auto"), progress=advance,
+                         on_start=started,
+                         attack=AttackConfig(steps=steps, restarts=restarts, norm=norm_value,
+                                             seed=int(s.get("seed", 0))) if s.get("attack", True) else None)
     finally:
         if bar is not None:
             bar.stop()
-    result.write(out)
-    if quiet:
-        print(summary_line(result))
-    else:
-        render_terminal(result, console())
-        console().print(f"wrote {out}/report.json, report.md, samples.csv, certified_accuracy.png")
-    if result.attack and result.attack["violation_count"]:
-        raise typer.Exit(1)
+    gates = report_gates(result, min_clean_acc=s.get("min_clean_acc"), min_certified=min_certified,
+                         max_violations=int(s.get("max_violations", 0)), max_lipschitz=s.get("max_lipschitz"),
+                         baseline=baseline_data, max_drop=max_drop_value)
+    result.gates = [g.to_dict() for g in gates]
+    out_dir = s.path("out") or Path("lipcert-report")
+    result.write(out_dir)
+
+    def render(out: Console) -> None:
+        render_terminal(result, out)
+        out.print(f"wrote {out_dir}/report.json, report.md, samples.csv, certified_accuracy.png")
+
+    finish("report", gates, result.to_dict(), result.to_markdown(), summary_line(result), s, render,
+           result.timings.get("total_seconds", 0.0))
 
 
 @app.command()

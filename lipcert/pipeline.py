@@ -147,3 +147,39 @@ def attack_report(summary: AttackSummary, radii, correct, results: list[EpsResul
         "gap_histogram": _histogram(gaps), "curve": curve,
     })
     return data
+
+
+def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
+           steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "cpu",
+           batch_size: int = 256, mean: Sequence[float] | None = None,
+           std: Sequence[float] | None = None) -> AttackSummary:
+    """Run the PGD attack alone on every correctly classified sample (no certificates, so no violations).
+
+    Example::
+
+        summary = lipcert.attack(lipcert.load_model("model.onnx"), "test.npz", eps="36/255,72/255")
+        print([row["robust_accuracy"] for row in summary.per_eps])
+    """
+    import torch
+
+    from .executor import GraphModule
+
+    if norm not in NORMS:
+        raise ConfigError(f"norm {norm!r}: expected l2 or linf")
+    eps_list = parse_eps(eps) if isinstance(eps, str) else parse_eps(",".join(str(e) for e in eps))
+    dataset = data if not isinstance(data, (str, Path)) else open_dataset(data)
+    check_fits(dataset, sample_shape=tuple(model.input_shape),
+               num_classes=max(2, model.value_shapes.get(model.output, (0,))[-1]))
+    module = GraphModule(model).to(device).eval()
+    view = (1, -1) + (1,) * (len(model.input_shape) - 1)
+    preds = []
+    with torch.no_grad():
+        for xb, _ in dataset.batches(batch_size):
+            x = torch.from_numpy(xb).to(device)
+            if mean:
+                x = (x - torch.tensor(mean, device=device).reshape(view)) / torch.tensor(std, device=device).reshape(view)
+            preds.append(module(x).reshape(x.shape[0], -1).argmax(1).cpu())
+    predictions = torch.cat(preds)
+    cfg = AttackConfig(steps=steps, restarts=restarts, norm=norm, seed=seed)
+    return run_attack(model, dataset, predictions, torch.zeros(predictions.numel()), eps_list, cfg, device,
+                      batch_size, mean, std, None)

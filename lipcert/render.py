@@ -12,6 +12,7 @@ from rich.table import Table
 from .atomic import write_bytes_atomic
 from .errors import ConfigError
 from .report import Report
+from .verify import VerifyResult
 
 FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
 
@@ -182,3 +183,17 @@ def render_terminal(report: Report, out: Console) -> None:
                       f"broken at distance {v['adversarial_distance']:.4g} (class {v['adversarial_class']})")
     for note in report.notes:
         out.print(f"note: {note}")
+
+
+def verify_markdown(result: VerifyResult) -> str:
+    """The verify verdict as Markdown, for a CI job summary."""
+    upper = "unbounded" if result.network_upper == float("inf") else f"{result.network_upper:.6g}"
+    lines = [f"## lipcert verify: `{Path(result.model).name}` is **{result.status.upper()}** "
+             f"(claim {result.claimed:g}, {result.claim_source})", "",
+             f"Network upper bound {upper}, empirical lower bound {result.network_lower:.6g}.", "",
+             "| node | op | lower | upper | method | status |", "| --- | --- | ---: | ---: | --- | --- |"]
+    for row in result.layers:
+        lower = "-" if row.lower is None else f"{row.lower:.6g}"
+        up = "-" if row.upper is None else f"{row.upper:.6g}"
+        lines.append(f"| {row.name} | {row.op} | {lower} | {up} | {row.upper_method} | {row.status} |")
+    return "\n".join(lines) + "\n"

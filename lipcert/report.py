@@ -92,6 +92,7 @@ class Report:
     notes: list[str]
     samples: SampleTable
     attack: dict[str, Any] | None = None
+    gates: list[dict[str, Any]] | None = None
     schema: str = SCHEMA
     lipcert_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
