@@ -63,7 +63,7 @@ class AttackSummary:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "attack_radius"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("attack_radius", "seconds")}
         data["violations"] = [asdict(v) for v in self.violations]
         return data
 
@@ -142,64 +142,98 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
     return chosen.detach(), found
 
 
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of one batch: the same whichever process runs the batch, and after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+@dataclass
+class BatchAttack:
+    """The attack's results on one batch of samples."""
+
+    attack_radius: torch.Tensor
+    broken_at: torch.Tensor
+    violations: list[Violation]
+
+
+def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 predictions: torch.Tensor, radii: torch.Tensor, offset: int, eps: Sequence[tuple[str, float]],
+                 cfg: AttackConfig, gen: torch.Generator) -> BatchAttack:
+    """Attack the correctly classified samples of one batch at each eps in increasing order, while unbroken.
+
+    ``radii`` are the certified radii in the attack's norm; a verified example closer than a point's radius
+    is a violation. The attack radius of a sample is the distance of its verified adversarial example (0
+    when misclassified, inf when never broken); ``broken_at`` is the eps at which it fell.
+    """
+    n = len(y)
+    attack_radius = torch.full((n,), math.inf, dtype=torch.float64)
+    broken_at = torch.full((n,), math.inf, dtype=torch.float64)
+    wrong = predictions.cpu() != y.cpu()
+    attack_radius[wrong] = 0.0
+    broken_at[wrong] = 0.0
+    alive = ~wrong
+    violations: list[Violation] = []
+    for _, value in sorted(eps, key=lambda e: e[1]):
+        if value <= 0 or not bool(alive.any()):
+            continue
+        sel = alive.nonzero()[:, 0]
+        sel_d = sel.to(x.device)
+        adv, found = pgd(model, x[sel_d], y[sel_d], value, cfg, gen)
+        found = found.cpu()
+        hit = sel[found]
+        if not hit.numel():
+            continue
+        hit_d = hit.to(x.device)
+        dist = _norms(adv[found.to(x.device)] - x[hit_d], cfg.norm).double().cpu()
+        attack_radius[hit] = dist
+        broken_at[hit] = value
+        alive[hit] = False
+        with torch.no_grad():
+            adv_logits = model(adv[found.to(x.device)]).double().cpu()
+        for k, i in enumerate(hit.tolist()):
+            if radii[i] > dist[k]:
+                label = int(y[i])
+                cls = int(adv_logits[k].argmax())
+                violations.append(Violation(offset + i, label, float(radii[i]), value, float(dist[k]), cls,
+                                            float(adv_logits[k, label]), float(adv_logits[k, cls])))
+    return BatchAttack(attack_radius, broken_at, violations)
+
+
+def summarize(cfg: AttackConfig, eps: Sequence[tuple[str, float]], attack_radius: torch.Tensor,
+              broken_at: torch.Tensor, violations: list[Violation], seconds: float) -> AttackSummary:
+    """Per-eps empirical robust accuracy over all samples (robust: correct and unbroken up to eps)."""
+    total = int(broken_at.numel())
+    per_eps = [{"eps": value, "label": label,
+                "robust_accuracy": float((broken_at > value).double().mean()) if total else 0.0,
+                "broken": int(((broken_at <= value) & (broken_at > 0)).sum())} for label, value in eps]
+    method = f"PGD-{'L2' if cfg.norm == 'l2' else 'Linf'}, margin loss, random start"
+    return AttackSummary(method, cfg.steps, cfg.restarts, f"alpha = {STEP_FACTOR} * eps / steps", cfg.seed, per_eps,
+                         sorted(violations, key=lambda v: v.index), attack_radius, seconds)
+
+
 def attack_batches(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterator[tuple[np.ndarray, np.ndarray]],
                    predictions: torch.Tensor, radii: torch.Tensor, eps: Sequence[tuple[str, float]],
                    cfg: AttackConfig, device: str = "cpu",
                    progress: Callable[[int], None] | None = None) -> AttackSummary:
-    """Attack every correctly classified sample at each eps in increasing order, only while unbroken.
-
-    ``radii`` are the certified radii in the attack's norm; a found example at eps below a point's radius is
-    a violation. Returns per-eps empirical robust accuracy and the attack radius of each sample (the
-    distance of its verified adversarial example; 0 when misclassified, inf when never broken).
-    """
+    """``attack_batch`` over a stream of batches (predictions and radii for the whole stream)."""
     import time
 
     if cfg.norm not in NORMS or cfg.steps < 1 or cfg.restarts < 1:
         raise ValueError("attack needs norm l2/linf, steps >= 1 and restarts >= 1")
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = sorted(eps, key=lambda e: e[1])
-    total = int(predictions.numel())
-    attack_radius = torch.full((total,), math.inf, dtype=torch.float64)
-    broken_at = torch.full((total,), math.inf, dtype=torch.float64)
-    violations: list[Violation] = []
+    radius_parts, broken_parts, violations = [], [], []
     offset = 0
-    for xb, yb in batches:
+    for index, (xb, yb) in enumerate(batches):
         x = torch.from_numpy(xb).to(device)
         y = torch.from_numpy(yb).long().to(device)
-        idx = torch.arange(offset, offset + len(yb))
-        wrong = predictions[idx] != y.cpu()
-        attack_radius[idx[wrong]] = 0.0
-        broken_at[idx[wrong]] = 0.0
-        alive = ~wrong
-        for label, value in order:
-            if value <= 0 or not bool(alive.any()):
-                continue
-            sel = alive.nonzero()[:, 0]
-            adv, found = pgd(model, x[sel.to(device)], y[sel.to(device)], value, cfg, gen)
-            found = found.cpu()
-            hit = sel[found]
-            if hit.numel():
-                dist = _norms(adv[found.to(device)] - x[hit.to(device)], cfg.norm).double().cpu()
-                attack_radius[idx[hit]] = dist
-                broken_at[idx[hit]] = value
-                alive[hit] = False
-                with torch.no_grad():
-                    adv_logits = model(adv[found.to(device)]).double().cpu()
-                for k, i in enumerate(idx[hit].tolist()):
-                    if radii[i] > dist[k]:
-                        cls = int(adv_logits[k].argmax())
-                        violations.append(Violation(i, int(y[hit[k]]), float(radii[i]), value, float(dist[k]), cls,
-                                                    float(adv_logits[k, int(y[hit[k]])]), float(adv_logits[k, cls])))
+        part = attack_batch(model, x, y, predictions[offset:offset + len(yb)], radii[offset:offset + len(yb)],
+                            offset, eps, cfg, batch_generator(cfg.seed, index))
+        radius_parts.append(part.attack_radius)
+        broken_parts.append(part.broken_at)
+        violations += part.violations
         offset += len(yb)
         if progress:
             progress(len(yb))
-    per_eps = []
-    for label, value in eps:
-        robust = broken_at > value
-        per_eps.append({"eps": value, "label": label, "robust_accuracy": float(robust.double().mean()) if total else 0.0,
-                        "broken": int(((broken_at <= value) & (broken_at > 0)).sum())})
-    step_rule = f"alpha = {STEP_FACTOR} * eps / steps"
-    method = f"PGD-{'L2' if cfg.norm == 'l2' else 'Linf'}, margin loss, random start"
-    return AttackSummary(method, cfg.steps, cfg.restarts, step_rule, cfg.seed, per_eps, violations,
-                         attack_radius, time.perf_counter() - start)
+    empty = torch.empty(0, dtype=torch.float64)
+    return summarize(cfg, eps, torch.cat(radius_parts) if radius_parts else empty,
+                     torch.cat(broken_parts) if broken_parts else empty, violations, time.perf_counter() - start)

@@ -22,7 +22,9 @@ from .errors import ConfigError, LipcertError
 from .inspect_model import summarize
 from .loader import load_model
 from .attack import AttackConfig
+from .checkpoint import clear as clear_checkpoint
 from .config import load_config
+from .distributed import current_world, join, leave
 from .gates import (Gate, gates_markdown, junit_xml, load_baseline, parse_min_certified, report_gates,
                     verify_gates)
 from .pipeline import certify
@@ -254,6 +256,29 @@ def progress_bar(quiet: bool):
                     console=console(stderr=True), transient=True)
 
 
+def relaunch(launcher: str, processes: int) -> int:
+    """Run this same command again under torchrun with ``processes`` processes; its exit code."""
+    import subprocess
+
+    if launcher != "torchrun":
+        raise ConfigError(f"--launcher {launcher!r}: only torchrun is supported")
+    if processes < 1:
+        raise ConfigError("--gpus must be at least 1")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--launcher", "--gpus"):
+            skip = True
+            continue
+        if arg.startswith(("--launcher=", "--gpus=")):
+            continue
+        args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "lipcert", *args]
+    return subprocess.call(cmd)
+
+
 def _eps_with_gates(eps: str, min_certified: list[tuple[str, float, float]]) -> str:
     """The requested radii plus every radius a --min-certified-acc gate names."""
     values = [v for _, v in parse_eps(eps)]
@@ -294,6 +319,10 @@ def report(
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="gate: a previous report.json to compare with"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="largest allowed drop in certified accuracy "
                                              "against the baseline (default 0)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from the checkpoint in --out"),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="torchrun: start --gpus processes with "
+                                           "torch.distributed (or run this command under torchrun yourself)"),
+    gpus: int = typer.Option(1, "--gpus", help="processes to start with --launcher torchrun"),
     junit: Optional[Path] = JUNIT,
     fmt: Optional[str] = FORMAT,
     quiet: Optional[bool] = QUIET,
@@ -312,10 +341,13 @@ def report(
         min_certified_acc=min_certified_acc or None, max_violations=max_violations, max_lipschitz=max_lipschitz,
         baseline=baseline, max_drop=max_drop, junit=junit, format=fmt, quiet=quiet), config)
     _check_format(s.get("format", "text"))
+    if launcher is not None:
+        raise typer.Exit(relaunch(launcher, gpus))
     for key, flag in (("model", "MODEL"), ("data", "--data")):
         if s.get(key) is None:
             raise ConfigError(f"no {key} given: pass {flag} or set {key} in the config file")
-    dev = resolve_device(s.get("device", "auto"))
+    world = current_world()
+    dev = join(world, resolve_device(s.get("device", "auto")))
     steps, restarts = int(s.get("attack_steps", 50)), int(s.get("attack_restarts", 2))
     if steps < 1 or restarts < 1:
         raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
@@ -327,7 +359,8 @@ def report(
     eps_text = _eps_with_gates(str(s.get("eps", "36/255,72/255,108/255,1")), min_certified)
     graph = load_model(s.path("model"), s.path("arch"), arch_python=s.get("arch_python"),
                        input_shape=parse_shape(s.get("input_shape")))
-    quiet_run = bool(s.get("quiet")) or s.get("format") == "json"
+    out_dir = s.path("out") or Path("lipcert-report")
+    quiet_run = bool(s.get("quiet")) or s.get("format") == "json" or not world.is_main
     bar = progress_bar(quiet_run)
     tasks: dict[str, int] = {}
 
@@ -349,16 +382,20 @@ def report(
                          layout=s.get("layout", "auto"), value_range=s.get("value_range", "auto"), progress=advance,
                          on_start=started,
                          attack=AttackConfig(steps=steps, restarts=restarts, norm=norm_value,
-                                             seed=int(s.get("seed", 0))) if s.get("attack", True) else None)
+                                             seed=int(s.get("seed", 0))) if s.get("attack", True) else None,
+                         checkpoint_dir=out_dir, resume=resume, world=world)
     finally:
         if bar is not None:
             bar.stop()
+    leave(world)
+    if result is None:
+        return
     gates = report_gates(result, min_clean_acc=s.get("min_clean_acc"), min_certified=min_certified,
                          max_violations=int(s.get("max_violations", 0)), max_lipschitz=s.get("max_lipschitz"),
                          baseline=baseline_data, max_drop=max_drop_value)
     result.gates = [g.to_dict() for g in gates]
-    out_dir = s.path("out") or Path("lipcert-report")
     result.write(out_dir)
+    clear_checkpoint(out_dir)
 
     def render(out: Console) -> None:
         render_terminal(result, out)

@@ -11,13 +11,13 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .certify import CertificateSetup, certify_logits, float_error_scale, pair_norms
+from .certify import Certificates, CertificateSetup, certify_logits, float_error_scale, pair_norms
 from .data import Dataset
 from .errors import ConfigError, DataError
 from .executor import GraphModule
@@ -93,29 +93,6 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
     info = BoundInfo(value=value * factor, method=method, computed_upper=computed * factor, declared=declared,
                      normalisation_factor=factor, rule=rule, error_scale=scale, depth=depth, max_fan_in=fan_in)
     return setup, info
-
-
-@dataclass
-class Evaluation:
-    """Per-sample results in dataset order, and how the pass went."""
-
-    labels: torch.Tensor
-    predictions: torch.Tensor
-    margins: torch.Tensor
-    radii: torch.Tensor
-    radii_sqrt2: torch.Tensor
-    backend: str
-    seconds: float
-    batch_size: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return int(self.labels.numel())
-
-    @property
-    def images_per_second(self) -> float:
-        return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
 def _prefetch(batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -194,54 +171,72 @@ def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tens
     return min(candidates, key=lambda r: _time(r, sample))
 
 
-def evaluate(graph: Graph, dataset: Dataset, setup: CertificateSetup, *, device: str = "cpu",
-             batch_size: int = 256, backend: str = "auto", mean: Sequence[float] | None = None,
-             std: Sequence[float] | None = None,
-             progress: Callable[[int], None] | None = None) -> Evaluation:
-    """Certify every sample of ``dataset`` (in order); ``progress`` is called with each batch's size."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if graph.fixed_batch and batch_size % graph.fixed_batch:
-        batch_size = max(graph.fixed_batch, batch_size // graph.fixed_batch * graph.fixed_batch)
-    channels = graph.input_shape[0] if graph.input_shape else 1
-    mean_t = std_t = None
-    if mean is not None or std is not None:
-        if mean is None or std is None or len(mean) != len(std) or len(mean) not in (1, channels):
-            raise ConfigError(f"--mean and --std need 1 or {channels} values each")
-        if min(std) <= 0:
-            raise ConfigError("--std values must be positive")
-        view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).reshape(view)
-        std_t = torch.tensor(std, dtype=torch.float32).reshape(view)
-    pin = device.startswith("cuda")
-    pairs = pair_norms(setup.head_weight).to(device) if setup.head_weight is not None else None
-    runner: Runner | None = None
-    results: dict[str, list[torch.Tensor]] = {k: [] for k in ("y", "pred", "margin", "radius", "sqrt2")}
-    start = time.perf_counter()
-    seen = 0
-    for xb, yb in _prefetch(dataset.batches(batch_size)):
-        x = torch.from_numpy(xb)
-        if pin:
-            x = x.pin_memory()
-        x = x.to(device, non_blocking=True)
-        if runner is None:
-            runner = choose_backend(graph, backend, device, x, mean_t, std_t)
-            start = time.perf_counter()
-        logits = runner(x).reshape(x.shape[0], -1)
-        if not torch.isfinite(logits).all():
-            raise DataError(f"the model gives NaN or Inf logits in the batch of samples {seen} to {seen + len(yb) - 1}",
-                            source=dataset.info.path)
-        seen += len(yb)
-        cert = certify_logits(logits, x.flatten(1).double().norm(dim=1), setup, pairs)
-        results["y"].append(torch.from_numpy(yb))
-        results["pred"].append(cert.prediction.cpu())
-        results["margin"].append(cert.margin.cpu())
-        results["radius"].append(cert.radius.cpu())
-        results["sqrt2"].append(cert.radius_sqrt2.cpu())
-        if progress:
-            progress(len(yb))
-    seconds = time.perf_counter() - start
-    cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in results.items()}
-    return Evaluation(labels=cat["y"].long(), predictions=cat["pred"].long(), margins=cat["margin"],
-                      radii=cat["radius"], radii_sqrt2=cat["sqrt2"],
-                      backend=runner.backend if runner else backend, seconds=seconds, batch_size=batch_size)
+class Engine:
+    """Certifies batches: normalisation, the chosen backend, the certificate rule; and the attack's model."""
+
+    def __init__(self, graph: Graph, setup: CertificateSetup, *, device: str = "cpu", backend: str = "auto",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        channels = graph.input_shape[0] if graph.input_shape else 1
+        self.mean = self.std = None
+        if mean is not None or std is not None:
+            if mean is None or std is None or len(mean) != len(std) or len(mean) not in (1, channels):
+                raise ConfigError(f"--mean and --std need 1 or {channels} values each")
+            if min(std) <= 0:
+                raise ConfigError("--std values must be positive")
+            view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
+            self.mean = torch.tensor(mean, dtype=torch.float32).reshape(view)
+            self.std = torch.tensor(std, dtype=torch.float32).reshape(view)
+        self.graph, self.setup, self.device, self.requested = graph, setup, device, backend
+        self.pairs = pair_norms(setup.head_weight).to(device) if setup.head_weight is not None else None
+        self.runner: Runner | None = None
+        self.seconds = 0.0
+        self._attack_module: GraphModule | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend if self.runner else self.requested
+
+    def batch_size(self, requested: int) -> int:
+        """The batch size to use: at least 1, a multiple of a fixed batch the model may declare."""
+        if requested < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {requested}")
+        fixed = self.graph.fixed_batch
+        return max(fixed, requested // fixed * fixed) if fixed else requested
+
+    def batches(self, dataset: Dataset, batch_size: int, first: int = 0,
+                last: int | None = None) -> Iterator[tuple[int, torch.Tensor, np.ndarray, Certificates]]:
+        """(batch index, x on the device, labels, certificates) for batches [first, last) of ``dataset``."""
+        stop = None if last is None else last * batch_size
+        pin = self.device.startswith("cuda")
+        index = first
+        for xb, yb in _prefetch(dataset.batches(batch_size, start=first * batch_size, stop=stop)):
+            x = torch.from_numpy(xb)
+            x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
+            if self.runner is None:
+                self.runner = choose_backend(self.graph, self.requested, self.device, x, self.mean, self.std)
+            began = time.perf_counter()
+            logits = self.runner(x).reshape(x.shape[0], -1)
+            if not torch.isfinite(logits).all():
+                lo = index * batch_size
+                raise DataError(f"the model gives NaN or Inf logits in the batch of samples {lo} to "
+                                f"{lo + len(yb) - 1}", source=dataset.info.path)
+            cert = certify_logits(logits, x.flatten(1).double().norm(dim=1), self.setup, self.pairs)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - began
+            yield index, x, yb, cert
+            index += 1
+
+    def attack_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The differentiable float32 model in pixel space (through the normalisation) that PGD attacks."""
+        if self._attack_module is None:
+            self._attack_module = GraphModule(self.graph).to(self.device).eval()
+        module, mean, std = self._attack_module, self.mean, self.std
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            z = x if mean is None else (x - mean.to(x)) / std.to(x)
+            return module(z).reshape(x.shape[0], -1)
+
+        return forward

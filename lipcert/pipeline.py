@@ -1,4 +1,9 @@
-"""``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs)."""
+"""``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs).
+
+One pass over the data: each batch is certified, then (optionally) attacked, and its per-sample results are
+kept, and saved to a checkpoint when an output folder is given, so an interrupted run can resume. Under
+torchrun each process takes a contiguous shard of batches and rank 0 merges the results.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,35 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .attack import AttackConfig, AttackSummary, attack_batches
+import numpy as np
+import torch
+
+from .attack import (AttackConfig, AttackSummary, BatchAttack, Violation, attack_batch, batch_generator,
+                     summarize)
 from .certify import accuracy_curve, certified_accuracy
+from .checkpoint import Checkpoint
 from .data import Dataset, check_fits, open_dataset
+from .distributed import World, broadcast, gather, shard
 from .errors import ConfigError
-from .evaluate import certificate_setup, evaluate
+from .evaluate import Engine, certificate_setup
 from .graph import Graph
 from .report import EpsResult, Report, SampleTable, parse_eps, sha256_file
 
 NORMS = ("l2", "linf")
+CERT_KEYS = ("labels", "predictions", "margins", "radii")
+ATTACK_KEYS = ("attack_radius", "broken_at")
+
+
+def _eps(eps: Sequence[str | float] | str) -> list[tuple[str, float]]:
+    return parse_eps(eps) if isinstance(eps, str) else parse_eps(",".join(str(e) for e in eps))
+
+
+def _open(model: Graph, data: str | Path | Dataset, layout: str = "auto", value_range: str = "auto") -> Dataset:
+    dataset = data if not isinstance(data, (str, Path)) else open_dataset(data, layout=layout,
+                                                                           value_range=value_range)
+    classes = model.value_shapes.get(model.output, (0,))[-1]
+    check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, classes))
+    return dataset
 
 
 def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
@@ -23,8 +48,12 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             lipschitz: float | None = None, layout: str = "auto", value_range: str = "auto",
             attack: AttackConfig | None = None, progress: Callable[[str, int], None] | None = None,
-            on_start: Callable[[str, int], None] | None = None) -> Report:
+            on_start: Callable[[str, int], None] | None = None, checkpoint_dir: str | Path | None = None,
+            resume: bool = False, world: World = World()) -> Report | None:
     """Certify every sample of ``data`` at each radius in ``eps`` and return the report.
+
+    ``checkpoint_dir`` keeps per-batch results there as they finish and ``resume`` continues from them. In a
+    torchrun ``world``, every process returns None but rank 0, which returns the merged report.
 
     Example::
 
@@ -35,23 +64,77 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
     started = time.perf_counter()
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r}: expected l2 or linf")
-    eps_list = parse_eps(eps) if isinstance(eps, str) else parse_eps(",".join(str(e) for e in eps))
+    eps_list = _eps(eps)
     if lipschitz is not None and (not math.isfinite(lipschitz) or lipschitz <= 0):
         raise ConfigError(f"--lipschitz must be a positive number, got {lipschitz}")
-    dataset = data if not isinstance(data, (str, Path)) else open_dataset(data, layout=layout,
-                                                                           value_range=value_range)
-    classes = model.value_shapes.get(model.output, (0,))[-1]
-    check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, classes))
+    if attack is not None and (attack.steps < 1 or attack.restarts < 1):
+        raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
+    dataset = _open(model, data, layout, value_range)
     t_bound = time.perf_counter()
-    setup, info = certificate_setup(model, device=device, declared=lipschitz, std=std)
+    bound = certificate_setup(model, device=device, declared=lipschitz, std=std) if world.is_main else None
+    setup, info = broadcast(bound, world)
     bound_seconds = time.perf_counter() - t_bound
-    if on_start:
-        on_start("certifying", dataset.info.num_samples)
-    run = evaluate(model, dataset, setup, device=device, batch_size=batch_size, backend=backend, mean=mean,
-                   std=std, progress=(lambda n: progress("certifying", n)) if progress else None)
-    correct = run.predictions == run.labels
+    engine = Engine(model, setup, device=device, backend=backend, mean=mean, std=std)
+    batch_size = engine.batch_size(batch_size)
+    total = dataset.info.num_samples
+    num_batches = -(-total // batch_size)
+    first, last = shard(num_batches, world)
     input_dim = math.prod(model.input_shape)
-    radii = run.radii / math.sqrt(input_dim) if norm == "linf" else run.radii
+    scale = 1.0 / math.sqrt(input_dim) if norm == "linf" else 1.0
+    ckpt = None
+    if checkpoint_dir is not None:
+        manifest = {"model_sha256": _sha(model.source), "data_sha256": dataset.info.sha256, "eps": eps_list,
+                    "norm": norm, "batch_size": batch_size, "backend": backend, "mean": mean, "std": std,
+                    "lipschitz": lipschitz, "attack": None if attack is None else attack.__dict__,
+                    "world_size": world.size}
+        if world.is_main:
+            ckpt = Checkpoint(Path(checkpoint_dir), manifest, resume)
+        gather(None, world)
+        if not world.is_main:
+            ckpt = Checkpoint(Path(checkpoint_dir), manifest, True)
+    stored: dict[int, tuple[dict[str, np.ndarray], list[dict]]] = {}
+    begin = first
+    while ckpt is not None and begin < last and ckpt.done(begin):
+        stored[begin] = ckpt.load(begin)
+        begin += 1
+    if stored and engine.requested == "auto":
+        engine.requested = stored[first][1][0]["backend"]
+    if on_start:
+        on_start("certifying" + (" and attacking" if attack else ""), total)
+        if progress and stored:
+            progress("certifying" + (" and attacking" if attack else ""), sum(len(a["labels"]) for a, _ in stored.values()))
+    attack_seconds = 0.0
+    for index, x, yb, cert in engine.batches(dataset, batch_size, begin, last):
+        arrays = {"labels": yb.astype(np.int64), "predictions": cert.prediction.cpu().numpy(),
+                  "margins": cert.margin.cpu().numpy(), "radii": (cert.radius * scale).cpu().numpy()}
+        extra: list[dict] = [{"backend": engine.backend}]
+        if attack is not None:
+            t0 = time.perf_counter()
+            part = attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
+                                cert.prediction, torch.from_numpy(arrays["radii"]), index * batch_size, eps_list,
+                                attack, batch_generator(attack.seed, index))
+            attack_seconds += time.perf_counter() - t0
+            arrays["attack_radius"] = part.attack_radius.numpy()
+            arrays["broken_at"] = part.broken_at.numpy()
+            extra += [v.__dict__ for v in part.violations]
+        stored[index] = (arrays, extra)
+        if ckpt is not None:
+            ckpt.save(index, arrays, extra)
+        if progress:
+            progress("certifying" + (" and attacking" if attack else ""), len(yb))
+    mine = [stored[i] for i in range(first, last)]
+    parts = [p for shard_parts in gather(mine, world) for p in shard_parts]
+    timing = gather({"inference": engine.seconds, "attack": attack_seconds, "backend": engine.backend}, world)
+    if not world.is_main:
+        return None
+    merged = {k: np.concatenate([a[k] for a, _ in parts]) if parts else np.empty(0)
+              for k in CERT_KEYS + (ATTACK_KEYS if attack else ())}
+    violations = [Violation(**v) for _, extra in parts for v in extra[1:]]
+    backend_used = parts[0][1][0]["backend"] if parts else engine.backend
+    labels = torch.from_numpy(merged["labels"])
+    predictions = torch.from_numpy(merged["predictions"])
+    radii = torch.from_numpy(merged["radii"])
+    correct = predictions == labels
     results = [EpsResult(value, label, certified_accuracy(radii, correct, value),
                          int(((radii > value) & correct).sum())) for label, value in eps_list]
     notes = list(model.notes)
@@ -61,77 +144,92 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
     if not math.isfinite(info.value):
         notes.append("lipcert could not bound the model's Lipschitz constant (an operator has no rule): "
                      "nothing is certified; run lipcert verify for details")
-    info_dict = dict(info.__dict__)
+    if norm == "linf":
+        notes.append(f"L-infinity radii are the L2 radii divided by sqrt({input_dim}) (||d||_2 <= sqrt(d) ||d||_inf)")
     attack_part, columns = None, {}
+    inference_seconds = sum(t["inference"] for t in timing)
     if attack is not None:
-        if on_start:
-            on_start("attacking", dataset.info.num_samples)
-        summary = run_attack(model, dataset, run.predictions, radii, eps_list, attack, device, run.batch_size,
-                             mean, std, (lambda n: progress("attacking", n)) if progress else None)
+        summary = summarize(attack, eps_list, torch.from_numpy(merged["attack_radius"]),
+                            torch.from_numpy(merged["broken_at"]), violations, sum(t["attack"] for t in timing))
         attack_part = attack_report(summary, radii, correct, results)
         columns["attack_radius"] = summary.attack_radius
         if summary.violations:
             notes.append(f"SOUNDNESS VIOLATION: the attack broke {len(summary.violations)} certified point(s) inside "
                          "their certified radius: the model's Lipschitz claim or the certificate is wrong")
-    total = time.perf_counter() - started
     d = dataset.info
+    count = int(labels.numel())
     return Report(
-        model={"path": model.source, "sha256": sha256_file(model.source) if Path(model.source).is_file() else "",
-               "format": Path(model.source).suffix.lstrip(".")},
+        model={"path": model.source, "sha256": _sha(model.source), "format": Path(model.source).suffix.lstrip(".")},
         dataset={"path": d.path, "format": d.format, "sha256": d.sha256, "num_samples": d.num_samples,
                  "layout": d.layout, "value_range": d.value_range, "num_classes": d.num_classes,
                  "sample_shape": list(d.sample_shape)},
-        device=device, backend=run.backend, batch_size=run.batch_size, norm=norm, input_dim=input_dim,
-        bound=info_dict, clean_accuracy=float(correct.double().mean()) if run.count else 0.0, eps=results,
+        device=device, backend=backend_used, batch_size=batch_size, norm=norm, input_dim=input_dim,
+        bound=dict(info.__dict__), clean_accuracy=float(correct.double().mean()) if count else 0.0, eps=results,
         curve=accuracy_curve(radii, correct),
-        timings={"bound_seconds": bound_seconds, "inference_seconds": run.seconds, "total_seconds": total,
-                 "images_per_second": run.images_per_second},
+        timings={"bound_seconds": bound_seconds, "inference_seconds": inference_seconds,
+                 "attack_seconds": sum(t["attack"] for t in timing),
+                 "total_seconds": time.perf_counter() - started,
+                 "images_per_second": count / inference_seconds if inference_seconds > 0 else 0.0,
+                 "processes": world.size},
         notes=notes, attack=attack_part,
-        samples=SampleTable(run.labels, run.predictions, run.margins, radii, columns))
+        samples=SampleTable(labels, predictions, torch.from_numpy(merged["margins"]), radii, columns))
 
 
-def run_attack(model: Graph, dataset: Dataset, predictions, radii, eps_list, cfg: AttackConfig, device: str,
-               batch_size: int, mean, std, progress) -> AttackSummary:
-    """PGD on lipcert's torch executor (float32), in pixel space through the input normalisation."""
-    import torch
-
-    from .executor import GraphModule
-
-    module = GraphModule(model).to(device).eval()
-    view = (1, -1) + (1,) * (len(model.input_shape) - 1)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).reshape(view) if mean else None
-    s = torch.tensor(std, dtype=torch.float32, device=device).reshape(view) if std else None
-
-    def forward(x):
-        return module(x if m is None else (x - m) / s).reshape(x.shape[0], -1)
-
-    return attack_batches(forward, dataset.batches(batch_size), predictions, radii, eps_list, cfg, device, progress)
+def _sha(path: str) -> str:
+    return sha256_file(path) if Path(path).is_file() else ""
 
 
-def _histogram(values, bins: int = 30) -> dict:
+def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
+           steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "cpu",
+           batch_size: int = 256, mean: Sequence[float] | None = None,
+           std: Sequence[float] | None = None) -> AttackSummary:
+    """Run the PGD attack alone on every correctly classified sample (no certificates, so no violations).
+
+    Example::
+
+        summary = lipcert.attack(lipcert.load_model("model.onnx"), "test.npz", eps="36/255,72/255")
+        print([row["robust_accuracy"] for row in summary.per_eps])
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"norm {norm!r}: expected l2 or linf")
+    eps_list = _eps(eps)
+    dataset = _open(model, data)
+    setup, _ = certificate_setup(model, device=device, std=std)
+    engine = Engine(model, setup, device=device, backend="torch", mean=mean, std=std)
+    cfg = AttackConfig(steps=steps, restarts=restarts, norm=norm, seed=seed)
+    started = time.perf_counter()
+    parts: list[BatchAttack] = []
+    for index, x, yb, cert in engine.batches(dataset, engine.batch_size(batch_size)):
+        parts.append(attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
+                                  cert.prediction, torch.zeros(len(yb)), index * batch_size, eps_list, cfg,
+                                  batch_generator(seed, index)))
+    return summarize(cfg, eps_list, torch.cat([p.attack_radius for p in parts]),
+                     torch.cat([p.broken_at for p in parts]), [v for p in parts for v in p.violations],
+                     time.perf_counter() - started)
+
+
+def _histogram(values: torch.Tensor, bins: int = 30) -> dict:
     """Counts of the gaps between attack radius and certified radius, for the plot."""
-    import torch
-
     if values.numel() == 0:
         return {"edges": [], "counts": []}
     hi = float(values.max())
     lo = min(0.0, float(values.min()))
-    counts = torch.histc(values, bins=bins, min=lo, max=hi if hi > lo else lo + 1e-9)
-    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-9, bins + 1)
-    return {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
+    hi = hi if hi > lo else lo + 1e-9
+    counts = torch.histc(values, bins=bins, min=lo, max=hi)
+    return {"edges": torch.linspace(lo, hi, bins + 1).tolist(), "counts": [int(c) for c in counts.tolist()]}
 
 
-def attack_report(summary: AttackSummary, radii, correct, results: list[EpsResult]) -> dict:
+def attack_report(summary: AttackSummary, radii: torch.Tensor, correct: torch.Tensor,
+                  results: list[EpsResult]) -> dict:
     """The attack's part of the report: per-eps empirical accuracy beside the certified one, gaps, curve."""
-    import torch
-
     for res, row in zip(results, summary.per_eps):
         res.extra["empirical robust"] = row["robust_accuracy"]
     inconsistent = [r.label for r, row in zip(results, summary.per_eps)
                     if row["robust_accuracy"] < r.certified_accuracy]
     attacked = correct & torch.isfinite(summary.attack_radius)
     gaps = (summary.attack_radius - radii.double())[attacked]
-    top = float(summary.attack_radius[torch.isfinite(summary.attack_radius)].max()) if attacked.any() else 0.0
+    finite = summary.attack_radius[torch.isfinite(summary.attack_radius)]
+    top = float(finite.max()) if finite.numel() else 0.0
     grid = torch.linspace(0, max(top, max((r.eps for r in results), default=0.0)), 101, dtype=torch.float64)
     curve = [(float(g), float((summary.attack_radius > g).double().mean())) for g in grid]
     data = summary.to_dict()
@@ -147,39 +245,3 @@ def attack_report(summary: AttackSummary, radii, correct, results: list[EpsResul
         "gap_histogram": _histogram(gaps), "curve": curve,
     })
     return data
-
-
-def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
-           steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "cpu",
-           batch_size: int = 256, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None) -> AttackSummary:
-    """Run the PGD attack alone on every correctly classified sample (no certificates, so no violations).
-
-    Example::
-
-        summary = lipcert.attack(lipcert.load_model("model.onnx"), "test.npz", eps="36/255,72/255")
-        print([row["robust_accuracy"] for row in summary.per_eps])
-    """
-    import torch
-
-    from .executor import GraphModule
-
-    if norm not in NORMS:
-        raise ConfigError(f"norm {norm!r}: expected l2 or linf")
-    eps_list = parse_eps(eps) if isinstance(eps, str) else parse_eps(",".join(str(e) for e in eps))
-    dataset = data if not isinstance(data, (str, Path)) else open_dataset(data)
-    check_fits(dataset, sample_shape=tuple(model.input_shape),
-               num_classes=max(2, model.value_shapes.get(model.output, (0,))[-1]))
-    module = GraphModule(model).to(device).eval()
-    view = (1, -1) + (1,) * (len(model.input_shape) - 1)
-    preds = []
-    with torch.no_grad():
-        for xb, _ in dataset.batches(batch_size):
-            x = torch.from_numpy(xb).to(device)
-            if mean:
-                x = (x - torch.tensor(mean, device=device).reshape(view)) / torch.tensor(std, device=device).reshape(view)
-            preds.append(module(x).reshape(x.shape[0], -1).argmax(1).cpu())
-    predictions = torch.cat(preds)
-    cfg = AttackConfig(steps=steps, restarts=restarts, norm=norm, seed=seed)
-    return run_attack(model, dataset, predictions, torch.zeros(predictions.numel()), eps_list, cfg, device,
-                      batch_size, mean, std, None)

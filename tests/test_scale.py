@@ -1,0 +1,81 @@
+"""Scale: torchrun data-parallel runs equal single-process ones; interrupted runs resume to the same report.
+
+Every process runs with one thread, as torchrun's workers do, so that all runs do the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import SAMPLES, run_cli
+
+ARGS = [str(SAMPLES / "digits_conv.onnx"), "--data", str(SAMPLES / "digits_test.npz"), "--eps", "36/255,72/255",
+        "--attack-steps", "10", "--attack-restarts", "1", "--backend", "torch", "-q"]
+VOLATILE = {"timings", "created"}
+
+
+def _same_report(a: Path, b: Path) -> None:
+    ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
+    assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
+    assert (a / "samples.csv").read_bytes() == (b / "samples.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    result = run_cli("report", *ARGS, "--batch-size", "32", "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def test_torchrun_two_processes_gloo_equals_single_process(tmp_path: Path, reference: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lipcert", "report", *ARGS,
+           "--batch-size", "32", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _same_report(tmp_path, reference)
+    assert json.loads((tmp_path / "report.json").read_text())["timings"]["processes"] == 2
+
+
+def test_killed_run_resumes_to_the_same_report(tmp_path: Path, reference: Path) -> None:
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lipcert", "report", *ARGS, "--batch-size", "32", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / ".lipcert-checkpoint"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(folder.glob("batch-*.npz"))) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(folder.glob("batch-*.npz")))
+    assert 3 <= done < 17, "the run should have been interrupted part-way"
+    assert not (tmp_path / "report.json").exists()
+    resumed = run_cli("report", *ARGS, "--batch-size", "32", "--out", str(tmp_path), "--resume",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _same_report(tmp_path, reference)
+    assert not folder.exists()
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "lipcert", "report", *ARGS, "--batch-size", "32", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / ".lipcert-checkpoint"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(folder.glob("batch-*.npz")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = run_cli("report", *ARGS, "--batch-size", "64", "--out", str(tmp_path), "--resume")
+    assert other.returncode == 2
+    assert "different batch_size" in other.stderr and len(other.stderr.strip().splitlines()) == 1
