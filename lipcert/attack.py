@@ -20,6 +20,7 @@ import torch
 #: the step-size rule, documented in the report: alpha = STEP_FACTOR * eps / steps
 STEP_FACTOR = 2.5
 NORMS = ("l2", "linf")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class AttackConfig:
     seed: int = 0
     lower: float = 0.0
     upper: float = 1.0
+    #: "float32", or "bfloat16" for the attack's steps (autocast); examples are always re-checked in float32
+    precision: str = "float32"
 
 
 @dataclass
@@ -122,7 +125,9 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
         if rows.numel() == 0:
             break
         d = delta[rows].requires_grad_(True)
-        loss = margin_loss(model(xr[rows] + d), yr[rows])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+            logits = model(xr[rows] + d)
+        loss = margin_loss(logits.float(), yr[rows])
         (grad,) = torch.autograd.grad(loss.sum(), d)
         with torch.no_grad():
             loss = loss.detach()
@@ -220,6 +225,8 @@ def attack_batches(model: Callable[[torch.Tensor], torch.Tensor], batches: Itera
 
     if cfg.norm not in NORMS or cfg.steps < 1 or cfg.restarts < 1:
         raise ValueError("attack needs norm l2/linf, steps >= 1 and restarts >= 1")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"attack precision must be one of {PRECISIONS}")
     start = time.perf_counter()
     radius_parts, broken_parts, violations = [], [], []
     offset = 0

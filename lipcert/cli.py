@@ -21,7 +21,7 @@ from .device import resolve_device
 from .errors import ConfigError, LipcertError
 from .inspect_model import summarize
 from .loader import load_model
-from .attack import AttackConfig
+from .attack import PRECISIONS, AttackConfig
 from .checkpoint import clear as clear_checkpoint
 from .config import load_config
 from .distributed import current_world, join, leave
@@ -310,6 +310,9 @@ def report(
     attack_steps: Optional[int] = typer.Option(None, "--attack-steps", help="PGD steps per restart (default 50)"),
     attack_restarts: Optional[int] = typer.Option(None, "--attack-restarts", help="PGD random restarts (default 2)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed of the attack"),
+    attack_precision: Optional[str] = typer.Option(None, "--attack-precision", help="float32 (default) or "
+                                                   "bfloat16 for the attack's steps; examples are re-checked in "
+                                                   "float32, certificates always use float32"),
     min_clean_acc: Optional[float] = typer.Option(None, "--min-clean-acc", help="gate: minimum clean accuracy"),
     min_certified_acc: Optional[list[str]] = typer.Option(None, "--min-certified-acc",
                                                           help="gate EPS=ACC, e.g. 36/255=0.60 (repeatable)"),
@@ -337,7 +340,7 @@ def report(
         model=model, data=data, eps=eps, norm=norm, device=device, batch_size=batch_size, out=out, mean=mean,
         std=std, lipschitz=lipschitz, backend=backend, layout=layout, value_range=value_range, arch=arch,
         arch_python=arch_python, input_shape=input_shape, attack=attack, attack_steps=attack_steps,
-        attack_restarts=attack_restarts, seed=seed, min_clean_acc=min_clean_acc,
+        attack_restarts=attack_restarts, seed=seed, attack_precision=attack_precision, min_clean_acc=min_clean_acc,
         min_certified_acc=min_certified_acc or None, max_violations=max_violations, max_lipschitz=max_lipschitz,
         baseline=baseline, max_drop=max_drop, junit=junit, format=fmt, quiet=quiet), config)
     _check_format(s.get("format", "text"))
@@ -351,6 +354,9 @@ def report(
     steps, restarts = int(s.get("attack_steps", 50)), int(s.get("attack_restarts", 2))
     if steps < 1 or restarts < 1:
         raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
+    precision = s.get("attack_precision", "float32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--attack-precision {precision!r}: expected float32 or bfloat16")
     min_certified = parse_min_certified(s.get("min_certified_acc", []))
     baseline_data = load_baseline(s.path("baseline")) if s.get("baseline") else None
     max_drop_value = float(s.get("max_drop", 0.0))
@@ -382,7 +388,8 @@ def report(
                          layout=s.get("layout", "auto"), value_range=s.get("value_range", "auto"), progress=advance,
                          on_start=started,
                          attack=AttackConfig(steps=steps, restarts=restarts, norm=norm_value,
-                                             seed=int(s.get("seed", 0))) if s.get("attack", True) else None,
+                                             seed=int(s.get("seed", 0)), precision=precision)
+                         if s.get("attack", True) else None,
                          checkpoint_dir=out_dir, resume=resume, world=world)
     finally:
         if bar is not None:

@@ -123,3 +123,13 @@ def test_lipcert_pgd_at_least_as_strong_as_torchattacks() -> None:
     their_found = int((module(adv).argmax(1) != y).sum())
     _, ours = pgd(module, x, y, eps, AttackConfig(steps=steps, restarts=1), torch.Generator().manual_seed(0))
     assert int(ours.sum()) >= their_found
+
+
+def test_bfloat16_attack_is_rechecked_in_float32() -> None:
+    graph = load_model(SAMPLES / "digits_dense.onnx")
+    report = certify(graph, SAMPLES / "digits_test.npz", "72/255,1",
+                     attack=AttackConfig(steps=10, restarts=1, precision="bfloat16"))
+    assert report.attack["violation_count"] == 0
+    radius = report.samples.columns["attack_radius"]
+    broken = torch.isfinite(radius) & (radius > 0)
+    assert int(broken.sum()) > 10  # the bfloat16 steps still find adversarial examples, verified in float32
