@@ -70,28 +70,31 @@ def _split_parts(ctx: Context, a: str, b: str) -> tuple[str, list[Node]] | None:
     return pa.inputs[0], [pa]
 
 
+def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(axis, start, end) of a single-axis, step-1 Slice of a value with per-sample ``shape``, clamped."""
+    c = ctx.const_inputs(node)
+    if len(c) < 4 or any(t is None or t.numel() != 1 for t in c[1:4]):
+        return None
+    if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
+        return None
+    axis = int(c[3].reshape(-1)[0])
+    axis = axis + len(shape) + 1 if axis < 0 else axis
+    if axis < 1:
+        return None
+    n = shape[axis - 1]
+    start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
+    return axis, max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
+
+
 def _disjoint_slices(ctx: Context, pa: Node, pb: Node) -> tuple[str, list[Node]] | None:
     """Two Slices of the same tensor along one axis with step 1 and disjoint index ranges."""
     src = pa.inputs[0]
     shape = ctx.shape(src)
     if shape is None:
         return None
-    ranges = []
-    for p in (pa, pb):
-        c = ctx.const_inputs(p)
-        if len(c) < 4 or c[1] is None or c[2] is None or c[3] is None or c[1].numel() != 1:
-            return None
-        if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
-            return None
-        axis = int(c[3].reshape(-1)[0])
-        axis = axis + len(shape) + 1 if axis < 0 else axis
-        n = shape[axis - 1] if axis >= 1 else None
-        if n is None:
-            return None
-        start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
-        start = max(0, min(n, start + n if start < 0 else start))
-        end = max(0, min(n, end + n if end < 0 else end))
-        ranges.append((axis, start, end))
+    ranges = [_slice_range(ctx, p, shape) for p in (pa, pb)]
+    if None in ranges:
+        return None
     (ax1, s1, e1), (ax2, s2, e2) = ranges
     if ax1 != ax2 or not (e1 <= s2 or e2 <= s1):
         return None
@@ -251,17 +254,10 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
         p = ctx.producer.get(value)
         if p is None or p.op != "Slice" or p.inputs[0] != x or not ctx.only_user(value, node):
             return None
-        c = ctx.const_inputs(p)
-        if len(c) < 4 or any(t is None or t.numel() != 1 for t in c[1:4]):
+        found = _slice_range(ctx, p, shape)
+        if found is None or found[0] != axis or (found[2] != n if at_end else found[1] != 0):
             return None
-        if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
-            return None
-        ax = int(c[3].reshape(-1)[0])
-        start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
-        start = max(0, min(n, start + n if start < 0 else start))
-        end = max(0, min(n, end + n if end < 0 else end))
-        if (ax + len(shape) + 1 if ax < 0 else ax) != axis or (end != n if at_end else start != 0):
-            return None
+        _, start, end = found
         parts[at_end] = (p, end - start)
     slices = [p for p, _ in parts.values()]
     p_begin = parts[True][1] if True in parts else 0

@@ -36,6 +36,13 @@ def conv_settings(node: Node, x_spatial: Sequence[int], w: torch.Tensor, transpo
             "groups": int(node.attr("group", 1))}
 
 
+def conv_structure(w: torch.Tensor, s: dict, in_shape: tuple[int, ...], transpose: bool) -> dict:
+    """What ``spectral`` needs to bound a (transposed) convolution at this input size."""
+    return {"weight": w, "stride": tuple(s["strides"]), "pads": tuple(s["pads"]), "dilation": tuple(s["dilations"]),
+            "groups": s["groups"], "circular": False, "input_spatial": tuple(in_shape[1:]), "transpose": transpose,
+            "output_padding": tuple(s.get("output_padding", (0,) * s["nd"]))}
+
+
 def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: dict) -> torch.Tensor:
     """ONNX Conv semantics in torch, including asymmetric pads."""
     nd, pads = s["nd"], s["pads"]
@@ -62,12 +69,8 @@ class Conv(Op):
             return None
         w = consts[1]
         s = conv_settings(node, in_shape[1:], w)
-        structure = {"weight": w, "stride": tuple(s["strides"]), "pads": tuple(s["pads"]),
-                     "dilation": tuple(s["dilations"]), "groups": s["groups"], "circular": False,
-                     "input_spatial": tuple(in_shape[1:]), "transpose": False,
-                     "output_padding": (0,) * s["nd"]}
         return from_function(lambda x: run_conv(x, w.to(x), None, s), in_shape, out_shape,
-                             kind="conv", structure=structure, name=node.name,
+                             kind="conv", structure=conv_structure(w, s, in_shape, False), name=node.name,
                              adjoint=conv_adjoint(w, s, in_shape))
 
 
@@ -134,12 +137,8 @@ class ConvTranspose(Op):
             return None
         w = consts[1]
         s = conv_transpose_settings(node, in_shape[1:], w)
-        structure = {"weight": w, "stride": tuple(s["strides"]), "pads": tuple(s["pads"]),
-                     "dilation": tuple(s["dilations"]), "groups": s["groups"], "circular": False,
-                     "input_spatial": tuple(in_shape[1:]), "transpose": True,
-                     "output_padding": tuple(s["output_padding"])}
         return from_function(lambda x: run_conv_transpose(x, w.to(x), None, s), in_shape, out_shape,
-                             kind="conv", structure=structure, name=node.name)
+                             kind="conv", structure=conv_structure(w, s, in_shape, True), name=node.name)
 
 
 @register
