@@ -59,6 +59,8 @@ def _fan_in(graph: Graph) -> int:
                                  else weight.shape[1]))
         elif node.op in ("AveragePool", "LpPool") and node.attr("kernel_shape"):
             best = max(best, math.prod(node.attr("kernel_shape")))
+        elif node.op in ("ReduceMin", "ReduceMax", "GlobalMaxPool"):
+            continue  # a min or max is exact in floating point, like MaxPool: no rounding error to bound
         elif (node.op.startswith("Reduce") or node.op.startswith("Global")) and in_shape is not None:
             best = max(best, math.prod(in_shape))
     return best
