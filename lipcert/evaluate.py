@@ -20,7 +20,7 @@ import torch
 from .certify import Certificates, CertificateSetup, certify_logits, float_error_scale, pair_norms
 from .data import Dataset
 from .errors import ConfigError, DataError
-from .executor import GraphModule
+from .executor import GraphModule, in_fixed_batches
 from .fusion import refine
 from .graph import Graph
 from .verify import propagate
@@ -142,8 +142,10 @@ class Runner:
         if self.backend == "torch":
             with torch.inference_mode():
                 return self.module(x)
-        out = self.session.run(None, {self.graph.input_name: x.cpu().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(self.session.run(None, {self.graph.input_name: chunk.cpu().numpy()})[0])
+
+        return in_fixed_batches(run, x, self.graph.fixed_batch).to(x.device)
 
 
 def _time(runner: Runner, x: torch.Tensor) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .graph import Graph
@@ -49,9 +51,19 @@ class GraphModule(torch.nn.Module):
         return env
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fixed = self.graph.fixed_batch
-        if fixed is not None and x.shape[0] != fixed:
-            if x.shape[0] % fixed:
-                raise ValueError(f"this model runs in batches of exactly {fixed}")
-            return torch.cat([self.forward(chunk) for chunk in torch.split(x, fixed)])
-        return self.run_all(x)[self.graph.output]
+        return in_fixed_batches(lambda chunk: self.run_all(chunk)[self.graph.output], x, self.graph.fixed_batch)
+
+
+def in_fixed_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     fixed: int | None) -> torch.Tensor:
+    """Run ``fn`` on chunks of exactly ``fixed`` samples (the last one padded with zeros, its padding dropped),
+    for models exported with a fixed batch size."""
+    if fixed is None or x.shape[0] == fixed:
+        return fn(x)
+    outs = []
+    for chunk in torch.split(x, fixed):
+        n = chunk.shape[0]
+        if n < fixed:
+            chunk = torch.cat([chunk, chunk.new_zeros((fixed - n,) + tuple(chunk.shape[1:]))])
+        outs.append(fn(chunk)[:n])
+    return torch.cat(outs)

@@ -15,54 +15,171 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
+from . import limits
 from .errors import ModelError
-from .fold import fold
+from .executor import GraphModule
+from .fold import PROBE_BATCHES, fold
 from .graph import Graph, Node, toposort
-from .ops import REGISTRY
+from .ops import REGISTRY, RunContext
 
 MIN_OPSET = 11
 MAX_OPSET = onnx.defs.onnx_opset_version()
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def tensor_to_torch(proto: onnx.TensorProto, source: str) -> torch.Tensor:
-    """An ONNX tensor as a torch tensor; half precision is widened to float32; NaN/Inf are refused."""
+# ONNX element types lipcert reads, with their size in bytes (strings, complex and 4-bit types are refused).
+_ITEMSIZE = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4,
+    onnx.TensorProto.UINT64: 8, onnx.TensorProto.BFLOAT16: 2,
+}
+# the repeated field that holds each type's values when they are not in raw_data
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.UINT64: "uint64_data",
+}
+
+
+def check_tensor_proto(proto: onnx.TensorProto, source: str, max_elements: int | None = None,
+                       what: str = "tensor") -> int:
+    """Check a TensorProto's type, dims and data length before anything is decoded; return its element count.
+
+    Negative dims, a type lipcert does not read, more than ``max_elements`` elements, or stored data whose
+    length does not match ``dims x itemsize`` are ModelErrors naming the tensor."""
+    limit = limits.resolve(max_elements)
+    name = f"{what} {proto.name!r}"
+    if proto.data_type not in _ITEMSIZE:
+        type_name = onnx.TensorProto.DataType.Name(proto.data_type) if proto.data_type in \
+            onnx.TensorProto.DataType.values() else str(proto.data_type)
+        raise ModelError(f"{name} has unsupported type {type_name}", source=source)
+    if any(d < 0 for d in proto.dims):
+        raise ModelError(f"{name} has negative dimensions {list(proto.dims)}", source=source)
+    n = limits.check(list(proto.dims), limit, name, source)
+    if proto.data_location == onnx.TensorProto.EXTERNAL:
+        return n  # the external file's length is checked by _check_external_data
+    itemsize = _ITEMSIZE[proto.data_type]
+    if proto.HasField("raw_data"):
+        if len(proto.raw_data) != n * itemsize:
+            raise ModelError(f"{name} declares dims {list(proto.dims)} ({n * itemsize} bytes) but stores "
+                             f"{len(proto.raw_data)} bytes", source=source)
+        return n
+    field = _TYPED_FIELD.get(proto.data_type, "int32_data")
+    stored = len(getattr(proto, field))
+    if proto.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) and stored == 0:
+        stored = len(proto.int32_data)
+    if stored != n:
+        raise ModelError(f"{name} declares dims {list(proto.dims)} ({n} values) but stores {stored}",
+                         source=source)
+    return n
+
+
+def tensor_to_torch(proto: onnx.TensorProto, source: str, max_elements: int | None = None,
+                    what: str = "tensor") -> torch.Tensor:
+    """An ONNX tensor as a torch tensor; half precision is widened to float32; NaN/Inf are refused.
+
+    The declared size is checked against ``max_elements`` and the stored data before anything is decoded."""
+    check_tensor_proto(proto, source, max_elements, what)
     try:
         array = numpy_helper.to_array(proto)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means a malformed tensor
-        raise ModelError(f"tensor {proto.name!r} cannot be decoded: {exc}", source=source) from None
+    except (ValueError, TypeError, OverflowError, KeyError) as exc:  # a malformed tensor body
+        raise ModelError(f"{what} {proto.name!r} cannot be decoded: {exc}", source=source) from None
     if array.dtype.kind == "f" and array.dtype.itemsize < 4 or str(array.dtype) == "bfloat16":
         array = array.astype(np.float32)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise ModelError(f"tensor {proto.name!r} contains NaN or Inf values", source=source)
+        raise ModelError(f"{what} {proto.name!r} contains NaN or Inf values", source=source)
     if array.dtype.kind not in "fiub":
-        raise ModelError(f"tensor {proto.name!r} has unsupported type {array.dtype}", source=source)
+        raise ModelError(f"{what} {proto.name!r} has unsupported type {array.dtype}", source=source)
+    if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
+        array = array.astype(np.int64)  # torch has no unsigned 16/32/64-bit tensors in every operation
     return torch.from_numpy(np.array(array, copy=True))
 
 
-def _check_external_data(model: onnx.ModelProto, folder: Path, source: str) -> None:
-    """Refuse external-data locations that leave the model's folder (.., absolute paths, symlinks)."""
+def _all_tensors(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, str]]:
+    """Every tensor stored in the model (initializers and tensor attributes of nodes), with what it is."""
+    found = [(t, "initializer") for t in model.graph.initializer]
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                found.append((a.t, f"tensor of node {node.name or node.op_type!r}"))
+            found += [(t, f"tensor of node {node.name or node.op_type!r}") for t in a.tensors]
+    for function in model.functions:
+        for node in function.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    found.append((a.t, f"tensor of function {function.name!r}"))
+    return found
+
+
+def _external_location(tensor: onnx.TensorProto, what: str, folder: Path, source: str) -> tuple[Path, int, int | None]:
+    """(file, offset, length) of a tensor's external data, confined to the model's folder."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    where = f"external data of {what} {tensor.name!r}"
+    if (not location or "\0" in location or "://" in location or location.lower().startswith("file:")
+            or os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]):
+        raise ModelError(f"{where} has location {location!r}, which is not a path inside the model's folder",
+                         source=source)
     root = folder.resolve()
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    for tensor in tensors:
+    try:
+        target = (folder / location).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a bad name
+        raise ModelError(f"{where} has location {location!r}, which cannot be resolved: {exc}",
+                         source=source) from None
+    if root not in target.parents:
+        raise ModelError(f"{where} points to {location!r}, outside the model's folder", source=source)
+    if not target.is_file():
+        raise ModelError(f"external data file {location!r} of {what} {tensor.name!r} is missing", source=source)
+    try:
+        offset = int(info.get("offset", "0") or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        raise ModelError(f"{where} has a non-integer offset or length", source=source) from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelError(f"{where} has a negative offset or length", source=source)
+    return target, offset, length
+
+
+def _check_external_data(model: onnx.ModelProto, folder: Path, source: str, max_elements: int | None = None) -> None:
+    """Refuse external-data locations that leave the model's folder (.., absolute paths, URLs, NUL bytes,
+    symlinks pointing out), and data ranges that do not match the tensor's dims or the file's size."""
+    for tensor, what in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
-            raise ModelError(f"external data of tensor {tensor.name!r} has location {location!r}, "
-                             "which is not a path inside the model's folder", source=source)
-        target = (folder / location).resolve()
-        if root not in target.parents and target != root:
-            raise ModelError(f"external data of tensor {tensor.name!r} points to {location!r}, "
-                             "outside the model's folder", source=source)
-        if not target.is_file():
-            raise ModelError(f"external data file {location!r} of tensor {tensor.name!r} is missing",
-                             source=source)
+        n = check_tensor_proto(tensor, source, max_elements, what)
+        target, offset, length = _external_location(tensor, what, folder, source)
+        needed = n * _ITEMSIZE[tensor.data_type]
+        if length is not None and length != needed:
+            raise ModelError(f"external data of {what} {tensor.name!r} has length {length} but its dims "
+                             f"{list(tensor.dims)} need {needed} bytes", source=source)
+        size = target.stat().st_size
+        if offset + needed > size:
+            raise ModelError(f"external data of {what} {tensor.name!r} needs bytes {offset}..{offset + needed} "
+                             f"but the file holds {size}", source=source)
 
 
-def read_model(path: str | Path) -> onnx.ModelProto:
+def _check_names(model: onnx.ModelProto, source: str) -> None:
+    """Each value is defined once: no duplicate initializers, no node output redefining another value."""
+    g = model.graph
+    defined: dict[str, str] = {}
+    for t in g.initializer:
+        if t.name in defined:
+            raise ModelError(f"initializer {t.name!r} is declared twice", source=source)
+        defined[t.name] = "an initializer"
+    for i in g.input:
+        defined.setdefault(i.name, "a graph input")
+    for k, node in enumerate(g.node):
+        for out in node.output:
+            if not out:
+                continue
+            if out in defined:
+                raise ModelError(f"node {node.name or '#' + str(k)!r} ({node.op_type}) writes {out!r}, which is "
+                                 f"already {defined[out]}", source=source)
+            defined[out] = f"the output of node {node.name or '#' + str(k)!r}"
+
+
+def read_model(path: str | Path, max_elements: int | None = None) -> onnx.ModelProto:
     """Parse an ONNX file, load its external data safely and inline its local functions."""
     path = Path(path)
     source = str(path)
@@ -70,11 +187,11 @@ def read_model(path: str | Path) -> onnx.ModelProto:
         raise ModelError("no such model file", source=source)
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+    except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
         raise ModelError(f"not a valid ONNX model ({type(exc).__name__})", source=source) from None
     if not model.graph.node:
         raise ModelError("not a valid ONNX model: the graph has no nodes", source=source)
-    _check_external_data(model, path.parent, source)
+    _check_external_data(model, path.parent, source, max_elements)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
@@ -226,7 +343,11 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
     missing = [o for o in graph.outputs if o not in produced]
     if missing:
         raise ModelError(f"graph output {missing[0]!r} is produced by no node", source=source)
-    return fold(graph)
+    graph = fold(graph)
+    dims = input_info.type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        graph.fixed_batch = int(dims[0].dim_value)  # onnxruntime enforces the declared batch size
+    return graph
 
 
 def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Graph:

@@ -280,3 +280,25 @@ def test_mismatch_with_onnxruntime_names_first_diverging_node(tmp_path: Path, mo
     monkeypatch.setattr(REGISTRY["Relu"], "fn", lambda node, x: real(node, x) + 0.5)
     with pytest.raises(ModelError, match="'act' \\(Relu\\) is the first to diverge"):
         load_model(path)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_fixed_batch_exports_run_any_batch(tmp_path: Path, dynamo: bool) -> None:
+    """An export without a dynamic batch runs in chunks of its fixed batch, the last one padded."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(256, 10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(1, 1, 8, 8),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+    graph = load_model(tmp_path / "m.onnx")
+    assert graph.fixed_batch == 1
+    x = torch.rand(7, 1, 8, 8)
+    assert torch.allclose(GraphModule(graph)(x), model(x), atol=1e-5)
+    from lipcert.pipeline import certify
+
+    report = certify(graph, Path(__file__).parent.parent / "sample_models" / "digits_test.npz", "36/255",
+                     batch_size=64, backend="onnxruntime")
+    assert report.num_samples == 540

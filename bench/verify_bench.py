@@ -1,0 +1,173 @@
+"""Time lipcert.verify on a CIFAR-shaped 1-Lipschitz model against orthogonium's and deel-torchlip's own norm tools.
+
+The model: five orthogonium AdaptiveOrthoConv2d convolutions at 32x32 (3 -> 32 -> 64 -> 64 -> 128 -> 128
+channels, 3x3, alternating circular and zero padding), MaxMin activations, deel-torchlip's ScaledL2NormPool2d
+(8x8, down to 4x4), and two OrthoLinear dense layers (2048 -> 256 -> 10). Parametrizations are baked into plain
+weights and the model is exported to ONNX, as a user would ship it; lipcert verifies the ONNX file, and the
+libraries' utilities are run on the same layers of the torch model.
+
+What each library offers for the norm of one layer (as installed):
+
+* orthogonium: ``orthogonium.layers.conv.singular_values.get_conv_sv`` (Gram iteration, Delattre et al. 2023
+  for circular and 2024 for zero padding); no utility for dense layers (OrthoLinear is orthogonal by
+  construction), so the dense rows use ``torch.linalg.matrix_norm(ord=2)`` for reference.
+* deel-torchlip: ``deel.torchlip.normalizers.spectral_normalization`` (power iteration on the reshaped weight
+  matrix, what SpectralConv2d / SpectralLinear normalise). For a convolution that is the kernel-matrix norm,
+  NOT the operator norm of the convolution; it has no convolution operator-norm utility. At network level it has
+  ``deel.torchlip.utils.evaluate_lip_const`` (an empirical, local estimate: a lower bound at best).
+
+    python bench/verify_bench.py [--quick] [--device auto] [--markdown docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from lipcert.device import resolve_device
+from lipcert.loader import load_model
+from lipcert.verify import verify
+
+CHANNELS = [3, 32, 64, 64, 128, 128]
+
+
+def machine(device: str) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cores = len(__import__("os").sched_getaffinity(0))
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "no GPU used"
+    return f"{cpu}, {cores} cores ({torch.get_num_threads()} torch threads), {gpu}, torch {torch.__version__}"
+
+
+def build_model() -> torch.nn.Module:
+    from deel.torchlip import ScaledL2NormPool2d
+    from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
+    import torch.nn.utils.parametrize as parametrize
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, (cin, cout) in enumerate(zip(CHANNELS, CHANNELS[1:])):
+        layers += [AdaptiveOrthoConv2d(cin, cout, 3, padding="same",
+                                       padding_mode="circular" if i % 2 == 0 else "zeros"), MaxMin()]
+    layers += [ScaledL2NormPool2d(kernel_size=8), torch.nn.Flatten(), OrthoLinear(128 * 4 * 4, 256), MaxMin(),
+               OrthoLinear(256, 10)]
+    model = torch.nn.Sequential(*layers).eval()
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name)
+    return model
+
+
+def export(model: torch.nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(2, 3, 32, 32),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False)
+    return path
+
+
+def timed(fn, repeat: int = 1):
+    best, value = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - start)
+    return value, best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--quick", action="store_true", help="one repeat of each library call, fewer Gram steps")
+    parser.add_argument("--markdown", type=Path, help="append the results to this Markdown file")
+    args = parser.parse_args()
+    from deel.torchlip.normalizers import spectral_normalization
+    from deel.torchlip.utils import evaluate_lip_const
+    from orthogonium.layers.conv.singular_values import get_conv_sv
+
+    device = resolve_device(args.device)
+    repeat = 1 if args.quick else 3
+    gram_iters = 4 if args.quick else 6
+    model = build_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(model, Path(tmp) / "cifar_ortho.onnx")
+        graph, t_load = timed(lambda: load_model(path))
+        verify(graph, device=device, empirical=False)  # warm-up (allocations, kernel choice)
+        result, t_verify = timed(lambda: verify(graph, device=device))
+        _, t_layers = timed(lambda: verify(graph, device=device, empirical=False))
+
+    linear = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    steps = [row for row in result.layers if row.op in ("Conv", "Gemm", "MatMul") or row.upper_method]
+    steps = [row for row in result.layers if any(op in row.op for op in ("Conv", "Gemm", "MatMul"))]
+    rows = []
+    t_orth = t_deel = 0.0
+    for i, (layer, step) in enumerate(zip(linear, steps)):
+        w = layer.weight.detach().to(device)
+        if isinstance(layer, torch.nn.Conv2d):
+            kind = f"conv {layer.in_channels}->{layer.out_channels}, {layer.padding_mode}, 32x32"
+            sv, t_o = timed(lambda: float(get_conv_sv(layer.to(device), n_iter=gram_iters, return_stab_rank=False,
+                                                      imsize=32, device=device)), repeat)
+            o_name = "get_conv_sv (Gram)"
+        else:
+            kind = f"dense {layer.in_features}->{layer.out_features}"
+            sv, t_o = timed(lambda: float(torch.linalg.matrix_norm(w.double(), ord=2)), repeat)
+            o_name = "none (torch SVD shown)"
+        mat = w.reshape(w.shape[0], -1)
+        (_, _, sigma), t_d = timed(lambda: spectral_normalization(mat, None), repeat)
+        t_orth += t_o
+        t_deel += t_d
+        rows.append((i + 1, kind, step, o_name, sv, t_o, float(sigma), t_d))
+
+    x = torch.rand(16, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emp, t_emp = timed(lambda: float(evaluate_lip_const(model, x, evaluation_type="jacobian_norm")))
+
+    lines = [f"### lipcert verify vs orthogonium / deel-torchlip norm utilities, CIFAR-shaped model "
+             f"({len(rows)} linear layers{', --quick' if args.quick else ''})", "",
+             f"Machine: {machine(device)}", "",
+             "Model: 5 orthogonium AdaptiveOrthoConv2d 3x3 convolutions at 32x32 (3->32->64->64->128->128, "
+             "circular/zero padding alternating), MaxMin, ScaledL2NormPool2d(8), OrthoLinear 2048->256->10; "
+             "parametrizations baked in, exported to ONNX.", "",
+             "| # | layer | lipcert lower (power it.) | lipcert upper | lipcert upper method | orthogonium | "
+             "orthogonium s | deel-torchlip spectral_normalization (weight matrix) | deel-torchlip s |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for i, kind, step, o_name, sv, t_o, sigma, t_d in rows:
+        lower = f"{step.lower:.6f}" if step.lower is not None else "-"
+        upper = f"{step.upper:.6f}" if step.upper is not None else "-"
+        lines.append(f"| {i} | {kind} | {lower} | {upper} | {step.upper_method} | {sv:.6f} ({o_name}) | "
+                     f"{t_o:.3f} | {sigma:.6f} | {t_d:.3f} |")
+    lines += ["", "| method | scope | seconds |", "| --- | --- | ---: |",
+              f"| lipcert `load_model` (ONNX parse + onnxruntime cross-check) | whole model | {t_load:.2f} |",
+              f"| lipcert `verify(empirical=False)` (all layer lower+upper bounds, propagation) | whole model | "
+              f"{t_layers:.2f} |",
+              f"| lipcert `verify` (same + empirical network lower bound) | whole model | {t_verify:.2f} |",
+              f"| orthogonium `get_conv_sv` (convs) + torch SVD (dense) | same layers, upper estimate only | "
+              f"{t_orth:.2f} |",
+              f"| deel-torchlip `spectral_normalization` | same layers, weight-matrix norm only | {t_deel:.2f} |",
+              f"| deel-torchlip `evaluate_lip_const` (jacobian_norm, 16 points) | network, empirical | {t_emp:.2f} |",
+              "",
+              f"Network: lipcert upper bound {result.network_upper:.6f}, empirical lower bound "
+              f"{result.network_lower:.6f} ({result.network_lower_method}), status **{result.status}**; "
+              f"deel-torchlip evaluate_lip_const: {emp:.6f}.", "",
+              "Library times are the best of " + str(repeat) + " call(s) per layer, summed; lipcert's are one call "
+              "after a warm-up. deel-torchlip's number for a convolution is the norm of the reshaped kernel matrix, "
+              "which is not the operator norm of the convolution (it can be off by more than 2x either way); "
+              "orthogonium's Gram-iteration value is an upper estimate of the operator norm.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

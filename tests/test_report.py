@@ -1,0 +1,412 @@
+"""End-to-end tests of ``lipcert report``: certificates checked against an independent computation from
+onnxruntime logits, every output file, every data format, normalisation, L-infinity, declared bounds, bad
+input, atomic writes, binary models and ``--quiet``."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.numpy import save_file
+
+from lipcert import certify, load_model
+
+from .conftest import SAMPLES, run_cli
+from .test_data import write_cifar10, write_idx, write_images
+
+DIGITS = SAMPLES / "digits_test.npz"
+EPS = "0,36/255,72/255,108/255,1"
+SLACK = 1e-5  # radius difference allowed between onnxruntime's and lipcert's float32 logits
+SQRT2 = math.sqrt(2.0)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def report(model: Path, data: Path, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``lipcert report`` (no attack), require success, and return the process and report.json."""
+    result = run_cli("report", str(model), "--data", str(data), "--out", str(out), "--no-attack", *flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, json.loads((out / "report.json").read_text())
+
+
+def samples(out: Path) -> dict[str, np.ndarray]:
+    """samples.csv as columns, after checking its header."""
+    with open(out / "samples.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["index", "label", "prediction", "margin", "radius"]
+    cols = dict(zip(rows[0], np.array(rows[1:], dtype=object).T))
+    return {k: v.astype(np.int64 if k in ("index", "label", "prediction") else np.float64) for k, v in cols.items()}
+
+
+def dense_onnx(path: Path, shape: tuple[int, ...], classes: int, seed: int = 0) -> np.ndarray:
+    """A Flatten + Gemm model with spectral norm just below 1; returns its weight (classes x inputs)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((classes, math.prod(shape)))
+    w = (w / (np.linalg.norm(w, 2) * 1.001)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)], "dense",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return w
+
+
+def last_gemm_weight(path: Path) -> np.ndarray:
+    """The last Gemm's matrix as (classes x features), read from the ONNX file."""
+    model = onnx.load(str(path))
+    node = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.input[1]))
+    return w if any(a.name == "transB" and a.i for a in node.attribute) else w.T
+
+
+def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """Run the ONNX file directly with onnxruntime on CPU."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def radii(z: np.ndarray, x: np.ndarray, bound: dict, head: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Prediction, margin and radii by certify.py's documented rules, from float32 logits and the report's bound.
+
+    err = error_scale (max |z| + L ||x||); sqrt(2): (margin - 2 err) / (sqrt(2) L); per-pair with the head's bound
+    L' = L / ||W||_2: min_j (z_top - z_j - 2 err) / (L' ||w_top - w_j||); one logit: (|z| - err) / L.
+    """
+    z = z.astype(np.float64)
+    lip = bound["value"]
+    err = bound["error_scale"] * (np.abs(z).max(1) + lip * np.linalg.norm(x.reshape(len(x), -1).astype(np.float64),
+                                                                          axis=1))
+    if z.shape[1] == 1:
+        r = np.maximum(0, (np.abs(z[:, 0]) - err) / lip)
+        return {"prediction": (z[:, 0] > 0).astype(np.int64), "margin": np.abs(z[:, 0]), "sqrt2": r, "radius": r}
+    rows = np.arange(len(z))
+    order = np.argsort(-z, axis=1, kind="stable")
+    pred = order[:, 0]
+    margin = z[rows, pred] - z[rows, order[:, 1]]
+    sqrt2 = np.maximum(0, (margin - 2 * err) / (SQRT2 * lip))
+    out = {"prediction": pred, "margin": margin, "sqrt2": sqrt2, "radius": sqrt2}
+    if head is not None:
+        w = head.astype(np.float64)
+        pairs = (lip / np.linalg.norm(w, 2)) * np.linalg.norm(w[:, None] - w[None], axis=2)
+        per = (z[rows, pred][:, None] - z - 2 * err[:, None]) / pairs[pred].clip(1e-300)
+        per[rows, pred] = np.inf
+        out["radius"] = np.maximum(sqrt2, per.min(1).clip(0))
+    return out
+
+
+def assert_counts(rep: dict, radius: np.ndarray, correct: np.ndarray) -> None:
+    """Each eps's certified count equals the independent one, but for the few samples within SLACK of eps."""
+    for e in rep["eps"]:
+        border = int((correct & (np.abs(radius - e["eps"]) <= SLACK)).sum())
+        assert border <= 2, f"{border} samples on the border of eps {e['label']}"
+        assert abs(e["certified"] - int(((radius > e["eps"]) & correct).sum())) <= border, e
+        assert e["certified_accuracy"] == pytest.approx(e["certified"] / rep["dataset"]["num_samples"])
+
+
+def assert_matches(out: Path, rep: dict, expect: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """samples.csv and report.json agree with the independent certificates; returns samples.csv."""
+    s = samples(out)
+    assert np.array_equal(s["index"], np.arange(len(labels))) and np.array_equal(s["label"], labels)
+    assert np.array_equal(s["prediction"], expect["prediction"])
+    assert np.allclose(s["margin"], expect["margin"], rtol=1e-5, atol=1e-6)
+    assert np.allclose(s["radius"], expect["radius"], rtol=1e-5, atol=SLACK)
+    assert rep["dataset"]["num_samples"] == len(labels)
+    assert rep["clean_accuracy"] == pytest.approx(float((expect["prediction"] == labels).mean()))
+    assert_counts(rep, expect["radius"], expect["prediction"] == labels)
+    return s
+
+
+def out_is_empty(out: Path) -> bool:
+    return not out.exists() or not any(out.rglob("*"))
+
+
+# ---------------------------------------------------------------- the sample digits models
+
+MODELS = ["digits_conv.onnx", "digits_dense.onnx", "digits_conv.safetensors", "digits_dense.safetensors"]
+FAN_IN = {"digits_conv": 512, "digits_dense": 128}  # the longest sum: fc's 512 inputs; fc2's 128
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path, dict]]:
+    """One quiet ``lipcert report`` run per sample model: (process, out folder, report.json)."""
+    runs = {}
+    for name in MODELS:
+        out = tmp_path_factory.mktemp(name.replace(".", "_"))
+        result, rep = report(SAMPLES / name, DIGITS, out, "--eps", EPS, "--quiet")
+        runs[name] = (result, out, rep)
+    return runs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_digits_certificates_equal_independent_computation(digits, name: str) -> None:
+    _, out, rep = digits[name]
+    stem = name.split(".")[0]
+    onnx_file = SAMPLES / f"{stem}.onnx"
+    data = np.load(DIGITS)
+    x, y = data["x"], data["y"]
+    b = rep["bound"]
+    assert b["value"] == pytest.approx(1.0, abs=1e-6) and b["declared"] is None
+    assert b["rule"].startswith("per-pair") and b["max_fan_in"] == FAN_IN[stem]
+    n, u = b["max_fan_in"], 2.0 ** -24
+    assert b["error_scale"] == pytest.approx(2 * b["depth"] * n * u / (1 - n * u))
+    expect = radii(ort_logits(onnx_file, x), x, b, last_gemm_weight(onnx_file))
+    s = assert_matches(out, rep, expect, y)
+    # the per-pair rule is never below the sqrt(2) rule, and strictly above it somewhere
+    assert (s["radius"] >= expect["sqrt2"] - SLACK).all()
+    assert (s["radius"] > expect["sqrt2"] + 1e-3).sum() > len(y) // 2
+
+
+@pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx"])
+def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
+    """Certifying with the model's own bound declared (no per-pair head) is exactly the sqrt(2) rule."""
+    rep = digits[name][2]
+    data = np.load(DIGITS)
+    x, y = data["x"], data["y"]
+    result = certify(load_model(SAMPLES / name), DIGITS, EPS, lipschitz=rep["bound"]["value"])
+    assert result.bound["rule"] == "sqrt(2) margin"
+    expect = radii(ort_logits(SAMPLES / name, x), x, rep["bound"], None)
+    assert np.allclose(result.samples.radii.numpy(), expect["sqrt2"], rtol=1e-5, atol=SLACK)
+    assert_counts(result.to_dict(), expect["sqrt2"], expect["prediction"] == y)
+    assert all(e.certified <= f["certified"] for e, f in zip(result.eps, rep["eps"]))
+
+
+def test_outputs(digits) -> None:
+    _, out, rep = digits["digits_conv.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["certified_accuracy.png", "report.json", "report.md",
+                                                     "samples.csv"]
+    assert rep["schema"] == "lipcert.report/1"
+    assert rep["model"]["sha256"] == hashlib.sha256((SAMPLES / "digits_conv.onnx").read_bytes()).hexdigest()
+    d = rep["dataset"]
+    assert d["sha256"] == hashlib.sha256(DIGITS.read_bytes()).hexdigest()
+    assert (d["format"], d["num_samples"], d["layout"], d["value_range"]) == ("npz", 540, "NCHW", "float 0-1")
+    assert [e["label"] for e in rep["eps"]] == EPS.split(",")
+    assert [e["eps"] for e in rep["eps"]] == pytest.approx([0, 36 / 255, 72 / 255, 108 / 255, 1])
+    assert all(rep["timings"][k] >= 0 for k in ("bound_seconds", "inference_seconds", "total_seconds"))
+    assert rep["timings"]["images_per_second"] > 0 and rep["lipcert_version"] and rep["device"] == "cpu"
+    curve = np.array(rep["curve"])
+    assert (np.diff(curve[:, 0]) > 0).all() and (np.diff(curve[:, 1]) <= 0).all()
+    s = samples(out)
+    assert len(s["index"]) == 540
+    correct = s["label"] == s["prediction"]
+    assert rep["clean_accuracy"] == pytest.approx(correct.mean())
+    assert [e["certified"] for e in rep["eps"]] == [int(((s["radius"] > e["eps"]) & correct).sum()) for e in rep["eps"]]
+    md = (out / "report.md").read_text()
+    for e in rep["eps"]:
+        assert f"| {e['label']} (" in md and f"{100 * e['certified_accuracy']:.2f}%" in md
+    png = (out / "certified_accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    image = matplotlib.image.imread(out / "certified_accuracy.png")
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+
+
+def test_quiet_prints_one_summary_line(digits) -> None:
+    result, _, rep = digits["digits_dense.onnx"]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clean ") and "certified@36/255" in lines[0]
+    assert f"{100 * rep['clean_accuracy']:.2f}%" in lines[0]
+
+
+def test_declared_bound_on_the_broken_model(tmp_path: Path) -> None:
+    _, declared = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "a", "--lipschitz", "1.0", "--eps", "36/255")
+    _, computed = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "b", "--eps", "36/255")
+    assert declared["bound"]["value"] == 1.0 and declared["bound"]["declared"] == 1.0
+    assert "declared" in declared["bound"]["method"]
+    assert any("declared with --lipschitz" in note for note in declared["notes"])
+    assert "declared with --lipschitz" in (tmp_path / "a" / "report.md").read_text()
+    assert computed["bound"]["value"] == pytest.approx(2.7987, abs=1e-3) and computed["bound"]["declared"] is None
+    assert not any("declared" in note for note in computed["notes"])
+    assert computed["eps"][0]["certified_accuracy"] < 0.8 * declared["eps"][0]["certified_accuracy"]
+    data = np.load(DIGITS)
+    z = ort_logits(SAMPLES / "digits_broken.onnx", data["x"])
+    assert_matches(tmp_path / "a", declared, radii(z, data["x"], declared["bound"], None), data["y"])
+    head = last_gemm_weight(SAMPLES / "digits_broken.onnx")
+    assert_matches(tmp_path / "b", computed, radii(z, data["x"], computed["bound"], head), data["y"])
+
+
+# ---------------------------------------------------------------- data formats, on small generated files
+
+
+def check_format(tmp_path: Path, data: Path, shape: tuple[int, ...], classes: int, x: np.ndarray, y: np.ndarray,
+                 fmt: str, layout: str, value_range: str, *flags: str) -> dict:
+    """Run the CLI on a fresh dense model of ``shape``; x (channels first, [0, 1]) and y are what the file holds."""
+    model = tmp_path / "model.onnx"
+    w = dense_onnx(model, shape, classes)
+    out = tmp_path / "out"
+    result, rep = report(model, data, out, "--eps", "0,0.05,0.1", *flags)
+    assert "certified accuracy" in result.stdout
+    d = rep["dataset"]
+    assert (d["format"], d["layout"], d["value_range"], d["num_samples"]) == (fmt, layout, value_range, len(y))
+    assert d["sample_shape"] == list(shape)
+    assert_matches(out, rep, radii(ort_logits(model, x), x, rep["bound"], w), y)
+    return rep
+
+
+def test_format_cifar10(tmp_path: Path) -> None:
+    data, labels = write_cifar10(tmp_path / "cifar-10-batches-py", train_batches=1, per_batch=2, test=6)["test_batch"]
+    x = data.reshape(-1, 3, 32, 32) / np.float32(255)
+    check_format(tmp_path, tmp_path / "cifar-10-batches-py", (3, 32, 32), 10, x, labels, "cifar", "NCHW",
+                 "uint8 0-255")
+
+
+def test_format_mnist_idx_gz(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (9, 28, 28), dtype=np.uint8), rng.integers(0, 10, 9).astype(np.uint8)
+    (tmp_path / "mnist").mkdir()
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", x)
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", y)
+    check_format(tmp_path, tmp_path / "mnist", (1, 28, 28), 10, x[:, None] / np.float32(255), y, "idx", "NHW",
+                 "uint8 0-255")
+
+
+def test_format_image_folder_png(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    images = {cls: [(f"{i}.png", rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)) for i in range(3)]
+              for cls in ("cat", "dog")}
+    write_images(tmp_path / "images", images)
+    x = np.stack([a for cls in ("cat", "dog") for _, a in images[cls]]).transpose(0, 3, 1, 2) / np.float32(255)
+    check_format(tmp_path, tmp_path / "images", (3, 8, 6), 2, x, np.repeat([0, 1], 3), "image-folder", "NHWC",
+                 "uint8 0-255")
+
+
+def test_format_safetensors_float(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    x, y = rng.random((11, 1, 6, 6), dtype=np.float32), rng.integers(0, 4, 11)
+    save_file({"images": x, "labels": y}, str(tmp_path / "d.safetensors"))
+    check_format(tmp_path, tmp_path / "d.safetensors", (1, 6, 6), 4, x, y, "safetensors", "NCHW", "float 0-1")
+
+
+NHWC_MEAN, NHWC_STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.5]
+
+
+@pytest.fixture(scope="module")
+def nhwc(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray, dict]:
+    """A uint8 NHWC npz and a 3-channel dense model in one folder, with the L2 report: (folder, x, y, report)."""
+    root = tmp_path_factory.mktemp("nhwc")
+    rng = np.random.default_rng(4)
+    raw, y = rng.integers(0, 256, (40, 6, 5, 3), dtype=np.uint8), rng.integers(0, 5, 40)
+    np.savez(root / "d.npz", x=raw, y=y)
+    rep = check_format(root, root / "d.npz", (3, 6, 5), 5, raw.transpose(0, 3, 1, 2) / np.float32(255), y, "npz",
+                       "NHWC", "uint8 0-255")
+    return root, raw.transpose(0, 3, 1, 2) / np.float32(255), y, rep
+
+
+def test_format_npz_nhwc_uint8(nhwc) -> None:
+    root, _, _, rep = nhwc
+    assert rep["dataset"]["sha256"] == hashlib.sha256((root / "d.npz").read_bytes()).hexdigest()
+    assert "layout NHWC" in (root / "out" / "report.md").read_text()
+
+
+def test_mean_std_scale_the_bound(nhwc, tmp_path: Path) -> None:
+    root, x, y, plain = nhwc
+    out = tmp_path / "out"
+    _, rep = report(root / "model.onnx", root / "d.npz", out, "--eps", "0,0.05,0.1", "--mean",
+                    ",".join(map(str, NHWC_MEAN)), "--std", ",".join(map(str, NHWC_STD)))
+    b = rep["bound"]
+    assert b["normalisation_factor"] == pytest.approx(1 / min(NHWC_STD))
+    assert b["value"] == pytest.approx(plain["bound"]["value"] / min(NHWC_STD), rel=1e-9)
+    assert b["computed_upper"] == pytest.approx(b["value"])
+    normalised = (x - np.float32(NHWC_MEAN)[:, None, None]) / np.float32(NHWC_STD)[:, None, None]
+    z = ort_logits(root / "model.onnx", normalised)
+    assert_matches(out, rep, radii(z, x, b, last_gemm_weight(root / "model.onnx")), y)
+    assert "multiplies the bound by 5" in (out / "report.md").read_text()
+
+
+def test_linf_radii_are_l2_over_sqrt_d(nhwc, tmp_path: Path) -> None:
+    root, _, _, l2 = nhwc
+    out = tmp_path / "out"
+    _, rep = report(root / "model.onnx", root / "d.npz", out, "--eps", "0,0.001,0.002", "--norm", "linf")
+    assert rep["norm"] == "linf" and rep["input_dim"] == 90
+    assert any("L-infinity" in note for note in rep["notes"])
+    linf, ref = samples(out), samples(root / "out")
+    assert np.allclose(linf["radius"], ref["radius"] / math.sqrt(90), rtol=1e-7, atol=1e-12)
+    correct = linf["prediction"] == linf["label"]
+    assert [e["certified"] for e in rep["eps"]] == [int(((linf["radius"] > e["eps"]) & correct).sum())
+                                                   for e in rep["eps"]]
+
+
+def test_binary_model(tmp_path: Path) -> None:
+    """One logit z: prediction z > 0, radius (|z| - err) / L, certified iff |z| / L > eps up to float slack."""
+    rng = np.random.default_rng(5)
+    x, y = rng.random((60, 1, 4, 4), dtype=np.float32), rng.integers(0, 2, 60)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    model = tmp_path / "binary.onnx"
+    w = dense_onnx(model, (1, 4, 4), 1)
+    z = ort_logits(model, x)[:, 0]
+    lip = float(np.linalg.norm(w.astype(np.float64)))
+    eps = np.quantile(np.abs(z) / lip, [0.25, 0.5, 0.75])
+    out = tmp_path / "out"
+    _, rep = report(model, tmp_path / "d.npz", out, "--eps", ",".join(f"{e:.6g}" for e in eps))
+    assert rep["bound"]["rule"] == "binary |z| / L" and rep["bound"]["value"] == pytest.approx(lip, rel=1e-6)
+    expect = radii(z[:, None], x, rep["bound"], None)
+    s = assert_matches(out, rep, expect, y)
+    assert np.allclose(s["radius"], np.abs(z) / lip, atol=1e-5) and (s["radius"] <= np.abs(z) / lip).all()
+    assert 0 < rep["eps"][1]["certified"] < rep["eps"][0]["certified"]
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
+
+
+def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> str:
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+BAD = {
+    "label out of range": (lambda t: ["--data", _npz(t / "labels.npz", np.zeros((3, 1, 8, 8), np.float32),
+                                                   np.array([0, 10, 1]))], "labels.npz"),
+    "wrong shape": (lambda t: ["--data", _npz(t / "shape.npz", np.zeros((3, 1, 7, 7), np.float32), np.zeros(3, int))],
+                    "shape.npz"),
+    "empty dataset": (lambda t: ["--data", _npz(t / "empty.npz", np.zeros((0, 1, 8, 8), np.float32),
+                                                np.zeros(0, int))], "empty.npz"),
+    "bad eps": (lambda t: ["--data", str(DIGITS), "--eps", "abc"], "--eps"),
+    "no cuda": (lambda t: ["--data", str(DIGITS), "--device", "cuda"], "--device"),
+    "missing data": (lambda t: ["--data", str(t / "nothing.npz")], "nothing.npz"),
+    "mean count": (lambda t: ["--data", str(DIGITS), "--mean", "0.1,0.2", "--std", "0.3,0.4"], "--mean"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(tmp_path: Path, case: str) -> None:
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args, named = BAD[case]
+    out = tmp_path / "out"
+    result = run_cli("report", str(SAMPLES / "digits_dense.onnx"), *args(tmp_path), "--out", str(out), "--no-attack")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lipcert: error: ") and named in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert out_is_empty(out)
+
+
+def test_failed_run_leaves_the_previous_report(digits, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(digits["digits_dense.onnx"][1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    x = np.random.default_rng(6).random((600, 1, 8, 8), dtype=np.float32)
+    x[590, 0, 0, 0] = 2.0  # read as float 0-1 (forced), sample 590 fails in the 10th batch, mid-run
+    early = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", _npz(tmp_path / "l.npz", x[:3],
+                    np.array([0, 11, 1])), "--out", str(out), "--no-attack")
+    late = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", _npz(tmp_path / "v.npz", x,
+                   np.zeros(600, int)), "--value-range", "0-1", "--batch-size", "64", "--out", str(out), "--no-attack")
+    assert (early.returncode, late.returncode) == (2, 2)
+    assert "label 11" in early.stderr and "sample 590" in late.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not list(out.rglob("*.tmp"))
