@@ -12,13 +12,20 @@ from pathlib import Path
 import torch
 
 from .crosscheck import CrossCheck, crosscheck
-from .errors import ModelError
+from . import limits
+from .errors import LipcertError, ModelError
 from .graph import Graph
 from .onnx_loader import graph_from_onnx, load_onnx
 from .spec import SPEC_KEY, graph_from_spec
 
 ONNX_SUFFIXES = (".onnx",)
 SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+#: element sizes of the safetensors dtypes lipcert reads
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                        "BOOL": 1}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -32,21 +39,73 @@ def _safetensors_header(path: Path) -> dict:
         if n > size - 8:
             raise ModelError(f"not a valid safetensors file: header of {n} bytes in a {size}-byte file",
                              source=str(path))
+        if n > MAX_HEADER_BYTES:
+            raise ModelError(f"not a valid safetensors file: header of {n} bytes (more than {MAX_HEADER_BYTES})",
+                             source=str(path))
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ModelError("not a valid safetensors file: the header is not JSON", source=str(path)) from None
     if not isinstance(header, dict):
         raise ModelError("not a valid safetensors file: the header is not an object", source=str(path))
     return header
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file (no code runs: the format is plain data)."""
+def check_safetensors_header(header: dict, data_size: int, source: str, max_elements: int | None = None,
+                             error: type[LipcertError] = ModelError) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Check every tensor entry of a safetensors header before any data is read: a known dtype, a shape of
+    non-negative ints within ``max_elements``, and data offsets inside the data section that match the shape
+    and do not overlap. Returns name -> (dtype, shape)."""
+    limit = limits.resolve(max_elements)
+    metadata = header.get("__metadata__", {})
+    if metadata is not None and (not isinstance(metadata, dict)
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise error("not a valid safetensors file: __metadata__ must map strings to strings", source=source)
+    spans: list[tuple[int, int, str]] = []
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        what = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise error(f"not a valid safetensors file: the entry of {what} is not an object", source=source)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise error(f"{what} has unsupported dtype {dtype!r}", source=source)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise error(f"{what} has an invalid shape {shape!r}", source=source)
+        n = limits.check(shape, limit, what, source, error)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise error(f"{what} has invalid data_offsets {offsets!r}", source=source)
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise error(f"{what} has data_offsets {offsets} outside the {data_size}-byte data section",
+                        source=source)
+        if end - begin != n * SAFETENSORS_ITEMSIZE[dtype]:
+            raise error(f"{what} has shape {tuple(shape)} ({n * SAFETENSORS_ITEMSIZE[dtype]} bytes of {dtype}) but "
+                        f"data_offsets {offsets} hold {end - begin} bytes", source=source)
+        spans.append((begin, end, name))
+        out[name] = (dtype, tuple(shape))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise error(f"tensors {n0!r} and {n1!r} overlap in the file (data_offsets)", source=source)
+    return out
+
+
+def read_safetensors(path: Path, max_elements: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (no code runs: the format is plain data).
+
+    The header is checked (sizes, offsets, ``max_elements``) before any tensor is read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     header = _safetensors_header(path)
+    with path.open("rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+    check_safetensors_header(header, path.stat().st_size - 8 - header_len, str(path), max_elements)
     metadata = header.get("__metadata__") or {}
     try:
         tensors = load_file(str(path))
@@ -75,7 +134,7 @@ def _spec_document(path: Path, metadata: dict[str, str], arch: str | Path | None
 
 
 def _from_python(path: Path, tensors: dict[str, torch.Tensor], target: str,
-                 input_shape: tuple[int, ...] | None) -> Graph:
+                 input_shape: tuple[int, ...] | None, max_elements: int | None = None) -> Graph:
     """Build a torch module with the user's own code, fill it from the file and export it to ONNX."""
     import onnx
 
@@ -104,14 +163,18 @@ def _from_python(path: Path, tensors: dict[str, torch.Tensor], target: str,
     torch.onnx.export(model, (torch.zeros((1,) + tuple(input_shape)),), buffer, dynamo=False,
                       input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    graph = graph_from_onnx(onnx.load_from_string(buffer.getvalue()), str(path), input_shape)
+    graph = graph_from_onnx(onnx.load_from_string(buffer.getvalue()), str(path), input_shape, max_elements)
     graph.notes.append(f"architecture from user Python code --arch-python {target}")
     return graph
 
 
 def load_graph(path: str | Path, *, arch: str | Path | None = None, arch_python: str | None = None,
-               input_shape: tuple[int, ...] | None = None) -> Graph:
-    """Load a model file into a Graph (no onnxruntime check; see ``load_model``)."""
+               input_shape: tuple[int, ...] | None = None, max_elements: int | None = None) -> Graph:
+    """Load a model file into a Graph (no onnxruntime check; see ``load_model``).
+
+    ``max_elements`` (default ``lipcert.limits.DEFAULT_MAX_ELEMENTS``) bounds every stored tensor, the input
+    and every intermediate value; a larger one is refused, naming it, before it is allocated."""
+    limits.resolve(max_elements)
     path = Path(path)
     if not path.exists():
         raise ModelError("no such model file", source=str(path))
@@ -119,12 +182,12 @@ def load_graph(path: str | Path, *, arch: str | Path | None = None, arch_python:
         raise ModelError("is a folder, not a model file", source=str(path))
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return load_onnx(path, input_shape)
+        return load_onnx(path, input_shape, max_elements)
     if suffix in SAFETENSORS_SUFFIXES:
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(path, max_elements)
         if arch_python:
-            return _from_python(path, tensors, arch_python, input_shape)
-        graph = graph_from_spec(_spec_document(path, metadata, arch), tensors, str(path))
+            return _from_python(path, tensors, arch_python, input_shape, max_elements)
+        graph = graph_from_spec(_spec_document(path, metadata, arch), tensors, str(path), max_elements)
         for key, value in metadata.items():
             if key != SPEC_KEY:
                 graph.metadata.setdefault(key, value)
@@ -134,7 +197,7 @@ def load_graph(path: str | Path, *, arch: str | Path | None = None, arch_python:
 
 def load_model(path: str | Path, arch: str | Path | None = None, *, arch_python: str | None = None,
                input_shape: tuple[int, ...] | None = None, check: bool = True,
-               rtol: float | None = None) -> Graph:
+               rtol: float | None = None, max_elements: int | None = None) -> Graph:
     """Load a model and check lipcert's executor against onnxruntime (the result is in ``graph.crosscheck``).
 
     Example::
@@ -142,7 +205,8 @@ def load_model(path: str | Path, arch: str | Path | None = None, *, arch_python:
         graph = lipcert.load_model("sample_models/digits_conv.onnx")
         print(graph.input_shape, graph.crosscheck.max_rel_diff)
     """
-    graph = load_graph(path, arch=arch, arch_python=arch_python, input_shape=input_shape)
+    graph = load_graph(path, arch=arch, arch_python=arch_python, input_shape=input_shape,
+                       max_elements=max_elements)
     result: CrossCheck | None = None
     if check:
         result = crosscheck(graph) if rtol is None else crosscheck(graph, rtol=rtol)

@@ -214,12 +214,18 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _attr_value(attr: onnx.AttributeProto, source: str):
-    value = helper.get_attribute_value(attr)
+def _attr_value(attr: onnx.AttributeProto, source: str, max_elements: int | None = None, where: str = ""):
+    if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        raise ModelError(f"{where}: attribute {attr.name!r} holds a subgraph (control flow is not supported)",
+                         source=source)
+    try:
+        value = helper.get_attribute_value(attr)
+    except ValueError as exc:  # an attribute whose type field does not match its contents
+        raise ModelError(f"{where}: attribute {attr.name!r} is malformed: {exc}", source=source) from None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, onnx.TensorProto):
-        return tensor_to_torch(value, source)
+        return tensor_to_torch(value, source, max_elements, f"tensor of {where}")
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode("utf-8", "replace") for v in value]
     return value
@@ -245,12 +251,31 @@ def _legacy_softmax(nodes: list[Node], opset: int) -> list[Node]:
     return out
 
 
-def _input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, ...] | None, source: str) -> tuple[int, ...]:
+def _input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, ...] | None, source: str,
+                 max_elements: int | None = None) -> tuple[int, ...]:
+    shape = _declared_input_shape(value_info, override, source)
+    limit = limits.resolve(max_elements)
+    limits.check(list(shape), limit // max(PROBE_BATCHES), f"input {value_info.name!r} (one sample, probed in "
+                 f"batches of {max(PROBE_BATCHES)})", source)
+    return shape
+
+
+def _declared_input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, ...] | None,
+                          source: str) -> tuple[int, ...]:
+    if not value_info.type.HasField("tensor_type"):
+        raise ModelError(f"input {value_info.name!r} is not a tensor", source=source)
+    elem = value_info.type.tensor_type.elem_type
+    if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.UNDEFINED):
+        type_name = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else elem
+        raise ModelError(f"input {value_info.name!r} has element type {type_name}; lipcert analyses models "
+                         "with a float32 input", source=source)
     dims = value_info.type.tensor_type.shape.dim
     if override is not None:
         if dims and len(dims) != len(override) + 1:
             raise ModelError(f"--input-shape has {len(override)} dimensions but input {value_info.name!r} "
                              f"has {len(dims) - 1} besides the batch", source=source)
+        if not all(isinstance(d, int) and d > 0 for d in override):
+            raise ModelError(f"--input-shape {tuple(override)} must hold positive integers", source=source)
         return tuple(override)
     if not dims:
         raise ModelError(f"input {value_info.name!r} has no declared shape; pass --input-shape", source=source)
@@ -267,7 +292,36 @@ def _supported(node: onnx.NodeProto) -> bool:
     return node.domain in DEFAULT_DOMAINS and node.op_type in REGISTRY
 
 
-def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str) -> dict[str, torch.Tensor]:
+def _as_probe_tensor(value) -> torch.Tensor | None:
+    """A reference-evaluator value as a tensor that bound_node_output can read (shape, and small values)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.dtype.kind in "fiub" and array.size <= 64:
+        return torch.from_numpy(np.array(array, dtype=np.float64 if array.dtype.kind == "f" else np.int64))
+    return torch.empty(array.shape, device="meta")
+
+
+def _guard_reference_node(rt_node, limit: int, source: str) -> None:
+    """Wrap one reference-evaluator node so that its output size is bounded before it runs."""
+    run = rt_node.run
+    node = Node(name=rt_node.onnx_node.name or rt_node.onnx_node.op_type, op=rt_node.onnx_node.op_type,
+                inputs=list(rt_node.onnx_node.input), outputs=list(rt_node.onnx_node.output),
+                attrs={a.name: helper.get_attribute_value(a) for a in rt_node.onnx_node.attribute
+                       if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)})
+
+    def guarded(*args, **kwargs):
+        limits.check_node(node, [_as_probe_tensor(a) for a in args], limit, source)
+        outputs = run(*args, **kwargs)
+        for name, value in zip(node.outputs, outputs if isinstance(outputs, (tuple, list)) else [outputs]):
+            limits.check(int(np.asarray(value).size), limit, f"output {name!r} of node {node.name!r}", source)
+        return outputs
+
+    rt_node.run = guarded
+
+
+def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str,
+                         max_elements: int | None = None) -> dict[str, torch.Tensor]:
     """Evaluate the nodes that do not depend on the input with onnx's reference evaluator, when some of them
     are operators lipcert does not run (weight-only computations such as a parametrisation's normaliser).
 
@@ -288,10 +342,20 @@ def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str) -
     sub = onnx.helper.make_graph(constant, "constants", [], [onnx.helper.make_empty_tensor_value_info(v) for v in needed],
                                  list(g.initializer))
     sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    for node in constant:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}) holds a subgraph (control flow "
+                             "is not supported)", source=source)
+    limit = limits.resolve(max_elements)
     try:
         from onnx.reference import ReferenceEvaluator
 
-        values = ReferenceEvaluator(sub_model).run(None, {})
+        evaluator = ReferenceEvaluator(sub_model)
+        for rt_node in evaluator.rt_nodes_:
+            _guard_reference_node(rt_node, limit, source)
+        values = evaluator.run(None, {})
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the reference evaluator raises many types
         raise ModelError(f"cannot evaluate the model's constant subgraph: {type(exc).__name__}: {exc}",
                          source=source) from None
@@ -300,28 +364,60 @@ def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str) -
     g.node.extend(keep)
     folded = {}
     for name, value in zip(needed, values):
-        folded[name] = tensor_to_torch(numpy_helper.from_array(np.asarray(value), name), source)
+        folded[name] = tensor_to_torch(numpy_helper.from_array(np.asarray(value), name), source, max_elements)
     return folded
 
 
-def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int, ...] | None = None) -> Graph:
+def guarded_probe(graph: Graph, max_elements: int | None = None) -> None:
+    """Run the graph on zero inputs of the probe batch sizes, bounding every node's output size *before* the
+    node runs (``lipcert.limits.bound_node_output``) and checking it after; the ordinary fold probe that
+    follows then only runs computations already known to stay within the limit.
+
+    Errors other than the size limit are left to the fold probe, which reports them the usual way."""
+    limit = limits.resolve(max_elements)
+    module = GraphModule(graph)
+    for batch in sorted(PROBE_BATCHES, reverse=True):
+        env = module.constants()
+        env[graph.input_name] = torch.zeros((batch,) + graph.input_shape, dtype=torch.float32)
+        ctx = RunContext(torch.float32)
+        with torch.no_grad():
+            for node in graph.nodes:
+                args = [env.get(name) if name else None for name in node.inputs]
+                limits.check_node(node, args, limit, graph.source)
+                try:
+                    outs = REGISTRY[node.op].run(node, args, ctx)
+                except ModelError:
+                    raise
+                except Exception:  # noqa: BLE001 - reported with its context by the fold probe
+                    break
+                for name, value in zip(node.outputs, outs):
+                    if name and isinstance(value, torch.Tensor):
+                        limits.check(int(value.numel()), limit, f"output {name!r} of node {node.name!r} "
+                                     f"({node.op})", graph.source)
+                        env[name] = value
+
+
+def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int, ...] | None = None,
+                    max_elements: int | None = None) -> Graph:
     """Convert a parsed (function-free) ONNX model to a folded lipcert Graph."""
     g = model.graph
-    params = {t.name: tensor_to_torch(t, source) for t in g.initializer}
+    _check_names(model, source)
+    params = {t.name: tensor_to_torch(t, source, max_elements, "initializer") for t in g.initializer}
     inputs = [i for i in g.input if i.name not in params]
     if len(inputs) != 1:
         names = ", ".join(repr(i.name) for i in inputs) or "none"
         raise ModelError(f"lipcert analyses models with exactly one input; this one has {names}", source=source)
     original, model = model, _copy(model)
     g = model.graph
-    params.update(_fold_with_reference(model, inputs[0].name, source))
+    params.update(_fold_with_reference(model, inputs[0].name, source, max_elements))
     unsupported = [f"{n.name or '#' + str(i)!s} ({n.op_type})" for i, n in enumerate(g.node)
                    if not _supported(n)]
     if unsupported:
         raise ModelError(f"unsupported operators: {', '.join(unsupported)}", source=source)
     nodes = []
     for i, n in enumerate(g.node):
-        attrs = {a.name: _attr_value(a, source) for a in n.attribute}
+        where = f"node {n.name or '#' + str(i)!r} ({n.op_type})"
+        attrs = {a.name: _attr_value(a, source, max_elements, where) for a in n.attribute}
         nodes.append(Node(name=n.name or f"{n.op_type}_{i}", op=n.op_type, inputs=list(n.input),
                           outputs=list(n.output), attrs=attrs))
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), MAX_OPSET)
@@ -334,7 +430,7 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
     if not g.output:
         raise ModelError("the graph declares no outputs", source=source)
     input_info = inputs[0]
-    shape = _input_shape(input_info, input_shape, source)
+    shape = _input_shape(input_info, input_shape, source, max_elements)
     ordered = toposort(nodes, set(params) | {input_info.name}, source)
     graph = Graph(nodes=ordered, params=params, input_name=input_info.name, input_shape=shape,
                   outputs=[o.name for o in g.output], source=source,
@@ -343,13 +439,19 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
     missing = [o for o in graph.outputs if o not in produced]
     if missing:
         raise ModelError(f"graph output {missing[0]!r} is produced by no node", source=source)
-    graph = fold(graph)
     dims = input_info.type.tensor_type.shape.dim
-    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        graph.fixed_batch = int(dims[0].dim_value)  # onnxruntime enforces the declared batch size
+    declared_batch = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else 0
+    if declared_batch > 0:
+        limits.check(declared_batch * limits.count(shape), limits.resolve(max_elements),
+                     f"input {input_info.name!r} (declared batch of {declared_batch})", source)
+    guarded_probe(graph, max_elements)
+    graph = fold(graph)
+    if declared_batch > 0:
+        graph.fixed_batch = declared_batch  # onnxruntime enforces the declared batch size
     return graph
 
 
-def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Graph:
+def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None,
+              max_elements: int | None = None) -> Graph:
     """Load an ONNX file as a lipcert Graph (see module docstring for the safety rules)."""
-    return graph_from_onnx(read_model(path), str(path), input_shape)
+    return graph_from_onnx(read_model(path, max_elements), str(path), input_shape, max_elements)

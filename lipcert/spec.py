@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from . import limits
 from .errors import ModelError
 from .fold import fold
 from .graph import Graph, Node
@@ -32,9 +33,11 @@ def _pair(value: Any, n: int, name: str, where: str) -> list[int]:
 class SpecBuilder:
     """Turns spec layers into ONNX-operator nodes, checking each tensor against the shape it meets."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...], source: str) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...], source: str,
+                 max_elements: int | None = None) -> None:
         self.tensors = tensors
         self.source = source
+        self.limit = limits.resolve(max_elements)
         self.used: set[str] = set()
         self.nodes: list[Node] = []
         self.params: dict[str, torch.Tensor] = {}
@@ -73,6 +76,7 @@ class SpecBuilder:
         outs = [self.fresh(op.lower()) for _ in range(n_out)]
         node = Node(name=self.fresh(f"{op}"), op=op, inputs=inputs, outputs=outs, attrs=attrs)
         args = [self.values[i] if i else None for i in inputs]
+        limits.check_node(node, args, self.limit, self.source)
         try:
             results = REGISTRY[op].run(node, args, RunContext())
         except ModelError:
@@ -223,7 +227,8 @@ def _pad_list(value: Any, nd: int, where: str) -> list[int]:
     return per_axis + per_axis
 
 
-def graph_from_spec(spec: Any, tensors: dict[str, torch.Tensor], source: str) -> Graph:
+def graph_from_spec(spec: Any, tensors: dict[str, torch.Tensor], source: str,
+                    max_elements: int | None = None) -> Graph:
     """Check a spec document and build the folded Graph it describes, filled with ``tensors``."""
     if not isinstance(spec, dict):
         raise ModelError("the architecture spec must be a JSON object", source=source)
@@ -233,12 +238,14 @@ def graph_from_spec(spec: Any, tensors: dict[str, torch.Tensor], source: str) ->
     shape = spec.get("input_shape")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ModelError("spec field 'input_shape' must be a list of positive integers", source=source)
+    limit = limits.resolve(max_elements)
+    limits.check(shape, limit // 2, "spec field 'input_shape' (one sample, probed in batches of 2)", source)
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise ModelError(f"tensor {name!r} has type {t.dtype}; weights must be floating point", source=source)
         if not torch.isfinite(t).all():
             raise ModelError(f"tensor {name!r} contains NaN or Inf values", source=source)
-    builder = SpecBuilder(tensors, tuple(shape), source)
+    builder = SpecBuilder(tensors, tuple(shape), source, max_elements)
     out = builder.layers(spec.get("layers"), "input", "layers")
     unused = sorted(set(tensors) - builder.used)
     if unused:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import matplotlib.image
@@ -18,12 +21,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from safetensors.numpy import save_file
 
 from lipcert import certify, load_model
+from lipcert.cli import main
 
-from .conftest import SAMPLES, run_cli
+from .conftest import SAMPLES, export_onnx, run_cli
 from .test_data import write_cifar10, write_idx, write_images
 
 DIGITS = SAMPLES / "digits_test.npz"
@@ -35,11 +39,19 @@ SQRT2 = math.sqrt(2.0)
 # ---------------------------------------------------------------- helpers
 
 
-def report(model: Path, data: Path, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run ``lipcert report`` (no attack), require success, and return the process and report.json."""
-    result = run_cli("report", str(model), "--data", str(data), "--out", str(out), "--no-attack", *flags)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result, json.loads((out / "report.json").read_text())
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run the ``lipcert`` entry point in this process (no interpreter start-up): exit code, stdout, stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        code = main(list(args))
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def report(model: Path, data: Path, out: Path, *flags: str) -> tuple[str, dict]:
+    """Run ``lipcert report`` (no attack), require success, and return its stdout and report.json."""
+    code, stdout, stderr = cli("report", str(model), "--data", str(data), "--out", str(out), "--no-attack", *flags)
+    assert code == 0, stdout + stderr
+    return stdout, json.loads((out / "report.json").read_text())
 
 
 def samples(out: Path) -> dict[str, np.ndarray]:
@@ -52,21 +64,14 @@ def samples(out: Path) -> dict[str, np.ndarray]:
 
 
 def dense_onnx(path: Path, shape: tuple[int, ...], classes: int, seed: int = 0) -> np.ndarray:
-    """A Flatten + Gemm model with spectral norm just below 1; returns its weight (classes x inputs)."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((classes, math.prod(shape)))
-    w = (w / (np.linalg.norm(w, 2) * 1.001)).astype(np.float32)
-    b = (0.1 * rng.standard_normal(classes)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)], "dense",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *shape])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return w
+    """Export a torch Flatten + Linear model with spectral norm just below 1; returns its weight (classes x inputs)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(shape), classes))
+    with torch.no_grad():
+        model[1].weight /= torch.linalg.matrix_norm(model[1].weight, 2) * 1.001
+        model[1].bias.mul_(0.3)
+    export_onnx(model, path, shape, dynamo=False)
+    return model[1].weight.detach().numpy()
 
 
 def last_gemm_weight(path: Path) -> np.ndarray:
@@ -144,19 +149,18 @@ FAN_IN = {"digits_conv": 512, "digits_dense": 128}  # the longest sum: fc's 512 
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path, dict]]:
-    """One quiet ``lipcert report`` run per sample model: (process, out folder, report.json)."""
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """One ``lipcert report`` run per sample model: (out folder, report.json)."""
     runs = {}
     for name in MODELS:
         out = tmp_path_factory.mktemp(name.replace(".", "_"))
-        result, rep = report(SAMPLES / name, DIGITS, out, "--eps", EPS, "--quiet")
-        runs[name] = (result, out, rep)
+        runs[name] = (out, report(SAMPLES / name, DIGITS, out, "--eps", EPS)[1])
     return runs
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_digits_certificates_equal_independent_computation(digits, name: str) -> None:
-    _, out, rep = digits[name]
+    out, rep = digits[name]
     stem = name.split(".")[0]
     onnx_file = SAMPLES / f"{stem}.onnx"
     data = np.load(DIGITS)
@@ -176,7 +180,7 @@ def test_digits_certificates_equal_independent_computation(digits, name: str) ->
 @pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx"])
 def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
     """Certifying with the model's own bound declared (no per-pair head) is exactly the sqrt(2) rule."""
-    rep = digits[name][2]
+    rep = digits[name][1]
     data = np.load(DIGITS)
     x, y = data["x"], data["y"]
     result = certify(load_model(SAMPLES / name), DIGITS, EPS, lipschitz=rep["bound"]["value"])
@@ -188,7 +192,7 @@ def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
 
 
 def test_outputs(digits) -> None:
-    _, out, rep = digits["digits_conv.onnx"]
+    out, rep = digits["digits_conv.onnx"]
     assert sorted(p.name for p in out.iterdir()) == ["certified_accuracy.png", "report.json", "report.md",
                                                      "samples.csv"]
     assert rep["schema"] == "lipcert.report/1"
@@ -216,11 +220,16 @@ def test_outputs(digits) -> None:
     assert image.ndim == 3 and min(image.shape[:2]) > 100
 
 
-def test_quiet_prints_one_summary_line(digits) -> None:
-    result, _, rep = digits["digits_dense.onnx"]
-    lines = result.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("clean ") and "certified@36/255" in lines[0]
-    assert f"{100 * rep['clean_accuracy']:.2f}%" in lines[0]
+def test_quiet_prints_one_summary_line(digits, tmp_path: Path) -> None:
+    """The installed command, as a user runs it: one line on stdout, the same report as without --quiet."""
+    result = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", str(DIGITS), "--eps", EPS, "--out",
+                     str(tmp_path), "--no-attack", "--quiet")
+    assert result.returncode == 0, result.stderr
+    rep = digits["digits_dense.onnx"][1]
+    pct = [f"{100 * e['certified_accuracy']:.2f}%" for e in rep["eps"]]
+    assert result.stdout.splitlines() == [f"clean {100 * rep['clean_accuracy']:.2f}%, "
+                                          + ", ".join(f"certified@{e['label']} {p}" for e, p in zip(rep["eps"], pct))
+                                          + ": all gates pass"]
 
 
 def test_declared_bound_on_the_broken_model(tmp_path: Path) -> None:
@@ -249,8 +258,8 @@ def check_format(tmp_path: Path, data: Path, shape: tuple[int, ...], classes: in
     model = tmp_path / "model.onnx"
     w = dense_onnx(model, shape, classes)
     out = tmp_path / "out"
-    result, rep = report(model, data, out, "--eps", "0,0.05,0.1", *flags)
-    assert "certified accuracy" in result.stdout
+    stdout, rep = report(model, data, out, "--eps", "0,0.05,0.1", *flags)
+    assert "certified accuracy" in stdout and "wrote" in stdout
     d = rep["dataset"]
     assert (d["format"], d["layout"], d["value_range"], d["num_samples"]) == (fmt, layout, value_range, len(y))
     assert d["sample_shape"] == list(shape)
@@ -382,31 +391,42 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every bad-input case run through the installed command at once (they only start up and fail)."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = {case: (root / case.replace(" ", "_"), args) for case, (args, _) in BAD.items()}
+    for folder, _ in cases.values():
+        folder.mkdir()
+    with ThreadPoolExecutor(len(cases)) as pool:
+        runs = {case: pool.submit(run_cli, "report", str(SAMPLES / "digits_dense.onnx"), *args(folder), "--out",
+                                  str(folder / "out"), "--no-attack") for case, (folder, args) in cases.items()}
+        return {case: (run.result(), cases[case][0] / "out") for case, run in runs.items()}
+
+
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input(tmp_path: Path, case: str) -> None:
+def test_bad_input(bad_runs, case: str) -> None:
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    args, named = BAD[case]
-    out = tmp_path / "out"
-    result = run_cli("report", str(SAMPLES / "digits_dense.onnx"), *args(tmp_path), "--out", str(out), "--no-attack")
+    result, out = bad_runs[case]
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lipcert: error: ") and named in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("lipcert: error: ") and BAD[case][1] in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert out_is_empty(out)
 
 
 def test_failed_run_leaves_the_previous_report(digits, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    shutil.copytree(digits["digits_dense.onnx"][1], out)
+    shutil.copytree(digits["digits_dense.onnx"][0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     x = np.random.default_rng(6).random((600, 1, 8, 8), dtype=np.float32)
     x[590, 0, 0, 0] = 2.0  # read as float 0-1 (forced), sample 590 fails in the 10th batch, mid-run
-    early = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", _npz(tmp_path / "l.npz", x[:3],
-                    np.array([0, 11, 1])), "--out", str(out), "--no-attack")
-    late = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", _npz(tmp_path / "v.npz", x,
-                   np.zeros(600, int)), "--value-range", "0-1", "--batch-size", "64", "--out", str(out), "--no-attack")
-    assert (early.returncode, late.returncode) == (2, 2)
-    assert "label 11" in early.stderr and "sample 590" in late.stderr
+    early = cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", _npz(tmp_path / "l.npz", x[:3],
+                np.array([0, 11, 1])), "--out", str(out), "--no-attack")
+    late = cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", _npz(tmp_path / "v.npz", x, np.zeros(600, int)),
+               "--value-range", "0-1", "--batch-size", "64", "--out", str(out), "--no-attack")
+    assert (early[0], late[0]) == (2, 2)
+    assert "label 11" in early[2] and "sample 590" in late[2]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not list(out.rglob("*.tmp"))

@@ -372,13 +372,14 @@ class TopK(Op):
         return [values.narrow(axis, 0, k), indices.narrow(axis, 0, k)]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+        if var != 0:
+            return None
         k = int(consts[1].reshape(-1)[0]) if len(consts) > 1 and consts[1] is not None else int(node.attr("k"))
-        axis = int(node.attr("axis", -1))
-        size = in_shape[_axis(axis, len(in_shape) + 1) - 1]
-        if var == 0 and k == size:
+        size = in_shape[_axis(int(node.attr("axis", -1)), len(in_shape) + 1) - 1]
+        if k == size:
             return LipschitzRule(1.0, f"sort of the whole axis ({size} entries): a permutation per sample, "
                                       "1-Lipschitz (Anil et al. 2019)")
-        return None
+        return LipschitzRule(1.0, f"the top {k} of {size} sorted entries: a projection of a sort, 1-Lipschitz")
 
 
 @register
