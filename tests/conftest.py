@@ -58,3 +58,13 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Record in the test output how many fuzz cases ran (issue: "record the number of cases tried")."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is not None and sum(fuzz.CASES.values()):
+        cases = fuzz.CASES
+        terminalreporter.write_line(f"fuzz ({fuzz.PROFILE} profile): {cases['onnx']} ONNX cases, "
+                                    f"{cases['safetensors']} safetensors cases, {cases['cli']} memory-capped "
+                                    "CLI cases")

@@ -238,11 +238,11 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     nan = np.eye(3, 4)
     nan[0, 0] = np.nan
     onnx.save(_tiny_model(nan), str(tmp / "nan.onnx"))
-    cases["nan weights"] = (tmp / "nan.onnx", "tensor 'w' contains NaN or Inf")
+    cases["nan weights"] = (tmp / "nan.onnx", "initializer 'w' contains NaN or Inf")
     inf = np.eye(3, 4)
     inf[1, 1] = np.inf
     onnx.save(_tiny_model(inf), str(tmp / "inf.onnx"))
-    cases["inf weights"] = (tmp / "inf.onnx", "tensor 'w' contains NaN or Inf")
+    cases["inf weights"] = (tmp / "inf.onnx", "initializer 'w' contains NaN or Inf")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "nospec.safetensors"))
     cases["safetensors without spec"] = (tmp / "nospec.safetensors", "--arch spec.json")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "cut.safetensors"),
@@ -250,7 +250,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
                                                   [1, 8, 8]))})
     raw = (tmp / "cut.safetensors").read_bytes()
     (tmp / "cut.safetensors").write_bytes(raw[:-100])
-    cases["truncated safetensors"] = (tmp / "cut.safetensors", "not a valid safetensors file")
+    cases["truncated safetensors"] = (tmp / "cut.safetensors", "outside the 2460-byte data section")
     (tmp / "junk.safetensors").write_bytes(b"\xff" * 64)
     cases["not safetensors"] = (tmp / "junk.safetensors", "not a valid safetensors file")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "badjson.safetensors"), metadata={SPEC_KEY: "{not json"})
