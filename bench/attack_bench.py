@@ -10,25 +10,18 @@ only the points still unbroken, in increasing eps. Needs the ``bench`` extra (to
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import append_markdown, machine
 
 from lipcert.attack import AttackConfig, attack_batches
 from lipcert.device import resolve_device
 from lipcert.executor import GraphModule
 from lipcert.loader import load_model
 from lipcert.report import parse_eps
-
-
-def machine(device: str) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "no GPU used"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -84,11 +77,7 @@ def main() -> None:
     lines += ["", f"| attack | seconds | speed-up |", "| --- | ---: | ---: |",
               f"| torchattacks PGDL2, every point at every eps | {t_theirs:.2f} | 1.00x |",
               f"| lipcert, unbroken points in increasing eps | {t_ours:.2f} | {t_theirs / t_ours:.2f}x |", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with args.markdown.open("a") as f:
-            f.write(text + "\n")
+    append_markdown("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

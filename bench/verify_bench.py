@@ -22,65 +22,16 @@ What each library offers for the norm of one layer (as installed):
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from common import append_markdown, cifar_model, export, machine, timed
 
 from lipcert.device import resolve_device
 from lipcert.loader import load_model
 from lipcert.verify import verify
-
-CHANNELS = [3, 32, 64, 64, 128, 128]
-
-
-def machine(device: str) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    cores = len(__import__("os").sched_getaffinity(0))
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "no GPU used"
-    return f"{cpu}, {cores} cores ({torch.get_num_threads()} torch threads), {gpu}, torch {torch.__version__}"
-
-
-def build_model() -> torch.nn.Module:
-    from deel.torchlip import ScaledL2NormPool2d
-    from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
-    import torch.nn.utils.parametrize as parametrize
-
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for i, (cin, cout) in enumerate(zip(CHANNELS, CHANNELS[1:])):
-        layers += [AdaptiveOrthoConv2d(cin, cout, 3, padding="same",
-                                       padding_mode="circular" if i % 2 == 0 else "zeros"), MaxMin()]
-    layers += [ScaledL2NormPool2d(kernel_size=8), torch.nn.Flatten(), OrthoLinear(128 * 4 * 4, 256), MaxMin(),
-               OrthoLinear(256, 10)]
-    model = torch.nn.Sequential(*layers).eval()
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name)
-    return model
-
-
-def export(model: torch.nn.Module, path: Path) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(2, 3, 32, 32),), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=False)
-    return path
-
-
-def timed(fn, repeat: int = 1):
-    best, value = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        value = fn()
-        best = min(best, time.perf_counter() - start)
-    return value, best
 
 
 def main() -> None:
@@ -96,7 +47,7 @@ def main() -> None:
     device = resolve_device(args.device)
     repeat = 1 if args.quick else 3
     gram_iters = 4 if args.quick else 6
-    model = build_model()
+    model = cifar_model()
     with tempfile.TemporaryDirectory() as tmp:
         path = export(model, Path(tmp) / "cifar_ortho.onnx")
         graph, t_load = timed(lambda: load_model(path))
@@ -105,7 +56,6 @@ def main() -> None:
         _, t_layers = timed(lambda: verify(graph, device=device, empirical=False))
 
     linear = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    steps = [row for row in result.layers if row.op in ("Conv", "Gemm", "MatMul") or row.upper_method]
     steps = [row for row in result.layers if any(op in row.op for op in ("Conv", "Gemm", "MatMul"))]
     rows = []
     t_orth = t_deel = 0.0
@@ -162,11 +112,7 @@ def main() -> None:
               "after a warm-up. deel-torchlip's number for a convolution is the norm of the reshaped kernel matrix, "
               "which is not the operator norm of the convolution (it can be off by more than 2x either way); "
               "orthogonium's Gram-iteration value is an upper estimate of the operator norm.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with args.markdown.open("a") as f:
-            f.write(text + "\n")
+    append_markdown("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

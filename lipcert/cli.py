@@ -19,6 +19,7 @@ from . import __version__
 from .atomic import write_text_atomic
 from .device import resolve_device
 from .errors import ConfigError, LipcertError
+from .limits import DEFAULT_MAX_ELEMENTS, ENV_VAR
 from .inspect_model import summarize
 from .loader import load_model
 from .attack import PRECISIONS, AttackConfig
@@ -67,6 +68,20 @@ ARCH = typer.Option(None, "--arch", help="architecture spec (JSON) for a .safete
 ARCH_PY = typer.Option(None, "--arch-python", help="module:function returning a torch.nn.Module for a "
                                                    ".safetensors model (runs your code)")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="one sample's shape, e.g. 3,32,32 (for dynamic inputs)")
+MAX_ELEMENTS = typer.Option(None, "--max-elements", metavar="N",
+                            help="largest stored tensor, intermediate value or dataset sample, in elements; a "
+                                 "file asking for more is refused before anything is allocated (default "
+                                 f"${ENV_VAR}, else {DEFAULT_MAX_ELEMENTS:,} = 2**28)")
+
+
+def parse_max_elements(value: object) -> Optional[int]:
+    """``--max-elements`` (or the config's ``max_elements``) as a positive int; None leaves the default."""
+    if value is None:
+        return None
+    text = str(value).strip().replace("_", "")
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ConfigError(f"--max-elements {value!r}: expected a positive whole number of elements")
+    return int(text)
 
 
 @app.command()
@@ -75,10 +90,12 @@ def inspect(
     arch: Optional[Path] = ARCH,
     arch_python: Optional[str] = ARCH_PY,
     input_shape: Optional[str] = INPUT_SHAPE,
+    max_elements: Optional[str] = MAX_ELEMENTS,
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
 ) -> None:
     """Show the model's nodes, shapes and parameters, checked against onnxruntime."""
-    graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape))
+    graph = load_model(model, arch, arch_python=arch_python, input_shape=parse_shape(input_shape),
+                       max_elements=parse_max_elements(max_elements))
     summary = summarize(graph)
     if as_json:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -131,11 +148,17 @@ def render_verify(result: VerifyResult, out: Console) -> None:
     for layer in result.breaking_layers:
         out.print(f"[bold red]breaks the claim:[/] {layer.name} ({layer.op}) has operator norm at least "
                   f"{layer.lower:.6g} > {result.claimed:g}")
+    if result.status == PROVEN:
+        for layer in result.layers_above:
+            out.print(f"note: {layer.name} ({layer.op}) has operator norm at least {layer.lower:.6g} > "
+                      f"{result.claimed:g} on its own; other layers compensate, and the network bound holds")
     for name in result.no_rule:
         out.print(f"[yellow]no rule:[/] {name}: lipcert cannot bound this node, so the claim cannot be proven")
     if result.top_contributors:
         parts = ", ".join(f"{c['layer']} ({c['factor']:.4g})" for c in result.top_contributors)
         out.print(f"largest factors: {parts}")
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False)
     out.print(f"verdict: [{style}]{verdict}[/]  ({result.seconds:.1f} s)")
 
 
@@ -143,7 +166,9 @@ class Settings:
     """Flags given on the command line, over the config file, over the defaults."""
 
     def __init__(self, command: str, flags: dict, config: Optional[Path]) -> None:
-        self.values = {**load_config(command, config), **{k: v for k, v in flags.items() if v is not None}}
+        given = {k: v for k, v in flags.items() if v is not None}
+        self.values = {**load_config(command, config), **given}
+        self.from_config = set(self.values) - set(given)
 
     def get(self, key: str, default=None):
         return self.values.get(key, default)
@@ -202,6 +227,7 @@ def verify(
     arch: Optional[Path] = ARCH,
     arch_python: Optional[str] = ARCH_PY,
     input_shape: Optional[str] = INPUT_SHAPE,
+    max_elements: Optional[str] = MAX_ELEMENTS,
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON to this file"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed of power iteration and the search"),
@@ -219,14 +245,18 @@ def verify(
     """
     s = Settings("verify", dict(model=model, bound=bound, tol=tol, arch=arch, arch_python=arch_python,
                                 input_shape=input_shape, device=device, json=json_out, seed=seed, require=require,
-                                max_lipschitz=max_lipschitz, junit=junit, format=fmt, quiet=quiet), config)
+                                max_lipschitz=max_lipschitz, max_elements=max_elements, junit=junit, format=fmt,
+                                quiet=quiet), config)
     _check_format(s.get("format", "text"))
     if s.get("model") is None:
         raise ConfigError("no model given: pass MODEL or set model in the config file")
+    limit = parse_max_elements(s.get("max_elements"))
     graph = load_model(s.path("model"), s.path("arch"), arch_python=s.get("arch_python"),
-                       input_shape=parse_shape(s.get("input_shape")))
+                       input_shape=parse_shape(s.get("input_shape")), max_elements=limit)
     result = run_verify(graph, s.get("bound"), tol=float(s.get("tol", DEFAULT_TOL)),
                         device=resolve_device(s.get("device", "auto")), seed=int(s.get("seed", 0)))
+    if "bound" in s.from_config:
+        result.claim_source = "bound in the config file"
     if s.get("json"):
         write_text_atomic(s.path("json"), json.dumps(result.to_dict(), indent=2) + "\n")
     gates = verify_gates(result, require=s.get("require", "proven"), max_lipschitz=s.get("max_lipschitz"))
@@ -303,9 +333,15 @@ def report(
     backend: Optional[str] = typer.Option(None, "--backend", help="auto (default), torch or onnxruntime"),
     layout: Optional[str] = typer.Option(None, "--layout", help="auto (default), NCHW or NHWC"),
     value_range: Optional[str] = typer.Option(None, "--value-range", help="auto (default), 0-255 or 0-1"),
+    skip_bad_samples: Optional[bool] = typer.Option(None, "--skip-bad-samples", help="leave out (and list in the "
+                                                    "report) samples that cannot be read or are invalid, instead "
+                                                    "of stopping; accuracies are then over the samples evaluated"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="processes decoding an image folder (default: "
+                                          "one per core, at most 4; 0 decodes in the main process)"),
     arch: Optional[Path] = ARCH,
     arch_python: Optional[str] = ARCH_PY,
     input_shape: Optional[str] = INPUT_SHAPE,
+    max_elements: Optional[str] = MAX_ELEMENTS,
     attack: Optional[bool] = typer.Option(None, "--attack/--no-attack", help="run the PGD sanity check (default on)"),
     attack_steps: Optional[int] = typer.Option(None, "--attack-steps", help="PGD steps per restart (default 50)"),
     attack_restarts: Optional[int] = typer.Option(None, "--attack-restarts", help="PGD random restarts (default 2)"),
@@ -342,7 +378,9 @@ def report(
         arch_python=arch_python, input_shape=input_shape, attack=attack, attack_steps=attack_steps,
         attack_restarts=attack_restarts, seed=seed, attack_precision=attack_precision, min_clean_acc=min_clean_acc,
         min_certified_acc=min_certified_acc or None, max_violations=max_violations, max_lipschitz=max_lipschitz,
-        baseline=baseline, max_drop=max_drop, junit=junit, format=fmt, quiet=quiet), config)
+        baseline=baseline, max_drop=max_drop, max_elements=max_elements, skip_bad_samples=skip_bad_samples,
+        workers=workers, junit=junit, format=fmt, quiet=quiet),
+        config)
     _check_format(s.get("format", "text"))
     if launcher is not None:
         raise typer.Exit(relaunch(launcher, gpus))
@@ -357,14 +395,21 @@ def report(
     precision = s.get("attack_precision", "float32")
     if precision not in PRECISIONS:
         raise ConfigError(f"--attack-precision {precision!r}: expected float32 or bfloat16")
+    skip_bad, workers_value = s.get("skip_bad_samples", False), s.get("workers")
+    if not isinstance(skip_bad, bool):
+        raise ConfigError(f"skip_bad_samples {skip_bad!r}: expected true or false")
+    if workers_value is not None and (isinstance(workers_value, bool) or not isinstance(workers_value, int)
+                                      or workers_value < 0):
+        raise ConfigError(f"--workers {workers_value!r}: expected 0 (decode in the main process) or more")
     min_certified = parse_min_certified(s.get("min_certified_acc", []))
     baseline_data = load_baseline(s.path("baseline")) if s.get("baseline") else None
     max_drop_value = float(s.get("max_drop", 0.0))
     if max_drop_value < 0:
         raise ConfigError("--max-drop must be non-negative")
     eps_text = _eps_with_gates(str(s.get("eps", "36/255,72/255,108/255,1")), min_certified)
+    limit = parse_max_elements(s.get("max_elements"))
     graph = load_model(s.path("model"), s.path("arch"), arch_python=s.get("arch_python"),
-                       input_shape=parse_shape(s.get("input_shape")))
+                       input_shape=parse_shape(s.get("input_shape")), max_elements=limit)
     out_dir = s.path("out") or Path("lipcert-report")
     quiet_run = bool(s.get("quiet")) or s.get("format") == "json" or not world.is_main
     bar = progress_bar(quiet_run)
@@ -390,7 +435,8 @@ def report(
                          attack=AttackConfig(steps=steps, restarts=restarts, norm=norm_value,
                                              seed=int(s.get("seed", 0)), precision=precision)
                          if s.get("attack", True) else None,
-                         checkpoint_dir=out_dir, resume=resume, world=world)
+                         checkpoint_dir=out_dir, resume=resume, world=world, max_elements=limit,
+                         skip_bad_samples=skip_bad, workers=workers_value)
     finally:
         if bar is not None:
             bar.stop()

@@ -12,13 +12,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from .certify import Certificates, CertificateSetup, certify_logits, float_error_scale, pair_norms
-from .data import Dataset
+from .data import Batch, Dataset, read_batches
 from .errors import ConfigError, DataError
 from .executor import GraphModule, in_fixed_batches
 from .fusion import refine
@@ -27,6 +27,7 @@ from .verify import propagate
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 PREFETCH = 2
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,28 +98,51 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
     return setup, info
 
 
-def _prefetch(batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Read batches in a background thread, at most PREFETCH ahead; errors are raised in the consumer."""
+def _prefetch(batches: Iterator[T]) -> Iterator[T]:
+    """Read batches in a background thread, at most PREFETCH ahead; errors are raised in the consumer.
+
+    When the consumer stops early (an error, or the generator closed), the reader is closed in its thread, so
+    that a dataset's decoding processes end with the run.
+    """
     q: queue.Queue = queue.Queue(maxsize=PREFETCH)
     done = object()
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in batches:
-                q.put(item)
+                if not put(item):
+                    break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
-            q.put(exc)
-        q.put(done)
+            put(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        put(done)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class Runner:
@@ -209,28 +233,38 @@ class Engine:
         fixed = self.graph.fixed_batch
         return max(fixed, requested // fixed * fixed) if fixed else requested
 
-    def batches(self, dataset: Dataset, batch_size: int, first: int = 0,
-                last: int | None = None) -> Iterator[tuple[int, torch.Tensor, np.ndarray, Certificates]]:
-        """(batch index, x on the device, labels, certificates) for batches [first, last) of ``dataset``."""
+    def batches(self, dataset: Dataset, batch_size: int, first: int = 0, last: int | None = None, *,
+                skip_bad_samples: bool = False,
+                num_classes: int | None = None) -> Iterator[tuple[int, torch.Tensor, Batch, Certificates]]:
+        """(batch index, x on the device, the batch read, certificates) for batches [first, last) of ``dataset``.
+
+        ``skip_bad_samples`` leaves out bad samples (see ``read_batches``); a batch may then hold none.
+        """
         stop = None if last is None else last * batch_size
         pin = self.device.startswith("cuda")
         index = first
-        for xb, yb in _prefetch(dataset.batches(batch_size, start=first * batch_size, stop=stop)):
+        for batch in _prefetch(read_batches(dataset, batch_size, first * batch_size, stop,
+                                            skip_bad_samples=skip_bad_samples, num_classes=num_classes)):
+            xb, yb = batch.x, batch.y
             x = torch.from_numpy(xb)
+            if not len(yb):
+                empty = torch.empty(0, dtype=torch.float64)
+                yield index, x, batch, Certificates(torch.empty(0, dtype=torch.int64), empty, empty, empty)
+                index += 1
+                continue
             x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
             if self.runner is None:
                 self.runner = choose_backend(self.graph, self.requested, self.device, x, self.mean, self.std)
             began = time.perf_counter()
             logits = self.runner(x).reshape(x.shape[0], -1)
             if not torch.isfinite(logits).all():
-                lo = index * batch_size
-                raise DataError(f"the model gives NaN or Inf logits in the batch of samples {lo} to "
-                                f"{lo + len(yb) - 1}", source=dataset.info.path)
+                raise DataError(f"the model gives NaN or Inf logits in the batch of samples {batch.indices[0]} to "
+                                f"{batch.indices[-1]}", source=dataset.info.path)
             cert = certify_logits(logits, x.flatten(1).double().norm(dim=1), self.setup, self.pairs)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - began
-            yield index, x, yb, cert
+            yield index, x, batch, cert
             index += 1
 
     def attack_model(self) -> Callable[[torch.Tensor], torch.Tensor]:

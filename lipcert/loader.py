@@ -25,7 +25,6 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 #: element sizes of the safetensors dtypes lipcert reads
 SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                         "BOOL": 1}
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -39,8 +38,8 @@ def _safetensors_header(path: Path) -> dict:
         if n > size - 8:
             raise ModelError(f"not a valid safetensors file: header of {n} bytes in a {size}-byte file",
                              source=str(path))
-        if n > MAX_HEADER_BYTES:
-            raise ModelError(f"not a valid safetensors file: header of {n} bytes (more than {MAX_HEADER_BYTES})",
+        if n > limits.MAX_HEADER_BYTES:
+            raise ModelError(f"not a valid safetensors file: header of {n} bytes (more than {limits.MAX_HEADER_BYTES})",
                              source=str(path))
         try:
             header = json.loads(f.read(n))

@@ -7,6 +7,7 @@ emits) are inlined; every operator must be in lipcert's registry, and every unsu
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -96,19 +97,28 @@ def tensor_to_torch(proto: onnx.TensorProto, source: str, max_elements: int | No
     return torch.from_numpy(np.array(array, copy=True))
 
 
-def _all_tensors(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, str]]:
-    """Every tensor stored in the model (initializers and tensor attributes of nodes), with what it is."""
-    found = [(t, "initializer") for t in model.graph.initializer]
-    for node in model.graph.node:
+def _node_tensors(nodes: Iterable[onnx.NodeProto], what: str | None = None) -> list[tuple[onnx.TensorProto, str]]:
+    """The tensor attributes of ``nodes`` and, recursively, the initializers and tensors of their subgraphs
+    (the same tensors onnx's external-data loader visits), each labelled ``what`` or by its node."""
+    found = []
+    for node in nodes:
+        label = what or f"tensor of node {node.name or node.op_type!r}"
         for a in node.attribute:
-            if a.HasField("t"):
-                found.append((a.t, f"tensor of node {node.name or node.op_type!r}"))
-            found += [(t, f"tensor of node {node.name or node.op_type!r}") for t in a.tensors]
+            found += [(a.t, label)] if a.HasField("t") else []
+            found += [(t, label) for t in a.tensors]
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                found += [(t, f"subgraph initializer of node {node.name or node.op_type!r}")
+                          for t in sub.initializer]
+                found += _node_tensors(sub.node, what)
+    return found
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, str]]:
+    """Every tensor stored in the model (initializers, tensor attributes of nodes and functions, subgraphs),
+    with what it is."""
+    found = [(t, "initializer") for t in model.graph.initializer] + _node_tensors(model.graph.node)
     for function in model.functions:
-        for node in function.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    found.append((a.t, f"tensor of function {function.name!r}"))
+        found += _node_tensors(function.node, f"tensor of function {function.name!r}")
     return found
 
 
@@ -194,7 +204,7 @@ def read_model(path: str | Path, max_elements: int | None = None) -> onnx.ModelP
     _check_external_data(model, path.parent, source, max_elements)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot read external data: {exc}", source=source) from None
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:

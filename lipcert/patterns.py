@@ -270,7 +270,7 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
         size = v.shape[axis]
         return torch.cat([v.narrow(axis, size - p_begin, p_begin), v, v.narrow(axis, 0, p_end)], dim=axis)
 
-    operator = from_function(forward, shape, out_shape, kind="generic", name=node.name,
+    operator = from_function(forward, shape, out_shape, kind="nonnegative", name=node.name,
                              structure={"mode": "wrap", "pads": pads})
     return Step("linear", "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
                 operator=operator)

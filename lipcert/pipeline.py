@@ -21,7 +21,7 @@ from .certify import accuracy_curve, certified_accuracy
 from .checkpoint import Checkpoint
 from .data import Dataset, check_fits, open_dataset
 from .distributed import World, broadcast, gather, shard
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluate import Engine, certificate_setup
 from .graph import Graph
 from .report import EpsResult, Report, SampleTable, parse_eps, sha256_file
@@ -35,11 +35,18 @@ def _eps(eps: Sequence[str | float] | str) -> list[tuple[str, float]]:
     return parse_eps(eps) if isinstance(eps, str) else parse_eps(",".join(str(e) for e in eps))
 
 
-def _open(model: Graph, data: str | Path | Dataset, layout: str = "auto", value_range: str = "auto") -> Dataset:
-    dataset = data if not isinstance(data, (str, Path)) else open_dataset(data, layout=layout,
-                                                                           value_range=value_range)
-    classes = model.value_shapes.get(model.output, (0,))[-1]
-    check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, classes))
+def _classes(model: Graph) -> int:
+    """How many classes the model's labels may name (a one-logit binary model has two)."""
+    return max(2, model.value_shapes.get(model.output, (0,))[-1])
+
+
+def _open(model: Graph, data: str | Path | Dataset, layout: str = "auto", value_range: str = "auto",
+          max_elements: int | None = None, skip_bad_samples: bool = False, workers: int | None = None) -> Dataset:
+    dataset = data if not isinstance(data, (str, Path)) else open_dataset(
+        data, layout=layout, value_range=value_range, max_elements=max_elements, skip_bad_samples=skip_bad_samples,
+        workers=workers)
+    check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=_classes(model),
+               skip_bad_samples=skip_bad_samples)
     return dataset
 
 
@@ -49,11 +56,17 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
             lipschitz: float | None = None, layout: str = "auto", value_range: str = "auto",
             attack: AttackConfig | None = None, progress: Callable[[str, int], None] | None = None,
             on_start: Callable[[str, int], None] | None = None, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, world: World = World()) -> Report | None:
+            resume: bool = False, world: World = World(), max_elements: int | None = None,
+            skip_bad_samples: bool = False, workers: int | None = None) -> Report | None:
     """Certify every sample of ``data`` at each radius in ``eps`` and return the report.
 
     ``checkpoint_dir`` keeps per-batch results there as they finish and ``resume`` continues from them. In a
     torchrun ``world``, every process returns None but rank 0, which returns the merged report.
+    ``max_elements`` bounds one sample of a dataset given as a path (see :mod:`lipcert.limits`).
+    ``skip_bad_samples`` leaves out, and lists in ``Report.skipped``, every sample that cannot be read or is
+    invalid (a corrupt image, NaN/Inf or out-of-range pixels, a label that is not a model class) instead of
+    failing; accuracies are then over the samples evaluated. ``workers`` sets how many processes decode an
+    image folder (default: one per core, at most 4; 0: the main process).
 
     Example::
 
@@ -69,7 +82,7 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
         raise ConfigError(f"--lipschitz must be a positive number, got {lipschitz}")
     if attack is not None and (attack.steps < 1 or attack.restarts < 1):
         raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
-    dataset = _open(model, data, layout, value_range)
+    dataset = _open(model, data, layout, value_range, max_elements, skip_bad_samples, workers)
     t_bound = time.perf_counter()
     bound = certificate_setup(model, device=device, declared=lipschitz, std=std) if world.is_main else None
     setup, info = broadcast(bound, world)
@@ -87,6 +100,8 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
                     "norm": norm, "batch_size": batch_size, "backend": backend, "mean": mean, "std": std,
                     "lipschitz": lipschitz, "attack": None if attack is None else attack.__dict__,
                     "world_size": world.size}
+        if skip_bad_samples:  # only when set, so that checkpoints made before the flag existed still resume
+            manifest["skip_bad_samples"] = True
         if world.is_main:
             ckpt = Checkpoint(Path(checkpoint_dir), manifest, resume)
         gather(None, world)
@@ -102,35 +117,47 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
     if on_start:
         on_start("certifying" + (" and attacking" if attack else ""), total)
         if progress and stored:
-            progress("certifying" + (" and attacking" if attack else ""), sum(len(a["labels"]) for a, _ in stored.values()))
+            progress("certifying" + (" and attacking" if attack else ""),
+                     sum(len(a["labels"]) + len(extra[0].get("skipped", ())) for a, extra in stored.values()))
     attack_seconds = 0.0
-    for index, x, yb, cert in engine.batches(dataset, batch_size, begin, last):
+    for index, x, batch, cert in engine.batches(dataset, batch_size, begin, last, skip_bad_samples=skip_bad_samples,
+                                                num_classes=_classes(model)):
+        yb = batch.y
         arrays = {"labels": yb.astype(np.int64), "predictions": cert.prediction.cpu().numpy(),
                   "margins": cert.margin.cpu().numpy(), "radii": (cert.radius * scale).cpu().numpy()}
         extra: list[dict] = [{"backend": engine.backend}]
+        if skip_bad_samples:
+            arrays["indices"] = batch.indices
+            extra[0]["skipped"] = [[i, why] for i, why in batch.skipped]
         if attack is not None:
             t0 = time.perf_counter()
             part = attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
-                                cert.prediction, torch.from_numpy(arrays["radii"]), index * batch_size, eps_list,
+                                cert.prediction, torch.from_numpy(arrays["radii"]), 0, eps_list,
                                 attack, batch_generator(attack.seed, index))
             attack_seconds += time.perf_counter() - t0
             arrays["attack_radius"] = part.attack_radius.numpy()
             arrays["broken_at"] = part.broken_at.numpy()
+            for v in part.violations:  # attack_batch counts from the batch's first sample read
+                v.index = int(batch.indices[v.index])
             extra += [v.__dict__ for v in part.violations]
         stored[index] = (arrays, extra)
         if ckpt is not None:
             ckpt.save(index, arrays, extra)
         if progress:
-            progress("certifying" + (" and attacking" if attack else ""), len(yb))
+            progress("certifying" + (" and attacking" if attack else ""), len(yb) + len(batch.skipped))
     mine = [stored[i] for i in range(first, last)]
     parts = [p for shard_parts in gather(mine, world) for p in shard_parts]
     timing = gather({"inference": engine.seconds, "attack": attack_seconds, "backend": engine.backend}, world)
     if not world.is_main:
         return None
     merged = {k: np.concatenate([a[k] for a, _ in parts]) if parts else np.empty(0)
-              for k in CERT_KEYS + (ATTACK_KEYS if attack else ())}
+              for k in CERT_KEYS + (ATTACK_KEYS if attack else ()) + (("indices",) if skip_bad_samples else ())}
     violations = [Violation(**v) for _, extra in parts for v in extra[1:]]
-    backend_used = parts[0][1][0]["backend"] if parts else engine.backend
+    backend_used = next((extra[0]["backend"] for a, extra in parts if len(a["labels"])), engine.backend)
+    skipped = [(int(i), why) for _, extra in parts for i, why in extra[0].get("skipped", ())]
+    if skip_bad_samples and not len(merged["labels"]):
+        raise DataError(f"every sample was skipped as unreadable or invalid (sample {skipped[0][0]}: "
+                        f"{skipped[0][1]}); nothing is left to certify", source=dataset.info.path)
     labels = torch.from_numpy(merged["labels"])
     predictions = torch.from_numpy(merged["predictions"])
     radii = torch.from_numpy(merged["radii"])
@@ -146,6 +173,10 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
                      "nothing is certified; run lipcert verify for details")
     if norm == "linf":
         notes.append(f"L-infinity radii are the L2 radii divided by sqrt({input_dim}) (||d||_2 <= sqrt(d) ||d||_inf)")
+    if skipped:
+        notes.append(f"{len(skipped)} of {dataset.info.num_samples} samples were skipped as unreadable or invalid "
+                     f"(--skip-bad-samples; listed in report.json): accuracies are over the "
+                     f"{len(merged['labels'])} samples evaluated")
     attack_part, columns = None, {}
     inference_seconds = sum(t["inference"] for t in timing)
     if attack is not None:
@@ -172,7 +203,10 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
                  "images_per_second": count / inference_seconds if inference_seconds > 0 else 0.0,
                  "processes": world.size},
         notes=notes, attack=attack_part,
-        samples=SampleTable(labels, predictions, torch.from_numpy(merged["margins"]), radii, columns))
+        skipped={"count": len(skipped), "evaluated": count,
+                 "samples": [{"index": i, "reason": why} for i, why in skipped]} if skip_bad_samples else None,
+        samples=SampleTable(labels, predictions, torch.from_numpy(merged["margins"]), radii, columns,
+                            torch.from_numpy(merged["indices"]) if skip_bad_samples else None))
 
 
 def _sha(path: str) -> str:
@@ -182,7 +216,7 @@ def _sha(path: str) -> str:
 def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
            steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "cpu",
            batch_size: int = 256, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None) -> AttackSummary:
+           std: Sequence[float] | None = None, max_elements: int | None = None) -> AttackSummary:
     """Run the PGD attack alone on every correctly classified sample (no certificates, so no violations).
 
     Example::
@@ -193,13 +227,14 @@ def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] 
     if norm not in NORMS:
         raise ConfigError(f"norm {norm!r}: expected l2 or linf")
     eps_list = _eps(eps)
-    dataset = _open(model, data)
+    dataset = _open(model, data, max_elements=max_elements)
     setup, _ = certificate_setup(model, device=device, std=std)
     engine = Engine(model, setup, device=device, backend="torch", mean=mean, std=std)
     cfg = AttackConfig(steps=steps, restarts=restarts, norm=norm, seed=seed)
     started = time.perf_counter()
     parts: list[BatchAttack] = []
-    for index, x, yb, cert in engine.batches(dataset, engine.batch_size(batch_size)):
+    for index, x, batch, cert in engine.batches(dataset, engine.batch_size(batch_size)):
+        yb = batch.y
         parts.append(attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
                                   cert.prediction, torch.zeros(len(yb)), index * batch_size, eps_list, cfg,
                                   batch_generator(seed, index)))

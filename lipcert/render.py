@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .atomic import write_bytes_atomic
+from .atomic import write_bytes_atomic, write_files_atomic
 from .errors import ConfigError
 from .report import Report
 from .verify import VerifyResult
@@ -38,7 +38,9 @@ def to_markdown(report: Report) -> str:
     lines = [
         f"## lipcert report: `{Path(report.model['path']).name}`",
         "",
-        f"**{summary_line(report)}** on {report.num_samples} samples of `{d['path']}` ({d['format']}).",
+        f"**{summary_line(report)}** on {report.num_samples} samples of `{d['path']}` ({d['format']})"
+        + (f"; {report.skipped['count']} unreadable or invalid samples skipped (listed in report.json), "
+           "accuracies are over the samples evaluated." if report.skipped and report.skipped["count"] else "."),
         "",
         f"| {report.norm.upper()} radius eps | certified accuracy | certified samples |",
         "| --- | ---: | ---: |",
@@ -88,7 +90,8 @@ def to_csv(report: Report) -> str:
     buf.write(",".join(["index", "label", "prediction", "margin", "radius"] + extra) + "\n")
     cols = [s.labels.tolist(), s.predictions.tolist(), s.margins.tolist(), s.radii.tolist()]
     cols += [s.columns[c].tolist() for c in extra]
-    for i, row in enumerate(zip(*cols)):
+    indices = s.indices.tolist() if s.indices is not None else range(len(cols[0]))
+    for i, row in zip(indices, zip(*cols)):
         label, pred, margin, radius, *rest = row
         buf.write(",".join([str(i), str(label), str(pred), f"{margin:.9g}", f"{radius:.9g}"]
                            + [f"{v:.9g}" if isinstance(v, float) else str(v) for v in rest]) + "\n")
@@ -142,7 +145,8 @@ def plot(report: Report, path: str | Path) -> None:
 
 
 def write_all(report: Report, out_dir: Path) -> list[Path]:
-    """Render every file first, then rename each into place: a failure leaves no partial report."""
+    """Render every file, write each to a temporary name, then rename them all into place: a failure while
+    rendering or writing leaves the previous report as it was."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
     contents = {
@@ -151,11 +155,8 @@ def write_all(report: Report, out_dir: Path) -> list[Path]:
         "samples.csv": to_csv(report).encode(),
         "certified_accuracy.png": plot_png(report),
     }
-    paths = []
-    for name in FILES:
-        write_bytes_atomic(out_dir / name, contents[name])
-        paths.append(out_dir / name)
-    return paths
+    write_files_atomic({out_dir / name: contents[name] for name in FILES})
+    return [out_dir / name for name in FILES]
 
 
 def render_terminal(report: Report, out: Console) -> None:
@@ -176,6 +177,11 @@ def render_terminal(report: Report, out: Console) -> None:
     out.print(f"data: {report.dataset['format']}, layout {report.dataset['layout']}, "
               f"{report.dataset['value_range']}; backend {report.backend} on {report.device}, "
               f"{report.timings.get('images_per_second', 0):.0f} images/s")
+    if report.skipped and report.skipped["count"]:
+        first = report.skipped["samples"][0]
+        out.print(f"skipped {report.skipped['count']} unreadable or invalid sample(s), accuracies over the "
+                  f"{report.skipped['evaluated']} evaluated; first: sample {first['index']}: {first['reason']}",
+                  markup=False)
     if report.attack:
         out.print(f"attack: {report.attack['summary']}")
         for v in report.attack["violations"][:20]:
@@ -196,4 +202,6 @@ def verify_markdown(result: VerifyResult) -> str:
         lower = "-" if row.lower is None else f"{row.lower:.6g}"
         up = "-" if row.upper is None else f"{row.upper:.6g}"
         lines.append(f"| {row.name} | {row.op} | {lower} | {up} | {row.upper_method} | {row.status} |")
+    if result.notes:
+        lines += [""] + [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"

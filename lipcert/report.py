@@ -64,6 +64,7 @@ class SampleTable:
     margins: torch.Tensor
     radii: torch.Tensor
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    indices: torch.Tensor | None = None  # each row's dataset index when samples were skipped; else 0, 1, 2, ...
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Report:
     notes: list[str]
     samples: SampleTable
     attack: dict[str, Any] | None = None
+    #: with --skip-bad-samples: {"count", "evaluated", "samples": [{"index", "reason"}, ...]}; else None
+    skipped: dict[str, Any] | None = None
     gates: list[dict[str, Any]] | None = None
     schema: str = SCHEMA
     lipcert_version: str = __version__
@@ -102,7 +105,7 @@ class Report:
         return int(self.samples.labels.numel())
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (schema ``lipcert.report/1``, see docs/report-schema.md)."""
+        """The JSON document (schema ``lipcert.report/1``, see docs/report.md)."""
         data = {k: v for k, v in asdict(self).items() if k != "samples"}
         data["curve"] = [list(p) for p in self.curve]
         return _clean(data)
@@ -123,7 +126,8 @@ class Report:
         plot(self, path)
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """Write report.json, report.md, samples.csv and certified_accuracy.png, all or none."""
+        """Write report.json, report.md, samples.csv and certified_accuracy.png, each renamed into place only
+        once all four are written."""
         from .render import write_all
 
         return write_all(self, Path(out_dir))

@@ -333,20 +333,30 @@ def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
     otherwise conv: DFT ("fft-circular" / "fft-embedding"), nonnegative: Schur test, chain: product of the
     parts' bounds, anything else: inf ("none").
     """
+    if op.kind not in ("scalar", "diag", "isometry", "projection", "matrix") and _dense_ok(op, dense_limit):
+        return _svd_bound(op, device)  # the operator itself, whatever its structure says
+    bound = _dispatch(op, device, dense_limit)
+    if bound.exact and op.structure.get("inexact"):  # the structure describes a map of equal or larger norm
+        return UpperBound(bound.value, bound.method, False)
+    return bound
+
+
+def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) -> UpperBound:
+    """The bound of ``upper_bound`` by the method for ``op.kind``, before exactness is settled."""
     kind, s = op.kind, op.structure
+    # scalars and scales may be float64 products of merged factors: one rounding, covered by one ulp up
     if kind == "scalar":
-        return UpperBound(abs(float(s["value"])), "structural", True)
+        return UpperBound(math.nextafter(abs(float(s["value"])), math.inf), "structural", True)
     if kind == "diag":
         scale = torch.as_tensor(s["scale"]).detach()
-        return UpperBound(float(scale.abs().max()) if scale.numel() else 0.0, "structural", True)
+        value = float(scale.abs().max()) if scale.numel() else 0.0
+        return UpperBound(math.nextafter(value, math.inf), "structural", True)
     if kind == "isometry":
         return UpperBound(1.0, "structural", True)
     if kind == "projection":
         return UpperBound(1.0, "structural", False)
     if kind == "matrix":
         return _matrix_bound(s["matrix"], dense_limit, device)
-    if _dense_ok(op, dense_limit):
-        return _svd_bound(op, device)
     if kind == "conv":
         bound = _conv_bound(op, device)
         if bound is not None:

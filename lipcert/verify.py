@@ -73,6 +73,14 @@ class VerifyResult:
 
     @property
     def breaking_layers(self) -> list[LayerResult]:
+        """Layers whose norm is above the claim when the network's claim is not proven: where it breaks.
+
+        In a proven network a layer above the claim is compensated by others below it; see ``layers_above``."""
+        return [] if self.status == PROVEN else self.layers_above
+
+    @property
+    def layers_above(self) -> list[LayerResult]:
+        """Layers whose norm is proven (by their lower bound) to be above the claim on their own."""
         return [layer for layer in self.layers if layer.status == VIOLATED]
 
     def to_dict(self) -> dict:
@@ -124,10 +132,12 @@ def _fft_starts(op) -> torch.Tensor | None:
     kernel's DFT at its worst frequency (for both sign conventions of the DFT), which attain the norm."""
     s = op.structure
     if op.kind != "conv" or not s.get("circular") or s.get("transpose") or s["groups"] != 1 \
-            or len(s["input_spatial"]) != 2 or any(st != 1 for st in s["stride"]):
+            or len(s["input_spatial"]) != 2 or any(st != 1 for st in s["stride"]) or s.get("loose_in"):
         return None
     h, w = s["input_spatial"]
     weight = s["weight"].double()
+    if weight.shape[1] * h * w != op.in_numel:  # the structure's input is not the chain's, up to a reshape
+        return None
     grid = torch.zeros(weight.shape[:2] + (h, w), dtype=torch.float64)
     dh, dw = s["dilation"]
     for p in range(weight.shape[2]):
@@ -170,6 +180,9 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
             init = _svd_start(op) if ub.method == "svd" else _fft_starts(op) if ub.method == "fft-circular" else None
             pi = power_iteration(op, device=device, seed=seed, init=init)
             sigma = pi.sigma
+            if math.isfinite(ub.value) and sigma > ub.value * (1 + 1e-6) + 1e-12:
+                raise RuntimeError(f"layer {name}: the power-iteration lower bound {sigma:.9g} exceeds the upper bound "
+                                   f"{ub.value:.9g} ({ub.method}); lipcert's bound for this operator is wrong")
             gap = (ub.value - sigma) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
             method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
         row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method,
@@ -225,7 +238,7 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
         row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds)
         prop.layers.append(row)
         prop.factors.append((factor, row.name))
-        prop.bounds[step.output] = incoming[0] * factor if incoming[0] else 0.0
+        prop.bounds[step.output] = math.nextafter(incoming[0] * factor, math.inf) if incoming[0] else 0.0
     return prop
 
 

@@ -117,3 +117,14 @@ def test_bad_configuration_exits_2(tmp_path: Path, args: list[str]) -> None:
 def test_no_color_plain_text(tmp_path: Path) -> None:
     result = run_cli("verify", str(SAMPLES / "digits_dense.onnx"))
     assert "\x1b[" not in result.stdout
+
+
+def test_bound_from_the_config_file_is_named_as_such(tmp_path: Path) -> None:
+    shutil.copy(SAMPLES / "digits_broken.onnx", tmp_path / "model.onnx")
+    (tmp_path / "lipcert.toml").write_text('model = "model.onnx"\n\n[verify]\nbound = 3.0\n')
+    from_config = run_cli("verify", "--format", "json", cwd=tmp_path)
+    assert from_config.returncode == 0, from_config.stderr
+    data = json.loads(from_config.stdout)
+    assert data["claimed"] == 3.0 and data["claim_source"] == "bound in the config file"
+    from_flag = run_cli("verify", "--format", "json", "--bound", "0.5", cwd=tmp_path)
+    assert from_flag.returncode == 1 and json.loads(from_flag.stdout)["claim_source"] == "--bound"

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from lipcert.data import check_fits, open_dataset
 from lipcert.data.base import DatasetInfo
-from lipcert.errors import DataError
+from lipcert.errors import DataError, LipcertError
 
 RNG = np.random.default_rng(0)
 
@@ -498,3 +498,188 @@ def test_check_fits_empty() -> None:
 
     with pytest.raises(DataError, match="the dataset is empty"):
         check_fits(Empty(), sample_shape=(2,), num_classes=2)
+
+
+# ---------------------------------------------------------------- image decoding in worker processes
+
+
+def _live_workers() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name.startswith("lipcert-decode")]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_image_folder_workers_keep_the_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    from lipcert.data import image_folder
+
+    monkeypatch.setattr(image_folder, "START_METHOD", method)
+    images = {cls: [(f"{i:02d}.png", u8(8, 6, 3)) for i in range(n)] for cls, n in (("a", 9), ("b", 14), ("c", 7))}
+    write_images(tmp_path / "d", images)
+    in_process = read_all(open_dataset(tmp_path / "d", workers=0), 4)
+    ds = open_dataset(tmp_path / "d", workers=2)
+    got_x, got_y = read_all(ds, 4, start=3)  # 27 images in chunks of 4: both workers busy, results out of order
+    assert np.array_equal(got_x, in_process[0][3:]) and np.array_equal(got_y, in_process[1][3:])
+    expected = np.stack([a for cls in "abc" for _, a in images[cls]]).transpose(0, 3, 1, 2)
+    assert np.array_equal(in_process[0], scaled(expected))
+    assert not _live_workers()
+
+
+def test_image_folder_workers_stop_with_the_reader(tmp_path: Path) -> None:
+    images = [(f"{i:02d}.png", u8(5, 5, 3)) for i in range(40)]
+    write_images(tmp_path / "d", {"a": images})
+    batches = open_dataset(tmp_path / "d", workers=2).batches(4)
+    next(batches)
+    assert len(_live_workers()) == 2
+    batches.close()  # the consumer stops early: the workers end with the generator
+    assert not _live_workers()
+    (tmp_path / "d" / "a" / "30.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="corrupt or unreadable image") as exc:
+        read_all(open_dataset(tmp_path / "d", workers=2), 4)
+    assert message(exc).startswith(str(tmp_path / "d" / "a" / "30.png"))
+    assert not _live_workers()
+
+
+def test_image_folder_default_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from lipcert.data import image_folder
+
+    write_images(tmp_path / "d", {"a": [(f"{i:02d}.png", u8(4, 4)) for i in range(12)]})
+    source = open_dataset(tmp_path / "d")._source
+    assert source._workers_for(12, 3) == 0  # a small dataset is decoded in the main process
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert image_folder.default_workers() == (min(4, cores) if cores >= 2 else 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # torchrun with a process per core: no workers
+    assert image_folder.default_workers() == 0
+    monkeypatch.setattr(image_folder, "PARALLEL_MIN", 10)
+    monkeypatch.setattr(image_folder, "default_workers", lambda: 3)
+    assert (source._workers_for(12, 3), source._workers_for(12, 2), source._workers_for(12, 1)) == (3, 2, 0)
+    source.workers = 1  # asked for: used whatever the size, but never more than the chunks
+    assert (source._workers_for(5, 3), source._workers_for(5, 1)) == (1, 0)
+    with pytest.raises(LipcertError, match="--workers must be 0"):
+        open_dataset(tmp_path / "d", workers=-1)
+
+
+WORKER_SCRIPT = """
+import sys, time
+from lipcert.data import open_dataset
+batches = open_dataset(sys.argv[1], workers=2).batches(2)
+next(batches)
+import multiprocessing
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_image_folder_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_images(tmp_path / "d", {"a": [(f"{i:02d}.png", u8(5, 5)) for i in range(40)]})
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "d")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(pids) == 2
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.time() + 20
+    while any(running(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    leaked = [pid for pid in pids if running(pid)]
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, "decoding workers outlived their parent"
+
+
+# ---------------------------------------------------------------- bad samples, skipped
+
+
+def test_skip_bad_samples_npz(tmp_path: Path) -> None:
+    from lipcert.data import read_batches
+
+    x = RNG.random((10, 3)).astype(np.float32)
+    x[2, 0], x[7, 1] = np.nan, np.inf
+    y = np.array([0, 1, 2, 1.5, 0, 1, 2, 0, 9, 1])
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(DataError, match="sample 2: x contains NaN or Inf"):
+        open_dataset(tmp_path / "d.npz")
+    ds = open_dataset(tmp_path / "d.npz", skip_bad_samples=True)
+    assert (ds.info.value_range, ds.info.num_classes) == ("float 0-1", 10)  # the scans passed over the bad ones
+    with pytest.raises(DataError, match="sample 2: x contains NaN or Inf"):
+        list(read_batches(ds, 4))
+    batches = list(read_batches(ds, 4, skip_bad_samples=True, num_classes=3))
+    assert [list(b.indices) for b in batches] == [[0, 1], [4, 5, 6], [9]]  # batches keep their index ranges
+    assert [s for b in batches for s in b.skipped] == [
+        (2, "x contains NaN or Inf"), (3, "label 1.5 is not an integer"), (7, "x contains NaN or Inf"),
+        (8, "label 9, but the model has 3 classes (0..2)")]
+    assert np.array_equal(np.concatenate([b.x for b in batches]), x[[0, 1, 4, 5, 6, 9]])
+    assert np.array_equal(np.concatenate([b.y for b in batches]), [0, 1, 0, 1, 2, 1])
+    sharded = list(read_batches(ds, 4, start=4, stop=8, skip_bad_samples=True))
+    assert [list(b.indices) for b in sharded] == [[4, 5, 6]] and sharded[0].skipped == [(7, "x contains NaN or Inf")]
+
+
+def test_skip_bad_samples_image_folder(tmp_path: Path) -> None:
+    from lipcert.data import read_batches
+
+    a = u8(3, 6, 5, 3)
+    write_images(tmp_path / "d", {"a": [("0.png", a[0]), ("1.png", a[1]), ("2.png", u8(5, 5, 3))],
+                                  "b": [("3.png", a[2])]})
+    (tmp_path / "d" / "a" / "0.png").write_bytes(b"not an image")  # the first image: the size comes from the next
+    ds = open_dataset(tmp_path / "d", skip_bad_samples=True)
+    assert ds.info.sample_shape == (3, 6, 5)
+    for workers in (0, 2):
+        ds._source.workers = workers
+        batches = list(read_batches(ds, 1, skip_bad_samples=True, num_classes=2))
+        assert [list(b.indices) for b in batches] == [[], [1], [], [3]]
+        assert [i for b in batches for i, _ in b.skipped] == [0, 2]
+        reasons = [why for b in batches for _, why in b.skipped]
+        assert reasons[0].startswith("a/0.png: corrupt or unreadable image")
+        assert reasons[1] == "a/2.png: the image is 5x5 but the first image is 5x6; all images must have the same size"
+        assert np.array_equal(np.concatenate([b.x for b in batches]), scaled(a[1:].transpose(0, 3, 1, 2)))
+    with pytest.raises(DataError, match="corrupt or unreadable image") as exc:
+        list(open_dataset(tmp_path / "d").batches(4))
+    assert message(exc).startswith(str(tmp_path / "d" / "a" / "0.png"))
+
+
+def test_skip_bad_samples_keeps_whole_file_faults(tmp_path: Path) -> None:
+    np.savez_compressed(tmp_path / "d.npz", x=u8(50, 8, 8), y=np.zeros(50, np.int64))
+    data = (tmp_path / "d.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="not a readable .npz archive"):
+        open_dataset(tmp_path / "cut.npz", skip_bad_samples=True)
+    (tmp_path / "e" / "a").mkdir(parents=True)
+    (tmp_path / "e" / "a" / "x.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match="corrupt or unreadable image"):  # no image of the folder can be read
+        open_dataset(tmp_path / "e", skip_bad_samples=True)
+
+
+def test_skip_bad_samples_of_another_dataset() -> None:
+    from lipcert.data import read_batches
+
+    x = np.zeros((5, 2), np.float32)
+    x[1, 0], x[3, 1] = np.nan, 1.5
+
+    class Memory:
+        info = DatasetInfo("mem", "npz", 5, (2,), "NC", "float 0-1", 2, "")
+
+        def batches(self, batch_size, start=0, stop=None):
+            for first in range(start, stop or 5, batch_size):
+                yield x[first:first + batch_size], np.zeros(len(x[first:first + batch_size]), np.int64)
+
+    batches = list(read_batches(Memory(), 2, skip_bad_samples=True, num_classes=2))
+    assert [list(b.indices) for b in batches] == [[0], [2], [4]]
+    assert [i for b in batches for i, _ in b.skipped] == [1, 3]

@@ -403,6 +403,9 @@ case("Flatten-axis-1-then-Reshape", [n("Flatten", ["x"], "f", axis=-1), n("Resha
 case("Transpose-nhwc", [n("Transpose", ["x"], perm=[0, 2, 3, 1])], (3, 4, 5))
 case("Transpose-nchw", [n("Transpose", ["x"], perm=[0, 3, 1, 2])], (3, 4, 5))
 case("Transpose-swap-last", [n("Transpose", ["x"], perm=[0, 1, 3, 2])], (3, 4, 5))
+case("DepthToSpace-DCR", [n("DepthToSpace", ["x"], blocksize=2)], (8, 3, 5))
+case("DepthToSpace-CRD", [n("DepthToSpace", ["x"], blocksize=2, mode="CRD")], (8, 3, 5))
+case("SpaceToDepth", [n("SpaceToDepth", ["x"], blocksize=2)], (3, 4, 6))
 
 for name, axes in [("axis1", [1]), ("axis-1", [-1]), ("two-axes", [1, 3])]:
     case(f"Squeeze-attr-{name}", [n("Squeeze", ["x"], axes=axes)], (1, 4, 1), opsets=(11,))

@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 from lipcert import certify, load_model
 from lipcert.cli import main
+from lipcert.render import FILES
 
 from .conftest import SAMPLES, export_onnx, run_cli
 from .test_data import write_cifar10, write_idx, write_images
@@ -430,3 +431,128 @@ def test_failed_run_leaves_the_previous_report(digits, tmp_path: Path) -> None:
     assert "label 11" in early[2] and "sample 590" in late[2]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not list(out.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------- --skip-bad-samples
+
+
+def test_skip_bad_samples_corrupt_image(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    images = {cls: [(f"{i}.png", rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)) for i in range(5)]
+              for cls in ("cat", "dog")}
+    write_images(tmp_path / "images", images)
+    bad = tmp_path / "images" / "cat" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    model = tmp_path / "model.onnx"
+    w = dense_onnx(model, (3, 8, 6), 2)
+    code, stdout, stderr = cli("report", str(model), "--data", str(tmp_path / "images"), "--out",
+                               str(tmp_path / "strict"), "--no-attack")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"lipcert: error: {bad}: corrupt or unreadable image")
+    assert not [f for f in FILES if (tmp_path / "strict" / f).exists()]  # only the checkpoint of the batches before
+
+    out = tmp_path / "skip"
+    stdout, rep = report(model, tmp_path / "images", out, "--eps", "0,0.05,0.1", "--skip-bad-samples")
+    assert rep["skipped"]["count"] == 1 and rep["skipped"]["evaluated"] == 9 and rep["dataset"]["num_samples"] == 10
+    [entry] = rep["skipped"]["samples"]
+    assert entry["index"] == 3 and entry["reason"].startswith("cat/3.png: corrupt or unreadable image")
+    keep = [i for i in range(10) if i != 3]
+    x = np.stack([a for cls in ("cat", "dog") for _, a in images[cls]]).transpose(0, 3, 1, 2)[keep] / np.float32(255)
+    y = np.repeat([0, 1], 5)[keep]
+    expect = radii(ort_logits(model, x), x, rep["bound"], w)
+    s = samples(out)
+    assert list(s["index"]) == keep and np.array_equal(s["label"], y)
+    assert np.array_equal(s["prediction"], expect["prediction"])
+    assert np.allclose(s["radius"], expect["radius"], rtol=1e-5, atol=SLACK)
+    correct = s["prediction"] == y
+    assert rep["clean_accuracy"] == pytest.approx(correct.mean())  # over the samples evaluated
+    for e in rep["eps"]:
+        assert e["certified"] == int(((s["radius"] > e["eps"]) & correct).sum())
+        assert e["certified_accuracy"] == pytest.approx(e["certified"] / 9)
+    assert any("accuracies are over the 9 samples evaluated" in note for note in rep["notes"])
+    assert "1 unreadable or invalid samples skipped" in (out / "report.md").read_text()
+    assert "skipped 1 unreadable or invalid sample(s)" in stdout and "first: sample 3: cat/3.png" in stdout
+    acc = f"{rep['clean_accuracy']:.6f}"
+    gate = cli("report", str(model), "--data", str(tmp_path / "images"), "--out", str(tmp_path / "gate"),
+               "--no-attack", "--skip-bad-samples", "--min-clean-acc", str(float(acc) - 1e-6), "-q")
+    assert gate[0] == 0, gate[1] + gate[2]  # the gate sees the accuracy over the samples evaluated
+    failing = cli("report", str(model), "--data", str(tmp_path / "images"), "--out", str(tmp_path / "gate"),
+                  "--no-attack", "--skip-bad-samples", "--min-clean-acc", str(min(1.0, float(acc) + 0.01)), "-q")
+    assert failing[0] == 1
+
+
+def test_skip_bad_samples_nan_npz(digits, tmp_path: Path) -> None:
+    data = np.load(DIGITS)
+    x, y = data["x"].copy(), data["y"]
+    x[4, 0, 3, 3], x[300, 0, 0, 0] = np.nan, np.inf
+    path = _npz(tmp_path / "nan.npz", x, y)
+    code, _, stderr = cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", path, "--out",
+                          str(tmp_path / "strict"), "--no-attack")
+    assert code == 2 and stderr.strip().splitlines() == [f"lipcert: error: {path}: sample 4: x contains NaN or Inf"]
+    assert out_is_empty(tmp_path / "strict")
+    out = tmp_path / "skip"
+    _, rep = report(SAMPLES / "digits_dense.onnx", Path(path), out, "--eps", EPS, "--skip-bad-samples")
+    assert rep["skipped"] == {"count": 2, "evaluated": 538, "samples": [
+        {"index": 4, "reason": "x contains NaN or Inf"}, {"index": 300, "reason": "x contains NaN or Inf"}]}
+    keep = np.setdiff1d(np.arange(540), [4, 300])
+    s, ref = samples(out), samples(digits["digits_dense.onnx"][0])
+    assert np.array_equal(s["index"], keep) and np.array_equal(s["label"], y[keep])
+    assert np.array_equal(s["prediction"], ref["prediction"][keep])
+    assert np.allclose(s["radius"], ref["radius"][keep], rtol=1e-5, atol=SLACK)
+    correct = s["prediction"] == s["label"]
+    assert rep["clean_accuracy"] == pytest.approx(correct.mean())
+    assert [e["certified"] for e in rep["eps"]] == [int(((s["radius"] > e["eps"]) & correct).sum())
+                                                   for e in rep["eps"]]
+
+
+def test_skip_bad_samples_checkpoint_and_resume(tmp_path: Path) -> None:
+    from lipcert import AttackConfig
+    from lipcert.errors import ConfigError
+
+    data = np.load(DIGITS)
+    x, y = data["x"].copy(), data["y"].copy()
+    x[[5, 100, 301]] = np.nan
+    y[200] = 10  # not a class of the model
+    path = _npz(tmp_path / "bad.npz", x, y)
+    graph = load_model(SAMPLES / "digits_dense.onnx")
+    kw = dict(batch_size=64, backend="torch", skip_bad_samples=True, attack=AttackConfig(steps=3, restarts=1))
+    full = certify(graph, path, EPS, checkpoint_dir=tmp_path / "ck", **kw)
+    assert [(s["index"], s["reason"]) for s in full.skipped["samples"]] == [
+        (5, "x contains NaN or Inf"), (100, "x contains NaN or Inf"),
+        (200, "label 10, but the model has 10 classes (0..9)"), (301, "x contains NaN or Inf")]
+    files = sorted((tmp_path / "ck" / ".lipcert-checkpoint").glob("batch-*.npz"))
+    assert len(files) == 9
+    with np.load(files[1]) as saved:  # samples 64..127: the checkpoint records what was skipped
+        assert json.loads(bytes(saved["__extra__"]).decode())[0]["skipped"] == [[100, "x contains NaN or Inf"]]
+        assert 100 not in saved["indices"] and len(saved["indices"]) == 63
+    for f in files[2:]:
+        f.unlink()
+    resumed = certify(graph, path, EPS, checkpoint_dir=tmp_path / "ck", resume=True, **kw)
+    volatile = ("timings", "created")
+    assert ({k: v for k, v in resumed.to_dict().items() if k not in volatile}
+            == {k: v for k, v in full.to_dict().items() if k not in volatile})
+    assert torch.equal(resumed.samples.indices, full.samples.indices)
+    assert torch.equal(resumed.samples.radii, full.samples.radii)
+    certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, skip_bad_samples=True)
+    with pytest.raises(ConfigError, match="different skip_bad_samples"):
+        certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, resume=True)
+
+
+def test_skip_bad_samples_still_fails_on_whole_file_faults(tmp_path: Path) -> None:
+    model = str(SAMPLES / "digits_dense.onnx")
+    np.savez_compressed(tmp_path / "d.npz", x=np.zeros((50, 1, 8, 8), np.float32), y=np.zeros(50, np.int64))
+    raw = (tmp_path / "d.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    cases = {
+        "cut.npz": "not a readable .npz archive",
+        _npz(tmp_path / "empty.npz", np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, int)): "the dataset is empty",
+        _npz(tmp_path / "all.npz", np.zeros((3, 1, 8, 8), np.float32), np.array([10, 11, 12])):
+            "every sample was skipped as unreadable or invalid (sample 0: label 10, but the model has 10 classes",
+    }
+    for data, needle in cases.items():
+        out = tmp_path / ("out-" + Path(data).stem)
+        code, _, stderr = cli("report", model, "--data", str(tmp_path / data), "--out", str(out), "--no-attack",
+                              "--skip-bad-samples")
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], stderr
+        assert not [f for f in FILES if (out / f).exists()]

@@ -79,3 +79,64 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     other = run_cli("report", *ARGS, "--batch-size", "64", "--out", str(tmp_path), "--resume")
     assert other.returncode == 2
     assert "different batch_size" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- bad samples skipped, image-decoding workers
+
+BAD_IMAGES = (10, 271, 272, 500)  # around the boundary of the two shards (17 batches of 32: 9 + 8)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """The digits as an image folder with corrupt files, and a single-process --skip-bad-samples report of it."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images") / "digits"
+    data = np.load(SAMPLES / "digits_test.npz")
+    files = []
+    for i, (x, y) in enumerate(zip(data["x"], data["y"])):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        files.append(root / str(y) / f"{i:03d}.png")
+        Image.fromarray((x[0] * 255).round().astype(np.uint8)).save(files[-1])
+    ordered = sorted(files, key=lambda f: (f.parent.name, f.name))  # the loader's order: by class, then name
+    for i in BAD_IMAGES:
+        ordered[i].write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = [a if a != str(SAMPLES / "digits_test.npz") else str(root) for a in ARGS] + ["--skip-bad-samples"]
+    out = tmp_path_factory.mktemp("bad-single")
+    result = run_cli("report", *args, "--batch-size", "32", "--workers", "0", "--out", str(out),
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    skipped = json.loads((out / "report.json").read_text())["skipped"]
+    assert [s["index"] for s in skipped["samples"]] == list(BAD_IMAGES) and skipped["evaluated"] == 536
+    return args, out
+
+
+def test_torchrun_skips_the_same_samples_with_decoding_workers(tmp_path: Path, bad_folder) -> None:
+    args, reference = bad_folder
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lipcert", "report", *args,
+           "--batch-size", "32", "--workers", "1", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _same_report(tmp_path, reference)
+
+
+def test_killed_run_with_skipped_samples_resumes_to_the_same_report(tmp_path: Path, bad_folder) -> None:
+    args, reference = bad_folder
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lipcert", "report", *args, "--batch-size", "32", "--workers", "2", "--out",
+           str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / ".lipcert-checkpoint"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(folder.glob("batch-*.npz"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(folder.glob("batch-*.npz")))
+    assert 2 <= done < 17, "the run should have been interrupted part-way"
+    resumed = run_cli("report", *args, "--batch-size", "32", "--out", str(tmp_path), "--resume",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _same_report(tmp_path, reference)

@@ -211,3 +211,117 @@ def test_circular_conv_bound_without_dense_is_tight(tmp_path: Path) -> None:
     expected = torch.linalg.matrix_norm(freq, 2).max().item()
     assert row.upper == pytest.approx(expected, rel=1e-8)
     assert (row.upper - row.lower) / row.upper < 1e-4
+
+
+def _circular_norm(weight: torch.Tensor, size: tuple[int, int]) -> float:
+    """The operator norm of a stride-1 circular convolution on a ``size`` grid, from the kernel's DFT."""
+    freq = torch.fft.fft2(weight.detach().double(), s=size).permute(2, 3, 0, 1)
+    return torch.linalg.matrix_norm(freq, 2).max().item()
+
+
+class ShuffleThenCircular(torch.nn.Module):
+    """A pixel shuffle (Reshape/Transpose/Reshape) in front of a circular convolution: 16x24x24 -> 4x48x48."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.shuffle = torch.nn.PixelShuffle(2)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular", bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(self.shuffle(x)))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_circular_conv_behind_a_pixel_shuffle_is_bounded_on_its_own_grid(tmp_path: Path, dynamo: bool) -> None:
+    """The conv runs on the 48x48 grid the shuffle makes, not on the 24x24 grid of the chain's input."""
+    model = ShuffleThenCircular().eval()
+    graph = load_model(export_onnx(model, tmp_path / "m.onnx", (16, 24, 24), dynamo=dynamo))
+    true_norm = _circular_norm(model.conv.weight, (48, 48))
+    result = verify(graph, bound=100.0)
+    row = next(r for r in result.layers if r.op.startswith("Conv"))
+    assert row.upper >= true_norm * (1 - 1e-12)
+    assert row.upper == pytest.approx(true_norm, rel=1e-6)
+    assert row.lower <= true_norm * (1 + 1e-12)
+    assert result.network_upper >= true_norm * (1 - 1e-12)
+
+
+def test_maxmin_reshape_before_a_circular_conv_keeps_the_fft_bound(tmp_path: Path) -> None:
+    """orthogonium's MaxMin exports a Reshape in front of the next wrap pad; the conv after it is still circular."""
+    from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin
+
+    torch.manual_seed(0)
+    model = strip_parametrizations(torch.nn.Sequential(
+        AdaptiveOrthoConv2d(8, 16, 3, padding="same", padding_mode="circular"), MaxMin(),
+        AdaptiveOrthoConv2d(16, 16, 3, padding="same", padding_mode="circular"), MaxMin()).eval())
+    result = verify(load_model(export_onnx(model, tmp_path / "m.onnx", (8, 24, 24), dynamo=False)))
+    convs = [r for r in result.layers if r.op.startswith("Conv")]
+    assert len(convs) == 2 and all("circular" in r.op and r.upper_method == "fft-circular" for r in convs), \
+        [(r.op, r.upper_method) for r in convs]
+    assert convs[1].upper == pytest.approx(_circular_norm(model[2].weight, (24, 24)), rel=1e-6)
+    assert result.status == PROVEN
+
+
+def test_a_scale_behind_a_transpose_is_not_folded_into_the_conv_channels(tmp_path: Path) -> None:
+    """Conv -> Transpose(C <-> H) -> Mul by a (20, 1, 1) scale: the scale acts on rows, not on conv channels.
+
+    All the conv's output lands in channel 1 (scale 0.1 if mistaken for a channel scale) and in every row
+    (row 0 scaled by 10), so the true norm is 10 and folding the scale into the channels would claim 0.1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = torch.zeros(20, 20, 3, 3)
+    weight[1, 0, 1, 1] = 1.0
+    scale = torch.full((20, 1, 1), 0.1)
+    scale[0] = 10.0
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 1, 3], name="swap"),
+             helper.make_node("Mul", ["t", "s"], ["m"], name="scale"),
+             helper.make_node("Relu", ["m"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20, 20, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 20, 20, 20])],
+                              [numpy_helper.from_array(weight.numpy(), "w"), numpy_helper.from_array(scale.numpy(), "s")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    result = verify(load_model(path), bound=100.0)
+    row = next(r for r in result.layers if r.op.startswith("Conv"))
+    assert row.lower == pytest.approx(10.0, rel=1e-3)
+    assert row.upper >= 10.0 and result.network_upper >= 10.0
+
+
+def test_a_layer_above_the_claim_compensated_by_another_is_not_a_break(tmp_path: Path) -> None:
+    """A dense layer of norm 2 then one of norm 0.5 (product 1): the network is proven, nothing 'breaks the claim'."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(2.0 * torch.eye(4))
+        model[2].weight.copy_(0.5 * torch.eye(4))
+    path = export_onnx(model, tmp_path / "m.onnx", (4,), dynamo=False)
+    result = verify(load_model(path))
+    assert result.status == PROVEN and result.breaking_layers == []
+    assert [layer.lower for layer in result.layers_above] == [pytest.approx(2.0)]
+    cli = run_cli("verify", str(path))
+    assert cli.returncode == 0 and "breaks the claim" not in cli.stdout and "other layers compensate" in cli.stdout
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_large_reflect_and_edge_pads_get_a_finite_sound_bound(tmp_path: Path, mode: str) -> None:
+    """A padding that copies entries has norm sqrt(most copies of one entry): bounded by the Schur test."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode=mode, bias=False)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+    result = verify(load_model(export_onnx(model, tmp_path / "m.onnx", (8, 24, 24), dynamo=False)), bound=100.0)
+    assert math.isfinite(result.network_upper) and not result.no_rule
+    row = result.layers[0]
+    assert row.lower <= row.upper
+    # pad 1 copies an entry at most twice per axis: ||pad|| = sqrt(2 * 2); the conv's norm is at most the
+    # supremum of its symbol, which a fine DFT grid approximates
+    assert row.upper <= 2.0 * _circular_norm(conv.weight, (256, 256)) * (1 + 1e-2)
+
+
+def test_constant_padding_with_a_value_is_1_lipschitz(tmp_path: Path) -> None:
+    class PadHalf(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(F.pad(x, (1, 1, 1, 1), value=0.5))
+
+    result = verify(load_model(export_onnx(PadHalf(), tmp_path / "m.onnx", (2, 5, 5), dynamo=False)))
+    assert result.status == PROVEN and any("constant padding with value 0.5" in r.reason for r in result.layers)

@@ -6,16 +6,18 @@ y as int64 class indices, in file order. Every problem with the data is reported
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
 from . import cifar, idx, image_folder, npz, safetensors_data
-from .base import SPLITS, Dataset, DatasetInfo, Source, build_dataset, reading
+from .base import (SPLITS, Batch, Dataset, DatasetInfo, Source, StreamingDataset, build_dataset, reading, reason,
+                   value_problems)
 
-__all__ = ["FORMATS", "Dataset", "DatasetInfo", "check_fits", "detect_format", "open_dataset"]
+__all__ = ["FORMATS", "Batch", "Dataset", "DatasetInfo", "check_fits", "detect_format", "open_dataset",
+           "read_batches"]
 
 # name -> (does the path look like this format?, open the path's split); detection tries them in this order.
 FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path, str], Source]]] = {
@@ -39,11 +41,15 @@ def detect_format(path: Path) -> str:
 
 
 def open_dataset(path: str | Path, *, format: str | None = None, layout: str = "auto",
-                 value_range: str = "auto", split: str = "test") -> Dataset:
+                 value_range: str = "auto", split: str = "test", max_elements: int | None = None,
+                 skip_bad_samples: bool = False, workers: int | None = None) -> Dataset:
     """Open a dataset, detecting its format from the path unless ``format`` is given.
 
     ``layout`` ("auto", "NCHW", "NHWC") says how 4-D arrays are stored; ``value_range`` ("auto", "0-255",
-    "0-1") how pixel values are scaled; ``split`` ("test", "train") which part of a multi-split format to read.
+    "0-1") how pixel values are scaled; ``split`` ("test", "train") which part of a multi-split format to read;
+    ``max_elements`` the largest sample accepted (default: ``$LIPCERT_MAX_ELEMENTS``, else 2**28 elements);
+    ``skip_bad_samples`` lets the open-time scans pass over bad samples (see :func:`read_batches`); ``workers``
+    how many processes decode an image folder (default: one per core, at most 4; 0: the main process).
     Opening reads the whole data once (hash, label scan, and a value scan for float pixels) in bounded memory.
     """
     path = Path(path)
@@ -56,14 +62,20 @@ def open_dataset(path: str | Path, *, format: str | None = None, layout: str = "
     elif format not in FORMATS:
         raise DataError(f"unknown format {format!r} (expected one of {', '.join(FORMATS)})", source=str(path))
     with reading(path):
-        source = FORMATS[format][1](path, split)
-        return build_dataset(source, path=str(path), layout=layout, value_range=value_range)
+        if format == "image-folder":
+            source = image_folder.open_source(path, split, workers)
+        else:
+            source = FORMATS[format][1](path, split)
+        return build_dataset(source, path=str(path), layout=layout, value_range=value_range,
+                             max_elements=max_elements, skip_bad_samples=skip_bad_samples)
 
 
-def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int) -> None:
+def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int,
+               skip_bad_samples: bool = False) -> None:
     """Fail unless the dataset is non-empty, has the model's input shape, and every label is a model class.
 
-    Labels are streamed without reading any images, so the check is cheap even for large datasets.
+    Labels are streamed without reading any images, so the check is cheap even for large datasets. With
+    ``skip_bad_samples`` labels are not checked here: :func:`read_batches` leaves out those that do not fit.
     """
     info = ds.info
     if info.num_samples == 0:
@@ -74,6 +86,8 @@ def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int) 
         if info.layout in ("NCHW", "NHWC") and sorted(have) == sorted(want):
             hint = f"; is the layout wrong? (read as {info.layout})"
         raise DataError(f"samples have shape {have} but the model expects {want}{hint}", source=info.path)
+    if skip_bad_samples:
+        return
     offset = 0
     for labels in ds.labels():
         bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
@@ -82,3 +96,47 @@ def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int) 
             raise DataError(f"sample {offset + i} has label {int(labels[i])}, but the model has {num_classes} "
                             f"classes (0..{num_classes - 1})", source=info.path)
         offset += len(labels)
+
+
+def read_batches(ds: Dataset, batch_size: int, start: int = 0, stop: int | None = None, *,
+                 skip_bad_samples: bool = False, num_classes: int | None = None) -> Iterator[Batch]:
+    """The batches of samples [start, stop), each with its samples' dataset indices.
+
+    Without ``skip_bad_samples`` the first bad sample ends the read with its DataError. With it, a sample that
+    cannot be read (a corrupt image), has NaN/Inf or out-of-range pixels, or a label that is not a whole number
+    or not one of ``num_classes`` is left out of its batch and listed in ``Batch.skipped``; faults of a whole
+    file still raise. Batch k always covers indices [start + k * batch_size, ...), so every process of a
+    sharded run, and a resumed run, skips exactly the same samples.
+    """
+    if not skip_bad_samples:
+        offset = start
+        for x, y in ds.batches(batch_size, start, stop):
+            yield Batch(x, y, np.arange(offset, offset + len(y), dtype=np.int64), [])
+            offset += len(y)
+        return
+    checked = ds.checked_batches if isinstance(ds, StreamingDataset) else _checked(ds)
+    for batch in checked(batch_size, start, stop):
+        bad = np.flatnonzero((batch.y < 0) | (batch.y >= num_classes)) if num_classes is not None else []
+        if len(bad):
+            skipped = batch.skipped + [(int(batch.indices[k]), f"label {int(batch.y[k])}, but the model has "
+                                        f"{num_classes} classes (0..{num_classes - 1})") for k in bad]
+            keep = np.ones(len(batch.y), dtype=bool)
+            keep[bad] = False
+            batch = Batch(batch.x[keep], batch.y[keep], batch.indices[keep], sorted(skipped))
+        yield batch
+
+
+def _checked(ds: Dataset) -> Callable[[int, int, int | None], Iterator[Batch]]:
+    """``checked_batches`` for a Dataset lipcert did not open: samples with NaN/Inf or values outside [0, 1]
+    are left out."""
+    def checked(batch_size: int, start: int, stop: int | None) -> Iterator[Batch]:
+        offset = start
+        for x, y in ds.batches(batch_size, start, stop):
+            indices = np.arange(offset, offset + len(y), dtype=np.int64)
+            problems = value_problems(x, offset, 1.0, ds.info.path, "the float range")
+            keep = ~np.isin(indices, list(problems))
+            yield Batch(x[keep], y[keep], indices[keep],
+                        [(i, reason(problems[i], ds.info.path)) for i in sorted(problems)])
+            offset += len(y)
+
+    return checked

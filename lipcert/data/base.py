@@ -9,6 +9,8 @@ range once and then converts every batch to float32, channels first, in [0, 1], 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -16,10 +18,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from .. import limits
 from ..errors import DataError
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
@@ -29,6 +32,7 @@ UINT8_RANGE = "uint8 0-255"
 FLOAT_RANGE = "float 0-1"
 SCAN_BYTES = 4 << 20  # rows read per chunk by the open-time scans, in bytes of raw data
 HASH_CHUNK = 1 << 20
+SAMPLE_PREFIX = re.compile(r"^sample \d+: ")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,15 @@ class DatasetInfo:
     value_range: str  # "uint8 0-255" (delivered divided by 255) | "float 0-1" (delivered as is)
     num_classes: int | None  # from the format's metadata, else the largest label + 1
     sha256: str  # of the data file; several files: names, sizes and bytes in order
+
+
+class Batch(NamedTuple):
+    """One batch of the samples that could be read, with their dataset indices and the samples left out."""
+
+    x: np.ndarray  # float32 (B, *sample_shape) in [0, 1]
+    y: np.ndarray  # int64 (B,)
+    indices: np.ndarray  # int64 (B,): each sample's index in the dataset
+    skipped: list[tuple[int, str]]  # (index, reason) of each sample of the batch's range left out, in order
 
 
 @runtime_checkable
@@ -84,6 +97,14 @@ class Source(ABC):
     @abstractmethod
     def x_chunks(self, start: int, stop: int, rows: int) -> Iterator[np.ndarray]:
         """Yield the raw rows [start, stop) in order, in chunks of about ``rows`` rows."""
+
+    def read_x(self, start: int, stop: int, rows: int) -> Iterator[tuple[np.ndarray, dict[int, DataError]]]:
+        """Like ``x_chunks``, but a row that cannot be read is zero-filled and its error returned by sample index.
+
+        Formats whose samples fail one by one (image files) override this; a whole-file fault still raises.
+        """
+        for chunk in self.x_chunks(start, stop, rows):
+            yield chunk, {}
 
     @abstractmethod
     def y_chunks(self, start: int, stop: int, rows: int) -> Iterator[np.ndarray]:
@@ -245,22 +266,33 @@ def channels_first(raw: np.ndarray, layout: str) -> np.ndarray:
     return np.array(raw, dtype=np.float32, order="C")
 
 
-def check_values(x: np.ndarray, offset: int, top: float, path: Path | str, expected: str) -> None:
-    """Fail on the first sample with NaN/Inf or with values outside [0, top], naming its index."""
+def value_problems(x: np.ndarray, offset: int, top: float, path: Path | str, expected: str) -> dict[int, DataError]:
+    """The error of every sample with NaN/Inf or with values outside [0, top], by sample index."""
     flat = x.reshape(len(x), -1)
     finite = np.isfinite(flat).all(axis=1)
-    if not finite.all():
-        raise DataError(f"sample {offset + int(np.argmin(finite))}: x contains NaN or Inf", source=str(path))
+    problems = {offset + int(i): DataError(f"sample {offset + int(i)}: x contains NaN or Inf", source=str(path))
+                for i in np.flatnonzero(~finite)}
     low, high = flat.min(axis=1), flat.max(axis=1)
-    bad = (low < 0) | (high > top)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError(f"sample {offset + i}: x has values in [{low[i]:g}, {high[i]:g}], outside {expected} "
-                        f"[0, {top:g}]; lipcert expects raw pixels, not normalized ones", source=str(path))
+    for i in np.flatnonzero(finite & ((low < 0) | (high > top))):
+        problems[offset + int(i)] = DataError(
+            f"sample {offset + int(i)}: x has values in [{low[i]:g}, {high[i]:g}], outside {expected} [0, {top:g}]; "
+            "lipcert expects raw pixels, not normalized ones", source=str(path))
+    return problems
 
 
-def resolve_value_range(source: Source, requested: str) -> str:
-    """The value range of x: the caller's choice, uint8-like for integers, else decided by a scan of the floats."""
+def check_values(x: np.ndarray, offset: int, top: float, path: Path | str, expected: str) -> None:
+    """Fail on the first sample with NaN/Inf or with values outside [0, top], naming its index."""
+    problems = value_problems(x, offset, top, path, expected)
+    if problems:
+        raise problems[min(problems)]
+
+
+def resolve_value_range(source: Source, requested: str, skip_bad_samples: bool = False) -> str:
+    """The value range of x: the caller's choice, uint8-like for integers, else decided by a scan of the floats.
+
+    With ``skip_bad_samples`` the scan passes over samples with NaN/Inf or values outside [0, 255] (they are
+    left out when read) instead of failing on the first.
+    """
     if requested not in VALUE_RANGES:
         raise DataError(f"unknown value range {requested!r} (expected one of {', '.join(VALUE_RANGES)})",
                         source=str(source.path))
@@ -272,23 +304,46 @@ def resolve_value_range(source: Source, requested: str) -> str:
     top, offset = 0.0, 0
     for raw in source.x_chunks(0, source.num_samples, rows_for(row_bytes)):
         x = np.asarray(raw, dtype=np.float32)
-        check_values(x, offset, 255.0, source.path, "the pixel range")
-        top = max(top, float(x.max()))
+        problems = value_problems(x, offset, 255.0, source.path, "the pixel range")
+        if problems and not skip_bad_samples:
+            raise problems[min(problems)]
+        good = np.delete(x, [i - offset for i in problems], axis=0) if problems else x
+        top = max(top, float(good.max())) if len(good) else top
         offset += len(raw)
     return UINT8_RANGE if top > 1.0 else FLOAT_RANGE
 
 
-def as_labels(raw: np.ndarray, offset: int, path: Path | str) -> np.ndarray:
-    """Raw labels as int64, failing unless every one is a whole number (naming the first that is not)."""
+def checked_labels(raw: np.ndarray, offset: int, path: Path | str) -> tuple[np.ndarray, dict[int, DataError]]:
+    """Raw labels as int64 (0 where not a whole number), and the error of each one that is not, by sample index."""
     if raw.dtype.kind in "iu":
-        return raw.astype(np.int64)
+        return raw.astype(np.int64), {}
     if raw.dtype.kind == "f":
         whole = np.isfinite(raw) & (raw == np.round(raw))
-        if whole.all():
-            return raw.astype(np.int64)
-        i = int(np.argmin(whole))
-        raise DataError(f"sample {offset + i}: label {raw[i].item()} is not an integer", source=str(path))
+        problems = {offset + int(i): DataError(f"sample {offset + int(i)}: label {raw[i].item()} is not an integer",
+                                               source=str(path)) for i in np.flatnonzero(~whole)}
+        return np.where(whole, raw, 0).astype(np.int64), problems
     raise DataError(f"labels have dtype {raw.dtype}; expected integer class indices", source=str(path))
+
+
+def as_labels(raw: np.ndarray, offset: int, path: Path | str) -> np.ndarray:
+    """Raw labels as int64, failing unless every one is a whole number (naming the first that is not)."""
+    labels, problems = checked_labels(raw, offset, path)
+    if problems:
+        raise problems[min(problems)]
+    return labels
+
+
+def reason(error: DataError, root: str) -> str:
+    """Why a sample was left out: its error's message without the dataset's path and the sample's number (listed
+    beside it); a file inside the dataset is named relative to it."""
+    text, source = str(error), error.source
+    if source is not None and text.startswith(source + ": "):
+        message, base = SAMPLE_PREFIX.sub("", text[len(source) + 2:]), root.rstrip(os.sep)
+        if source == root:
+            return message
+        if source.startswith(base + os.sep):
+            return f"{source[len(base) + 1:]}: {message}"
+    return text
 
 
 class StreamingDataset:
@@ -304,25 +359,66 @@ class StreamingDataset:
         end = self.info.num_samples if stop is None else min(stop, self.info.num_samples)
         return min(start, end), end
 
-    def batches(self, batch_size: int, start: int = 0,
-                stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (x float32 (B, *sample_shape) in [0, 1], y int64 (B,)) for samples [start, stop), in file order."""
+    def _read(self, batch_size: int, start: int,
+              stop: int | None) -> Iterator[tuple[np.ndarray, np.ndarray, int, dict[int, DataError]]]:
+        """Per batch: x converted (bad rows included), y, the batch's first index, and the bad samples' errors."""
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}", source=self.info.path)
         start, stop = self._range(start, stop)
         scale = self.info.value_range == UINT8_RANGE
         top, expected = (255.0, "the uint8 range") if scale else (1.0, "the float range")
-        xs = rechunk(self._source.x_chunks(start, stop, batch_size), batch_size)
-        ys = rechunk(self._source.y_chunks(start, stop, batch_size), batch_size)
-        offset = start
-        for raw, y in zip(xs, ys, strict=True):
-            x = channels_first(raw, self.info.layout)
-            if not (scale and raw.dtype == np.uint8):  # uint8 pixels always fit the 0-255 range
-                check_values(x, offset, top, self._source.path, expected)
-            if scale:
-                x /= np.float32(255.0)
-            yield x, as_labels(y, offset, self._source.path)
-            offset += len(raw)
+        path = self._source.path
+        failures: dict[int, DataError] = {}  # of rows read so far and not yet batched
+        reader = self._source.read_x(start, stop, batch_size)
+
+        def rows() -> Iterator[np.ndarray]:
+            for chunk, bad in reader:
+                failures.update(bad)
+                yield chunk
+
+        try:
+            xs = rechunk(rows(), batch_size)
+            ys = rechunk(self._source.y_chunks(start, stop, batch_size), batch_size)
+            offset = start
+            for raw, y in zip(xs, ys, strict=True):
+                errors = {i: failures.pop(i) for i in sorted(i for i in failures if i < offset + len(raw))}
+                x = channels_first(raw, self.info.layout)
+                if not (scale and raw.dtype == np.uint8):  # uint8 pixels always fit the 0-255 range
+                    for i, error in value_problems(x, offset, top, path, expected).items():
+                        errors.setdefault(i, error)
+                if scale:
+                    x /= np.float32(255.0)
+                labels, bad_labels = checked_labels(y, offset, path)
+                for i, error in bad_labels.items():
+                    errors.setdefault(i, error)
+                yield x, labels, offset, errors
+                offset += len(raw)
+        finally:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()  # stops a format's decoding processes as soon as reading stops
+
+    def batches(self, batch_size: int, start: int = 0,
+                stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (x float32 (B, *sample_shape) in [0, 1], y int64 (B,)) for samples [start, stop), in file order."""
+        for x, y, _, errors in self._read(batch_size, start, stop):
+            if errors:
+                raise errors[min(errors)]
+            yield x, y
+
+    def checked_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Like ``batches``, but a sample that cannot be read or is invalid is left out and listed, not raised.
+
+        Batches keep their ranges of indices ([start + k * batch_size, ...)), so a batch may hold fewer samples.
+        """
+        root = str(self._source.path)
+        for x, y, offset, errors in self._read(batch_size, start, stop):
+            indices = np.arange(offset, offset + len(y), dtype=np.int64)
+            if errors:
+                keep = np.ones(len(y), dtype=bool)
+                keep[[i - offset for i in errors]] = False
+                x, y, indices = x[keep], y[keep], indices[keep]
+            yield Batch(x, y, indices, [(i, reason(errors[i], root)) for i in sorted(errors)])
 
     def labels(self, start: int = 0, stop: int | None = None, chunk_size: int = 65536) -> Iterator[np.ndarray]:
         """Yield the int64 labels of samples [start, stop) in chunks of ``chunk_size``, without reading x."""
@@ -333,17 +429,26 @@ class StreamingDataset:
             offset += len(y)
 
 
-def build_dataset(source: Source, *, path: str, layout: str, value_range: str) -> StreamingDataset:
-    """Resolve layout, value range, class count and hash of a source, and wrap it as a Dataset named ``path``."""
+def build_dataset(source: Source, *, path: str, layout: str, value_range: str,
+                  max_elements: int | None = None, skip_bad_samples: bool = False) -> StreamingDataset:
+    """Resolve layout, value range, class count and hash of a source, and wrap it as a Dataset named ``path``.
+
+    A sample larger than ``max_elements`` (see :mod:`lipcert.limits`) is refused before any sample is read. With
+    ``skip_bad_samples`` the open-time scans pass over samples with bad pixels or labels instead of failing."""
+    limits.check(source.x_shape, limits.resolve(max_elements), "one sample of x", str(source.path), DataError)
     if source.num_samples == 0:
         raise DataError("the dataset is empty: it holds no samples", source=str(source.path))
     resolved_layout = resolve_layout(source, layout)
-    resolved_range = resolve_value_range(source, value_range)
+    resolved_range = resolve_value_range(source, value_range, skip_bad_samples)
     num_classes = source.num_classes
     if num_classes is None:
         top, offset = -1, 0
         for y in source.y_chunks(0, source.num_samples, 1 << 16):
-            top = max(top, int(as_labels(y, offset, source.path).max()))
+            labels, problems = checked_labels(y, offset, source.path)
+            if problems and not skip_bad_samples:
+                raise problems[min(problems)]
+            whole = np.delete(labels, [i - offset for i in problems])
+            top = max(top, int(whole.max())) if len(whole) else top
             offset += len(y)
         num_classes = top + 1
     info = DatasetInfo(path=path, format=source.format, num_samples=source.num_samples,

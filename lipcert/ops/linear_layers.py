@@ -204,7 +204,8 @@ class BatchNormalization(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        factor, _ = self.affine(node, consts)
+        # the real-number scale of the stored float32 parameters, computed in float64
+        factor, _ = self.affine(node, [c.double() if c is not None and c.is_floating_point() else c for c in consts])
         scale = factor.reshape((-1,) + (1,) * (len(in_shape) - 1))
         return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
                              structure={"scale": scale}, name=node.name, adjoint=lambda y: y * scale.to(y))

@@ -110,7 +110,8 @@ class GlobalAveragePool(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         n = math.prod(in_shape[1:])
         return from_function(lambda x: self.run(node, [x], RunContext(x.dtype))[0], in_shape, out_shape,
-                             kind="scalar", structure={"value": 1.0 / math.sqrt(n)}, name=node.name)
+                             kind="scalar", structure={"value": 1.0 / math.sqrt(n), "norm_only": True},
+                             name=node.name)
 
 
 @register

@@ -126,19 +126,27 @@ class Tile(Op):
 class Rearrange(Op):
     """An operator that only moves entries of each sample (reshape, transpose, squeeze): an isometry."""
 
+    #: whether the op keeps the flat order of each sample (a reshape); a permutation of entries otherwise
+    flat = True
+
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
+        if not self.flat and node.op != "Transpose":
+            return from_function(lambda x: self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0],
+                                 in_shape, out_shape, kind="isometry", structure={"flat": False, "onto": True},
+                                 name=node.name)
         if node.op == "Transpose":
             perm = node.attr("perm") or list(reversed(range(len(in_shape) + 1)))
             if perm[0] != 0:
                 return None
             inverse = [perm.index(i) for i in range(len(perm))]
             return from_function(lambda x: x.permute(*perm), in_shape, out_shape, kind="isometry",
-                                 name=node.name, adjoint=lambda y: y.permute(*inverse))
+                                 structure={"flat": False, "onto": True}, name=node.name,
+                                 adjoint=lambda y: y.permute(*inverse))
         return from_function(lambda x: x.reshape((x.shape[0],) + tuple(out_shape)), in_shape, out_shape,
-                             kind="isometry", name=node.name,
+                             kind="isometry", structure={"flat": True, "onto": True}, name=node.name,
                              adjoint=lambda y: y.reshape((y.shape[0],) + tuple(in_shape)))
 
 
@@ -167,6 +175,7 @@ class Flatten(Rearrange):
 @register
 class Transpose(Rearrange):
     name = "Transpose"
+    flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -180,6 +189,47 @@ def _axes(node: Node, inputs: Inputs) -> list[int] | None:
         return int_list(inputs[1])
     value = node.attr("axes")
     return None if value is None else [int(a) for a in value]
+
+
+@register
+class DepthToSpace(Rearrange):
+    """Moves channel blocks into b x b spatial blocks (DCR or CRD order, as in the ONNX definition)."""
+
+    name = "DepthToSpace"
+    flat = False
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        b = int(node.attr("blocksize"))
+        if x.dim() != 4 or b < 1:
+            raise bad(node, f"needs a 4-D input and a positive blocksize (got {x.dim()}-D, blocksize {b})")
+        n, c, h, w = x.shape
+        if c % (b * b):
+            raise bad(node, f"{c} channels are not divisible by blocksize^2 = {b * b}")
+        if node.attr("mode", "DCR") == "CRD":
+            t = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+        else:
+            t = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+        return [t.reshape(n, c // (b * b), h * b, w * b)]
+
+
+@register
+class SpaceToDepth(Rearrange):
+    """Moves b x b spatial blocks into channels (the inverse of DepthToSpace in DCR order)."""
+
+    name = "SpaceToDepth"
+    flat = False
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        b = int(node.attr("blocksize"))
+        if x.dim() != 4 or b < 1:
+            raise bad(node, f"needs a 4-D input and a positive blocksize (got {x.dim()}-D, blocksize {b})")
+        n, c, h, w = x.shape
+        if h % b or w % b:
+            raise bad(node, f"spatial size {h}x{w} is not divisible by blocksize {b}")
+        t = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+        return [t.reshape(n, c * b * b, h // b, w // b)]
 
 
 @register
@@ -347,16 +397,23 @@ class Pad(Op):
             return None
         mode, pads, value = self.settings(node, list(consts), len(in_shape) + 1)
         if mode == "constant" and value != 0.0:
-            return None
+            return None  # affine, not linear: see lipschitz
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
         if mode == "constant":
             kind = "isometry" if min(pads) >= 0 else "projection"
-        else:
-            kind = "generic"
+        else:  # each output copies one input entry: non-negative, and the Schur test gives sqrt(most copies)
+            kind = "nonnegative"
         return from_function(forward, in_shape, out_shape, kind=kind, name=node.name,
                              structure={"mode": mode, "pads": pads})
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+        mode, _, value = self.settings(node, list(consts), len(in_shape) + 1)
+        if var != 0 or mode != "constant":
+            return None
+        return LipschitzRule(1.0, f"constant padding with value {value:g}: entries kept or dropped plus a "
+                                  "constant, 1-Lipschitz")
 
 
 @register
