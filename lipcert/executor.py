@@ -24,6 +24,11 @@ class GraphModule(torch.nn.Module):
                 self._float_names.append(name)
             else:
                 self._fixed[name] = tensor
+        last_use = {name: i for i, node in enumerate(graph.nodes) for name in node.inputs if name}
+        self._release: list[list[str]] = [[] for _ in graph.nodes]  # values no later node reads, per node
+        for name, i in last_use.items():
+            if name not in graph.params and name != graph.output:
+                self._release[i].append(name)
 
     def constants(self) -> dict[str, torch.Tensor]:
         """All parameters by their graph names, float ones in the module's current dtype and device."""
@@ -34,10 +39,15 @@ class GraphModule(torch.nn.Module):
 
     def run_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every value of the graph for input ``x`` (the input, the parameters and each node output)."""
+        return self._run(x, keep=True)
+
+    def _run(self, x: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
+        """Run the nodes in order; unless ``keep``, drop each value after its last reader, so that memory
+        is reused as in an ordinary module instead of holding every activation of the batch at once."""
         ctx = RunContext(x.dtype)
         env = self.constants()
         env[self.graph.input_name] = x
-        for node in self.graph.nodes:
+        for i, node in enumerate(self.graph.nodes):
             args = []
             for name in node.inputs:
                 value = env[name] if name else None
@@ -48,10 +58,14 @@ class GraphModule(torch.nn.Module):
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
+            if not keep:
+                for name in self._release[i]:
+                    env.pop(name, None)
         return env
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return in_fixed_batches(lambda chunk: self.run_all(chunk)[self.graph.output], x, self.graph.fixed_batch)
+        return in_fixed_batches(lambda chunk: self._run(chunk, keep=False)[self.graph.output], x,
+                                self.graph.fixed_batch)
 
 
 def in_fixed_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -42,7 +42,7 @@ class LayerResult:
     lower_method: str | None
     upper: float | None
     upper_method: str
-    exact: bool
+    exact: bool | None  # linear steps: the upper bound is the norm (up to rounding); None for rules and patterns
     gap: float | None
     status: str
     reason: str = ""
@@ -191,7 +191,7 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
         return row, ub.value
     if step.kind in ("rule", "pattern"):
         row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, step.constant,
-                          "rule" if step.kind == "rule" else "pattern", True, None,
+                          "rule" if step.kind == "rule" else "pattern", None, None,
                           status_of(None, step.constant, claim, tol), step.reason)
         return row, float(step.constant)
     row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, "none", False, None,
