@@ -22,6 +22,7 @@ What each library offers for the norm of one layer (as installed):
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -54,6 +55,8 @@ def main() -> None:
         verify(graph, device=device, empirical=False)  # warm-up (allocations, kernel choice)
         result, t_verify = timed(lambda: verify(graph, device=device))
         _, t_layers = timed(lambda: verify(graph, device=device, empirical=False))
+    print(f"lipcert: load {t_load:.1f} s, verify {t_verify:.1f} s, layers only {t_layers:.1f} s", file=sys.stderr,
+          flush=True)
 
     linear = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     steps = [row for row in result.layers if any(op in row.op for op in ("Conv", "Gemm", "MatMul"))]
@@ -64,7 +67,7 @@ def main() -> None:
         if isinstance(layer, torch.nn.Conv2d):
             kind = f"conv {layer.in_channels}->{layer.out_channels}, {layer.padding_mode}, 32x32"
             sv, t_o = timed(lambda: float(get_conv_sv(layer.to(device), n_iter=gram_iters, return_stab_rank=False,
-                                                      imsize=32, device=device)), repeat)
+                                                      imsize=32, device=device)))  # once: it takes minutes
             o_name = "get_conv_sv (Gram)"
         else:
             kind = f"dense {layer.in_features}->{layer.out_features}"
@@ -75,6 +78,7 @@ def main() -> None:
         t_orth += t_o
         t_deel += t_d
         rows.append((i + 1, kind, step, o_name, sv, t_o, float(sigma), t_d))
+        print(f"layer {i + 1}: {kind}: orthogonium {t_o:.1f} s, deel-torchlip {t_d:.3f} s", file=sys.stderr, flush=True)
 
     x = torch.rand(16, 3, 32, 32)
     with warnings.catch_warnings():
@@ -108,9 +112,9 @@ def main() -> None:
               f"Network: lipcert upper bound {result.network_upper:.6f}, empirical lower bound "
               f"{result.network_lower:.6f} ({result.network_lower_method}), status **{result.status}**; "
               f"deel-torchlip evaluate_lip_const: {emp:.6f}.", "",
-              "Library times are the best of " + str(repeat) + " call(s) per layer, summed; lipcert's are one call "
-              "after a warm-up. deel-torchlip's number for a convolution is the norm of the reshaped kernel matrix, "
-              "which is not the operator norm of the convolution (it can be off by more than 2x either way); "
+              "Library times are the best of " + str(repeat) + " call(s) per layer, summed (orthogonium's "
+              "convolution calls: one each); lipcert's are one call after a warm-up. deel-torchlip's number "
+              "for a convolution is the norm of the reshaped kernel matrix, which is not the operator norm of the convolution (it can be off by more than 2x either way); "
               "orthogonium's Gram-iteration value is an upper estimate of the operator norm.", ""]
     append_markdown("\n".join(lines), args.markdown)
 
