@@ -437,6 +437,10 @@ def report(
                          if s.get("attack", True) else None,
                          checkpoint_dir=out_dir, resume=resume, world=world, max_elements=limit,
                          skip_bad_samples=skip_bad, workers=workers_value)
+    except LipcertError:
+        if world.is_main:
+            clear_checkpoint(out_dir)  # bad input: a resume would be refused (other data) or fail the same way
+        raise
     finally:
         if bar is not None:
             bar.stop()
