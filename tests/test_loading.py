@@ -243,6 +243,8 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     inf[1, 1] = np.inf
     onnx.save(_tiny_model(inf), str(tmp / "inf.onnx"))
     cases["inf weights"] = (tmp / "inf.onnx", "initializer 'w' contains NaN or Inf")
+    onnx.save(_tiny_model(np.full((3, 4), 3e38)), str(tmp / "overflow.onnx"))
+    cases["finite weights whose outputs overflow"] = (tmp / "overflow.onnx", "outputs are NaN or Inf on random inputs")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "nospec.safetensors"))
     cases["safetensors without spec"] = (tmp / "nospec.safetensors", "--arch spec.json")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "cut.safetensors"),
