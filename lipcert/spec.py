@@ -106,6 +106,20 @@ class SpecBuilder:
             x = method(layer, x, f"{here} ({kind})")
         return x
 
+    def int_field(self, layer: dict, key: str, default: int, where: str) -> int:
+        """An integer field of a layer (``default`` when absent), refused naming the field when it is not one."""
+        value = layer.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ModelError(f"{where}: field {key!r} must be an integer, got {value!r}", source=self.source)
+        return value
+
+    def float_field(self, layer: dict, key: str, default: float | None, where: str) -> float:
+        """A finite number field of a layer (``default`` when absent), refused naming the field otherwise."""
+        value = layer.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ModelError(f"{where}: field {key!r} must be a finite number, got {value!r}", source=self.source)
+        return float(value)
+
     def spatial(self, x: str) -> int:
         return self.values[x].dim() - 2
 
@@ -127,7 +141,7 @@ class SpecBuilder:
         return self.node("Conv", [x, w] + ([b] if b else []), where,
                          strides=_pair(layer.get("stride", 1), nd, "stride", where),
                          dilations=_pair(layer.get("dilation", 1), nd, "dilation", where),
-                         group=int(layer.get("groups", 1)), pads=pads)[0]
+                         group=self.int_field(layer, "groups", 1, where), pads=pads)[0]
 
     def layer_conv_transpose(self, layer: dict, x: str, where: str) -> str:
         w = self.tensor(layer, "weight", where)
@@ -137,7 +151,7 @@ class SpecBuilder:
                          strides=_pair(layer.get("stride", 1), nd, "stride", where),
                          dilations=_pair(layer.get("dilation", 1), nd, "dilation", where),
                          output_padding=_pair(layer.get("output_padding", 0), nd, "output_padding", where),
-                         group=int(layer.get("groups", 1)), pads=_pad_list(layer.get("padding", 0), nd, where))[0]
+                         group=self.int_field(layer, "groups", 1, where), pads=_pad_list(layer.get("padding", 0), nd, where))[0]
 
     def layer_linear(self, layer: dict, x: str, where: str) -> str:
         w = self.tensor(layer, "weight", where, rank=2)
@@ -158,10 +172,10 @@ class SpecBuilder:
     layer_global_avgpool = _unary("GlobalAveragePool")
 
     def layer_leaky_relu(self, layer: dict, x: str, where: str) -> str:
-        return self.node("LeakyRelu", [x], where, alpha=float(layer.get("slope", 0.01)))[0]
+        return self.node("LeakyRelu", [x], where, alpha=self.float_field(layer, "slope", 0.01, where))[0]
 
     def layer_groupsort(self, layer: dict, x: str, where: str) -> str:
-        g = int(layer.get("group_size", 2))
+        g = self.int_field(layer, "group_size", 2, where)
         shape = list(self.values[x].shape)
         if g < 1 or shape[1] % g:
             raise ModelError(f"{where}: {shape[1]} channels do not split into groups of {g}", source=self.source)
@@ -195,13 +209,11 @@ class SpecBuilder:
 
     def layer_batchnorm(self, layer: dict, x: str, where: str) -> str:
         names = [self.tensor(layer, k, where, rank=1) for k in ("scale", "bias", "mean", "var")]
-        return self.node("BatchNormalization", [x] + names, where, epsilon=float(layer.get("epsilon", 1e-5)))[0]
+        return self.node("BatchNormalization", [x] + names, where, epsilon=self.float_field(layer, "epsilon", 1e-5, where))[0]
 
     def layer_scale(self, layer: dict, x: str, where: str) -> str:
-        value = layer.get("value")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ModelError(f"{where}: field 'value' must be a finite number", source=self.source)
-        return self.node("Mul", [x, self.const(torch.tensor(float(value)))], where)[0]
+        value = self.float_field(layer, "value", None, where)
+        return self.node("Mul", [x, self.const(torch.tensor(value))], where)[0]
 
     def layer_residual(self, layer: dict, x: str, where: str) -> str:
         branch = self.layers(layer.get("branch"), x, f"{where}.branch")
@@ -213,7 +225,7 @@ class SpecBuilder:
         if not isinstance(branches, list) or not branches:
             raise ModelError(f"{where}: 'branches' must be a non-empty list of layer lists", source=self.source)
         outs = [self.layers(b, x, f"{where}.branches[{i}]") for i, b in enumerate(branches)]
-        return self.node("Concat", outs, where, axis=int(layer.get("axis", 1)))[0]
+        return self.node("Concat", outs, where, axis=self.int_field(layer, "axis", 1, where))[0]
 
 
 def _pad_list(value: Any, nd: int, where: str) -> list[int]:

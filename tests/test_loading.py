@@ -207,6 +207,9 @@ BAD_SPEC_CASES = {
     "unused tensor": ([{"type": "flatten"}, {"type": "linear", "weight": "w"}], {"w": (10, 64), "extra": (3,)},
                       "'extra'"),
     "unknown layer": ([{"type": "wobble"}], {}, "wobble"),
+    "field of the wrong type": ([{"type": "groupsort", "group_size": None}, {"type": "flatten"},
+                                 {"type": "linear", "weight": "w"}], {"w": (10, 64)},
+                                "field 'group_size' must be an integer, got None"),
 }
 
 
