@@ -132,8 +132,8 @@ def run_report(model: Path, data: Path, out: Path, workers: str, batch_size: int
     report = json.loads((out / "report.json").read_text())
     timings = report["timings"]
     return {"wall": wall, "bound": timings["bound_seconds"],
-            "data": timings["total_seconds"] - timings["bound_seconds"], "maxrss": usage.ru_maxrss / 1024, "pss": peaks["pss"] / 1024, "rss": peaks["rss"] / 1024,
-            "processes": peaks["processes"]}
+            "data": timings["total_seconds"] - timings["bound_seconds"], "maxrss": usage.ru_maxrss / 1024,
+            "pss": peaks["pss"] / 1024, "rss": peaks["rss"] / 1024, "processes": peaks["processes"]}
 
 
 def main() -> None:

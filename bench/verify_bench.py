@@ -114,8 +114,8 @@ def main() -> None:
               f"deel-torchlip evaluate_lip_const: {emp:.6f}.", "",
               "Library times are the best of " + str(repeat) + " call(s) per layer, summed (orthogonium's "
               "convolution calls: one each); lipcert's are one call after a warm-up. deel-torchlip's number "
-              "for a convolution is the norm of the reshaped kernel matrix, which is not the operator norm of the convolution (it can be off by more than 2x either way); "
-              "orthogonium's Gram-iteration value is an upper estimate of the operator norm.", ""]
+              "for a convolution is the norm of the reshaped kernel matrix, which is not the operator norm of the "
+              "convolution (it can be off by more than 2x either way); orthogonium's Gram-iteration value is an upper estimate of the operator norm.", ""]
     append_markdown("\n".join(lines), args.markdown)
 
 

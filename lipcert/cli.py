@@ -31,7 +31,7 @@ from .gates import (Gate, gates_markdown, junit_xml, load_baseline, parse_min_ce
 from .pipeline import certify
 from .render import render_terminal, summary_line, verify_markdown
 from .report import parse_eps
-from .verify import DEFAULT_TOL, PROVEN, VIOLATED, VerifyResult, verify as run_verify
+from .verify import DEFAULT_TOL, PROVEN, VerifyResult, verify as run_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Certify the robustness of 1-Lipschitz neural networks from the exported model file.\n\n"

@@ -22,8 +22,9 @@ COMMON = {"model", "arch", "arch_python", "input_shape", "device", "seed", "juni
 KEYS = {
     "verify": COMMON | {"bound", "tol", "json", "require"},
     "report": COMMON | {"data", "eps", "norm", "batch_size", "out", "mean", "std", "lipschitz", "backend",
-                        "layout", "value_range", "skip_bad_samples", "workers", "attack", "attack_steps", "attack_restarts", "attack_precision",
-                        "min_clean_acc", "min_certified_acc", "max_violations", "baseline", "max_drop"},
+                        "layout", "value_range", "skip_bad_samples", "workers", "attack", "attack_steps",
+                        "attack_restarts", "attack_precision", "min_clean_acc", "min_certified_acc",
+                        "max_violations", "baseline", "max_drop"},
 }
 PATH_KEYS = {"model", "arch", "data", "out", "json", "junit", "baseline"}
 

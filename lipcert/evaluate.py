@@ -14,14 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 from .certify import Certificates, CertificateSetup, certify_logits, float_error_scale, pair_norms
 from .data import Batch, Dataset, read_batches
 from .errors import ConfigError, DataError
 from .executor import GraphModule, in_fixed_batches
-from .fusion import refine
 from .graph import Graph
 from .verify import propagate
 

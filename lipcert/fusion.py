@@ -151,7 +151,8 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
         if other_scale is not None:
             return _with_scalar(a, b, "diag", {"scale": torch.as_tensor(other_scale).double() * scalar})
         if other.kind == "conv":
-            return _with_scalar(a, b, "conv", {**other.structure, "weight": other.structure["weight"].double() * scalar})
+            weight = other.structure["weight"].double() * scalar
+            return _with_scalar(a, b, "conv", {**other.structure, "weight": weight})
         if other.kind == "matrix":
             return _with_scalar(a, b, "matrix", {"matrix": other.structure["matrix"].double() * scalar})
         return None

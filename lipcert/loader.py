@@ -39,8 +39,8 @@ def _safetensors_header(path: Path) -> dict:
             raise ModelError(f"not a valid safetensors file: header of {n} bytes in a {size}-byte file",
                              source=str(path))
         if n > limits.MAX_HEADER_BYTES:
-            raise ModelError(f"not a valid safetensors file: header of {n} bytes (more than {limits.MAX_HEADER_BYTES})",
-                             source=str(path))
+            raise ModelError(f"not a valid safetensors file: header of {n} bytes (more than "
+                             f"{limits.MAX_HEADER_BYTES})", source=str(path))
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):

@@ -151,7 +151,8 @@ class SpecBuilder:
                          strides=_pair(layer.get("stride", 1), nd, "stride", where),
                          dilations=_pair(layer.get("dilation", 1), nd, "dilation", where),
                          output_padding=_pair(layer.get("output_padding", 0), nd, "output_padding", where),
-                         group=self.int_field(layer, "groups", 1, where), pads=_pad_list(layer.get("padding", 0), nd, where))[0]
+                         group=self.int_field(layer, "groups", 1, where),
+                         pads=_pad_list(layer.get("padding", 0), nd, where))[0]
 
     def layer_linear(self, layer: dict, x: str, where: str) -> str:
         w = self.tensor(layer, "weight", where, rank=2)
@@ -209,7 +210,8 @@ class SpecBuilder:
 
     def layer_batchnorm(self, layer: dict, x: str, where: str) -> str:
         names = [self.tensor(layer, k, where, rank=1) for k in ("scale", "bias", "mean", "var")]
-        return self.node("BatchNormalization", [x] + names, where, epsilon=self.float_field(layer, "epsilon", 1e-5, where))[0]
+        epsilon = self.float_field(layer, "epsilon", 1e-5, where)
+        return self.node("BatchNormalization", [x] + names, where, epsilon=epsilon)[0]
 
     def layer_scale(self, layer: dict, x: str, where: str) -> str:
         value = self.float_field(layer, "value", None, where)

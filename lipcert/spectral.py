@@ -58,7 +58,7 @@ def _inflate(value: float, n: int) -> float:
     return math.nextafter(value * (1.0 + margin), math.inf)
 
 
-def _mul_up(a: float, b: float) -> float:
+def mul_up(a: float, b: float) -> float:
     """a * b rounded upwards (for products of non-negative bounds)."""
     return math.nextafter(a * b, math.inf)
 
@@ -297,7 +297,7 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
         exact = exact and len(rows) == ni // f and max(rows.values()) == 1
     kernel = _polyphase_kernel(w, factor, dil)
     value = _circular_upper(kernel, tuple(ni // f for ni, f in zip(n, factor)), groups, device)
-    return UpperBound(_mul_up(value, math.sqrt(mult)), "fft-circular", exact)
+    return UpperBound(mul_up(value, math.sqrt(mult)), "fft-circular", exact)
 
 
 # ---------------------------------------------------------------------------------------- dispatcher
@@ -319,7 +319,7 @@ def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
     bounds = [upper_bound(p, device=device, dense_limit=dense_limit) for p in parts]
     value = 1.0
     for b in bounds:
-        value = _mul_up(value, b.value)
+        value = mul_up(value, b.value)
     return UpperBound(value, f"product({','.join(b.method for b in bounds)})", False)
 
 

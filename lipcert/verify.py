@@ -21,7 +21,7 @@ from .executor import GraphModule
 from .fusion import refine
 from .graph import Graph
 from .power_iteration import power_iteration
-from .spectral import UpperBound, upper_bound
+from .spectral import UpperBound, mul_up, upper_bound
 
 #: relative slack on the claim that absorbs float32 rounding of weights normalised to 1 (e.g. 1.0000005)
 DEFAULT_TOL = 1e-5
@@ -238,7 +238,7 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
         row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds)
         prop.layers.append(row)
         prop.factors.append((factor, row.name))
-        prop.bounds[step.output] = math.nextafter(incoming[0] * factor, math.inf) if incoming[0] else 0.0
+        prop.bounds[step.output] = mul_up(incoming[0], factor) if incoming[0] else 0.0
     return prop
 
 

@@ -60,6 +60,22 @@ def samples() -> Path:
     return SAMPLES
 
 
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    from lipcert.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """The single line of a CLI error, failing when there is more than one or a traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Record in the test output how many fuzz cases ran (issue: "record the number of cases tried")."""
     fuzz = sys.modules.get("tests.test_fuzz")

@@ -20,12 +20,11 @@ from onnx import helper, numpy_helper
 
 import lipcert
 from lipcert import limits
-from lipcert.cli import main
 from lipcert.data import open_dataset
 from lipcert.errors import ConfigError, DataError, ModelError
 from lipcert.graph import Node
 
-from .conftest import SAMPLES
+from .conftest import SAMPLES, one_line, run_main
 
 CONV = SAMPLES / "digits_conv.onnx"
 DENSE = SAMPLES / "digits_dense.onnx"
@@ -36,20 +35,6 @@ CAP = 4 << 30  # address-space cap of the subprocesses: an 8 GiB tensor cannot b
 @pytest.fixture(autouse=True)
 def _no_env_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(limits.ENV_VAR, raising=False)
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    """The single line of a CLI error, failing when there is more than one or a traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------ the module
@@ -162,14 +147,14 @@ def test_check_outputs_refuses_what_the_prediction_missed() -> None:
     ("20000", "node '/conv2/Conv' (Conv) would allocate 23,328 elements, more than the limit of 20,000"),
 ])
 def test_inspect_small_limit_names_tensor_or_node(capsys: pytest.CaptureFixture, limit: str, needle: str) -> None:
-    code, out, err = cli(capsys, "inspect", str(CONV), "--max-elements", limit)
+    code, out, err = run_main(capsys, "inspect", str(CONV), "--max-elements", limit)
     line = one_line(err)
     assert code == 2 and out == ""
     assert line.startswith(f"lipcert: error: {CONV}: ") and needle in line, line
 
 
 def test_inspect_generous_limit_loads(capsys: pytest.CaptureFixture) -> None:
-    code, out, err = cli(capsys, "inspect", str(CONV), "--max-elements", "1_000_000")
+    code, out, err = run_main(capsys, "inspect", str(CONV), "--max-elements", "1_000_000")
     assert code == 0, err
     assert "matches onnxruntime" in out and "Conv x2" in out
 
@@ -178,14 +163,14 @@ def test_inspect_generous_limit_loads(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("value", ["0", "-5", "lots", "1.5", "", "2**20"])
 def test_invalid_flag_values_exit_2(capsys: pytest.CaptureFixture, command: str, value: str) -> None:
     extra = ["--data", str(SAMPLES / "digits_test.npz")] if command == "report" else []
-    code, _, err = cli(capsys, command, str(DENSE), *extra, f"--max-elements={value}")
+    code, _, err = run_main(capsys, command, str(DENSE), *extra, f"--max-elements={value}")
     assert code == 2
     assert one_line(err) == f"lipcert: error: --max-elements {value!r}: expected a positive whole number of elements"
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify", "report"])
 def test_help_shows_flag_and_default(capsys: pytest.CaptureFixture, command: str) -> None:
-    code, out, _ = cli(capsys, command, "--help")
+    code, out, _ = run_main(capsys, command, "--help")
     assert code == 0
     flat = " ".join(out.split())
     assert "--max-elements N" in flat and f"default ${limits.ENV_VAR}, else {DEFAULT} = 2**28" in flat
@@ -194,29 +179,29 @@ def test_help_shows_flag_and_default(capsys: pytest.CaptureFixture, command: str
 def test_env_var_applies_and_the_flag_overrides_it(capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(limits.ENV_VAR, "1000")
-    code, _, err = cli(capsys, "inspect", str(DENSE))
+    code, _, err = run_main(capsys, "inspect", str(DENSE))
     assert code == 2 and "more than the limit of 1,000 " in one_line(err)
-    code, _, err = cli(capsys, "inspect", str(DENSE), "--max-elements", "1000000")
+    code, _, err = run_main(capsys, "inspect", str(DENSE), "--max-elements", "1000000")
     assert code == 0, err
     monkeypatch.setenv(limits.ENV_VAR, "many")
-    code, _, err = cli(capsys, "inspect", str(DENSE))
+    code, _, err = run_main(capsys, "inspect", str(DENSE))
     assert code == 2 and one_line(err) == f"lipcert: error: {limits.ENV_VAR}='many' is not an integer"
 
 
 def test_config_file_sets_the_limit(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     config = tmp_path / "lipcert.toml"
     config.write_text(f'model = "{DENSE}"\nmax_elements = 1000\n')
-    code, _, err = cli(capsys, "verify", "--config", str(config))
+    code, _, err = run_main(capsys, "verify", "--config", str(config))
     assert code == 2
     assert "initializer 'fc1.weight' has 8,192 elements (shape (128, 64)), more than the limit of 1,000" \
         in one_line(err)
     config.write_text(f'model = "{DENSE}"\nmax-elements = 1_000_000\n')
-    code, out, err = cli(capsys, "verify", "--config", str(config), "--quiet")
+    code, out, err = run_main(capsys, "verify", "--config", str(config), "--quiet")
     assert code == 0 and "PROVEN" in out, err
-    code, _, err = cli(capsys, "verify", "--config", str(config), "--max-elements", "1000")  # the flag wins
+    code, _, err = run_main(capsys, "verify", "--config", str(config), "--max-elements", "1000")  # the flag wins
     assert code == 2 and "more than the limit of 1,000 " in one_line(err)
     config.write_text(f'model = "{DENSE}"\nmax_elements = "lots"\n')
-    code, _, err = cli(capsys, "verify", "--config", str(config))
+    code, _, err = run_main(capsys, "verify", "--config", str(config))
     assert code == 2 and "--max-elements 'lots'" in one_line(err)
 
 
@@ -225,7 +210,7 @@ def test_pyproject_report_table_sets_the_limit(capsys: pytest.CaptureFixture, tm
     (tmp_path / "pyproject.toml").write_text(f'[tool.lipcert]\nmodel = "{DENSE}"\n\n'
                                              f'[tool.lipcert.report]\nmax_elements = 1000\n')
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "report", "--data", str(SAMPLES / "digits_test.npz"))
+    code, _, err = run_main(capsys, "report", "--data", str(SAMPLES / "digits_test.npz"))
     assert code == 2 and "initializer 'fc1.weight'" in one_line(err) and "limit of 1,000 " in err
     assert not (tmp_path / "lipcert-report").exists()
 
@@ -314,7 +299,7 @@ def test_certify_api_applies_the_limit_to_the_dataset(tmp_path: Path) -> None:
 
 def test_report_refuses_a_dataset_sample_above_the_limit(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     path = _npz(tmp_path / "big.npz", (1, 400, 400))
-    code, _, err = cli(capsys, "report", str(DENSE), "--data", str(path), "--max-elements", "100000",
+    code, _, err = run_main(capsys, "report", str(DENSE), "--data", str(path), "--max-elements", "100000",
                        "--no-attack", "--out", str(tmp_path / "out"))
     assert code == 2
     assert one_line(err) == (f"lipcert: error: {path}: one sample of x has 160,000 elements (shape (1, 400, "

@@ -36,27 +36,37 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_torchrun_two_processes_gloo_equals_single_process(tmp_path: Path, reference: Path) -> None:
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``lipcert report ARGS`` under ``torchrun --nproc-per-node 2`` (gloo on the CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lipcert", "report", *ARGS,
-           "--batch-size", "32", "--out", str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lipcert", "report", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _kill_after(batches: int, folder: Path, *args: str) -> int:
+    """Start ``lipcert report ARGS``, SIGKILL it once ``folder`` holds ``batches`` checkpointed batches (or it
+    ended); return how many batches were checkpointed."""
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lipcert", "report", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(folder.glob("batch-*.npz"))) < batches and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list(folder.glob("batch-*.npz")))
+
+
+def test_torchrun_two_processes_gloo_equals_single_process(tmp_path: Path, reference: Path) -> None:
+    result = _torchrun(*ARGS, "--batch-size", "32", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     _same_report(tmp_path, reference)
     assert json.loads((tmp_path / "report.json").read_text())["timings"]["processes"] == 2
 
 
 def test_killed_run_resumes_to_the_same_report(tmp_path: Path, reference: Path) -> None:
-    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lipcert", "report", *ARGS, "--batch-size", "32", "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / ".lipcert-checkpoint"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(folder.glob("batch-*.npz"))) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(folder.glob("batch-*.npz")))
+    done = _kill_after(3, folder, *ARGS, "--batch-size", "32", "--out", str(tmp_path))
     assert 3 <= done < 17, "the run should have been interrupted part-way"
     assert not (tmp_path / "report.json").exists()
     resumed = run_cli("report", *ARGS, "--batch-size", "32", "--out", str(tmp_path), "--resume",
@@ -114,27 +124,15 @@ def bad_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Pat
 
 def test_torchrun_skips_the_same_samples_with_decoding_workers(tmp_path: Path, bad_folder) -> None:
     args, reference = bad_folder
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lipcert", "report", *args,
-           "--batch-size", "32", "--workers", "1", "--out", str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = _torchrun(*args, "--batch-size", "32", "--workers", "1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     _same_report(tmp_path, reference)
 
 
 def test_killed_run_with_skipped_samples_resumes_to_the_same_report(tmp_path: Path, bad_folder) -> None:
     args, reference = bad_folder
-    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lipcert", "report", *args, "--batch-size", "32", "--workers", "2", "--out",
-           str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / ".lipcert-checkpoint"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(folder.glob("batch-*.npz"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(folder.glob("batch-*.npz")))
+    done = _kill_after(2, folder, *args, "--batch-size", "32", "--workers", "2", "--out", str(tmp_path))
     assert 2 <= done < 17, "the run should have been interrupted part-way"
     resumed = run_cli("report", *args, "--batch-size", "32", "--out", str(tmp_path), "--resume",
                       env={"OMP_NUM_THREADS": "1"})

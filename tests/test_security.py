@@ -20,27 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 import lipcert
-from lipcert.cli import main
 from lipcert.data import open_dataset
 from lipcert.errors import DataError, ModelError
 
-from .conftest import SAMPLES
+from .conftest import SAMPLES, one_line, run_main
 
 PACKAGE = Path(lipcert.__file__).resolve().parent
 WEIGHT = np.eye(3, 4, dtype=np.float32) * 0.5
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------ external data
@@ -76,7 +62,7 @@ def test_symlinked_directory_component_pointing_out_is_refused(tmp_path: Path,
     with pytest.raises(ModelError, match="external data of initializer 'w' points to 'ext/w.data', outside the "
                                          "model's folder"):
         lipcert.load_model(path)
-    code, _, err = cli(capsys, "inspect", str(path))
+    code, _, err = run_main(capsys, "inspect", str(path))
     assert code == 2 and str(path) in one_line(err) and "outside the model's folder" in err
 
 
@@ -90,7 +76,7 @@ def test_symlinks_inside_the_folder_load_or_exit_2(tmp_path: Path, capsys: pytes
     os.symlink(inner / "real" / "w.data", inner / "link.data")
     for location in ("alias/w.data", "link.data"):
         path = _model_with_external(inner, location)
-        code, out, err = cli(capsys, "inspect", str(path))
+        code, out, err = run_main(capsys, "inspect", str(path))
         assert code in (0, 2), err
         assert "matches onnxruntime" in out if code == 0 else one_line(err).startswith(f"lipcert: error: {path}: ")
 
@@ -123,7 +109,7 @@ def test_external_data_in_a_subgraph_cannot_escape(tmp_path: Path, capsys: pytes
         [numpy_helper.from_array(WEIGHT, "w"), numpy_helper.from_array(np.array(True), "cond")])
     path = inner / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    code, _, err = cli(capsys, "inspect", str(path))
+    code, _, err = run_main(capsys, "inspect", str(path))
     assert code == 2
     assert one_line(err) == (f"lipcert: error: {path}: external data of subgraph initializer of node 'if' 'sub_w' "
                              "points to '../outside.data', outside the model's folder")
@@ -139,7 +125,7 @@ def test_safetensors_header_longer_than_the_file_is_refused(tmp_path: Path, caps
     path = tmp_path / "m.safetensors"
     claimed = len(raw) + extra
     path.write_bytes(struct.pack("<Q", claimed) + raw[8:])
-    code, _, err = cli(capsys, "inspect", str(path))
+    code, _, err = run_main(capsys, "inspect", str(path))
     assert code == 2
     assert one_line(err) == (f"lipcert: error: {path}: not a valid safetensors file: header of {claimed} bytes in "
                              f"a {len(raw)}-byte file")
@@ -256,7 +242,7 @@ def test_npz_with_a_pickle_is_refused_and_never_runs(tmp_path: Path, capsys: pyt
     arrays[key] = np.array([Payload(marker), Payload(marker)], dtype=object)
     path = tmp_path / "evil.npz"
     np.savez(path, **arrays)
-    code, _, err = cli(capsys, "report", str(SAMPLES / "digits_dense.onnx"), "--data", str(path), "--no-attack",
+    code, _, err = run_main(capsys, "report", str(SAMPLES / "digits_dense.onnx"), "--data", str(path), "--no-attack",
                        "--out", str(tmp_path / "out"))
     assert code == 2
     assert one_line(err) == (f"lipcert: error: {path}: {key}.npy holds Python objects (a pickle); only numeric "
@@ -309,7 +295,7 @@ def test_verify_records_arch_python(arch_python_model, tmp_path: Path, capsys: p
     model, target = arch_python_model
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    code, out, err = cli(capsys, "verify", str(model), "--arch-python", target, "--input-shape", "1,8,8",
+    code, out, err = run_main(capsys, "verify", str(model), "--arch-python", target, "--input-shape", "1,8,8",
                          "--json", str(tmp_path / "verify.json"))
     assert code in (0, 1), err
     assert NOTE in json.loads((tmp_path / "verify.json").read_text())["notes"]
@@ -320,7 +306,7 @@ def test_verify_records_arch_python(arch_python_model, tmp_path: Path, capsys: p
 def test_report_records_arch_python(arch_python_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model, target = arch_python_model
     out_dir = tmp_path / "out"
-    code, out, err = cli(capsys, "report", str(model), "--arch-python", target, "--input-shape", "1,8,8",
+    code, out, err = run_main(capsys, "report", str(model), "--arch-python", target, "--input-shape", "1,8,8",
                          "--data", str(SAMPLES / "digits_test.npz"), "--no-attack", "--out", str(out_dir))
     assert code == 0, err
     assert NOTE in json.loads((out_dir / "report.json").read_text())["notes"]

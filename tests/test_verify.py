@@ -280,7 +280,8 @@ def test_a_scale_behind_a_transpose_is_not_folded_into_the_conv_channels(tmp_pat
              helper.make_node("Relu", ["m"], ["y"], name="relu")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20, 20, 20])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 20, 20, 20])],
-                              [numpy_helper.from_array(weight.numpy(), "w"), numpy_helper.from_array(scale.numpy(), "s")])
+                              [numpy_helper.from_array(weight.numpy(), "w"),
+                               numpy_helper.from_array(scale.numpy(), "s")])
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     result = verify(load_model(path), bound=100.0)

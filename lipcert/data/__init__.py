@@ -117,13 +117,8 @@ def read_batches(ds: Dataset, batch_size: int, start: int = 0, stop: int | None 
     checked = ds.checked_batches if isinstance(ds, StreamingDataset) else _checked(ds)
     for batch in checked(batch_size, start, stop):
         bad = np.flatnonzero((batch.y < 0) | (batch.y >= num_classes)) if num_classes is not None else []
-        if len(bad):
-            skipped = batch.skipped + [(int(batch.indices[k]), f"label {int(batch.y[k])}, but the model has "
-                                        f"{num_classes} classes (0..{num_classes - 1})") for k in bad]
-            keep = np.ones(len(batch.y), dtype=bool)
-            keep[bad] = False
-            batch = Batch(batch.x[keep], batch.y[keep], batch.indices[keep], sorted(skipped))
-        yield batch
+        yield batch.leave_out({int(batch.indices[k]): f"label {int(batch.y[k])}, but the model has {num_classes} "
+                               f"classes (0..{num_classes - 1})" for k in bad})
 
 
 def _checked(ds: Dataset) -> Callable[[int, int, int | None], Iterator[Batch]]:
@@ -132,11 +127,9 @@ def _checked(ds: Dataset) -> Callable[[int, int, int | None], Iterator[Batch]]:
     def checked(batch_size: int, start: int, stop: int | None) -> Iterator[Batch]:
         offset = start
         for x, y in ds.batches(batch_size, start, stop):
-            indices = np.arange(offset, offset + len(y), dtype=np.int64)
+            batch = Batch(x, y, np.arange(offset, offset + len(y), dtype=np.int64), [])
             problems = value_problems(x, offset, 1.0, ds.info.path, "the float range")
-            keep = ~np.isin(indices, list(problems))
-            yield Batch(x[keep], y[keep], indices[keep],
-                        [(i, reason(problems[i], ds.info.path)) for i in sorted(problems)])
+            yield batch.leave_out({i: reason(error, ds.info.path) for i, error in problems.items()})
             offset += len(y)
 
     return checked

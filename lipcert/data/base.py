@@ -57,6 +57,13 @@ class Batch(NamedTuple):
     indices: np.ndarray  # int64 (B,): each sample's index in the dataset
     skipped: list[tuple[int, str]]  # (index, reason) of each sample of the batch's range left out, in order
 
+    def leave_out(self, reasons: dict[int, str]) -> "Batch":
+        """This batch without the samples (by dataset index) in ``reasons``, which join ``skipped``."""
+        if not reasons:
+            return self
+        keep = ~np.isin(self.indices, list(reasons))
+        return Batch(self.x[keep], self.y[keep], self.indices[keep], sorted(self.skipped + list(reasons.items())))
+
 
 @runtime_checkable
 class Dataset(Protocol):
@@ -413,12 +420,8 @@ class StreamingDataset:
         """
         root = str(self._source.path)
         for x, y, offset, errors in self._read(batch_size, start, stop):
-            indices = np.arange(offset, offset + len(y), dtype=np.int64)
-            if errors:
-                keep = np.ones(len(y), dtype=bool)
-                keep[[i - offset for i in errors]] = False
-                x, y, indices = x[keep], y[keep], indices[keep]
-            yield Batch(x, y, indices, [(i, reason(errors[i], root)) for i in sorted(errors)])
+            batch = Batch(x, y, np.arange(offset, offset + len(y), dtype=np.int64), [])
+            yield batch.leave_out({i: reason(error, root) for i, error in errors.items()})
 
     def labels(self, start: int = 0, stop: int | None = None, chunk_size: int = 65536) -> Iterator[np.ndarray]:
         """Yield the int64 labels of samples [start, stop) in chunks of ``chunk_size``, without reading x."""

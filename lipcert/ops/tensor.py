@@ -133,18 +133,10 @@ class Rearrange(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        if not self.flat and node.op != "Transpose":
+        if not self.flat:  # a permutation of entries; the adjoint by autograd is exact
             return from_function(lambda x: self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0],
                                  in_shape, out_shape, kind="isometry", structure={"flat": False, "onto": True},
                                  name=node.name)
-        if node.op == "Transpose":
-            perm = node.attr("perm") or list(reversed(range(len(in_shape) + 1)))
-            if perm[0] != 0:
-                return None
-            inverse = [perm.index(i) for i in range(len(perm))]
-            return from_function(lambda x: x.permute(*perm), in_shape, out_shape, kind="isometry",
-                                 structure={"flat": False, "onto": True}, name=node.name,
-                                 adjoint=lambda y: y.permute(*inverse))
         return from_function(lambda x: x.reshape((x.shape[0],) + tuple(out_shape)), in_shape, out_shape,
                              kind="isometry", structure={"flat": True, "onto": True}, name=node.name,
                              adjoint=lambda y: y.reshape((y.shape[0],) + tuple(in_shape)))
@@ -182,6 +174,16 @@ class Transpose(Rearrange):
         perm = node.attr("perm") or list(reversed(range(x.dim())))
         return [x.permute(*perm)]
 
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        perm = node.attr("perm") or list(reversed(range(len(in_shape) + 1)))
+        if var != 0 or perm[0] != 0:
+            return None  # a transpose that moves the batch axis mixes samples
+        inverse = [perm.index(i) for i in range(len(perm))]
+        return from_function(lambda x: x.permute(*perm), in_shape, out_shape, kind="isometry",
+                             structure={"flat": False, "onto": True}, name=node.name,
+                             adjoint=lambda y: y.permute(*inverse))
+
 
 def _axes(node: Node, inputs: Inputs) -> list[int] | None:
     """Axes from the opset-13+ input or the older attribute."""
@@ -189,6 +191,14 @@ def _axes(node: Node, inputs: Inputs) -> list[int] | None:
         return int_list(inputs[1])
     value = node.attr("axes")
     return None if value is None else [int(a) for a in value]
+
+
+def _blocksize(node: Node, x: torch.Tensor) -> int:
+    """DepthToSpace / SpaceToDepth: the block size, checked with the 4-D input it applies to."""
+    b = int(node.attr("blocksize"))
+    if x.dim() != 4 or b < 1:
+        raise bad(node, f"needs a 4-D input and a positive blocksize (got {x.dim()}-D, blocksize {b})")
+    return b
 
 
 @register
@@ -200,9 +210,7 @@ class DepthToSpace(Rearrange):
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
-        b = int(node.attr("blocksize"))
-        if x.dim() != 4 or b < 1:
-            raise bad(node, f"needs a 4-D input and a positive blocksize (got {x.dim()}-D, blocksize {b})")
+        b = _blocksize(node, x)
         n, c, h, w = x.shape
         if c % (b * b):
             raise bad(node, f"{c} channels are not divisible by blocksize^2 = {b * b}")
@@ -222,9 +230,7 @@ class SpaceToDepth(Rearrange):
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
-        b = int(node.attr("blocksize"))
-        if x.dim() != 4 or b < 1:
-            raise bad(node, f"needs a 4-D input and a positive blocksize (got {x.dim()}-D, blocksize {b})")
+        b = _blocksize(node, x)
         n, c, h, w = x.shape
         if h % b or w % b:
             raise bad(node, f"spatial size {h}x{w} is not divisible by blocksize {b}")
