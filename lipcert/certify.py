@@ -1,20 +1,27 @@
 """Certified radii from logits and a sound Lipschitz bound (Tsuzuku et al. 2018; Leino et al. 2021).
 
-Multi-class: r = (z_top - max_{j != top} z_j - 2 err) / (sqrt(2) L). When the network ends with a dense
-layer W after a part bounded by L', the per-pair rule r = min_j (z_top - z_j - 2 err) / (L' ||w_top - w_j||)
-is also sound, never smaller when ||W|| <= 1, and the larger of the two is used. One logit: r = (|z| - err) / L.
-``err`` bounds the floating-point error of each logit, so rounding can never certify a point.
+With L the bound of the logit map z, and E(R) = base + slope R a bound on the L2 error of the deployed float
+logits at every input within R of the reference point (``rounding.float_error``; R = ||x|| at x itself and
+||x|| + r over the ball of radius r around x), a perturbation of norm below r cannot change the deployed
+prediction when:
+
+- several logits: (z_top - z_second) - 2 sqrt(2) E(||x||) - sqrt(2) (L + slope) r > 0, since each computed
+  difference z_i - z_j is within sqrt(2) E of the exact one, at x and at x + d;
+- a last dense layer W after a part bounded by L' (per pair, Leino et al. 2021): for every j != top,
+  (z_top - z_j) - 2 sqrt(2) E(||x||) - (L' ||w_top - w_j|| + sqrt(2) slope) r > 0; the larger radius of the
+  two rules is used;
+- one logit s: |s| - 2 E(||x||) - (L + slope) r > 0.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 SQRT2 = math.sqrt(2.0)
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 
 
 @dataclass(frozen=True)
@@ -23,26 +30,24 @@ class CertificateSetup:
 
     lipschitz: float  # bound of the whole map input -> logits, in the space the user perturbs
     head_lipschitz: float | None = None  # bound of the part before the last dense layer (same space)
-    head_weight: torch.Tensor | None = None  # the last dense layer's matrix (classes x features)
-    error_scale: float = 0.0  # per-logit float error = error_scale * (max |z| + lipschitz * ||x||)
+    head_weight: torch.Tensor | None = None  # the last dense layer's rows, one per logit, in logit order
+    head_row_error: torch.Tensor | None = None  # how far each computed row may be from the exact one (L2)
+    error_base: float = 0.0  # the deployed logits err by at most error_base + error_slope R (L2), R >= ||x'||
+    error_slope: float = 0.0
+    error_plan: Any = None  # ``rounding.ErrorPlan``: the same bound around each sample, from measured norms
 
 
-def float_error_scale(depth: int, max_fan_in: int, dtype: torch.dtype) -> float:
-    """Relative float error of each logit: each of ``depth`` layers adds at most gamma_n = n u / (1 - n u)
-    of the activations' magnitude (Higham, "Accuracy and Stability of Numerical Algorithms", 3.5), and a
-    Lipschitz network carries earlier errors forward with factor at most 1; doubled for safety."""
-    u = UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
-    n = max(1, max_fan_in)
-    gamma = n * u / max(1e-12, 1 - n * u)
-    return 2.0 * depth * gamma
+def pair_norms(weight: torch.Tensor, row_error: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper bounds on ||w_i - w_j|| for every pair of rows of the last dense layer (classes x classes).
 
-
-def pair_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||w_i - w_j|| for every pair of rows of the last dense layer (classes x classes)."""
+    The differences are formed entry by entry (no cancellation through a Gram matrix), their norms raised by
+    their float64 rounding, plus ``row_error[i] + row_error[j]``, a bound on how far each computed row is
+    from the exact one."""
     w = weight.double()
-    sq = (w * w).sum(dim=1)
-    gram = w @ w.T
-    return (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).sqrt()
+    norms = torch.stack([(w - row).norm(dim=1) for row in w]) * (1 + 4 * w.shape[1] * 2.0 ** -53)
+    if row_error is not None:
+        norms = norms + row_error[:, None] + row_error[None, :]
+    return norms
 
 
 @dataclass
@@ -56,8 +61,11 @@ class Certificates:
 
 
 def certify_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: CertificateSetup,
-                   pairs: torch.Tensor | None = None) -> Certificates:
-    """Prediction, margin (top logit minus the runner-up) and certified L2 radius of each sample."""
+                   pairs: torch.Tensor | None = None, error: Any = None) -> Certificates:
+    """Prediction, margin (top logit minus the runner-up) and certified L2 radius of each sample.
+
+    ``error`` (a ``rounding.Affine``) bounds each sample's logit error by base + slope r over the ball of
+    radius r around it; by default, setup.error_base + setup.error_slope (||x|| + r)."""
     z = logits.double()
     if not math.isfinite(setup.lipschitz):
         top = z.topk(min(2, z.shape[1]), dim=1)
@@ -65,21 +73,25 @@ def certify_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: Certificat
         margin = z[:, 0].abs() if z.shape[1] == 1 else top.values[:, 0] - top.values[:, 1]
         zero = torch.zeros_like(margin)
         return Certificates(prediction, margin, zero, zero)
-    err = setup.error_scale * (z.abs().amax(dim=1) + setup.lipschitz * x_norm.double())
+    if error is None:
+        err, slope = setup.error_base + setup.error_slope * x_norm.double(), setup.error_slope
+    else:
+        err, slope = torch.as_tensor(error.base, dtype=torch.float64).to(z.device), error.slope
+    err = err.expand(z.shape[0]) if err.dim() == 0 else err
     if z.shape[1] == 1:
         score = z[:, 0]
         prediction = (score > 0).long()
         margin = score.abs()
-        radius = ((margin - err) / setup.lipschitz).clamp_min(0)
+        radius = ((margin - 2 * err) / (setup.lipschitz + slope)).clamp_min(0)
         return Certificates(prediction, margin, radius, radius)
     top2 = z.topk(2, dim=1)
     prediction = top2.indices[:, 0]
     margin = top2.values[:, 0] - top2.values[:, 1]
-    radius = ((margin - 2 * err) / (SQRT2 * setup.lipschitz)).clamp_min(0)
+    radius = ((margin - 2 * SQRT2 * err) / (SQRT2 * (setup.lipschitz + slope))).clamp_min(0)
     sqrt2 = radius
     if setup.head_weight is not None and setup.head_lipschitz is not None and pairs is not None:
-        gaps = z.gather(1, prediction[:, None]) - z - 2 * err[:, None]
-        norms = setup.head_lipschitz * pairs[prediction]
+        gaps = z.gather(1, prediction[:, None]) - z - 2 * SQRT2 * err[:, None]
+        norms = setup.head_lipschitz * pairs[prediction] + SQRT2 * slope
         per_pair = torch.where(norms > 0, gaps / norms.clamp_min(1e-300), torch.full_like(gaps, math.inf))
         per_pair.scatter_(1, prediction[:, None], math.inf)
         radius = torch.maximum(radius, per_pair.amin(dim=1).clamp_min(0))

@@ -42,20 +42,26 @@ def ort_session(model: onnx.ModelProto, providers: list[str] | None = None, opti
                                 providers=providers or ["CPUExecutionProvider"])
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the intermediate values ``names`` (float tensors)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in known:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return copy
+
+
 def _relative(diff: float, ref: np.ndarray) -> float:
     return diff / max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-12)
 
 
 def _first_divergence(graph: Graph, x: np.ndarray, ours: dict[str, torch.Tensor], rtol: float) -> str:
     """Run onnxruntime with every intermediate value exposed; the first node beyond tolerance."""
-    model = onnx.ModelProto()
-    model.CopyFrom(graph.onnx_model)
-    known = {o.name for o in model.graph.output}
-    exists = {o for n in model.graph.node for o in n.output}
-    for node in graph.nodes:
-        for name in node.outputs:
-            if name in exists and name not in known and name in ours and ours[name].is_floating_point():
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    exists = {o for n in graph.onnx_model.graph.node for o in n.output}
+    model = with_outputs(graph.onnx_model, [name for node in graph.nodes for name in node.outputs
+                                            if name in exists and name in ours and ours[name].is_floating_point()])
     session = ort_session(model, optimize=False)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(None, {graph.input_name: x})))

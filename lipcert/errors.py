@@ -24,3 +24,8 @@ class DataError(LipcertError):
 
 class ConfigError(LipcertError):
     """A flag or configuration value is invalid."""
+
+
+class SelfCheckError(RuntimeError):
+    """lipcert contradicts itself (a measured lower bound above a proven upper bound): a bug in lipcert, never a
+    verdict or a certificate. The CLI reports it as an internal error (exit code 3)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -41,12 +42,16 @@ class GraphModule(torch.nn.Module):
         """Every value of the graph for input ``x`` (the input, the parameters and each node output)."""
         return self._run(x, keep=True)
 
-    def _run(self, x: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
+    def _run(self, x: torch.Tensor, keep: bool,
+             observe: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
         """Run the nodes in order; unless ``keep``, drop each value after its last reader, so that memory
-        is reused as in an ordinary module instead of holding every activation of the batch at once."""
+        is reused as in an ordinary module instead of holding every activation of the batch at once.
+        ``observe(name, value)`` sees the input and every node output as it is computed."""
         ctx = RunContext(x.dtype)
         env = self.constants()
         env[self.graph.input_name] = x
+        if observe is not None:
+            observe(self.graph.input_name, x)
         for i, node in enumerate(self.graph.nodes):
             args = []
             for name in node.inputs:
@@ -58,6 +63,8 @@ class GraphModule(torch.nn.Module):
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
+                    if observe is not None:
+                        observe(name, value)
             if not keep:
                 for name in self._release[i]:
                     env.pop(name, None)
@@ -66,6 +73,33 @@ class GraphModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return in_fixed_batches(lambda chunk: self._run(chunk, keep=False)[self.graph.output], x,
                                 self.graph.fixed_batch)
+
+    def forward_norms(self, x: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output, and the per-sample float64 L2 norm of each value in ``names`` (on the CPU), taken as
+        the values are computed."""
+        found: dict[str, list[torch.Tensor]] = {}
+
+        def observe(name: str, value: torch.Tensor) -> None:
+            if name in names and value.is_floating_point() and value.dim() >= 1:
+                flat = value.detach().reshape(value.shape[0], -1).double()
+                found.setdefault(name, []).append(torch.linalg.vector_norm(flat, dim=1).cpu())
+
+        out = in_fixed_batches(lambda chunk: self._run(chunk, keep=False, observe=observe)[self.graph.output], x,
+                               self.graph.fixed_batch)
+        return out, {name: torch.cat(parts)[: x.shape[0]] for name, parts in found.items()}
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Run float32 matrix products and convolutions in float32, not TF32 (torch's GPU default for
+    convolutions): the float error allowance of certificates assumes float32 arithmetic."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def in_fixed_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

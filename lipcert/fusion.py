@@ -86,7 +86,11 @@ def _absorb(a: LinearOperator, b: LinearOperator) -> LinearOperator:
 
 
 def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | None:
-    """Pad(mode=wrap) then Conv(pads=0) with pad total = effective kernel - 1 per axis: a circular conv."""
+    """Pad(mode=wrap) then Conv(pads=0) with pad total = effective kernel - 1 per axis: a circular conv.
+
+    Assumes: the pad is one wrap pad whose input is the conv's input grid (aligned cores), it pads only the
+    conv's spatial axes, by at most the axis length, and the conv is not transposed and unpadded. Then
+    output o reads x[(s o + d t - begin) mod n], which is what ``spectral`` bounds as circular."""
     s = conv.structure
     if s.get("transpose") or any(s["pads"]) or pad.structure.get("mode") != "wrap" or not _aligned(pad, conv):
         return None
@@ -99,11 +103,22 @@ def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | Non
     w = s["weight"]
     for i in range(nd):
         extent = (w.shape[2 + i] - 1) * s["dilation"][i] + 1
-        if pads[rank - nd + i] + pads[2 * rank - nd + i] != extent - 1:
-            return None
+        begin, end = pads[rank - nd + i], pads[2 * rank - nd + i]
+        if begin + end != extent - 1 or max(begin, end) > pad_in[1 + i]:
+            return None  # a wrap pad longer than the axis copies entries twice: not a circular shift
     structure = {**s, "circular": True, "input_spatial": tuple(pad_in[1:]),
                  "pads": tuple(pads[rank - nd:rank]) + tuple(pads[2 * rank - nd:])}
     return _joined(pad, conv, "conv", structure)
+
+
+def _wrap_pair(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
+    """Two wrap pads on disjoint axes (torch pads H, then W): one wrap pad, since each axis' index map
+    (p - begin) mod n is independent of the others. The same axis padded twice is not a wrap pad: None."""
+    pa, pb = a.structure["pads"], b.structure["pads"]
+    rank = len(pa) // 2
+    if len(pb) != len(pa) or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
+        return None
+    return _joined(a, b, "nonnegative", {"mode": "wrap", "pads": [p + q for p, q in zip(pa, pb)]})
 
 
 def _scale_of(op: LinearOperator) -> torch.Tensor | float | None:
@@ -139,9 +154,8 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
         return _absorb(a, b)
     if a.structure.get("mode") == "wrap" and b.kind == "conv":
         return _circular(a, b)
-    if a.structure.get("mode") == "wrap" and b.structure.get("mode") == "wrap" and _aligned(a, b):
-        pads = [p + q for p, q in zip(a.structure["pads"], b.structure["pads"])]
-        return _joined(a, b, "nonnegative", {"mode": "wrap", "pads": pads})
+    if a.structure.get("mode") == b.structure.get("mode") == "wrap" and _aligned(a, b):
+        return _wrap_pair(a, b)
     sa, sb = _scale_of(a), _scale_of(b)
     if isinstance(sa, float) or isinstance(sb, float):
         scalar = sa if isinstance(sa, float) else sb

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .crosscheck import CrossCheck, crosscheck
+from .fold import check_per_sample
 from . import limits
 from .errors import LipcertError, ModelError
 from .graph import Graph
@@ -206,6 +207,7 @@ def load_model(path: str | Path, arch: str | Path | None = None, *, arch_python:
     """
     graph = load_graph(path, arch=arch, arch_python=arch_python, input_shape=input_shape,
                        max_elements=max_elements)
+    check_per_sample(graph)
     result: CrossCheck | None = None
     if check:
         result = crosscheck(graph) if rtol is None else crosscheck(graph, rtol=rtol)

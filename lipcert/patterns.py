@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 
-from .analysis import Context, Step
+from .analysis import Context, Part, Step
 from .graph import Node
 from .linop import LinearOperator, from_function
 from .ops import REGISTRY
+from .ops.base import EXACT, Rounding
 
 SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
 
@@ -50,14 +51,14 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
         return None
     axes = [_reduce_axes(p, ctx) for p in prods]
     axis = _axis(node, ctx, node.inputs[0])
-    if axes[0] is None or axes[0] != axes[1] or axes[0] != [axis]:
+    if axes[0] is None or axes[0] != axes[1] or axes[0] != [axis] or axis < 1:
         return None
     if not all(int(p.attr("keepdims", 1)) for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
         return None
     size = ctx.shape(prods[0].inputs[0])[axis - 1]
     return Step("pattern", f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
                 [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
-                constant=1.0, reason=SORT_REASON)
+                constant=1.0, reason=SORT_REASON, details={"rounding": EXACT})
 
 
 def _split_parts(ctx: Context, a: str, b: str) -> tuple[str, list[Node]] | None:
@@ -113,17 +114,23 @@ def maxmin_split(ctx: Context, node: Node) -> Step | None:
     if not all(ctx.only_user(i, node) for i in node.inputs):
         return None
     a, b = prods[0].inputs
+    if ctx.shape(a) is None or ctx.shape(a) != ctx.shape(b):
+        return None  # a broadcast part would pair one entry with several
     found = _split_parts(ctx, a, b)
     if found is None:
         return None
     src, splitters = found
     claimed = [p.name for p in prods] + [node.name]
+    reads = []
     for s in splitters:
-        if all(all(u in prods for u in ctx.users.get(o, [])) for o in s.outputs if o):
+        if all(all(u in prods for u in ctx.users.get(o, [])) for o in s.outputs if o) \
+                and not any(o in ctx.graph.outputs for o in s.outputs):
             claimed.append(s.name)
+        else:
+            reads.append(s.name)
     return Step("pattern", "MaxMin (Split/Max/Min/Concat)", claimed, [src], node.outputs[0],
-                constant=1.0, reason="max and min of disjoint pairs: a permutation of the pair per sample, "
-                                     "1-Lipschitz (Anil et al. 2019)")
+                constant=1.0, reason="max and min of disjoint, equally shaped parts: a permutation of each pair, "
+                                     "1-Lipschitz (Anil et al. 2019)", details={"reads": reads, "rounding": EXACT})
 
 
 def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
@@ -139,7 +146,8 @@ def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
                 and ctx.only_user(neg.outputs[0], negated) and direct.inputs[0] in ctx.data:
             return Step("pattern", "MaxMin-style (Relu(x), Relu(-x))",
                         [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
-                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
+                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2",
+                        details={"rounding": EXACT})
     return None
 
 
@@ -216,21 +224,26 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
     elif not (square.op == "Mul" and square.inputs[0] == square.inputs[1]):
         return None
     x = square.inputs[0]
-    in_shape = ctx.shape(x)
-    from .ops.pooling import pool_rule, pool_settings
-
-    settings = pool_settings(pool, in_shape[1:]) if in_shape else None
-    if settings is None or (any(settings["pads"]) and not int(pool.attr("count_include_pad", 0))):
-        return None
-    window = math.prod(settings["kernel"])
+    in_shape, pool_shape = ctx.shape(x), ctx.shape(pool.outputs[0])
     inner = guards + [pool, square] + claimed
-    if not all(all(u in inner for u in ctx.users.get(o, [])) for n in inner if n is not node for o in n.outputs):
+    if in_shape is None or pool_shape is None or not all(
+            all(u in inner for u in ctx.users.get(o, [])) for n in inner if n is not node for o in n.outputs):
         return None
-    overlap = pool_rule("L2-norm pooling", settings)
-    constant = math.sqrt(factor / window) * overlap.constant
+    pooling = REGISTRY["AveragePool"].linear(pool, ctx.const_inputs(pool), 0, in_shape, pool_shape)
+    # squares, the window sum and division, the scalars and the root: every term non-negative, so each rounding
+    # is relative to the output (Pow counted as 4)
+    window = math.prod(pool.attr("kernel_shape"))
+    with torch.no_grad():
+        weights = pooling.adjoint(torch.ones((1,) + tuple(pool_shape), dtype=torch.float64))
+    heaviest = float(weights.max()) if weights.numel() else 0.0
+    # sums of positive terms: relative error below 1e-12, covered by the factor
+    constant = math.nextafter(math.sqrt(factor * heaviest) * (1 + 1e-12), math.inf)
     return Step("pattern", "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x],
                 node.outputs[0], constant=constant,
-                reason=f"sqrt({factor:g}/{window}) * ||window||_2; {overlap.reason}")
+                reason=f"sqrt(c P(x^2)) with P the average pool and c = {factor:g}: each output is a weighted "
+                       f"L2 norm, so the constant is sqrt(c x the largest total weight of one input entry, "
+                       f"{heaviest:.6g}); padding, overlap and partial windows included",
+                details={"rounding": Rounding(relative=window + len(claimed) + 8)})
 
 
 def wrap_concat(ctx: Context, node: Node) -> Step | None:
@@ -273,17 +286,18 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
     operator = from_function(forward, shape, out_shape, kind="nonnegative", name=node.name,
                              structure={"mode": "wrap", "pads": pads})
     return Step("linear", "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
-                operator=operator)
+                operator=operator, parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
 
 
 SLOPE_01 = {"Relu", "Sigmoid", "Tanh"}
 
 
 def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
-                  target: str | None = None) -> tuple[list[Node], str] | None:
+                  target: str | None = None) -> tuple[list[tuple[Node, int]], str] | None:
     """Walk back from ``value`` through single-data-input linear nodes, each value read only by the next,
-    until reaching ``target`` or a node for which ``stop`` holds; the nodes come in forward order."""
-    nodes: list[Node] = []
+    until reaching ``target`` or a node for which ``stop`` holds. Returns the (node, output index) pairs in
+    forward order: each node's linear map is the one of the output the chain goes through."""
+    nodes: list[tuple[Node, int]] = []
     reader: Node | None = None
     while True:
         if value == target:
@@ -299,23 +313,27 @@ def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
         shape_in, shape_out = ctx.shape(node.inputs[data[0]]), ctx.shape(value)
         if shape_in is None or shape_out is None:
             return None
-        if REGISTRY[node.op].linear(node, ctx.const_inputs(node), data[0], shape_in, shape_out) is None:
+        output = node.outputs.index(value)
+        if REGISTRY[node.op].linear(node, ctx.const_inputs(node), data[0], shape_in, shape_out, output) is None:
             return None
-        nodes.append(node)
+        nodes.append((node, output))
         reader = node
         value = node.inputs[data[0]]
 
 
-def _operator(ctx: Context, nodes: list[Node]) -> LinearOperator:
-    ops = []
-    for node in nodes:
+def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator, list[Part]]:
+    """The composed linear map of a chain of (node, output index) pairs, and its parts."""
+    parts = []
+    for node, output in nodes:
         var = ctx.data_inputs(node)[0]
-        ops.append(REGISTRY[node.op].linear(node, ctx.const_inputs(node), var, ctx.shape(node.inputs[var]),
-                                            ctx.shape(node.outputs[0])))
-    op = ops[0]
-    for nxt in ops[1:]:
-        op = op.then(nxt)
-    return op
+        consts, in_shape, out = ctx.const_inputs(node), ctx.shape(node.inputs[var]), node.outputs[output]
+        op = REGISTRY[node.op]
+        parts.append(Part(op.linear(node, consts, var, in_shape, ctx.shape(out), output),
+                          op.rounding(node, consts, var, in_shape, ctx.shape(out), output), out))
+    composed = parts[0].operator
+    for part in parts[1:]:
+        composed = composed.then(part.operator)
+    return composed, parts
 
 
 #: above this many entries an SLL block's operators are not materialised as matrices
@@ -328,13 +346,16 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
     if node.op not in ("Sub", "Add") or len(ctx.data_inputs(node)) != 2:
         return None
     x, r = node.inputs
-    for skip, branch, sign in ((x, r, 1.0), (r, x, -1.0)) if node.op == "Add" else ((x, r, 1.0),):
+    shape = ctx.shape(node.outputs[0])
+    if shape is None or ctx.shape(x) != shape or ctx.shape(r) != shape:
+        return None  # a broadcast skip or branch is not the block's x or A s(Bx + b)
+    for skip, branch in ((x, r), (r, x)) if node.op == "Add" else ((x, r),):
         found = _sll_branch(ctx, node, skip, branch)
         if found is None:
             continue
         a_nodes, act, b_nodes = found
-        a_op, b_op = _operator(ctx, a_nodes), _operator(ctx, b_nodes)
-        if a_op.in_numel * a_op.out_numel > SLL_DENSE_LIMIT:
+        (a_op, a_parts), (b_op, b_parts) = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
+        if max(a_op.in_numel * a_op.out_numel, b_op.in_numel * b_op.out_numel) > SLL_DENSE_LIMIT:
             return None
         a = a_op.to_dense()
         if node.op == "Add":
@@ -359,12 +380,22 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
                                            (b.shape[1],), (b.shape[0],), kind="matrix",
                                            structure={"matrix": b})).value
         slack = residual * b_norm
-        names = [n.name for n in a_nodes + [act] + b_nodes] + [node.name]
+        names = [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
+        hidden, act_shape = act.inputs[0], ctx.shape(act.outputs[0])
+        act_rule = REGISTRY[act.op]
+        substeps = [  # how the block is computed, for the float error analysis
+            Step("linear", "B", [], [skip], hidden, operator=b_op, parts=b_parts),
+            Step("rule", act.op, [act.name], [hidden], act.outputs[0], constant=1.0,
+                 parts=[Part(None, act_rule.rounding(act, ctx.const_inputs(act), 0, act_shape, act_shape),
+                             act.outputs[0])]),
+            Step("linear", "A", [], [act.outputs[0]], branch, operator=a_op, parts=a_parts),
+            Step("sum", node.op, [node.name], [skip, branch], node.outputs[0],
+                 details={"weights": [1.0, 1.0], "count": 2, "offset": 0.0})]
         return Step("pattern", "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
                     constant=1.0 + slack,
                     reason=f"||S^1/2 B|| <= {sb:.6g} <= sqrt(2) (Araujo et al. 2023); "
                            f"A = B^T S up to {residual:.2g} (Frobenius), adding {slack:.2g}",
-                    details={"sqrt_s_b_norm": sb, "residual": residual})
+                    details={"sqrt_s_b_norm": sb, "residual": residual, "substeps": substeps})
     return None
 
 
@@ -378,7 +409,7 @@ def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
         return None
     a_nodes, act_out = found
     act = ctx.producer[act_out]
-    if not ctx.only_user(act_out, a_nodes[0]):
+    if not ctx.only_user(act_out, a_nodes[0][0]):
         return None
     found_b = _affine_chain(ctx, act.inputs[0], lambda n: False, target=skip)
     if found_b is None or not found_b[0] or found_b[1] != skip:

@@ -16,8 +16,9 @@ import torch
 from . import __version__
 from .analysis import Step, decompose
 from .empirical import network_lower_bound
-from .errors import ConfigError
+from .errors import ConfigError, SelfCheckError
 from .executor import GraphModule
+from .fold import data_dependent
 from .fusion import refine
 from .graph import Graph
 from .power_iteration import power_iteration
@@ -158,7 +159,7 @@ def _fft_starts(op) -> torch.Tensor | None:
 
 
 def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: Graph,
-           lower_bounds: bool = True) -> tuple[LayerResult, float]:
+           lower_bounds: bool = True, max_iter: int = 1000) -> tuple[LayerResult, float]:
     """Bound one step; returns its row and its Lipschitz factor (inf when it has no rule)."""
     graph_ops = {n.name: n.op for n in graph.nodes}
     shapes = graph.value_shapes
@@ -178,11 +179,11 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
         sigma, method, gap = None, None, None
         if lower_bounds:
             init = _svd_start(op) if ub.method == "svd" else _fft_starts(op) if ub.method == "fft-circular" else None
-            pi = power_iteration(op, device=device, seed=seed, init=init)
+            pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
             sigma = pi.sigma
             if math.isfinite(ub.value) and sigma > ub.value * (1 + 1e-6) + 1e-12:
-                raise RuntimeError(f"layer {name}: the power-iteration lower bound {sigma:.9g} exceeds the upper bound "
-                                   f"{ub.value:.9g} ({ub.method}); lipcert's bound for this operator is wrong")
+                raise SelfCheckError(f"layer {name}: the power-iteration lower bound {sigma:.9g} exceeds the upper "
+                                     f"bound {ub.value:.9g} ({ub.method}); lipcert's bound for this operator is wrong")
             gap = (ub.value - sigma) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
             method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
         row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method,
@@ -199,10 +200,18 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
     return row, math.inf
 
 
-def _combine(kind: str, values: list[float]) -> float:
-    if kind == "sum":
-        return math.fsum(values) * (1 + 1e-12)
-    return math.sqrt(math.fsum(v * v for v in values)) * (1 + 1e-12)
+def _combine(step: Step, values: list[float]) -> float:
+    """A sum's bound is sum(w L); a concatenation's or elementwise max's is sqrt(sum((w L)^2)), rounded up."""
+    weighted = [scale_up(v, w) for v, w in zip(values, step.details["weights"])]
+    if step.kind == "sum":
+        return math.fsum(weighted) * (1 + 1e-12)
+    return math.sqrt(math.fsum(v * v for v in weighted)) * (1 + 1e-12)
+
+
+def scale_up(value: float, factor: float) -> float:
+    """value x factor rounded up, where a zero on either side gives 0 (a map with a constant input, or a
+    zero linear map, has a constant output) instead of inf x 0."""
+    return 0.0 if value == 0.0 or factor == 0.0 else mul_up(value, factor)
 
 
 @dataclass
@@ -215,31 +224,52 @@ class Propagation:
     factors: list[tuple[float, str]]
     combinations: list[dict]
 
+    output: str = ""
+    #: whether the graph's output depends on the input's values (a constant output has bound 0)
+    output_is_data: bool = True
+
     @property
     def upper(self) -> float:
-        return self.bounds.get(self.output, 0.0)
-
-    output: str = ""
+        return self.bounds.get(self.output, math.inf if self.output_is_data else 0.0)
 
 
 def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device: str = "cpu", seed: int = 0,
-              lower_bounds: bool = True) -> Propagation:
+              lower_bounds: bool = True, max_iter: int = 1000) -> Propagation:
     """Bound each step and propagate: linear and rule steps multiply, sums add, concatenations and
-    elementwise max/min combine as sqrt(sum of squares)."""
+    elementwise max/min combine as sqrt(sum of squares). With ``lower_bounds``, each linear step also gets a
+    power-iteration lower estimate (at most ``max_iter`` steps), and one above its upper bound raises
+    ``SelfCheckError``."""
     steps = decompose(graph)
-    prop = Propagation([], steps, {graph.input_name: 1.0}, [], [], output=graph.output)
+    prop = Propagation([], steps, {graph.input_name: 1.0}, [], [], output=graph.output,
+                       output_is_data=graph.output in data_dependent(graph))
     for step in steps:
-        incoming = [prop.bounds.get(i, 0.0) for i in step.inputs]
+        # a value no step bounds has no bound: infinite, never 0
+        incoming = [prop.bounds.get(i, math.inf) for i in step.inputs]
         if step.kind in ("sum", "concat", "max"):
-            prop.bounds[step.output] = _combine(step.kind, incoming)
+            prop.bounds[step.output] = _combine(step, incoming)
             prop.combinations.append({"node": step.nodes[0], "op": step.label, "rule": step.reason,
-                                      "inputs": incoming, "bound": prop.bounds[step.output]})
+                                      "inputs": incoming, "weights": step.details["weights"],
+                                      "bound": prop.bounds[step.output]})
             continue
-        row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds)
+        row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds, max_iter)
+        step.details["factor"] = factor
         prop.layers.append(row)
         prop.factors.append((factor, row.name))
-        prop.bounds[step.output] = mul_up(incoming[0], factor) if incoming[0] else 0.0
+        # steps of one input scale its bound; a step without a rule may read several: inf unless all constant
+        moving = max(incoming, default=0.0) if len(incoming) > 1 else incoming[0]
+        prop.bounds[step.output] = scale_up(moving, factor)
     return prop
+
+
+#: relative slack of the network self-check: a ratio measured in float64 on nearby inputs carries rounding
+NETWORK_CHECK_SLACK = 1e-4
+
+
+def check_network(lower: float, upper: float, method: str) -> None:
+    """A ratio measured on a real pair of inputs above the sound network bound is lipcert's bug: raise."""
+    if lower > upper * (1 + NETWORK_CHECK_SLACK) + 1e-12:
+        raise SelfCheckError(f"the measured network lower bound {lower:.9g} ({method}) exceeds the sound upper bound "
+                             f"{upper:.9g}; lipcert's bound for this network is wrong")
 
 
 def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "cpu",
@@ -273,6 +303,7 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
             points = torch.rand((16,) + graph.input_shape, generator=gen)
         found = network_lower_bound(module, points.to(device=device, dtype=torch.float64), seed=seed)
         lower, lower_method = found.value, f"{found.method} ({found.points} points)"
+        check_network(lower, upper, lower_method)
     status = status_of(lower, upper, claim, tol)
     top = sorted(((f, n) for f, n in prop.factors if f > 1.0 + tol), key=lambda t: -t[0])[:5]
     return VerifyResult(

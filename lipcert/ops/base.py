@@ -34,6 +34,39 @@ class LipschitzRule:
     reason: str
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """How one node's floating-point evaluation errs (``lipcert.rounding`` turns it into a certificate margin).
+
+    For the output y = op(u) computed from the computed input u, with gamma_n = n u / (1 - n u) and u the unit
+    roundoff: ||fl(y) - y||_2 <= gamma_terms (||abs_op|| ||u|| + offset) + gamma_relative ||y||
+    + gamma_absolute sqrt(numel(y)). ``abs_op`` is the linear map with the absolute values of the node's matrix
+    (|W|: conv with |kernel|, a copy for reshapes and pads); it is given for every linear node, exact or not, so
+    that chains of them compose. ``terms`` is the longest accumulation of one output entry (a dot product of
+    length n in any order, with or without FMA, is within gamma_n |W| |u|, Higham ch. 3), ``offset`` the norm of
+    the constants added (bias). An exact node (a copy, ReLU, max, a comparison) has every count zero."""
+
+    terms: int = 0
+    abs_op: "LinearOperator | None" = None
+    offset: float = 0.0
+    relative: float = 0.0
+    absolute: float = 0.0
+    #: the node adds non-zero constants to its linear map (a Concat with constants): exact, but its output's
+    #: size is not that of |W| |u|
+    affine: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return not (self.terms or self.relative or self.absolute)
+
+
+EXACT = Rounding()
+
+#: per-entry error of elementwise transcendental functions (exp, tanh, sigmoid, ...), in units of u: far above
+#: what correctly rounded or libm/MLAS/CUDA implementations reach (a few ulps), stated as an assumption
+TRANSCENDENTAL_ULPS = 64
+
+
 class Op:
     """Base class of a registry entry. Subclasses set ``name`` and implement ``run``."""
 
@@ -48,8 +81,14 @@ class Op:
         return None
 
     def lipschitz(self, node: Node, consts: Sequence[torch.Tensor | None], var: int,
-                  in_shape: tuple[int, ...]) -> LipschitzRule | None:
+                  in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LipschitzRule | None:
         """A Lipschitz constant of a nonlinear operator in input ``var`` (others constant), or None."""
+        return None
+
+    def rounding(self, node: Node, consts: Sequence[torch.Tensor | None], var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        """How the node's float evaluation errs (see ``Rounding``) when it has a linear map or a Lipschitz rule
+        in input ``var``; None when unknown, which makes the certificate's error allowance infinite."""
         return None
 
 

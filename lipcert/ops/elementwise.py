@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from ..graph import Node
 from ..linop import LinearOperator, from_function
-from .base import LipschitzRule, Op, RunContext, bad, register
+from .base import EXACT, TRANSCENDENTAL_ULPS, LipschitzRule, Op, Rounding, RunContext, bad, register
 
 Inputs = Sequence[torch.Tensor | None]
 
@@ -47,6 +48,8 @@ class Unary(Op):
 
     constant: float | None = None
     reason = ""
+    #: how the function's float evaluation errs, for operators with a rule
+    error: Rounding = EXACT
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -54,8 +57,15 @@ class Unary(Op):
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [self.fn(node, inputs[0])]
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
         return None if self.constant is None else LipschitzRule(self.constant, self.reason)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        if self.linear(node, consts, var, in_shape, out_shape) is not None:
+            return Rounding(abs_op=scaling(node.name, 1.0, in_shape, out_shape))  # Neg, Identity: exact copies
+        return self.error if self.lipschitz(node, consts, var, in_shape, out_shape) is not None else None
 
 
 @register
@@ -70,11 +80,13 @@ class Relu(Unary):
 @register
 class LeakyRelu(Unary):
     name = "LeakyRelu"
+    error = Rounding(relative=1)  # slope * x: one rounding
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(x, float(node.attr("alpha", 0.01)))
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
         slope = abs(float(node.attr("alpha", 0.01)))
         return LipschitzRule(max(1.0, slope), f"LeakyReLU with slope {slope:g}: max(1, |slope|)")
 
@@ -144,6 +156,7 @@ class Reciprocal(Unary):
 class Sigmoid(Unary):
     name = "Sigmoid"
     constant, reason = 0.25, "sigmoid' <= 1/4"
+    error = Rounding(absolute=TRANSCENDENTAL_ULPS)
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
@@ -153,6 +166,7 @@ class Sigmoid(Unary):
 class Tanh(Unary):
     name = "Tanh"
     constant, reason = 1.0, "tanh' <= 1"
+    error = Rounding(absolute=TRANSCENDENTAL_ULPS)
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x)
@@ -162,6 +176,7 @@ class Tanh(Unary):
 class Softplus(Unary):
     name = "Softplus"
     constant, reason = 1.0, "softplus' = sigmoid <= 1"
+    error = Rounding(relative=TRANSCENDENTAL_ULPS, absolute=TRANSCENDENTAL_ULPS)
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return F.softplus(x)
@@ -174,9 +189,15 @@ class Elu(Unary):
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return F.elu(x, float(node.attr("alpha", 1.0)))
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
         alpha = abs(float(node.attr("alpha", 1.0)))
         return LipschitzRule(max(1.0, alpha), f"ELU with alpha {alpha:g}: max(1, alpha)")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        alpha = abs(float(node.attr("alpha", 1.0)))
+        return Rounding(relative=TRANSCENDENTAL_ULPS, absolute=TRANSCENDENTAL_ULPS * max(1.0, alpha))
 
 
 @register
@@ -209,6 +230,10 @@ class Dropout(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         return scaling(node.name, 1.0, in_shape, out_shape) if var == 0 and output == 0 else None
 
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return Rounding(abs_op=scaling(node.name, 1.0, in_shape, out_shape)) if var == 0 and output == 0 else None
+
 
 @register
 class Clip(Op):
@@ -227,8 +252,13 @@ class Clip(Op):
             return [inputs[0]]
         return [torch.clamp(inputs[0], min=lo, max=hi)]
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
         return LipschitzRule(1.0, "clipping is 1-Lipschitz") if var == 0 else None
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return EXACT if var == 0 else None
 
 
 @register
@@ -257,8 +287,42 @@ class Binary(Op):
         return [self.fn(inputs[0], inputs[1])]
 
 
+def broadcast_norm(c: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
+    """||c|| once broadcast to one sample of ``out_shape`` (a constant added to every sample)."""
+    if c is None:
+        return 0.0
+    c = per_sample(c.double(), out_shape)
+    if c is None:
+        return math.inf
+    return float(torch.broadcast_to(c.abs(), out_shape).norm()) if c.numel() else 0.0
+
+
+class Shift(Binary):
+    """Add or Sub: with one data input, x + c (or c - x): one rounding of each entry, relative to |x| + |c|."""
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        if self.linear(node, consts, var, in_shape, out_shape) is None:
+            return None
+        return Rounding(terms=1, abs_op=scaling(node.name, 1.0, in_shape, out_shape),
+                        offset=broadcast_norm(consts[1 - var], out_shape))
+
+
+class Scale(Binary):
+    """Mul or Div by a constant: one rounding of each entry, relative to |c x| (or |x / c|)."""
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        op = self.linear(node, consts, var, in_shape, out_shape)
+        if op is None:
+            return None
+        factor = op.structure.get("value", op.structure.get("scale"))
+        magnitude = abs(factor) if isinstance(factor, float) else factor.abs()
+        return Rounding(terms=1, abs_op=scaling(node.name, magnitude, in_shape, out_shape))
+
+
 @register
-class Add(Binary):
+class Add(Shift):
     name = "Add"
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -270,7 +334,7 @@ class Add(Binary):
 
 
 @register
-class Sub(Binary):
+class Sub(Shift):
     name = "Sub"
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -284,7 +348,7 @@ class Sub(Binary):
 
 
 @register
-class Mul(Binary):
+class Mul(Scale):
     name = "Mul"
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -297,7 +361,7 @@ class Mul(Binary):
 
 
 @register
-class Div(Binary):
+class Div(Scale):
     name = "Div"
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -320,6 +384,18 @@ class Pow(Binary):
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = torch.pow(a, b)
         return out.to(a.dtype)
+
+
+def broadcast_rule(what: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LipschitzRule | None:
+    """Elementwise max/min of one data input and constants: 1-Lipschitz per entry, and an entry that
+    broadcasting repeats k = out/in times counts sqrt(k) times. Assumes out is the broadcast of in."""
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    if n_in == 0 or n_out % n_in or tuple(torch.broadcast_shapes(in_shape, out_shape)) != tuple(out_shape):
+        return None
+    k = n_out // n_in
+    if k == 1:
+        return LipschitzRule(1.0, f"{what} with constants is 1-Lipschitz")
+    return LipschitzRule(math.sqrt(k), f"{what} with constants, each entry broadcast {k} times: sqrt({k})")
 
 
 class Variadic(Op):
@@ -348,8 +424,13 @@ class Max(Variadic):
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.maximum(a, b)
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
-        return LipschitzRule(1.0, "max with constants is 1-Lipschitz")
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
+        return broadcast_rule("max", in_shape, out_shape)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return EXACT
 
 
 @register
@@ -359,8 +440,13 @@ class Min(Variadic):
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.minimum(a, b)
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
-        return LipschitzRule(1.0, "min with constants is 1-Lipschitz")
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
+        return broadcast_rule("min", in_shape, out_shape)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return EXACT
 
 
 @register

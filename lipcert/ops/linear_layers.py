@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from ..graph import Node
 from ..linop import LinearOperator, from_function
-from .base import Op, RunContext, bad, ints, register, same_pads, torch_pad_list
+from .base import Op, Rounding, RunContext, bad, ints, register, same_pads, torch_pad_list
 
 Inputs = Sequence[torch.Tensor | None]
 
@@ -72,6 +73,30 @@ class Conv(Op):
         return from_function(lambda x: run_conv(x, w.to(x), None, s), in_shape, out_shape,
                              kind="conv", structure=conv_structure(w, s, in_shape, False), name=node.name,
                              adjoint=conv_adjoint(w, s, in_shape))
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return conv_rounding(self, node, consts, var, in_shape, out_shape, consts[1].shape[1])
+
+
+def bias_norm(b: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
+    """||b|| broadcast over the positions of one output sample (channels first)."""
+    if b is None or not b.numel():
+        return 0.0
+    return float(b.double().norm()) * math.sqrt(math.prod(out_shape[1:]))
+
+
+def conv_rounding(op: Op, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...], in_channels: int) -> Rounding | None:
+    """A (transposed) convolution: each output sums at most in_channels x taps products (+2 for the bias and a
+    pre-scaling a backend may fold in); |W| is the same convolution with the absolute kernel."""
+    if op.linear(node, consts, var, in_shape, out_shape) is None:
+        return None
+    w = consts[1]
+    absolute = op.linear(node, [None, w.abs()] + list(consts[2:]), var, in_shape, out_shape)
+    taps = math.prod(w.shape[2:])
+    return Rounding(terms=in_channels * taps + 2, abs_op=absolute,
+                    offset=bias_norm(consts[2] if len(consts) > 2 else None, out_shape))
 
 
 def conv_adjoint(w: torch.Tensor, s: dict, in_shape: tuple[int, ...]):
@@ -140,6 +165,11 @@ class ConvTranspose(Op):
         return from_function(lambda x: run_conv_transpose(x, w.to(x), None, s), in_shape, out_shape,
                              kind="conv", structure=conv_structure(w, s, in_shape, True), name=node.name)
 
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        groups = int(node.attr("group", 1))
+        return conv_rounding(self, node, consts, var, in_shape, out_shape, consts[1].shape[0] // max(groups, 1))
+
 
 @register
 class Gemm(Op):
@@ -165,6 +195,23 @@ class Gemm(Op):
                              structure={"matrix": matrix}, name=node.name,
                              adjoint=lambda y: y @ matrix.to(y))
 
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        """alpha (x B) + beta C: the dot product, the scaling by alpha, the scaled bias and its addition."""
+        op = self.linear(node, consts, var, in_shape, out_shape)
+        if op is None:
+            return None
+        matrix = op.structure["matrix"].abs()
+        c = consts[2] if len(consts) > 2 else None
+        offset = 0.0
+        if c is not None and c.numel():  # the largest bias row (C may have one row per sample)
+            rows = torch.broadcast_to(c.double().abs(), (c.shape[0] if c.dim() == 2 else 1,) + tuple(out_shape))
+            offset = abs(float(node.attr("beta", 1.0))) * float(rows.norm(dim=-1).max())
+        return Rounding(terms=matrix.shape[1] + 3, offset=offset,
+                        abs_op=from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
+                                             structure={"matrix": matrix}, name=node.name,
+                                             adjoint=lambda y: y @ matrix.to(y)))
+
 
 @register
 class MatMul(Op):
@@ -180,6 +227,14 @@ class MatMul(Op):
         w = consts[1]
         return from_function(lambda x: x @ w.to(x), in_shape, out_shape, kind="matrix",
                              structure={"matrix": w.T}, name=node.name, adjoint=lambda y: y @ w.to(y).T)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        if self.linear(node, consts, var, in_shape, out_shape) is None:
+            return None
+        magnitude = consts[1].abs()
+        return Rounding(terms=magnitude.shape[0] + 1,
+                        abs_op=self.linear(node, [None, magnitude], var, in_shape, out_shape))
 
 
 @register
@@ -209,3 +264,18 @@ class BatchNormalization(Op):
         scale = factor.reshape((-1,) + (1,) * (len(in_shape) - 1))
         return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
                              structure={"scale": scale}, name=node.name, adjoint=lambda y: y * scale.to(y))
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        """(x - mean) / sqrt(var + eps) * scale + bias, or x * f + t with f, t folded in float32: each within
+        gamma_8 (|f| |x| + |f mean| + |bias|) of the exact value."""
+        if self.linear(node, consts, var, in_shape, out_shape) is None:
+            return None
+        wide = [c.double() if c is not None and c.is_floating_point() else c for c in consts]
+        factor, _ = self.affine(node, wide)
+        shift = (factor * wide[3]).abs() + wide[2].abs()
+        magnitude = factor.abs().reshape((-1,) + (1,) * (len(in_shape) - 1))
+        return Rounding(terms=8, offset=bias_norm(shift, out_shape),
+                        abs_op=from_function(lambda x: x * magnitude.to(x), in_shape, out_shape, kind="diag",
+                                             structure={"scale": magnitude}, name=node.name,
+                                             adjoint=lambda y: y * magnitude.to(y)))

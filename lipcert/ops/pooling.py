@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..graph import Node
 from ..linop import LinearOperator, from_function
-from .base import LipschitzRule, Op, RunContext, bad, int_list, ints, register, same_pads, torch_pad_list
+from .base import (EXACT, LipschitzRule, Op, Rounding, RunContext, bad, int_list, ints, register, same_pads,
+                   torch_pad_list)
 
 Inputs = Sequence[torch.Tensor | None]
 
@@ -97,6 +98,12 @@ class AveragePool(Op):
                              structure={"kernel": s["kernel"], "strides": s["strides"], "pads": s["pads"]},
                              name=node.name)
 
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        """A sum of at most K entries (the window), then a division: gamma_(K+1); the pool is its own |P|."""
+        window = math.prod(pool_settings(node, in_shape[1:])["kernel"])
+        return Rounding(terms=window + 1, abs_op=self.linear(node, consts, var, in_shape, out_shape))
+
 
 @register
 class GlobalAveragePool(Op):
@@ -113,6 +120,10 @@ class GlobalAveragePool(Op):
                              kind="scalar", structure={"value": 1.0 / math.sqrt(n), "norm_only": True},
                              name=node.name)
 
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return Rounding(terms=math.prod(in_shape[1:]) + 1, abs_op=self.linear(node, consts, var, in_shape, out_shape))
+
 
 @register
 class MaxPool(Op):
@@ -127,9 +138,14 @@ class MaxPool(Op):
         out = MAX[s["nd"]](xp, s["kernel"], s["strides"], 0, s["dilations"], s["ceil"])
         return [ceil_crop(out, x.shape[2:], s)]
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
         s = pool_settings(node, in_shape[1:])
         return pool_rule("max pooling", s)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return EXACT
 
 
 def pool_rule(what: str, s: dict) -> LipschitzRule:
@@ -151,8 +167,13 @@ class GlobalMaxPool(Op):
         x = inputs[0]
         return [x.flatten(2).amax(dim=2).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))]
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
         return LipschitzRule(1.0, "global max pooling is 1-Lipschitz")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return EXACT
 
 
 @register
@@ -168,10 +189,17 @@ class LpPool(Op):
         except ValueError as exc:
             raise bad(node, str(exc)) from None
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
-        if int(node.attr("p", 2)) != 2:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        if float(node.attr("p", 2)) != 2.0:
             return None
         return pool_rule("L2-norm pooling", pool_settings(node, in_shape[1:]))
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        """sqrt of a sum of K squares: every term non-negative, so the error is relative to the output
+        (squares, K - 1 additions, the root; 4 for a pow that is not a plain product)."""
+        return Rounding(relative=math.prod(pool_settings(node, in_shape[1:])["kernel"]) + 6)
 
 
 @register
@@ -184,10 +212,15 @@ class GlobalLpPool(Op):
         out = (x.abs() ** p).flatten(2).sum(dim=2) ** (1.0 / p)
         return [out.reshape(*x.shape[:2], *([1] * (x.dim() - 2)))]
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
-        if int(node.attr("p", 2)) != 2:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        if float(node.attr("p", 2)) != 2.0:
             return None
         return LipschitzRule(1.0, "the L2 norm over all positions is 1-Lipschitz")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return Rounding(relative=math.prod(in_shape[1:]) + 6)
 
 
 class Reduce(Op):

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 from ..graph import Node
 from ..linop import LinearOperator, from_function
-from .base import LipschitzRule, Op, RunContext, bad, int_list, register, torch_pad_list
+from .base import EXACT, LipschitzRule, Op, Rounding, RunContext, bad, int_list, register, torch_pad_list
 
 Inputs = Sequence[torch.Tensor | None]
 
-#: ONNX TensorProto data types lipcert can cast to; floating types follow the graph's run precision.
-ONNX_DTYPES: dict[int, torch.dtype | None] = {
-    1: None, 10: None, 11: None, 16: None,
+#: ONNX TensorProto data types lipcert can cast to. Floating casts round to their type, then continue in the
+#: graph's run precision (so float16 and float32 casts round as onnxruntime does).
+ONNX_DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
     2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64, 9: torch.bool,
 }
 
@@ -41,6 +42,10 @@ class Constant(Op):
 
 @register
 class Cast(Op):
+    """Casts between float types keep real values up to one rounding to the target type: the identity map,
+    with that rounding in its ``Rounding`` (float32 and float64 targets; half types have no rule, since they
+    can also overflow). Casts to integers and booleans have no rule."""
+
     name = "Cast"
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -49,9 +54,24 @@ class Cast(Op):
             raise bad(node, f"cast to ONNX type {to} is not supported")
         target = ONNX_DTYPES[to]
         x = inputs[0]
-        if target is None:
-            return [x if x.is_floating_point() else x.to(ctx.dtype)]
+        if target.is_floating_point:
+            return [x.to(target).to(ctx.dtype)]
         return [x.to(target)]
+
+    def _float_identity(self, node: Node, var: int) -> bool:
+        return var == 0 and int(node.attr("to", 1)) in (1, 11)
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if not self._float_identity(node, var) or tuple(in_shape) != tuple(out_shape):
+            return None
+        return from_function(lambda x: x, in_shape, out_shape, kind="scalar", structure={"value": 1.0},
+                             name=node.name, adjoint=lambda y: y)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        op = self.linear(node, consts, var, in_shape, out_shape)
+        return None if op is None else Rounding(abs_op=op, relative=1)  # one rounding when it narrows
 
 
 @register
@@ -123,7 +143,19 @@ class Tile(Op):
         return [inputs[0].repeat(*(int_list(inputs[1]) or []))]
 
 
-class Rearrange(Op):
+class Copies(Op):
+    """An operator whose linear map copies entries (each output a copy of one input entry, or zero): exact in
+    floating point, and its own absolute value."""
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        op = self.linear(node, consts, var, in_shape, out_shape, output)
+        if op is not None:
+            return Rounding(abs_op=op)
+        return EXACT if self.lipschitz(node, consts, var, in_shape, out_shape) is not None else None
+
+
+class Rearrange(Copies):
     """An operator that only moves entries of each sample (reshape, transpose, squeeze): an isometry."""
 
     #: whether the op keeps the flat order of each sample (a reshape); a permutation of entries otherwise
@@ -266,7 +298,7 @@ class Unsqueeze(Rearrange):
 
 
 @register
-class Concat(Op):
+class Concat(Copies):
     name = "Concat"
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -286,9 +318,15 @@ class Concat(Op):
 
         return from_function(forward, in_shape, out_shape, kind="isometry", name=node.name)
 
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        op = self.linear(node, consts, var, in_shape, out_shape, output)
+        nonzero = any(c is not None and bool(c.any()) for i, c in enumerate(consts) if i != var)
+        return None if op is None else Rounding(abs_op=op, affine=nonzero)
+
 
 @register
-class Split(Op):
+class Split(Copies):
     name = "Split"
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -313,7 +351,7 @@ class Split(Op):
 
 
 @register
-class Slice(Op):
+class Slice(Copies):
     name = "Slice"
 
     def params(self, node: Node, inputs: Inputs, rank: int) -> list[tuple[int, int, int, int]]:
@@ -351,6 +389,11 @@ class Slice(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
+        for axis, start, end, step in self.params(node, list(consts), len(in_shape) + 1):
+            whole = step == 1 and (start == 0 or start <= -2 ** 31) and end >= 2 ** 31 - 1
+            if axis == 0 and not whole:
+                return None  # a slice of the batch axis selects or reorders samples, not entries of one sample
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
@@ -361,7 +404,7 @@ PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", 
 
 
 @register
-class Pad(Op):
+class Pad(Copies):
     name = "Pad"
 
     def settings(self, node: Node, inputs: Inputs, rank: int) -> tuple[str, list[int], float]:
@@ -414,7 +457,8 @@ class Pad(Op):
         return from_function(forward, in_shape, out_shape, kind=kind, name=node.name,
                              structure={"mode": mode, "pads": pads})
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
         mode, _, value = self.settings(node, list(consts), len(in_shape) + 1)
         if var != 0 or mode != "constant":
             return None
@@ -434,15 +478,23 @@ class TopK(Op):
         values, indices = torch.sort(x, dim=axis, descending=bool(node.attr("largest", 1)), stable=True)
         return [values.narrow(axis, 0, k), indices.narrow(axis, 0, k)]
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...]) -> LipschitzRule | None:
-        if var != 0:
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        axis = _axis(int(node.attr("axis", -1)), len(in_shape) + 1)
+        if var != 0 or axis < 1:  # a sort along the batch axis mixes samples
             return None
-        k = int(consts[1].reshape(-1)[0]) if len(consts) > 1 and consts[1] is not None else int(node.attr("k"))
-        size = in_shape[_axis(int(node.attr("axis", -1)), len(in_shape) + 1) - 1]
-        if k == size:
+        k = int(consts[1].reshape(-1)[0]) if len(consts) > 1 and consts[1] is not None else node.attr("k")
+        if k is None:
+            return None
+        size = in_shape[axis - 1]
+        if int(k) == size:
             return LipschitzRule(1.0, f"sort of the whole axis ({size} entries): a permutation per sample, "
                                       "1-Lipschitz (Anil et al. 2019)")
         return LipschitzRule(1.0, f"the top {k} of {size} sorted entries: a projection of a sort, 1-Lipschitz")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return EXACT if output == 0 and self.lipschitz(node, consts, var, in_shape, out_shape) else None
 
 
 @register
