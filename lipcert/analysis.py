@@ -115,8 +115,12 @@ def _combine_step(ctx: Context, node: Node, kind: str, data_idx: list[int], out:
         weights = [w / count for w in weights]
     consts = [c for i, c in enumerate(ctx.const_inputs(node)) if c is not None and i not in data_idx]
     offset = math.fsum(broadcast_norm(c, out_shape) for c in consts) if kind == "sum" else 0.0
+    details = {"weights": weights, "count": count, "offset": offset, "node_op": True}
+    if kind == "concat" and out_shape is not None:
+        axis = int(node.attr("axis", 0))
+        details["axis"] = axis + len(out_shape) + 1 if axis < 0 else axis
     return Step(kind, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=COMBINE_REASONS[kind],
-                details={"weights": weights, "count": count, "offset": offset})
+                details=details)
 
 
 def node_step(ctx: Context, node: Node) -> list[Step]:
@@ -244,4 +248,6 @@ def decompose(graph: Graph) -> list[Step]:
             steps.extend(node_step(ctx, node))
     position = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs}
     steps.sort(key=lambda s: position[s.output])
-    return fuse_chains(ctx, steps)
+    from .subgraph import merge_regions
+
+    return merge_regions(ctx, fuse_chains(ctx, steps))

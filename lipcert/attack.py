@@ -108,10 +108,12 @@ def _random_start(x: torch.Tensor, eps: float, cfg: AttackConfig, gen: torch.Gen
 
 
 def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
-        cfg: AttackConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg: AttackConfig, gen: torch.Generator,
+        on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best adversarial examples over restarts and steps: (examples, found mask), checked afresh.
 
-    A sample stops being attacked (all its restarts) as soon as one restart misclassifies it."""
+    A sample stops being attacked (all its restarts) as soon as one restart misclassifies it. ``on_step`` is
+    called with the number of steps done (of ``cfg.steps + 1``) after each one."""
     n = x.shape[0]
     xr = x.repeat(cfg.restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(cfg.restarts)
@@ -120,7 +122,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
     best_loss = torch.full((xr.shape[0],), -math.inf, device=x.device)
     best = xr.clone()
     active = torch.ones(xr.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(cfg.steps + 1):
+    for step_index in range(cfg.steps + 1):
         rows = active.nonzero()[:, 0]
         if rows.numel() == 0:
             break
@@ -139,6 +141,8 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
             active &= ~done.repeat(cfg.restarts)
             step = grad / _shape(_norms(grad, "l2").clamp_min(1e-12), grad) if cfg.norm == "l2" else grad.sign()
             delta[rows] = _project(d.detach() + alpha * step, xr[rows], eps, cfg)
+        if on_step:
+            on_step(step_index + 1)
     with torch.no_grad():
         pick = best_loss.reshape(cfg.restarts, n).argmax(dim=0)
         chosen = best.reshape(cfg.restarts, n, *x.shape[1:])[pick, torch.arange(n, device=x.device)]
@@ -161,14 +165,29 @@ class BatchAttack:
     violations: list[Violation]
 
 
+class _Share:
+    """Reports the share of a batch's attack done, as increments that add up to 1, to a progress callback."""
+
+    def __init__(self, progress: Callable[[float], None] | None) -> None:
+        self.progress, self.done = progress, 0.0
+
+    def reach(self, share: float) -> None:
+        if self.progress and share > self.done:
+            self.progress(share - self.done)
+            self.done = share
+
+
 def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  predictions: torch.Tensor, radii: torch.Tensor, offset: int, eps: Sequence[tuple[str, float]],
-                 cfg: AttackConfig, gen: torch.Generator) -> BatchAttack:
+                 cfg: AttackConfig, gen: torch.Generator,
+                 progress: Callable[[float], None] | None = None) -> BatchAttack:
     """Attack the correctly classified samples of one batch at each eps in increasing order, while unbroken.
 
     ``radii`` are the certified radii in the attack's norm; a verified example closer than a point's radius
     is a violation. The attack radius of a sample is the distance of its verified adversarial example (0
-    when misclassified, inf when never broken); ``broken_at`` is the eps at which it fell.
+    when misclassified, inf when never broken); ``broken_at`` is the eps at which it fell. ``progress``
+    receives the share of the batch's work done since its last call, after every PGD step (the shares add
+    up to 1: each positive eps counts the same, its steps equally).
     """
     n = len(y)
     attack_radius = torch.full((n,), math.inf, dtype=torch.float64)
@@ -178,12 +197,16 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     broken_at[wrong] = 0.0
     alive = ~wrong
     violations: list[Violation] = []
-    for _, value in sorted(eps, key=lambda e: e[1]):
-        if value <= 0 or not bool(alive.any()):
-            continue
+    radii_to_attack = sorted(value for _, value in eps if value > 0)
+    share = _Share(progress)
+    for k, value in enumerate(radii_to_attack):
+        if not bool(alive.any()):
+            break
         sel = alive.nonzero()[:, 0]
         sel_d = sel.to(x.device)
-        adv, found = pgd(model, x[sel_d], y[sel_d], value, cfg, gen)
+        adv, found = pgd(model, x[sel_d], y[sel_d], value, cfg, gen,
+                         lambda steps, k=k: share.reach((k + steps / (cfg.steps + 1)) / len(radii_to_attack)))
+        share.reach((k + 1) / len(radii_to_attack))
         found = found.cpu()
         hit = sel[found]
         if not hit.numel():
@@ -195,12 +218,13 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         alive[hit] = False
         with torch.no_grad():
             adv_logits = model(adv[found.to(x.device)]).double().cpu()
-        for k, i in enumerate(hit.tolist()):
-            if radii[i] > dist[k]:
+        for j, i in enumerate(hit.tolist()):
+            if radii[i] > dist[j]:
                 label = int(y[i])
-                cls = int(adv_logits[k].argmax())
-                violations.append(Violation(offset + i, label, float(radii[i]), value, float(dist[k]), cls,
-                                            float(adv_logits[k, label]), float(adv_logits[k, cls])))
+                cls = int(adv_logits[j].argmax())
+                violations.append(Violation(offset + i, label, float(radii[i]), value, float(dist[j]), cls,
+                                            float(adv_logits[j, label]), float(adv_logits[j, cls])))
+    share.reach(1.0)
     return BatchAttack(attack_radius, broken_at, violations)
 
 

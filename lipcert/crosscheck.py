@@ -43,13 +43,20 @@ def ort_session(model: onnx.ModelProto, providers: list[str] | None = None, opti
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the intermediate values ``names`` (float tensors)."""
+    """A copy of ``model`` that also returns the intermediate values ``names``, each with the element type
+    onnx's shape inference gives it (float32 when it cannot tell)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(inferred.output)}
+    except Exception:  # noqa: BLE001 - inference is only a hint here
+        types = {}
     known = {o.name for o in copy.graph.output}
     for name in names:
         if name not in known:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem = types.get(name) or onnx.TensorProto.FLOAT
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return copy
 
 

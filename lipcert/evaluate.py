@@ -75,15 +75,17 @@ def head_rows(step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | None = None,
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                      dtype: torch.dtype = torch.float32,
-                      points: torch.Tensor | None = None) -> tuple[CertificateSetup, BoundInfo]:
+                      dtype: torch.dtype = torch.float32, points: torch.Tensor | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> tuple[CertificateSetup, BoundInfo]:
     """The sound bound (or the user's declared one, stated as such) in pixel space, the per-pair head, and
     the float error allowance; ``mean``/``std`` is the normalisation applied before the model.
 
     It runs the self-checks of ``verify`` first (power iteration below each layer's upper bound, and a measured
     Jacobian norm at ``points``, or random points, below the network bound): a contradiction raises
-    ``SelfCheckError`` and nothing is certified."""
-    prop = propagate(graph, device=device, lower_bounds=True, max_iter=CHECK_ITERATIONS)
+    ``SelfCheckError`` and nothing is certified. ``progress(phase, done, total)`` follows the layer bounds."""
+    if (mean is None) != (std is None) or (std is not None and len(mean) != len(std)):
+        raise ConfigError("--mean and --std need the same number of values, and one needs the other")
+    prop = propagate(graph, device=device, lower_bounds=True, max_iter=CHECK_ITERATIONS, progress=progress)
     computed = prop.upper
     if math.isfinite(computed):
         if points is None:
@@ -183,7 +185,11 @@ class Runner:
             self.fetch = sorted(self.measure - {graph.input_name})
             providers = ([("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
                          if device.startswith("cuda") else None)
-            self.session = ort_session(with_outputs(model, self.fetch) if self.fetch else model, providers)
+            try:
+                self.session = ort_session(with_outputs(model, self.fetch) if self.fetch else model, providers)
+            except Exception:  # noqa: BLE001 - onnxruntime refuses some intermediate outputs: measure nothing
+                self.measure, self.fetch = set(), []
+                self.session = ort_session(model, providers)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         if self.mean is not None:

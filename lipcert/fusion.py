@@ -177,10 +177,26 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
             weight = _scaled_weight(conv, scale, before)
             if weight is not None:
                 return _joined(a, b, "conv", {**conv.structure, "weight": weight})
+    for mat, scale, before in ((b, sa, True), (a, sb, False)):
+        if mat.kind == "matrix" and isinstance(scale, torch.Tensor):
+            weight = _scaled_matrix(mat.structure["matrix"], scale, before)
+            if weight is not None:
+                return _joined(a, b, "matrix", {"matrix": weight})
     if a.kind == "matrix" and b.kind == "matrix":
         product = b.structure["matrix"].double() @ a.structure["matrix"].double()
         return _joined(a, b, "matrix", {"matrix": product})
     return None
+
+
+def _scaled_matrix(matrix: torch.Tensor, scale: torch.Tensor, before: bool) -> torch.Tensor | None:
+    """A matrix on the last axis with a scale that varies only along that axis folded in: x d M^T is
+    x (M diag(d))^T, and (x M^T) d is x (diag(d) M)^T. None when the scale varies along another axis."""
+    m = matrix.double()
+    size = m.shape[1] if before else m.shape[0]
+    if scale.dim() < 1 or any(d != 1 for d in scale.shape[:-1]) or scale.shape[-1] != size:
+        return None
+    d = scale.reshape(-1).double()
+    return m * d[None, :] if before else d[:, None] * m
 
 
 def refine(op: LinearOperator) -> LinearOperator:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 
+from .config import REQUIRE, fraction_problem
 from .errors import ConfigError
 from .report import Report
 from .verify import PROVEN, VIOLATED, VerifyResult
-
-REQUIRE = ("proven", "not-violated")
 
 
 @dataclass
@@ -27,22 +25,6 @@ class Gate:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def parse_min_certified(items: list[str]) -> list[tuple[str, float, float]]:
-    """``36/255=0.60`` -> ("36/255", 0.1412, 0.60)."""
-    out = []
-    for item in items:
-        eps_text, sep, acc_text = str(item).partition("=")
-        try:
-            eps = float(Fraction(eps_text.strip()))
-            acc = float(acc_text)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"--min-certified-acc {item!r}: expected EPS=ACCURACY, e.g. 36/255=0.60") from None
-        if not sep or not 0.0 <= acc <= 1.0 or eps < 0:
-            raise ConfigError(f"--min-certified-acc {item!r}: expected EPS=ACCURACY with accuracy in [0, 1]")
-        out.append((eps_text.strip(), eps, acc))
-    return out
 
 
 def verify_gates(result: VerifyResult, *, require: str = "proven", max_lipschitz: float | None = None) -> list[Gate]:
@@ -65,12 +47,38 @@ def _find_eps(report: Report, eps: float):
     return next((e for e in report.eps if math.isclose(e.eps, eps, rel_tol=1e-9, abs_tol=1e-12)), None)
 
 
+def _check_fractions(values: list[tuple[str, float | None]]) -> None:
+    """Every accuracy threshold is a fraction in [0, 1]; a percentage gets a hint."""
+    for shown, value in values:
+        problem = None if value is None else fraction_problem(value)
+        if problem:
+            raise ConfigError(f"{shown}: {problem}")
+
+
+def claim_gate(report: Report) -> Gate:
+    """The model's Lipschitz claim (its metadata, or --lipschitz) against lipcert's sound upper bound."""
+    b = report.bound
+    if b.get("claimed") is None:
+        raise ConfigError("--require-claim: there is no Lipschitz claim to check: the model has no "
+                          "lipcert.claimed_lipschitz metadata and no --lipschitz was given")
+    upper = b["computed_upper"] / b["normalisation_factor"]
+    return Gate(f"Lipschitz claim {b['claimed']:g} ({b['claim_source']}) is proven", bool(b["claim_proven"]),
+                f"computed upper bound {upper:.6g}", f"<= {b['claimed']:g}",
+                "" if b["claim_proven"] else "lipcert's sound upper bound is above the claim: the certificates "
+                                             "cannot rest on it (run lipcert verify to find the layer)")
+
+
 def report_gates(report: Report, *, min_clean_acc: float | None = None,
                  min_certified: list[tuple[str, float, float]] = (), max_violations: int = 0,
                  max_lipschitz: float | None = None, baseline: dict | None = None,
-                 max_drop: float = 0.0) -> list[Gate]:
-    """Accuracy thresholds, the attack's soundness check, and the regression check against a baseline."""
+                 max_drop: float = 0.0, require_claim: bool | None = None) -> list[Gate]:
+    """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, and the
+    model's Lipschitz claim (``require_claim``; by default checked whenever a claim is declared)."""
+    _check_fractions([(f"--min-clean-acc {min_clean_acc}", min_clean_acc), (f"--max-drop {max_drop}", max_drop)]
+                     + [(f"--min-certified-acc {label}={acc:g}", acc) for label, _, acc in min_certified])
     gates: list[Gate] = []
+    if require_claim or (require_claim is None and report.bound.get("claimed") is not None):
+        gates.append(claim_gate(report))
     if min_clean_acc is not None:
         ok = report.clean_accuracy >= min_clean_acc
         gates.append(Gate(f"clean accuracy >= {min_clean_acc:g}", ok, f"{report.clean_accuracy:.4f}",

@@ -8,13 +8,17 @@ Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt) and the SLL / SD
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from .analysis import Context, Part, Step
+from . import spectral
+from .analysis import Context, Part, Step, repetitions
+from .fusion import refine
 from .graph import Node
 from .linop import LinearOperator, from_function
+from .spectral import mul_up
 from .ops import REGISTRY
 from .ops.base import EXACT, Rounding
 
@@ -56,19 +60,11 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
     if not all(int(p.attr("keepdims", 1)) for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
         return None
     size = ctx.shape(prods[0].inputs[0])[axis - 1]
+    if size < 2:
+        return None  # a group of one gives (x, x): its entry twice, sqrt(2)
     return Step("pattern", f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
                 [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
                 constant=1.0, reason=SORT_REASON, details={"rounding": EXACT})
-
-
-def _split_parts(ctx: Context, a: str, b: str) -> tuple[str, list[Node]] | None:
-    """The tensor that a and b are two disjoint parts of (outputs of one Split), with the Split node."""
-    pa, pb = ctx.producer.get(a), ctx.producer.get(b)
-    if pa is None or pa is not pb or pa.op != "Split" or a == b:
-        if pa is not None and pb is not None and pa.op == pb.op == "Slice" and pa.inputs[0] == pb.inputs[0]:
-            return _disjoint_slices(ctx, pa, pb)
-        return None
-    return pa.inputs[0], [pa]
 
 
 def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -87,50 +83,40 @@ def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int,
     return axis, max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
 
 
-def _disjoint_slices(ctx: Context, pa: Node, pb: Node) -> tuple[str, list[Node]] | None:
-    """Two Slices of the same tensor along one axis with step 1 and disjoint index ranges."""
-    src = pa.inputs[0]
-    shape = ctx.shape(src)
-    if shape is None:
-        return None
-    ranges = [_slice_range(ctx, p, shape) for p in (pa, pb)]
-    if None in ranges:
-        return None
-    (ax1, s1, e1), (ax2, s2, e2) = ranges
-    if ax1 != ax2 or not (e1 <= s2 or e2 <= s1):
-        return None
-    return src, [pa, pb]
-
-
-def maxmin_split(ctx: Context, node: Node) -> Step | None:
-    """Concat(Max(a, b), Min(a, b)) with a, b disjoint parts of one tensor: MaxMin / GroupSort2."""
-    if node.op != "Concat" or len(node.inputs) != 2:
+def maxmin_concat(ctx: Context, node: Node) -> Step | None:
+    """A Concat that reads Max(a, b) and Min(a, b) of the same two equally shaped values (the MaxMin
+    activation, alone or with other inputs, as TorchScript merges nested concatenations): per entry,
+    (a, b) -> (max, min) is a permutation, 1-Lipschitz in (a, b) jointly, so the concatenation is bounded as
+    one of a and b in their place (when a and b are disjoint parts of one value, by its partition profile)."""
+    if node.op != "Concat":
         return None
     prods = [ctx.producer.get(i) for i in node.inputs]
-    if any(p is None for p in prods) or {p.op for p in prods} != {"Max", "Min"}:
+    inputs: list[str] = []
+    claimed: list[str] = []
+    paired: set[int] = set()
+    for i, p in enumerate(prods):
+        if i in paired or node.inputs[i] not in ctx.data:
+            continue
+        mate = None
+        if p is not None and p.op in ("Max", "Min") and len(p.inputs) == 2 and ctx.only_user(node.inputs[i], node) \
+                and ctx.shape(p.inputs[0]) is not None and ctx.shape(p.inputs[0]) == ctx.shape(p.inputs[1]) \
+                and all(v in ctx.data for v in p.inputs):
+            other = "Min" if p.op == "Max" else "Max"
+            mate = next((j for j, q in enumerate(prods) if j != i and j not in paired and q is not None
+                         and q.op == other and sorted(q.inputs) == sorted(p.inputs)
+                         and ctx.only_user(node.inputs[j], node)), None)
+        if mate is None:
+            inputs.append(node.inputs[i])
+            continue
+        paired.update((i, mate))
+        inputs += list(p.inputs)
+        claimed += [p.name, prods[mate].name]
+    if not claimed:
         return None
-    if any(len(p.inputs) != 2 for p in prods) or set(prods[0].inputs) != set(prods[1].inputs):
-        return None
-    if not all(ctx.only_user(i, node) for i in node.inputs):
-        return None
-    a, b = prods[0].inputs
-    if ctx.shape(a) is None or ctx.shape(a) != ctx.shape(b):
-        return None  # a broadcast part would pair one entry with several
-    found = _split_parts(ctx, a, b)
-    if found is None:
-        return None
-    src, splitters = found
-    claimed = [p.name for p in prods] + [node.name]
-    reads = []
-    for s in splitters:
-        if all(all(u in prods for u in ctx.users.get(o, [])) for o in s.outputs if o) \
-                and not any(o in ctx.graph.outputs for o in s.outputs):
-            claimed.append(s.name)
-        else:
-            reads.append(s.name)
-    return Step("pattern", "MaxMin (Split/Max/Min/Concat)", claimed, [src], node.outputs[0],
-                constant=1.0, reason="max and min of disjoint, equally shaped parts: a permutation of each pair, "
-                                     "1-Lipschitz (Anil et al. 2019)", details={"reads": reads, "rounding": EXACT})
+    return Step("concat", "Concat (MaxMin pairs)", claimed + [node.name], inputs, node.outputs[0],
+                reason="each Max/Min pair of the same two values is a permutation of them per entry: bounded "
+                       "as the concatenation of those values",
+                details={"weights": [1.0] * len(inputs), "count": 0, "offset": 0.0, "rounding": EXACT})
 
 
 def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
@@ -246,11 +232,78 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
                 details={"rounding": Rounding(relative=window + len(claimed) + 8)})
 
 
+def _squares(ctx: Context, value: str, coef: float, nodes: list[Node],
+             terms: list[tuple[str, float]]) -> bool:
+    """Parse ``value`` as coef x (sum of c_k u_k^2 + non-negative constants) through Add, positive scalar
+    Mul/Div, Pow(u, 2) and Mul(u, u), collecting the nodes and the terms (u_k, coef c_k); False otherwise."""
+    node = ctx.producer.get(value)
+    if node is None or value not in ctx.data or value in ctx.graph.outputs:
+        return False
+    data, consts = ctx.data_inputs(node), ctx.const_inputs(node)
+    nodes.append(node)
+    if node.op == "Add":
+        if any(c is not None and bool((c < 0).any()) for c in consts):
+            return False  # only non-negative constants keep the sum a norm
+        return all(_squares(ctx, node.inputs[i], coef, nodes, terms) for i in data)
+    scaled = _scalar_const(ctx, node)
+    if scaled is not None:
+        return _squares(ctx, scaled[0], coef * scaled[1], nodes, terms)
+    if node.op == "Pow" and data == [0]:
+        e = consts[1]
+        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 2.0:
+            return False
+        terms.append((node.inputs[0], coef))
+        return True
+    if node.op == "Mul" and len(data) == 2 and node.inputs[0] == node.inputs[1]:
+        terms.append((node.inputs[0], coef))
+        return True
+    return False
+
+
+def l2_norm_combination(ctx: Context, node: Node) -> Step | None:
+    """sqrt(sum_k c_k u_k^2 + e) elementwise, c_k > 0, e >= 0 constant (orthogonium's L2NormResidual
+    sqrt(0.5 x^2 + 0.5 f(x)^2 + eps), SoftHuber's sqrt(1 + (z/d)^2)): per entry the Euclidean norm of
+    (sqrt(c_k) u_k, sqrt(e)), 1-Lipschitz in those, so bounded as the concatenation of the u_k weighted by
+    sqrt(c_k k_k), k_k the broadcast repetitions of u_k."""
+    if node.op == "Sqrt":
+        arg = node.inputs[0]
+    elif node.op == "Pow" and ctx.data_inputs(node) == [0]:
+        e = ctx.const_inputs(node)[1]
+        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 0.5:
+            return None
+        arg = node.inputs[0]
+    else:
+        return None
+    nodes: list[Node] = []
+    terms: list[tuple[str, float]] = []
+    if not _squares(ctx, arg, 1.0, nodes, terms) or not terms:
+        return None
+    out_shape = ctx.shape(node.outputs[0])
+    weights = []
+    for u, c in terms:
+        k = repetitions(ctx.shape(u), out_shape)
+        if k is None:
+            return None
+        weights.append(math.sqrt(c * k))
+    inner = {n.name for n in nodes}
+    if not all(all(r.name in inner or r is node for r in ctx.users.get(o, [])) for n in nodes for o in n.outputs):
+        return None
+    return Step("concat", "L2-norm combination sqrt(sum c u^2 + e)", [n.name for n in nodes] + [node.name],
+                [u for u, _ in terms], node.outputs[0],
+                reason="per entry the Euclidean norm of (sqrt(c_k) u_k, sqrt(e)): 1-Lipschitz in the weighted u_k",
+                details={"weights": weights, "count": 0, "offset": 0.0,
+                         # squares, scalings, sums of non-negative terms and the root: relative roundings
+                         "rounding": Rounding(relative=4 * len(nodes) + 4)})
+
+
 def wrap_concat(ctx: Context, node: Node) -> Step | None:
     """Concat([Slice(x, -p:),] x [, Slice(x, :q)]) along one axis: torch's export of circular padding."""
     if node.op != "Concat" or len(node.inputs) not in (2, 3):
         return None
-    centre = [i for i, v in enumerate(node.inputs) if ctx.producer.get(v) is None or ctx.producer[v].op != "Slice"]
+    # the centre is the value the other inputs slice (itself possibly a Slice, as after a chunk)
+    centre = [i for i, x in enumerate(node.inputs)
+              if all(ctx.producer.get(v) is not None and ctx.producer[v].op == "Slice" and ctx.producer[v].inputs[0] == x
+                     for j, v in enumerate(node.inputs) if j != i)]
     if len(centre) != 1 or (len(node.inputs) == 3 and centre[0] != 1):
         return None
     x = node.inputs[centre[0]]
@@ -340,9 +393,89 @@ def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator,
 SLL_DENSE_LIMIT = 2 ** 24
 
 
+@dataclass
+class SllCheck:
+    """The quantities of the SLL condition: bounds on ||S^(1/2) B||, on ||B|| and on the residual
+    ||A - B^T S||, and how they were computed."""
+
+    sqrt_s_b: float
+    b_norm: float
+    residual: float
+    method: str
+
+
+def _plain(op: LinearOperator) -> bool:
+    """Whether a refined operator's structure describes exactly the chain, in the chain's own coordinates."""
+    s = op.structure
+    return not (s.get("loose_in") or s.get("loose_out") or s.get("inexact")) and \
+        tuple(s.get("core", (op.in_shape, op.out_shape))[0]) == tuple(op.in_shape) and \
+        tuple(s.get("core", (op.in_shape, op.out_shape))[1]) == tuple(op.out_shape)
+
+
+def _diagonal_fit(a_cols: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For A with columns a_j and B with rows b_j (one per hidden unit, flattened): the s_j >= 0 with
+    A ~ B^T diag(s) by least squares per unit, and the residual's columns; None when some s_j < 0."""
+    norms = (b_rows * b_rows).sum(dim=1)
+    s = torch.where(norms > 0, (a_cols * b_rows).sum(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    if (s < 0).any():
+        return None
+    return s, a_cols - s[:, None] * b_rows
+
+
+def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
+    """The SLL quantities without materialising the operators, when A and B are dense layers on the same
+    axis (A = B^T S iff the matrix of A is M_B^T diag(s)) or B is a convolution and A the transposed
+    convolution with the same geometry (ONNX ConvTranspose is the adjoint of Conv with the same attributes;
+    A = B^T S iff A's kernel for each hidden channel h is s_h times B's)."""
+    if not (_plain(a) and _plain(b)) or a.kind != b.kind:
+        return None
+    if a.kind == "matrix":
+        ma, mb = a.structure["matrix"].double(), b.structure["matrix"].double()
+        if ma.shape != mb.T.shape:
+            return None
+        fit = _diagonal_fit(ma.T, mb)
+        if fit is None:
+            return None
+        s, residual = fit
+        bound = lambda m: spectral.matrix_upper_bound(m)  # noqa: E731
+        return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "matrices")
+    if a.kind != "conv":
+        return None
+    sa, sb = a.structure, b.structure
+    same = all(tuple(sa[k]) == tuple(sb[k]) for k in ("stride", "pads", "dilation")) and sa["groups"] == sb["groups"]
+    if not (same and sa["transpose"] and not sb["transpose"] and not sa["circular"] and not sb["circular"]
+            and not any(sa["output_padding"]) and sa["weight"].shape == sb["weight"].shape):
+        return None
+    wa, wb = sa["weight"].double(), sb["weight"].double()
+    fit = _diagonal_fit(wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1))
+    if fit is None:
+        return None
+    s, residual = fit
+    view = (-1,) + (1,) * (wb.dim() - 1)
+
+    def bound(op: LinearOperator, weight: torch.Tensor) -> float:
+        return spectral.conv_upper_bound(replace(op, structure={**op.structure, "weight": weight}))
+
+    return SllCheck(bound(b, s.sqrt().reshape(view) * wb), bound(b, wb), bound(a, residual.reshape(wa.shape)),
+                    "convolutions, by DFT")
+
+
+def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
+    """The SLL quantities from the explicit matrices, for small operators of any structure."""
+    if max(a.in_numel * a.out_numel, b.in_numel * b.out_numel) > SLL_DENSE_LIMIT:
+        return None
+    ma, mb = a.to_dense(), b.to_dense()
+    fit = _diagonal_fit(ma.T, mb)
+    if fit is None:
+        return None
+    s, residual = fit
+    bound = spectral.matrix_upper_bound
+    return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "explicit matrices")
+
+
 def sll_block(ctx: Context, node: Node) -> Step | None:
     """y = x -/+ A s(B x + b) with A = +/- B^T S, S >= 0 diagonal, s slope in [0, 1]: 1-Lipschitz when
-    ||S^(1/2) B|| <= sqrt(2) (Araujo et al., ICLR 2023). Checked on the materialised matrices."""
+    ||S^(1/2) B|| <= sqrt(2) (Araujo et al., ICLR 2023); a residual R = A - B^T S adds ||R|| ||B||."""
     if node.op not in ("Sub", "Add") or len(ctx.data_inputs(node)) != 2:
         return None
     x, r = node.inputs
@@ -355,31 +488,14 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
             continue
         a_nodes, act, b_nodes = found
         (a_op, a_parts), (b_op, b_parts) = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
-        if max(a_op.in_numel * a_op.out_numel, b_op.in_numel * b_op.out_numel) > SLL_DENSE_LIMIT:
+        a_signed = a_op if node.op == "Sub" else a_op.then(
+            from_function(lambda v: -v, a_op.out_shape, a_op.out_shape, kind="scalar", structure={"value": -1.0},
+                          adjoint=lambda v: -v))
+        a_ref, b_ref = refine(a_signed), refine(b_op)
+        check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
+        if check is None or check.sqrt_s_b ** 2 > 2.0 or check.residual > 1e-5 * max(check.b_norm, 1e-30):
             return None
-        a = a_op.to_dense()
-        if node.op == "Add":
-            a = -a
-        b = b_op.to_dense()
-        norms = (b * b).sum(dim=1)
-        s = torch.where(norms > 0, (a.T * b).sum(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        if (s < 0).any():
-            return None
-        residual = torch.linalg.matrix_norm(a - b.T * s, "fro").item()
-        if residual > 1e-5 * max(torch.linalg.matrix_norm(a, "fro").item(), 1e-30):
-            return None
-        from .spectral import upper_bound
-
-        scaled = torch.sqrt(s)[:, None] * b
-        sb = upper_bound(from_function(lambda v, m=scaled: v.reshape(v.shape[0], -1) @ m.to(v).T,
-                                       (scaled.shape[1],), (scaled.shape[0],), kind="matrix",
-                                       structure={"matrix": scaled})).value
-        if sb * sb > 2.0:
-            return None
-        b_norm = upper_bound(from_function(lambda v, m=b: v.reshape(v.shape[0], -1) @ m.to(v).T,
-                                           (b.shape[1],), (b.shape[0],), kind="matrix",
-                                           structure={"matrix": b})).value
-        slack = residual * b_norm
+        slack = mul_up(check.residual, check.b_norm)
         names = [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
         hidden, act_shape = act.inputs[0], ctx.shape(act.outputs[0])
         act_rule = REGISTRY[act.op]
@@ -393,9 +509,9 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
                  details={"weights": [1.0, 1.0], "count": 2, "offset": 0.0})]
         return Step("pattern", "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
                     constant=1.0 + slack,
-                    reason=f"||S^1/2 B|| <= {sb:.6g} <= sqrt(2) (Araujo et al. 2023); "
-                           f"A = B^T S up to {residual:.2g} (Frobenius), adding {slack:.2g}",
-                    details={"sqrt_s_b_norm": sb, "residual": residual, "substeps": substeps})
+                    reason=f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023), from the "
+                           f"{check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}",
+                    details={"sqrt_s_b_norm": check.sqrt_s_b, "residual": check.residual, "substeps": substeps})
     return None
 
 
@@ -420,4 +536,5 @@ def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
     return a_nodes, act, b_nodes
 
 
-PATTERNS = [sll_block, wrap_concat, groupsort_reduce, maxmin_split, relu_neg_concat, l2_pool]
+PATTERNS = [sll_block, wrap_concat, groupsort_reduce, maxmin_concat, relu_neg_concat, l2_pool,
+            l2_norm_combination]

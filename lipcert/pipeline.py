@@ -9,26 +9,88 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .attack import (AttackConfig, AttackSummary, BatchAttack, Violation, attack_batch, batch_generator,
                      summarize)
-from .certify import accuracy_curve, certified_accuracy
-from .checkpoint import Checkpoint
-from .data import Dataset, check_fits, open_dataset
+from .certify import Certificates, accuracy_curve, certified_accuracy
+from .checkpoint import Checkpoint, refuse_overwrite
+from .data import Batch, Dataset, check_fits, open_dataset
 from .distributed import World, broadcast, gather, shard
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, LipcertError
 from .evaluate import Engine, certificate_setup
 from .graph import Graph
-from .report import EpsResult, Report, SampleTable, parse_eps, sha256_file
+from .config import parse_eps
+from .report import EpsResult, Report, SampleTable, sha256_file
+from .verify import DEFAULT_TOL
 
 NORMS = ("l2", "linf")
 CERT_KEYS = ("labels", "predictions", "margins", "radii")
 ATTACK_KEYS = ("attack_radius", "broken_at")
+#: samples per model call on a CPU (a divisor of the batch near it), so that progress moves within a batch
+CHUNK = 64
+READING, BOUND, INFERENCE, ATTACK = "opening the data", "computing the Lipschitz bound", "inference", "attack"
+
+
+class Progress:
+    """Where ``certify`` reports its phases; this base class ignores them (the command line draws progress bars
+    on a terminal and writes log lines elsewhere). Phases: ``READING``, ``BOUND`` (no total), then
+    ``INFERENCE`` and ``ATTACK``, counted in samples of this process's share of the data."""
+
+    def start(self, phase: str, total: float | None = None, done: float = 0.0) -> None:
+        """A phase begins: ``total`` units of work (``done`` of them already, read back from a checkpoint), or
+        None when its length is unknown."""
+
+    def advance(self, phase: str, amount: float) -> None:
+        """``amount`` more units of ``phase`` are done (a fraction of a sample for the attack)."""
+
+    def end(self, phase: str) -> None:
+        """The phase is over."""
+
+    def note(self, text: str) -> None:
+        """Something the user should read now, such as how many samples a resumed run read back."""
+
+    def close(self) -> None:
+        """The run is over (finished, failed or interrupted): stop drawing."""
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Steps:
+    """``verify``'s and ``certificate_setup``'s ``progress(phase, done, total)`` callback, drawn as phases of a
+    ``Progress``; ``close`` ends the phases it started."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.done = progress, {}
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name not in self.done:
+            self.progress.start(name, total)
+            self.done[name] = 0
+        self.progress.advance(name, done - self.done[name])
+        self.done[name] = done
+
+    def close(self) -> None:
+        for name in self.done:
+            self.progress.end(name)
+
+
+@contextmanager
+def phase(progress: Progress, name: str) -> Iterator[None]:
+    """A phase of unknown length, ended when the block finishes (not when it raises)."""
+    progress.start(name)
+    yield
+    progress.end(name)
 
 
 def _eps(eps: Sequence[str | float] | str) -> list[tuple[str, float]]:
@@ -50,23 +112,80 @@ def _open(model: Graph, data: str | Path | Dataset, layout: str = "auto", value_
     return dataset
 
 
+def chunk_size(batch_size: int, fixed_batch: int | None, device: str) -> int:
+    """Samples per model call: on a CPU the largest divisor of the batch up to ``CHUNK`` (a multiple of a fixed
+    batch the model declares, and at least a quarter of ``CHUNK``); on a GPU, or when none fits, the batch."""
+    unit = fixed_batch or 1
+    if device.startswith("cuda") or batch_size <= CHUNK:
+        return batch_size
+    sizes = [d for d in range(unit, CHUNK + 1, unit) if batch_size % d == 0 and d >= CHUNK // 4]
+    return max(sizes) if sizes else batch_size
+
+
+def _in_chunks(engine: Engine, dataset: Dataset, batch_size: int, chunk: int, first: int, last: int,
+               progress: Progress, **kwargs) -> Iterator[tuple[int, torch.Tensor, Batch, Certificates]]:
+    """``Engine.batches`` run ``chunk`` samples at a time and regrouped into batches of ``batch_size``, each
+    chunk counted as inference progress: the same batches, results and checkpoints, with progress that moves."""
+    per = batch_size // chunk
+    total = dataset.info.num_samples
+    group: list[tuple[torch.Tensor, Batch, Certificates]] = []
+    for index, x, batch, cert in engine.batches(dataset, chunk, first * per, last * per, **kwargs):
+        progress.advance(INFERENCE, len(batch.y) + len(batch.skipped))
+        group.append((x, batch, cert))
+        number = index // per
+        if len(group) < min(per, -(-(total - number * batch_size) // chunk)):
+            continue
+        if per == 1:
+            yield number, x, batch, cert
+        else:
+            xs, batches, certs = zip(*group)
+            yield (number, torch.cat(xs),
+                   Batch(np.concatenate([b.x for b in batches]), np.concatenate([b.y for b in batches]),
+                         np.concatenate([b.indices for b in batches]), [s for b in batches for s in b.skipped]),
+                   Certificates(*[torch.cat([getattr(c, f.name) for c in certs]) for f in fields(Certificates)]))
+        group = []
+
+
+@contextmanager
+def _discard_on_bad_input(ckpt: Checkpoint | None) -> Iterator[None]:
+    """A run that stops on bad input removes the checkpoint it made (a resume would stop the same way); a
+    checkpoint it was resuming stays, for a corrected command to continue."""
+    try:
+        yield
+    except LipcertError:
+        if ckpt is not None and ckpt.created:
+            ckpt.remove()
+        raise
+
+
+def _claim(model: Graph, lipschitz: float | None, computed: float) -> dict:
+    """The Lipschitz claim (``--lipschitz``, else the model's metadata) and whether lipcert's bound proves it."""
+    claim = lipschitz if lipschitz is not None else model.claimed_lipschitz()
+    if claim is None:
+        return {"claimed": None, "claim_source": None, "claim_proven": None}
+    return {"claimed": claim, "claim_source": "--lipschitz" if lipschitz is not None else "model metadata",
+            "claim_proven": computed <= claim * (1.0 + DEFAULT_TOL)}
+
+
 def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
             norm: str = "l2", device: str = "cpu", batch_size: int = 256, backend: str = "auto",
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             lipschitz: float | None = None, layout: str = "auto", value_range: str = "auto",
-            attack: AttackConfig | None = None, progress: Callable[[str, int], None] | None = None,
-            on_start: Callable[[str, int], None] | None = None, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, world: World = World(), max_elements: int | None = None,
-            skip_bad_samples: bool = False, workers: int | None = None) -> Report | None:
+            attack: AttackConfig | None = None, progress: Progress | None = None,
+            checkpoint_dir: str | Path | None = None, resume: bool = False, world: World = World(),
+            max_elements: int | None = None, skip_bad_samples: bool = False,
+            workers: int | None = None) -> Report | None:
     """Certify every sample of ``data`` at each radius in ``eps`` and return the report.
 
-    ``checkpoint_dir`` keeps per-batch results there as they finish and ``resume`` continues from them. In a
-    torchrun ``world``, every process returns None but rank 0, which returns the merged report.
+    ``checkpoint_dir`` keeps per-batch results there as they finish and ``resume`` continues from them; without
+    ``resume``, an existing checkpoint there is refused (ConfigError), never discarded. In a torchrun ``world``,
+    every process returns None but rank 0, which returns the merged report.
     ``max_elements`` bounds one sample of a dataset given as a path (see :mod:`lipcert.limits`).
     ``skip_bad_samples`` leaves out, and lists in ``Report.skipped``, every sample that cannot be read or is
     invalid (a corrupt image, NaN/Inf or out-of-range pixels, a label that is not a model class) instead of
     failing; accuracies are then over the samples evaluated. ``workers`` sets how many processes decode an
-    image folder (default: one per core, at most 4; 0: the main process).
+    image folder (default: one per core, at most 4; 0: the main process). ``progress`` (a ``Progress``)
+    hears of each phase as it goes.
 
     Example::
 
@@ -75,6 +194,7 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
         print(report.eps[0].certified_accuracy)
     """
     started = time.perf_counter()
+    progress = progress or Progress()
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r}: expected l2 or linf")
     eps_list = _eps(eps)
@@ -82,16 +202,32 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
         raise ConfigError(f"--lipschitz must be a positive number, got {lipschitz}")
     if attack is not None and (attack.steps < 1 or attack.restarts < 1):
         raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
-    dataset = _open(model, data, layout, value_range, max_elements, skip_bad_samples, workers)
+    channels = model.input_shape[0] if model.input_shape else 1
+    if (mean is None) != (std is None):
+        raise ConfigError("--mean and --std go together: give both, or neither")
+    if mean is not None and (len(mean) != len(std) or len(mean) not in (1, channels)):
+        counts = "1 value" if channels == 1 else f"1 or {channels} values"
+        raise ConfigError(f"--mean and --std need {counts} each (the model's input has {channels} channel(s))")
+    if std is not None and min(std) <= 0:
+        raise ConfigError(f"--std {','.join(map(str, std))}: every value must be positive")
+    if checkpoint_dir is not None and not resume and world.is_main:
+        refuse_overwrite(checkpoint_dir)
+    with phase(progress, READING):
+        dataset = _open(model, data, layout, value_range, max_elements, skip_bad_samples, workers)
     t_bound = time.perf_counter()
-    bound = certificate_setup(model, device=device, declared=lipschitz, std=std) if world.is_main else None
-    setup, info = broadcast(bound, world)
+    with phase(progress, BOUND):
+        steps = Steps(progress)
+        bound = (certificate_setup(model, device=device, declared=lipschitz, mean=mean, std=std, progress=steps)
+                 if world.is_main else None)
+        steps.close()
+        setup, info = broadcast(bound, world)
     bound_seconds = time.perf_counter() - t_bound
     engine = Engine(model, setup, device=device, backend=backend, mean=mean, std=std)
     batch_size = engine.batch_size(batch_size)
     total = dataset.info.num_samples
     num_batches = -(-total // batch_size)
     first, last = shard(num_batches, world)
+    my_samples = max(0, min(last * batch_size, total) - first * batch_size)
     input_dim = math.prod(model.input_shape)
     scale = 1.0 / math.sqrt(input_dim) if norm == "linf" else 1.0
     ckpt = None
@@ -107,67 +243,86 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
         gather(None, world)
         if not world.is_main:
             ckpt = Checkpoint(Path(checkpoint_dir), manifest, True)
-    stored: dict[int, tuple[dict[str, np.ndarray], list[dict]]] = {}
-    begin = first
-    while ckpt is not None and begin < last and ckpt.done(begin):
-        stored[begin] = ckpt.load(begin)
-        begin += 1
-    if stored and engine.requested == "auto":
-        engine.requested = stored[first][1][0]["backend"]
-    if on_start:
-        on_start("certifying" + (" and attacking" if attack else ""), total)
-        if progress and stored:
-            progress("certifying" + (" and attacking" if attack else ""),
-                     sum(len(a["labels"]) + len(extra[0].get("skipped", ())) for a, extra in stored.values()))
-    attack_seconds = 0.0
-    for index, x, batch, cert in engine.batches(dataset, batch_size, begin, last, skip_bad_samples=skip_bad_samples,
-                                                num_classes=_classes(model)):
-        yb = batch.y
-        arrays = {"labels": yb.astype(np.int64), "predictions": cert.prediction.cpu().numpy(),
-                  "margins": cert.margin.cpu().numpy(), "radii": (cert.radius * scale).cpu().numpy()}
-        extra: list[dict] = [{"backend": engine.backend}]
-        if skip_bad_samples:
-            arrays["indices"] = batch.indices
-            extra[0]["skipped"] = [[i, why] for i, why in batch.skipped]
-        if attack is not None:
-            t0 = time.perf_counter()
-            part = attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
-                                cert.prediction, torch.from_numpy(arrays["radii"]), 0, eps_list,
-                                attack, batch_generator(attack.seed, index))
-            attack_seconds += time.perf_counter() - t0
-            arrays["attack_radius"] = part.attack_radius.numpy()
-            arrays["broken_at"] = part.broken_at.numpy()
-            for v in part.violations:  # attack_batch counts from the batch's first sample read
-                v.index = int(batch.indices[v.index])
-            extra += [v.__dict__ for v in part.violations]
-        stored[index] = (arrays, extra)
-        if ckpt is not None:
-            ckpt.save(index, arrays, extra)
-        if progress:
-            progress("certifying" + (" and attacking" if attack else ""), len(yb) + len(batch.skipped))
-    mine = [stored[i] for i in range(first, last)]
-    parts = [p for shard_parts in gather(mine, world) for p in shard_parts]
-    timing = gather({"inference": engine.seconds, "attack": attack_seconds, "backend": engine.backend}, world)
-    if not world.is_main:
-        return None
-    merged = {k: np.concatenate([a[k] for a, _ in parts]) if parts else np.empty(0)
-              for k in CERT_KEYS + (ATTACK_KEYS if attack else ()) + (("indices",) if skip_bad_samples else ())}
-    violations = [Violation(**v) for _, extra in parts for v in extra[1:]]
-    backend_used = next((extra[0]["backend"] for a, extra in parts if len(a["labels"])), engine.backend)
-    skipped = [(int(i), why) for _, extra in parts for i, why in extra[0].get("skipped", ())]
-    if skip_bad_samples and not len(merged["labels"]):
-        raise DataError(f"every sample was skipped as unreadable or invalid (sample {skipped[0][0]}: "
-                        f"{skipped[0][1]}); nothing is left to certify", source=dataset.info.path)
+    with _discard_on_bad_input(ckpt):
+        stored: dict[int, tuple[dict[str, np.ndarray], list[dict]]] = {}
+        begin = first
+        while ckpt is not None and begin < last and ckpt.done(begin):
+            stored[begin] = ckpt.load(begin)
+            begin += 1
+        read_back = sum(len(a["labels"]) + len(extra[0].get("skipped", ())) for a, extra in stored.values())
+        if ckpt is not None and resume:
+            progress.note(f"--resume: no checkpoint in {checkpoint_dir}; starting from the beginning" if ckpt.created
+                          else f"resumed from {ckpt.folder}: read back {read_back} of {my_samples} samples "
+                               f"({len(stored)} batches); computing the rest")
+        if stored and engine.requested == "auto":
+            engine.requested = stored[first][1][0]["backend"]
+        for name in (INFERENCE, ATTACK) if attack else (INFERENCE,):
+            progress.start(name, my_samples, read_back)
+        attack_seconds, computed = 0.0, 0
+        chunk = chunk_size(batch_size, model.fixed_batch, device)
+        for index, x, batch, cert in _in_chunks(engine, dataset, batch_size, chunk, begin, last, progress,
+                                                skip_bad_samples=skip_bad_samples, num_classes=_classes(model)):
+            yb = batch.y
+            size = len(yb) + len(batch.skipped)
+            computed += len(yb)
+            arrays = {"labels": yb.astype(np.int64), "predictions": cert.prediction.cpu().numpy(),
+                      "margins": cert.margin.cpu().numpy(), "radii": (cert.radius * scale).cpu().numpy()}
+            extra: list[dict] = [{"backend": engine.backend}]
+            if skip_bad_samples:
+                arrays["indices"] = batch.indices
+                extra[0]["skipped"] = [[i, why] for i, why in batch.skipped]
+            if attack is not None:
+                t0 = time.perf_counter()
+                part = attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
+                                    cert.prediction, torch.from_numpy(arrays["radii"]), 0, eps_list,
+                                    attack, batch_generator(attack.seed, index),
+                                    lambda done, size=size: progress.advance(ATTACK, done * size))
+                attack_seconds += time.perf_counter() - t0
+                arrays["attack_radius"] = part.attack_radius.numpy()
+                arrays["broken_at"] = part.broken_at.numpy()
+                for v in part.violations:  # attack_batch counts from the batch's first sample read
+                    v.index = int(batch.indices[v.index])
+                extra += [v.__dict__ for v in part.violations]
+            stored[index] = (arrays, extra)
+            if ckpt is not None:
+                ckpt.save(index, arrays, extra)
+        for name in (INFERENCE, ATTACK) if attack else (INFERENCE,):
+            progress.end(name)
+        mine = [stored[i] for i in range(first, last)]
+        parts = [p for shard_parts in gather(mine, world) for p in shard_parts]
+        timing = gather({"inference": engine.seconds, "attack": attack_seconds, "backend": engine.backend,
+                         "computed": computed}, world)
+        if not world.is_main:
+            return None
+        merged = {k: np.concatenate([a[k] for a, _ in parts]) if parts else np.empty(0)
+                  for k in CERT_KEYS + (ATTACK_KEYS if attack else ()) + (("indices",) if skip_bad_samples else ())}
+        violations = [Violation(**v) for _, extra in parts for v in extra[1:]]
+        backend_used = next((extra[0]["backend"] for a, extra in parts if len(a["labels"])), engine.backend)
+        skipped = [(int(i), why) for _, extra in parts for i, why in extra[0].get("skipped", ())]
+        if skip_bad_samples and not len(merged["labels"]):
+            raise DataError(f"every sample was skipped as unreadable or invalid (sample {skipped[0][0]}: "
+                            f"{skipped[0][1]}); nothing is left to certify", source=dataset.info.path)
     labels = torch.from_numpy(merged["labels"])
     predictions = torch.from_numpy(merged["predictions"])
     radii = torch.from_numpy(merged["radii"])
     correct = predictions == labels
     results = [EpsResult(value, label, certified_accuracy(radii, correct, value),
                          int(((radii > value) & correct).sum())) for label, value in eps_list]
-    notes = list(model.notes)
+    computed_upper = info.computed_upper / info.normalisation_factor
+    claim = _claim(model, lipschitz, computed_upper)
+    notes = []
+    if claim["claim_proven"] is False:
+        upper = ("unbounded (an operator has no rule)" if not math.isfinite(computed_upper)
+                 else f"{computed_upper:.6g}")
+        notes.append(f"LIPSCHITZ CLAIM NOT PROVEN: the model is claimed {claim['claimed']:g}-Lipschitz "
+                     f"({claim['claim_source']}), but lipcert's sound upper bound is {upper}; "
+                     + ("the certificates use the declared bound, which lipcert cannot confirm"
+                        if lipschitz is not None else "the certificates use lipcert's bound, not the claim")
+                     + " (run lipcert verify to find the layer)")
+    notes += list(model.notes)
     if lipschitz is not None:
         notes.append(f"certificates use the Lipschitz bound {lipschitz:g} declared with --lipschitz, not lipcert's "
-                     f"sound bound {info.computed_upper / info.normalisation_factor:.6g}")
+                     f"sound bound {computed_upper:.6g}")
     if not math.isfinite(info.value):
         notes.append("lipcert could not bound the model's Lipschitz constant (an operator has no rule): "
                      "nothing is certified; run lipcert verify for details")
@@ -189,19 +344,21 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
                          "their certified radius: the model's Lipschitz claim or the certificate is wrong")
     d = dataset.info
     count = int(labels.numel())
+    computed_total = sum(t["computed"] for t in timing)
+    total_seconds = time.perf_counter() - started
     return Report(
         model={"path": model.source, "sha256": _sha(model.source), "format": Path(model.source).suffix.lstrip(".")},
         dataset={"path": d.path, "format": d.format, "sha256": d.sha256, "num_samples": d.num_samples,
                  "layout": d.layout, "value_range": d.value_range, "num_classes": d.num_classes,
                  "sample_shape": list(d.sample_shape)},
         device=device, backend=backend_used, batch_size=batch_size, norm=norm, input_dim=input_dim,
-        bound=dict(info.__dict__), clean_accuracy=float(correct.double().mean()) if count else 0.0, eps=results,
-        curve=accuracy_curve(radii, correct),
+        bound={**info.__dict__, **claim}, clean_accuracy=float(correct.double().mean()) if count else 0.0,
+        eps=results, curve=accuracy_curve(radii, correct),
         timings={"bound_seconds": bound_seconds, "inference_seconds": inference_seconds,
-                 "attack_seconds": sum(t["attack"] for t in timing),
-                 "total_seconds": time.perf_counter() - started,
-                 "images_per_second": count / inference_seconds if inference_seconds > 0 else 0.0,
-                 "processes": world.size},
+                 "attack_seconds": sum(t["attack"] for t in timing), "total_seconds": total_seconds,
+                 "images_per_second": computed_total / total_seconds if total_seconds > 0 else 0.0,
+                 "inference_images_per_second": computed_total / inference_seconds if inference_seconds > 0 else 0.0,
+                 "samples_read_back": count - computed_total, "processes": world.size},
         notes=notes, attack=attack_part,
         skipped={"count": len(skipped), "evaluated": count,
                  "samples": [{"index": i, "reason": why} for i, why in skipped]} if skip_bad_samples else None,
@@ -228,7 +385,7 @@ def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] 
         raise ConfigError(f"norm {norm!r}: expected l2 or linf")
     eps_list = _eps(eps)
     dataset = _open(model, data, max_elements=max_elements)
-    setup, _ = certificate_setup(model, device=device, std=std)
+    setup, _ = certificate_setup(model, device=device, mean=mean, std=std)
     engine = Engine(model, setup, device=device, backend="torch", mean=mean, std=std)
     cfg = AttackConfig(steps=steps, restarts=restarts, norm=norm, seed=seed)
     started = time.perf_counter()

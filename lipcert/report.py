@@ -6,34 +6,15 @@ import datetime as _dt
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .errors import ConfigError
+from .config import parse_eps  # noqa: F401 - its historical home; bench scripts import it from here
 
 SCHEMA = "lipcert.report/1"
-
-
-def parse_eps(text: str) -> list[tuple[str, float]]:
-    """``36/255,72/255,1`` -> [("36/255", 0.1411...), ...]: fractions or decimals, non-negative."""
-    values = []
-    for part in (p.strip() for p in str(text).split(",")):
-        if not part:
-            continue
-        try:
-            value = float(Fraction(part))
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"--eps {part!r}: expected a number or a fraction like 36/255") from None
-        if value < 0 or not math.isfinite(value):
-            raise ConfigError(f"--eps {part!r}: must be a non-negative number")
-        values.append((part, value))
-    if not values:
-        raise ConfigError("--eps needs at least one value, e.g. 36/255,72/255")
-    return values
 
 
 def sha256_file(path: str | Path) -> str:

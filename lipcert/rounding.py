@@ -223,7 +223,11 @@ class _Evaluation:
                 total = total + self.magnitude(value, d, e).times(w)
             return total.times(gamma(ins.count, self.plan.unit))
         if ins.kind in ("concat", "max"):
-            return ZERO
+            if not ins.sites:
+                return ZERO
+            moved = Affine.norm([(d + e.times(self.twice)).times(w)
+                                 for d, e, w in zip(deviations, errors, ins.weights)])
+            return self.site_error(ins.sites[0], ZERO, self.magnitude(ins.output, moved, ZERO))
         if ins.kind == "block":
             return self.block(ins, deviations[0], errors[0])
         return INFINITE
@@ -320,8 +324,10 @@ class _Compiler:
         self.needed.add(out)
         if step.kind in ("sum", "concat", "max"):
             d = step.details
+            r = d.get("rounding")  # a pattern computed as a combination may round (an L2-norm combination)
+            sites = (self.rounding_site(out, r),) if r is not None and not r.exact else ()
             return Instruction(step.kind, inputs, out, weights=tuple(d["weights"]), count=d.get("count", 0),
-                               offset=d.get("offset", 0.0))
+                               offset=d.get("offset", 0.0), sites=sites)
         if step.kind == "linear":
             sites = self.sites(step.parts)
             return Instruction("linear", inputs, out, factor, sites=sites or (), known=sites is not None)
@@ -330,7 +336,7 @@ class _Compiler:
             if r is None:
                 return Instruction("rule", inputs, out, factor, known=False)
             return Instruction("rule", inputs, out, factor, sites=(self.rounding_site(out, r),))
-        if step.kind == "pattern" and "substeps" in step.details:
+        if "substeps" in step.details:  # a pattern or a linear region: its own steps, with cheap factors
             inner = []
             for sub in step.details["substeps"]:
                 cheap = sub.constant if sub.kind == "rule" else 0.0

@@ -148,6 +148,18 @@ def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
     return _inflate(value, matrix.numel())
 
 
+def matrix_upper_bound(m: torch.Tensor) -> float:
+    """A proven upper bound on ||M||_2 for a dense matrix (exact SVD when small, else Gram iteration)."""
+    return _matrix_bound(m, 4096, "cpu").value
+
+
+def conv_upper_bound(op: LinearOperator) -> float:
+    """A proven upper bound on the norm of the convolution ``op.structure`` describes, by the DFT (never a
+    dense SVD of ``op``'s own forward, so the structure may carry another weight); inf if not handled."""
+    bound = _conv_bound(op, "cpu")
+    return math.inf if bound is None else bound.value
+
+
 def _matrix_bound(m: torch.Tensor, dense_limit: int, device: str | torch.device) -> UpperBound:
     """||M||_2 for an operator applying M along the last axis: exact SVD when small, else Gram iteration."""
     m = m.detach().to(device=device, dtype=torch.float64)

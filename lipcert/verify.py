@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import __version__
+from . import __version__, partition
 from .analysis import Step, decompose
-from .empirical import network_lower_bound
+from .empirical import Progress, network_lower_bound
 from .errors import ConfigError, SelfCheckError
 from .executor import GraphModule
 from .fold import data_dependent
@@ -23,6 +23,7 @@ from .fusion import refine
 from .graph import Graph
 from .power_iteration import power_iteration
 from .spectral import UpperBound, mul_up, upper_bound
+from .subgraph import as_conv, region_bound
 
 #: relative slack on the claim that absorbs float32 rounding of weights normalised to 1 (e.g. 1.0000005)
 DEFAULT_TOL = 1e-5
@@ -41,6 +42,7 @@ class LayerResult:
     out_shape: list[int] | None
     lower: float | None
     lower_method: str | None
+    lower_iterations: int | None  # power-iteration steps taken (stopped on convergence or at the cap)
     upper: float | None
     upper_method: str
     exact: bool | None  # linear steps: the upper bound is the norm (up to rounding); None for rules and patterns
@@ -65,6 +67,9 @@ class VerifyResult:
     network_upper: float
     network_lower: float
     network_lower_method: str
+    empirical_budget: float | None  # seconds the empirical search may take (None: no limit)
+    network_lower_steps: int  # search steps it took
+    network_lower_stopped: bool  # it ran out of budget before its last step
     status: str
     top_contributors: list[dict]
     no_rule: list[str]
@@ -169,16 +174,22 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
     name = (main or step.nodes)[0]
     if step.kind == "linear":
         op = refine(step.operator)
+        region = "substeps" in step.details
         label = graph_ops.get(name, step.label)
         if op.kind == "conv" and op.structure.get("circular"):
             label += " (circular padding)"
         others = sorted({graph_ops[n] for n in step.nodes} & set(MAIN_OPS) - {graph_ops.get(name), "Pad", "Concat"})
         step.label = label + "".join(f" + {o}" for o in others)
+        if region:
+            step.label = "linear region (" + " + ".join(sorted({graph_ops[n] for n in step.nodes})) + ")"
         step.operator = op
-        ub: UpperBound = upper_bound(op, device=device)
-        sigma, method, gap = None, None, None
+        ub: UpperBound = (region_bound(step, lambda o: upper_bound(o, device=device)) if region
+                          else upper_bound(op, device=device))
+        sigma, method, gap, iterations = None, None, None, None
         if lower_bounds:
-            init = _svd_start(op) if ub.method == "svd" else _fft_starts(op) if ub.method == "fft-circular" else None
+            shape = as_conv(step) if region and ub.method.startswith("fft-circular") else op
+            init = _svd_start(op) if ub.method == "svd" else (
+                _fft_starts(shape) if ub.method.startswith("fft-circular") else None)
             pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
             sigma = pi.sigma
             if math.isfinite(ub.value) and sigma > ub.value * (1 + 1e-6) + 1e-12:
@@ -186,17 +197,18 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
                                      f"bound {ub.value:.9g} ({ub.method}); lipcert's bound for this operator is wrong")
             gap = (ub.value - sigma) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
             method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
-        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method,
+            iterations = pi.iterations
+        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method, iterations,
                           ub.value if math.isfinite(ub.value) else None, ub.method, ub.exact, gap,
                           status_of(sigma, ub.value, claim, tol))
         return row, ub.value
     if step.kind in ("rule", "pattern"):
-        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, step.constant,
+        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, step.constant,
                           "rule" if step.kind == "rule" else "pattern", None, None,
                           status_of(None, step.constant, claim, tol), step.reason)
         return row, float(step.constant)
-    row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, "none", False, None,
-                      NO_RULE, step.reason)
+    row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, None, "none", False,
+                      None, NO_RULE, step.reason)
     return row, math.inf
 
 
@@ -225,6 +237,8 @@ class Propagation:
     combinations: list[dict]
 
     output: str = ""
+    #: partition profiles of values that depend on disjoint parts of another value (``partition``)
+    profiles: dict = field(default_factory=dict)
     #: whether the graph's output depends on the input's values (a constant output has bound 0)
     output_is_data: bool = True
 
@@ -234,7 +248,7 @@ class Propagation:
 
 
 def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device: str = "cpu", seed: int = 0,
-              lower_bounds: bool = True, max_iter: int = 1000) -> Propagation:
+              lower_bounds: bool = True, max_iter: int = 1000, progress: Progress | None = None) -> Propagation:
     """Bound each step and propagate: linear and rule steps multiply, sums add, concatenations and
     elementwise max/min combine as sqrt(sum of squares). With ``lower_bounds``, each linear step also gets a
     power-iteration lower estimate (at most ``max_iter`` steps), and one above its upper bound raises
@@ -242,14 +256,26 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
     steps = decompose(graph)
     prop = Propagation([], steps, {graph.input_name: 1.0}, [], [], output=graph.output,
                        output_is_data=graph.output in data_dependent(graph))
-    for step in steps:
+    order = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs}
+    lengths = {(v, a + 1): n for v, shape in graph.value_shapes.items() for a, n in enumerate(shape)}
+    for done, step in enumerate(steps, 1):
+        if progress:
+            progress("layer bounds", done, len(steps))
         # a value no step bounds has no bound: infinite, never 0
         incoming = [prop.bounds.get(i, math.inf) for i in step.inputs]
         if step.kind in ("sum", "concat", "max"):
-            prop.bounds[step.output] = _combine(step, incoming)
-            prop.combinations.append({"node": step.nodes[0], "op": step.label, "rule": step.reason,
-                                      "inputs": incoming, "weights": step.details["weights"],
-                                      "bound": prop.bounds[step.output]})
+            bound = _combine(step, incoming)
+            profile = partition.combine(step.kind, step.inputs, step.details["weights"], prop.profiles, order,
+                                        lengths)
+            rule = step.reason
+            if profile is not None and scale_up(profile.top, prop.bounds[profile.base]) < bound:
+                bound = scale_up(profile.top, prop.bounds[profile.base])
+                rule = f"its inputs read disjoint parts of {profile.base}: largest gain {profile.top:.6g} x its bound"
+            prop.bounds[step.output] = bound
+            if profile is not None:
+                prop.profiles[step.output] = profile
+            prop.combinations.append({"node": step.nodes[0], "op": step.label, "rule": rule, "inputs": incoming,
+                                      "weights": step.details["weights"], "bound": bound})
             continue
         row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds, max_iter)
         step.details["factor"] = factor
@@ -258,7 +284,29 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
         # steps of one input scale its bound; a step without a rule may read several: inf unless all constant
         moving = max(incoming, default=0.0) if len(incoming) > 1 else incoming[0]
         prop.bounds[step.output] = scale_up(moving, factor)
+        profile = _profile(step, factor, prop.profiles)
+        if profile is not None:
+            prop.profiles[step.output] = profile
+            prop.bounds[step.output] = min(prop.bounds[step.output],
+                                           scale_up(profile.top, prop.bounds[profile.base]))
     return prop
+
+
+def _profile(step: Step, factor: float, profiles: dict[str, partition.Profile]) -> partition.Profile | None:
+    """The partition profile of a step of one input: a chain that starts by selecting part of its input, or a
+    step applied to a value that has a profile."""
+    if step.kind == "none" or len(step.inputs) != 1 or not math.isfinite(factor):
+        return None
+    first = step.parts[0].operator if step.kind == "linear" and step.parts else None
+    if first is not None and "select" in first.structure:
+        return partition.selection(step.inputs[0], first.structure["select"], factor)
+    if "substeps" in step.details and step.kind == "linear":  # a linear region that reads parts of its input
+        readers = [s.parts[0].operator.structure.get("select") if s.kind == "linear" and s.parts else None
+                   for s in step.details["substeps"] if step.inputs[0] in s.inputs]
+        if readers and all(readers) and len({axis for axis, _, _ in readers}) == 1:
+            return partition.union(step.inputs[0], readers, factor)
+    known = profiles.get(step.inputs[0])
+    return None if known is None else known.scaled(factor)
 
 
 #: relative slack of the network self-check: a ratio measured in float64 on nearby inputs carries rounding
@@ -272,9 +320,19 @@ def check_network(lower: float, upper: float, method: str) -> None:
                              f"{upper:.9g}; lipcert's bound for this network is wrong")
 
 
+def default_budget(device: str) -> float:
+    """Seconds the empirical network search may take by default: it stops early on small models."""
+    return 20.0 if str(device).startswith("cuda") else 60.0
+
+
 def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "cpu",
-           seed: int = 0, points: torch.Tensor | None = None, empirical: bool = True) -> VerifyResult:
+           seed: int = 0, points: torch.Tensor | None = None, empirical: bool = True,
+           empirical_budget: float | None = -1.0, progress: Progress | None = None) -> VerifyResult:
     """Check the model's Lipschitz claim: ``bound`` if given, else its metadata claim, else 1.
+
+    The empirical network search stops after ``empirical_budget`` seconds keeping the best pair found (the
+    default, -1, means ``default_budget(device)``; None means no limit). ``progress(phase, done, total)`` is
+    called as layer bounds and search steps complete.
 
     Example::
 
@@ -293,23 +351,31 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
         raise ConfigError(f"--bound must be a positive number, got {claim}")
     if tol < 0:
         raise ConfigError(f"--tol must be non-negative, got {tol}")
-    prop = propagate(graph, claim, tol, device, seed)
+    if empirical_budget is not None and empirical_budget == -1.0:
+        empirical_budget = default_budget(device)
+    if empirical_budget is not None and not (math.isfinite(empirical_budget) and empirical_budget > 0):
+        raise ConfigError(f"--empirical-budget must be a positive number of seconds, got {empirical_budget}")
+    prop = propagate(graph, claim, tol, device, seed, progress=progress)
     layers, upper = prop.layers, prop.upper
     module = GraphModule(graph).to(device=device, dtype=torch.float64)
-    lower, lower_method = 0.0, "not run"
+    lower, lower_method, steps, stopped = 0.0, "not run", 0, False
     if empirical:
         if points is None:
             gen = torch.Generator().manual_seed(seed)
             points = torch.rand((16,) + graph.input_shape, generator=gen)
-        found = network_lower_bound(module, points.to(device=device, dtype=torch.float64), seed=seed)
-        lower, lower_method = found.value, f"{found.method} ({found.points} points)"
+        found = network_lower_bound(module, points.to(device=device, dtype=torch.float64), seed=seed,
+                                    budget=empirical_budget, progress=progress)
+        lower, steps, stopped = found.value, found.steps, found.stopped
+        lower_method = f"{found.method} ({found.points} points" + (
+            f", stopped by the {empirical_budget:g} s budget)" if stopped else ")")
         check_network(lower, upper, lower_method)
     status = status_of(lower, upper, claim, tol)
     top = sorted(((f, n) for f, n in prop.factors if f > 1.0 + tol), key=lambda t: -t[0])[:5]
     return VerifyResult(
         schema=SCHEMA, lipcert_version=__version__, model=graph.source, claimed=claim, claim_source=source,
         tol=tol, device=str(device), seed=seed, layers=layers, network_upper=upper, network_lower=lower,
-        network_lower_method=lower_method, status=status,
+        network_lower_method=lower_method, empirical_budget=empirical_budget if empirical else None,
+        network_lower_steps=steps, network_lower_stopped=stopped, status=status,
         top_contributors=[{"layer": n, "factor": f} for f, n in top],
         no_rule=[row.name for row in layers if row.status == NO_RULE], combinations=prop.combinations,
         notes=list(graph.notes), seconds=time.perf_counter() - start)

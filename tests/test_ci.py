@@ -128,3 +128,37 @@ def test_bound_from_the_config_file_is_named_as_such(tmp_path: Path) -> None:
     assert data["claimed"] == 3.0 and data["claim_source"] == "bound in the config file"
     from_flag = run_cli("verify", "--format", "json", "--bound", "0.5", cwd=tmp_path)
     assert from_flag.returncode == 1 and json.loads(from_flag.stdout)["claim_source"] == "--bound"
+
+
+def test_wheel_builds_and_allows_the_tested_torch(tmp_path: Path) -> None:
+    """The wheel .ci/run builds (here without network: the installed setuptools), with its entry point and a torch
+    range that admits torch 2.13.0 but no torch 3."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    from .conftest import ROOT
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "lipcert", src / "lipcert", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "--quiet", str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True,
+                           timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    [wheel] = (tmp_path / "dist").glob("lipcert-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        requires = [Requirement(line.split(":", 1)[1].strip()) for line in zf.read(meta).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]
+        entry = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "lipcert/cli.py" in names and "lipcert/data/npz.py" in names and "lipcert/ops/base.py" in names
+    assert "lipcert = lipcert.cli:main" in entry
+    torch = next(r for r in requires if r.name == "torch")
+    assert torch.specifier.contains("2.13.0") and torch.specifier.contains("2.2.0")
+    assert not torch.specifier.contains("2.1.0") and not torch.specifier.contains("3.0.0")
+    assert "pip wheel --no-deps . -w dist/" in (ROOT / ".ci" / "run").read_text()

@@ -26,6 +26,8 @@ from safetensors.numpy import save_file
 
 from lipcert import certify, load_model
 from lipcert.cli import main
+from lipcert.evaluate import Engine, certificate_setup, choose_backend
+from lipcert.executor import GraphModule
 from lipcert.render import FILES
 
 from .conftest import SAMPLES, export_onnx, run_cli
@@ -89,29 +91,44 @@ def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
 
 
-def radii(z: np.ndarray, x: np.ndarray, bound: dict, head: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Prediction, margin and radii by certify.py's documented rules, from float32 logits and the report's bound.
+def allowance(model: Path, x: np.ndarray, rep: dict, mean: list[float] | None = None,
+              std: list[float] | None = None) -> tuple[np.ndarray, float]:
+    """lipcert's float error allowance for each sample (at the sample) and its growth with the radius, through
+    its Python API with the backend the report used: the numbers the documented radius rules take."""
+    graph = load_model(model)
+    setup, _ = certificate_setup(graph, declared=rep["bound"]["declared"], mean=mean, std=std)
+    engine = Engine(graph, setup, backend=rep["backend"], mean=mean, std=std)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    runner = choose_backend(graph, rep["backend"], "cpu", xt, engine.mean, engine.std, engine.measure)
+    _, norms = runner(xt)
+    error = engine.error(xt.flatten(1).double().norm(dim=1), norms)
+    return np.broadcast_to(np.asarray(error.base, dtype=np.float64), (len(x),)), float(error.slope)
 
-    err = error_scale (max |z| + L ||x||); sqrt(2): (margin - 2 err) / (sqrt(2) L); per-pair with the head's bound
-    L' = L / ||W||_2: min_j (z_top - z_j - 2 err) / (L' ||w_top - w_j||); one logit: (|z| - err) / L.
+
+def radii(z: np.ndarray, x: np.ndarray, bound: dict, head: np.ndarray | None,
+          error: tuple[np.ndarray, float]) -> dict[str, np.ndarray]:
+    """Prediction, margin and radii by certify.py's documented rules, from float32 logits, the report's bound
+    and the float error allowance E = base + slope r of each sample:
+    sqrt(2): (margin - 2 sqrt(2) base) / (sqrt(2) (L + slope)); per pair, with the head's bound L' = L / ||W||:
+    min_j (z_top - z_j - 2 sqrt(2) base) / (L' ||w_top - w_j|| + sqrt(2) slope); one logit:
+    (|z| - 2 base) / (L + slope).
     """
     z = z.astype(np.float64)
     lip = bound["value"]
-    err = bound["error_scale"] * (np.abs(z).max(1) + lip * np.linalg.norm(x.reshape(len(x), -1).astype(np.float64),
-                                                                          axis=1))
+    base, slope = error
     if z.shape[1] == 1:
-        r = np.maximum(0, (np.abs(z[:, 0]) - err) / lip)
+        r = np.maximum(0, (np.abs(z[:, 0]) - 2 * base) / (lip + slope))
         return {"prediction": (z[:, 0] > 0).astype(np.int64), "margin": np.abs(z[:, 0]), "sqrt2": r, "radius": r}
     rows = np.arange(len(z))
     order = np.argsort(-z, axis=1, kind="stable")
     pred = order[:, 0]
     margin = z[rows, pred] - z[rows, order[:, 1]]
-    sqrt2 = np.maximum(0, (margin - 2 * err) / (SQRT2 * lip))
+    sqrt2 = np.maximum(0, (margin - 2 * SQRT2 * base) / (SQRT2 * (lip + slope)))
     out = {"prediction": pred, "margin": margin, "sqrt2": sqrt2, "radius": sqrt2}
     if head is not None:
         w = head.astype(np.float64)
-        pairs = (lip / np.linalg.norm(w, 2)) * np.linalg.norm(w[:, None] - w[None], axis=2)
-        per = (z[rows, pred][:, None] - z - 2 * err[:, None]) / pairs[pred].clip(1e-300)
+        pairs = (lip / np.linalg.norm(w, 2)) * np.linalg.norm(w[:, None] - w[None], axis=2) + SQRT2 * slope
+        per = (z[rows, pred][:, None] - z - 2 * SQRT2 * base[:, None]) / pairs[pred].clip(1e-300)
         per[rows, pred] = np.inf
         out["radius"] = np.maximum(sqrt2, per.min(1).clip(0))
     return out
@@ -146,7 +163,6 @@ def out_is_empty(out: Path) -> bool:
 # ---------------------------------------------------------------- the sample digits models
 
 MODELS = ["digits_conv.onnx", "digits_dense.onnx", "digits_conv.safetensors", "digits_dense.safetensors"]
-FAN_IN = {"digits_conv": 512, "digits_dense": 128}  # the longest sum: fc's 512 inputs; fc2's 128
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +184,33 @@ def test_digits_certificates_equal_independent_computation(digits, name: str) ->
     x, y = data["x"], data["y"]
     b = rep["bound"]
     assert b["value"] == pytest.approx(1.0, abs=1e-6) and b["declared"] is None
-    assert b["rule"].startswith("per-pair") and b["max_fan_in"] == FAN_IN[stem]
-    n, u = b["max_fan_in"], 2.0 ** -24
-    assert b["error_scale"] == pytest.approx(2 * b["depth"] * n * u / (1 - n * u))
-    expect = radii(ort_logits(onnx_file, x), x, b, last_gemm_weight(onnx_file))
+    assert b["rule"].startswith("per-pair") and 0 < b["error_base"] < 1e-2 and 0 < b["error_slope"] < 1e-2
+    expect = radii(ort_logits(onnx_file, x), x, b, last_gemm_weight(onnx_file), allowance(SAMPLES / name, x, rep))
     s = assert_matches(out, rep, expect, y)
     # the per-pair rule is never below the sqrt(2) rule, and strictly above it somewhere
     assert (s["radius"] >= expect["sqrt2"] - SLACK).all()
     assert (s["radius"] > expect["sqrt2"] + 1e-3).sum() > len(y) // 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx"])
+def test_float_error_allowance_covers_the_real_rounding(name: str, backend: str) -> None:
+    """The deployed float32 logits are within the allowance of the exact ones (float64), for every sample,
+    both around each sample (measured norms) and around the zero image."""
+    graph = load_model(SAMPLES / name)
+    setup, info = certificate_setup(graph)
+    engine = Engine(graph, setup, backend=backend)
+    x = torch.from_numpy(np.load(DIGITS)["x"]).reshape((-1,) + graph.input_shape)
+    runner = choose_backend(graph, backend, "cpu", x, None, None, engine.measure)
+    z, norms = runner(x)
+    assert norms is not None and set(norms) == set(engine.measure)
+    exact = GraphModule(graph).to(torch.float64)(x.double())
+    gap = (z.double() - exact).norm(dim=1)
+    x_norm = x.flatten(1).double().norm(dim=1)
+    measured = engine.error(x_norm, norms)
+    assert (gap > 0).any() and (gap <= measured.base).all()
+    assert (gap <= info.error_base + info.error_slope * x_norm).all()
+    assert (measured.base < info.error_base + info.error_slope * x_norm).float().mean() > 0.9  # measured is tighter
 
 
 @pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx"])
@@ -186,7 +221,8 @@ def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
     x, y = data["x"], data["y"]
     result = certify(load_model(SAMPLES / name), DIGITS, EPS, lipschitz=rep["bound"]["value"])
     assert result.bound["rule"] == "sqrt(2) margin"
-    expect = radii(ort_logits(SAMPLES / name, x), x, rep["bound"], None)
+    declared = {**rep, "bound": result.bound, "backend": result.backend}
+    expect = radii(ort_logits(SAMPLES / name, x), x, rep["bound"], None, allowance(SAMPLES / name, x, declared))
     assert np.allclose(result.samples.radii.numpy(), expect["sqrt2"], rtol=1e-5, atol=SLACK)
     assert_counts(result.to_dict(), expect["sqrt2"], expect["prediction"] == y)
     assert all(e.certified <= f["certified"] for e, f in zip(result.eps, rep["eps"]))
@@ -234,8 +270,10 @@ def test_quiet_prints_one_summary_line(digits, tmp_path: Path) -> None:
 
 
 def test_declared_bound_on_the_broken_model(tmp_path: Path) -> None:
-    _, declared = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "a", "--lipschitz", "1.0", "--eps", "36/255")
-    _, computed = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "b", "--eps", "36/255")
+    _, declared = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "a", "--lipschitz", "1.0", "--eps", "36/255",
+                         "--no-require-claim")
+    _, computed = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "b", "--eps", "36/255",
+                         "--no-require-claim")
     assert declared["bound"]["value"] == 1.0 and declared["bound"]["declared"] == 1.0
     assert "declared" in declared["bound"]["method"]
     assert any("declared with --lipschitz" in note for note in declared["notes"])
@@ -245,9 +283,12 @@ def test_declared_bound_on_the_broken_model(tmp_path: Path) -> None:
     assert computed["eps"][0]["certified_accuracy"] < 0.8 * declared["eps"][0]["certified_accuracy"]
     data = np.load(DIGITS)
     z = ort_logits(SAMPLES / "digits_broken.onnx", data["x"])
-    assert_matches(tmp_path / "a", declared, radii(z, data["x"], declared["bound"], None), data["y"])
-    head = last_gemm_weight(SAMPLES / "digits_broken.onnx")
-    assert_matches(tmp_path / "b", computed, radii(z, data["x"], computed["bound"], head), data["y"])
+    broken = SAMPLES / "digits_broken.onnx"
+    assert_matches(tmp_path / "a", declared, radii(z, data["x"], declared["bound"], None,
+                                                   allowance(broken, data["x"], declared)), data["y"])
+    head = last_gemm_weight(broken)
+    assert_matches(tmp_path / "b", computed, radii(z, data["x"], computed["bound"], head,
+                                                   allowance(broken, data["x"], computed)), data["y"])
 
 
 # ---------------------------------------------------------------- data formats, on small generated files
@@ -264,7 +305,7 @@ def check_format(tmp_path: Path, data: Path, shape: tuple[int, ...], classes: in
     d = rep["dataset"]
     assert (d["format"], d["layout"], d["value_range"], d["num_samples"]) == (fmt, layout, value_range, len(y))
     assert d["sample_shape"] == list(shape)
-    assert_matches(out, rep, radii(ort_logits(model, x), x, rep["bound"], w), y)
+    assert_matches(out, rep, radii(ort_logits(model, x), x, rep["bound"], w, allowance(model, x, rep)), y)
     return rep
 
 
@@ -334,7 +375,8 @@ def test_mean_std_scale_the_bound(nhwc, tmp_path: Path) -> None:
     assert b["computed_upper"] == pytest.approx(b["value"])
     normalised = (x - np.float32(NHWC_MEAN)[:, None, None]) / np.float32(NHWC_STD)[:, None, None]
     z = ort_logits(root / "model.onnx", normalised)
-    assert_matches(out, rep, radii(z, x, b, last_gemm_weight(root / "model.onnx")), y)
+    error = allowance(root / "model.onnx", x, rep, list(NHWC_MEAN), list(NHWC_STD))
+    assert_matches(out, rep, radii(z, x, b, last_gemm_weight(root / "model.onnx"), error), y)
     assert "multiplies the bound by 5" in (out / "report.md").read_text()
 
 
@@ -364,7 +406,7 @@ def test_binary_model(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _, rep = report(model, tmp_path / "d.npz", out, "--eps", ",".join(f"{e:.6g}" for e in eps))
     assert rep["bound"]["rule"] == "binary |z| / L" and rep["bound"]["value"] == pytest.approx(lip, rel=1e-6)
-    expect = radii(z[:, None], x, rep["bound"], None)
+    expect = radii(z[:, None], x, rep["bound"], None, allowance(model, x, rep))
     s = assert_matches(out, rep, expect, y)
     assert np.allclose(s["radius"], np.abs(z) / lip, atol=1e-5) and (s["radius"] <= np.abs(z) / lip).all()
     assert 0 < rep["eps"][1]["certified"] < rep["eps"][0]["certified"]
@@ -460,7 +502,7 @@ def test_skip_bad_samples_corrupt_image(tmp_path: Path) -> None:
     keep = [i for i in range(10) if i != 3]
     x = np.stack([a for cls in ("cat", "dog") for _, a in images[cls]]).transpose(0, 3, 1, 2)[keep] / np.float32(255)
     y = np.repeat([0, 1], 5)[keep]
-    expect = radii(ort_logits(model, x), x, rep["bound"], w)
+    expect = radii(ort_logits(model, x), x, rep["bound"], w, allowance(model, x, rep))
     s = samples(out)
     assert list(s["index"]) == keep and np.array_equal(s["label"], y)
     assert np.array_equal(s["prediction"], expect["prediction"])
@@ -535,7 +577,7 @@ def test_skip_bad_samples_checkpoint_and_resume(tmp_path: Path) -> None:
     assert torch.equal(resumed.samples.indices, full.samples.indices)
     assert torch.equal(resumed.samples.radii, full.samples.radii)
     certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, skip_bad_samples=True)
-    with pytest.raises(ConfigError, match="different skip_bad_samples"):
+    with pytest.raises(ConfigError, match="was made with --skip-bad-samples"):
         certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, resume=True)
 
 

@@ -88,7 +88,9 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     proc.wait()
     other = run_cli("report", *ARGS, "--batch-size", "64", "--out", str(tmp_path), "--resume")
     assert other.returncode == 2
-    assert "different batch_size" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    assert "was made with --batch-size 32, this run has --batch-size 64" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert list(folder.glob("batch-*.npz")), "a refused resume must leave the checkpoint in place"
 
 
 # ---------------------------------------------------------------- bad samples skipped, image-decoding workers

@@ -263,8 +263,29 @@ class ReduceMin(Reduce):
         return torch.amin(x, dim=axes, keepdim=keep)
 
 
+class LinearReduce(Reduce):
+    """A sum or mean over axes of one sample: linear, with non-negative weights (bounded by the Schur test,
+    which is exact for it); never over the batch axis."""
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        axes = self.axes(node, consts, len(in_shape) + 1)
+        if var != 0 or axes is None or 0 in axes:
+            return None
+        return from_function(lambda x: self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0], in_shape,
+                             out_shape, kind="nonnegative", name=node.name)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        op = self.linear(node, consts, var, in_shape, out_shape)
+        if op is None:
+            return None
+        axes = self.axes(node, consts, len(in_shape) + 1)
+        return Rounding(terms=math.prod(in_shape[a - 1] for a in axes) + 1, abs_op=op)
+
+
 @register
-class ReduceSum(Reduce):
+class ReduceSum(LinearReduce):
     name = "ReduceSum"
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
@@ -272,7 +293,7 @@ class ReduceSum(Reduce):
 
 
 @register
-class ReduceMean(Reduce):
+class ReduceMean(LinearReduce):
     name = "ReduceMean"
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:

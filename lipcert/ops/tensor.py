@@ -14,8 +14,9 @@ from .base import EXACT, LipschitzRule, Op, Rounding, RunContext, bad, int_list,
 
 Inputs = Sequence[torch.Tensor | None]
 
-#: ONNX TensorProto data types lipcert can cast to. Floating casts round to their type, then continue in the
-#: graph's run precision (so float16 and float32 casts round as onnxruntime does).
+#: ONNX TensorProto data types lipcert can cast to. In a float32 run, floating casts round to their type and the
+#: run continues in float32 (so float16 casts round as onnxruntime does); a float64 run (verify's analysis of the
+#: real-number function) keeps every float exact.
 ONNX_DTYPES: dict[int, torch.dtype] = {
     1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
     2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64, 9: torch.bool,
@@ -54,8 +55,8 @@ class Cast(Op):
             raise bad(node, f"cast to ONNX type {to} is not supported")
         target = ONNX_DTYPES[to]
         x = inputs[0]
-        if target.is_floating_point:
-            return [x.to(target).to(ctx.dtype)]
+        if target.is_floating_point:  # in float64 (the analysis' real-number function) a float cast is exact
+            return [x.to(ctx.dtype) if ctx.dtype == torch.float64 else x.to(target).to(ctx.dtype)]
         return [x.to(target)]
 
     def _float_identity(self, node: Node, var: int) -> bool:
@@ -329,25 +330,34 @@ class Concat(Copies):
 class Split(Copies):
     name = "Split"
 
-    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
-        axis = _axis(int(node.attr("axis", 0)), x.dim())
+    def sizes(self, node: Node, inputs: Inputs, length: int) -> list[int]:
+        """The length of each output along the split axis (of ``length`` entries)."""
         sizes = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("split")
         if sizes is None:
             n = int(node.attr("num_outputs", len(node.outputs)))
-            chunk = -(-x.shape[axis] // n)
-            sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(n)]
-        return list(torch.split(x, [int(s) for s in sizes], dim=axis))
+            chunk = -(-length // n)
+            sizes = [min(chunk, length - i * chunk) for i in range(n)]
+        return [int(s) for s in sizes]
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        axis = _axis(int(node.attr("axis", 0)), x.dim())
+        return list(torch.split(x, self.sizes(node, inputs, x.shape[axis]), dim=axis))
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
-        if var != 0:
-            return None
+        axis = _axis(int(node.attr("axis", 0)), len(in_shape) + 1)
+        if var != 0 or axis < 1:
+            return None  # a split of the batch axis is not a map of one sample
+        sizes = self.sizes(node, consts, in_shape[axis - 1])
+        start = sum(sizes[:output])
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             full = [x] + [None if c is None else c.to(x.device) for c in consts[1:]]
             return self.run(node, full, RunContext(x.dtype))[output]
 
-        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name)
+        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name,
+                             structure={"select": (axis, start, start + sizes[output])})
 
 
 @register
@@ -389,15 +399,23 @@ class Slice(Copies):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        for axis, start, end, step in self.params(node, list(consts), len(in_shape) + 1):
+        ranges = self.params(node, list(consts), len(in_shape) + 1)
+        for axis, start, end, step in ranges:
             whole = step == 1 and (start == 0 or start <= -2 ** 31) and end >= 2 ** 31 - 1
             if axis == 0 and not whole:
                 return None  # a slice of the batch axis selects or reorders samples, not entries of one sample
+        structure = {}
+        sliced = [(axis, start, end) for axis, start, end, step in ranges if axis > 0 and step == 1]
+        if len(sliced) == 1 and len(ranges) == 1:  # one axis, step 1: the entries [start, end) of that axis
+            axis, start, end = sliced[0]
+            n = in_shape[axis - 1]
+            structure["select"] = (axis, max(0, min(n, start + n if start < 0 else start)),
+                                   max(0, min(n, end + n if end < 0 else end)))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
-        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name)
+        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name, structure=structure)
 
 
 PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}

@@ -1,0 +1,203 @@
+"""What the peer libraries ship is proven: orthogonium's residual forms, SLL blocks, LiResNet-style
+``x + conv(x)`` blocks, channel-split residuals, deel-torchlip's normalisation layers; with both exporters."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from lipcert import certify, load_model
+from lipcert.verify import PROVEN, propagate, verify
+
+from .conftest import export_onnx, strip_parametrizations
+
+SHAPE = (1, 8, 8)
+
+
+class MaxMinChunk(torch.nn.Module):
+    """MaxMin written with chunk, as a user would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.max(a, b), torch.min(a, b)], dim=1)
+
+
+def _aoc(c_in: int, c_out: int) -> torch.nn.Module:
+    from orthogonium.layers import AdaptiveOrthoConv2d
+
+    return AdaptiveOrthoConv2d(c_in, c_out, 3, padding="same")
+
+
+def _residual(kind: str) -> torch.nn.Module:
+    from orthogonium.layers import OrthoLinear
+    from orthogonium.layers.residual import (AdditiveResidual, ConcatResidual, L2NormResidual,
+                                             PrescaledAdditiveResidual)
+
+    torch.manual_seed(0)
+    inner = 2 if kind == "concat" else 4
+    fn = torch.nn.Sequential(_aoc(inner, inner), MaxMinChunk())
+    block = {"additive": AdditiveResidual, "prescaled": PrescaledAdditiveResidual, "concat": ConcatResidual,
+             "l2norm": L2NormResidual}[kind](fn)
+    return strip_parametrizations(torch.nn.Sequential(_aoc(1, 4), block, torch.nn.Flatten(),
+                                                      OrthoLinear(256, 10)).eval())
+
+
+class LiResBlock(torch.nn.Module):
+    """(x + conv(x)) / ||I + W||: a LiResNet-style block normalised by the exact norm of its linear map."""
+
+    def __init__(self, channels: int, mode: str, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, padding_mode=mode)
+        torch.nn.init.normal_(self.conv.weight, std=0.2)
+        wide = copy.deepcopy(self.conv).double()
+        self.scale = dense_norm(lambda v: v + wide(v) - wide.bias.reshape(1, -1, 1, 1), shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.conv(x)) / self.scale
+
+
+def dense_norm(linear, shape: tuple[int, ...]) -> float:
+    """||A||_2 of a linear map on one sample, by the SVD of its explicit float64 matrix."""
+    n = math.prod(shape)
+    with torch.no_grad():
+        columns = linear(torch.eye(n, dtype=torch.float64).reshape((n,) + shape)).reshape(n, -1)
+    return float(torch.linalg.matrix_norm(columns, 2))
+
+
+def _liresnet(mode: str) -> torch.nn.Module:
+    from orthogonium.layers import OrthoLinear
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(_aoc(1, 4), torch.nn.ReLU(), LiResBlock(4, mode, (4, 8, 8)), MaxMinChunk(),
+                                LiResBlock(4, mode, (4, 8, 8)), torch.nn.Flatten(), OrthoLinear(256, 10))
+    return strip_parametrizations(model.eval())
+
+
+def _sll() -> torch.nn.Module:
+    from orthogonium.layers import OrthoLinear
+    from orthogonium.layers.conv.SLL.sll_layer import SDPBasedLipschitzDense, SDPBasedLipschitzResBlock
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(_aoc(1, 4), SDPBasedLipschitzResBlock(4, 2, 3), SDPBasedLipschitzResBlock(4, 2, 3),
+                                MaxMinChunk(), torch.nn.Flatten(), SDPBasedLipschitzDense(256, 256, 64),
+                                OrthoLinear(256, 10))
+    return strip_parametrizations(model.eval())
+
+
+def _torchlip() -> torch.nn.Module:
+    """deel-torchlip layers that normalise: LayerCentering, ScaleBiasLayer, and a BatchLipNorm in eval mode."""
+    import deel.torchlip as tl
+
+    torch.manual_seed(3)
+    norm = tl.BatchLipNorm(32)
+    model = tl.Sequential(torch.nn.Flatten(), tl.SpectralLinear(64, 32), tl.LayerCentering(32, dim=(1,)), norm,
+                          tl.GroupSort2(), tl.SpectralLinear(32, 32), tl.ScaleBiasLayer(0.5, 32), tl.FullSort(),
+                          tl.FrobeniusLinear(32, 10))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(64, *SHAPE))
+    model.eval()
+    plain = model.vanilla_export()
+    plain[3] = norm.vanilla_export()  # BatchLipNorm's own export: a ScaleBiasLayer with its scale
+    return plain.eval()
+
+
+PEERS = {
+    "additive residual": lambda: _residual("additive"),
+    "prescaled additive residual": lambda: _residual("prescaled"),
+    "channel-split residual (ConcatResidual)": lambda: _residual("concat"),
+    "L2-norm residual": lambda: _residual("l2norm"),
+    "LiResNet blocks, zero padding": lambda: _liresnet("zeros"),
+    "LiResNet blocks, circular padding": lambda: _liresnet("circular"),
+    "SLL network": _sll,
+}
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("peer", sorted(PEERS))
+def test_peer_forms_are_proven(tmp_path: Path, peer: str, dynamo: bool) -> None:
+    path = export_onnx(PEERS[peer](), tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=5.0)
+    assert result.status == PROVEN, [(r.name, r.op, r.upper) for r in result.layers] + result.combinations
+    assert not result.no_rule
+
+
+def test_torchlip_normalisation_layers_are_proven(tmp_path: Path) -> None:
+    """deel-torchlip's vanilla export (its dynamo export fails inside torchlip): every layer is bounded at its
+    exact norm, and the network bound is at most what torchlip's layers claim together (each spectral layer
+    1, LayerCentering a projection, each ScaleBiasLayer its scalar, FrobeniusLinear with disjoint neurons the
+    norm of its matrix, since only each neuron is 1-Lipschitz)."""
+    import deel.torchlip as tl
+
+    model = _torchlip()
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo=False)
+    prop = propagate(load_model(path))
+    assert not any(r.status == "no rule" for r in prop.layers)
+    assert all(r.lower is None or r.upper <= r.lower * (1 + 1e-6) for r in prop.layers)  # exact rows
+    claimed = torch.linalg.matrix_norm(model[-1].weight.detach().double(), 2).item()
+    for layer in model:
+        if isinstance(layer, tl.ScaleBiasLayer):
+            claimed *= abs(float(layer.scalar))
+    assert prop.upper <= claimed * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+def test_linear_region_is_bounded_whole_within_1e_4_of_its_dense_norm(tmp_path: Path, mode: str) -> None:
+    torch.manual_seed(4)
+    block = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode)
+    torch.nn.init.normal_(block.weight, std=0.05)
+    with torch.no_grad():
+        block.weight[:, :, 1, 1] -= 0.6 * torch.eye(4)  # I + W is far smaller than 1 + ||W||
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lift, self.conv = torch.nn.Conv2d(1, 4, 1), block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.lift(x))
+            return (h + self.conv(h)).flatten(1)
+
+    path = export_onnx(Net().eval(), tmp_path / "m.onnx", SHAPE, dynamo=False)
+    rows = [r for r in propagate(load_model(path)).layers if r.op.startswith("linear region")]
+
+    def conv(v: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(v, (1, 1, 1, 1), mode="circular") if mode == "circular" else v
+        return torch.nn.functional.conv2d(padded, block.weight.double(), padding=0 if mode == "circular" else 1)
+
+    truth = dense_norm(lambda v: v + conv(v), (4, 8, 8))
+    assert len(rows) == 1 and rows[0].upper >= truth and rows[0].upper == pytest.approx(truth, abs=1e-4)
+    assert truth < 1 + dense_norm(conv, (4, 8, 8)) - 0.5  # the sum of the branches' norms would be far looser
+
+
+@pytest.mark.parametrize("peer", ["channel-split residual (ConcatResidual)", "LiResNet blocks, zero padding",
+                                  "SLL network"])
+def test_report_certifies_at_least_what_the_library_certifies(tmp_path: Path, peer: str) -> None:
+    """The library's own certificate is margin / (sqrt(2) L) with L = 1; lipcert's (sound bound, per-pair rule,
+    float error allowance subtracted) certifies at least as many points, but for those within the float
+    allowance of a radius."""
+    path = export_onnx(PEERS[peer](), tmp_path / "m.onnx", SHAPE, dynamo=False)
+    rng = np.random.default_rng(5)
+    x = rng.random((200,) + SHAPE, dtype=np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    z = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+    y = z.argmax(1)
+    top2 = np.sort(z, axis=1)[:, -2:]
+    theirs = (top2[:, 1] - top2[:, 0]) / math.sqrt(2)
+    eps = np.quantile(theirs, [0.25, 0.5, 0.75])
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    report = certify(load_model(path), tmp_path / "d.npz", ",".join(f"{e:.6g}" for e in eps))
+    ours = report.samples.radii.numpy()
+    allowance = 4 * (report.bound["error_base"] + report.bound["error_slope"] * (np.linalg.norm(
+        x.reshape(len(x), -1), axis=1).max() + eps.max()))
+    for e, result in zip(eps, report.eps):
+        border = int(((theirs > e) & (theirs <= e + allowance)).sum())
+        assert result.certified >= int((theirs > e).sum()) - border, (e, result.certified, border)
+    assert (ours >= theirs - allowance).all()
