@@ -19,7 +19,7 @@ from .empirical import Progress, network_lower_bound
 from .errors import ConfigError, SelfCheckError
 from .executor import GraphModule
 from .fold import data_dependent
-from .fusion import refine
+from .fusion import core, refine
 from .graph import Graph
 from .power_iteration import power_iteration
 from .spectral import UpperBound, mul_up, upper_bound
@@ -188,7 +188,10 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
         sigma, method, gap, iterations = None, None, None, None
         if lower_bounds:
             shape = as_conv(step) if region and ub.method.startswith("fft-circular") else op
-            init = _svd_start(op) if ub.method == "svd" else (
+            c_in, c_out = core(op)  # the structure's matrix acts on the step's own entries, up to flat reshapes
+            plain = math.prod(c_in) == op.in_numel and math.prod(c_out) == op.out_numel and not (
+                op.structure.get("loose_in") or op.structure.get("loose_out"))
+            init = _svd_start(op) if ub.method == "svd" and (plain or op.kind != "matrix") else (
                 _fft_starts(shape) if ub.method.startswith("fft-circular") else None)
             pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
             sigma = pi.sigma

@@ -84,3 +84,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"fuzz ({fuzz.PROFILE} profile): {cases['onnx']} ONNX cases, "
                                     f"{cases['safetensors']} safetensors cases, {cases['cli']} memory-capped "
                                     "CLI cases")
+    soundness = sys.modules.get("tests.soundness.oracle")
+    if soundness is not None and soundness.STATS["models"]:
+        stats = soundness.STATS
+        profile = os.environ.get("LIPCERT_SOUNDNESS_PROFILE", "ci")
+        terminalreporter.write_line(
+            f"soundness ({profile} profile): {stats['models']} models generated ({stats['refused']} refused at load; "
+            f"{stats['discarded']} more drawn but discarded, onnxruntime cannot run them), {stats['steps']} steps "
+            f"checked, {stats['values']} value bounds checked, {stats['certificates']} certificates attacked")
