@@ -5,11 +5,16 @@ classified points, at every requested eps. torchattacks attacks every point at e
 only the points still unbroken, in increasing eps. Needs the ``bench`` extra (torchattacks).
 
     python bench/attack_bench.py --model sample_models/digits_conv.onnx --data sample_models/digits_test.npz
+    python bench/attack_bench.py --torch-model cifar-sll --n 256   # the original torch module of a scale model
+
+With ``--torch-model`` both attacks run on the original torch module (built as in ``scale_bench.py``, random
+initialisation) on ``--n`` random images labelled by the module's own predictions, not on lipcert's executor.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -33,15 +38,30 @@ def main() -> None:
     parser.add_argument("--our-steps", type=int, help="lipcert's steps (default: --steps); fewer steps of the "
                         "margin loss can match torchattacks' strength")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--torch-model", help="a scale_bench model (cifar-sll, liresnet, imagenet-aoc), attacked as "
+                        "its original torch module")
+    parser.add_argument("--n", type=int, default=256, help="random images for --torch-model")
     parser.add_argument("--markdown", type=Path, help="append the results to this Markdown file")
     args = parser.parse_args()
     import torchattacks
 
     device = resolve_device(args.device)
-    graph = load_model(args.model)
-    module = GraphModule(graph).to(device).eval()
-    d = np.load(args.data)
-    x, y = torch.from_numpy(d["x"]).to(device), torch.from_numpy(d["y"]).long().to(device)
+    if args.torch_model:
+        from scale_bench import MODELS
+
+        from tests.conftest import strip_parametrizations
+
+        built, shape = MODELS[args.torch_model]()
+        module = strip_parametrizations(built.eval()).to(device)
+        name = f"{args.torch_model} (original torch module)"
+        x = torch.rand((args.n,) + shape, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            y = module(x).argmax(1)
+    else:
+        module = GraphModule(load_model(args.model)).to(device).eval()
+        name = Path(args.model).name
+        d = np.load(args.data)
+        x, y = torch.from_numpy(d["x"]).to(device), torch.from_numpy(d["y"]).long().to(device)
     with torch.no_grad():
         pred = module(x).argmax(1)
     keep = pred == y
@@ -70,7 +90,7 @@ def main() -> None:
     ours = [row["broken"] for row in summary.per_eps]
 
     lines = [f"### PGD-L2: lipcert ({args.our_steps or args.steps} steps) vs torchattacks ({args.steps} steps), "
-             f"{Path(args.model).name}, {len(y)} points",
+             f"{name}, {len(y)} points",
              "", f"Machine: {machine(device)}", "",
              "| eps | broken by torchattacks PGDL2 | broken by lipcert |", "| --- | ---: | ---: |"]
     lines += [f"| {label} | {t} | {o} |" for (label, _), t, o in zip(eps, theirs, ours)]
@@ -81,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

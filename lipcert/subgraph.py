@@ -107,6 +107,33 @@ def _region_step(ctx: Context, region: list[Step]) -> Step:
                 operator=operator, details={"substeps": region})
 
 
+def absolute_operator(step: Step) -> LinearOperator | None:
+    """The region with every matrix replaced by its absolute value (each chain's parts by their |A|, every sum
+    by a sum with positive signs): it bounds, entrywise, what the region's float evaluation can err by."""
+    substeps = step.details["substeps"]
+    if any(s.kind == "linear" and any(p.rounding is None or p.rounding.abs_op is None for p in s.parts)
+           for s in substeps):
+        return None
+    source, end = step.inputs[0], substeps[-1]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        env = {source: x}
+        for s in substeps:
+            if s.kind == "linear":
+                value = env[s.inputs[0]]
+                for part in s.parts:
+                    value = part.rounding.abs_op.forward(value)
+                env[s.output] = value
+            elif s.label == "Concat":
+                env[s.output] = torch.cat([env[v] for v in s.inputs], dim=int(s.details.get("axis", 1)))
+            else:
+                total = sum(env[v] for v in s.inputs)
+                env[s.output] = total / s.details["count"] if s.label == "Mean" else total
+        return env[end.output]
+
+    return from_function(forward, step.operator.in_shape, step.operator.out_shape, kind="nonnegative")
+
+
 def _zeros(ctx: Context, value: str, like: torch.Tensor) -> torch.Tensor:
     """A constant input of a combination, as zeros of its shape: the linear part of the node."""
     c = ctx.consts[value]

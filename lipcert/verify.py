@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -22,8 +22,9 @@ from .fold import data_dependent
 from .fusion import core, refine
 from .graph import Graph
 from .power_iteration import power_iteration
+from .rounding import gamma, nonnegative_norm
 from .spectral import UpperBound, mul_up, upper_bound
-from .subgraph import as_conv, region_bound
+from .subgraph import absolute_operator, as_conv, region_bound
 
 #: relative slack on the claim that absorbs float32 rounding of weights normalised to 1 (e.g. 1.0000005)
 DEFAULT_TOL = 1e-5
@@ -185,6 +186,7 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
         step.operator = op
         ub: UpperBound = (region_bound(step, lambda o: upper_bound(o, device=device)) if region
                           else upper_bound(op, device=device))
+        ub = _with_chain_rounding(ub, step) if math.isfinite(ub.value) else ub
         sigma, method, gap, iterations = None, None, None, None
         if lower_bounds:
             shape = as_conv(step) if region and ub.method.startswith("fft-circular") else op
@@ -213,6 +215,31 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
     row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, None, "none", False,
                       None, NO_RULE, step.reason)
     return row, math.inf
+
+
+def _with_chain_rounding(ub: UpperBound, step: Step) -> UpperBound:
+    """A chain's (or a region's) bound is computed through its parts in float64 (an explicit matrix built
+    through them, or weights multiplied together), which errs by at most gamma_T |A_k| ... |A_1| entrywise (T
+    the accumulations along the way): add gamma_T times the norm of that non-negative map, so that cancellation
+    between large weights cannot hide the exact operator's norm. A single node is exact (its entries are
+    weights)."""
+    region = "substeps" in step.details
+    parts = [p for s in step.details["substeps"] if s.kind == "linear" for p in s.parts] if region else step.parts
+    if len(parts) < 2:
+        return ub
+    if region:
+        absolute = absolute_operator(step)
+        size = math.inf if absolute is None else nonnegative_norm(absolute)
+    elif any(p.rounding is None or p.rounding.abs_op is None for p in parts):
+        size = math.inf
+    else:
+        size = 1.0
+        for part in parts:
+            size = mul_up(size, nonnegative_norm(part.rounding.abs_op))
+    terms = sum((p.rounding.terms if p.rounding else 0) + 8 for p in parts)
+    if region:
+        terms += sum(s.details.get("count", 0) + 2 for s in step.details["substeps"] if s.kind != "linear")
+    return replace(ub, value=math.nextafter(ub.value + mul_up(gamma(terms, 2.0 ** -53), size), math.inf))
 
 
 def _combine(step: Step, values: list[float]) -> float:
