@@ -171,16 +171,25 @@ def _guard_degree(ctx: Context, value: str, base: str, seen: list[Node]) -> int 
     return d
 
 
+def _exponent(ctx: Context, node: Node) -> float | None:
+    """The constant scalar exponent of a Pow of one data value (its base), or None."""
+    if node.op != "Pow" or ctx.data_inputs(node) != [0]:
+        return None
+    e = ctx.const_inputs(node)[1]
+    return None if e is None or e.numel() != 1 else float(e.reshape(-1)[0])
+
+
+def _root_argument(ctx: Context, node: Node) -> str | None:
+    """What a Sqrt, or a Pow by 0.5, takes the square root of; None for any other node."""
+    if node.op == "Sqrt" or _exponent(ctx, node) == 0.5:
+        return node.inputs[0]
+    return None
+
+
 def l2_pool(ctx: Context, node: Node) -> Step | None:
     """sqrt(c * AveragePool(x^2)) with guards: c/K-scaled L2-norm pooling over windows of K entries."""
-    if node.op == "Sqrt":
-        t = node.inputs[0]
-    elif node.op == "Pow" and len(ctx.data_inputs(node)) == 1 and ctx.data_inputs(node)[0] == 0:
-        e = ctx.const_inputs(node)[1]
-        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 0.5:
-            return None
-        t = node.inputs[0]
-    else:
+    t = _root_argument(ctx, node)
+    if t is None:
         return None
     claimed: list[Node] = [node]
     factor = 1.0
@@ -204,8 +213,7 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
     if square is None:
         return None
     if square.op == "Pow":
-        e = ctx.const_inputs(square)[1]
-        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 2.0:
+        if _exponent(ctx, square) != 2.0:
             return None
     elif not (square.op == "Mul" and square.inputs[0] == square.inputs[1]):
         return None
@@ -248,9 +256,8 @@ def _squares(ctx: Context, value: str, coef: float, nodes: list[Node],
     scaled = _scalar_const(ctx, node)
     if scaled is not None:
         return _squares(ctx, scaled[0], coef * scaled[1], nodes, terms)
-    if node.op == "Pow" and data == [0]:
-        e = consts[1]
-        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 2.0:
+    if node.op == "Pow":
+        if _exponent(ctx, node) != 2.0:
             return False
         terms.append((node.inputs[0], coef))
         return True
@@ -265,14 +272,8 @@ def l2_norm_combination(ctx: Context, node: Node) -> Step | None:
     sqrt(0.5 x^2 + 0.5 f(x)^2 + eps), SoftHuber's sqrt(1 + (z/d)^2)): per entry the Euclidean norm of
     (sqrt(c_k) u_k, sqrt(e)), 1-Lipschitz in those, so bounded as the concatenation of the u_k weighted by
     sqrt(c_k k_k), k_k the broadcast repetitions of u_k."""
-    if node.op == "Sqrt":
-        arg = node.inputs[0]
-    elif node.op == "Pow" and ctx.data_inputs(node) == [0]:
-        e = ctx.const_inputs(node)[1]
-        if e is None or e.numel() != 1 or float(e.reshape(-1)[0]) != 0.5:
-            return None
-        arg = node.inputs[0]
-    else:
+    arg = _root_argument(ctx, node)
+    if arg is None:
         return None
     nodes: list[Node] = []
     terms: list[tuple[str, float]] = []

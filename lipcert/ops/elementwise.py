@@ -417,36 +417,33 @@ class Variadic(Op):
         return out
 
 
+class Extremum(Variadic):
+    """Elementwise max or min: with one data input and constants, 1-Lipschitz per entry (``broadcast_rule``),
+    and exact in floating point."""
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        return broadcast_rule(self.name.lower(), in_shape, out_shape)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return EXACT
+
+
 @register
-class Max(Variadic):
+class Max(Extremum):
     name = "Max"
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.maximum(a, b)
 
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
-                  out_shape: tuple[int, ...]) -> LipschitzRule:
-        return broadcast_rule("max", in_shape, out_shape)
-
-    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
-                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
-        return EXACT
-
 
 @register
-class Min(Variadic):
+class Min(Extremum):
     name = "Min"
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.minimum(a, b)
-
-    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
-                  out_shape: tuple[int, ...]) -> LipschitzRule:
-        return broadcast_rule("min", in_shape, out_shape)
-
-    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
-                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
-        return EXACT
 
 
 @register
