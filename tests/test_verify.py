@@ -326,3 +326,32 @@ def test_constant_padding_with_a_value_is_1_lipschitz(tmp_path: Path) -> None:
 
     result = verify(load_model(export_onnx(PadHalf(), tmp_path / "m.onnx", (2, 5, 5), dynamo=False)))
     assert result.status == PROVEN and any("constant padding with value 0.5" in r.reason for r in result.layers)
+
+
+def test_empirical_budget_stops_the_search_and_progress_reports_every_phase() -> None:
+    """A tiny budget ends the search after its first step, keeping the pair found; the JSON says so; progress
+    sees every layer bound and the search steps (no timing is asserted)."""
+    graph = load_model(SAMPLES / "digits_dense.onnx")
+    calls: list[tuple[str, int, int]] = []
+    short = verify(graph, empirical_budget=1e-6, progress=lambda *a: calls.append(a))
+    assert short.network_lower_stopped and short.network_lower_steps == 1 and "stopped by the" in \
+        short.network_lower_method and 0 < short.network_lower <= short.network_upper
+    full = verify(graph, empirical_budget=None)
+    assert not full.network_lower_stopped and full.network_lower_steps > short.network_lower_steps
+    assert full.to_dict()["empirical_budget"] is None and short.to_dict()["empirical_budget"] == 1e-6
+    layers = [c for c in calls if c[0] == "layer bounds"]
+    assert [c[1] for c in layers] == list(range(1, layers[0][2] + 1))
+    assert any(c[0].startswith("empirical search") for c in calls)
+    with pytest.raises(Exception, match="--empirical-budget"):
+        verify(graph, empirical_budget=0.0)
+
+
+def test_cli_verify_empirical_budget_flag(tmp_path: Path) -> None:
+    out = run_cli("verify", str(SAMPLES / "digits_dense.onnx"), "--empirical-budget", "0.000001", "--json",
+                  str(tmp_path / "v.json"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["network_lower_stopped"] is True and data["empirical_budget"] == 1e-6
+    assert all(isinstance(layer["lower_iterations"], int) for layer in data["layers"] if layer["lower"] is not None)
+    bad = run_cli("verify", str(SAMPLES / "digits_dense.onnx"), "--empirical-budget", "-1")
+    assert bad.returncode == 2 and "--empirical-budget" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
