@@ -60,6 +60,14 @@ class Certificates:
     radius_sqrt2: torch.Tensor
 
 
+def _ratio(gap: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
+    """gap / slope as a radius: 0 when the gap is not positive (a tie or a lost margin certifies nothing, even
+    where the logits cannot move), inf when it is positive and nothing can move it."""
+    slope = torch.as_tensor(slope, dtype=gap.dtype, device=gap.device).expand_as(gap)
+    moving = torch.where(slope > 0, gap / slope.clamp_min(1e-300), torch.full_like(gap, math.inf))
+    return torch.where(gap > 0, moving, torch.zeros_like(gap))
+
+
 def certify_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: CertificateSetup,
                    pairs: torch.Tensor | None = None, error: Any = None) -> Certificates:
     """Prediction, margin (top logit minus the runner-up) and certified L2 radius of each sample.
@@ -82,19 +90,19 @@ def certify_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: Certificat
         score = z[:, 0]
         prediction = (score > 0).long()
         margin = score.abs()
-        radius = ((margin - 2 * err) / (setup.lipschitz + slope)).clamp_min(0)
+        radius = _ratio(margin - 2 * err, setup.lipschitz + slope)
         return Certificates(prediction, margin, radius, radius)
     top2 = z.topk(2, dim=1)
     prediction = top2.indices[:, 0]
     margin = top2.values[:, 0] - top2.values[:, 1]
-    radius = ((margin - 2 * SQRT2 * err) / (SQRT2 * (setup.lipschitz + slope))).clamp_min(0)
+    radius = _ratio(margin - 2 * SQRT2 * err, SQRT2 * (setup.lipschitz + slope))
     sqrt2 = radius
     if setup.head_weight is not None and setup.head_lipschitz is not None and pairs is not None:
         gaps = z.gather(1, prediction[:, None]) - z - 2 * SQRT2 * err[:, None]
         norms = setup.head_lipschitz * pairs[prediction] + SQRT2 * slope
-        per_pair = torch.where(norms > 0, gaps / norms.clamp_min(1e-300), torch.full_like(gaps, math.inf))
+        per_pair = _ratio(gaps, norms)
         per_pair.scatter_(1, prediction[:, None], math.inf)
-        radius = torch.maximum(radius, per_pair.amin(dim=1).clamp_min(0))
+        radius = torch.maximum(radius, per_pair.amin(dim=1))
     return Certificates(prediction, margin, radius, sqrt2)
 
 

@@ -323,3 +323,23 @@ def test_weights_stored_in_another_precision_behind_a_cast(tmp_path: Path, stora
     b = Builder((8,), seed=10)
     w = b.weight(orthonormal_rows(rng, 3, 8), storage)
     check(tmp_path, b, b.node("Gemm", ["input", w], transB=1))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_logits_that_cannot_move_certify_nothing_when_they_tie(tmp_path: Path, bias: bool) -> None:
+    """Found by the long profile: logits = 0 * Gemm(x) (+ a constant) cannot move, so every per-pair slope is 0.
+    With every logit equal (no bias) the prediction is a tie, which the per-pair rule (gap 0 over slope 0)
+    certified at an infinite radius, while onnxruntime's tie-break picks another class. A tie must certify
+    nothing; distinct constant logits may certify any radius."""
+    b = Builder((8,), seed=11)
+    w = np.random.default_rng(3).standard_normal((10, 8)).astype(np.float32)
+    z = b.node("Mul", [b.node("Gemm", ["input", b.const(w)], transB=1), b.const(np.float32(0.0))])
+    if bias:
+        z = b.node("Add", [z, b.const(np.linspace(-1, 1, 10).astype(np.float32))])
+    check(tmp_path, b, z)
+    from lipcert import certify, load_model
+
+    x = np.random.default_rng(4).random((16, 8), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.full(16, 9 if bias else 0))
+    radii = certify(load_model(tmp_path / "model.onnx"), tmp_path / "d.npz", "0.1").samples.radii
+    assert (radii == float("inf")).all() if bias else (radii == 0).all()
