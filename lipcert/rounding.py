@@ -289,7 +289,9 @@ class _Compiler:
         return math.prod(self.graph.value_shapes.get(value, ()))
 
     def sites(self, parts: Sequence[Part]) -> tuple[Site, ...] | None:
-        """The chain's sites; None when a node's rounding is unknown."""
+        """The chain's sites; None when a node's rounding is unknown (or the chain names no node at all)."""
+        if not parts:
+            return None
         out: list[Site] = []
         pending: list[LinearOperator] = []
         for part in parts:
@@ -328,14 +330,6 @@ class _Compiler:
             sites = (self.rounding_site(out, r),) if r is not None and not r.exact else ()
             return Instruction(step.kind, inputs, out, weights=tuple(d["weights"]), count=d.get("count", 0),
                                offset=d.get("offset", 0.0), sites=sites)
-        if step.kind == "linear":
-            sites = self.sites(step.parts)
-            return Instruction("linear", inputs, out, factor, sites=sites or (), known=sites is not None)
-        if step.kind == "rule":
-            r = step.parts[0].rounding if step.parts else None
-            if r is None:
-                return Instruction("rule", inputs, out, factor, known=False)
-            return Instruction("rule", inputs, out, factor, sites=(self.rounding_site(out, r),))
         if "substeps" in step.details:  # a pattern or a linear region: its own steps, with cheap factors
             inner = []
             for sub in step.details["substeps"]:
@@ -346,6 +340,14 @@ class _Compiler:
                 inner.append(self.instruction(sub, cheap))
             return Instruction("block", inputs, out, factor, inner=tuple(inner),
                                known=all(i.known for i in inner))
+        if step.kind == "linear":
+            sites = self.sites(step.parts)
+            return Instruction("linear", inputs, out, factor, sites=sites or (), known=sites is not None)
+        if step.kind == "rule":
+            r = step.parts[0].rounding if step.parts else None
+            if r is None:
+                return Instruction("rule", inputs, out, factor, known=False)
+            return Instruction("rule", inputs, out, factor, sites=(self.rounding_site(out, r),))
         if step.kind == "pattern" and step.details.get("rounding") is not None:
             return Instruction("pattern", inputs, out, factor,
                                sites=(self.rounding_site(out, step.details["rounding"]),))

@@ -343,3 +343,15 @@ def test_logits_that_cannot_move_certify_nothing_when_they_tie(tmp_path: Path, b
     np.savez(tmp_path / "d.npz", x=x, y=np.full(16, 9 if bias else 0))
     radii = certify(load_model(tmp_path / "model.onnx"), tmp_path / "d.npz", "0.1").samples.radii
     assert (radii == float("inf")).all() if bias else (radii == 0).all()
+
+
+def test_float_error_of_a_linear_region_with_large_values(tmp_path: Path) -> None:
+    """Found by the long profile: ((x + 1e4) - 1e4) * 2 and its Mean with (x + 1e4) - 1e4 form one linear region;
+    its error allowance was taken from the region's (empty) chain of nodes instead of its own steps, so it was
+    zero, and onnxruntime flipped certified points inside their radius."""
+    b = Builder((12,), seed=13)
+    shifted = b.node("Add", [b.node("Add", ["input", b.const(np.float32(1e4))]), b.const(np.float32(-1e4))])
+    mean = b.node("Mean", [b.node("Mul", [shifted, b.const(np.float32(2.0))]), shifted])
+    w = np.random.default_rng(6).standard_normal((8, 12)).astype(np.float32) * 0.2
+    check(tmp_path, b, b.node("Gemm", [mean, b.const(w), b.const(np.zeros(8, np.float32))], transB=1),
+          effort=oracle.LONG)
