@@ -94,3 +94,9 @@ def from_function(forward: Fn, in_shape: tuple[int, ...], out_shape: tuple[int, 
         adjoint=adjoint or autograd_adjoint(forward, tuple(in_shape)),
         kind=kind, structure=structure or {}, name=name,
     )
+
+
+def identity(shape: tuple[int, ...], name: str = "") -> LinearOperator:
+    """The identity on one sample's shape: an isometry in the same coordinates (flat order kept, onto)."""
+    return from_function(lambda x: x, shape, shape, kind="isometry", structure={"flat": True, "onto": True},
+                         name=name, adjoint=lambda y: y)

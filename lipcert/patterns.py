@@ -475,8 +475,10 @@ def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
 
 
 def sll_block(ctx: Context, node: Node) -> Step | None:
-    """y = x -/+ A s(B x + b) with A = +/- B^T S, S >= 0 diagonal, s slope in [0, 1]: 1-Lipschitz when
-    ||S^(1/2) B|| <= sqrt(2) (Araujo et al., ICLR 2023); a residual R = A - B^T S adds ||R|| ||B||."""
+    """y = x -/+ A s(B x + b) with A = +/- B^T S, S >= 0 diagonal, s slope in [0, 1]: the Jacobian
+    I - (S^(1/2) B)^T D (S^(1/2) B) is symmetric with eigenvalues in [1 - q^2, 1], q = ||S^(1/2) B||, so
+    the block is max(1, q^2 - 1)-Lipschitz (1 under the sqrt(2) condition of Araujo et al., ICLR 2023); a
+    residual R = A - B^T S adds ||R|| ||B||."""
     if node.op not in ("Sub", "Add") or len(ctx.data_inputs(node)) != 2:
         return None
     x, r = node.inputs
@@ -494,9 +496,11 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
                           adjoint=lambda v: -v))
         a_ref, b_ref = refine(a_signed), refine(b_op)
         check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
-        if check is None or check.sqrt_s_b ** 2 > 2.0 or check.residual > 1e-5 * max(check.b_norm, 1e-30):
+        if check is None or check.residual > 1e-5 * max(check.b_norm, 1e-30):
             return None
         slack = mul_up(check.residual, check.b_norm)
+        q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)
+        core = max(1.0, math.nextafter(q2 - 1.0, math.inf))
         names = [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
         hidden, act_shape = act.inputs[0], ctx.shape(act.outputs[0])
         act_rule = REGISTRY[act.op]
@@ -509,9 +513,10 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
             Step("sum", node.op, [node.name], [skip, branch], node.outputs[0],
                  details={"weights": [1.0, 1.0], "count": 2, "offset": 0.0})]
         return Step("pattern", "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
-                    constant=1.0 + slack,
-                    reason=f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023), from the "
-                           f"{check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}",
+                    constant=math.nextafter(core + slack, math.inf),
+                    reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
+                            f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
+                           + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}",
                     details={"sqrt_s_b_norm": check.sqrt_s_b, "residual": check.residual, "substeps": substeps})
     return None
 

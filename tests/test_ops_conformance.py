@@ -281,6 +281,9 @@ for op, data, attrs in [
     suffix = "-" + "-".join(f"{k}{v}" for k, v in attrs.items()) if attrs else ""
     case(f"{op}{suffix}", [n(op, ["x"], **attrs)], (3, 5), data=data)
 case("Sign-normal", [n("Sign", ["x"])], (3, 5))
+case("PRelu-channel", [n("PRelu", ["x", "s"])], (3, 4, 4), {"s": w(3, 1, 1)})
+case("PRelu-scalar", [n("PRelu", ["x", "s"])], (3, 5), {"s": f32([0.25])})
+case("PRelu-full", [n("PRelu", ["x", "s"])], (3, 5), {"s": w(3, 5)})
 
 case("Pow-exponent-2", [n("Pow", ["x", "e"])], (3, 5), {"e": f32(2.0)})
 case("Pow-exponent-0.5", [n("Pow", ["x", "e"])], (3, 5), {"e": f32(0.5)}, data="positive")

@@ -90,6 +90,18 @@ def _sll() -> torch.nn.Module:
     return strip_parametrizations(model.eval())
 
 
+def _aoc_residual(padding_mode: str) -> torch.nn.Module:
+    """orthogonium's AOCLipschitzResBlock, x - 2 K^T relu(K x + b) with an orthogonal K: the SLL condition
+    holds with equality (||2^(1/2) K||^2 = 2), and TorchScript exports its no-op circular pads as Concats."""
+    from orthogonium.layers import OrthoLinear
+    from orthogonium.layers.conv.SLL.sll_layer import AOCLipschitzResBlock
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(_aoc(1, 4), AOCLipschitzResBlock(4, 2, 3, padding_mode=padding_mode), MaxMinChunk(),
+                                torch.nn.Flatten(), OrthoLinear(256, 10))
+    return strip_parametrizations(model.eval())
+
+
 def _torchlip() -> torch.nn.Module:
     """deel-torchlip layers that normalise: LayerCentering, ScaleBiasLayer, and a BatchLipNorm in eval mode."""
     import deel.torchlip as tl
@@ -117,6 +129,8 @@ PEERS = {
     "LiResNet blocks, zero padding": lambda: _liresnet("zeros"),
     "LiResNet blocks, circular padding": lambda: _liresnet("circular"),
     "SLL network": _sll,
+    "AOC Lipschitz residual, circular padding": lambda: _aoc_residual("circular"),
+    "AOC Lipschitz residual, zero padding": lambda: _aoc_residual("zeros"),
 }
 
 
@@ -147,6 +161,16 @@ def test_torchlip_normalisation_layers_are_proven(tmp_path: Path) -> None:
             claimed *= abs(float(layer.scalar))
     assert prop.upper <= claimed * (1 + 1e-5)
 
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_aoc_residual_is_checked_on_its_kernels(tmp_path: Path, dynamo: bool) -> None:
+    """The SLL check of AOCLipschitzResBlock runs on the kernels (DFT), not on materialised matrices: the
+    TorchScript export's single-input Concats (circular pads of width 0) are the identity, not a padding."""
+    path = export_onnx(_aoc_residual("circular"), tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=1.0)
+    block = [r for r in result.layers if "SLL" in r.op]
+    assert len(block) == 1 and "by DFT" in block[0].reason, [(r.op, r.reason) for r in result.layers]
+    assert block[0].upper <= 1 + 1e-5
 
 @pytest.mark.parametrize("mode", ["zeros", "circular"])
 def test_linear_region_is_bounded_whole_within_1e_4_of_its_dense_norm(tmp_path: Path, mode: str) -> None:

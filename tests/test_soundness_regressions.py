@@ -298,6 +298,20 @@ def test_report_on_a_model_with_non_float_intermediate_values(tmp_path: Path, ki
           allow_refusal=True)
 
 
+def test_gate_search_on_a_relu_of_values_constant_in_the_input(tmp_path: Path) -> None:
+    """A Relu closed at every point whose input is TopK indices (piecewise constant in the input): the
+    harness's gate search ascended a loss with no gradient and crashed (found by the long profile, on the
+    harness, not on lipcert). Now the search stops; lipcert must still certify nothing past a flip of the
+    indices."""
+    b = Builder((2, 3, 3), seed=16)
+    _, indices = b.node("TopK", ["input", b.ints([1])], n_out=2, axis=1, largest=0)
+    shifted = b.node("Add", [b.node("Cast", [indices], to=TensorProto.FLOAT), b.const(np.float32(0.5))])
+    gate = b.node("Mul", [b.node("Relu", [b.node("Sub", [shifted, b.const(np.float32(4.0))])]),
+                          b.const(np.float32(2.0))])
+    logits = b.node("Reshape", [b.node("Add", [shifted, gate]), b.ints([-1, 9])])
+    check(tmp_path, b, logits, allow_refusal=True, effort=oracle.LONG, seed=1)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 

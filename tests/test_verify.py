@@ -98,6 +98,28 @@ def test_sll_block_needs_its_rule() -> None:
     assert result.network_upper <= 1.0 + 1e-5
 
 
+def test_sll_block_beyond_the_sqrt2_condition_is_bounded_by_q2_minus_1(tmp_path: Path) -> None:
+    """x - c W^T relu(W x + b) with c ||W||^2 = q^2 = 3: the Jacobian I - c W^T D W has eigenvalues in
+    [1 - q^2, 1], so the block is (q^2 - 1) = 2-Lipschitz, attained where every unit is active."""
+    torch.manual_seed(5)
+    w = torch.randn(12, 64, dtype=torch.float64)
+    w = (w / torch.linalg.matrix_norm(w, 2)).float()
+
+    class Block(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = x.flatten(1)
+            return v - 3.0 * torch.relu(v @ w.T + 5.0) @ w
+
+    result = verify(load_model(export_onnx(Block(), tmp_path / "m.onnx", (1, 8, 8), dynamo=False)),
+                    empirical_budget=2.0)
+    block = [r for r in result.layers if "SLL" in r.op]
+    assert len(block) == 1 and "> 2" in block[0].reason
+    w64 = w.double()  # the weights the model holds
+    exact = float(torch.linalg.matrix_norm(torch.eye(64, dtype=torch.float64) - 3.0 * w64.T @ w64, 2))
+    assert exact == pytest.approx(2.0, abs=1e-6)  # the bias keeps every unit active near the origin
+    assert exact <= block[0].upper <= exact * (1 + 1e-5)
+
+
 def test_pattern_names_are_reported(tmp_path: Path) -> None:
     result = verify(load_model(SAMPLES / "digits_conv.onnx"))
     labels = " ".join(r.op for r in result.layers)

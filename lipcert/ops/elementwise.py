@@ -92,6 +92,34 @@ class LeakyRelu(Unary):
 
 
 @register
+class PRelu(Op):
+    """x where x >= 0, slope * x elsewhere, with a constant slope broadcast to x (torch's PReLU,
+    deel-torchlip's LPReLU)."""
+
+    name = "PRelu"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, slope = inputs[0], inputs[1]
+        return [torch.where(x >= 0, x, x * slope.to(x.dtype))]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        """Assumes: x is the data input, the slope a constant, and the output has x's shape (each entry is
+        t -> t or slope * t for one slope, so max(1, |slope|)-Lipschitz, and no entry of x is repeated)."""
+        slope = consts[1] if len(consts) > 1 else None
+        if var != 0 or slope is None or tuple(in_shape) != tuple(out_shape):
+            return None
+        largest = float(slope.abs().max()) if slope.numel() else 0.0
+        return LipschitzRule(max(1.0, largest), f"PReLU with slopes up to {largest:g} in magnitude: "
+                                                "max(1, max |slope|)")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        rule = self.lipschitz(node, consts, var, in_shape, out_shape)
+        return None if rule is None else Rounding(relative=1)  # slope * x: one rounding
+
+
+@register
 class Abs(Unary):
     name = "Abs"
     constant, reason = 1.0, "|x| is 1-Lipschitz"

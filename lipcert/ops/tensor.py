@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..graph import Node
-from ..linop import LinearOperator, from_function
+from ..linop import LinearOperator, from_function, identity
 from .base import EXACT, LipschitzRule, Op, Rounding, RunContext, bad, int_list, register, torch_pad_list
 
 Inputs = Sequence[torch.Tensor | None]
@@ -309,8 +309,11 @@ class Concat(Copies):
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
-        """One data input among constants: its linear part places x among zeros, an isometry."""
+        """One data input among constants: its linear part places x among zeros, an isometry; the identity
+        when the other parts are empty (equal shapes), as TorchScript exports a circular pad of width 0."""
         axis = int(node.attr("axis", 0))
+        if tuple(in_shape) == tuple(out_shape):
+            return identity(in_shape, node.name)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             parts = [x if i == var else torch.zeros(x.shape[:1] + tuple(c.shape[1:]), dtype=x.dtype, device=x.device)
@@ -463,8 +466,11 @@ class Pad(Copies):
         if var != 0:
             return None
         mode, pads, value = self.settings(node, list(consts), len(in_shape) + 1)
+        if not any(pads):  # pads nothing, in any mode (how exporters write padding_mode="circular" with padding 0)
+            return identity(in_shape, node.name)
         if mode == "constant" and value != 0.0:
             return None  # affine, not linear: see lipschitz
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 

@@ -95,7 +95,7 @@ VARIANTS: dict[str, list[str]] = {
     "select": ["slice", "slice_reverse", "split_one", "split_all", "split_all", "split_unequal_side"],
     "avgpool": ["local", "local", "local", "global"],
     "act": ["Relu", "Relu", "LeakyRelu", "Abs", "Tanh", "Sigmoid", "Softplus", "Elu", "Clip", "MaxC", "MinC",
-            "MaxC", "PadConst"],
+            "MaxC", "PadConst", "PRelu"],
     "maxpool": ["local", "local", "local", "global"],
     "lppool": ["local", "local", "local", "global"],
     "topk": ["unread", "unread", "side", "indices_only"],
@@ -764,6 +764,12 @@ def blk_act(d: Draw, b: Builder, v: str) -> str:
         return b.node(op[:3], [v, c] if d.bool() else [c, v])
     if op == "PadConst":
         return one_pad(d, b, v, "constant")
+    if op == "PRelu":  # ONNX broadcasts the slope to x only (unidirectional)
+        form = d.choice(["scalar", "channel", "same"])
+        cshape = {"scalar": (1,), "channel": channel_shape(s, s[0]), "same": s}[form]
+        slope = b.rng.uniform(-1.5, 1.5, cshape).astype(np.float32)
+        b.note(f"PRelu with a {form} slope (largest |slope| {float(np.abs(slope).max()):.3g})")
+        return b.node("PRelu", [v, b.const(slope)])
     b.note(op)
     return b.node(op, [v])
 

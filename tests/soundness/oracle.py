@@ -278,8 +278,8 @@ def gate_points(graph: Graph, inj: Injector, base: torch.Tensor, gen: torch.Gene
             with torch.enable_grad():
                 value = inj.run(x, nodes=nodes)[node.inputs[0]]
                 loss = -value.flatten(1).amax(dim=1).sum()
-            if -float(loss.detach()) > 0.5:
-                break
+            if -float(loss.detach()) > 0.5 or not loss.requires_grad:
+                break  # open, or constant in the input (no point opens it)
             opt.zero_grad()
             loss.backward()
             opt.step()
