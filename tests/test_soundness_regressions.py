@@ -298,6 +298,21 @@ def test_report_on_a_model_with_non_float_intermediate_values(tmp_path: Path, ki
           allow_refusal=True)
 
 
+@pytest.mark.parametrize("mode", ["wrap", "reflect", "constant"])
+def test_pads_of_width_zero_and_a_single_input_concat_around_convolutions(tmp_path: Path, mode: str) -> None:
+    """The identity rule for a Pad that pads nothing and a Concat of one input (how the exporters write a
+    circular pad of width 0): the convolutions on either side are bounded through them, checked by every
+    oracle."""
+    rng = np.random.default_rng(17)
+    b = Builder((2, 5, 5), seed=17)
+    v = b.node("Concat", [b.pad("input", [0] * 8, mode)], axis=1)
+    v = b.node("Conv", [v, b.const(rng.standard_normal((3, 2, 3, 3)).astype(np.float32) / 3)], pads=[0] * 4)
+    v = b.node("Concat", [b.pad(b.node("Relu", [v]), [0] * 8, mode)], axis=2)
+    v = b.node("Conv", [v, b.const(rng.standard_normal((2, 3, 3, 3)).astype(np.float32) / 3)], pads=[1] * 4)
+    v = b.node("Flatten", [v], axis=1)
+    check(tmp_path, b, b.node("Gemm", [v, b.const(orthonormal_rows(rng, 4, 18).astype(np.float32))], transB=1))
+
+
 def test_gate_search_on_a_relu_of_values_constant_in_the_input(tmp_path: Path) -> None:
     """A Relu closed at every point whose input is TopK indices (piecewise constant in the input): the
     harness's gate search ascended a loss with no gradient and crashed (found by the long profile, on the
