@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from common import append_markdown, machine
 
-from lipcert.attack import AttackConfig, attack_batches
+from lipcert.certification.attack import AttackConfig, attack_batches
 from lipcert.device import resolve_device
-from lipcert.executor import GraphModule
-from lipcert.loader import load_model
-from lipcert.report import parse_eps
+from lipcert.graph.executor import GraphModule
+from lipcert.model.loader import load_model
+from lipcert.parse import parse_eps
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 import lipcert
-from lipcert.certify import certify_logits, pair_norms
-from lipcert.evaluate import Engine, certificate_setup, choose_backend
+from lipcert.certification.engine import Engine, choose_backend
+from lipcert.certification.radii import certify_logits, pair_norms
+from lipcert.certification.setup import certificate_setup
 
 
 def main() -> None:

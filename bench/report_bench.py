@@ -31,9 +31,9 @@ import onnxruntime
 import torch
 from common import append_markdown, cifar_model, export, imagenet_model, machine
 
+from lipcert.certification.run import certify
 from lipcert.device import resolve_device
-from lipcert.loader import load_model
-from lipcert.pipeline import certify
+from lipcert.model.loader import load_model
 
 EPS = "36/255,72/255,108/255,1"
 SHAPES = {"cifar": (cifar_model, 32, 10), "imagenet": (imagenet_model, 224, 1000)}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from common import append_markdown, export, machine
 
-from lipcert.spectral import conv_circular_norm
+from lipcert.bounds.spectral import conv_circular_norm
 
 
 def cifar_sll() -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -84,8 +84,8 @@ MODELS = {"cifar-sll": cifar_sll, "liresnet": liresnet, "imagenet-aoc": imagenet
 
 def run_one(path: str, device: str) -> None:
     """In a child process: load and verify, then print the figures as JSON."""
-    from lipcert.loader import load_model
-    from lipcert.verify import verify
+    from lipcert.bounds.verify import verify
+    from lipcert.model.loader import load_model
 
     start = time.perf_counter()
     graph = load_model(path)

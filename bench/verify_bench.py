@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from common import append_markdown, cifar_model, export, machine, timed
 
+from lipcert.bounds.verify import verify
 from lipcert.device import resolve_device
-from lipcert.loader import load_model
-from lipcert.verify import verify
+from lipcert.model.loader import load_model
 
 
 def main() -> None:

@@ -17,11 +17,9 @@ torch until the API is called.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
-__version__ = "0.1.0"
+from lipcert.version import __version__
 
 __all__ = [
     "AttackConfig", "AttackSummary", "ConfigError", "DataError", "EpsResult", "Gate", "Graph", "LayerResult",
@@ -34,14 +32,16 @@ def __getattr__(name: str) -> Any:
     """Import the API (and torch) the first time one of its names is used."""
     if name not in __all__:
         raise AttributeError(f"module 'lipcert' has no attribute {name!r}")
-    from .attack import AttackConfig, AttackSummary, Violation
-    from .errors import ConfigError, DataError, LipcertError, ModelError
-    from .gates import Gate, report_gates, verify_gates
-    from .graph import Graph
-    from .loader import load_model
-    from .pipeline import Progress, attack, certify
-    from .report import EpsResult, Report
-    from .verify import LayerResult, VerifyResult, verify
+    from lipcert.bounds.results import LayerResult, VerifyResult
+    from lipcert.bounds.verify import verify
+    from lipcert.certification.attack import AttackConfig, AttackSummary, Violation
+    from lipcert.certification.run import attack, certify
+    from lipcert.errors import ConfigError, DataError, LipcertError, ModelError
+    from lipcert.graph.core import Graph
+    from lipcert.model.loader import load_model
+    from lipcert.progress import Progress
+    from lipcert.report.gates import Gate, report_gates, verify_gates
+    from lipcert.report.model import EpsResult, Report
 
     api = locals()
     globals().update({key: api[key] for key in __all__ if key in api})
@@ -51,16 +51,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return __all__
 
-
-class _Package(types.ModuleType):
-    """``lipcert.attack``, ``lipcert.certify`` and ``lipcert.verify`` name API functions, not the submodules of the
-    same names: importing such a submodule leaves the package's attribute alone (the submodule stays in
-    ``sys.modules``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("attack", "certify", "verify") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import ConfigError
+from lipcert.errors import ConfigError
 
 
 def _file_mode() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from lipcert.errors import ConfigError
 
 CHOICES = ("auto", "cpu", "cuda")
 

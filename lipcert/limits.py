@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .errors import ConfigError, LipcertError, ModelError
+from lipcert.errors import ConfigError, LipcertError, ModelError
 
 #: Default largest number of elements of one tensor, declared input, intermediate value or dataset sample
 #: (2**28 = 268,435,456: 1 GiB of float32).

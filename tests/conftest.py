@@ -62,7 +62,7 @@ def samples() -> Path:
 
 def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     """Run the CLI in this process: (exit code, stdout, stderr)."""
-    from lipcert.cli import main
+    from lipcert.cli.app import main
 
     code = main(list(args))
     out, err = capsys.readouterr()

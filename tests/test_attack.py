@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lipcert.attack import AttackConfig, attack_batches, margin_loss, pgd
-from lipcert.loader import load_model
-from lipcert.pipeline import certify
+from lipcert.certification.attack import AttackConfig, attack_batches, margin_loss, pgd
+from lipcert.certification.run import certify
+from lipcert.model.loader import load_model
 
 from .conftest import SAMPLES, run_cli
 
@@ -108,7 +108,7 @@ def test_broken_model_with_its_claimed_bound_is_caught(tmp_path: Path) -> None:
 
 def test_lipcert_pgd_at_least_as_strong_as_torchattacks() -> None:
     torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (bench extra) is not installed")
-    from lipcert.executor import GraphModule
+    from lipcert.graph.executor import GraphModule
 
     graph = load_model(SAMPLES / "digits_dense.onnx")
     module = GraphModule(graph).eval()

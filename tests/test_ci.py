@@ -157,7 +157,7 @@ def test_wheel_builds_and_allows_the_tested_torch(tmp_path: Path) -> None:
                     if line.startswith("Requires-Dist:")]
         entry = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "lipcert/cli.py" in names and "lipcert/data/npz.py" in names and "lipcert/ops/base.py" in names
-    assert "lipcert = lipcert.cli:main" in entry
+    assert "lipcert = lipcert.cli.app:main" in entry
     torch = next(r for r in requires if r.name == "torch")
     assert torch.specifier.contains("2.13.0") and torch.specifier.contains("2.2.0")
     assert not torch.specifier.contains("2.1.0") and not torch.specifier.contains("3.0.0")

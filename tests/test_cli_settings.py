@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lipcert.config import KEYS, VALIDATORS
+from lipcert.cli.config import KEYS, VALIDATORS
 
 from .conftest import SAMPLES, one_line, run_main
 
@@ -84,7 +84,7 @@ def test_percent_looking_accuracies_are_refused_with_a_hint(capsys, args: list[s
 
 def test_percent_in_the_api_gates_too() -> None:
     from lipcert import ConfigError
-    from lipcert.gates import report_gates
+    from lipcert.report.gates import report_gates
 
     with pytest.raises(ConfigError, match="looks like a percentage: write 0.95"):
         report_gates(None, min_clean_acc=95)  # type: ignore[arg-type]  # refused before the report is read

@@ -32,7 +32,7 @@ def test_version_flag(capsys) -> None:
 
 
 def test_help_does_not_import_torch() -> None:
-    script = ("import sys; from lipcert.cli import main; main(['--help']); main(['report', '--help']); "
+    script = ("import sys; from lipcert.cli.app import main; main(['--help']); main(['report', '--help']); "
               "main(['--version']); print(sorted(m for m in ('torch', 'numpy', 'onnx', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -207,7 +207,7 @@ def test_ctrl_c_says_how_to_continue_and_keeps_the_checkpoint(tmp_path: Path) ->
 
 
 def test_progress_log_lines_name_phases_with_speed_and_move_within_a_batch(capsys, monkeypatch, tmp_path: Path) -> None:
-    from lipcert import render
+    from lipcert.report import render
 
     monkeypatch.setattr(render, "LOG_INTERVAL", 0.0)
     monkeypatch.setattr(render, "LOG_TICK", 0.02)
@@ -231,7 +231,7 @@ def test_progress_log_lines_name_phases_with_speed_and_move_within_a_batch(capsy
 
 
 def test_progress_is_silent_with_quiet_and_json(capsys, monkeypatch, tmp_path: Path) -> None:
-    from lipcert import render
+    from lipcert.report import render
 
     monkeypatch.setattr(render, "LOG_INTERVAL", 0.0)
     for i, flag in enumerate(("-q", "--json=-")):
@@ -243,8 +243,8 @@ def test_progress_is_silent_with_quiet_and_json(capsys, monkeypatch, tmp_path: P
 def test_progress_bars_on_a_terminal() -> None:
     from rich.console import Console
 
-    from lipcert.pipeline import Progress
-    from lipcert.render import BarProgress, LogProgress, progress_for
+    from lipcert.cli.progress import BarProgress, LogProgress, progress_for
+    from lipcert.progress import Progress
 
     terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
     log = Console(file=io.StringIO(), force_terminal=False)
@@ -270,7 +270,7 @@ def test_progress_bars_on_a_terminal() -> None:
 
 def test_inference_in_chunks_gives_the_same_batches_and_throughput_is_over_the_whole_run(tmp_path: Path) -> None:
     from lipcert import AttackConfig, certify, load_model
-    from lipcert.pipeline import chunk_size
+    from lipcert.certification.run import chunk_size
 
     assert chunk_size(256, None, "cpu") == 64 and chunk_size(540, None, "cpu") == 60 and chunk_size(97, None, "cpu") == 97
     assert chunk_size(240, 48, "cpu") == 48 and chunk_size(1024, None, "cuda") == 1024
@@ -296,7 +296,7 @@ def test_inference_in_chunks_gives_the_same_batches_and_throughput_is_over_the_w
 
 def test_plot_labels_stay_inside_and_apart_and_the_histogram_counts_whole_samples() -> None:
     from lipcert import AttackConfig, certify, load_model
-    from lipcert.render import figure
+    from lipcert.report.render import figure
 
     graph = load_model(DENSE)
     for norm, eps in (("linf", "1/255,2/255,4/255,8/255"), ("l2", "36/255,72/255,108/255,1")):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from lipcert.errors import LipcertError
-from lipcert.loader import load_model
+from lipcert.model.loader import load_model
 
 from .conftest import SAMPLES
 

@@ -22,7 +22,7 @@ import lipcert
 from lipcert import limits
 from lipcert.data import open_dataset
 from lipcert.errors import ConfigError, DataError, ModelError
-from lipcert.graph import Node
+from lipcert.graph.core import Node
 
 from .conftest import SAMPLES, one_line, run_main
 

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 from lipcert.errors import ModelError
-from lipcert.executor import GraphModule
-from lipcert.loader import load_model
-from lipcert.spec import SPEC_KEY
+from lipcert.graph.executor import GraphModule
+from lipcert.model.loader import load_model
+from lipcert.model.spec import SPEC_KEY
 
 from .conftest import export_onnx, run_cli, strip_parametrizations
 
@@ -277,7 +277,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_mismatch_with_onnxruntime_names_first_diverging_node(tmp_path: Path, monkeypatch) -> None:
-    from lipcert.ops import REGISTRY
+    from lipcert.graph.ops import REGISTRY
 
     path = tmp_path / "m.onnx"
     onnx.save(_tiny_model(np.eye(3, 4), [("Relu", "act"), ("Neg", "flip")]), str(path))
@@ -302,7 +302,7 @@ def test_fixed_batch_exports_run_any_batch(tmp_path: Path, dynamo: bool) -> None
     assert graph.fixed_batch == 1
     x = torch.rand(7, 1, 8, 8)
     assert torch.allclose(GraphModule(graph)(x), model(x), atol=1e-5)
-    from lipcert.pipeline import certify
+    from lipcert.certification.run import certify
 
     report = certify(graph, Path(__file__).parent.parent / "sample_models" / "digits_test.npz", "36/255",
                      batch_size=64, backend="onnxruntime")

@@ -21,9 +21,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lipcert.errors import ModelError
-from lipcert.executor import GraphModule
-from lipcert.onnx_loader import graph_from_onnx
-from lipcert.ops import REGISTRY
+from lipcert.graph.executor import GraphModule
+from lipcert.graph.ops import REGISTRY
+from lipcert.model.onnx_loader import graph_from_onnx
 
 RTOL = 1e-5
 I64_MAX = int(np.iinfo(np.int64).max)

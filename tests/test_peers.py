@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from lipcert import certify, load_model
-from lipcert.verify import PROVEN, propagate, verify
+from lipcert.bounds.propagate import propagate
+from lipcert.bounds.results import PROVEN
+from lipcert.bounds.verify import verify
 
 from .conftest import export_onnx, strip_parametrizations
 
@@ -36,8 +38,7 @@ def _aoc(c_in: int, c_out: int) -> torch.nn.Module:
 
 def _residual(kind: str) -> torch.nn.Module:
     from orthogonium.layers import OrthoLinear
-    from orthogonium.layers.residual import (AdditiveResidual, ConcatResidual, L2NormResidual,
-                                             PrescaledAdditiveResidual)
+    from orthogonium.layers.residual import AdditiveResidual, ConcatResidual, L2NormResidual, PrescaledAdditiveResidual
 
     torch.manual_seed(0)
     inner = 2 if kind == "concat" else 4

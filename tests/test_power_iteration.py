@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lipcert.linop import from_function
-from lipcert.power_iteration import PowerResult, power_iteration
+from lipcert.bounds.power_iteration import PowerResult, power_iteration
+from lipcert.graph.linop import from_function
 
 
 def svd_norm(op) -> float:

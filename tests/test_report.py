@@ -25,10 +25,11 @@ from onnx import numpy_helper
 from safetensors.numpy import save_file
 
 from lipcert import certify, load_model
-from lipcert.cli import main
-from lipcert.evaluate import Engine, certificate_setup, choose_backend
-from lipcert.executor import GraphModule
-from lipcert.render import FILES
+from lipcert.certification.engine import Engine, choose_backend
+from lipcert.certification.setup import certificate_setup
+from lipcert.cli.app import main
+from lipcert.graph.executor import GraphModule
+from lipcert.report.render import FILES
 
 from .conftest import SAMPLES, export_onnx, run_cli
 from .test_data import write_cifar10, write_idx, write_images

@@ -13,11 +13,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lipcert import certify, load_model
-from lipcert.evaluate import Engine, certificate_setup, choose_backend
-from lipcert.executor import GraphModule
-from lipcert.linop import from_function
-from lipcert.ops import REGISTRY, Op
-from lipcert.rounding import nonnegative_norm
+from lipcert.bounds.rounding import nonnegative_norm
+from lipcert.certification.engine import Engine, choose_backend
+from lipcert.certification.setup import certificate_setup
+from lipcert.graph.executor import GraphModule
+from lipcert.graph.linop import from_function
+from lipcert.graph.ops import REGISTRY, Op
 
 
 def test_every_operator_with_a_bound_states_its_rounding() -> None:

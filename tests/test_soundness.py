@@ -45,7 +45,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from lipcert.ops import REGISTRY
+from lipcert.graph.ops import REGISTRY
 
 from .soundness import oracle
 from .soundness.generator import BLOCKS, HypothesisDraw, RandomDraw, draw_program, focus_cases
@@ -140,8 +140,8 @@ def test_generator_covers_every_registered_operator() -> None:
 
 def test_generator_covers_every_pattern(tmp_path: Path) -> None:
     """Each pattern of lipcert/patterns.py is recognised in some generated program (so the oracles see it)."""
-    from lipcert.loader import load_model
-    from lipcert.verify import propagate
+    from lipcert.bounds.propagate import propagate
+    from lipcert.model.loader import load_model
 
     wanted = {"sll": ("SLL",), "groupsort": ("GroupSort",), "maxmin": ("MaxMin (Split", "MaxMin pairs"),
               "relu_neg": ("Relu(x), Relu(-x)",), "l2pool": ("L2-norm pool",), "wrap_conv": ("wrap", "circular"),

@@ -8,9 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipcert.linop import from_function
-from lipcert.spectral import (ROUNDING_MARGIN, conv_circular_norm, gram_norm_bound, kernel_matrix_norm,
-                              upper_bound)
+from lipcert.bounds.spectral import (
+    ROUNDING_MARGIN,
+    conv_circular_norm,
+    gram_norm_bound,
+    kernel_matrix_norm,
+    upper_bound,
+)
+from lipcert.graph.linop import from_function
 
 CONV = {1: F.conv1d, 2: F.conv2d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipcert.analysis import decompose
-from lipcert.loader import load_model
-from lipcert.ops import REGISTRY
-from lipcert.graph import Node
-from lipcert.spectral import kernel_matrix_norm, upper_bound
-from lipcert.verify import PROVEN, UNPROVEN, VIOLATED, verify
+from lipcert.bounds.decompose import decompose
+from lipcert.bounds.results import PROVEN, UNPROVEN, VIOLATED
+from lipcert.bounds.spectral import kernel_matrix_norm, upper_bound
+from lipcert.bounds.verify import verify
+from lipcert.graph.core import Node
+from lipcert.graph.ops import REGISTRY
+from lipcert.model.loader import load_model
 
 from .conftest import SAMPLES, export_onnx, run_cli, strip_parametrizations
 from .test_loading import orthogonium_model, torchlip_model

@@ -11,10 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from . import cifar, idx, image_folder, npz, safetensors_data
-from .base import (SPLITS, Batch, Dataset, DatasetInfo, Source, StreamingDataset, build_dataset, reading, reason,
-                   value_problems)
+from lipcert.data import cifar, idx, image_folder, npz, safetensors_data
+from lipcert.data.base import (
+    SPLITS,
+    Batch,
+    Dataset,
+    DatasetInfo,
+    Source,
+    StreamingDataset,
+    build_dataset,
+    reading,
+    reason,
+    value_problems,
+)
+from lipcert.errors import DataError
 
 __all__ = ["FORMATS", "Batch", "Dataset", "DatasetInfo", "check_fits", "detect_format", "open_dataset",
            "read_batches"]

@@ -22,8 +22,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from .. import limits
-from ..errors import DataError
+from lipcert import limits
+from lipcert.errors import DataError
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
 VALUE_RANGES = ("auto", "0-255", "0-1")

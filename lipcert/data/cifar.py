@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
-from .base import Source, sha256_tree
+from lipcert.data.base import Source, sha256_tree
+from lipcert.errors import DataError
 
 BATCH = re.compile(r"^(data_batch_\d+|test_batch|train|test)$")
 

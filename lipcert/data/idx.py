@@ -15,8 +15,8 @@ from typing import IO
 
 import numpy as np
 
-from ..errors import DataError
-from .base import Source, check_lengths, label_count, read_exact, reading, sha256_tree, stream_rows
+from lipcert.data.base import Source, check_lengths, label_count, read_exact, reading, sha256_tree, stream_rows
+from lipcert.errors import DataError
 
 NAME = re.compile(r"^(?P<prefix>.+?)[-.](?P<kind>images|labels)[-.]idx(?P<rank>\d)[-.]ubyte(?P<gz>\.gz)?$",
                   re.IGNORECASE)

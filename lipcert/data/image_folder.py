@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DataError
-from .base import Source, reading, sha256_tree
+from lipcert.data.base import Source, reading, sha256_tree
+from lipcert.errors import ConfigError, DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
 GREY_MODES = ("1", "L", "LA")

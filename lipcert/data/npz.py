@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from .base import Source, check_lengths, label_count, pick_keys, reading, sha256_file, stream_rows
+from lipcert.data.base import Source, check_lengths, label_count, pick_keys, reading, sha256_file, stream_rows
+from lipcert.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..errors import DataError
-from .base import Source, check_lengths, label_count, pick_keys, sha256_file
+from lipcert.data.base import Source, check_lengths, label_count, pick_keys, sha256_file
+from lipcert.errors import DataError
 
 
 def _reader(path: Path):

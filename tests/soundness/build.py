@@ -17,8 +17,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lipcert.graph import Node
-from lipcert.ops import REGISTRY, RunContext
+from lipcert.graph.core import Node
+from lipcert.graph.ops import REGISTRY, RunContext
 
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
               np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.int64): TensorProto.INT64,

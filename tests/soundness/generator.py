@@ -37,8 +37,8 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from lipcert.graph import Node
-from lipcert.ops import REGISTRY, RunContext
+from lipcert.graph.core import Node
+from lipcert.graph.ops import REGISTRY, RunContext
 
 from .build import Builder, Invalid, ort_session
 

@@ -41,8 +41,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from lipcert.errors import LipcertError
-from lipcert.graph import Graph
-from lipcert.ops import REGISTRY, RunContext
+from lipcert.graph.core import Graph
+from lipcert.graph.ops import REGISTRY, RunContext
 
 from .build import ort_session
 
@@ -522,7 +522,7 @@ def check_values_and_network(graph: Graph, prop, inj: Injector, points: torch.Te
 
 def check_verify(graph: Graph, measured: float, out: Outcome, seed: int) -> None:
     """verify(graph, bound=c) with c just below a measured ratio must not say proven, nor raise."""
-    from lipcert.verify import verify
+    from lipcert.bounds.verify import verify
 
     if not measured > 1e-6:
         return
@@ -689,7 +689,7 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
 
 
 def load(path: Path, out: Outcome) -> Graph | None:
-    from lipcert.loader import load_model
+    from lipcert.model.loader import load_model
 
     try:
         return load_model(path)
@@ -707,7 +707,7 @@ def check_model(path: str | Path, *, effort: Effort = CI, seed: int = 0, steps: 
                 data: np.ndarray | None = None) -> Outcome:
     """Run every oracle on the model at ``path``; failures are collected in the outcome, never raised. ``data``:
     extra points in [0, 1] for the report's dataset (labelled by the model, like the random ones)."""
-    from lipcert.verify import propagate
+    from lipcert.bounds.propagate import propagate
 
     path = Path(path)
     out = Outcome()

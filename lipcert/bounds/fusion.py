@@ -1,0 +1,215 @@
+"""Give a fused chain of linear operators the most precise structure for its upper bound.
+
+The chain's forward and adjoint stay exactly as built; only the description used by ``spectral`` changes,
+and every rewrite is an exact identity or a proven bound: a wrap pad followed by an unpadded convolution whose
+kernel spans the pad is a circular convolution (how torch exports ``padding_mode="circular"``); scalar and
+per-channel scales fold into the neighbouring convolution or matrix (an un-folded batch norm); matrices
+multiply; isometries (reshapes, transposes, zero padding) change no norm bound and take the structure of their
+neighbour.
+
+A merged structure keeps the shapes it describes under ``core`` (its own input and output shapes), which may
+differ from the chain's once an isometry has been absorbed. Two structures only combine when they meet in the
+same coordinates: the same core shapes, with at most plain reshapes (which keep the flat order) absorbed
+between them. ``loose_in`` / ``loose_out`` mark a side where a transpose or a padding was absorbed, so that
+coordinates there are no longer the chain's; ``inexact`` marks a structure whose norm is only an upper bound
+of the chain's (an absorbed zero padding, or a ``norm_only`` scalar such as a global average pooling, which
+is counted as its norm 1/sqrt(n) but is not a multiple of the identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from lipcert.graph.linop import LinearOperator
+
+CORE_KEYS = ("core", "loose_in", "loose_out", "inexact")
+
+
+def core(op: LinearOperator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The input and output shapes that ``op.structure`` describes."""
+    return op.structure.get("core", (tuple(op.in_shape), tuple(op.out_shape)))
+
+
+def _aligned(a: LinearOperator, b: LinearOperator) -> bool:
+    """Whether ``a``'s structure ends in the coordinates where ``b``'s structure starts."""
+    return (not a.structure.get("loose_out") and not b.structure.get("loose_in")
+            and tuple(core(a)[1]) == tuple(core(b)[0]))
+
+
+def _own(structure: dict) -> dict:
+    return {k: v for k, v in structure.items() if k not in CORE_KEYS}
+
+
+def _joined(a: LinearOperator, b: LinearOperator, kind: str, structure: dict) -> LinearOperator:
+    """``b o a`` (structures aligned) described by one ``structure`` running from a's core input to b's output."""
+    flags = {"core": (core(a)[0], core(b)[1])}
+    for key, source in (("loose_in", a), ("loose_out", b)):
+        if source.structure.get(key):
+            flags[key] = True
+    if a.structure.get("inexact") or b.structure.get("inexact"):
+        flags["inexact"] = True
+    return replace(a.then(b), kind=kind, structure={**_own(structure), **flags})
+
+
+def _with_scalar(a: LinearOperator, b: LinearOperator, kind: str, structure: dict) -> LinearOperator:
+    """``b o a`` where one side is a scalar: the other side's coordinates, with the scalar's losses on its side."""
+    scalar_first = a.kind == "scalar"
+    scalar, other = (a, b) if scalar_first else (b, a)
+    flags = {k: v for k, v in other.structure.items() if k in CORE_KEYS}
+    flags.setdefault("core", core(other))
+    if scalar.structure.get("loose_in") or scalar.structure.get("loose_out"):
+        flags["loose_in" if scalar_first else "loose_out"] = True
+    if scalar.structure.get("inexact") or (scalar.structure.get("norm_only") and kind != "scalar"):
+        flags["inexact"] = True  # a pooling counted as its norm: ||X P|| <= ||P|| ||X||, not equal
+    merged = {**_own(structure), **flags}
+    if kind == "scalar" and (a.structure.get("norm_only") or b.structure.get("norm_only")):
+        merged["norm_only"] = True
+    return replace(a.then(b), kind=kind, structure=merged)
+
+
+def _absorb(a: LinearOperator, b: LinearOperator) -> LinearOperator:
+    """``b o a`` where one side is an isometry: the other side's structure, the isometry noted on its side."""
+    if a.kind == "isometry" and b.kind == "isometry":
+        flat = bool(a.structure.get("flat") and b.structure.get("flat"))
+        onto = bool(a.structure.get("onto") and b.structure.get("onto"))
+        return replace(a.then(b), kind="isometry", structure={"flat": flat, "onto": onto})
+    iso, kept = (a, b) if a.kind == "isometry" else (b, a)
+    structure = dict(kept.structure)
+    structure["core"] = core(kept)
+    if not iso.structure.get("flat"):
+        structure["loose_in" if iso is a else "loose_out"] = True
+    if iso is a and not iso.structure.get("onto"):
+        structure["inexact"] = True  # ||X P|| <= ||X|| for an isometry P that is not onto (zero padding)
+    return replace(a.then(b), kind=kept.kind, structure=structure)
+
+
+def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | None:
+    """Pad(mode=wrap) then Conv(pads=0) with pad total = effective kernel - 1 per axis: a circular conv.
+
+    Assumes: the pad is one wrap pad whose input is the conv's input grid (aligned cores), it pads only the
+    conv's spatial axes, by at most the axis length, and the conv is not transposed and unpadded. Then
+    output o reads x[(s o + d t - begin) mod n], which is what ``spectral`` bounds as circular."""
+    s = conv.structure
+    if s.get("transpose") or any(s["pads"]) or pad.structure.get("mode") != "wrap" or not _aligned(pad, conv):
+        return None
+    pads = pad.structure["pads"]
+    pad_in = core(pad)[0]
+    rank = len(pad_in) + 1
+    nd = len(s["input_spatial"])
+    if len(pads) != 2 * rank or any(pads[i] or pads[rank + i] for i in range(rank - nd)):
+        return None
+    w = s["weight"]
+    for i in range(nd):
+        extent = (w.shape[2 + i] - 1) * s["dilation"][i] + 1
+        begin, end = pads[rank - nd + i], pads[2 * rank - nd + i]
+        if begin + end != extent - 1 or max(begin, end) > pad_in[1 + i]:
+            return None  # a wrap pad longer than the axis copies entries twice: not a circular shift
+    structure = {**s, "circular": True, "input_spatial": tuple(pad_in[1:]),
+                 "pads": tuple(pads[rank - nd:rank]) + tuple(pads[2 * rank - nd:])}
+    return _joined(pad, conv, "conv", structure)
+
+
+def _wrap_pair(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
+    """Two wrap pads on disjoint axes (torch pads H, then W): one wrap pad, since each axis' index map
+    (p - begin) mod n is independent of the others. The same axis padded twice is not a wrap pad: None."""
+    pa, pb = a.structure["pads"], b.structure["pads"]
+    rank = len(pa) // 2
+    if len(pb) != len(pa) or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
+        return None
+    return _joined(a, b, "nonnegative", {"mode": "wrap", "pads": [p + q for p, q in zip(pa, pb)]})
+
+
+def _scale_of(op: LinearOperator) -> torch.Tensor | float | None:
+    """The factor of a scalar (a float) or diagonal (a tensor) operator; None for any other kind."""
+    if op.kind == "scalar":
+        return float(op.structure["value"])
+    if op.kind == "diag":
+        return op.structure["scale"]
+    return None
+
+
+def _scaled_weight(conv: LinearOperator, scale: torch.Tensor, before: bool) -> torch.Tensor | None:
+    """The conv weight with a scale folded in (per output channel after it, per input channel before)."""
+    s = conv.structure
+    w = s["weight"].double()
+    nd = len(s["input_spatial"])
+    channel_axis_ok = scale.dim() == nd + 1 and all(d == 1 for d in scale.shape[1:])
+    if not channel_axis_ok or s["groups"] != 1:
+        return None
+    c = scale.reshape(-1).double()
+    out_axis, in_axis = (1, 0) if s.get("transpose") else (0, 1)
+    axis = in_axis if before else out_axis
+    if c.numel() != w.shape[axis]:
+        return None
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    return w * c.reshape(shape)
+
+
+def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
+    """One operator for ``b o a`` with a known structure, or None when the pair does not simplify."""
+    if b.kind == "isometry" or a.kind == "isometry":
+        return _absorb(a, b)
+    if a.structure.get("mode") == "wrap" and b.kind == "conv":
+        return _circular(a, b)
+    if a.structure.get("mode") == b.structure.get("mode") == "wrap" and _aligned(a, b):
+        return _wrap_pair(a, b)
+    sa, sb = _scale_of(a), _scale_of(b)
+    if isinstance(sa, float) or isinstance(sb, float):
+        scalar = sa if isinstance(sa, float) else sb
+        other, other_scale = (b, sb) if isinstance(sa, float) else (a, sa)
+        if isinstance(other_scale, float):
+            return _with_scalar(a, b, "scalar", {"value": sa * sb})
+        if other_scale is not None:
+            return _with_scalar(a, b, "diag", {"scale": torch.as_tensor(other_scale).double() * scalar})
+        if other.kind == "conv":
+            weight = other.structure["weight"].double() * scalar
+            return _with_scalar(a, b, "conv", {**other.structure, "weight": weight})
+        if other.kind == "matrix":
+            return _with_scalar(a, b, "matrix", {"matrix": other.structure["matrix"].double() * scalar})
+        return None
+    if not _aligned(a, b):
+        return None
+    for conv, scale, before in ((b, sa, True), (a, sb, False)):
+        if conv.kind == "conv" and scale is not None:
+            weight = _scaled_weight(conv, scale, before)
+            if weight is not None:
+                return _joined(a, b, "conv", {**conv.structure, "weight": weight})
+    for mat, scale, before in ((b, sa, True), (a, sb, False)):
+        if mat.kind == "matrix" and isinstance(scale, torch.Tensor):
+            weight = _scaled_matrix(mat.structure["matrix"], scale, before)
+            if weight is not None:
+                return _joined(a, b, "matrix", {"matrix": weight})
+    if a.kind == "matrix" and b.kind == "matrix":
+        product = b.structure["matrix"].double() @ a.structure["matrix"].double()
+        return _joined(a, b, "matrix", {"matrix": product})
+    return None
+
+
+def _scaled_matrix(matrix: torch.Tensor, scale: torch.Tensor, before: bool) -> torch.Tensor | None:
+    """A matrix on the last axis with a scale that varies only along that axis folded in: x d M^T is
+    x (M diag(d))^T, and (x M^T) d is x (diag(d) M)^T. None when the scale varies along another axis."""
+    m = matrix.double()
+    size = m.shape[1] if before else m.shape[0]
+    if scale.dim() < 1 or any(d != 1 for d in scale.shape[:-1]) or scale.shape[-1] != size:
+        return None
+    d = scale.reshape(-1).double()
+    return m * d[None, :] if before else d[:, None] * m
+
+
+def refine(op: LinearOperator) -> LinearOperator:
+    """An equivalent operator whose structure gives the tightest available bound."""
+    if op.kind != "chain":
+        return op
+    merged: list[LinearOperator] = []
+    for part in op.structure["parts"]:
+        combined = _merge(merged[-1], part) if merged else None
+        if combined is not None:
+            merged[-1] = combined
+        else:
+            merged.append(part)
+    if len(merged) == 1:
+        return replace(op, kind=merged[0].kind, structure=merged[0].structure)
+    return replace(op, structure={"parts": merged})

@@ -1,0 +1,546 @@
+"""Subgraphs that 1-Lipschitz libraries export to, recognised from the graph and given exact constants.
+
+Each recogniser is called with the *last* node of its pattern and returns a ``Step`` covering every node
+it claims, or None. Patterns: GroupSort/MaxMin (ReduceMax+ReduceMin+Concat, Split+Max+Min+Concat,
+Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt) and the SLL / SDP residual block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from lipcert.bounds import spectral
+from lipcert.bounds.fusion import refine
+from lipcert.bounds.spectral import mul_up
+from lipcert.bounds.steps import Context, Part, Step, repetitions
+from lipcert.graph.core import Node
+from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.ops import REGISTRY
+from lipcert.graph.ops.base import EXACT, Rounding
+
+SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
+
+
+def _axis(node: Node, ctx: Context, value: str) -> int | None:
+    shape = ctx.shape(value)
+    if shape is None:
+        return None
+    axis = int(node.attr("axis", 0))
+    return axis + len(shape) + 1 if axis < 0 else axis
+
+
+def _reduce_axes(node: Node, ctx: Context) -> list[int] | None:
+    axes = node.attr("axes")
+    if len(node.inputs) > 1 and node.inputs[1]:
+        c = ctx.consts.get(node.inputs[1])
+        axes = None if c is None else c.reshape(-1).tolist()
+    shape = ctx.shape(node.inputs[0])
+    if axes is None or shape is None:
+        return None
+    return [int(a) + len(shape) + 1 if a < 0 else int(a) for a in axes]
+
+
+def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
+    """Concat(ReduceMax(v, a), ReduceMin(v, a), axis=a): the max and min of each group along axis a."""
+    if node.op != "Concat" or len(node.inputs) != 2:
+        return None
+    prods = [ctx.producer.get(i) for i in node.inputs]
+    if any(p is None for p in prods) or {p.op for p in prods} != {"ReduceMax", "ReduceMin"}:
+        return None
+    if prods[0].inputs[0] != prods[1].inputs[0] or prods[0].inputs[0] not in ctx.data:
+        return None
+    axes = [_reduce_axes(p, ctx) for p in prods]
+    axis = _axis(node, ctx, node.inputs[0])
+    if axes[0] is None or axes[0] != axes[1] or axes[0] != [axis] or axis < 1:
+        return None
+    if not all(int(p.attr("keepdims", 1)) for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
+        return None
+    size = ctx.shape(prods[0].inputs[0])[axis - 1]
+    if size < 2:
+        return None  # a group of one gives (x, x): its entry twice, sqrt(2)
+    return Step("pattern", f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
+                [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
+                constant=1.0, reason=SORT_REASON, details={"rounding": EXACT})
+
+
+def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(axis, start, end) of a single-axis, step-1 Slice of a value with per-sample ``shape``, clamped."""
+    c = ctx.const_inputs(node)
+    if len(c) < 4 or any(t is None or t.numel() != 1 for t in c[1:4]):
+        return None
+    if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
+        return None
+    axis = int(c[3].reshape(-1)[0])
+    axis = axis + len(shape) + 1 if axis < 0 else axis
+    if axis < 1:
+        return None
+    n = shape[axis - 1]
+    start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
+    return axis, max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
+
+
+def maxmin_concat(ctx: Context, node: Node) -> Step | None:
+    """A Concat that reads Max(a, b) and Min(a, b) of the same two equally shaped values (the MaxMin
+    activation, alone or with other inputs, as TorchScript merges nested concatenations): per entry,
+    (a, b) -> (max, min) is a permutation, 1-Lipschitz in (a, b) jointly, so the concatenation is bounded as
+    one of a and b in their place (when a and b are disjoint parts of one value, by its partition profile)."""
+    if node.op != "Concat":
+        return None
+    prods = [ctx.producer.get(i) for i in node.inputs]
+    inputs: list[str] = []
+    claimed: list[str] = []
+    paired: set[int] = set()
+    for i, p in enumerate(prods):
+        if i in paired or node.inputs[i] not in ctx.data:
+            continue
+        mate = None
+        if p is not None and p.op in ("Max", "Min") and len(p.inputs) == 2 and ctx.only_user(node.inputs[i], node) \
+                and ctx.shape(p.inputs[0]) is not None and ctx.shape(p.inputs[0]) == ctx.shape(p.inputs[1]) \
+                and all(v in ctx.data for v in p.inputs):
+            other = "Min" if p.op == "Max" else "Max"
+            mate = next((j for j, q in enumerate(prods) if j != i and j not in paired and q is not None
+                         and q.op == other and sorted(q.inputs) == sorted(p.inputs)
+                         and ctx.only_user(node.inputs[j], node)), None)
+        if mate is None:
+            inputs.append(node.inputs[i])
+            continue
+        paired.update((i, mate))
+        inputs += list(p.inputs)
+        claimed += [p.name, prods[mate].name]
+    if not claimed:
+        return None
+    return Step("concat", "Concat (MaxMin pairs)", claimed + [node.name], inputs, node.outputs[0],
+                reason="each Max/Min pair of the same two values is a permutation of them per entry: bounded "
+                       "as the concatenation of those values",
+                details={"weights": [1.0] * len(inputs), "count": 0, "offset": 0.0, "rounding": EXACT})
+
+
+def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
+    """Concat(Relu(v), Relu(Neg(v))): the pair (relu(x), relu(-x)) is 1-Lipschitz in x."""
+    if node.op != "Concat" or len(node.inputs) != 2:
+        return None
+    prods = [ctx.producer.get(i) for i in node.inputs]
+    if any(p is None or p.op != "Relu" for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
+        return None
+    for direct, negated in ((prods[0], prods[1]), (prods[1], prods[0])):
+        neg = ctx.producer.get(negated.inputs[0])
+        if neg is not None and neg.op == "Neg" and neg.inputs[0] == direct.inputs[0] \
+                and ctx.only_user(neg.outputs[0], negated) and direct.inputs[0] in ctx.data:
+            return Step("pattern", "MaxMin-style (Relu(x), Relu(-x))",
+                        [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
+                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2",
+                        details={"rounding": EXACT})
+    return None
+
+
+def _scalar_const(ctx: Context, node: Node) -> tuple[str, float] | None:
+    """For Mul/Div by a positive scalar constant: (the data input, the factor)."""
+    data = ctx.data_inputs(node)
+    if node.op not in ("Mul", "Div") or len(data) != 1:
+        return None
+    c = ctx.const_inputs(node)[1 - data[0]]
+    if c is None or c.numel() != 1 or (node.op == "Div" and data[0] != 0):
+        return None
+    value = float(c.reshape(-1)[0])
+    value = 1.0 / value if node.op == "Div" else value
+    return (node.inputs[data[0]], value) if value > 0 else None
+
+
+def _guard_degree(ctx: Context, value: str, base: str, seen: list[Node]) -> int | None:
+    """Degree of ``value`` as a monomial in ``base`` >= 0 through Abs/Relu/Sign/Mul guards (Sign: 0)."""
+    if value == base:
+        return 1
+    node = ctx.producer.get(value)
+    if node is None or value in ctx.graph.outputs:
+        return None
+    if node.op in ("Abs", "Relu", "Identity"):
+        d = _guard_degree(ctx, node.inputs[0], base, seen)
+    elif node.op == "Sign":
+        d = 0 if _guard_degree(ctx, node.inputs[0], base, seen) is not None else None
+    elif node.op == "Mul" and len(ctx.data_inputs(node)) == 2:
+        parts = [_guard_degree(ctx, i, base, seen) for i in node.inputs]
+        d = None if None in parts else sum(parts)
+    else:
+        return None
+    if d is not None:
+        seen.append(node)
+    return d
+
+
+def _exponent(ctx: Context, node: Node) -> float | None:
+    """The constant scalar exponent of a Pow of one data value (its base), or None."""
+    if node.op != "Pow" or ctx.data_inputs(node) != [0]:
+        return None
+    e = ctx.const_inputs(node)[1]
+    return None if e is None or e.numel() != 1 else float(e.reshape(-1)[0])
+
+
+def _root_argument(ctx: Context, node: Node) -> str | None:
+    """What a Sqrt, or a Pow by 0.5, takes the square root of; None for any other node."""
+    if node.op == "Sqrt" or _exponent(ctx, node) == 0.5:
+        return node.inputs[0]
+    return None
+
+
+def l2_pool(ctx: Context, node: Node) -> Step | None:
+    """sqrt(c * AveragePool(x^2)) with guards: c/K-scaled L2-norm pooling over windows of K entries."""
+    t = _root_argument(ctx, node)
+    if t is None:
+        return None
+    claimed: list[Node] = [node]
+    factor = 1.0
+    while True:
+        p = ctx.producer.get(t)
+        scaled = _scalar_const(ctx, p) if p is not None else None
+        if scaled is None:
+            break
+        claimed.append(p)
+        t, factor = scaled[0], factor * scaled[1]
+    guards: list[Node] = []
+    pool = None
+    for candidate in [n for n in ctx.graph.nodes if n.op == "AveragePool" and n.outputs[0] in ctx.data]:
+        if _guard_degree(ctx, t, candidate.outputs[0], guards) == 1:
+            pool = candidate
+            break
+        guards.clear()
+    if pool is None:
+        return None
+    square = ctx.producer.get(pool.inputs[0])
+    if square is None:
+        return None
+    if square.op == "Pow":
+        if _exponent(ctx, square) != 2.0:
+            return None
+    elif not (square.op == "Mul" and square.inputs[0] == square.inputs[1]):
+        return None
+    x = square.inputs[0]
+    in_shape, pool_shape = ctx.shape(x), ctx.shape(pool.outputs[0])
+    inner = guards + [pool, square] + claimed
+    if in_shape is None or pool_shape is None or not all(
+            all(u in inner for u in ctx.users.get(o, [])) for n in inner if n is not node for o in n.outputs):
+        return None
+    pooling = REGISTRY["AveragePool"].linear(pool, ctx.const_inputs(pool), 0, in_shape, pool_shape)
+    # squares, the window sum and division, the scalars and the root: every term non-negative, so each rounding
+    # is relative to the output (Pow counted as 4)
+    window = math.prod(pool.attr("kernel_shape"))
+    with torch.no_grad():
+        weights = pooling.adjoint(torch.ones((1,) + tuple(pool_shape), dtype=torch.float64))
+    heaviest = float(weights.max()) if weights.numel() else 0.0
+    # sums of positive terms: relative error below 1e-12, covered by the factor
+    constant = math.nextafter(math.sqrt(factor * heaviest) * (1 + 1e-12), math.inf)
+    return Step("pattern", "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x],
+                node.outputs[0], constant=constant,
+                reason=f"sqrt(c P(x^2)) with P the average pool and c = {factor:g}: each output is a weighted "
+                       f"L2 norm, so the constant is sqrt(c x the largest total weight of one input entry, "
+                       f"{heaviest:.6g}); padding, overlap and partial windows included",
+                details={"rounding": Rounding(relative=window + len(claimed) + 8)})
+
+
+def _squares(ctx: Context, value: str, coef: float, nodes: list[Node],
+             terms: list[tuple[str, float]]) -> bool:
+    """Parse ``value`` as coef x (sum of c_k u_k^2 + non-negative constants) through Add, positive scalar
+    Mul/Div, Pow(u, 2) and Mul(u, u), collecting the nodes and the terms (u_k, coef c_k); False otherwise."""
+    node = ctx.producer.get(value)
+    if node is None or value not in ctx.data or value in ctx.graph.outputs:
+        return False
+    data, consts = ctx.data_inputs(node), ctx.const_inputs(node)
+    nodes.append(node)
+    if node.op == "Add":
+        if any(c is not None and bool((c < 0).any()) for c in consts):
+            return False  # only non-negative constants keep the sum a norm
+        return all(_squares(ctx, node.inputs[i], coef, nodes, terms) for i in data)
+    scaled = _scalar_const(ctx, node)
+    if scaled is not None:
+        return _squares(ctx, scaled[0], coef * scaled[1], nodes, terms)
+    if node.op == "Pow":
+        if _exponent(ctx, node) != 2.0:
+            return False
+        terms.append((node.inputs[0], coef))
+        return True
+    if node.op == "Mul" and len(data) == 2 and node.inputs[0] == node.inputs[1]:
+        terms.append((node.inputs[0], coef))
+        return True
+    return False
+
+
+def l2_norm_combination(ctx: Context, node: Node) -> Step | None:
+    """sqrt(sum_k c_k u_k^2 + e) elementwise, c_k > 0, e >= 0 constant (orthogonium's L2NormResidual
+    sqrt(0.5 x^2 + 0.5 f(x)^2 + eps), SoftHuber's sqrt(1 + (z/d)^2)): per entry the Euclidean norm of
+    (sqrt(c_k) u_k, sqrt(e)), 1-Lipschitz in those, so bounded as the concatenation of the u_k weighted by
+    sqrt(c_k k_k), k_k the broadcast repetitions of u_k."""
+    arg = _root_argument(ctx, node)
+    if arg is None:
+        return None
+    nodes: list[Node] = []
+    terms: list[tuple[str, float]] = []
+    if not _squares(ctx, arg, 1.0, nodes, terms) or not terms:
+        return None
+    out_shape = ctx.shape(node.outputs[0])
+    weights = []
+    for u, c in terms:
+        k = repetitions(ctx.shape(u), out_shape)
+        if k is None:
+            return None
+        weights.append(math.sqrt(c * k))
+    inner = {n.name for n in nodes}
+    if not all(all(r.name in inner or r is node for r in ctx.users.get(o, [])) for n in nodes for o in n.outputs):
+        return None
+    return Step("concat", "L2-norm combination sqrt(sum c u^2 + e)", [n.name for n in nodes] + [node.name],
+                [u for u, _ in terms], node.outputs[0],
+                reason="per entry the Euclidean norm of (sqrt(c_k) u_k, sqrt(e)): 1-Lipschitz in the weighted u_k",
+                details={"weights": weights, "count": 0, "offset": 0.0,
+                         # squares, scalings, sums of non-negative terms and the root: relative roundings
+                         "rounding": Rounding(relative=4 * len(nodes) + 4)})
+
+
+def wrap_concat(ctx: Context, node: Node) -> Step | None:
+    """Concat([Slice(x, -p:),] x [, Slice(x, :q)]) along one axis: torch's export of circular padding."""
+    if node.op != "Concat" or len(node.inputs) not in (2, 3):
+        return None
+    # the centre is the value the other inputs slice (itself possibly a Slice, as after a chunk)
+    centre = [i for i, x in enumerate(node.inputs)
+              if all(ctx.producer.get(v) is not None and ctx.producer[v].op == "Slice" and ctx.producer[v].inputs[0] == x
+                     for j, v in enumerate(node.inputs) if j != i)]
+    if len(centre) != 1 or (len(node.inputs) == 3 and centre[0] != 1):
+        return None
+    x = node.inputs[centre[0]]
+    shape, out_shape = ctx.shape(x), ctx.shape(node.outputs[0])
+    axis = _axis(node, ctx, x)
+    if shape is None or out_shape is None or axis is None or axis < 1 or x not in ctx.data:
+        return None
+    n = shape[axis - 1]
+    parts = {}
+    for position, value in enumerate(node.inputs):
+        if position == centre[0]:
+            continue
+        at_end = position < centre[0]
+        p = ctx.producer.get(value)
+        if p is None or p.op != "Slice" or p.inputs[0] != x or not ctx.only_user(value, node):
+            return None
+        found = _slice_range(ctx, p, shape)
+        if found is None or found[0] != axis or (found[2] != n if at_end else found[1] != 0):
+            return None
+        _, start, end = found
+        parts[at_end] = (p, end - start)
+    slices = [p for p, _ in parts.values()]
+    p_begin = parts[True][1] if True in parts else 0
+    p_end = parts[False][1] if False in parts else 0
+    rank = len(shape) + 1
+    pads = [0] * (2 * rank)
+    pads[axis], pads[rank + axis] = p_begin, p_end
+
+    def forward(v: torch.Tensor) -> torch.Tensor:
+        size = v.shape[axis]
+        return torch.cat([v.narrow(axis, size - p_begin, p_begin), v, v.narrow(axis, 0, p_end)], dim=axis)
+
+    operator = from_function(forward, shape, out_shape, kind="nonnegative", name=node.name,
+                             structure={"mode": "wrap", "pads": pads})
+    return Step("linear", "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
+                operator=operator, parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
+
+
+SLOPE_01 = {"Relu", "Sigmoid", "Tanh"}
+
+
+def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
+                  target: str | None = None) -> tuple[list[tuple[Node, int]], str] | None:
+    """Walk back from ``value`` through single-data-input linear nodes, each value read only by the next,
+    until reaching ``target`` or a node for which ``stop`` holds. Returns the (node, output index) pairs in
+    forward order: each node's linear map is the one of the output the chain goes through."""
+    nodes: list[tuple[Node, int]] = []
+    reader: Node | None = None
+    while True:
+        if value == target:
+            return nodes[::-1], value
+        node = ctx.producer.get(value)
+        if node is None or (reader is not None and not ctx.only_user(value, reader)):
+            return None
+        if stop(node):
+            return nodes[::-1], value
+        data = ctx.data_inputs(node)
+        if len(data) != 1:
+            return None
+        shape_in, shape_out = ctx.shape(node.inputs[data[0]]), ctx.shape(value)
+        if shape_in is None or shape_out is None:
+            return None
+        output = node.outputs.index(value)
+        if REGISTRY[node.op].linear(node, ctx.const_inputs(node), data[0], shape_in, shape_out, output) is None:
+            return None
+        nodes.append((node, output))
+        reader = node
+        value = node.inputs[data[0]]
+
+
+def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator, list[Part]]:
+    """The composed linear map of a chain of (node, output index) pairs, and its parts."""
+    parts = []
+    for node, output in nodes:
+        var = ctx.data_inputs(node)[0]
+        consts, in_shape, out = ctx.const_inputs(node), ctx.shape(node.inputs[var]), node.outputs[output]
+        op = REGISTRY[node.op]
+        parts.append(Part(op.linear(node, consts, var, in_shape, ctx.shape(out), output),
+                          op.rounding(node, consts, var, in_shape, ctx.shape(out), output), out))
+    composed = parts[0].operator
+    for part in parts[1:]:
+        composed = composed.then(part.operator)
+    return composed, parts
+
+
+#: above this many entries an SLL block's operators are not materialised as matrices
+SLL_DENSE_LIMIT = 2 ** 24
+
+
+@dataclass
+class SllCheck:
+    """The quantities of the SLL condition: bounds on ||S^(1/2) B||, on ||B|| and on the residual
+    ||A - B^T S||, and how they were computed."""
+
+    sqrt_s_b: float
+    b_norm: float
+    residual: float
+    method: str
+
+
+def _plain(op: LinearOperator) -> bool:
+    """Whether a refined operator's structure describes exactly the chain, in the chain's own coordinates."""
+    s = op.structure
+    return not (s.get("loose_in") or s.get("loose_out") or s.get("inexact")) and \
+        tuple(s.get("core", (op.in_shape, op.out_shape))[0]) == tuple(op.in_shape) and \
+        tuple(s.get("core", (op.in_shape, op.out_shape))[1]) == tuple(op.out_shape)
+
+
+def _diagonal_fit(a_cols: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For A with columns a_j and B with rows b_j (one per hidden unit, flattened): the s_j >= 0 with
+    A ~ B^T diag(s) by least squares per unit, and the residual's columns; None when some s_j < 0."""
+    norms = (b_rows * b_rows).sum(dim=1)
+    s = torch.where(norms > 0, (a_cols * b_rows).sum(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    if (s < 0).any():
+        return None
+    return s, a_cols - s[:, None] * b_rows
+
+
+def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
+    """The SLL quantities without materialising the operators, when A and B are dense layers on the same
+    axis (A = B^T S iff the matrix of A is M_B^T diag(s)) or B is a convolution and A the transposed
+    convolution with the same geometry (ONNX ConvTranspose is the adjoint of Conv with the same attributes;
+    A = B^T S iff A's kernel for each hidden channel h is s_h times B's)."""
+    if not (_plain(a) and _plain(b)) or a.kind != b.kind:
+        return None
+    if a.kind == "matrix":
+        ma, mb = a.structure["matrix"].double(), b.structure["matrix"].double()
+        if ma.shape != mb.T.shape:
+            return None
+        fit = _diagonal_fit(ma.T, mb)
+        if fit is None:
+            return None
+        s, residual = fit
+        bound = lambda m: spectral.matrix_upper_bound(m)  # noqa: E731
+        return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "matrices")
+    if a.kind != "conv":
+        return None
+    sa, sb = a.structure, b.structure
+    same = all(tuple(sa[k]) == tuple(sb[k]) for k in ("stride", "pads", "dilation")) and sa["groups"] == sb["groups"]
+    if not (same and sa["transpose"] and not sb["transpose"] and not sa["circular"] and not sb["circular"]
+            and not any(sa["output_padding"]) and sa["weight"].shape == sb["weight"].shape):
+        return None
+    wa, wb = sa["weight"].double(), sb["weight"].double()
+    fit = _diagonal_fit(wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1))
+    if fit is None:
+        return None
+    s, residual = fit
+    view = (-1,) + (1,) * (wb.dim() - 1)
+
+    def bound(op: LinearOperator, weight: torch.Tensor) -> float:
+        return spectral.conv_upper_bound(replace(op, structure={**op.structure, "weight": weight}))
+
+    return SllCheck(bound(b, s.sqrt().reshape(view) * wb), bound(b, wb), bound(a, residual.reshape(wa.shape)),
+                    "convolutions, by DFT")
+
+
+def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
+    """The SLL quantities from the explicit matrices, for small operators of any structure."""
+    if max(a.in_numel * a.out_numel, b.in_numel * b.out_numel) > SLL_DENSE_LIMIT:
+        return None
+    ma, mb = a.to_dense(), b.to_dense()
+    fit = _diagonal_fit(ma.T, mb)
+    if fit is None:
+        return None
+    s, residual = fit
+    bound = spectral.matrix_upper_bound
+    return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "explicit matrices")
+
+
+def sll_block(ctx: Context, node: Node) -> Step | None:
+    """y = x -/+ A s(B x + b) with A = +/- B^T S, S >= 0 diagonal, s slope in [0, 1]: the Jacobian
+    I - (S^(1/2) B)^T D (S^(1/2) B) is symmetric with eigenvalues in [1 - q^2, 1], q = ||S^(1/2) B||, so
+    the block is max(1, q^2 - 1)-Lipschitz (1 under the sqrt(2) condition of Araujo et al., ICLR 2023); a
+    residual R = A - B^T S adds ||R|| ||B||."""
+    if node.op not in ("Sub", "Add") or len(ctx.data_inputs(node)) != 2:
+        return None
+    x, r = node.inputs
+    shape = ctx.shape(node.outputs[0])
+    if shape is None or ctx.shape(x) != shape or ctx.shape(r) != shape:
+        return None  # a broadcast skip or branch is not the block's x or A s(Bx + b)
+    for skip, branch in ((x, r), (r, x)) if node.op == "Add" else ((x, r),):
+        found = _sll_branch(ctx, node, skip, branch)
+        if found is None:
+            continue
+        a_nodes, act, b_nodes = found
+        (a_op, a_parts), (b_op, b_parts) = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
+        a_signed = a_op if node.op == "Sub" else a_op.then(
+            from_function(lambda v: -v, a_op.out_shape, a_op.out_shape, kind="scalar", structure={"value": -1.0},
+                          adjoint=lambda v: -v))
+        a_ref, b_ref = refine(a_signed), refine(b_op)
+        check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
+        if check is None or check.residual > 1e-5 * max(check.b_norm, 1e-30):
+            return None
+        slack = mul_up(check.residual, check.b_norm)
+        q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)
+        core = max(1.0, math.nextafter(q2 - 1.0, math.inf))
+        names = [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
+        hidden, act_shape = act.inputs[0], ctx.shape(act.outputs[0])
+        act_rule = REGISTRY[act.op]
+        substeps = [  # how the block is computed, for the float error analysis
+            Step("linear", "B", [], [skip], hidden, operator=b_op, parts=b_parts),
+            Step("rule", act.op, [act.name], [hidden], act.outputs[0], constant=1.0,
+                 parts=[Part(None, act_rule.rounding(act, ctx.const_inputs(act), 0, act_shape, act_shape),
+                             act.outputs[0])]),
+            Step("linear", "A", [], [act.outputs[0]], branch, operator=a_op, parts=a_parts),
+            Step("sum", node.op, [node.name], [skip, branch], node.outputs[0],
+                 details={"weights": [1.0, 1.0], "count": 2, "offset": 0.0})]
+        return Step("pattern", "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
+                    constant=math.nextafter(core + slack, math.inf),
+                    reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
+                            f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
+                           + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}",
+                    details={"sqrt_s_b_norm": check.sqrt_s_b, "residual": check.residual, "substeps": substeps})
+    return None
+
+
+def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
+    """Nodes of the branch A s(B skip + b), or None when the branch has another form."""
+    if skip not in ctx.data or not ctx.only_user(branch, node):
+        return None
+    found = _affine_chain(ctx, branch, lambda n: n.op in SLOPE_01 or (
+        n.op == "LeakyRelu" and 0.0 <= float(n.attr("alpha", 0.01)) <= 1.0))
+    if found is None or not found[0]:
+        return None
+    a_nodes, act_out = found
+    act = ctx.producer[act_out]
+    if not ctx.only_user(act_out, a_nodes[0][0]):
+        return None
+    found_b = _affine_chain(ctx, act.inputs[0], lambda n: False, target=skip)
+    if found_b is None or not found_b[0] or found_b[1] != skip:
+        return None
+    b_nodes = found_b[0]
+    if not ctx.only_user(act.inputs[0], act):
+        return None
+    return a_nodes, act, b_nodes
+
+
+PATTERNS = [sll_block, wrap_concat, groupsort_reduce, maxmin_concat, relu_neg_concat, l2_pool,
+            l2_norm_combination]

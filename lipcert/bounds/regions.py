@@ -1,0 +1,274 @@
+"""Linear subgraphs bound whole: ``x + conv(x)``, sums and concatenations of linear branches, as one operator.
+
+A *region* is a set of steps (fused linear chains, and plain ``Add``/``Sub``/``Sum``/``Mean``/``Concat`` nodes)
+that reads one value u from outside, whose values are read only inside it (but for its last value), and that
+ends at a sum or concatenation. Each of its steps is linear in its data inputs once constants are dropped, so
+the region is one linear map A of u, with ||A|| <= the bound propagated through its steps (often far below it:
+||I + W|| against 1 + ||W||). ``region_bound`` bounds A by, in order: the dense SVD of A when it is small; the
+DFT bound of one convolution when A is a sum or concatenation of convolutions, identities and scales on one
+grid (their kernels add, aligned by their padding, with zero padding or circular padding alike); else the
+bound propagated through the steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from lipcert.bounds.fusion import refine
+from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, upper_bound
+from lipcert.bounds.steps import Context, Step
+from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.ops import REGISTRY, RunContext
+
+#: combination nodes that are linear in their data inputs (constants are dropped)
+LINEAR_COMBINATIONS = ("Add", "Sub", "Sum", "Mean", "Concat")
+
+
+def _linear_combination(step: Step) -> bool:
+    return step.kind in ("sum", "concat") and bool(step.details.get("node_op")) and \
+        step.label in LINEAR_COMBINATIONS
+
+
+def merge_regions(ctx: Context, steps: list[Step]) -> list[Step]:
+    """Replace every maximal region (see the module docstring) ending at a linear combination by one linear
+    step whose ``details["substeps"]`` keeps the steps it covers."""
+    producer = {s.output: s for s in steps}
+    readers: dict[str, list[Step]] = {}
+    for s in steps:
+        for v in s.inputs:
+            readers.setdefault(v, []).append(s)
+    taken: set[int] = set()
+    regions: dict[int, list[Step]] = {}
+    for end in reversed(steps):
+        if id(end) in taken or not _linear_combination(end):
+            continue
+        region = _grow(ctx, end, producer, readers, taken)
+        sources = {v for s in region for v in s.inputs if id(producer.get(v)) not in {id(r) for r in region}}
+        if len(region) < 2 or len(sources) != 1:
+            continue
+        ordered = [s for s in steps if any(s is r for r in region)]
+        taken.update(id(s) for s in ordered)
+        regions[id(end)] = ordered
+    out = []
+    for s in steps:
+        if id(s) in regions:
+            out.append(_region_step(ctx, regions[id(s)]))
+        elif id(s) not in taken:
+            out.append(s)
+    return out
+
+
+def _grow(ctx: Context, end: Step, producer: dict[str, Step], readers: dict[str, list[Step]],
+          taken: set[int]) -> list[Step]:
+    """The largest region ending at ``end``: add the producer of an input while it is a linear step or a linear
+    combination whose value only the region reads (repeated until nothing more joins)."""
+    region = [end]
+    changed = True
+    while changed:
+        changed = False
+        ids = {id(s) for s in region}
+        for v in {v for s in region for v in s.inputs}:
+            t = producer.get(v)
+            if t is None or id(t) in ids or id(t) in taken or v in ctx.graph.outputs:
+                continue
+            if not (t.kind == "linear" or _linear_combination(t)):
+                continue
+            if all(id(r) in ids for r in readers.get(v, [])):
+                region.append(t)
+                changed = True
+                break
+    return region
+
+
+def _region_step(ctx: Context, region: list[Step]) -> Step:
+    """One linear step for a region: its operator runs the region's steps (constants dropped)."""
+    produced = {s.output for s in region}
+    source = next(v for s in region for v in s.inputs if v not in produced)
+    end = region[-1]
+    nodes = {n.name: n for n in ctx.graph.nodes}
+    in_shape, out_shape = ctx.shape(source), ctx.shape(end.output)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        env = {source: x}
+        for s in region:
+            if s.kind == "linear":
+                env[s.output] = s.operator.forward(env[s.inputs[0]])
+                continue
+            node = nodes[s.nodes[0]]
+            args = [env[v] if v in env else (None if not v else _zeros(ctx, v, x)) for v in node.inputs]
+            env[s.output] = REGISTRY[node.op].run(node, args, RunContext(x.dtype))[0]
+        return env[end.output]
+
+    operator = from_function(forward, in_shape, out_shape, kind="region", name=end.nodes[0])
+    return Step("linear", "linear region", [n for s in region for n in s.nodes], [source], end.output,
+                operator=operator, details={"substeps": region})
+
+
+def absolute_operator(step: Step) -> LinearOperator | None:
+    """The region with every matrix replaced by its absolute value (each chain's parts by their |A|, every sum
+    by a sum with positive signs): it bounds, entrywise, what the region's float evaluation can err by."""
+    substeps = step.details["substeps"]
+    if any(s.kind == "linear" and any(p.rounding is None or p.rounding.abs_op is None for p in s.parts)
+           for s in substeps):
+        return None
+    source, end = step.inputs[0], substeps[-1]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        env = {source: x}
+        for s in substeps:
+            if s.kind == "linear":
+                value = env[s.inputs[0]]
+                for part in s.parts:
+                    value = part.rounding.abs_op.forward(value)
+                env[s.output] = value
+            elif s.label == "Concat":
+                env[s.output] = torch.cat([env[v] for v in s.inputs], dim=int(s.details.get("axis", 1)))
+            else:
+                total = sum(env[v] for v in s.inputs)
+                env[s.output] = total / s.details["count"] if s.label == "Mean" else total
+        return env[end.output]
+
+    return from_function(forward, step.operator.in_shape, step.operator.out_shape, kind="nonnegative")
+
+
+def _zeros(ctx: Context, value: str, like: torch.Tensor) -> torch.Tensor:
+    """A constant input of a combination, as zeros of its shape: the linear part of the node."""
+    c = ctx.consts[value]
+    return torch.zeros(c.shape, dtype=like.dtype, device=like.device)
+
+
+def region_bound(step: Step, bound_of: callable) -> UpperBound:
+    """A proven upper bound on the region's operator norm (see the module docstring); ``bound_of(op)`` bounds
+    a linear step's operator (its ``UpperBound``)."""
+    whole = upper_bound(step.operator)  # the dense SVD when small; else inf (kind "region")
+    if math.isfinite(whole.value):
+        return whole
+    conv = as_conv(step)
+    if conv is not None:
+        value = conv_upper_bound(conv)
+        if math.isfinite(value):
+            return UpperBound(value, "fft-circular (region)" if conv.structure["circular"]
+                              else "fft-embedding (region)", False)
+    return UpperBound(_propagated(step, bound_of), "product(region steps)", False)
+
+
+def _propagated(step: Step, bound_of: callable) -> float:
+    """The bound propagated through the region's steps: products along chains, sums (weighted by
+    broadcasting) and sqrt of sums of squares for concatenations: the bound without the region."""
+    bounds = {step.inputs[0]: 1.0}
+    for s in step.details["substeps"]:
+        incoming = [bounds.get(v, math.inf) for v in s.inputs]
+        if s.kind == "linear":
+            bounds[s.output] = mul_up(incoming[0], bound_of(refine(s.operator)).value)
+        else:
+            weighted = [mul_up(v, w) for v, w in zip(incoming, s.details["weights"])]
+            total = math.fsum(weighted) if s.kind == "sum" else math.sqrt(math.fsum(v * v for v in weighted))
+            bounds[s.output] = total * (1 + 1e-12)
+    return bounds[step.output]
+
+
+@dataclass
+class _Kernel:
+    """y[o] = sum_t W[:, :, t] x[o + t - begin] on one grid (zero or circular padding), stride 1, groups 1."""
+
+    weight: torch.Tensor  # (c_out, c_in, *k), float64
+    begin: tuple[int, ...]
+    circular: bool | None  # None: an identity or scale, which fits either padding
+
+    def scaled(self, factor: torch.Tensor | float) -> "_Kernel":
+        f = factor if isinstance(factor, float) else factor.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+        return _Kernel(self.weight * f, self.begin, self.circular)
+
+
+def as_conv(step: Step) -> LinearOperator | None:
+    """The region as one convolution when it is a sum or concatenation of convolutions (stride 1, same grid
+    in and out, each applied to the region's input), identities and scales; None otherwise."""
+    source = step.inputs[0]
+    shape = step.operator.in_shape
+    if len(shape) < 2:
+        return None
+    channels, grid = shape[0], tuple(shape[1:])
+    eye = torch.eye(channels, dtype=torch.float64).reshape((channels, channels) + (1,) * len(grid))
+    forms: dict[str, _Kernel | None] = {source: _Kernel(eye, (0,) * len(grid), None)}
+    for s in step.details["substeps"]:
+        ins = [forms.get(v) for v in s.inputs]
+        if any(f is None for f in ins):
+            forms[s.output] = None
+        elif s.kind == "linear":
+            forms[s.output] = _apply(refine(s.operator), ins[0], grid)
+        else:
+            forms[s.output] = _combine(s, ins, grid)
+    form = forms.get(step.output)
+    if form is None or form.weight.shape[1] != channels or tuple(step.operator.out_shape[1:]) != grid:
+        return None
+    k = form.weight.shape[2:]
+    end = tuple(ki - 1 - b for ki, b in zip(k, form.begin))
+    if min(form.begin + end, default=0) < 0:
+        return None
+    structure = {"weight": form.weight, "stride": (1,) * len(grid), "pads": form.begin + end,
+                 "dilation": (1,) * len(grid), "groups": 1, "circular": bool(form.circular),
+                 "input_spatial": grid, "transpose": False, "output_padding": (0,) * len(grid)}
+    return replace(step.operator, kind="conv", structure=structure)
+
+
+def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel | None:
+    """A linear step on a form: a scale of any form, or a convolution of the region's input itself."""
+    s = op.structure
+    if s.get("loose_in") or s.get("loose_out") or s.get("inexact") or s.get("norm_only"):
+        return None
+    if op.kind == "scalar":
+        return form.scaled(float(s["value"]))
+    if op.kind == "diag":
+        scale = torch.as_tensor(s["scale"]).double()
+        if scale.dim() == len(grid) + 1 and all(d == 1 for d in scale.shape[1:]) \
+                and scale.shape[0] == form.weight.shape[0]:
+            return form.scaled(scale.reshape(-1))
+        return None
+    identity = form.circular is None and all(n == 1 for n in form.weight.shape[2:]) and \
+        torch.equal(form.weight.reshape(form.weight.shape[:2]), torch.eye(form.weight.shape[0], dtype=torch.float64))
+    if op.kind != "conv" or not identity or s.get("transpose") or any(v != 1 for v in s["stride"]) \
+            or any(v != 1 for v in s["dilation"]) or tuple(s["input_spatial"]) != grid \
+            or tuple(op.out_shape[1:]) != grid:
+        return None
+    w = s["weight"].double()
+    groups = int(s["groups"])
+    if groups > 1:  # the block-diagonal kernel of a grouped convolution
+        c_out, c_in_g = w.shape[:2]
+        full = w.new_zeros((c_out, c_in_g * groups) + tuple(w.shape[2:]))
+        per = c_out // groups
+        for g in range(groups):
+            full[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
+        w = full
+    nd = len(grid)
+    return _Kernel(w, tuple(int(p) for p in s["pads"][:nd]), bool(s.get("circular")))
+
+
+def _combine(step: Step, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel | None:
+    """A sum (signs from the node) or a channel concatenation of forms on one grid, kernels aligned."""
+    circular = {f.circular for f in forms} - {None}
+    if len(circular) > 1:
+        return None
+    begin = tuple(max(f.begin[i] for f in forms) for i in range(len(grid)))
+    size = tuple(max(begin[i] - f.begin[i] + f.weight.shape[2 + i] for f in forms) for i in range(len(grid)))
+    placed = []
+    for f in forms:
+        w = f.weight.new_zeros(f.weight.shape[:2] + size)
+        index = (slice(None), slice(None)) + tuple(slice(begin[i] - f.begin[i], begin[i] - f.begin[i] +
+                                                         f.weight.shape[2 + i]) for i in range(len(grid)))
+        w[index] = f.weight
+        placed.append(w)
+    label = step.label
+    if label == "Concat":
+        if int(step.details.get("axis", 1)) != 1:
+            return None
+        weight = torch.cat(placed, dim=0)
+    else:
+        if any(p.shape != placed[0].shape for p in placed):
+            return None  # inputs of different channels would broadcast
+        signs = [1.0] + [(-1.0 if label == "Sub" else 1.0)] * (len(placed) - 1)
+        scale = 1.0 / step.details["count"] if label == "Mean" else 1.0
+        weight = sum(sg * p for sg, p in zip(signs, placed)) * scale
+    return _Kernel(weight, begin, next(iter(circular)) if circular else None)

@@ -1,0 +1,106 @@
+"""What ``verify`` answers: per-layer rows (``LayerResult``), the verdict (``VerifyResult``, schema ``lipcert.verify/1``) and the statuses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+#: relative slack on the claim that absorbs float32 rounding of weights normalised to 1 (e.g. 1.0000005)
+DEFAULT_TOL = 1e-5
+
+
+
+SCHEMA = "lipcert.verify/1"
+
+
+
+PROVEN, VIOLATED, UNPROVEN, NO_RULE = "proven", "violated", "unproven", "no rule"
+
+
+
+@dataclass
+class LayerResult:
+    """One step of the network: its bounds, how they were obtained, and its status against the claim."""
+
+    name: str
+    op: str
+    nodes: list[str]
+    in_shape: list[int] | None
+    out_shape: list[int] | None
+    lower: float | None
+    lower_method: str | None
+    lower_iterations: int | None  # power-iteration steps taken (stopped on convergence or at the cap)
+    upper: float | None
+    upper_method: str
+    exact: bool | None  # linear steps: the upper bound is the norm (up to rounding); None for rules and patterns
+    gap: float | None
+    status: str
+    reason: str = ""
+
+
+
+@dataclass
+class VerifyResult:
+    """The answer of ``verify``: per-layer bounds, the network bound and the verdict."""
+
+    schema: str
+    lipcert_version: str
+    model: str
+    claimed: float
+    claim_source: str
+    tol: float
+    device: str
+    seed: int
+    layers: list[LayerResult]
+    network_upper: float
+    network_lower: float
+    network_lower_method: str
+    empirical_budget: float | None  # seconds the empirical search may take (None: no limit)
+    network_lower_steps: int  # search steps it took
+    network_lower_stopped: bool  # it ran out of budget before its last step
+    status: str
+    top_contributors: list[dict]
+    no_rule: list[str]
+    combinations: list[dict]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def breaking_layers(self) -> list[LayerResult]:
+        """Layers whose norm is above the claim when the network's claim is not proven: where it breaks.
+
+        In a proven network a layer above the claim is compensated by others below it; see ``layers_above``."""
+        return [] if self.status == PROVEN else self.layers_above
+
+    @property
+    def layers_above(self) -> list[LayerResult]:
+        """Layers whose norm is proven (by their lower bound) to be above the claim on their own."""
+        return [layer for layer in self.layers if layer.status == VIOLATED]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return _finite(data)
+
+
+
+def _finite(value):
+    """JSON has no infinity: write unbounded values as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+
+def status_of(lower: float | None, upper: float | None, claim: float, tol: float) -> str:
+    """proven: upper <= claim (1 + tol); violated: lower > claim (1 + tol); otherwise unproven."""
+    limit = claim * (1.0 + tol)
+    if lower is not None and lower > limit:
+        return VIOLATED
+    if upper is not None and upper <= limit:
+        return PROVEN
+    return UNPROVEN
+

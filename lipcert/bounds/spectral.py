@@ -1,0 +1,380 @@
+"""Sound upper bounds on the spectral norm ||A||_2 of linear operators, chosen by ``op.kind``.
+
+Every ``UpperBound.value`` is a proven upper bound on the norm of the exact (real-number) operator defined
+by the stored weights, with float64 rounding of the computation covered by an explicit margin. Estimates
+from below (power iteration, ``lipcert.power_iteration``) are never returned here.
+
+Sources: Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019 (circular
+convolutions, exact by DFT); Delattre, Barthelemy, Araujo, Allauzen, "Efficient Bound of Lipschitz Constant
+for Convolutional Layers by Gram Iteration", ICML 2023 (Gram iteration); the Schur test (Schur 1911; see
+Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., for ||A||_2 <= sqrt(||A||_1 ||A||_inf));
+Higham (ibid., ch. 3) for the rounding-error bounds quoted in the comments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lipcert.graph.linop import LinearOperator
+
+# Unit roundoff of float64 (half the machine epsilon).
+U64 = 2.0 ** -53
+
+# Relative margin applied to every float64 result. The computations used (inner products and sums, Gram
+# matrices, LAPACK's backward-stable Hermitian eigensolver) return the top singular value within p(n) * u
+# of the exact one, relatively, where p(n) = c * n grows with the size n of the problem (Higham ch. 3 for
+# inner products, gamma_n = n u / (1 - n u); LAPACK Users' Guide, "Error bounds for the symmetric
+# eigenproblem"; each caller states its n). With c = ROUNDING_C = 8 and u = 2^-53 ~ 1.1e-16,
+# c * n * u <= 1e-9 for n up to 1.1e6; for larger n the margin grows as c * n * u (see ``_inflate``).
+# Either way it is far below anything that matters for a certificate from float32 weights (precision 6e-8).
+ROUNDING_MARGIN = 1e-9
+ROUNDING_C = 8
+
+# Dense SVD is used only when the explicit matrix has at most this many entries (128 MiB in float64).
+DENSE_MAX_ENTRIES = 2 ** 24
+
+# Working-set size (in elements) for chunked dense construction and DFT evaluation.
+_CHUNK_ELEMS = 2 ** 22
+
+
+@dataclass
+class UpperBound:
+    """A proven upper bound on ||A||_2 and how it was obtained."""
+
+    value: float  # proven upper bound on ||A||_2, float rounding included
+    method: str  # svd, fft-circular, fft-embedding, gram, schur, product(...), structural, none
+    exact: bool  # value equals the norm up to the rounding margin
+
+
+def _inflate(value: float, n: int) -> float:
+    """``value`` raised by the rounding margin for a float64 computation of dimension ``n``, rounded up."""
+    margin = max(ROUNDING_MARGIN, ROUNDING_C * n * U64)
+    return math.nextafter(value * (1.0 + margin), math.inf)
+
+
+def mul_up(a: float, b: float) -> float:
+    """a * b rounded upwards (for products of non-negative bounds)."""
+    return math.nextafter(a * b, math.inf)
+
+
+def _largest_singular_value(mat: torch.Tensor) -> float:
+    """max over a batch of matrices of ||M||_2, from the top eigenvalue of the smaller Gram matrix M M^H.
+
+    Much faster than a full SVD for wide or batched complex matrices. Rounding: fl(M M^H) = M M^H + E with
+    ||E||_2 <= gamma_k ||M||_F^2 <= r gamma_k ||M||_2^2 (k the long side, r the short one), and eigvalsh is
+    backward stable, so sigma_max^2 has relative error O(k r u): callers inflate with n = k * r.
+    """
+    if mat.numel() == 0:
+        return 0.0
+    if mat.shape[-2] > mat.shape[-1]:
+        mat = mat.mH
+    top = torch.linalg.eigvalsh(mat @ mat.mH)[..., -1].max()
+    return math.sqrt(max(float(top), 0.0))
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+
+def _dense_ok(op: LinearOperator, dense_limit: int) -> bool:
+    """Whether the explicit matrix is small enough for an exact dense SVD."""
+    m, n = op.out_numel, op.in_numel
+    return min(m, n) <= dense_limit and m * n <= DENSE_MAX_ENTRIES
+
+
+def _dense_norm(op: LinearOperator, device: str | torch.device) -> float:
+    """||A||_2 by float64 SVD of the explicit matrix, built from the smaller side (A or A^T) in chunks."""
+    side = op
+    if op.out_numel < op.in_numel:  # fewer adjoint calls; ||A^T|| = ||A||
+        side = LinearOperator(in_shape=op.out_shape, out_shape=op.in_shape, forward=op.adjoint,
+                              adjoint=op.forward)
+    chunk = max(1, min(1024, _CHUNK_ELEMS // max(op.in_numel, op.out_numel)))
+    with torch.no_grad():
+        mat = side.to_dense(dtype=torch.float64, device=device, chunk=chunk)
+    return _largest_singular_value(mat)
+
+
+def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
+    """Exact dense SVD of the operator, inflated by the rounding margin.
+
+    The explicit matrix is computed by the operator itself in float64: for one layer each entry is a single
+    weight (exact); for a chain each entry carries O(depth * fan-in * u) relative rounding, which the margin
+    (at least 1e-9, i.e. ~10^7 u) is meant to absorb.
+    """
+    return UpperBound(_inflate(_dense_norm(op, device), op.in_numel * op.out_numel), "svd", True)
+
+
+# ------------------------------------------------------------------------------------------ matrices
+
+
+def kernel_matrix_norm(weight: torch.Tensor) -> float:
+    """||weight.reshape(c_out, -1)||_2, what torch's spectral_norm normalises: for contrast, never a bound."""
+    w = weight.detach().to(torch.float64)
+    return _largest_singular_value(w.reshape(w.shape[0], -1))
+
+
+def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
+    """Upper bound on ||M||_2 by Gram iteration (Delattre et al., ICML 2023), rescaled so it cannot overflow.
+
+    G_0 = M, G_{t+1} = G_t^T G_t gives ||M||_2 = ||G_t||_2^(1/2^t) <= ||G_t||_F^(1/2^t). Each G_t is kept
+    as exp(s_t) * H_t with ||H_t||_F = 1 before squaring, so only the log-scale s_t grows. Rounding (M is
+    m x n, m >= n): with H normalised, fl(H^T H) = H^T H + E with ||E||_2 <= ||E||_F <= gamma_m and
+    ||H^T H||_2 = ||H||_2^2 >= 1/n, so each step has relative error delta <= n gamma_m ~ m n u, i.e.
+    ||G_t||_2^2 <= (1 + delta) ||G_{t+1}||_2; taking the 2^-t-th roots, these factors multiply to less than
+    (1 + delta), which ``_inflate(., m * n)`` covers (the log-scale bookkeeping adds O(iters u |log value|)).
+    """
+    g = matrix.detach().to(torch.float64)
+    if g.shape[0] < g.shape[1]:  # iterate on the smaller Gram matrix; ||M^T|| = ||M||
+        g = g.T
+    if g.numel() == 0:
+        return 0.0
+    log_scale = 0.0  # G_t = exp(log_scale) * g
+    for _ in range(iters):
+        f = float(torch.linalg.matrix_norm(g, ord="fro"))
+        if f == 0.0:
+            return 0.0
+        g = g / f
+        log_scale = 2.0 * (log_scale + math.log(f))
+        g = g.T @ g
+    f = float(torch.linalg.matrix_norm(g, ord="fro"))
+    if f == 0.0:
+        return 0.0
+    value = math.exp((log_scale + math.log(f)) / 2.0 ** iters)
+    return _inflate(value, matrix.numel())
+
+
+def matrix_upper_bound(m: torch.Tensor) -> float:
+    """A proven upper bound on ||M||_2 for a dense matrix (exact SVD when small, else Gram iteration)."""
+    return _matrix_bound(m, 4096, "cpu").value
+
+
+def conv_upper_bound(op: LinearOperator) -> float:
+    """A proven upper bound on the norm of the convolution ``op.structure`` describes, by the DFT (never a
+    dense SVD of ``op``'s own forward, so the structure may carry another weight); inf if not handled."""
+    bound = _conv_bound(op, "cpu")
+    return math.inf if bound is None else bound.value
+
+
+def _matrix_bound(m: torch.Tensor, dense_limit: int, device: str | torch.device) -> UpperBound:
+    """||M||_2 for an operator applying M along the last axis: exact SVD when small, else Gram iteration."""
+    m = m.detach().to(device=device, dtype=torch.float64)
+    if min(m.shape) <= dense_limit:
+        return UpperBound(_inflate(_largest_singular_value(m), m.numel()), "svd", True)
+    return UpperBound(gram_norm_bound(m), "gram", False)
+
+
+# ------------------------------------------------------------------------------------- convolutions
+
+
+def _circular_norm(weight: torch.Tensor, grid: Sequence[int], dilation: Sequence[int], groups: int,
+                   device: str | torch.device) -> float:
+    """Largest singular value over all DFT frequencies of a stride-1 circular conv on ``grid``.
+
+    The conv computes y[:, r] = sum_t K[:, :, t] x[:, (r + dilation * t) mod grid] (cross-correlation), which
+    the DFT block-diagonalises into the c_out x c_in matrices
+    K_hat(w) = sum_t K[:, :, t] exp(2 pi i <w, d t> / grid) (Sedghi et al. 2019; the sign convention does not
+    matter, as w ranges over all frequencies). Since the
+    kernel is real, K_hat(-w) = conj(K_hat(w)) has the same singular values, so only half the frequencies of
+    the last axis are evaluated. With groups, K_hat(w) is block diagonal and its norm is the max over blocks.
+    K_hat is evaluated by direct summation over the taps, in chunks of frequencies, to bound memory.
+    """
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    nd = w.dim() - 2
+    grid = tuple(int(g) for g in grid)
+    dil = tuple(int(d) for d in dilation)
+    if len(grid) != nd or len(dil) != nd:
+        raise ValueError(f"{nd}-D kernel needs {nd} grid sizes and dilations, got {grid} and {dil}")
+    c_out, c_in_g = w.shape[:2]
+    if c_out % groups:
+        raise ValueError(f"c_out={c_out} is not divisible by groups={groups}")
+    taps = math.prod(w.shape[2:])
+    kw = w.reshape(groups, c_out // groups, c_in_g, taps).to(torch.complex128)
+    pos = torch.stack(torch.meshgrid(*[torch.arange(k, device=device) * d for k, d in zip(w.shape[2:], dil)],
+                                     indexing="ij"), dim=-1).reshape(taps, nd)
+    half = grid[:-1] + (grid[-1] // 2 + 1,)
+    n_freq = math.prod(half)
+    chunk = max(1, _CHUNK_ELEMS // (kw.numel() // taps + taps))
+    best = 0.0
+    for start in range(0, n_freq, chunk):
+        idx = torch.unravel_index(torch.arange(start, min(n_freq, start + chunk), device=device), half)
+        angle = torch.zeros(idx[0].shape[0], taps, dtype=torch.float64, device=device)
+        for axis in range(nd):
+            # (u * p) mod G in exact integer arithmetic keeps the angle in [0, 2 pi).
+            prod = (idx[axis][:, None] * pos[None, :, axis]) % grid[axis]
+            angle += prod.to(torch.float64) * (2.0 * math.pi / grid[axis])
+        phase = torch.polar(torch.ones_like(angle), angle)
+        best = max(best, _largest_singular_value(torch.einsum("ft,goit->fgoi", phase, kw)))
+    return best
+
+
+def _circular_upper(kernel: torch.Tensor, grid: Sequence[int], groups: int,
+                    device: str | torch.device) -> float:
+    """Proven upper bound on the norm of the stride-1, undilated circular conv with ``kernel`` on ``grid``.
+
+    Each computed K_hat entry has an absolute error <= gamma_{T+4} sum_t |K_t| (T taps, 4 roundings for the
+    phase), so ||E(w)||_2 <= ||E(w)||_F <= gamma_{T+4} sqrt(T) ||K||_F, added in full; the per-frequency
+    eigenvalue solve is then covered by ``_inflate`` with n = (c_out/groups) * (c_in/groups).
+    """
+    taps = math.prod(kernel.shape[2:])
+    err = ROUNDING_C * (taps + 4) * U64 * math.sqrt(taps) * float(torch.linalg.vector_norm(kernel))
+    value = _circular_norm(kernel, grid, (1,) * (kernel.dim() - 2), groups, device)
+    return _inflate(value + err, kernel.shape[0] // groups * kernel.shape[1])
+
+
+def conv_circular_norm(weight: torch.Tensor, input_hw: Sequence[int], *,
+                       dilation: Sequence[int] | None = None, groups: int = 1) -> float:
+    """Exact norm of the stride-1 circular conv on an ``input_hw`` grid (Sedghi et al. 2019)."""
+    return _circular_norm(weight, input_hw, dilation or (1,) * (weight.dim() - 2), groups, "cpu")
+
+
+def _polyphase_kernel(weight: torch.Tensor, factor: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """Rewrite a strided, dilated kernel as a stride-1, undilated one over ``prod(factor)`` input phases.
+
+    Per axis, output o reads input position f*o + d*t for tap t (f = factor, d = dilation). Writing
+    d*t = f*a_t + r_t with 0 <= r_t < f, it reads phase r_t (the inputs at positions = r_t mod f) at phase
+    position o + a_t. So K'[:, c * R + r, a] = K[:, c, t] (R = prod(factor), r raveled over axes) is the
+    kernel of the equivalent stride-1 convolution over the phases; t -> (r, a) is injective, so K' holds
+    exactly the entries of K (same Frobenius norm).
+    """
+    c_out, c_in_g, *ks = weight.shape
+    per_axis = [[divmod(d * t, f) for t in range(k)] for k, f, d in zip(ks, factor, dilation)]
+    lengths = [axis[-1][0] + 1 for axis in per_axis]
+    out = weight.new_zeros(c_out, c_in_g, *factor, *lengths)
+    for t in itertools.product(*[range(k) for k in ks]):
+        a_r = [per_axis[i][ti] for i, ti in enumerate(t)]
+        index = (slice(None), slice(None), *[r for _, r in a_r], *[a for a, _ in a_r])
+        out[index] = weight[(slice(None), slice(None), *t)]
+    return out.reshape(c_out, c_in_g * math.prod(factor), *lengths)
+
+
+def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | None:
+    """DFT bound for a ``kind="conv"`` operator, or None if its structure is outside what is handled.
+
+    Per axis (n = input_spatial, s = stride, d = dilation, (b, e) = pads, k_eff = d*(k-1) + 1), the strided
+    conv is rewritten by ``_polyphase_kernel`` as a stride-1 conv over the s phases of its input (the notes'
+    "polyphase channels"), whose norm is then taken on a circular grid by DFT:
+
+    * zero padding: with M outputs, the conv reads padded positions [0, L), L = s*(M-1) + k_eff <= n + b + e.
+      Dropping the unread positions and splitting the rest into s phases of length Q = ceil(L/s) placed on a
+      circular grid of size G = max(Q, A) (A the polyphase kernel length) maps the input by a contraction.
+      Output o reads phase positions o + a_t <= (L - 1) // s = Q - 1 < G: no wrap-around, so the conv equals
+      a submatrix of the circular conv on G after that contraction, and ||A|| <= ||C_G|| ("fft-embedding").
+    * transposed conv (zero padding): ONNX ConvTranspose is the adjoint of the conv with the same weight
+      tensor (read as [c_out, c_in/groups, k...]), stride, dilation and pads, whose M outputs are the n inputs
+      of the transposed conv (output_padding only adds positions that conv never reads); ||A^T|| = ||A||, so
+      it is bounded as above with M = n.
+    * circular (``pads`` = the circular padding before a valid conv): output o reads x[(s*o + d*t - b) mod n],
+      i.e. x'[(s*o + d*t) mod n] for the circular shift x' of x (an isometry). If s divides n the phases
+      x'[(s*q + r) mod n] are a permutation of x', and output o is row o mod (n/s) of the stride-1 circular
+      conv on the n/s grid; if not, phase factor 1 is used and output o is row (s*o) mod n of the circular
+      conv on the n grid. With each row used at most m times (m = product of the per-axis maxima), A = R C
+      with R^T R <= m I, so ||A|| <= sqrt(m) ||C||; when every row is used exactly once, A is C with permuted
+      rows and the value is exact ("fft-circular").
+    """
+    s = op.structure
+    w = s.get("weight")
+    if w is None:
+        return None
+    w = w.detach().to(torch.float64)
+    nd = w.dim() - 2
+    n = tuple(int(v) for v in s.get("input_spatial", op.in_shape[1:]))
+    stride = tuple(int(v) for v in s.get("stride", (1,) * nd))
+    dil = tuple(int(v) for v in s.get("dilation", (1,) * nd))
+    pads = tuple(int(v) for v in s.get("pads", (0,) * (2 * nd)))
+    groups = int(s.get("groups", 1))
+    circular, transpose = bool(s.get("circular", False)), bool(s.get("transpose", False))
+    if (circular and transpose) or len(pads) != 2 * nd or min(pads, default=0) < 0 \
+            or any(len(t) != nd for t in (n, stride, dil)):
+        return None
+    k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dil, w.shape[2:]))
+    outputs = n if transpose else tuple((ni + b + e - ke) // si + 1
+                                        for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, stride))
+    if min(outputs) < 1:
+        return None
+    if not circular:
+        kernel = _polyphase_kernel(w, stride, dil)
+        reach = tuple(si * (mi - 1) + ke for si, mi, ke in zip(stride, outputs, k_eff))
+        grid = tuple(max(-(-li // si), a) for li, si, a in zip(reach, stride, kernel.shape[2:]))
+        return UpperBound(_circular_upper(kernel, grid, groups, device), "fft-embedding", False)
+    factor = tuple(si if ni % si == 0 else 1 for ni, si in zip(n, stride))
+    mult, exact = 1, True
+    for ni, mi, si, f in zip(n, outputs, stride, factor):
+        rows = Counter((si // f * o) % (ni // f) for o in range(mi))
+        mult *= max(rows.values())
+        exact = exact and len(rows) == ni // f and max(rows.values()) == 1
+    kernel = _polyphase_kernel(w, factor, dil)
+    value = _circular_upper(kernel, tuple(ni // f for ni, f in zip(n, factor)), groups, device)
+    return UpperBound(mul_up(value, math.sqrt(mult)), "fft-circular", exact)
+
+
+# ---------------------------------------------------------------------------------------- dispatcher
+
+
+def _schur_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
+    """Schur test for an operator with non-negative entries: ||A|| <= sqrt(max(A 1) * max(A^T 1))."""
+    with torch.no_grad():
+        rows = op.forward(torch.ones(1, *op.in_shape, dtype=torch.float64, device=device))
+        cols = op.adjoint(torch.ones(1, *op.out_shape, dtype=torch.float64, device=device))
+    # Sums of non-negative terms: relative error <= gamma_n, covered by the margin with n = in + out.
+    value = math.sqrt(max(float(rows.max()), 0.0) * max(float(cols.max()), 0.0))
+    return UpperBound(_inflate(value, op.in_numel + op.out_numel), "schur", False)
+
+
+def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
+                   dense_limit: int) -> UpperBound:
+    """||A_k ... A_1|| <= prod ||A_i||, each factor bounded on its own, the product rounded upwards."""
+    bounds = [upper_bound(p, device=device, dense_limit=dense_limit) for p in parts]
+    value = 1.0
+    for b in bounds:
+        value = mul_up(value, b.value)
+    return UpperBound(value, f"product({','.join(b.method for b in bounds)})", False)
+
+
+def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
+                dense_limit: int = 4096) -> UpperBound:
+    """A proven upper bound on ||op||_2, by the tightest method available for ``op.kind``.
+
+    Methods: scalar |c| and diag max|scale| (exact); isometry 1 (exact) and projection 1 (a bound), both
+    "structural"; matrix: SVD of M, or Gram iteration when min(M.shape) > dense_limit; any other operator
+    whose explicit matrix is small (min(in, out) <= dense_limit and in * out <= 2^24) gets an exact dense SVD;
+    otherwise conv: DFT ("fft-circular" / "fft-embedding"), nonnegative: Schur test, chain: product of the
+    parts' bounds, anything else: inf ("none").
+    """
+    if op.kind not in ("scalar", "diag", "isometry", "projection", "matrix") and _dense_ok(op, dense_limit):
+        return _svd_bound(op, device)  # the operator itself, whatever its structure says
+    bound = _dispatch(op, device, dense_limit)
+    if bound.exact and op.structure.get("inexact"):  # the structure describes a map of equal or larger norm
+        return UpperBound(bound.value, bound.method, False)
+    return bound
+
+
+def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) -> UpperBound:
+    """The bound of ``upper_bound`` by the method for ``op.kind``, before exactness is settled."""
+    kind, s = op.kind, op.structure
+    # scalars and scales may be float64 products of merged factors: one rounding, covered by one ulp up
+    if kind == "scalar":
+        return UpperBound(math.nextafter(abs(float(s["value"])), math.inf), "structural", True)
+    if kind == "diag":
+        scale = torch.as_tensor(s["scale"]).detach()
+        value = float(scale.abs().max()) if scale.numel() else 0.0
+        return UpperBound(math.nextafter(value, math.inf), "structural", True)
+    if kind == "isometry":
+        return UpperBound(1.0, "structural", True)
+    if kind == "projection":
+        return UpperBound(1.0, "structural", False)
+    if kind == "matrix":
+        return _matrix_bound(s["matrix"], dense_limit, device)
+    if kind == "conv":
+        bound = _conv_bound(op, device)
+        if bound is not None:
+            return bound
+    if kind == "nonnegative":
+        return _schur_bound(op, device)
+    if kind == "chain":
+        return _product_bound(s["parts"], device, dense_limit)
+    return UpperBound(math.inf, "none", False)

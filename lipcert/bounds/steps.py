@@ -1,0 +1,228 @@
+"""Decompose a model graph into steps whose Lipschitz constants lipcert can bound.
+
+A step maps one or more data-dependent values to one value: a fused chain of linear operators, a
+nonlinear operator with a registry rule, a recognised pattern (``patterns``), a combination of branches
+(sum, concatenation, elementwise max/min), or a node with no rule. ``verify`` bounds each step and
+propagates the bounds from the input to the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lipcert.graph.core import Graph, Node
+from lipcert.graph.executor import GraphModule
+from lipcert.graph.linop import LinearOperator
+from lipcert.graph.ops import REGISTRY
+from lipcert.graph.ops.base import Rounding
+from lipcert.graph.ops.elementwise import broadcast_norm
+from lipcert.model.fold import data_dependent
+
+#: operators of several data-dependent inputs that combine them: (kind, weight of each input before broadcasting)
+COMBINE = {"Add": "sum", "Sub": "sum", "Sum": "sum", "Mean": "sum", "Concat": "concat", "Max": "max", "Min": "max"}
+COMBINE_REASONS = {
+    "sum": "L(w1 f + w2 g) <= |w1| L(f) + |w2| L(g); an input broadcast k times counts sqrt(k) times",
+    "concat": "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)",
+    "max": "|max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): sqrt(sum of (sqrt(k) L)^2), k the broadcast "
+           "repetitions of each input",
+}
+
+
+@dataclass
+class Part:
+    """One node's share of a step, for the float error analysis (``rounding``): its linear map (None for a
+    nonlinear rule), how its float evaluation errs (None: unknown), and the value it produces."""
+
+    operator: LinearOperator | None
+    rounding: Rounding | None
+    output: str
+
+
+@dataclass
+class Step:
+    """One piece of the network: ``output = f(inputs)`` with a way to bound the Lipschitz constant of f."""
+
+    kind: str  # "linear" | "rule" | "pattern" | "sum" | "concat" | "max" | "none"
+    label: str
+    nodes: list[str]
+    inputs: list[str]
+    output: str
+    operator: LinearOperator | None = None
+    constant: float | None = None
+    reason: str = ""
+    details: dict = field(default_factory=dict)
+    #: the nodes of a linear chain or rule in order, for the float error analysis
+    parts: list[Part] = field(default_factory=list)
+
+
+class Context:
+    """What analyses need: the graph, data-dependent values, constant values at batch 1, value users."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.data = data_dependent(graph)
+        with torch.no_grad():
+            env = GraphModule(graph).run_all(torch.zeros((1,) + graph.input_shape))
+        self.consts = {k: v for k, v in env.items() if k not in self.data}
+        self.producer = graph.producers()
+        self.users = graph.consumers()
+        self.claimed: set[str] = set()
+
+    def only_user(self, value: str, node: Node) -> bool:
+        """True when ``node`` is the only reader of ``value`` and it is not a graph output."""
+        users = self.users.get(value, [])
+        return len(users) == 1 and users[0] is node and value not in self.graph.outputs
+
+    def shape(self, value: str) -> tuple[int, ...] | None:
+        return self.graph.value_shapes.get(value)
+
+    def const_inputs(self, node: Node) -> list[torch.Tensor | None]:
+        return [None if (not n or n in self.data) else self.consts.get(n) for n in node.inputs]
+
+    def data_inputs(self, node: Node) -> list[int]:
+        return [i for i, n in enumerate(node.inputs) if n and n in self.data]
+
+
+def repetitions(in_shape: tuple[int, ...] | None, out_shape: tuple[int, ...] | None) -> int | None:
+    """How many times broadcasting repeats each entry of ``in_shape`` in ``out_shape``; None if it does not
+    broadcast to it. (Numpy broadcasting copies every entry the same number of times: out / in.)"""
+    if in_shape is None or out_shape is None:
+        return None
+    try:
+        if tuple(torch.broadcast_shapes(tuple(in_shape), tuple(out_shape))) != tuple(out_shape):
+            return None
+    except RuntimeError:
+        return None
+    n_in = math.prod(in_shape)
+    return math.prod(out_shape) // n_in if n_in else None
+
+
+def _combine_step(ctx: Context, node: Node, kind: str, data_idx: list[int], out: str) -> Step | None:
+    """A sum, concatenation or elementwise max of several data inputs, each weighted by its broadcast
+    repetitions (and 1/count for Mean); None when a shape is unknown or an input does not broadcast."""
+    out_shape = ctx.shape(out)
+    weights = []
+    for i in data_idx:
+        k = 1 if kind == "concat" else repetitions(ctx.shape(node.inputs[i]), out_shape)
+        if k is None or (kind == "concat" and ctx.shape(node.inputs[i]) is None):
+            return None
+        weights.append(math.sqrt(k))
+    count = sum(1 for name in node.inputs if name)
+    if node.op == "Mean":
+        weights = [w / count for w in weights]
+    consts = [c for i, c in enumerate(ctx.const_inputs(node)) if c is not None and i not in data_idx]
+    offset = math.fsum(broadcast_norm(c, out_shape) for c in consts) if kind == "sum" else 0.0
+    details = {"weights": weights, "count": count, "offset": offset, "node_op": True}
+    if kind == "concat" and out_shape is not None:
+        axis = int(node.attr("axis", 0))
+        details["axis"] = axis + len(out_shape) + 1 if axis < 0 else axis
+    return Step(kind, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=COMBINE_REASONS[kind],
+                details=details)
+
+
+def node_step(ctx: Context, node: Node) -> list[Step]:
+    """Steps for one unclaimed node that reads data-dependent values."""
+    op = REGISTRY[node.op]
+    data_idx = ctx.data_inputs(node)
+    consts = ctx.const_inputs(node)
+    steps: list[Step] = []
+    live = [(k, o) for k, o in enumerate(node.outputs)
+            if o and o in ctx.data and (o in ctx.users or o in ctx.graph.outputs)]
+    if len(data_idx) == 1:
+        var = data_idx[0]
+        src = node.inputs[var]
+        in_shape = ctx.shape(src)
+        for k, out in live:
+            out_shape = ctx.shape(out)
+            operator, rule = None, None
+            if in_shape is not None and out_shape is not None:
+                operator = op.linear(node, consts, var, in_shape, out_shape, output=k)
+                if operator is None and k == 0:
+                    rule = op.lipschitz(node, consts, var, in_shape, out_shape)
+            if operator is not None or rule is not None:
+                part = Part(operator, op.rounding(node, consts, var, in_shape, out_shape, k), out)
+            if operator is not None:
+                steps.append(Step("linear", node.op, [node.name], [src], out, operator=operator, parts=[part]))
+            elif rule is not None:
+                steps.append(Step("rule", node.op, [node.name], [src], out, constant=rule.constant,
+                                  reason=rule.reason, parts=[part]))
+            else:
+                steps.append(Step("none", node.op, [node.name], [src], out,
+                                  reason=f"no Lipschitz rule for {node.op} (output {k})"))
+        return steps
+    kind = COMBINE.get(node.op)
+    for k, out in live:
+        step = _combine_step(ctx, node, kind, data_idx, out) if kind is not None and k == 0 else None
+        steps.append(step or Step("none", node.op, [node.name], [node.inputs[i] for i in data_idx], out,
+                                  reason=f"no Lipschitz rule for {node.op} of {len(data_idx)} data-dependent "
+                                         "inputs"))
+    return steps
+
+
+def fuse_chains(ctx: Context, steps: list[Step]) -> list[Step]:
+    """Merge chains of linear steps (each intermediate value read by the next step only) into one step."""
+    readers: dict[str, int] = {}
+    for s in steps:
+        for i in s.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    out: list[Step] = []
+    tail: dict[str, Step] = {}
+    for s in steps:
+        if s.kind == "linear":
+            prev = tail.get(s.inputs[0])
+            if prev is not None and readers.get(prev.output, 0) == 1 and prev.output not in ctx.graph.outputs:
+                prev.operator = prev.operator.then(s.operator)
+                prev.nodes += s.nodes
+                prev.parts += s.parts
+                prev.label = f"{prev.label}+{s.label}"
+                del tail[prev.output]
+                prev.output = s.output
+                tail[s.output] = prev
+                continue
+            out.append(s)
+            tail[s.output] = s
+        else:
+            out.append(s)
+    return out
+
+
+def claim_error(ctx: Context, step: Step) -> str | None:
+    """Why a pattern's step may not claim its nodes, or None when it may.
+
+    A pattern's function must be a function of its declared inputs alone, and it must account for every
+    value its nodes produce: (1) no node is claimed twice; (2) a declared input is not produced inside the
+    pattern; (3) every data-dependent value a claimed node reads is a declared input, produced by a claimed
+    node, or produced from those by a node the pattern only re-reads (``details["reads"]``); (4) every output
+    of a claimed node that anything reads outside the pattern is the step's output; (5) the step's output
+    is produced by a claimed node."""
+    nodes = set(step.nodes)
+    if nodes & ctx.claimed:
+        return f"nodes {sorted(nodes & ctx.claimed)} are claimed by another pattern"
+    produced = {o for n in ctx.graph.nodes if n.name in nodes for o in n.outputs if o}
+    if set(step.inputs) & produced:
+        return "a declared input is produced inside the pattern"
+    if step.output not in produced:
+        return "the output is not produced by the pattern"
+    available = set(step.inputs)
+    borrowed = set(step.details.get("reads", ()))
+    for node in ctx.graph.nodes:
+        if node.name not in nodes and node.name not in borrowed:
+            continue
+        missing = [v for v in node.inputs if v and v in ctx.data and v not in available]
+        if missing:
+            return f"node {node.name!r} reads {missing[0]!r}, which is not computed from the declared inputs"
+        available.update(o for o in node.outputs if o)
+        if node.name in borrowed:
+            continue
+        for o in node.outputs:
+            if not o or o == step.output:
+                continue
+            outside = [u.name for u in ctx.users.get(o, []) if u.name not in nodes]
+            if outside or o in ctx.graph.outputs:
+                return f"value {o!r} of node {node.name!r} is also read outside the pattern"
+    return None
+
+

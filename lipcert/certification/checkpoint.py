@@ -1,0 +1,127 @@
+"""Resumable report runs: per-batch results saved in the output folder as batches finish.
+
+The checkpoint records the model and data hashes and every setting that changes a number; ``--resume``
+refuses a checkpoint made with different ones, naming the setting, and leaves it in place. Each batch file is
+written atomically, so an interrupted run (Ctrl-C, a killed process, a lost GPU) loses at most the batch in
+flight. A checkpoint is removed only by the run that made it: when it finishes, or when it stops on bad input
+(a resume would fail the same way); a run without ``--resume`` refuses to start over an existing one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lipcert.atomic import write_bytes_atomic, write_text_atomic
+from lipcert.errors import ConfigError
+
+FOLDER = ".lipcert-checkpoint"
+MANIFEST = "manifest.json"
+#: how a mismatch message names each manifest entry
+SETTINGS = {"model_sha256": "the model", "data_sha256": "the data", "eps": "--eps", "norm": "--norm",
+            "batch_size": "--batch-size", "backend": "--backend", "mean": "--mean", "std": "--std",
+            "lipschitz": "--lipschitz", "world_size": "processes", "skip_bad_samples": "--skip-bad-samples",
+            "attack.steps": "--attack-steps", "attack.restarts": "--attack-restarts", "attack.seed": "--seed",
+            "attack.precision": "--attack-precision", "attack.norm": "--norm", "attack.lower": "attack box lower",
+            "attack.upper": "attack box upper"}
+
+
+def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The attack's settings as entries of their own (``attack.steps``), so that a mismatch names one."""
+    flat = {k: v for k, v in manifest.items() if k != "attack"}
+    attack = manifest.get("attack")
+    flat["attack"] = attack is not None
+    flat.update({f"attack.{k}": v for k, v in (attack or {}).items()})
+    return flat
+
+
+def _describe(key: str, value: Any) -> str:
+    """One setting as the user wrote it: ``--batch-size 32``, ``--no-attack``, ``the model sha256 be10903b...``."""
+    name = SETTINGS.get(key, key)
+    if key == "attack":
+        return "--attack" if value else "--no-attack"
+    if key.endswith("sha256"):
+        return f"{name} sha256 {str(value)[:12]}..."
+    if key == "world_size":
+        return f"{value} process(es)"
+    if value is None or value is False:
+        return f"no {name}"
+    if value is True:
+        return name
+    if key == "eps":
+        value = ",".join(str(label) for label, _ in value)
+    elif isinstance(value, list):
+        value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{name} {value}"
+
+
+def refuse_overwrite(out_dir: str | Path) -> None:
+    """A run without --resume must not discard an interrupted run's checkpoint: refuse, saying what to do."""
+    folder = Path(out_dir) / FOLDER
+    if (folder / MANIFEST).is_file():
+        batches = len(list(folder.glob("batch-*.npz")))
+        raise ConfigError(f"--out {out_dir} holds the checkpoint of an unfinished run ({batches} finished "
+                          f"batch(es)): pass --resume to continue it, or delete {folder} to start over")
+
+
+class Checkpoint:
+    """Per-batch results of one run, keyed by the global batch index.
+
+    ``created`` says whether this run made it (it found none to resume)."""
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], resume: bool) -> None:
+        self.folder = Path(out_dir) / FOLDER
+        self.manifest = json.loads(json.dumps(manifest))
+        path = self.folder / MANIFEST
+        self.created = not path.is_file()
+        if not self.created:
+            if not resume:
+                refuse_overwrite(out_dir)
+            self._compare(path)
+            return
+        if self.folder.exists():  # a folder without a manifest holds nothing that could be resumed
+            shutil.rmtree(self.folder, ignore_errors=True)
+        write_text_atomic(path, json.dumps(self.manifest, indent=2, sort_keys=True))
+
+    def _compare(self, path: Path) -> None:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(f"the checkpoint's manifest is unreadable; delete {self.folder} to start over",
+                              source=str(path)) from None
+        old, new = _flatten(saved), _flatten(self.manifest)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                raise ConfigError(f"cannot resume: the checkpoint in {self.folder.parent} was made with "
+                                  f"{_describe(key, old.get(key))}, this run has {_describe(key, new.get(key))}; "
+                                  f"rerun with the checkpoint's settings, or delete {self.folder} to start over")
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"batch-{index:07d}.npz"
+
+    def done(self, index: int) -> bool:
+        return self._file(index).is_file()
+
+    def save(self, index: int, arrays: dict[str, np.ndarray], extra: list[dict]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, __extra__=np.frombuffer(json.dumps(extra).encode(), dtype=np.uint8), **arrays)
+        write_bytes_atomic(self._file(index), buf.getvalue())
+
+    def load(self, index: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+        with np.load(self._file(index), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if k != "__extra__"}
+            extra = json.loads(bytes(data["__extra__"]).decode())
+        return arrays, extra
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def clear(out_dir: str | Path) -> None:
+    """Remove a finished run's checkpoint."""
+    shutil.rmtree(Path(out_dir) / FOLDER, ignore_errors=True)

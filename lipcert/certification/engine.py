@@ -1,0 +1,278 @@
+"""Stream a dataset through the model and certify every sample: the engine behind ``lipcert report``.
+
+Batches are read in a background thread (bounded queue) while the device computes; on a GPU they are
+copied from pinned memory without blocking. ONNX models can run through onnxruntime or lipcert's torch
+executor; ``backend="auto"`` times both on the first batch and keeps the faster one.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+from lipcert.bounds.rounding import Affine
+from lipcert.certification.radii import Certificates, CertificateSetup, certify_logits, pair_norms
+from lipcert.data import Batch, Dataset, read_batches
+from lipcert.errors import ConfigError, DataError, ModelError
+from lipcert.graph.core import Graph
+from lipcert.graph.executor import GraphModule, full_precision, in_fixed_batches
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+PREFETCH = 2
+T = TypeVar("T")
+
+
+
+
+
+
+
+
+
+
+def _prefetch(batches: Iterator[T]) -> Iterator[T]:
+    """Read batches in a background thread, at most PREFETCH ahead; errors are raised in the consumer.
+
+    When the consumer stops early (an error, or the generator closed), the reader is closed in its thread, so
+    that a dataset's decoding processes end with the run.
+    """
+    q: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    done = object()
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in batches:
+                if not put(item):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            put(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Runner:
+    """Runs the model on a batch of pixel-space inputs (normalised first when asked): the logits, and the
+    per-sample norms of the values the float error analysis reads (None when the backend cannot give them)."""
+
+    def __init__(self, graph: Graph, backend: str, device: str, mean: torch.Tensor | None,
+                 std: torch.Tensor | None, measure: Sequence[str] = ()) -> None:
+        self.graph, self.backend, self.device = graph, backend, device
+        self.mean, self.std = mean, std
+        self.measure = set(measure)
+        if backend == "torch":
+            self.module = GraphModule(graph).to(device).eval()
+        else:
+            from lipcert.model.crosscheck import ort_session, with_outputs
+
+            model = graph.onnx_model
+            produced = {o for node in model.graph.node for o in node.output} | {graph.input_name}
+            if not self.measure <= produced:
+                self.measure = set()  # names lipcert rewrote: certify around the zero image instead
+            self.fetch = sorted(self.measure - {graph.input_name})
+            providers = ([("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+                         if device.startswith("cuda") else None)
+            try:
+                self.session = ort_session(with_outputs(model, self.fetch) if self.fetch else model, providers)
+            except Exception:  # noqa: BLE001 - onnxruntime refuses some intermediate outputs: measure nothing
+                self.measure, self.fetch = set(), []
+                self.session = ort_session(model, providers)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        if self.mean is not None:
+            x = (x - self.mean.to(x)) / self.std.to(x)
+        if self.backend == "torch":
+            with torch.inference_mode(), full_precision():
+                if not self.measure:
+                    return self.module(x), None
+                return self.module.forward_norms(x, self.measure)
+        norms: dict[str, list[torch.Tensor]] = {}
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            outputs = self.session.run([self.graph.output] + self.fetch, {self.graph.input_name: chunk.cpu().numpy()})
+            for name, value in zip(self.fetch, outputs[1:]):
+                norms.setdefault(name, []).append(_norms(torch.from_numpy(value)))
+            return torch.from_numpy(outputs[0])
+
+        logits = in_fixed_batches(run, x, self.graph.fixed_batch).to(x.device)
+        if not self.measure:
+            return logits, None
+        found = {name: torch.cat(parts)[: x.shape[0]] for name, parts in norms.items()}
+        if self.graph.input_name in self.measure:
+            found[self.graph.input_name] = _norms(x)
+        return logits, found
+
+
+def _norms(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample float64 L2 norms (on the CPU)."""
+    return torch.linalg.vector_norm(values.detach().reshape(values.shape[0], -1).double(), dim=1).cpu()
+
+
+def _time(runner: Runner, x: torch.Tensor) -> float:
+    runner(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    runner(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tensor, mean, std,
+                   measure: Sequence[str] = ()) -> Runner:
+    """The requested backend, or for ``auto`` the faster of torch and onnxruntime on one batch."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"--backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        if requested == "onnxruntime" and graph.onnx_model is None:
+            raise ConfigError("--backend onnxruntime needs an ONNX model")
+        return Runner(graph, requested, device, mean, std, measure)
+    candidates = [Runner(graph, "torch", device, mean, std, measure)]
+    if graph.onnx_model is not None:
+        candidates.append(Runner(graph, "onnxruntime", device, mean, std, measure))
+    if len(candidates) == 1:
+        return candidates[0]
+    return min(candidates, key=lambda r: _time(r, sample))
+
+
+class Engine:
+    """Certifies batches: normalisation, the chosen backend, the certificate rule; and the attack's model."""
+
+    def __init__(self, graph: Graph, setup: CertificateSetup, *, device: str = "cpu", backend: str = "auto",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        channels = graph.input_shape[0] if graph.input_shape else 1
+        self.mean = self.std = None
+        if mean is not None or std is not None:
+            if mean is None or std is None or len(mean) != len(std) or len(mean) not in (1, channels):
+                raise ConfigError(f"--mean and --std need 1 or {channels} values each")
+            if min(std) <= 0:
+                raise ConfigError("--std values must be positive")
+            view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
+            self.mean = torch.tensor(mean, dtype=torch.float32).reshape(view)
+            self.std = torch.tensor(std, dtype=torch.float32).reshape(view)
+        self.graph, self.setup, self.device, self.requested = graph, setup, device, backend
+        self.pairs = (pair_norms(setup.head_weight, setup.head_row_error).to(device)
+                      if setup.head_weight is not None else None)
+        self.measure = setup.error_plan.needed if setup.error_plan is not None else ()
+        self.runner: Runner | None = None
+        self.seconds = 0.0
+        self._attack_module: GraphModule | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend if self.runner else self.requested
+
+    def batch_size(self, requested: int) -> int:
+        """The batch size to use: at least 1, a multiple of a fixed batch the model may declare."""
+        if requested < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {requested}")
+        fixed = self.graph.fixed_batch
+        return max(fixed, requested // fixed * fixed) if fixed else requested
+
+    def batches(self, dataset: Dataset, batch_size: int, first: int = 0, last: int | None = None, *,
+                skip_bad_samples: bool = False,
+                num_classes: int | None = None) -> Iterator[tuple[int, torch.Tensor, Batch, Certificates]]:
+        """(batch index, x on the device, the batch read, certificates) for batches [first, last) of ``dataset``.
+
+        ``skip_bad_samples`` leaves out bad samples (see ``read_batches``); a batch may then hold none.
+        """
+        stop = None if last is None else last * batch_size
+        pin = self.device.startswith("cuda")
+        index = first
+        for batch in _prefetch(read_batches(dataset, batch_size, first * batch_size, stop,
+                                            skip_bad_samples=skip_bad_samples, num_classes=num_classes)):
+            xb, yb = batch.x, batch.y
+            x = torch.from_numpy(xb)
+            if not len(yb):
+                empty = torch.empty(0, dtype=torch.float64)
+                yield index, x, batch, Certificates(torch.empty(0, dtype=torch.int64), empty, empty, empty)
+                index += 1
+                continue
+            x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
+            if self.runner is None:
+                self.runner = choose_backend(self.graph, self.requested, self.device, x, self.mean, self.std,
+                                             self.measure)
+            began = time.perf_counter()
+            logits, norms = self.runner(x)
+            logits = logits.reshape(x.shape[0], -1)
+            if not torch.isfinite(logits).all():
+                raise DataError(f"the model gives NaN or Inf logits in the batch of samples {batch.indices[0]} to "
+                                f"{batch.indices[-1]}", source=dataset.info.path)
+            x_norm = _norms(x)
+            error = self.error(x_norm, norms)
+            self._check_alone(x, logits, error, batch.indices[0])
+            cert = certify_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - began
+            yield index, x, batch, cert
+            index += 1
+
+    def error(self, x_norm: torch.Tensor, norms: dict[str, torch.Tensor] | None) -> Affine:
+        """The float error allowance of each sample of a batch: base (per sample, at the sample itself) +
+        slope x radius. Around each sample when the backend measured its values, else around the zero image."""
+        plan = self.setup.error_plan
+        if plan is not None and norms is not None and math.isfinite(self.setup.lipschitz):
+            return plan.evaluate(norms)
+        return Affine(self.setup.error_base + self.setup.error_slope * x_norm.double(), self.setup.error_slope)
+
+    def _check_alone(self, x: torch.Tensor, logits: torch.Tensor, error: Affine, index: int) -> None:
+        """The first sample run on its own must give its logits in the batch, up to twice the float error
+        allowance: a model whose output depends on the rest of its batch (or on the batch size) is refused."""
+        if x.shape[0] < 2 or not math.isfinite(self.setup.lipschitz):
+            return
+        alone, _ = self.runner(x[:1])
+        gap = float((alone.reshape(1, -1).double() - logits[:1].double()).norm())
+        base = error.base[0] if isinstance(error.base, torch.Tensor) and error.base.dim() else error.base
+        if not gap <= 2 * float(base) + 1e-30:
+            raise ModelError(f"sample {index} gives different logits alone and in its batch of {x.shape[0]} "
+                             f"(by {gap:.3g}, more than rounding explains): the model's output depends on the "
+                             "other samples or on the batch size, so no per-sample certificate holds",
+                             source=self.graph.source)
+
+    def attack_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The differentiable float32 model in pixel space (through the normalisation) that PGD attacks."""
+        if self._attack_module is None:
+            self._attack_module = GraphModule(self.graph).to(self.device).eval()
+        module, mean, std = self._attack_module, self.mean, self.std
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            z = x if mean is None else (x - mean.to(x)) / std.to(x)
+            with full_precision():
+                return module(z).reshape(x.shape[0], -1)
+
+        return forward

@@ -1,0 +1,1 @@
+"""The model representation and how it runs: ``Graph`` and ``Node``, the operator registry, the executor and linear operators."""

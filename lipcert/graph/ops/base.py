@@ -1,0 +1,143 @@
+"""The operator registry: one small class per ONNX operator, in the spirit of onnx's reference evaluator.
+
+Each entry says how the operator runs in torch (``run``); linear operators also say how to build their
+exact linear map at a given input size (``linear``), and every operator with a Lipschitz rule states it
+(``lipschitz``). The registry is the single place where lipcert learns what an operator means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import torch
+
+from lipcert.errors import ModelError
+from lipcert.graph.core import Node
+
+if TYPE_CHECKING:
+    from lipcert.graph.linop import LinearOperator
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an operator needs besides its inputs: the floating-point type the graph runs in."""
+
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class LipschitzRule:
+    """An elementwise or local Lipschitz fact about a nonlinear operator (per input it depends on)."""
+
+    constant: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How one node's floating-point evaluation errs (``lipcert.rounding`` turns it into a certificate margin).
+
+    For the output y = op(u) computed from the computed input u, with gamma_n = n u / (1 - n u) and u the unit
+    roundoff: ||fl(y) - y||_2 <= gamma_terms (||abs_op|| ||u|| + offset) + gamma_relative ||y||
+    + gamma_absolute sqrt(numel(y)). ``abs_op`` is the linear map with the absolute values of the node's matrix
+    (|W|: conv with |kernel|, a copy for reshapes and pads); it is given for every linear node, exact or not, so
+    that chains of them compose. ``terms`` is the longest accumulation of one output entry (a dot product of
+    length n in any order, with or without FMA, is within gamma_n |W| |u|, Higham ch. 3), ``offset`` the norm of
+    the constants added (bias). An exact node (a copy, ReLU, max, a comparison) has every count zero."""
+
+    terms: int = 0
+    abs_op: "LinearOperator | None" = None
+    offset: float = 0.0
+    relative: float = 0.0
+    absolute: float = 0.0
+    #: the node adds non-zero constants to its linear map (a Concat with constants): exact, but its output's
+    #: size is not that of |W| |u|
+    affine: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return not (self.terms or self.relative or self.absolute)
+
+
+EXACT = Rounding()
+
+#: per-entry error of elementwise transcendental functions (exp, tanh, sigmoid, ...), in units of u: far above
+#: what correctly rounded or libm/MLAS/CUDA implementations reach (a few ulps), stated as an assumption
+TRANSCENDENTAL_ULPS = 64
+
+
+class Op:
+    """Base class of a registry entry. Subclasses set ``name`` and implement ``run``."""
+
+    name: ClassVar[str]
+
+    def run(self, node: Node, inputs: Sequence[torch.Tensor | None], ctx: RunContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def linear(self, node: Node, consts: Sequence[torch.Tensor | None], var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> "LinearOperator | None":
+        """The linear part of output ``output`` in input ``var`` (the other inputs are constants), or None."""
+        return None
+
+    def lipschitz(self, node: Node, consts: Sequence[torch.Tensor | None], var: int,
+                  in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        """A Lipschitz constant of a nonlinear operator in input ``var`` (others constant), or None."""
+        return None
+
+    def rounding(self, node: Node, consts: Sequence[torch.Tensor | None], var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        """How the node's float evaluation errs (see ``Rounding``) when it has a linear map or a Lipschitz rule
+        in input ``var``; None when unknown, which makes the certificate's error allowance infinite."""
+        return None
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    """Class decorator: add one operator to the registry under its ONNX name."""
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def ints(value: Any, n: int | None = None, default: int = 0) -> list[int]:
+    """An ONNX int or ints attribute as a list, repeated to length n when given a scalar."""
+    if value is None:
+        return [default] * (n or 0)
+    if isinstance(value, (int, float)):
+        return [int(value)] * (n or 1)
+    return [int(v) for v in value]
+
+
+def int_list(t: torch.Tensor | None) -> list[int] | None:
+    """A constant int64 tensor input (shape, axes, pads) as a python list."""
+    return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def bad(node: Node, message: str) -> ModelError:
+    return ModelError(f"node {node.name!r} ({node.op}): {message}")
+
+
+def same_pads(auto_pad: str, in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int]) -> list[int]:
+    """Explicit ONNX pads (begins then ends) for auto_pad SAME_UPPER / SAME_LOWER / VALID."""
+    if auto_pad == "VALID":
+        return [0] * (2 * len(kernel))
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def torch_pad_list(pads: Sequence[int]) -> list[int]:
+    """ONNX pads (x1_begin, x2_begin, ..., x1_end, x2_end) to torch's F.pad order (last axis first)."""
+    n = len(pads) // 2
+    out: list[int] = []
+    for axis in reversed(range(n)):
+        out += [int(pads[axis]), int(pads[axis + n])]
+    return out

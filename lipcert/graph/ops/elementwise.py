@@ -1,0 +1,554 @@
+"""Elementwise operators: arithmetic, activations, comparisons."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lipcert.graph.core import Node
+from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.ops.base import EXACT, TRANSCENDENTAL_ULPS, LipschitzRule, Op, Rounding, RunContext, bad, register
+
+Inputs = Sequence[torch.Tensor | None]
+
+
+def per_sample(c: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A constant operand as a per-sample factor (its batch axis of size 1 dropped), or None if it spans
+    the batch."""
+    if c.dim() > len(in_shape):
+        if c.dim() > len(in_shape) + 1 or c.shape[0] != 1:
+            return None
+        c = c[0]
+    return c
+
+
+def scaling(name: str, factor: torch.Tensor | float, in_shape: tuple[int, ...],
+            out_shape: tuple[int, ...]) -> LinearOperator | None:
+    """The linear map x -> factor * x (broadcast), as a scalar or diagonal operator."""
+    if isinstance(factor, float) or factor.numel() == 1:
+        value = float(factor) if isinstance(factor, float) else float(factor.reshape(-1)[0])
+        return from_function(lambda x: x * value, in_shape, out_shape, kind="scalar",
+                             structure={"value": value}, name=name, adjoint=lambda y: y * value)
+    if tuple(torch.broadcast_shapes(factor.shape, in_shape)) != tuple(in_shape):
+        return None
+    scale = factor
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        return y * scale.to(y)
+
+    return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
+                         structure={"scale": scale}, name=name, adjoint=adjoint)
+
+
+class Unary(Op):
+    """An elementwise function of one input, with an optional global Lipschitz constant."""
+
+    constant: float | None = None
+    reason = ""
+    #: how the function's float evaluation errs, for operators with a rule
+    error: Rounding = EXACT
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [self.fn(node, inputs[0])]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        return None if self.constant is None else LipschitzRule(self.constant, self.reason)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        if self.linear(node, consts, var, in_shape, out_shape) is not None:
+            return Rounding(abs_op=scaling(node.name, 1.0, in_shape, out_shape))  # Neg, Identity: exact copies
+        return self.error if self.lipschitz(node, consts, var, in_shape, out_shape) is not None else None
+
+
+@register
+class Relu(Unary):
+    name = "Relu"
+    constant, reason = 1.0, "ReLU is 1-Lipschitz"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+@register
+class LeakyRelu(Unary):
+    name = "LeakyRelu"
+    error = Rounding(relative=1)  # slope * x: one rounding
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, float(node.attr("alpha", 0.01)))
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
+        slope = abs(float(node.attr("alpha", 0.01)))
+        return LipschitzRule(max(1.0, slope), f"LeakyReLU with slope {slope:g}: max(1, |slope|)")
+
+
+@register
+class PRelu(Op):
+    """x where x >= 0, slope * x elsewhere, with a constant slope broadcast to x (torch's PReLU,
+    deel-torchlip's LPReLU)."""
+
+    name = "PRelu"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, slope = inputs[0], inputs[1]
+        return [torch.where(x >= 0, x, x * slope.to(x.dtype))]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        """Assumes: x is the data input, the slope a constant, and the output has x's shape (each entry is
+        t -> t or slope * t for one slope, so max(1, |slope|)-Lipschitz, and no entry of x is repeated)."""
+        slope = consts[1] if len(consts) > 1 else None
+        if var != 0 or slope is None or tuple(in_shape) != tuple(out_shape):
+            return None
+        largest = float(slope.abs().max()) if slope.numel() else 0.0
+        return LipschitzRule(max(1.0, largest), f"PReLU with slopes up to {largest:g} in magnitude: "
+                                                "max(1, max |slope|)")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        rule = self.lipschitz(node, consts, var, in_shape, out_shape)
+        return None if rule is None else Rounding(relative=1)  # slope * x: one rounding
+
+
+@register
+class Abs(Unary):
+    name = "Abs"
+    constant, reason = 1.0, "|x| is 1-Lipschitz"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(x)
+
+
+@register
+class Neg(Unary):
+    name = "Neg"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, -1.0, in_shape, out_shape)
+
+
+@register
+class Sign(Unary):
+    name = "Sign"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+
+@register
+class Sqrt(Unary):
+    name = "Sqrt"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(x)
+
+
+@register
+class Exp(Unary):
+    name = "Exp"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+@register
+class Log(Unary):
+    name = "Log"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+@register
+class Reciprocal(Unary):
+    name = "Reciprocal"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.reciprocal(x)
+
+
+@register
+class Sigmoid(Unary):
+    name = "Sigmoid"
+    constant, reason = 0.25, "sigmoid' <= 1/4"
+    error = Rounding(absolute=TRANSCENDENTAL_ULPS)
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+
+@register
+class Tanh(Unary):
+    name = "Tanh"
+    constant, reason = 1.0, "tanh' <= 1"
+    error = Rounding(absolute=TRANSCENDENTAL_ULPS)
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+@register
+class Softplus(Unary):
+    name = "Softplus"
+    constant, reason = 1.0, "softplus' = sigmoid <= 1"
+    error = Rounding(relative=TRANSCENDENTAL_ULPS, absolute=TRANSCENDENTAL_ULPS)
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(x)
+
+
+@register
+class Elu(Unary):
+    name = "Elu"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x, float(node.attr("alpha", 1.0)))
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule:
+        alpha = abs(float(node.attr("alpha", 1.0)))
+        return LipschitzRule(max(1.0, alpha), f"ELU with alpha {alpha:g}: max(1, alpha)")
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        alpha = abs(float(node.attr("alpha", 1.0)))
+        return Rounding(relative=TRANSCENDENTAL_ULPS, absolute=TRANSCENDENTAL_ULPS * max(1.0, alpha))
+
+
+@register
+class Identity(Unary):
+    name = "Identity"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, 1.0, in_shape, out_shape)
+
+
+@register
+class Dropout(Op):
+    """Inference-time dropout: the identity (the optional mask output is all true)."""
+
+    name = "Dropout"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        training = len(inputs) > 2 and inputs[2] is not None and bool(inputs[2].reshape(-1)[0])
+        ratio = float(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else 0.5
+        if training and ratio != 0.0:
+            raise bad(node, "training-mode dropout is random and cannot be analysed; export in eval mode")
+        return [x, torch.ones_like(x, dtype=torch.bool)]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, 1.0, in_shape, out_shape) if var == 0 and output == 0 else None
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return Rounding(abs_op=scaling(node.name, 1.0, in_shape, out_shape)) if var == 0 and output == 0 else None
+
+
+@register
+class Clip(Op):
+    name = "Clip"
+
+    def bounds(self, node: Node, inputs: Inputs) -> tuple[float | None, float | None]:
+        lo = inputs[1] if len(inputs) > 1 else None
+        hi = inputs[2] if len(inputs) > 2 else None
+        lo_v = float(lo) if lo is not None else node.attr("min")
+        hi_v = float(hi) if hi is not None else node.attr("max")
+        return lo_v, hi_v
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        lo, hi = self.bounds(node, inputs)
+        if lo is None and hi is None:
+            return [inputs[0]]
+        return [torch.clamp(inputs[0], min=lo, max=hi)]
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        return LipschitzRule(1.0, "clipping is 1-Lipschitz") if var == 0 else None
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return EXACT if var == 0 else None
+
+
+@register
+class Softmax(Op):
+    name = "Softmax"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.softmax(inputs[0], int(node.attr("axis", -1)))]
+
+
+@register
+class LogSoftmax(Op):
+    name = "LogSoftmax"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.log_softmax(inputs[0], int(node.attr("axis", -1)))]
+
+
+class Binary(Op):
+    """A broadcasting elementwise function of two inputs."""
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [self.fn(inputs[0], inputs[1])]
+
+
+def broadcast_norm(c: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
+    """||c|| once broadcast to one sample of ``out_shape`` (a constant added to every sample)."""
+    if c is None:
+        return 0.0
+    c = per_sample(c.double(), out_shape)
+    if c is None:
+        return math.inf
+    return float(torch.broadcast_to(c.abs(), out_shape).norm()) if c.numel() else 0.0
+
+
+class Shift(Binary):
+    """Add or Sub: with one data input, x + c (or c - x): one rounding of each entry, relative to |x| + |c|."""
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        if self.linear(node, consts, var, in_shape, out_shape) is None:
+            return None
+        return Rounding(terms=1, abs_op=scaling(node.name, 1.0, in_shape, out_shape),
+                        offset=broadcast_norm(consts[1 - var], out_shape))
+
+
+class Scale(Binary):
+    """Mul or Div by a constant: one rounding of each entry, relative to |c x| (or |x / c|)."""
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        op = self.linear(node, consts, var, in_shape, out_shape)
+        if op is None:
+            return None
+        factor = op.structure.get("value", op.structure.get("scale"))
+        magnitude = abs(factor) if isinstance(factor, float) else factor.abs()
+        return Rounding(terms=1, abs_op=scaling(node.name, magnitude, in_shape, out_shape))
+
+
+@register
+class Add(Shift):
+    name = "Add"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        return scaling(node.name, 1.0, in_shape, out_shape) if tuple(in_shape) == tuple(out_shape) else None
+
+
+@register
+class Sub(Shift):
+    name = "Sub"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if tuple(in_shape) != tuple(out_shape):
+            return None
+        return scaling(node.name, 1.0 if var == 0 else -1.0, in_shape, out_shape)
+
+
+@register
+class Mul(Scale):
+    name = "Mul"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        factor = per_sample(consts[1 - var], in_shape)
+        return None if factor is None else scaling(node.name, factor.double(), in_shape, out_shape)
+
+
+@register
+class Div(Scale):
+    name = "Div"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.is_floating_point() or b.is_floating_point():
+            return a / b
+        return torch.div(a, b, rounding_mode="trunc")
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        factor = per_sample(consts[1], in_shape)
+        return None if factor is None else scaling(node.name, 1.0 / factor.double(), in_shape, out_shape)
+
+
+@register
+class Pow(Binary):
+    name = "Pow"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.pow(a, b)
+        return out.to(a.dtype)
+
+
+def broadcast_rule(what: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LipschitzRule | None:
+    """Elementwise max/min of one data input and constants: 1-Lipschitz per entry, and an entry that
+    broadcasting repeats k = out/in times counts sqrt(k) times. Assumes out is the broadcast of in."""
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    if n_in == 0 or n_out % n_in or tuple(torch.broadcast_shapes(in_shape, out_shape)) != tuple(out_shape):
+        return None
+    k = n_out // n_in
+    if k == 1:
+        return LipschitzRule(1.0, f"{what} with constants is 1-Lipschitz")
+    return LipschitzRule(math.sqrt(k), f"{what} with constants, each entry broadcast {k} times: sqrt({k})")
+
+
+class Variadic(Op):
+    """An elementwise function of one or more broadcast inputs (ONNX Max, Min, Sum, Mean)."""
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        present = [t for t in inputs if t is not None]
+        if not present:
+            raise bad(node, "needs at least one input")
+        out = present[0]
+        for t in present[1:]:
+            out = self.combine(out, t)
+        return [self.finish(out, len(present))]
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, out: torch.Tensor, count: int) -> torch.Tensor:
+        return out
+
+
+class Extremum(Variadic):
+    """Elementwise max or min: with one data input and constants, 1-Lipschitz per entry (``broadcast_rule``),
+    and exact in floating point."""
+
+    def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        return broadcast_rule(self.name.lower(), in_shape, out_shape)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding:
+        return EXACT
+
+
+@register
+class Max(Extremum):
+    name = "Max"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(a, b)
+
+
+@register
+class Min(Extremum):
+    name = "Min"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(a, b)
+
+
+@register
+class Sum(Variadic):
+    name = "Sum"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+@register
+class Mean(Variadic):
+    name = "Mean"
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def finish(self, out: torch.Tensor, count: int) -> torch.Tensor:
+        return out / count
+
+
+class Compare(Binary):
+    """Comparisons and logic: shape plumbing that exporters emit; outputs are booleans."""
+
+
+@register
+class Equal(Compare):
+    name = "Equal"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.eq(a, b)
+
+
+@register
+class Less(Compare):
+    name = "Less"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.lt(a, b)
+
+
+@register
+class Greater(Compare):
+    name = "Greater"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.gt(a, b)
+
+
+@register
+class And(Compare):
+    name = "And"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.logical_and(a, b)
+
+
+@register
+class Or(Compare):
+    name = "Or"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.logical_or(a, b)
+
+
+@register
+class Not(Unary):
+    name = "Not"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.logical_not(x)
+
+
+@register
+class Where(Op):
+    name = "Where"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        cond, a, b = inputs
+        return [torch.where(cond.bool(), a, b)]

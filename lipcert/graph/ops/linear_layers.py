@@ -1,0 +1,281 @@
+"""Layers that are affine in their data input: Conv, ConvTranspose, Gemm, MatMul, BatchNormalization."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lipcert.graph.core import Node
+from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.ops.base import Op, Rounding, RunContext, bad, ints, register, same_pads, torch_pad_list
+
+Inputs = Sequence[torch.Tensor | None]
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_settings(node: Node, x_spatial: Sequence[int], w: torch.Tensor, transpose: bool = False) -> dict:
+    """Normalised ONNX convolution attributes: strides, dilations, explicit pads, groups."""
+    nd = w.dim() - 2
+    if nd not in CONV:
+        raise bad(node, f"{nd}-D convolutions are not supported")
+    kernel = ints(node.attr("kernel_shape")) or list(w.shape[2:])
+    strides = ints(node.attr("strides"), nd, 1)
+    dilations = ints(node.attr("dilations"), nd, 1)
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise bad(node, f"auto_pad {auto_pad!r} is not supported")
+    if transpose or auto_pad in ("NOTSET", ""):
+        pads = ints(node.attr("pads"), 2 * nd, 0)
+    else:
+        pads = same_pads(auto_pad, x_spatial, kernel, strides, dilations)
+    return {"nd": nd, "kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads,
+            "groups": int(node.attr("group", 1))}
+
+
+def conv_structure(w: torch.Tensor, s: dict, in_shape: tuple[int, ...], transpose: bool) -> dict:
+    """What ``spectral`` needs to bound a (transposed) convolution at this input size."""
+    return {"weight": w, "stride": tuple(s["strides"]), "pads": tuple(s["pads"]), "dilation": tuple(s["dilations"]),
+            "groups": s["groups"], "circular": False, "input_spatial": tuple(in_shape[1:]), "transpose": transpose,
+            "output_padding": tuple(s.get("output_padding", (0,) * s["nd"]))}
+
+
+def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: dict) -> torch.Tensor:
+    """ONNX Conv semantics in torch, including asymmetric pads."""
+    nd, pads = s["nd"], s["pads"]
+    if pads[:nd] == pads[nd:]:
+        padding = pads[:nd]
+    else:
+        x = F.pad(x, torch_pad_list(pads))
+        padding = [0] * nd
+    return CONV[nd](x, w, b, stride=s["strides"], padding=padding, dilation=s["dilations"], groups=s["groups"])
+
+
+@register
+class Conv(Op):
+    name = "Conv"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        return [run_conv(x, w, b, conv_settings(node, x.shape[2:], w))]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        w = consts[1]
+        s = conv_settings(node, in_shape[1:], w)
+        return from_function(lambda x: run_conv(x, w.to(x), None, s), in_shape, out_shape,
+                             kind="conv", structure=conv_structure(w, s, in_shape, False), name=node.name,
+                             adjoint=conv_adjoint(w, s, in_shape))
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        return conv_rounding(self, node, consts, var, in_shape, out_shape, consts[1].shape[1])
+
+
+def bias_norm(b: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
+    """||b|| broadcast over the positions of one output sample (channels first)."""
+    if b is None or not b.numel():
+        return 0.0
+    return float(b.double().norm()) * math.sqrt(math.prod(out_shape[1:]))
+
+
+def conv_rounding(op: Op, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...], in_channels: int) -> Rounding | None:
+    """A (transposed) convolution: each output sums at most in_channels x taps products (+2 for the bias and a
+    pre-scaling a backend may fold in); |W| is the same convolution with the absolute kernel."""
+    if op.linear(node, consts, var, in_shape, out_shape) is None:
+        return None
+    w = consts[1]
+    absolute = op.linear(node, [None, w.abs()] + list(consts[2:]), var, in_shape, out_shape)
+    taps = math.prod(w.shape[2:])
+    return Rounding(terms=in_channels * taps + 2, abs_op=absolute,
+                    offset=bias_norm(consts[2] if len(consts) > 2 else None, out_shape))
+
+
+def conv_adjoint(w: torch.Tensor, s: dict, in_shape: tuple[int, ...]):
+    """The exact adjoint of a zero-padded convolution: the matching transposed convolution, cropped."""
+    nd, pads = s["nd"], s["pads"]
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        full = CONV_T[nd](y, w.to(y), stride=s["strides"], dilation=s["dilations"], groups=s["groups"])
+        padded = [n + pads[i] + pads[i + nd] for i, n in enumerate(in_shape[1:])]
+        extra = [p - f for p, f in zip(padded, full.shape[2:])]
+        full = F.pad(full, torch_pad_list([0] * nd + extra))
+        index = [slice(None), slice(None)] + [slice(pads[i], pads[i] + in_shape[1 + i]) for i in range(nd)]
+        return full[tuple(index)]
+
+    return adjoint
+
+
+def run_conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: dict) -> torch.Tensor:
+    """ONNX ConvTranspose: full transposed convolution, then output padding and crop by pads."""
+    nd = s["nd"]
+    full = CONV_T[nd](x, w, None, stride=s["strides"], dilation=s["dilations"], groups=s["groups"])
+    pads, extra = s["pads"], s["output_padding"]
+    full = F.pad(full, torch_pad_list([0] * nd + list(extra)))
+    index = [slice(None), slice(None)] + [
+        slice(pads[i], full.shape[2 + i] - pads[nd + i]) for i in range(nd)]
+    out = full[tuple(index)]
+    return out if b is None else out + b.reshape(1, -1, *([1] * nd))
+
+
+def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: torch.Tensor) -> dict:
+    spatial = list(x.shape[2:]) if isinstance(x, torch.Tensor) else list(x)
+    s = conv_settings(node, spatial, w, transpose=True)
+    nd = s["nd"]
+    s["output_padding"] = ints(node.attr("output_padding"), nd, 0)
+    out_shape = node.attr("output_shape")
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if out_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(out_shape)[-nd:] if out_shape is not None else [n * st for n, st in zip(spatial, s["strides"])]
+        begins, ends = [], []
+        for i in range(nd):
+            total = (s["strides"][i] * (spatial[i] - 1) + s["output_padding"][i]
+                     + (s["kernel"][i] - 1) * s["dilations"][i] + 1 - target[i])
+            small, large = total // 2, total - total // 2
+            # the odd unit goes at the end only for SAME_UPPER; SAME_LOWER and an explicit output_shape put it first
+            begins.append(small if auto_pad == "SAME_UPPER" else large)
+            ends.append(large if auto_pad == "SAME_UPPER" else small)
+        s["pads"] = begins + ends
+    return s
+
+
+@register
+class ConvTranspose(Op):
+    name = "ConvTranspose"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        return [run_conv_transpose(x, w, b, conv_transpose_settings(node, x, w))]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        w = consts[1]
+        s = conv_transpose_settings(node, in_shape[1:], w)
+        return from_function(lambda x: run_conv_transpose(x, w.to(x), None, s), in_shape, out_shape,
+                             kind="conv", structure=conv_structure(w, s, in_shape, True), name=node.name)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        groups = int(node.attr("group", 1))
+        return conv_rounding(self, node, consts, var, in_shape, out_shape, consts[1].shape[0] // max(groups, 1))
+
+
+@register
+class Gemm(Op):
+    name = "Gemm"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        a, b = inputs[0], inputs[1]
+        c = inputs[2] if len(inputs) > 2 else None
+        a = a.T if node.attr("transA", 0) else a
+        b = b.T if node.attr("transB", 0) else b
+        out = float(node.attr("alpha", 1.0)) * (a @ b)
+        if c is not None:
+            out = out + float(node.attr("beta", 1.0)) * c
+        return [out]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0 or node.attr("transA", 0):
+            return None
+        b = consts[1]
+        matrix = float(node.attr("alpha", 1.0)) * (b if node.attr("transB", 0) else b.T)
+        return from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
+                             structure={"matrix": matrix}, name=node.name,
+                             adjoint=lambda y: y @ matrix.to(y))
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        """alpha (x B) + beta C: the dot product, the scaling by alpha, the scaled bias and its addition."""
+        op = self.linear(node, consts, var, in_shape, out_shape)
+        if op is None:
+            return None
+        matrix = op.structure["matrix"].abs()
+        c = consts[2] if len(consts) > 2 else None
+        offset = 0.0
+        if c is not None and c.numel():  # the largest bias row (C may have one row per sample)
+            rows = torch.broadcast_to(c.double().abs(), (c.shape[0] if c.dim() == 2 else 1,) + tuple(out_shape))
+            offset = abs(float(node.attr("beta", 1.0))) * float(rows.norm(dim=-1).max())
+        return Rounding(terms=matrix.shape[1] + 3, offset=offset,
+                        abs_op=from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
+                                             structure={"matrix": matrix}, name=node.name,
+                                             adjoint=lambda y: y @ matrix.to(y)))
+
+
+@register
+class MatMul(Op):
+    name = "MatMul"
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        return [torch.matmul(inputs[0], inputs[1])]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0 or consts[1] is None or consts[1].dim() != 2 or not in_shape:
+            return None
+        w = consts[1]
+        return from_function(lambda x: x @ w.to(x), in_shape, out_shape, kind="matrix",
+                             structure={"matrix": w.T}, name=node.name, adjoint=lambda y: y @ w.to(y).T)
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        if self.linear(node, consts, var, in_shape, out_shape) is None:
+            return None
+        magnitude = consts[1].abs()
+        return Rounding(terms=magnitude.shape[0] + 1,
+                        abs_op=self.linear(node, [None, magnitude], var, in_shape, out_shape))
+
+
+@register
+class BatchNormalization(Op):
+    name = "BatchNormalization"
+
+    def affine(self, node: Node, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if node.attr("training_mode", 0):
+            raise bad(node, "training-mode batch normalisation cannot be analysed; export in eval mode")
+        scale, bias, mean, var = inputs[1:5]
+        eps = float(node.attr("epsilon", 1e-5))
+        factor = scale / torch.sqrt(var + eps)
+        return factor, bias - mean * factor
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        factor, shift = self.affine(node, inputs)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return [x * factor.reshape(shape) + shift.reshape(shape)]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        if var != 0:
+            return None
+        # the real-number scale of the stored float32 parameters, computed in float64
+        factor, _ = self.affine(node, [c.double() if c is not None and c.is_floating_point() else c for c in consts])
+        scale = factor.reshape((-1,) + (1,) * (len(in_shape) - 1))
+        return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
+                             structure={"scale": scale}, name=node.name, adjoint=lambda y: y * scale.to(y))
+
+    def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
+        """(x - mean) / sqrt(var + eps) * scale + bias, or x * f + t with f, t folded in float32: each within
+        gamma_8 (|f| |x| + |f mean| + |bias|) of the exact value."""
+        if self.linear(node, consts, var, in_shape, out_shape) is None:
+            return None
+        wide = [c.double() if c is not None and c.is_floating_point() else c for c in consts]
+        factor, _ = self.affine(node, wide)
+        shift = (factor * wide[3]).abs() + wide[2].abs()
+        magnitude = factor.abs().reshape((-1,) + (1,) * (len(in_shape) - 1))
+        return Rounding(terms=8, offset=bias_norm(shift, out_shape),
+                        abs_op=from_function(lambda x: x * magnitude.to(x), in_shape, out_shape, kind="diag",
+                                             structure={"scale": magnitude}, name=node.name,
+                                             adjoint=lambda y: y * magnitude.to(y)))

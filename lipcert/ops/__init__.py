@@ -1,6 +1,0 @@
-"""The operator registry (see ``base``); importing this package registers every supported operator."""
-
-from . import elementwise, linear_layers, pooling, tensor  # noqa: F401  (registration side effect)
-from .base import REGISTRY, LipschitzRule, Op, RunContext
-
-__all__ = ["REGISTRY", "LipschitzRule", "Op", "RunContext"]

@@ -1,0 +1,57 @@
+"""The values users type, parsed without torch: eps lists, gate items, fractions and the verify requirements."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from lipcert.errors import ConfigError
+
+REQUIRE = ("proven", "not-violated")
+
+
+
+def parse_eps(text: str) -> list[tuple[str, float]]:
+    """``36/255,72/255,1`` -> [("36/255", 0.1411...), ...]: fractions or decimals, non-negative, duplicates dropped."""
+    values: list[tuple[str, float]] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            value = float(Fraction(part))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"--eps {part!r}: expected a number or a fraction like 36/255") from None
+        if value < 0 or not math.isfinite(value):
+            raise ConfigError(f"--eps {part!r}: must be a non-negative number")
+        if not any(math.isclose(value, v, rel_tol=1e-9, abs_tol=1e-12) for _, v in values):
+            values.append((part, value))
+    if not values:
+        raise ConfigError("--eps needs at least one value, e.g. 36/255,72/255")
+    return values
+
+
+
+def fraction_problem(value: float) -> str | None:
+    """Why ``value`` is not an accuracy (a fraction in [0, 1]), with a hint when it looks like a percentage."""
+    if 0.0 <= value <= 1.0:
+        return None
+    hint = f"; {value:g} looks like a percentage: write {value / 100:g}" if 1.0 < value <= 100.0 else ""
+    return f"expected a fraction between 0 and 1{hint}"
+
+
+
+def parse_gate(item: str) -> tuple[str, float, float]:
+    """``36/255=0.60`` -> ("36/255", 0.1412, 0.60); ValueError saying what is wrong."""
+    eps_text, sep, acc_text = str(item).partition("=")
+    try:
+        eps = float(Fraction(eps_text.strip()))
+        acc = float(acc_text)
+    except (ValueError, ZeroDivisionError):
+        eps = acc = math.nan
+    if not sep or not eps >= 0 or not math.isfinite(eps) or not math.isfinite(acc):
+        raise ValueError("expected EPS=ACCURACY, e.g. 36/255=0.60")
+    problem = fraction_problem(acc)
+    if problem:
+        raise ValueError(f"expected EPS=ACCURACY with the accuracy {problem.removeprefix('expected ')}")
+    return eps_text.strip(), eps, acc
+

@@ -1,0 +1,1 @@
+"""What a run writes: the report model, its renderers (and verify's), and the CI gates."""

@@ -1,0 +1,165 @@
+"""CI gates: thresholds on a verify result or a report, each one a named pass/fail with its numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lipcert.bounds.results import PROVEN, VIOLATED, VerifyResult
+from lipcert.errors import ConfigError
+from lipcert.parse import REQUIRE, fraction_problem
+from lipcert.report.model import Report
+
+
+@dataclass
+class Gate:
+    """One check a CI step can fail on."""
+
+    name: str
+    passed: bool
+    measured: str
+    required: str
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify_gates(result: VerifyResult, *, require: str = "proven", max_lipschitz: float | None = None) -> list[Gate]:
+    """The claim's status (``require``: proven, or only not violated) and an optional cap on the bound."""
+    if require not in REQUIRE:
+        raise ConfigError(f"--require {require!r}: expected one of {', '.join(REQUIRE)}")
+    passed = result.status == PROVEN if require == "proven" else result.status != VIOLATED
+    gates = [Gate(f"lipschitz claim {result.claimed:g} is {require}", passed, result.status, require,
+                  "" if passed else f"the claim is {result.status}" + (
+                      f"; breaking layers: {', '.join(l.name for l in result.breaking_layers)}"
+                      if result.breaking_layers else ""))]
+    if max_lipschitz is not None:
+        ok = result.network_upper <= max_lipschitz
+        gates.append(Gate(f"network upper bound <= {max_lipschitz:g}", ok, f"{result.network_upper:.6g}",
+                          f"<= {max_lipschitz:g}", "" if ok else "the sound upper bound is above the cap"))
+    return gates
+
+
+def _find_eps(report: Report, eps: float):
+    return next((e for e in report.eps if math.isclose(e.eps, eps, rel_tol=1e-9, abs_tol=1e-12)), None)
+
+
+def _check_fractions(values: list[tuple[str, float | None]]) -> None:
+    """Every accuracy threshold is a fraction in [0, 1]; a percentage gets a hint."""
+    for shown, value in values:
+        problem = None if value is None else fraction_problem(value)
+        if problem:
+            raise ConfigError(f"{shown}: {problem}")
+
+
+def claim_gate(report: Report) -> Gate:
+    """The model's Lipschitz claim (its metadata, or --lipschitz) against lipcert's sound upper bound."""
+    b = report.bound
+    if b.get("claimed") is None:
+        raise ConfigError("--require-claim: there is no Lipschitz claim to check: the model has no "
+                          "lipcert.claimed_lipschitz metadata and no --lipschitz was given")
+    upper = b["computed_upper"] / b["normalisation_factor"]
+    return Gate(f"Lipschitz claim {b['claimed']:g} ({b['claim_source']}) is proven", bool(b["claim_proven"]),
+                f"computed upper bound {upper:.6g}", f"<= {b['claimed']:g}",
+                "" if b["claim_proven"] else "lipcert's sound upper bound is above the claim: the certificates "
+                                             "cannot rest on it (run lipcert verify to find the layer)")
+
+
+def report_gates(report: Report, *, min_clean_acc: float | None = None,
+                 min_certified: list[tuple[str, float, float]] = (), max_violations: int = 0,
+                 max_lipschitz: float | None = None, baseline: dict | None = None,
+                 max_drop: float = 0.0, require_claim: bool | None = None) -> list[Gate]:
+    """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, and the
+    model's Lipschitz claim (``require_claim``; by default checked whenever a claim is declared)."""
+    _check_fractions([(f"--min-clean-acc {min_clean_acc}", min_clean_acc), (f"--max-drop {max_drop}", max_drop)]
+                     + [(f"--min-certified-acc {label}={acc:g}", acc) for label, _, acc in min_certified])
+    gates: list[Gate] = []
+    if require_claim or (require_claim is None and report.bound.get("claimed") is not None):
+        gates.append(claim_gate(report))
+    if min_clean_acc is not None:
+        ok = report.clean_accuracy >= min_clean_acc
+        gates.append(Gate(f"clean accuracy >= {min_clean_acc:g}", ok, f"{report.clean_accuracy:.4f}",
+                          f">= {min_clean_acc:g}"))
+    for label, eps, acc in min_certified:
+        found = _find_eps(report, eps)
+        measured = found.certified_accuracy if found else 0.0
+        gates.append(Gate(f"certified accuracy at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
+                          f">= {acc:g}"))
+    if report.attack is not None:
+        n = report.attack["violation_count"]
+        gates.append(Gate(f"attack violations <= {max_violations}", n <= max_violations, str(n),
+                          f"<= {max_violations}",
+                          "" if n <= max_violations else "the attack broke certified points inside their radius: "
+                                                         "the Lipschitz claim or the certificate is wrong"))
+        for e in report.eps:
+            emp = e.extra.get("empirical robust")
+            if emp is not None:
+                gates.append(Gate(f"empirical robust accuracy >= certified at {e.label}", emp >= e.certified_accuracy,
+                                  f"{emp:.4f}", f">= {e.certified_accuracy:.4f}"))
+    if max_lipschitz is not None:
+        value = report.bound["value"]
+        gates.append(Gate(f"Lipschitz bound used <= {max_lipschitz:g}", value <= max_lipschitz, f"{value:.6g}",
+                          f"<= {max_lipschitz:g}"))
+    if baseline is not None:
+        gates += baseline_gates(report, baseline, max_drop)
+    return gates
+
+
+def load_baseline(path: Path) -> dict:
+    """A previous report.json to compare with."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("no such baseline report", source=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"the baseline is not a readable JSON report ({type(exc).__name__})",
+                          source=str(path)) from None
+    if not isinstance(data, dict) or data.get("schema") != "lipcert.report/1" or not isinstance(data.get("eps"), list):
+        raise ConfigError("the baseline is not a lipcert report.json (schema lipcert.report/1)", source=str(path))
+    return data
+
+
+def baseline_gates(report: Report, baseline: dict, max_drop: float) -> list[Gate]:
+    """Certified accuracy at every eps both reports share must not fall by more than ``max_drop``."""
+    gates = []
+    for old in baseline["eps"]:
+        try:
+            eps, old_acc = float(old["eps"]), float(old["certified_accuracy"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError("the baseline report has a malformed eps entry") from None
+        new = _find_eps(report, eps)
+        if new is None:
+            continue
+        change = new.certified_accuracy - old_acc
+        ok = change >= -max_drop - 1e-12
+        gates.append(Gate(f"certified accuracy at {new.label} vs baseline (max drop {max_drop:g})", ok,
+                          f"{new.certified_accuracy:.4f} (baseline {old_acc:.4f}, change {change:+.4f})",
+                          f">= {old_acc - max_drop:.4f}"))
+    if not gates:
+        raise ConfigError("the baseline report shares no eps with this run")
+    return gates
+
+
+def junit_xml(suite: str, gates: list[Gate], seconds: float = 0.0) -> str:
+    """JUnit XML with one test case per gate; failures carry the measured and required values."""
+    from xml.etree import ElementTree as ET
+
+    failures = sum(not g.passed for g in gates)
+    root = ET.Element("testsuites", name="lipcert", tests=str(len(gates)), failures=str(failures))
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(gates)), failures=str(failures), errors="0",
+                       time=f"{seconds:.3f}")
+    for g in gates:
+        case = ET.SubElement(ts, "testcase", classname=f"lipcert.{suite}", name=g.name)
+        if not g.passed:
+            fail = ET.SubElement(case, "failure", message=f"measured {g.measured}, required {g.required}")
+            fail.text = g.message or f"measured {g.measured}, required {g.required}"
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def gates_markdown(gates: list[Gate]) -> str:
+    lines = ["| gate | result | measured | required |", "| --- | --- | --- | --- |"]
+    lines += [f"| {g.name} | {'pass' if g.passed else '**FAIL**'} | {g.measured} | {g.required} |" for g in gates]
+    return "\n".join(lines) + "\n"

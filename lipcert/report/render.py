@@ -1,0 +1,284 @@
+"""Every output format of a ``Report``: JSON, Markdown, CSV, the plot and the terminal table."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lipcert.atomic import write_bytes_atomic, write_files_atomic
+from lipcert.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lipcert.report.model import Report
+
+FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def summary_line(report: Report) -> str:
+    """One line: clean accuracy and certified accuracy at each eps."""
+    parts = [f"clean {_pct(report.clean_accuracy)}"]
+    parts += [f"certified@{e.label} {_pct(e.certified_accuracy)}" for e in report.eps]
+    return ", ".join(parts)
+
+
+CLAIM_NOTE = "LIPSCHITZ CLAIM NOT PROVEN"
+
+
+def claim_text(report: Report) -> str:
+    """The Lipschitz claim and what lipcert's bound says of it, e.g. ``claim 1 (model metadata): proven``."""
+    b = report.bound
+    if b.get("claimed") is None:
+        return "no Lipschitz claim declared"
+    return f"claim {b['claimed']:g} ({b['claim_source']}): {'proven' if b['claim_proven'] else 'NOT PROVEN'}"
+
+
+def _claim_warning(report: Report) -> str | None:
+    return next((n for n in report.notes if n.startswith(CLAIM_NOTE)), None)
+
+
+def _speed(report: Report) -> str:
+    t = report.timings
+    return (f"{t.get('images_per_second', 0):.1f} samples/s over the whole run "
+            f"({t.get('inference_images_per_second', 0):.0f}/s inference alone)")
+
+
+def to_markdown(report: Report) -> str:
+    """A summary a person reads, fit for a CI job summary."""
+    b, d = report.bound, report.dataset
+    warning = _claim_warning(report)
+    lines = [
+        f"## lipcert report: `{Path(report.model['path']).name}`",
+        "",
+        *([f"> **{warning}**", ""] if warning else []),
+        f"**{summary_line(report)}** on {report.num_samples} samples of `{d['path']}` ({d['format']})"
+        + (f"; {report.skipped['count']} unreadable or invalid samples skipped (listed in report.json), "
+           "accuracies are over the samples evaluated." if report.skipped and report.skipped["count"] else "."),
+        "",
+        f"| {report.norm.upper()} radius eps | certified accuracy | certified samples |",
+        "| --- | ---: | ---: |",
+    ]
+    for e in report.eps:
+        lines.append(f"| {e.label} ({e.eps:.4g}) | {_pct(e.certified_accuracy)} | {e.certified} |")
+    lines += [
+        "",
+        f"- Lipschitz bound used: **{b['value']:.6g}** ({b['method']}); computed sound upper bound "
+        f"{b['computed_upper']:.6g}; {claim_text(report)}.",
+        f"- Certificate rule: {b['rule']}; floating-point error bound subtracted from every margin "
+        f"({b['error_base']:.2g} + {b['error_slope']:.2g} x (||x|| + r)).",
+        f"- Radii are in pixel space ({d['value_range']} input scaled to [0, 1], layout {d['layout']})"
+        + (f"; the input normalisation multiplies the bound by {b['normalisation_factor']:.6g}."
+           if b["normalisation_factor"] != 1.0 else "."),
+    ]
+    if report.norm == "linf":
+        lines.append(f"- L-infinity radii come from the L2 ones by ||d||_2 <= sqrt({report.input_dim}) ||d||_inf.")
+    if report.attack:
+        a = report.attack
+        lines += ["", f"- PGD attack: {a['summary']}; step rule {a['step_rule']}, seed {a['seed']}."]
+        if a.get("median_gap") is not None:
+            lines.append(f"- Median gap between attack radius and certified radius: {a['median_gap']:.4g}.")
+        if a["violations"]:
+            lines += ["", "**The model's Lipschitz claim or the certificate is wrong: the attack broke certified "
+                          "points inside their certified radius.**", "",
+                      "| sample | label | certified radius | eps | adversarial distance | class | logit true | "
+                      "logit adversarial |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for v in a["violations"][:50]:
+                lines.append(f"| {v['index']} | {v['label']} | {v['certified_radius']:.4g} | {v['eps']:.4g} | "
+                             f"{v['adversarial_distance']:.4g} | {v['adversarial_class']} | "
+                             f"{v['logit_true']:.4g} | {v['logit_adversarial']:.4g} |")
+    for note in report.notes:
+        if note != warning:
+            lines.append(f"- {note}")
+    lines += ["", f"Model sha256 `{report.model['sha256'][:16]}…`, data sha256 `{d['sha256'][:16]}…`, "
+                  f"device {report.device}, backend {report.backend}, {_speed(report)}, "
+                  f"lipcert {report.lipcert_version}.", ""]
+    return "\n".join(lines)
+
+
+def to_csv(report: Report) -> str:
+    """One row per sample: index, label, prediction, margin, radius (+ any extra columns)."""
+    s = report.samples
+    extra = list(s.columns)
+    buf = io.StringIO()
+    buf.write(",".join(["index", "label", "prediction", "margin", "radius"] + extra) + "\n")
+    cols = [s.labels.tolist(), s.predictions.tolist(), s.margins.tolist(), s.radii.tolist()]
+    cols += [s.columns[c].tolist() for c in extra]
+    indices = s.indices.tolist() if s.indices is not None else range(len(cols[0]))
+    for i, row in zip(indices, zip(*cols)):
+        label, pred, margin, radius, *rest = row
+        buf.write(",".join([str(i), str(label), str(pred), f"{margin:.9g}", f"{radius:.9g}"]
+                           + [f"{v:.9g}" if isinstance(v, float) else str(v) for v in rest]) + "\n")
+    return buf.getvalue()
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[Any], avoid: list[Any]) -> None:
+    """Move each radius label (in order of radius) to the first spot beside its point that stays inside the
+    axes and overlaps no label placed before it, nor anything in ``avoid`` (the legend)."""
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken = [a.get_window_extent(renderer) for a in avoid]
+    for label in labels:
+        spots = [(dx, dy) for dy in (6, -14, 18, -26, 30, -38, 42, -50, 54, -62) for dx in (4, -4)]
+        for dx, dy in spots:
+            label.set_position((dx, dy))
+            label.set_horizontalalignment("left" if dx > 0 else "right")
+            box = label.get_window_extent(renderer)
+            fits = (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1)
+            if fits and not any(box.overlaps(other) for other in taken):
+                break
+        taken.append(label.get_window_extent(renderer))
+
+
+def figure(report: Report) -> Any:
+    """The plot as a matplotlib figure: certified accuracy against radius with each requested radius marked and
+    labelled, the attack's curve dashed, and (when the attack ran) the histogram of its gaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    histogram = (report.attack or {}).get("gap_histogram") or {}
+    if histogram.get("counts"):
+        fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+        edges = histogram["edges"]
+        hx.bar(edges[:-1], histogram["counts"], width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
+               color="tab:orange", alpha=0.7)
+        hx.set_xlabel("attack radius - certified radius")
+        hx.set_ylabel("samples")
+        hx.yaxis.set_major_locator(MaxNLocator(integer=True))
+        hx.set_title("gap per attacked point", pad=28)
+        hx.text(0.5, 1.02, "how far beyond its certified radius PGD broke each point\n(never below 0 unless a "
+                "certificate is wrong)", transform=hx.transAxes, ha="center", va="bottom", fontsize=8,
+                color="dimgrey")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    radii = [p[0] for p in report.curve]
+    accs = [100 * p[1] for p in report.curve]
+    ax.plot(radii, accs, label="certified", color="tab:blue")
+    attack_curve = (report.attack or {}).get("curve") or []
+    if attack_curve:
+        ax.plot([p[0] for p in attack_curve], [100 * p[1] for p in attack_curve], label="empirical (PGD)",
+                color="tab:orange", linestyle="--")
+    labels = []
+    for e in sorted(report.eps, key=lambda e: e.eps):
+        ax.axvline(e.eps, color="grey", linestyle=":", linewidth=1)
+        ax.plot([e.eps], [100 * e.certified_accuracy], "o", color="tab:blue")
+        labels.append(ax.annotate(f"{e.label}: {100 * e.certified_accuracy:.1f}%", (e.eps, 100 * e.certified_accuracy),
+                                  textcoords="offset points", xytext=(4, 6), fontsize=8))
+    # the useful range: up to the largest requested radius or the last radius that certifies anything
+    certified_up_to = max((r for r, a in report.curve if a > 0), default=0.0)
+    right = max([certified_up_to] + [e.eps for e in report.eps]) or 1.0
+    ax.set_xlim(0, right * 1.08)
+    ax.set_xlabel(f"{report.norm.upper()} radius (pixel space)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{Path(report.model['path']).name}: certified accuracy vs radius")
+    ax.grid(alpha=0.3)
+    legend = ax.legend(loc="lower left")
+    fig.tight_layout()
+    _place_labels(fig, ax, labels, [legend])
+    return fig
+
+
+def plot_png(report: Report) -> bytes:
+    """The plot (see ``figure``) as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot(report: Report, path: str | Path) -> None:
+    write_bytes_atomic(path, plot_png(report))
+
+
+def write_all(report: Report, out_dir: Path) -> list[Path]:
+    """Render every file, write each to a temporary name, then rename them all into place: a failure while
+    rendering or writing leaves the previous report as it was."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a folder")
+    contents = {
+        "report.json": to_json(report).encode(),
+        "report.md": to_markdown(report).encode(),
+        "samples.csv": to_csv(report).encode(),
+        "certified_accuracy.png": plot_png(report),
+    }
+    write_files_atomic({out_dir / name: contents[name] for name in FILES})
+    return [out_dir / name for name in FILES]
+
+
+def render_terminal(report: Report, out: Console) -> None:
+    """The summary as a rich table, a claim lipcert cannot prove first and in red."""
+    warning = _claim_warning(report)
+    if warning:
+        out.print(f"[bold red]{CLAIM_NOTE}:[/] " + warning[len(CLAIM_NOTE) + 2:])
+    table = Table(title=f"{report.model['path']} on {report.dataset['path']} ({report.num_samples} samples)")
+    table.add_column(f"{report.norm.upper()} eps")
+    table.add_column("certified accuracy", justify="right")
+    table.add_column("certified", justify="right")
+    for key in (report.eps[0].extra if report.eps else {}):
+        table.add_column(key, justify="right")
+    for e in report.eps:
+        extra = [f"{100 * v:.2f}%" if isinstance(v, float) else str(v) for v in e.extra.values()]
+        table.add_row(f"{e.label} ({e.eps:.4g})", _pct(e.certified_accuracy), str(e.certified), *extra)
+    out.print(table)
+    b = report.bound
+    out.print(f"clean accuracy {_pct(report.clean_accuracy)}; Lipschitz bound {b['value']:.6g} ({b['method']}); "
+              f"{claim_text(report)}; rule: {b['rule']}")
+    out.print(f"data: {report.dataset['format']}, layout {report.dataset['layout']}, "
+              f"{report.dataset['value_range']}; backend {report.backend} on {report.device}, {_speed(report)}")
+    if report.skipped and report.skipped["count"]:
+        first = report.skipped["samples"][0]
+        out.print(f"skipped {report.skipped['count']} unreadable or invalid sample(s), accuracies over the "
+                  f"{report.skipped['evaluated']} evaluated; first: sample {first['index']}: {first['reason']}",
+                  markup=False)
+    if report.attack:
+        out.print(f"attack: {report.attack['summary']}")
+        for v in report.attack["violations"][:20]:
+            out.print(f"[bold red]violation:[/] sample {v['index']} certified at {v['certified_radius']:.4g}, "
+                      f"broken at distance {v['adversarial_distance']:.4g} (class {v['adversarial_class']})")
+    for note in report.notes:
+        if note != warning:
+            out.print(f"note: {note}", markup=False)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
