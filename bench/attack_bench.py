@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from common import append_markdown, machine
 
-from lipcert.certification.attack import AttackConfig, attack_batches
+from lipcert.certification.attack import AttackConfig, attack_batch, batch_generator, summarize_attack
 from lipcert.device import resolve_device
 from lipcert.graph.executor import GraphModule
 from lipcert.model.loader import load_model
@@ -81,12 +81,12 @@ def main() -> None:
     t_theirs = time.perf_counter() - start
 
     start = time.perf_counter()
-    summary = attack_batches(lambda v: module(v), iter([(x.cpu().numpy(), y.cpu().numpy())]), y.cpu(),
-                             torch.zeros(len(y)), eps, AttackConfig(steps=args.our_steps or args.steps, restarts=1),
-                             device)
+    cfg = AttackConfig(steps=args.our_steps or args.steps, restarts=1)
+    part = attack_batch(lambda v: module(v), x, y, y, torch.zeros(len(y)), 0, eps, cfg, batch_generator(cfg.seed, 0))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - start
+    summary = summarize_attack(cfg, eps, part.attack_radius, part.broken_at, part.violations, t_ours)
     ours = [row["broken"] for row in summary.per_eps]
 
     lines = [f"### PGD-L2: lipcert ({args.our_steps or args.steps} steps) vs torchattacks ({args.steps} steps), "

@@ -15,7 +15,7 @@ import torch
 
 import lipcert
 from lipcert.certification.engine import Engine, choose_backend
-from lipcert.certification.radii import certify_logits, pair_norms
+from lipcert.certification.radii import certificates_from_logits, pair_norms
 from lipcert.certification.setup import certificate_setup
 
 
@@ -36,8 +36,8 @@ def main() -> None:
     x_norm = x.flatten(1).double().norm(dim=1)
     error = engine.error(x_norm, norms)
     pairs = pair_norms(setup.head_weight, setup.head_row_error) if setup.head_weight is not None else None
-    real = certify_logits(z, x_norm, setup, pairs, error)
-    exact = certify_logits(z, x_norm, dataclasses.replace(setup, error_base=0.0, error_slope=0.0), pairs)
+    real = certificates_from_logits(z, x_norm, setup, pairs, error)
+    exact = certificates_from_logits(z, x_norm, dataclasses.replace(setup, error_base=0.0, error_slope=0.0), pairs)
     correct = real.prediction == y
     grid = np.linspace(0.0, float(exact.radius.max()), args.grid)
     cost = max(float(((exact.radius > r) & correct).double().mean() - ((real.radius > r) & correct).double().mean())

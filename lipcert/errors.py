@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 
 class LipcertError(Exception):
-    """Bad input or configuration: the CLI prints the message on one line and exits with code 2."""
+    """Bad input or configuration: the CLI prints the message on one line and exits with code 2.
+
+    ``parameter`` names the API parameter(s) the message is about, as the message spells them (``batch_size``),
+    so that the command line can spell them as its flags instead (``--batch-size``, see ``spelled``)."""
 
     exit_code = 2
 
-    def __init__(self, message: str, *, source: str | None = None) -> None:
+    def __init__(self, message: str, *, source: str | None = None,
+                 parameter: str | tuple[str, ...] | None = None) -> None:
         self.source = source
-        text = " ".join(str(message).split())
-        super().__init__(f"{source}: {text}" if source else text)
+        self.text = " ".join(str(message).split())
+        self.parameter: tuple[str, ...] = (parameter,) if isinstance(parameter, str) else tuple(parameter or ())
+        super().__init__(self._line(self.text))
+
+    def _line(self, text: str) -> str:
+        return f"{self.source}: {text}" if self.source else text
+
+    def spelled(self, names: Callable[[str], str]) -> str:
+        """The one-line message with each of its parameters spelled ``names(parameter)`` (wherever the message
+        has it as a word of its own; the source, a path, is left as it is)."""
+        text = self.text
+        for name in self.parameter:
+            text = re.sub(rf"(?<![\w./\\-]){re.escape(name)}(?![\w/\\-])", lambda _, name=name: names(name), text)
+        return self._line(text)
 
 
 class ModelError(LipcertError):

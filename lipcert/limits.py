@@ -288,17 +288,3 @@ def check_node(node: Any, inputs: Sequence[Any], limit: int, source: str | None 
                          f"{limit:,} (max_elements)", source=source)
     return size
 
-
-def check_outputs(node: Any, outputs: Sequence[Any], limit: int, source: str | None = None) -> int:
-    """After a node ran: refuse any output above ``limit`` elements; return their total size."""
-    total = 0
-    for name, value in zip(node.outputs, outputs):
-        if value is None or not hasattr(value, "shape"):
-            continue
-        n = count(_shape(value))
-        if n > limit or len(value.shape) > MAX_RANK:
-            raise ModelError(f"node {node.name!r} ({node.op}) produced {name!r} of shape "
-                             f"{shape_text(value.shape)} ({n:,} elements), more than the limit of {limit:,} "
-                             "(max_elements)", source=source)
-        total += n
-    return total

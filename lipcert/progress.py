@@ -1,4 +1,5 @@
-"""How long runs report their phases: ``Progress`` (ignores them; the command line draws them) and the adapters of step callbacks."""
+"""How long runs report their phases: ``Progress`` (ignores them; the command line draws them) and the adapters of step
+callbacks."""
 
 from __future__ import annotations
 

@@ -1,14 +1,20 @@
-"""Shared fixtures: sample model paths and exporters that make real models on the fly."""
+"""Shared fixtures and helpers: sample model paths, exporters and peer-library models made on the fly, CLI runners,
+dense norms, and writers of dataset files; test modules import helpers from here, never from one another."""
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
+import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +80,90 @@ def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def dense_norm(linear, shape: tuple[int, ...]) -> float:
+    """||A||_2 of a linear map on one sample, by the SVD of its explicit float64 matrix."""
+    n = math.prod(shape)
+    with torch.no_grad():
+        columns = linear(torch.eye(n, dtype=torch.float64).reshape((n,) + tuple(shape))).reshape(n, -1)
+    return float(torch.linalg.matrix_norm(columns, 2))
+
+
+def graph_of(builder, output: str):
+    """The lipcert ``Graph`` of a model written with ``tests.soundness.build.Builder`` (loaded without a file)."""
+    from lipcert.model.onnx_loader import graph_from_onnx
+
+    return graph_from_onnx(builder.model(output), "built")
+
+
+# ------------------------------------------------------------------------------------------ peer-library models
+
+
+def torchlip_model(kind: str) -> torch.nn.Module:
+    import deel.torchlip as tl
+
+    torch.manual_seed(0)
+    if kind == "conv":
+        model = tl.Sequential(
+            tl.SpectralConv2d(1, 8, 3, padding=1), tl.GroupSort2(),
+            tl.SpectralConv2d(8, 16, 3, stride=2, padding=1), tl.GroupSort(4),
+            tl.ScaledL2NormPool2d(kernel_size=2), torch.nn.Flatten(), tl.SpectralLinear(16 * 2 * 2, 10))
+    else:
+        model = tl.Sequential(torch.nn.Flatten(), tl.SpectralLinear(64, 32), tl.FullSort(),
+                              tl.SpectralLinear(32, 10))
+    return model.vanilla_export().eval()
+
+
+def orthogonium_model() -> torch.nn.Module:
+    from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        AdaptiveOrthoConv2d(1, 8, 3, padding="same", padding_mode="circular"), MaxMin(),
+        AdaptiveOrthoConv2d(8, 16, 2, stride=2, padding=0), MaxMin(),
+        torch.nn.Flatten(), OrthoLinear(16 * 4 * 4, 10))
+    return strip_parametrizations(model.eval())
+
+
+# ------------------------------------------------------------------------------------------ dataset writers
+
+RNG = np.random.default_rng(0)
+
+
+def u8(*shape: int) -> np.ndarray:
+    return RNG.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_cifar10(root: Path, train_batches: int = 2, per_batch: int = 5, test: int = 7) -> dict[str, np.ndarray]:
+    """A cifar-10-batches-py folder as the official files are: protocol-2 pickles of dicts with bytes keys."""
+    root.mkdir()
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f, protocol=2)
+    out = {}
+    for name, n in [(f"data_batch_{i + 1}", per_batch) for i in range(train_batches)] + [("test_batch", test)]:
+        data, labels = u8(n, 3072), [int(v) for v in RNG.integers(0, 10, n)]
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"img%d.png" % i for i in range(n)]}, f, protocol=2)
+        out[name] = (data, np.array(labels))
+    return out
+
+
+def write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.name.endswith(".gz") else payload)
+
+
+def write_images(root: Path, spec: dict[str, list[tuple[str, np.ndarray]]]) -> None:
+    from PIL import Image
+
+    for cls, images in spec.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for name, array in images:
+            Image.fromarray(array).save(root / cls / name, quality=95, subsampling=0)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from lipcert.certification.attack import AttackConfig, attack_batches, margin_loss, pgd
+from lipcert.certification.attack import (
+    AttackConfig,
+    attack_batch,
+    batch_generator,
+    margin_loss,
+    pgd,
+    summarize_attack,
+)
 from lipcert.certification.run import certify
 from lipcert.model.loader import load_model
 
@@ -67,13 +74,15 @@ def test_increasing_eps_attacks_only_unbroken_points() -> None:
     y = base(x).argmax(1)
     eps = [("a", 0.05), ("b", 0.5), ("c", 5.0)]
     cfg = AttackConfig(steps=5, restarts=1)
-    summary = attack_batches(model, iter([(x.numpy(), y.numpy())]), y.clone(), torch.zeros(32), eps, cfg)
+    part = attack_batch(model, x, y, y.clone(), torch.zeros(32), 0, eps, cfg, batch_generator(cfg.seed, 0))
+    summary = summarize_attack(cfg, eps, part.attack_radius, part.broken_at, part.violations, 0.0)
     broken = [row["broken"] for row in summary.per_eps]
     assert broken == sorted(broken) and broken[-1] == 32
     first_batch = seen[0]
     assert first_batch == 32 and min(seen) < 32  # later eps see only the points still unbroken
 
 
+@pytest.mark.slow
 def test_good_model_is_consistent_and_deterministic() -> None:
     graph = load_model(SAMPLES / "digits_conv.onnx")
     data = SAMPLES / "digits_test.npz"
@@ -88,6 +97,7 @@ def test_good_model_is_consistent_and_deterministic() -> None:
     assert bool((a.samples.columns["attack_radius"][finite] >= a.samples.radii[finite]).all())
 
 
+@pytest.mark.slow
 def test_broken_model_with_its_claimed_bound_is_caught(tmp_path: Path) -> None:
     out = tmp_path / "rep"
     result = run_cli("report", str(SAMPLES / "digits_broken.onnx"), "--data", str(SAMPLES / "digits_test.npz"),

@@ -20,6 +20,7 @@ def _cases(junit: Path) -> dict[str, bool]:
     return {c.get("name"): c.find("failure") is None for c in root.iter("testcase")}
 
 
+@pytest.mark.slow
 def test_report_gates_pass_and_fail_with_junit_and_summary(tmp_path: Path) -> None:
     summary = tmp_path / "summary.md"
     ok = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", DATA, "--out", str(tmp_path / "a"),
@@ -45,6 +46,7 @@ def test_report_gates_pass_and_fail_with_junit_and_summary(tmp_path: Path) -> No
     assert any(abs(e["eps"] - 0.5) < 1e-12 for e in report["eps"])  # the gate's radius was certified too
 
 
+@pytest.mark.slow
 def test_verify_gates_and_json_stdout(tmp_path: Path) -> None:
     good = run_cli("verify", str(SAMPLES / "digits_conv.onnx"), "--format", "json", "--max-lipschitz", "1.001")
     assert good.returncode == 0, good.stderr
@@ -66,6 +68,7 @@ def test_report_json_stdout_only(tmp_path: Path) -> None:
     assert data["schema"] == "lipcert.report/1" and data["passed"] is True and data["attack"] is None
 
 
+@pytest.mark.slow
 def test_config_file_with_flag_override(tmp_path: Path) -> None:
     shutil.copy(SAMPLES / "digits_dense.onnx", tmp_path / "model.onnx")
     shutil.copy(SAMPLES / "digits_test.npz", tmp_path / "test.npz")
@@ -89,6 +92,7 @@ def test_lipcert_toml_unknown_key_is_an_error(tmp_path: Path) -> None:
     assert "unknown key 'min-clean-accuracy'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_baseline_regression_gate(tmp_path: Path) -> None:
     base = tmp_path / "base"
     first = run_cli("report", str(SAMPLES / "digits_conv.onnx"), "--data", DATA, "--eps", "36/255,72/255",
@@ -114,11 +118,13 @@ def test_bad_configuration_exits_2(tmp_path: Path, args: list[str]) -> None:
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_no_color_plain_text(tmp_path: Path) -> None:
     result = run_cli("verify", str(SAMPLES / "digits_dense.onnx"))
     assert "\x1b[" not in result.stdout
 
 
+@pytest.mark.slow
 def test_bound_from_the_config_file_is_named_as_such(tmp_path: Path) -> None:
     shutil.copy(SAMPLES / "digits_broken.onnx", tmp_path / "model.onnx")
     (tmp_path / "lipcert.toml").write_text('model = "model.onnx"\n\n[verify]\nbound = 3.0\n')

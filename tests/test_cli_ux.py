@@ -149,7 +149,7 @@ def _interrupted_checkpoint(out: Path) -> int:
     """The checkpoint ``lipcert report DENSE --no-attack --batch-size 64`` leaves when stopped after 3 batches."""
     from lipcert import certify, load_model
 
-    certify(load_model(DENSE), DATA, "36/255,72/255,108/255", batch_size=64, checkpoint_dir=out)
+    certify(load_model(DENSE), DATA, "36/255,72/255,108/255", batch_size=64, checkpoint_dir=out, attack=False)
     files = sorted((out / ".lipcert-checkpoint").glob("batch-*.npz"))
     for f in files[3:]:
         f.unlink()
@@ -186,6 +186,7 @@ def test_resume_without_a_checkpoint_says_so(capsys, tmp_path: Path) -> None:
     assert code == 0 and f"--resume: no checkpoint in {tmp_path}; starting from the beginning" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_continue_and_keeps_the_checkpoint(tmp_path: Path) -> None:
     env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
     args = [DENSE, "--data", DATA, "--batch-size", "32", "--attack-steps", "50",
@@ -207,10 +208,10 @@ def test_ctrl_c_says_how_to_continue_and_keeps_the_checkpoint(tmp_path: Path) ->
 
 
 def test_progress_log_lines_name_phases_with_speed_and_move_within_a_batch(capsys, monkeypatch, tmp_path: Path) -> None:
-    from lipcert.report import render
+    from lipcert.cli import progress as cli_progress
 
-    monkeypatch.setattr(render, "LOG_INTERVAL", 0.0)
-    monkeypatch.setattr(render, "LOG_TICK", 0.02)
+    monkeypatch.setattr(cli_progress, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(cli_progress, "LOG_TICK", 0.02)
     code, _, err = run_main(capsys, "report", DENSE, "--data", DATA, "--eps", "36/255,72/255", "--batch-size", "1024",
                             "--attack-steps", "10", "--attack-restarts", "1", "--out", str(tmp_path))
     assert code == 0, err
@@ -231,9 +232,9 @@ def test_progress_log_lines_name_phases_with_speed_and_move_within_a_batch(capsy
 
 
 def test_progress_is_silent_with_quiet_and_json(capsys, monkeypatch, tmp_path: Path) -> None:
-    from lipcert.report import render
+    from lipcert.cli import progress as cli_progress
 
-    monkeypatch.setattr(render, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(cli_progress, "LOG_INTERVAL", 0.0)
     for i, flag in enumerate(("-q", "--json=-")):
         code, _, err = run_main(capsys, "report", DENSE, "--data", DATA, "--eps", "36/255", "--no-attack", "--out",
                                 str(tmp_path / str(i)), flag)

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import pickle
-import struct
 import tracemalloc
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.numpy import save_file
 
 from lipcert.data import check_fits, open_dataset
 from lipcert.data.base import DatasetInfo
 from lipcert.errors import DataError, LipcertError
 
-RNG = np.random.default_rng(0)
-
+from .conftest import RNG, u8, write_cifar10, write_idx, write_images
 
 # ---------------------------------------------------------------- helpers writing each format
-
-
-def u8(*shape: int) -> np.ndarray:
-    return RNG.integers(0, 256, size=shape, dtype=np.uint8)
 
 
 def scaled(x: np.ndarray) -> np.ndarray:
@@ -46,28 +38,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_cifar10(root: Path, train_batches: int = 2, per_batch: int = 5, test: int = 7) -> dict[str, np.ndarray]:
-    """A cifar-10-batches-py folder as the official files are: protocol-2 pickles of dicts with bytes keys."""
-    root.mkdir()
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with open(root / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f, protocol=2)
-    out = {}
-    for name, n in [(f"data_batch_{i + 1}", per_batch) for i in range(train_batches)] + [("test_batch", test)]:
-        data, labels = u8(n, 3072), [int(v) for v in RNG.integers(0, 10, n)]
-        with open(root / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"img%d.png" % i for i in range(n)]}, f, protocol=2)
-        out[name] = (data, np.array(labels))
-    return out
-
-
-def write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    path.write_bytes(gzip.compress(payload) if path.name.endswith(".gz") else payload)
-
-
 def write_mnist(root: Path, gz: bool, n_test: int = 9, n_train: int = 6) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     root.mkdir(exist_ok=True)
     ext = ".gz" if gz else ""
@@ -78,13 +48,6 @@ def write_mnist(root: Path, gz: bool, n_test: int = 9, n_train: int = 6) -> dict
         write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", y)
         out[prefix] = (x, y)
     return out
-
-
-def write_images(root: Path, spec: dict[str, list[tuple[str, np.ndarray]]]) -> None:
-    for cls, images in spec.items():
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for name, array in images:
-            Image.fromarray(array).save(root / cls / name, quality=95, subsampling=0)
 
 
 def smooth(h: int, w: int) -> np.ndarray:

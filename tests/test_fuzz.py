@@ -346,6 +346,7 @@ def _huge_cases(tmp: Path) -> dict[str, Path]:
     return cases
 
 
+@pytest.mark.slow
 def test_cli_refuses_huge_models_within_4gib(tmp_path: Path) -> None:
     for what, path in _huge_cases(tmp_path).items():
         CASES["cli"] += 1

@@ -18,34 +18,7 @@ from lipcert.graph.executor import GraphModule
 from lipcert.model.loader import load_model
 from lipcert.model.spec import SPEC_KEY
 
-from .conftest import export_onnx, run_cli, strip_parametrizations
-
-
-def torchlip_model(kind: str) -> torch.nn.Module:
-    import deel.torchlip as tl
-
-    torch.manual_seed(0)
-    if kind == "conv":
-        model = tl.Sequential(
-            tl.SpectralConv2d(1, 8, 3, padding=1), tl.GroupSort2(),
-            tl.SpectralConv2d(8, 16, 3, stride=2, padding=1), tl.GroupSort(4),
-            tl.ScaledL2NormPool2d(kernel_size=2), torch.nn.Flatten(), tl.SpectralLinear(16 * 2 * 2, 10))
-    else:
-        model = tl.Sequential(torch.nn.Flatten(), tl.SpectralLinear(64, 32), tl.FullSort(),
-                              tl.SpectralLinear(32, 10))
-    return model.vanilla_export().eval()
-
-
-def orthogonium_model() -> torch.nn.Module:
-    from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        AdaptiveOrthoConv2d(1, 8, 3, padding="same", padding_mode="circular"), MaxMin(),
-        AdaptiveOrthoConv2d(8, 16, 2, stride=2, padding=0), MaxMin(),
-        torch.nn.Flatten(), OrthoLinear(16 * 4 * 4, 10))
-    return strip_parametrizations(model.eval())
-
+from .conftest import export_onnx, orthogonium_model, run_cli, torchlip_model
 
 PEERS = {
     "torchlip-conv": lambda: torchlip_model("conv"),
@@ -265,6 +238,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
     for name, (path, needle) in _bad_files(tmp_path).items():
         result = run_cli("inspect", str(path))
@@ -305,5 +279,5 @@ def test_fixed_batch_exports_run_any_batch(tmp_path: Path, dynamo: bool) -> None
     from lipcert.certification.run import certify
 
     report = certify(graph, Path(__file__).parent.parent / "sample_models" / "digits_test.npz", "36/255",
-                     batch_size=64, backend="onnxruntime")
+                     batch_size=64, backend="onnxruntime", attack=False)
     assert report.num_samples == 540

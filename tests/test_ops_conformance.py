@@ -1,6 +1,6 @@
 """Operator-by-operator conformance of lipcert's torch executor against onnxruntime (the reference).
 
-Every operator in ``lipcert.ops.REGISTRY`` is exercised by small ONNX models built with ``onnx.helper``:
+Every operator in ``lipcert.graph.ops.REGISTRY`` is exercised by small ONNX models built with ``onnx.helper``:
 one data input ``x`` with a symbolic batch dimension, constant operands as initializers, the attribute
 variants real exporters produce, at several opsets. The executor must match onnxruntime (CPU, graph
 optimisations off) within 1e-5 relative (to the largest reference entry) in float32, and the float64

@@ -31,8 +31,7 @@ from lipcert.cli.app import main
 from lipcert.graph.executor import GraphModule
 from lipcert.report.render import FILES
 
-from .conftest import SAMPLES, export_onnx, run_cli
-from .test_data import write_cifar10, write_idx, write_images
+from .conftest import SAMPLES, export_onnx, run_cli, write_cifar10, write_idx, write_images
 
 DIGITS = SAMPLES / "digits_test.npz"
 EPS = "0,36/255,72/255,108/255,1"
@@ -220,7 +219,7 @@ def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
     rep = digits[name][1]
     data = np.load(DIGITS)
     x, y = data["x"], data["y"]
-    result = certify(load_model(SAMPLES / name), DIGITS, EPS, lipschitz=rep["bound"]["value"])
+    result = certify(load_model(SAMPLES / name), DIGITS, EPS, lipschitz=rep["bound"]["value"], attack=False)
     assert result.bound["rule"] == "sqrt(2) margin"
     declared = {**rep, "bound": result.bound, "backend": result.backend}
     expect = radii(ort_logits(SAMPLES / name, x), x, rep["bound"], None, allowance(SAMPLES / name, x, declared))
@@ -270,6 +269,7 @@ def test_quiet_prints_one_summary_line(digits, tmp_path: Path) -> None:
                                           + ": all gates pass"]
 
 
+@pytest.mark.slow
 def test_declared_bound_on_the_broken_model(tmp_path: Path) -> None:
     _, declared = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "a", "--lipschitz", "1.0", "--eps", "36/255",
                          "--no-require-claim")
@@ -448,6 +448,7 @@ def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subpro
         return {case: (run.result(), cases[case][0] / "out") for case, run in runs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input(bad_runs, case: str) -> None:
     if case == "no cuda" and torch.cuda.is_available():
@@ -577,9 +578,9 @@ def test_skip_bad_samples_checkpoint_and_resume(tmp_path: Path) -> None:
             == {k: v for k, v in full.to_dict().items() if k not in volatile})
     assert torch.equal(resumed.samples.indices, full.samples.indices)
     assert torch.equal(resumed.samples.radii, full.samples.radii)
-    certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, skip_bad_samples=True)
+    certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, skip_bad_samples=True, attack=False)
     with pytest.raises(ConfigError, match="was made with --skip-bad-samples"):
-        certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, resume=True)
+        certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, resume=True, attack=False)
 
 
 def test_skip_bad_samples_still_fails_on_whole_file_faults(tmp_path: Path) -> None:

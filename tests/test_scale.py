@@ -17,6 +17,8 @@ import pytest
 
 from .conftest import SAMPLES, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs lipcert (several times, some under torchrun) as subprocesses
+
 ARGS = [str(SAMPLES / "digits_conv.onnx"), "--data", str(SAMPLES / "digits_test.npz"), "--eps", "36/255,72/255",
         "--attack-steps", "10", "--attack-restarts", "1", "--backend", "torch", "-q"]
 VOLATILE = {"timings", "created"}

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from lipcert.graph.ops import REGISTRY
 
 from .soundness import oracle
-from .soundness.generator import BLOCKS, HypothesisDraw, RandomDraw, draw_program, focus_cases
+from .soundness.generator import HypothesisDraw, RandomDraw, draw_program, focus_cases
 
 PROFILE = os.environ.get("LIPCERT_SOUNDNESS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
@@ -99,6 +99,7 @@ def test_block(tmp_path: Path, kind: str, variant: str | None) -> None:
     run()
 
 
+@pytest.mark.slow
 def test_random_programs(tmp_path: Path) -> None:
     """Programs of 1 to 4 blocks drawn from every kind (patterns and broadcasting favoured)."""
 

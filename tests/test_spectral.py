@@ -15,19 +15,14 @@ from lipcert.bounds.spectral import (
     kernel_matrix_norm,
     upper_bound,
 )
-from lipcert.graph.linop import from_function
+from lipcert.graph.linop import ConvStructure, DiagStructure, MatrixStructure, ScalarStructure, from_function
+
+from .conftest import dense_norm
 
 CONV = {1: F.conv1d, 2: F.conv2d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
 LOW = 1 - 1e-12  # a sound bound is never below the true norm (beyond float64 noise in the reference)
 HIGH = 1 + ROUNDING_MARGIN + 1e-12  # an exact value is the norm raised by the documented margin, no more
-
-
-def dense_norm(fn, in_shape: tuple[int, ...]) -> float:
-    """||fn||_2 from the explicit matrix, built by applying fn to identity columns."""
-    n = math.prod(in_shape)
-    cols = fn(torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)).reshape(n, -1).T
-    return float(torch.linalg.matrix_norm(cols, ord=2))
 
 
 def torch_pads(pads: tuple[int, ...]) -> list[int]:
@@ -62,9 +57,8 @@ def conv_case(nd, c_in, c_out, k, n, *, stride=1, pads=None, dilation=1, groups=
 
     in_shape = (c_in, *n)
     out_shape = tuple(fn(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
-    structure = {"weight": w, "stride": stride, "pads": pads, "dilation": dilation, "groups": groups,
-                 "circular": circular, "input_spatial": n, "transpose": transpose,
-                 "output_padding": output_padding}
+    structure = ConvStructure(weight=w, stride=stride, pads=pads, dilation=dilation, groups=groups,
+                              circular=circular, input_spatial=n, transpose=transpose, output_padding=output_padding)
     return fn, from_function(fn, in_shape, out_shape, kind="conv", structure=structure)
 
 
@@ -216,7 +210,7 @@ def test_schur_bound_on_overlapping_avgpool(count_include_pad) -> None:
 def test_matrix_kind_svd_and_gram() -> None:
     gen = torch.Generator().manual_seed(4)
     m = torch.randn(12, 20, generator=gen, dtype=torch.float64)
-    op = from_function(lambda x: x @ m.T, (3, 20), (3, 12), kind="matrix", structure={"matrix": m})
+    op = from_function(lambda x: x @ m.T, (3, 20), (3, 12), kind="matrix", structure=MatrixStructure(matrix=m))
     true = dense_norm(op.forward, op.in_shape)  # the operator on (3, 20) has the norm of M
     exact = upper_bound(op)
     assert exact.method == "svd" and exact.exact and true * LOW <= exact.value <= true * HIGH
@@ -227,10 +221,10 @@ def test_matrix_kind_svd_and_gram() -> None:
 
 def test_structural_kinds() -> None:
     scale = torch.tensor([[0.5], [-3.0], [2.0]], dtype=torch.float64)
-    diag = from_function(lambda x: x * scale, (3, 4), (3, 4), kind="diag", structure={"scale": scale})
+    diag = from_function(lambda x: x * scale, (3, 4), (3, 4), kind="diag", structure=DiagStructure(scale=scale))
     up = math.nextafter  # one ulp up: the factor may be a rounded product of merged scales
     assert upper_bound(diag).value == up(3.0, math.inf) == pytest.approx(dense_norm(diag.forward, (3, 4)))
-    scalar = from_function(lambda x: -2.5 * x, (5,), (5,), kind="scalar", structure={"value": -2.5})
+    scalar = from_function(lambda x: -2.5 * x, (5,), (5,), kind="scalar", structure=ScalarStructure(value=-2.5))
     assert upper_bound(scalar).value == up(2.5, math.inf)
     iso = from_function(lambda x: x.reshape(x.shape[0], 6), (2, 3), (6,), kind="isometry")
     assert upper_bound(iso).value == 1.0 and upper_bound(iso).exact
@@ -253,7 +247,7 @@ def test_chain_dense_and_product() -> None:
     fn, conv = conv_case(nd=2, c_in=2, c_out=3, k=3, n=5, stride=2, pads=(1, 1, 1, 1))
     scale = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64).reshape(3, 1, 1)
     diag = from_function(lambda x: x * scale, conv.out_shape, conv.out_shape, kind="diag",
-                         structure={"scale": scale})
+                         structure=DiagStructure(scale=scale))
     chain = conv.then(diag)
     true = dense_norm(chain.forward, chain.in_shape)
     svd = upper_bound(chain)

@@ -18,8 +18,7 @@ from lipcert.graph.core import Node
 from lipcert.graph.ops import REGISTRY
 from lipcert.model.loader import load_model
 
-from .conftest import SAMPLES, export_onnx, run_cli, strip_parametrizations
-from .test_loading import orthogonium_model, torchlip_model
+from .conftest import SAMPLES, export_onnx, orthogonium_model, run_cli, strip_parametrizations, torchlip_model
 
 
 @pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx", "digits_conv.safetensors",
@@ -41,6 +40,7 @@ def test_broken_model_is_violated_and_names_the_conv(name: str) -> None:
     assert broken[0].lower > 2.0 and broken[0].upper >= broken[0].lower
 
 
+@pytest.mark.slow
 def test_cli_verify_exit_codes_and_json(tmp_path: Path) -> None:
     ok = run_cli("verify", str(SAMPLES / "digits_dense.onnx"), "--json", str(tmp_path / "v.json"))
     assert ok.returncode == 0, ok.stderr
@@ -365,7 +365,7 @@ def test_empirical_budget_stops_the_search_and_progress_reports_every_phase() ->
     layers = [c for c in calls if c[0] == "layer bounds"]
     assert [c[1] for c in layers] == list(range(1, layers[0][2] + 1))
     assert any(c[0].startswith("empirical search") for c in calls)
-    with pytest.raises(Exception, match="--empirical-budget"):
+    with pytest.raises(Exception, match="empirical_budget must be a positive number of seconds"):
         verify(graph, empirical_budget=0.0)
 
 

@@ -1,4 +1,5 @@
-"""The whole decomposition of a graph into bounded steps: patterns first, one step per node, linear regions and fused chains."""
+"""The whole decomposition of a graph into bounded steps: patterns first, one step per node, linear regions and fused
+chains."""
 
 from __future__ import annotations
 

@@ -22,66 +22,69 @@ from dataclasses import replace
 
 import torch
 
-from lipcert.graph.linop import LinearOperator
-
-CORE_KEYS = ("core", "loose_in", "loose_out", "inexact")
+from lipcert.graph.linop import (
+    ChainStructure,
+    DiagStructure,
+    IsometryStructure,
+    LinearOperator,
+    MatrixStructure,
+    NonnegativeStructure,
+    ScalarStructure,
+    Structure,
+)
 
 
 def core(op: LinearOperator) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The input and output shapes that ``op.structure`` describes."""
-    return op.structure.get("core", (tuple(op.in_shape), tuple(op.out_shape)))
+    return op.structure.core if op.structure.core is not None else (tuple(op.in_shape), tuple(op.out_shape))
 
 
 def _aligned(a: LinearOperator, b: LinearOperator) -> bool:
     """Whether ``a``'s structure ends in the coordinates where ``b``'s structure starts."""
-    return (not a.structure.get("loose_out") and not b.structure.get("loose_in")
+    return (not a.structure.loose_out and not b.structure.loose_in
             and tuple(core(a)[1]) == tuple(core(b)[0]))
 
 
-def _own(structure: dict) -> dict:
-    return {k: v for k, v in structure.items() if k not in CORE_KEYS}
+def _wrap(op: LinearOperator) -> bool:
+    """Whether ``op`` is a wrap pad (a ``Pad`` in mode wrap, or torch's Slice/Concat export of one)."""
+    return op.kind == "nonnegative" and op.structure.mode == "wrap"
 
 
-def _joined(a: LinearOperator, b: LinearOperator, kind: str, structure: dict) -> LinearOperator:
+def _joined(a: LinearOperator, b: LinearOperator, kind: str, structure: Structure) -> LinearOperator:
     """``b o a`` (structures aligned) described by one ``structure`` running from a's core input to b's output."""
-    flags = {"core": (core(a)[0], core(b)[1])}
-    for key, source in (("loose_in", a), ("loose_out", b)):
-        if source.structure.get(key):
-            flags[key] = True
-    if a.structure.get("inexact") or b.structure.get("inexact"):
-        flags["inexact"] = True
-    return replace(a.then(b), kind=kind, structure={**_own(structure), **flags})
+    merged = replace(structure, core=(core(a)[0], core(b)[1]), loose_in=a.structure.loose_in,
+                     loose_out=b.structure.loose_out, inexact=a.structure.inexact or b.structure.inexact)
+    return replace(a.then(b), kind=kind, structure=merged)
 
 
-def _with_scalar(a: LinearOperator, b: LinearOperator, kind: str, structure: dict) -> LinearOperator:
+def _with_scalar(a: LinearOperator, b: LinearOperator, kind: str, structure: Structure) -> LinearOperator:
     """``b o a`` where one side is a scalar: the other side's coordinates, with the scalar's losses on its side."""
     scalar_first = a.kind == "scalar"
-    scalar, other = (a, b) if scalar_first else (b, a)
-    flags = {k: v for k, v in other.structure.items() if k in CORE_KEYS}
-    flags.setdefault("core", core(other))
-    if scalar.structure.get("loose_in") or scalar.structure.get("loose_out"):
-        flags["loose_in" if scalar_first else "loose_out"] = True
-    if scalar.structure.get("inexact") or (scalar.structure.get("norm_only") and kind != "scalar"):
-        flags["inexact"] = True  # a pooling counted as its norm: ||X P|| <= ||P|| ||X||, not equal
-    merged = {**_own(structure), **flags}
-    if kind == "scalar" and (a.structure.get("norm_only") or b.structure.get("norm_only")):
-        merged["norm_only"] = True
+    scalar, other = (a.structure, b.structure) if scalar_first else (b.structure, a.structure)
+    lost = scalar.loose_in or scalar.loose_out
+    merged = replace(structure, core=core(b if scalar_first else a),
+                     loose_in=other.loose_in or (lost and scalar_first),
+                     loose_out=other.loose_out or (lost and not scalar_first),
+                     # a pooling counted as its norm: ||X P|| <= ||P|| ||X||, not equal
+                     inexact=other.inexact or scalar.inexact or (scalar.norm_only and kind != "scalar"))
+    if kind == "scalar":
+        merged = replace(merged, norm_only=a.structure.norm_only or b.structure.norm_only)
     return replace(a.then(b), kind=kind, structure=merged)
 
 
 def _absorb(a: LinearOperator, b: LinearOperator) -> LinearOperator:
     """``b o a`` where one side is an isometry: the other side's structure, the isometry noted on its side."""
     if a.kind == "isometry" and b.kind == "isometry":
-        flat = bool(a.structure.get("flat") and b.structure.get("flat"))
-        onto = bool(a.structure.get("onto") and b.structure.get("onto"))
-        return replace(a.then(b), kind="isometry", structure={"flat": flat, "onto": onto})
+        structure = IsometryStructure(flat=a.structure.flat and b.structure.flat,
+                                      onto=a.structure.onto and b.structure.onto)
+        return replace(a.then(b), kind="isometry", structure=structure)
     iso, kept = (a, b) if a.kind == "isometry" else (b, a)
-    structure = dict(kept.structure)
-    structure["core"] = core(kept)
-    if not iso.structure.get("flat"):
-        structure["loose_in" if iso is a else "loose_out"] = True
-    if iso is a and not iso.structure.get("onto"):
-        structure["inexact"] = True  # ||X P|| <= ||X|| for an isometry P that is not onto (zero padding)
+    own = kept.structure
+    moved = not iso.structure.flat
+    structure = replace(own, core=core(kept), loose_in=own.loose_in or (moved and iso is a),
+                        loose_out=own.loose_out or (moved and iso is b),
+                        # ||X P|| <= ||X|| for an isometry P that is not onto (zero padding)
+                        inexact=own.inexact or (iso is a and not iso.structure.onto))
     return replace(a.then(b), kind=kept.kind, structure=structure)
 
 
@@ -92,54 +95,54 @@ def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | Non
     conv's spatial axes, by at most the axis length, and the conv is not transposed and unpadded. Then
     output o reads x[(s o + d t - begin) mod n], which is what ``spectral`` bounds as circular."""
     s = conv.structure
-    if s.get("transpose") or any(s["pads"]) or pad.structure.get("mode") != "wrap" or not _aligned(pad, conv):
+    if s.transpose or any(s.pads) or not _wrap(pad) or not _aligned(pad, conv):
         return None
-    pads = pad.structure["pads"]
+    pads = pad.structure.pads
     pad_in = core(pad)[0]
     rank = len(pad_in) + 1
-    nd = len(s["input_spatial"])
+    nd = len(s.input_spatial)
     if len(pads) != 2 * rank or any(pads[i] or pads[rank + i] for i in range(rank - nd)):
         return None
-    w = s["weight"]
+    w = s.weight
     for i in range(nd):
-        extent = (w.shape[2 + i] - 1) * s["dilation"][i] + 1
+        extent = (w.shape[2 + i] - 1) * s.dilation[i] + 1
         begin, end = pads[rank - nd + i], pads[2 * rank - nd + i]
         if begin + end != extent - 1 or max(begin, end) > pad_in[1 + i]:
             return None  # a wrap pad longer than the axis copies entries twice: not a circular shift
-    structure = {**s, "circular": True, "input_spatial": tuple(pad_in[1:]),
-                 "pads": tuple(pads[rank - nd:rank]) + tuple(pads[2 * rank - nd:])}
+    structure = replace(s, circular=True, input_spatial=tuple(pad_in[1:]),
+                        pads=tuple(pads[rank - nd:rank]) + tuple(pads[2 * rank - nd:]))
     return _joined(pad, conv, "conv", structure)
 
 
 def _wrap_pair(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     """Two wrap pads on disjoint axes (torch pads H, then W): one wrap pad, since each axis' index map
     (p - begin) mod n is independent of the others. The same axis padded twice is not a wrap pad: None."""
-    pa, pb = a.structure["pads"], b.structure["pads"]
+    pa, pb = a.structure.pads, b.structure.pads
     rank = len(pa) // 2
     if len(pb) != len(pa) or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
         return None
-    return _joined(a, b, "nonnegative", {"mode": "wrap", "pads": [p + q for p, q in zip(pa, pb)]})
+    return _joined(a, b, "nonnegative", NonnegativeStructure(mode="wrap", pads=tuple(p + q for p, q in zip(pa, pb))))
 
 
 def _scale_of(op: LinearOperator) -> torch.Tensor | float | None:
     """The factor of a scalar (a float) or diagonal (a tensor) operator; None for any other kind."""
     if op.kind == "scalar":
-        return float(op.structure["value"])
+        return float(op.structure.value)
     if op.kind == "diag":
-        return op.structure["scale"]
+        return op.structure.scale
     return None
 
 
 def _scaled_weight(conv: LinearOperator, scale: torch.Tensor, before: bool) -> torch.Tensor | None:
     """The conv weight with a scale folded in (per output channel after it, per input channel before)."""
     s = conv.structure
-    w = s["weight"].double()
-    nd = len(s["input_spatial"])
+    w = s.weight.double()
+    nd = len(s.input_spatial)
     channel_axis_ok = scale.dim() == nd + 1 and all(d == 1 for d in scale.shape[1:])
-    if not channel_axis_ok or s["groups"] != 1:
+    if not channel_axis_ok or s.groups != 1:
         return None
     c = scale.reshape(-1).double()
-    out_axis, in_axis = (1, 0) if s.get("transpose") else (0, 1)
+    out_axis, in_axis = (1, 0) if s.transpose else (0, 1)
     axis = in_axis if before else out_axis
     if c.numel() != w.shape[axis]:
         return None
@@ -152,23 +155,23 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     """One operator for ``b o a`` with a known structure, or None when the pair does not simplify."""
     if b.kind == "isometry" or a.kind == "isometry":
         return _absorb(a, b)
-    if a.structure.get("mode") == "wrap" and b.kind == "conv":
+    if _wrap(a) and b.kind == "conv":
         return _circular(a, b)
-    if a.structure.get("mode") == b.structure.get("mode") == "wrap" and _aligned(a, b):
+    if _wrap(a) and _wrap(b) and _aligned(a, b):
         return _wrap_pair(a, b)
     sa, sb = _scale_of(a), _scale_of(b)
     if isinstance(sa, float) or isinstance(sb, float):
         scalar = sa if isinstance(sa, float) else sb
         other, other_scale = (b, sb) if isinstance(sa, float) else (a, sa)
         if isinstance(other_scale, float):
-            return _with_scalar(a, b, "scalar", {"value": sa * sb})
+            return _with_scalar(a, b, "scalar", ScalarStructure(value=sa * sb))
         if other_scale is not None:
-            return _with_scalar(a, b, "diag", {"scale": torch.as_tensor(other_scale).double() * scalar})
+            return _with_scalar(a, b, "diag", DiagStructure(scale=torch.as_tensor(other_scale).double() * scalar))
         if other.kind == "conv":
-            weight = other.structure["weight"].double() * scalar
-            return _with_scalar(a, b, "conv", {**other.structure, "weight": weight})
+            weight = other.structure.weight.double() * scalar
+            return _with_scalar(a, b, "conv", replace(other.structure, weight=weight))
         if other.kind == "matrix":
-            return _with_scalar(a, b, "matrix", {"matrix": other.structure["matrix"].double() * scalar})
+            return _with_scalar(a, b, "matrix", MatrixStructure(matrix=other.structure.matrix.double() * scalar))
         return None
     if not _aligned(a, b):
         return None
@@ -176,15 +179,15 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
         if conv.kind == "conv" and scale is not None:
             weight = _scaled_weight(conv, scale, before)
             if weight is not None:
-                return _joined(a, b, "conv", {**conv.structure, "weight": weight})
+                return _joined(a, b, "conv", replace(conv.structure, weight=weight))
     for mat, scale, before in ((b, sa, True), (a, sb, False)):
         if mat.kind == "matrix" and isinstance(scale, torch.Tensor):
-            weight = _scaled_matrix(mat.structure["matrix"], scale, before)
+            weight = _scaled_matrix(mat.structure.matrix, scale, before)
             if weight is not None:
-                return _joined(a, b, "matrix", {"matrix": weight})
+                return _joined(a, b, "matrix", MatrixStructure(matrix=weight))
     if a.kind == "matrix" and b.kind == "matrix":
-        product = b.structure["matrix"].double() @ a.structure["matrix"].double()
-        return _joined(a, b, "matrix", {"matrix": product})
+        product = b.structure.matrix.double() @ a.structure.matrix.double()
+        return _joined(a, b, "matrix", MatrixStructure(matrix=product))
     return None
 
 
@@ -204,7 +207,7 @@ def refine(op: LinearOperator) -> LinearOperator:
     if op.kind != "chain":
         return op
     merged: list[LinearOperator] = []
-    for part in op.structure["parts"]:
+    for part in op.structure.parts:
         combined = _merge(merged[-1], part) if merged else None
         if combined is not None:
             merged[-1] = combined
@@ -212,4 +215,4 @@ def refine(op: LinearOperator) -> LinearOperator:
             merged.append(part)
     if len(merged) == 1:
         return replace(op, kind=merged[0].kind, structure=merged[0].structure)
-    return replace(op, structure={"parts": merged})
+    return replace(op, structure=ChainStructure(parts=tuple(merged)))

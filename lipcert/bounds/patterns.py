@@ -14,11 +14,12 @@ from typing import Callable
 import torch
 
 from lipcert.bounds import spectral
+from lipcert.bounds.fusion import core as core_shapes
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.spectral import mul_up
 from lipcert.bounds.steps import Context, Part, Step, repetitions
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.linop import LinearOperator, NonnegativeStructure, ScalarStructure, from_function
 from lipcert.graph.ops import REGISTRY
 from lipcert.graph.ops.base import EXACT, Rounding
 
@@ -338,7 +339,7 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
         return torch.cat([v.narrow(axis, size - p_begin, p_begin), v, v.narrow(axis, 0, p_end)], dim=axis)
 
     operator = from_function(forward, shape, out_shape, kind="nonnegative", name=node.name,
-                             structure={"mode": "wrap", "pads": pads})
+                             structure=NonnegativeStructure(mode="wrap", pads=tuple(pads)))
     return Step("linear", "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
                 operator=operator, parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
 
@@ -407,10 +408,9 @@ class SllCheck:
 
 def _plain(op: LinearOperator) -> bool:
     """Whether a refined operator's structure describes exactly the chain, in the chain's own coordinates."""
-    s = op.structure
-    return not (s.get("loose_in") or s.get("loose_out") or s.get("inexact")) and \
-        tuple(s.get("core", (op.in_shape, op.out_shape))[0]) == tuple(op.in_shape) and \
-        tuple(s.get("core", (op.in_shape, op.out_shape))[1]) == tuple(op.out_shape)
+    s, (c_in, c_out) = op.structure, core_shapes(op)
+    return not (s.loose_in or s.loose_out or s.inexact) and \
+        tuple(c_in) == tuple(op.in_shape) and tuple(c_out) == tuple(op.out_shape)
 
 
 def _diagonal_fit(a_cols: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -431,7 +431,7 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     if not (_plain(a) and _plain(b)) or a.kind != b.kind:
         return None
     if a.kind == "matrix":
-        ma, mb = a.structure["matrix"].double(), b.structure["matrix"].double()
+        ma, mb = a.structure.matrix.double(), b.structure.matrix.double()
         if ma.shape != mb.T.shape:
             return None
         fit = _diagonal_fit(ma.T, mb)
@@ -443,11 +443,12 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     if a.kind != "conv":
         return None
     sa, sb = a.structure, b.structure
-    same = all(tuple(sa[k]) == tuple(sb[k]) for k in ("stride", "pads", "dilation")) and sa["groups"] == sb["groups"]
-    if not (same and sa["transpose"] and not sb["transpose"] and not sa["circular"] and not sb["circular"]
-            and not any(sa["output_padding"]) and sa["weight"].shape == sb["weight"].shape):
+    same = (tuple(sa.stride) == tuple(sb.stride) and tuple(sa.pads) == tuple(sb.pads)
+            and tuple(sa.dilation) == tuple(sb.dilation) and sa.groups == sb.groups)
+    if not (same and sa.transpose and not sb.transpose and not sa.circular and not sb.circular
+            and not any(sa.output_padding) and sa.weight.shape == sb.weight.shape):
         return None
-    wa, wb = sa["weight"].double(), sb["weight"].double()
+    wa, wb = sa.weight.double(), sb.weight.double()
     fit = _diagonal_fit(wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1))
     if fit is None:
         return None
@@ -455,7 +456,7 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     view = (-1,) + (1,) * (wb.dim() - 1)
 
     def bound(op: LinearOperator, weight: torch.Tensor) -> float:
-        return spectral.conv_upper_bound(replace(op, structure={**op.structure, "weight": weight}))
+        return spectral.conv_upper_bound(replace(op, structure=replace(op.structure, weight=weight)))
 
     return SllCheck(bound(b, s.sqrt().reshape(view) * wb), bound(b, wb), bound(a, residual.reshape(wa.shape)),
                     "convolutions, by DFT")
@@ -492,8 +493,8 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         a_nodes, act, b_nodes = found
         (a_op, a_parts), (b_op, b_parts) = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
         a_signed = a_op if node.op == "Sub" else a_op.then(
-            from_function(lambda v: -v, a_op.out_shape, a_op.out_shape, kind="scalar", structure={"value": -1.0},
-                          adjoint=lambda v: -v))
+            from_function(lambda v: -v, a_op.out_shape, a_op.out_shape, kind="scalar",
+                          structure=ScalarStructure(value=-1.0), adjoint=lambda v: -v))
         a_ref, b_ref = refine(a_signed), refine(b_op)
         check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
         if check is None or check.residual > 1e-5 * max(check.b_norm, 1e-30):

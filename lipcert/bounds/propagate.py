@@ -1,4 +1,5 @@
-"""Bounds each step of the decomposed graph (sound upper bound, power-iteration lower estimate) and propagates them into the network bound."""
+"""Bounds each step of the decomposed graph (sound upper bound, power-iteration lower estimate) and propagates them
+into the network bound."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ from lipcert.bounds.spectral import UpperBound, mul_up, upper_bound
 from lipcert.bounds.steps import Step
 from lipcert.errors import SelfCheckError
 from lipcert.graph.core import Graph
+from lipcert.graph.linop import LinearOperator
+from lipcert.graph.ops import REGISTRY
 from lipcert.model.fold import data_dependent
 from lipcert.progress import StepCallback
 
-#: operators that name a layer row, by priority (the rest of a fused chain is reshaping and padding)
-MAIN_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "AveragePool", "GlobalAveragePool",
-            "Mul", "Div", "Pad", "Concat"]
+
+def _row_priority(op: str | None) -> int | None:
+    """How strongly an operator names the row of a step it is in (``Op.row_priority``; smaller first): None never."""
+    entry = REGISTRY.get(op)
+    return None if entry is None else entry.row_priority
 
 
 
@@ -31,7 +36,7 @@ def _svd_start(op) -> torch.Tensor:
     """The top right singular vector of the operator's matrix (for a matrix on the last axis: A^T applied to
     its top left singular vector at the first position): a start that needs no iterations."""
     if op.kind == "matrix":
-        matrix = op.structure["matrix"].double()
+        matrix = op.structure.matrix.double()
         left = torch.linalg.svd(matrix, full_matrices=False).U[:, 0]
         target = torch.zeros(op.out_numel, dtype=torch.float64)
         target[: left.numel()] = left
@@ -45,15 +50,15 @@ def _fft_starts(op) -> torch.Tensor | None:
     """For a stride-1 circular 2-D convolution: real inputs built from the top singular vector of the
     kernel's DFT at its worst frequency (for both sign conventions of the DFT), which attain the norm."""
     s = op.structure
-    if op.kind != "conv" or not s.get("circular") or s.get("transpose") or s["groups"] != 1 \
-            or len(s["input_spatial"]) != 2 or any(st != 1 for st in s["stride"]) or s.get("loose_in"):
+    if op.kind != "conv" or not s.circular or s.transpose or s.groups != 1 \
+            or len(s.input_spatial) != 2 or any(st != 1 for st in s.stride) or s.loose_in:
         return None
-    h, w = s["input_spatial"]
-    weight = s["weight"].double()
+    h, w = s.input_spatial
+    weight = s.weight.double()
     if weight.shape[1] * h * w != op.in_numel:  # the structure's input is not the chain's, up to a reshape
         return None
     grid = torch.zeros(weight.shape[:2] + (h, w), dtype=torch.float64)
-    dh, dw = s["dilation"]
+    dh, dw = s.dilation
     for p in range(weight.shape[2]):
         for q in range(weight.shape[3]):
             grid[:, :, (p * dh) % h, (q * dw) % w] += weight[:, :, p, q]
@@ -79,15 +84,17 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
     shapes = graph.value_shapes
     in_shape = list(shapes[step.inputs[0]]) if step.inputs and step.inputs[0] in shapes else None
     out_shape = list(shapes[step.output]) if step.output in shapes else None
-    main = sorted((n for n in step.nodes if graph_ops.get(n) in MAIN_OPS), key=lambda n: MAIN_OPS.index(graph_ops[n]))
+    main = sorted((n for n in step.nodes if _row_priority(graph_ops.get(n)) is not None),
+                  key=lambda n: _row_priority(graph_ops[n]))
     name = (main or step.nodes)[0]
     if step.kind == "linear":
         op = refine(step.operator)
         region = "substeps" in step.details
         label = graph_ops.get(name, step.label)
-        if op.kind == "conv" and op.structure.get("circular"):
+        if op.kind == "conv" and op.structure.circular:
             label += " (circular padding)"
-        others = sorted({graph_ops[n] for n in step.nodes} & set(MAIN_OPS) - {graph_ops.get(name), "Pad", "Concat"})
+        others = sorted({o for o in (graph_ops[n] for n in step.nodes)
+                         if _row_priority(o) is not None and REGISTRY[o].row_suffix} - {graph_ops.get(name)})
         step.label = label + "".join(f" + {o}" for o in others)
         if region:
             step.label = "linear region (" + " + ".join(sorted({graph_ops[n] for n in step.nodes})) + ")"
@@ -100,7 +107,7 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
             shape = as_conv(step) if region and ub.method.startswith("fft-circular") else op
             c_in, c_out = core(op)  # the structure's matrix acts on the step's own entries, up to flat reshapes
             plain = math.prod(c_in) == op.in_numel and math.prod(c_out) == op.out_numel and not (
-                op.structure.get("loose_in") or op.structure.get("loose_out"))
+                op.structure.loose_in or op.structure.loose_out)
             init = _svd_start(op) if ub.method == "svd" and (plain or op.kind != "matrix") else (
                 _fft_starts(shape) if ub.method.startswith("fft-circular") else None)
             pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
@@ -239,18 +246,23 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
 def _profile(step: Step, factor: float, profiles: dict[str, partition.Profile]) -> partition.Profile | None:
     """The partition profile of a step of one input: a chain that starts by selecting part of its input, or a
     step applied to a value that has a profile."""
-    if step.kind == "none" or len(step.inputs) != 1 or not math.isfinite(factor):
+    if step.kind == NO_RULE or len(step.inputs) != 1 or not math.isfinite(factor):
         return None
-    first = step.parts[0].operator if step.kind == "linear" and step.parts else None
-    if first is not None and "select" in first.structure:
-        return partition.selection(step.inputs[0], first.structure["select"], factor)
+    first = _selection(step.parts[0].operator) if step.kind == "linear" and step.parts else None
+    if first is not None:
+        return partition.selection(step.inputs[0], first, factor)
     if "substeps" in step.details and step.kind == "linear":  # a linear region that reads parts of its input
-        readers = [s.parts[0].operator.structure.get("select") if s.kind == "linear" and s.parts else None
+        readers = [_selection(s.parts[0].operator) if s.kind == "linear" and s.parts else None
                    for s in step.details["substeps"] if step.inputs[0] in s.inputs]
         if readers and all(readers) and len({axis for axis, _, _ in readers}) == 1:
             return partition.union(step.inputs[0], readers, factor)
     known = profiles.get(step.inputs[0])
     return None if known is None else known.scaled(factor)
+
+
+def _selection(op: LinearOperator | None) -> tuple[int, int, int] | None:
+    """The (axis, start, end) range of one axis that a projection keeps, or None (any other operator)."""
+    return op.structure.select if op is not None and op.kind == "projection" else None
 
 
 

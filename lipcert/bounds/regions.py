@@ -20,7 +20,7 @@ import torch
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, upper_bound
 from lipcert.bounds.steps import Context, Step
-from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.linop import ConvStructure, LinearOperator, from_function
 from lipcert.graph.ops import REGISTRY, RunContext
 
 #: combination nodes that are linear in their data inputs (constants are dropped)
@@ -150,7 +150,7 @@ def region_bound(step: Step, bound_of: callable) -> UpperBound:
     if conv is not None:
         value = conv_upper_bound(conv)
         if math.isfinite(value):
-            return UpperBound(value, "fft-circular (region)" if conv.structure["circular"]
+            return UpperBound(value, "fft-circular (region)" if conv.structure.circular
                               else "fft-embedding (region)", False)
     return UpperBound(_propagated(step, bound_of), "product(region steps)", False)
 
@@ -208,33 +208,33 @@ def as_conv(step: Step) -> LinearOperator | None:
     end = tuple(ki - 1 - b for ki, b in zip(k, form.begin))
     if min(form.begin + end, default=0) < 0:
         return None
-    structure = {"weight": form.weight, "stride": (1,) * len(grid), "pads": form.begin + end,
-                 "dilation": (1,) * len(grid), "groups": 1, "circular": bool(form.circular),
-                 "input_spatial": grid, "transpose": False, "output_padding": (0,) * len(grid)}
+    structure = ConvStructure(weight=form.weight, stride=(1,) * len(grid), pads=form.begin + end,
+                              dilation=(1,) * len(grid), groups=1, circular=bool(form.circular), input_spatial=grid,
+                              transpose=False, output_padding=(0,) * len(grid))
     return replace(step.operator, kind="conv", structure=structure)
 
 
 def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel | None:
     """A linear step on a form: a scale of any form, or a convolution of the region's input itself."""
     s = op.structure
-    if s.get("loose_in") or s.get("loose_out") or s.get("inexact") or s.get("norm_only"):
+    if s.loose_in or s.loose_out or s.inexact or (op.kind == "scalar" and s.norm_only):
         return None
     if op.kind == "scalar":
-        return form.scaled(float(s["value"]))
+        return form.scaled(float(s.value))
     if op.kind == "diag":
-        scale = torch.as_tensor(s["scale"]).double()
+        scale = torch.as_tensor(s.scale).double()
         if scale.dim() == len(grid) + 1 and all(d == 1 for d in scale.shape[1:]) \
                 and scale.shape[0] == form.weight.shape[0]:
             return form.scaled(scale.reshape(-1))
         return None
     identity = form.circular is None and all(n == 1 for n in form.weight.shape[2:]) and \
         torch.equal(form.weight.reshape(form.weight.shape[:2]), torch.eye(form.weight.shape[0], dtype=torch.float64))
-    if op.kind != "conv" or not identity or s.get("transpose") or any(v != 1 for v in s["stride"]) \
-            or any(v != 1 for v in s["dilation"]) or tuple(s["input_spatial"]) != grid \
+    if op.kind != "conv" or not identity or s.transpose or any(v != 1 for v in s.stride) \
+            or any(v != 1 for v in s.dilation) or tuple(s.input_spatial) != grid \
             or tuple(op.out_shape[1:]) != grid:
         return None
-    w = s["weight"].double()
-    groups = int(s["groups"])
+    w = s.weight.double()
+    groups = int(s.groups)
     if groups > 1:  # the block-diagonal kernel of a grouped convolution
         c_out, c_in_g = w.shape[:2]
         full = w.new_zeros((c_out, c_in_g * groups) + tuple(w.shape[2:]))
@@ -243,7 +243,7 @@ def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel 
             full[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
         w = full
     nd = len(grid)
-    return _Kernel(w, tuple(int(p) for p in s["pads"][:nd]), bool(s.get("circular")))
+    return _Kernel(w, tuple(int(p) for p in s.pads[:nd]), bool(s.circular))
 
 
 def _combine(step: Step, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel | None:

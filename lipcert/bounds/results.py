@@ -1,4 +1,5 @@
-"""What ``verify`` answers: per-layer rows (``LayerResult``), the verdict (``VerifyResult``, schema ``lipcert.verify/1``) and the statuses."""
+"""What ``verify`` answers: per-layer rows (``LayerResult``), the verdict (``VerifyResult``, schema
+``lipcert.verify/1``) and the statuses."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ model (else 1), and v_hat the computed value. Around a centre point p, for every
   point x itself, with ||v_hat(x)|| measured during inference and R = r, where ||v(x)|| <= ||v_hat(x)|| + E_v(x)
   (so errors count twice). Either way biases and shifts such as ``(x + 1e6) - 1e6`` count with their real size.
 - **Error of one node.** Given its computed input, a node errs by at most what its ``Rounding`` says
-  (``lipcert.ops.base.Rounding``): gamma_n (|| |W| P || ||u|| + ||b||) for an accumulation of n terms, where P
+  (``lipcert.graph.ops.base.Rounding``): gamma_n (|| |W| P || ||u|| + ||b||) for an accumulation of n terms, where P
   are the exact copies (pads, reshapes) in front of it since the last rounding node and || |W| P || is bounded
   by the Collatz-Wielandt iteration on that non-negative map (|fl(Wu) - Wu| <= gamma_n |W| |u|, Higham ch. 3);
   plus gamma_k of the output's size, or of sqrt(numel), for elementwise functions.
@@ -23,7 +23,7 @@ model (else 1), and v_hat the computed value. Around a centre point p, for every
 Every bound is affine in R: ``Affine(base, slope)``, ||z_hat(x') - z(x')|| <= base + slope R for the logits z.
 ``certify`` turns it into radii. Unknown rounding (an operator without a ``Rounding``, a step without a rule)
 makes it infinite. ``plan`` compiles the analysis once (plain numbers, so it travels to torchrun's processes);
-``evaluate`` runs it for the zero-image centre or for measured per-sample norms.
+``certification.engine`` runs it for the zero-image centre or for measured per-sample norms.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lipcert.bounds.results import NO_RULE
 from lipcert.bounds.spectral import upper_bound
 from lipcert.bounds.steps import Part, Step
 from lipcert.graph.core import Graph
@@ -145,7 +146,7 @@ class Instruction:
 
 @dataclass(frozen=True)
 class ErrorPlan:
-    """The compiled analysis of one network: everything ``evaluate`` needs, as plain numbers."""
+    """The compiled analysis of one network: everything the report engine needs, as plain numbers."""
 
     instructions: tuple[Instruction, ...]
     lipschitz: Mapping[str, float]  # L_v of each data-dependent value, in the model's input space
@@ -156,7 +157,7 @@ class ErrorPlan:
     unit: float  # the unit roundoff of the deployed computation
     normalised: bool  # lipcert normalises the input before the model (two roundings per entry)
     reference: Mapping[str, float] = field(default_factory=dict)  # ||v(c)||, c the zero image
-    needed: tuple[str, ...] = ()  # the values whose norms ``evaluate`` reads
+    needed: tuple[str, ...] = ()  # the values whose norms the report engine reads
 
     def evaluate(self, norms: Mapping[str, object] | None = None) -> Affine:
         """The error bound base + slope R of the logits. Without ``norms``: around the zero image (R =
@@ -208,7 +209,7 @@ class _Evaluation:
 
     def local(self, ins: Instruction, deviations: list[Affine], errors: list[Affine]) -> Affine:
         """The error an instruction's own evaluation adds to its output (its inputs' errors excluded)."""
-        if not ins.known or ins.kind == "none":
+        if not ins.known or ins.kind == NO_RULE:
             return INFINITE
         if ins.kind == "linear":
             return self.chain(ins.inputs[0], ins.sites, deviations[0], errors[0])[0]
@@ -351,7 +352,7 @@ class _Compiler:
         if step.kind == "pattern" and step.details.get("rounding") is not None:
             return Instruction("pattern", inputs, out, factor,
                                sites=(self.rounding_site(out, step.details["rounding"]),))
-        return Instruction("none", inputs, out, factor, known=False)
+        return Instruction(NO_RULE, inputs, out, factor, known=False)
 
     def rounding_site(self, out: str, r) -> Site:
         """A nonlinear node's or pattern's own rounding (relative and absolute terms only)."""

@@ -253,7 +253,7 @@ def _polyphase_kernel(weight: torch.Tensor, factor: Sequence[int], dilation: Seq
 
 
 def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | None:
-    """DFT bound for a ``kind="conv"`` operator, or None if its structure is outside what is handled.
+    """DFT bound for a ``kind="conv"`` operator (its ``ConvStructure``), or None if it is outside what is handled.
 
     Per axis (n = input_spatial, s = stride, d = dilation, (b, e) = pads, k_eff = d*(k-1) + 1), the strided
     conv is rewritten by ``_polyphase_kernel`` as a stride-1 conv over the s phases of its input (the notes'
@@ -277,17 +277,14 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
       rows and the value is exact ("fft-circular").
     """
     s = op.structure
-    w = s.get("weight")
-    if w is None:
-        return None
-    w = w.detach().to(torch.float64)
+    w = s.weight.detach().to(torch.float64)
     nd = w.dim() - 2
-    n = tuple(int(v) for v in s.get("input_spatial", op.in_shape[1:]))
-    stride = tuple(int(v) for v in s.get("stride", (1,) * nd))
-    dil = tuple(int(v) for v in s.get("dilation", (1,) * nd))
-    pads = tuple(int(v) for v in s.get("pads", (0,) * (2 * nd)))
-    groups = int(s.get("groups", 1))
-    circular, transpose = bool(s.get("circular", False)), bool(s.get("transpose", False))
+    n = tuple(int(v) for v in s.input_spatial)
+    stride = tuple(int(v) for v in s.stride)
+    dil = tuple(int(v) for v in s.dilation)
+    pads = tuple(int(v) for v in s.pads)
+    groups = int(s.groups)
+    circular, transpose = bool(s.circular), bool(s.transpose)
     if (circular and transpose) or len(pads) != 2 * nd or min(pads, default=0) < 0 \
             or any(len(t) != nd for t in (n, stride, dil)):
         return None
@@ -348,7 +345,7 @@ def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
     if op.kind not in ("scalar", "diag", "isometry", "projection", "matrix") and _dense_ok(op, dense_limit):
         return _svd_bound(op, device)  # the operator itself, whatever its structure says
     bound = _dispatch(op, device, dense_limit)
-    if bound.exact and op.structure.get("inexact"):  # the structure describes a map of equal or larger norm
+    if bound.exact and op.structure.inexact:  # the structure describes a map of equal or larger norm
         return UpperBound(bound.value, bound.method, False)
     return bound
 
@@ -358,9 +355,9 @@ def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) 
     kind, s = op.kind, op.structure
     # scalars and scales may be float64 products of merged factors: one rounding, covered by one ulp up
     if kind == "scalar":
-        return UpperBound(math.nextafter(abs(float(s["value"])), math.inf), "structural", True)
+        return UpperBound(math.nextafter(abs(float(s.value)), math.inf), "structural", True)
     if kind == "diag":
-        scale = torch.as_tensor(s["scale"]).detach()
+        scale = torch.as_tensor(s.scale).detach()
         value = float(scale.abs().max()) if scale.numel() else 0.0
         return UpperBound(math.nextafter(value, math.inf), "structural", True)
     if kind == "isometry":
@@ -368,7 +365,7 @@ def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) 
     if kind == "projection":
         return UpperBound(1.0, "structural", False)
     if kind == "matrix":
-        return _matrix_bound(s["matrix"], dense_limit, device)
+        return _matrix_bound(s.matrix, dense_limit, device)
     if kind == "conv":
         bound = _conv_bound(op, device)
         if bound is not None:
@@ -376,5 +373,5 @@ def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) 
     if kind == "nonnegative":
         return _schur_bound(op, device)
     if kind == "chain":
-        return _product_bound(s["parts"], device, dense_limit)
+        return _product_bound(s.parts, device, dense_limit)
     return UpperBound(math.inf, "none", False)

@@ -13,22 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lipcert.bounds.results import NO_RULE
 from lipcert.graph.core import Graph, Node
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.linop import LinearOperator
-from lipcert.graph.ops import REGISTRY
+from lipcert.graph.ops import REGISTRY, Op
 from lipcert.graph.ops.base import Rounding
 from lipcert.graph.ops.elementwise import broadcast_norm
 from lipcert.model.fold import data_dependent
-
-#: operators of several data-dependent inputs that combine them: (kind, weight of each input before broadcasting)
-COMBINE = {"Add": "sum", "Sub": "sum", "Sum": "sum", "Mean": "sum", "Concat": "concat", "Max": "max", "Min": "max"}
-COMBINE_REASONS = {
-    "sum": "L(w1 f + w2 g) <= |w1| L(f) + |w2| L(g); an input broadcast k times counts sqrt(k) times",
-    "concat": "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)",
-    "max": "|max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): sqrt(sum of (sqrt(k) L)^2), k the broadcast "
-           "repetitions of each input",
-}
 
 
 @dataclass
@@ -45,7 +37,7 @@ class Part:
 class Step:
     """One piece of the network: ``output = f(inputs)`` with a way to bound the Lipschitz constant of f."""
 
-    kind: str  # "linear" | "rule" | "pattern" | "sum" | "concat" | "max" | "none"
+    kind: str  # "linear" | "rule" | "pattern" | "sum" | "concat" | "max" | NO_RULE
     label: str
     nodes: list[str]
     inputs: list[str]
@@ -100,9 +92,10 @@ def repetitions(in_shape: tuple[int, ...] | None, out_shape: tuple[int, ...] | N
     return math.prod(out_shape) // n_in if n_in else None
 
 
-def _combine_step(ctx: Context, node: Node, kind: str, data_idx: list[int], out: str) -> Step | None:
-    """A sum, concatenation or elementwise max of several data inputs, each weighted by its broadcast
-    repetitions (and 1/count for Mean); None when a shape is unknown or an input does not broadcast."""
+def _combine_step(ctx: Context, node: Node, op: Op, data_idx: list[int], out: str) -> Step | None:
+    """A sum, concatenation or elementwise max of several data inputs (``op.combination``), each weighted by its
+    broadcast repetitions (and 1/count for Mean); None when a shape is unknown or an input does not broadcast."""
+    kind = op.combination
     out_shape = ctx.shape(out)
     weights = []
     for i in data_idx:
@@ -119,7 +112,7 @@ def _combine_step(ctx: Context, node: Node, kind: str, data_idx: list[int], out:
     if kind == "concat" and out_shape is not None:
         axis = int(node.attr("axis", 0))
         details["axis"] = axis + len(out_shape) + 1 if axis < 0 else axis
-    return Step(kind, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=COMBINE_REASONS[kind],
+    return Step(kind, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=op.combination_reason,
                 details=details)
 
 
@@ -150,13 +143,12 @@ def node_step(ctx: Context, node: Node) -> list[Step]:
                 steps.append(Step("rule", node.op, [node.name], [src], out, constant=rule.constant,
                                   reason=rule.reason, parts=[part]))
             else:
-                steps.append(Step("none", node.op, [node.name], [src], out,
+                steps.append(Step(NO_RULE, node.op, [node.name], [src], out,
                                   reason=f"no Lipschitz rule for {node.op} (output {k})"))
         return steps
-    kind = COMBINE.get(node.op)
     for k, out in live:
-        step = _combine_step(ctx, node, kind, data_idx, out) if kind is not None and k == 0 else None
-        steps.append(step or Step("none", node.op, [node.name], [node.inputs[i] for i in data_idx], out,
+        step = _combine_step(ctx, node, op, data_idx, out) if op.combination is not None and k == 0 else None
+        steps.append(step or Step(NO_RULE, node.op, [node.name], [node.inputs[i] for i in data_idx], out,
                                   reason=f"no Lipschitz rule for {node.op} of {len(data_idx)} data-dependent "
                                          "inputs"))
     return steps

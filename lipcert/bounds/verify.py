@@ -1,6 +1,6 @@
 """``lipcert verify``: is the exported model really L-Lipschitz (L2 to L2), and if not, where does it break?
 
-Each step of the network (see ``analysis``) gets a sound upper bound on its exact operator (``spectral``)
+Each step of the network (see ``decompose``) gets a sound upper bound on its exact operator (``spectral``)
 and, for linear steps, a power-iteration lower estimate; the upper bounds propagate over the graph into
 the network bound. An empirical network lower bound (``empirical``) can prove a claim false on its own.
 """
@@ -50,13 +50,14 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
     else:
         claim, source = 1.0, "default"
     if not math.isfinite(claim) or claim <= 0:
-        raise ConfigError(f"--bound must be a positive number, got {claim}")
+        raise ConfigError(f"bound must be a positive number, got {claim}", parameter="bound")
     if tol < 0:
-        raise ConfigError(f"--tol must be non-negative, got {tol}")
+        raise ConfigError(f"tol must be non-negative, got {tol}", parameter="tol")
     if empirical_budget is not None and empirical_budget == -1.0:
         empirical_budget = default_budget(device)
     if empirical_budget is not None and not (math.isfinite(empirical_budget) and empirical_budget > 0):
-        raise ConfigError(f"--empirical-budget must be a positive number of seconds, got {empirical_budget}")
+        raise ConfigError(f"empirical_budget must be a positive number of seconds, got {empirical_budget}",
+                          parameter="empirical_budget")
     prop = propagate(graph, claim, tol, device, seed, progress=progress)
     layers, upper = prop.layers, prop.upper
     module = GraphModule(graph).to(device=device, dtype=torch.float64)

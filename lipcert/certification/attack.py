@@ -4,18 +4,21 @@ Standard PGD (Madry et al. 2018) with a margin loss (largest other logit minus t
 start in the eps-ball, steps of alpha = 2.5 eps / steps along the normalised gradient (L2) or its sign
 (L-infinity), projection onto the ball and onto the valid input box [0, 1], restarts in the batch dimension,
 and the best example kept. Only points still unbroken are attacked, in increasing eps (a point broken at
-eps_i is broken for every larger eps), and a point stops being attacked at the step it falls. Every adversarial example is checked by a fresh forward pass before
-it counts; a certified point that the attack flips within its certified radius is a soundness violation.
+eps_i is broken for every larger eps), and a point stops being attacked at the step it falls. Every adversarial
+example is checked by a fresh forward pass before it counts; a certified point that the attack flips within its
+certified radius is a soundness violation.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+import numbers
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
+
+from lipcert.errors import ConfigError
 
 #: the step-size rule, documented in the report: alpha = STEP_FACTOR * eps / steps
 STEP_FACTOR = 2.5
@@ -25,16 +28,50 @@ PRECISIONS = ("float32", "bfloat16")
 
 @dataclass
 class AttackConfig:
-    """Settings of the PGD attack."""
+    """Settings of the PGD attack, checked when made (a ``ConfigError`` naming the parameter)."""
 
     steps: int = 50
     restarts: int = 2
-    norm: str = "l2"
+    #: the ball's norm: None (the default) takes the run's norm in ``certify`` and ``attack`` (``pgd`` alone: l2)
+    norm: str | None = None
     seed: int = 0
     lower: float = 0.0
     upper: float = 1.0
     #: "float32", or "bfloat16" for the attack's steps (autocast); examples are always re-checked in float32
     precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "restarts"):
+            value = getattr(self, name)
+            if not _whole(value) or value < 1:
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}", parameter=name)
+        if not _whole(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a whole number of at least 0, got {self.seed!r}", parameter="seed")
+        if self.norm is not None and self.norm not in NORMS:
+            raise ConfigError(f"norm must be l2 or linf, got {self.norm!r}", parameter="norm")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {self.precision!r}",
+                              parameter="precision")
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (self.lower, self.upper)) \
+                or self.lower >= self.upper:
+            raise ConfigError(f"lower and upper must be finite numbers, lower below upper, got {self.lower!r} and "
+                              f"{self.upper!r}", parameter=("lower", "upper"))
+
+    def in_norm(self, norm: str) -> AttackConfig:
+        """These settings for a run certified in ``norm``: the attack's balls must be the certificates' balls."""
+        if self.norm not in (None, norm):
+            raise ConfigError(f"the attack's norm {self.norm!r} differs from norm {norm!r}: leave AttackConfig.norm "
+                              "unset to attack in the run's norm", parameter="norm")
+        return replace(self, norm=norm)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _ball(cfg: AttackConfig) -> AttackConfig:
+    """``cfg`` with a norm: l2 when none was given (``pgd`` and ``attack_batch`` called on their own)."""
+    return cfg if cfg.norm else replace(cfg, norm="l2")
 
 
 @dataclass
@@ -114,6 +151,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
 
     A sample stops being attacked (all its restarts) as soon as one restart misclassifies it. ``on_step`` is
     called with the number of steps done (of ``cfg.steps + 1``) after each one."""
+    cfg = _ball(cfg)
     n = x.shape[0]
     xr = x.repeat(cfg.restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(cfg.restarts)
@@ -189,6 +227,7 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     receives the share of the batch's work done since its last call, after every PGD step (the shares add
     up to 1: each positive eps counts the same, its steps equally).
     """
+    cfg = _ball(cfg)
     n = len(y)
     attack_radius = torch.full((n,), math.inf, dtype=torch.float64)
     broken_at = torch.full((n,), math.inf, dtype=torch.float64)
@@ -228,43 +267,14 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return BatchAttack(attack_radius, broken_at, violations)
 
 
-def summarize(cfg: AttackConfig, eps: Sequence[tuple[str, float]], attack_radius: torch.Tensor,
-              broken_at: torch.Tensor, violations: list[Violation], seconds: float) -> AttackSummary:
+def summarize_attack(cfg: AttackConfig, eps: Sequence[tuple[str, float]], attack_radius: torch.Tensor,
+                     broken_at: torch.Tensor, violations: list[Violation], seconds: float) -> AttackSummary:
     """Per-eps empirical robust accuracy over all samples (robust: correct and unbroken up to eps)."""
     total = int(broken_at.numel())
     per_eps = [{"eps": value, "label": label,
                 "robust_accuracy": float((broken_at > value).double().mean()) if total else 0.0,
                 "broken": int(((broken_at <= value) & (broken_at > 0)).sum())} for label, value in eps]
-    method = f"PGD-{'L2' if cfg.norm == 'l2' else 'Linf'}, margin loss, random start"
+    method = f"PGD-{'L2' if _ball(cfg).norm == 'l2' else 'Linf'}, margin loss, random start"
     return AttackSummary(method, cfg.steps, cfg.restarts, f"alpha = {STEP_FACTOR} * eps / steps", cfg.seed, per_eps,
                          sorted(violations, key=lambda v: v.index), attack_radius, seconds)
 
-
-def attack_batches(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterator[tuple[np.ndarray, np.ndarray]],
-                   predictions: torch.Tensor, radii: torch.Tensor, eps: Sequence[tuple[str, float]],
-                   cfg: AttackConfig, device: str = "cpu",
-                   progress: Callable[[int], None] | None = None) -> AttackSummary:
-    """``attack_batch`` over a stream of batches (predictions and radii for the whole stream)."""
-    import time
-
-    if cfg.norm not in NORMS or cfg.steps < 1 or cfg.restarts < 1:
-        raise ValueError("attack needs norm l2/linf, steps >= 1 and restarts >= 1")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"attack precision must be one of {PRECISIONS}")
-    start = time.perf_counter()
-    radius_parts, broken_parts, violations = [], [], []
-    offset = 0
-    for index, (xb, yb) in enumerate(batches):
-        x = torch.from_numpy(xb).to(device)
-        y = torch.from_numpy(yb).long().to(device)
-        part = attack_batch(model, x, y, predictions[offset:offset + len(yb)], radii[offset:offset + len(yb)],
-                            offset, eps, cfg, batch_generator(cfg.seed, index))
-        radius_parts.append(part.attack_radius)
-        broken_parts.append(part.broken_at)
-        violations += part.violations
-        offset += len(yb)
-        if progress:
-            progress(len(yb))
-    empty = torch.empty(0, dtype=torch.float64)
-    return summarize(cfg, eps, torch.cat(radius_parts) if radius_parts else empty,
-                     torch.cat(broken_parts) if broken_parts else empty, violations, time.perf_counter() - start)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lipcert.atomic import write_bytes_atomic, write_text_atomic
+from lipcert.certification.attack import Violation
 from lipcert.errors import ConfigError
 
 FOLDER = ".lipcert-checkpoint"
@@ -29,6 +31,50 @@ SETTINGS = {"model_sha256": "the model", "data_sha256": "the data", "eps": "--ep
             "attack.steps": "--attack-steps", "attack.restarts": "--attack-restarts", "attack.seed": "--seed",
             "attack.precision": "--attack-precision", "attack.norm": "--norm", "attack.lower": "attack box lower",
             "attack.upper": "attack box upper"}
+
+
+@dataclass
+class BatchResult:
+    """One batch's per-sample results, in dataset order: what a checkpoint stores and the merge concatenates.
+
+    On disk: the arrays, and ``__extra__``, a JSON list of the batch's metadata then its violations."""
+
+    labels: np.ndarray
+    predictions: np.ndarray
+    margins: np.ndarray
+    radii: np.ndarray
+    backend: str
+    #: each row's dataset index and the samples left out (index, reason); only with ``skip_bad_samples``
+    indices: np.ndarray | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    #: the attack's results (see ``attack.attack_batch``); None without an attack
+    attack_radius: np.ndarray | None = None
+    broken_at: np.ndarray | None = None
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def read(self) -> int:
+        """Samples this batch read, skipped ones included."""
+        return len(self.labels) + len(self.skipped)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        optional = {"indices": self.indices, "attack_radius": self.attack_radius, "broken_at": self.broken_at}
+        return {"labels": self.labels, "predictions": self.predictions, "margins": self.margins, "radii": self.radii,
+                **{k: v for k, v in optional.items() if v is not None}}
+
+    def extra(self) -> list[dict[str, Any]]:
+        meta: dict[str, Any] = {"backend": self.backend}
+        if self.indices is not None:  # only then, as checkpoints made before --skip-bad-samples existed
+            meta["skipped"] = [[i, why] for i, why in self.skipped]
+        return [meta] + [asdict(v) for v in self.violations]
+
+    @classmethod
+    def stored(cls, arrays: dict[str, np.ndarray], extra: list[dict[str, Any]]) -> BatchResult:
+        """The result a checkpoint file holds (``arrays()`` and ``extra()`` read back)."""
+        meta = extra[0]
+        return cls(arrays["labels"], arrays["predictions"], arrays["margins"], arrays["radii"], meta["backend"],
+                   arrays.get("indices"), [(int(i), why) for i, why in meta.get("skipped", ())],
+                   arrays.get("attack_radius"), arrays.get("broken_at"), [Violation(**v) for v in extra[1:]])
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -107,21 +153,17 @@ class Checkpoint:
     def done(self, index: int) -> bool:
         return self._file(index).is_file()
 
-    def save(self, index: int, arrays: dict[str, np.ndarray], extra: list[dict]) -> None:
+    def save(self, index: int, result: BatchResult) -> None:
         buf = io.BytesIO()
-        np.savez(buf, __extra__=np.frombuffer(json.dumps(extra).encode(), dtype=np.uint8), **arrays)
+        np.savez(buf, __extra__=np.frombuffer(json.dumps(result.extra()).encode(), dtype=np.uint8), **result.arrays())
         write_bytes_atomic(self._file(index), buf.getvalue())
 
-    def load(self, index: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+    def load(self, index: int) -> BatchResult:
         with np.load(self._file(index), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files if k != "__extra__"}
             extra = json.loads(bytes(data["__extra__"]).decode())
-        return arrays, extra
+        return BatchResult.stored(arrays, extra)
 
     def remove(self) -> None:
+        """Delete the checkpoint: its run finished, or stopped on bad input that a resume would meet again."""
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def clear(out_dir: str | Path) -> None:
-    """Remove a finished run's checkpoint."""
-    shutil.rmtree(Path(out_dir) / FOLDER, ignore_errors=True)

@@ -9,8 +9,9 @@ report equals a single-process run.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,18 +39,24 @@ def current_world() -> World:
     return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def join(world: World, device: str) -> str:
-    """Join the process group and return this process's device (cuda:LOCAL_RANK on GPUs)."""
+@contextmanager
+def joined(world: World, device: str) -> Iterator[str]:
+    """This process's device (cuda:LOCAL_RANK on GPUs), in the process group for the duration: joined (NCCL on
+    GPUs, gloo on CPUs) and left here, unless the caller had joined it already."""
     if not world.distributed:
-        return device
+        yield device
+        return
     import torch.distributed as dist
 
     if device.startswith("cuda"):
         torch.cuda.set_device(world.local_rank)
         device = f"cuda:{world.local_rank}"
-    if not dist.is_initialized():
+    joining = not dist.is_initialized()
+    if joining:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
+    yield device
+    if joining and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(num_batches: int, world: World) -> tuple[int, int]:
@@ -80,10 +87,3 @@ def broadcast(obj: Any, world: World) -> Any:
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def leave(world: World) -> None:
-    if world.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -16,23 +16,14 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 
 from lipcert.bounds.rounding import Affine
-from lipcert.certification.radii import Certificates, CertificateSetup, certify_logits, pair_norms
+from lipcert.certification.radii import Certificates, CertificateSetup, certificates_from_logits, pair_norms
 from lipcert.data import Batch, Dataset, read_batches
-from lipcert.errors import ConfigError, DataError, ModelError
+from lipcert.errors import DataError, ModelError
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule, full_precision, in_fixed_batches
 
-BACKENDS = ("auto", "torch", "onnxruntime")
 PREFETCH = 2
 T = TypeVar("T")
-
-
-
-
-
-
-
-
 
 
 def _prefetch(batches: Iterator[T]) -> Iterator[T]:
@@ -152,12 +143,9 @@ def _time(runner: Runner, x: torch.Tensor) -> float:
 
 def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tensor, mean, std,
                    measure: Sequence[str] = ()) -> Runner:
-    """The requested backend, or for ``auto`` the faster of torch and onnxruntime on one batch."""
-    if requested not in BACKENDS:
-        raise ConfigError(f"--backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    """The requested backend (one of ``options.BACKENDS``, onnxruntime only for an ONNX model, as
+    ``CertifyOptions`` checks), or for ``auto`` the faster of torch and onnxruntime on one batch."""
     if requested != "auto":
-        if requested == "onnxruntime" and graph.onnx_model is None:
-            raise ConfigError("--backend onnxruntime needs an ONNX model")
         return Runner(graph, requested, device, mean, std, measure)
     candidates = [Runner(graph, "torch", device, mean, std, measure)]
     if graph.onnx_model is not None:
@@ -168,19 +156,14 @@ def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tens
 
 
 class Engine:
-    """Certifies batches: normalisation, the chosen backend, the certificate rule; and the attack's model."""
+    """Certifies batches: normalisation, the chosen backend, the certificate rule; and the attack's model.
+
+    Its settings are those ``CertifyOptions`` checked (``certify`` and ``attack`` check them before they make one)."""
 
     def __init__(self, graph: Graph, setup: CertificateSetup, *, device: str = "cpu", backend: str = "auto",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        channels = graph.input_shape[0] if graph.input_shape else 1
         self.mean = self.std = None
-        if mean is not None or std is not None:
-            if mean is None or std is None or len(mean) != len(std) or len(mean) not in (1, channels):
-                raise ConfigError(f"--mean and --std need 1 or {channels} values each")
-            if min(std) <= 0:
-                raise ConfigError("--std values must be positive")
+        if mean is not None and std is not None:
             view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
             self.mean = torch.tensor(mean, dtype=torch.float32).reshape(view)
             self.std = torch.tensor(std, dtype=torch.float32).reshape(view)
@@ -197,9 +180,7 @@ class Engine:
         return self.runner.backend if self.runner else self.requested
 
     def batch_size(self, requested: int) -> int:
-        """The batch size to use: at least 1, a multiple of a fixed batch the model may declare."""
-        if requested < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {requested}")
+        """The batch size to use: ``requested`` (at least 1), made a multiple of a fixed batch the model may declare."""
         fixed = self.graph.fixed_batch
         return max(fixed, requested // fixed * fixed) if fixed else requested
 
@@ -235,7 +216,7 @@ class Engine:
             x_norm = _norms(x)
             error = self.error(x_norm, norms)
             self._check_alone(x, logits, error, batch.indices[0])
-            cert = certify_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error)
+            cert = certificates_from_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - began

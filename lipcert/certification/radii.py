@@ -68,7 +68,7 @@ def _ratio(gap: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
     return torch.where(gap > 0, moving, torch.zeros_like(gap))
 
 
-def certify_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: CertificateSetup,
+def certificates_from_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: CertificateSetup,
                    pairs: torch.Tensor | None = None, error: Any = None) -> Certificates:
     """Prediction, margin (top logit minus the runner-up) and certified L2 radius of each sample.
 

@@ -1,8 +1,10 @@
 """``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs).
 
-One pass over the data: each batch is certified, then (optionally) attacked, and its per-sample results are
-kept, and saved to a checkpoint when an output folder is given, so an interrupted run can resume. Under
-torchrun each process takes a contiguous shard of batches and rank 0 merges the results.
+One pass over the data, in steps: the settings checked (``CertifyOptions``), the dataset opened and the bound
+computed; then the finished batches read back from the checkpoint (``_resume``), the others certified, attacked
+and saved as they finish (``_run_batches``), every process's results merged in dataset order (``_merge``), and
+the report built (``_build_report``) with its gates; with ``out``, it is written there and the checkpoint
+removed. Under torchrun each process takes a contiguous shard of batches and rank 0 merges the results.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,38 +24,25 @@ from lipcert.certification.attack import (
     AttackConfig,
     AttackSummary,
     BatchAttack,
-    Violation,
     attack_batch,
     batch_generator,
-    summarize,
+    summarize_attack,
 )
-from lipcert.certification.checkpoint import Checkpoint, refuse_overwrite
-from lipcert.certification.distributed import World, broadcast, gather, shard
+from lipcert.certification.checkpoint import BatchResult, Checkpoint
+from lipcert.certification.distributed import World, broadcast, gather, joined, shard
 from lipcert.certification.engine import Engine
+from lipcert.certification.options import CertifyOptions
 from lipcert.certification.radii import Certificates, accuracy_curve, certified_accuracy
-from lipcert.certification.setup import certificate_setup
+from lipcert.certification.setup import BoundInfo, certificate_setup
 from lipcert.data import Batch, Dataset, check_fits, open_dataset
-from lipcert.errors import ConfigError, DataError, LipcertError
+from lipcert.errors import DataError, LipcertError
 from lipcert.graph.core import Graph
-from lipcert.parse import parse_eps
 from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps, phase
+from lipcert.report.gates import report_gates
 from lipcert.report.model import EpsResult, Report, SampleTable, sha256_file
 
-NORMS = ("l2", "linf")
-CERT_KEYS = ("labels", "predictions", "margins", "radii")
-ATTACK_KEYS = ("attack_radius", "broken_at")
 #: samples per model call on a CPU (a divisor of the batch near it), so that progress moves within a batch
 CHUNK = 64
-
-
-
-
-
-
-
-
-def _eps(eps: Sequence[str | float] | str) -> list[tuple[str, float]]:
-    return parse_eps(eps) if isinstance(eps, str) else parse_eps(",".join(str(e) for e in eps))
 
 
 def _classes(model: Graph) -> int:
@@ -61,13 +50,12 @@ def _classes(model: Graph) -> int:
     return max(2, model.value_shapes.get(model.output, (0,))[-1])
 
 
-def _open(model: Graph, data: str | Path | Dataset, layout: str = "auto", value_range: str = "auto",
-          max_elements: int | None = None, skip_bad_samples: bool = False, workers: int | None = None) -> Dataset:
+def _open(model: Graph, data: str | Path | Dataset, opts: CertifyOptions) -> Dataset:
     dataset = data if not isinstance(data, (str, Path)) else open_dataset(
-        data, layout=layout, value_range=value_range, max_elements=max_elements, skip_bad_samples=skip_bad_samples,
-        workers=workers)
+        data, layout=opts.layout, value_range=opts.value_range, max_elements=opts.max_elements,
+        skip_bad_samples=opts.skip_bad_samples, workers=opts.workers)
     check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=_classes(model),
-               skip_bad_samples=skip_bad_samples)
+               skip_bad_samples=opts.skip_bad_samples)
     return dataset
 
 
@@ -126,148 +114,187 @@ def _claim(model: Graph, lipschitz: float | None, computed: float) -> dict:
             "claim_proven": computed <= claim * (1.0 + DEFAULT_TOL)}
 
 
-def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
-            norm: str = "l2", device: str = "cpu", batch_size: int = 256, backend: str = "auto",
-            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-            lipschitz: float | None = None, layout: str = "auto", value_range: str = "auto",
-            attack: AttackConfig | None = None, progress: Progress | None = None,
-            checkpoint_dir: str | Path | None = None, resume: bool = False, world: World = World(),
-            max_elements: int | None = None, skip_bad_samples: bool = False,
-            workers: int | None = None) -> Report | None:
-    """Certify every sample of ``data`` at each radius in ``eps`` and return the report.
+def _options(options: CertifyOptions | None, eps: str | Sequence[str | float] | None,
+             settings: dict[str, Any]) -> CertifyOptions:
+    """``options`` (else the defaults) with the keyword settings, and ``eps``, over it."""
+    if eps is not None:
+        settings = {**settings, "eps": eps}
+    if options is None:
+        return CertifyOptions(**settings)
+    return replace(options, **settings) if settings else options
 
-    ``checkpoint_dir`` keeps per-batch results there as they finish and ``resume`` continues from them; without
-    ``resume``, an existing checkpoint there is refused (ConfigError), never discarded. In a torchrun ``world``,
-    every process returns None but rank 0, which returns the merged report.
-    ``max_elements`` bounds one sample of a dataset given as a path (see :mod:`lipcert.limits`).
-    ``skip_bad_samples`` leaves out, and lists in ``Report.skipped``, every sample that cannot be read or is
-    invalid (a corrupt image, NaN/Inf or out-of-range pixels, a label that is not a model class) instead of
-    failing; accuracies are then over the samples evaluated. ``workers`` sets how many processes decode an
-    image folder (default: one per core, at most 4; 0: the main process). ``progress`` (a ``Progress``)
-    hears of each phase as it goes.
+
+def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | float] | None = None, *,
+            options: CertifyOptions | None = None, progress: Progress | None = None, world: World = World(),
+            **settings: Any) -> Report | None:
+    """Certify every sample of ``data`` at each radius of the settings and return the report, gates included.
+
+    The settings are ``CertifyOptions``' parameters, as keywords (``eps`` may be the third argument) or as
+    ``options`` (keywords override it); their defaults are those of ``lipcert report``, and a wrong one is a
+    ``ConfigError`` naming it. With ``out``, the report is also written there, atomically, and the run's
+    checkpoint removed. In a torchrun ``world``, every process returns None but rank 0, which returns the merged
+    report. ``progress`` (a ``Progress``) hears of each phase as it goes.
 
     Example::
 
         graph = lipcert.load_model("sample_models/digits_conv.onnx")
-        report = lipcert.certify(graph, "sample_models/digits_test.npz", eps="36/255,72/255")
+        report = lipcert.certify(graph, "sample_models/digits_test.npz", eps="36/255,72/255", attack=False)
         print(report.eps[0].certified_accuracy)
     """
     started = time.perf_counter()
+    opts = _options(options, eps, settings)
+    opts.check_model(model)
     progress = progress or Progress()
-    if norm not in NORMS:
-        raise ConfigError(f"--norm {norm!r}: expected l2 or linf")
-    eps_list = _eps(eps)
-    if lipschitz is not None and (not math.isfinite(lipschitz) or lipschitz <= 0):
-        raise ConfigError(f"--lipschitz must be a positive number, got {lipschitz}")
-    if attack is not None and (attack.steps < 1 or attack.restarts < 1):
-        raise ConfigError("--attack-steps and --attack-restarts must be at least 1")
-    channels = model.input_shape[0] if model.input_shape else 1
-    if (mean is None) != (std is None):
-        raise ConfigError("--mean and --std go together: give both, or neither")
-    if mean is not None and (len(mean) != len(std) or len(mean) not in (1, channels)):
-        counts = "1 value" if channels == 1 else f"1 or {channels} values"
-        raise ConfigError(f"--mean and --std need {counts} each (the model's input has {channels} channel(s))")
-    if std is not None and min(std) <= 0:
-        raise ConfigError(f"--std {','.join(map(str, std))}: every value must be positive")
-    if checkpoint_dir is not None and not resume and world.is_main:
-        refuse_overwrite(checkpoint_dir)
-    with phase(progress, READING):
-        dataset = _open(model, data, layout, value_range, max_elements, skip_bad_samples, workers)
-    t_bound = time.perf_counter()
-    with phase(progress, BOUND):
-        steps = Steps(progress)
-        bound = (certificate_setup(model, device=device, declared=lipschitz, mean=mean, std=std, progress=steps)
-                 if world.is_main else None)
-        steps.close()
-        setup, info = broadcast(bound, world)
-    bound_seconds = time.perf_counter() - t_bound
-    engine = Engine(model, setup, device=device, backend=backend, mean=mean, std=std)
-    batch_size = engine.batch_size(batch_size)
-    total = dataset.info.num_samples
-    num_batches = -(-total // batch_size)
-    first, last = shard(num_batches, world)
-    my_samples = max(0, min(last * batch_size, total) - first * batch_size)
-    input_dim = math.prod(model.input_shape)
-    scale = 1.0 / math.sqrt(input_dim) if norm == "linf" else 1.0
-    ckpt = None
-    if checkpoint_dir is not None:
-        manifest = {"model_sha256": _sha(model.source), "data_sha256": dataset.info.sha256, "eps": eps_list,
-                    "norm": norm, "batch_size": batch_size, "backend": backend, "mean": mean, "std": std,
-                    "lipschitz": lipschitz, "attack": None if attack is None else attack.__dict__,
-                    "world_size": world.size}
-        if skip_bad_samples:  # only when set, so that checkpoints made before the flag existed still resume
-            manifest["skip_bad_samples"] = True
-        if world.is_main:
-            ckpt = Checkpoint(Path(checkpoint_dir), manifest, resume)
-        gather(None, world)
-        if not world.is_main:
-            ckpt = Checkpoint(Path(checkpoint_dir), manifest, True)
-    with _discard_on_bad_input(ckpt):
-        stored: dict[int, tuple[dict[str, np.ndarray], list[dict]]] = {}
-        begin = first
-        while ckpt is not None and begin < last and ckpt.done(begin):
-            stored[begin] = ckpt.load(begin)
-            begin += 1
-        read_back = sum(len(a["labels"]) + len(extra[0].get("skipped", ())) for a, extra in stored.values())
-        if ckpt is not None and resume:
-            progress.note(f"--resume: no checkpoint in {checkpoint_dir}; starting from the beginning" if ckpt.created
-                          else f"resumed from {ckpt.folder}: read back {read_back} of {my_samples} samples "
-                               f"({len(stored)} batches); computing the rest")
-        if stored and engine.requested == "auto":
-            engine.requested = stored[first][1][0]["backend"]
-        for name in (INFERENCE, ATTACK) if attack else (INFERENCE,):
-            progress.start(name, my_samples, read_back)
-        attack_seconds, computed = 0.0, 0
-        chunk = chunk_size(batch_size, model.fixed_batch, device)
-        for index, x, batch, cert in _in_chunks(engine, dataset, batch_size, chunk, begin, last, progress,
-                                                skip_bad_samples=skip_bad_samples, num_classes=_classes(model)):
-            yb = batch.y
-            size = len(yb) + len(batch.skipped)
-            computed += len(yb)
-            arrays = {"labels": yb.astype(np.int64), "predictions": cert.prediction.cpu().numpy(),
-                      "margins": cert.margin.cpu().numpy(), "radii": (cert.radius * scale).cpu().numpy()}
-            extra: list[dict] = [{"backend": engine.backend}]
-            if skip_bad_samples:
-                arrays["indices"] = batch.indices
-                extra[0]["skipped"] = [[i, why] for i, why in batch.skipped]
-            if attack is not None:
-                t0 = time.perf_counter()
-                part = attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
-                                    cert.prediction, torch.from_numpy(arrays["radii"]), 0, eps_list,
-                                    attack, batch_generator(attack.seed, index),
-                                    lambda done, size=size: progress.advance(ATTACK, done * size))
-                attack_seconds += time.perf_counter() - t0
-                arrays["attack_radius"] = part.attack_radius.numpy()
-                arrays["broken_at"] = part.broken_at.numpy()
-                for v in part.violations:  # attack_batch counts from the batch's first sample read
-                    v.index = int(batch.indices[v.index])
-                extra += [v.__dict__ for v in part.violations]
-            stored[index] = (arrays, extra)
-            if ckpt is not None:
-                ckpt.save(index, arrays, extra)
-        for name in (INFERENCE, ATTACK) if attack else (INFERENCE,):
-            progress.end(name)
-        mine = [stored[i] for i in range(first, last)]
-        parts = [p for shard_parts in gather(mine, world) for p in shard_parts]
-        timing = gather({"inference": engine.seconds, "attack": attack_seconds, "backend": engine.backend,
-                         "computed": computed}, world)
-        if not world.is_main:
-            return None
-        merged = {k: np.concatenate([a[k] for a, _ in parts]) if parts else np.empty(0)
-                  for k in CERT_KEYS + (ATTACK_KEYS if attack else ()) + (("indices",) if skip_bad_samples else ())}
-        violations = [Violation(**v) for _, extra in parts for v in extra[1:]]
-        backend_used = next((extra[0]["backend"] for a, extra in parts if len(a["labels"])), engine.backend)
-        skipped = [(int(i), why) for _, extra in parts for i, why in extra[0].get("skipped", ())]
-        if skip_bad_samples and not len(merged["labels"]):
-            raise DataError(f"every sample was skipped as unreadable or invalid (sample {skipped[0][0]}: "
-                            f"{skipped[0][1]}); nothing is left to certify", source=dataset.info.path)
-    labels = torch.from_numpy(merged["labels"])
-    predictions = torch.from_numpy(merged["predictions"])
-    radii = torch.from_numpy(merged["radii"])
+    with joined(world, opts.run_device()) as device:
+        with phase(progress, READING):
+            dataset = _open(model, data, opts)
+        t_bound = time.perf_counter()
+        with phase(progress, BOUND):
+            steps = Steps(progress)
+            bound = (certificate_setup(model, device=device, declared=opts.lipschitz, mean=opts.mean, std=opts.std,
+                                       progress=steps) if world.is_main else None)
+            steps.close()
+            setup, info = broadcast(bound, world)
+        bound_seconds = time.perf_counter() - t_bound
+        engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std)
+        batch_size = engine.batch_size(opts.batch_size_on(device))
+        total = dataset.info.num_samples
+        first, last = shard(-(-total // batch_size), world)
+        my_samples = max(0, min(last * batch_size, total) - first * batch_size)
+        ckpt = _checkpoint(opts, model, dataset, batch_size, world)
+        with _discard_on_bad_input(ckpt):
+            stored = _resume(ckpt, first, last)
+            read_back = sum(result.read for result in stored.values())
+            if ckpt is not None and opts.resume:
+                progress.note(f"--resume: no checkpoint in {opts.folder}; starting from the beginning" if ckpt.created
+                              else f"resumed from {ckpt.folder}: read back {read_back} of {my_samples} samples "
+                                   f"({len(stored)} batches); computing the rest")
+            if stored and engine.requested == "auto":
+                engine.requested = stored[first].backend
+            counted = (INFERENCE, ATTACK) if opts.attack_config else (INFERENCE,)
+            for name in counted:
+                progress.start(name, my_samples, read_back)
+            attack_seconds, computed = 0.0, 0
+            for index, result, seconds in _run_batches(engine, dataset, model, opts, batch_size,
+                                                       first + len(stored), last, progress):
+                stored[index] = result
+                attack_seconds += seconds
+                computed += len(result.labels)
+                if ckpt is not None:
+                    ckpt.save(index, result)
+            for name in counted:
+                progress.end(name)
+            parts = [p for shard_parts in gather([stored[i] for i in range(first, last)], world) for p in shard_parts]
+            timing = gather({"inference": engine.seconds, "attack": attack_seconds, "computed": computed}, world)
+            if not world.is_main:
+                return None
+            merged = _merge(parts, opts, engine.backend, dataset)
+    timings = {"bound": bound_seconds, "inference": sum(t["inference"] for t in timing),
+               "attack": sum(t["attack"] for t in timing), "computed": sum(t["computed"] for t in timing),
+               "total": time.perf_counter() - started, "processes": world.size}
+    report = _build_report(model, dataset, opts, device, batch_size, info, merged, timings)
+    report.gates = [g.to_dict() for g in report_gates(
+        report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
+        max_violations=opts.max_violations, max_lipschitz=opts.max_lipschitz, baseline=opts.baseline_report,
+        max_drop=opts.max_drop, require_claim=opts.require_claim)]
+    if opts.out is not None:
+        report.write(opts.out)
+        ckpt.remove()
+    return report
+
+
+def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size: int,
+                world: World) -> Checkpoint | None:
+    """The run's checkpoint in ``opts.folder`` (made or checked by rank 0, then opened by the others), or None.
+
+    Its manifest holds every setting that changes a number, so that a resume with other settings is refused."""
+    if opts.folder is None:
+        return None
+    cfg = opts.attack_config
+    manifest = {"model_sha256": _sha(model.source), "data_sha256": dataset.info.sha256, "eps": opts.radii,
+                "norm": opts.norm, "batch_size": batch_size, "backend": opts.backend, "mean": opts.mean,
+                "std": opts.std, "lipschitz": opts.lipschitz, "attack": None if cfg is None else cfg.__dict__,
+                "world_size": world.size}
+    if opts.skip_bad_samples:  # only when set, so that checkpoints made before the flag existed still resume
+        manifest["skip_bad_samples"] = True
+    ckpt = Checkpoint(opts.folder, manifest, opts.resume) if world.is_main else None
+    gather(None, world)
+    return ckpt if world.is_main else Checkpoint(opts.folder, manifest, True)
+
+
+def _resume(ckpt: Checkpoint | None, first: int, last: int) -> dict[int, BatchResult]:
+    """The finished batches of [first, last) the checkpoint holds, read back: from ``first`` up to the first
+    batch missing (the run computes the rest)."""
+    stored: dict[int, BatchResult] = {}
+    index = first
+    while ckpt is not None and index < last and ckpt.done(index):
+        stored[index] = ckpt.load(index)
+        index += 1
+    return stored
+
+
+def _run_batches(engine: Engine, dataset: Dataset, model: Graph, opts: CertifyOptions, batch_size: int,
+                 begin: int, last: int, progress: Progress) -> Iterator[tuple[int, BatchResult, float]]:
+    """Certify, and attack, batches [begin, last): (batch index, its results, the seconds its attack took)."""
+    cfg = opts.attack_config
+    scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
+    chunk = chunk_size(batch_size, model.fixed_batch, engine.device)
+    for index, x, batch, cert in _in_chunks(engine, dataset, batch_size, chunk, begin, last, progress,
+                                            skip_bad_samples=opts.skip_bad_samples, num_classes=_classes(model)):
+        result = BatchResult(batch.y.astype(np.int64), cert.prediction.cpu().numpy(), cert.margin.cpu().numpy(),
+                             (cert.radius * scale).cpu().numpy(), engine.backend,
+                             batch.indices if opts.skip_bad_samples else None,
+                             [(int(i), why) for i, why in batch.skipped])
+        seconds = 0.0
+        if cfg is not None:
+            t0 = time.perf_counter()
+            part = attack_batch(engine.attack_model(), x, torch.from_numpy(batch.y).long().to(x.device),
+                                cert.prediction, torch.from_numpy(result.radii), 0, opts.radii, cfg,
+                                batch_generator(cfg.seed, index),
+                                lambda done, size=result.read: progress.advance(ATTACK, done * size))
+            seconds = time.perf_counter() - t0
+            for v in part.violations:  # attack_batch counts from the batch's first sample read
+                v.index = int(batch.indices[v.index])
+            result.attack_radius, result.broken_at = part.attack_radius.numpy(), part.broken_at.numpy()
+            result.violations = part.violations
+        yield index, result, seconds
+
+
+def _merge(parts: list[BatchResult], opts: CertifyOptions, backend: str, dataset: Dataset) -> BatchResult:
+    """Every batch's results, in dataset order, as one result of the whole run."""
+
+    def joined_arrays(name: str) -> np.ndarray:
+        arrays = [getattr(p, name) for p in parts]
+        return np.concatenate(arrays) if arrays else np.empty(0)
+
+    attacked = opts.attack_config is not None
+    merged = BatchResult(
+        *[joined_arrays(name) for name in ("labels", "predictions", "margins", "radii")],
+        backend=next((p.backend for p in parts if len(p.labels)), backend),
+        indices=joined_arrays("indices") if opts.skip_bad_samples else None,
+        skipped=[s for p in parts for s in p.skipped],
+        attack_radius=joined_arrays("attack_radius") if attacked else None,
+        broken_at=joined_arrays("broken_at") if attacked else None,
+        violations=[v for p in parts for v in p.violations])
+    if opts.skip_bad_samples and not len(merged.labels):
+        index, why = merged.skipped[0]
+        raise DataError(f"every sample was skipped as unreadable or invalid (sample {index}: {why}); nothing is "
+                        "left to certify", source=dataset.info.path)
+    return merged
+
+
+def _build_report(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, batch_size: int,
+                  info: BoundInfo, merged: BatchResult, timings: dict[str, float]) -> Report:
+    """The report of a run: accuracies per eps, the curve, the claim, the attack's part, notes and timings."""
+    labels = torch.from_numpy(merged.labels)
+    predictions = torch.from_numpy(merged.predictions)
+    radii = torch.from_numpy(merged.radii)
     correct = predictions == labels
     results = [EpsResult(value, label, certified_accuracy(radii, correct, value),
-                         int(((radii > value) & correct).sum())) for label, value in eps_list]
+                         int(((radii > value) & correct).sum())) for label, value in opts.radii]
+    input_dim = math.prod(model.input_shape)
     computed_upper = info.computed_upper / info.normalisation_factor
+    lipschitz = opts.lipschitz
     claim = _claim(model, lipschitz, computed_upper)
     notes = []
     if claim["claim_proven"] is False:
@@ -285,17 +312,16 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
     if not math.isfinite(info.value):
         notes.append("lipcert could not bound the model's Lipschitz constant (an operator has no rule): "
                      "nothing is certified; run lipcert verify for details")
-    if norm == "linf":
+    if opts.norm == "linf":
         notes.append(f"L-infinity radii are the L2 radii divided by sqrt({input_dim}) (||d||_2 <= sqrt(d) ||d||_inf)")
-    if skipped:
-        notes.append(f"{len(skipped)} of {dataset.info.num_samples} samples were skipped as unreadable or invalid "
-                     f"(--skip-bad-samples; listed in report.json): accuracies are over the "
-                     f"{len(merged['labels'])} samples evaluated")
+    if merged.skipped:
+        notes.append(f"{len(merged.skipped)} of {dataset.info.num_samples} samples were skipped as unreadable or "
+                     f"invalid (--skip-bad-samples; listed in report.json): accuracies are over the "
+                     f"{len(merged.labels)} samples evaluated")
     attack_part, columns = None, {}
-    inference_seconds = sum(t["inference"] for t in timing)
-    if attack is not None:
-        summary = summarize(attack, eps_list, torch.from_numpy(merged["attack_radius"]),
-                            torch.from_numpy(merged["broken_at"]), violations, sum(t["attack"] for t in timing))
+    if opts.attack_config is not None:
+        summary = summarize_attack(opts.attack_config, opts.radii, torch.from_numpy(merged.attack_radius),
+                                   torch.from_numpy(merged.broken_at), merged.violations, timings["attack"])
         attack_part = attack_report(summary, radii, correct, results)
         columns["attack_radius"] = summary.attack_radius
         if summary.violations:
@@ -303,60 +329,63 @@ def certify(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float]
                          "their certified radius: the model's Lipschitz claim or the certificate is wrong")
     d = dataset.info
     count = int(labels.numel())
-    computed_total = sum(t["computed"] for t in timing)
-    total_seconds = time.perf_counter() - started
+    computed, total, inference = timings["computed"], timings["total"], timings["inference"]
     return Report(
         model={"path": model.source, "sha256": _sha(model.source), "format": Path(model.source).suffix.lstrip(".")},
         dataset={"path": d.path, "format": d.format, "sha256": d.sha256, "num_samples": d.num_samples,
                  "layout": d.layout, "value_range": d.value_range, "num_classes": d.num_classes,
                  "sample_shape": list(d.sample_shape)},
-        device=device, backend=backend_used, batch_size=batch_size, norm=norm, input_dim=input_dim,
+        device=device, backend=merged.backend, batch_size=batch_size, norm=opts.norm, input_dim=input_dim,
         bound={**info.__dict__, **claim}, clean_accuracy=float(correct.double().mean()) if count else 0.0,
         eps=results, curve=accuracy_curve(radii, correct),
-        timings={"bound_seconds": bound_seconds, "inference_seconds": inference_seconds,
-                 "attack_seconds": sum(t["attack"] for t in timing), "total_seconds": total_seconds,
-                 "images_per_second": computed_total / total_seconds if total_seconds > 0 else 0.0,
-                 "inference_images_per_second": computed_total / inference_seconds if inference_seconds > 0 else 0.0,
-                 "samples_read_back": count - computed_total, "processes": world.size},
+        timings={"bound_seconds": timings["bound"], "inference_seconds": inference,
+                 "attack_seconds": timings["attack"], "total_seconds": total,
+                 "images_per_second": computed / total if total > 0 else 0.0,
+                 "inference_images_per_second": computed / inference if inference > 0 else 0.0,
+                 "samples_read_back": count - computed, "processes": timings["processes"]},
         notes=notes, attack=attack_part,
-        skipped={"count": len(skipped), "evaluated": count,
-                 "samples": [{"index": i, "reason": why} for i, why in skipped]} if skip_bad_samples else None,
-        samples=SampleTable(labels, predictions, torch.from_numpy(merged["margins"]), radii, columns,
-                            torch.from_numpy(merged["indices"]) if skip_bad_samples else None))
+        skipped={"count": len(merged.skipped), "evaluated": count,
+                 "samples": [{"index": i, "reason": why} for i, why in merged.skipped]}
+        if opts.skip_bad_samples else None,
+        samples=SampleTable(labels, predictions, torch.from_numpy(merged.margins), radii, columns,
+                            torch.from_numpy(merged.indices) if opts.skip_bad_samples else None))
 
 
 def _sha(path: str) -> str:
     return sha256_file(path) if Path(path).is_file() else ""
 
 
-def attack(model: Graph, data: str | Path | Dataset, eps: Sequence[str | float] | str = "36/255", *,
-           steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "cpu",
-           batch_size: int = 256, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, max_elements: int | None = None) -> AttackSummary:
+def attack(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | float] | None = None, *,
+           steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "auto",
+           batch_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+           max_elements: int | None = None) -> AttackSummary:
     """Run the PGD attack alone on every correctly classified sample (no certificates, so no violations).
+
+    The settings mean what they do in ``certify`` (``CertifyOptions``), with the same defaults and checks.
 
     Example::
 
         summary = lipcert.attack(lipcert.load_model("model.onnx"), "test.npz", eps="36/255,72/255")
         print([row["robust_accuracy"] for row in summary.per_eps])
     """
-    if norm not in NORMS:
-        raise ConfigError(f"norm {norm!r}: expected l2 or linf")
-    eps_list = _eps(eps)
-    dataset = _open(model, data, max_elements=max_elements)
+    opts = CertifyOptions(eps=eps, norm=norm, device=device, batch_size=batch_size, mean=mean, std=std,
+                          max_elements=max_elements, attack=AttackConfig(steps=steps, restarts=restarts, seed=seed))
+    opts.check_model(model)
+    cfg = opts.attack_config
+    device = opts.run_device()
+    dataset = _open(model, data, opts)
     setup, _ = certificate_setup(model, device=device, mean=mean, std=std)
     engine = Engine(model, setup, device=device, backend="torch", mean=mean, std=std)
-    cfg = AttackConfig(steps=steps, restarts=restarts, norm=norm, seed=seed)
+    batch_size = engine.batch_size(opts.batch_size_on(device))
     started = time.perf_counter()
     parts: list[BatchAttack] = []
-    for index, x, batch, cert in engine.batches(dataset, engine.batch_size(batch_size)):
-        yb = batch.y
-        parts.append(attack_batch(engine.attack_model(), x, torch.from_numpy(yb).long().to(x.device),
-                                  cert.prediction, torch.zeros(len(yb)), index * batch_size, eps_list, cfg,
-                                  batch_generator(seed, index)))
-    return summarize(cfg, eps_list, torch.cat([p.attack_radius for p in parts]),
-                     torch.cat([p.broken_at for p in parts]), [v for p in parts for v in p.violations],
-                     time.perf_counter() - started)
+    for index, x, batch, cert in engine.batches(dataset, batch_size):
+        parts.append(attack_batch(engine.attack_model(), x, torch.from_numpy(batch.y).long().to(x.device),
+                                  cert.prediction, torch.zeros(len(batch.y)), index * batch_size, opts.radii, cfg,
+                                  batch_generator(cfg.seed, index)))
+    return summarize_attack(cfg, opts.radii, torch.cat([p.attack_radius for p in parts]),
+                            torch.cat([p.broken_at for p in parts]), [v for p in parts for v in p.violations],
+                            time.perf_counter() - started)
 
 
 def _histogram(values: torch.Tensor, bins: int = 30) -> dict:

@@ -1,4 +1,5 @@
-"""What a report certifies with: the network bound from ``propagate`` (with verify's self-checks), the per-pair head and the float error plan."""
+"""What a report certifies with: the network bound from ``propagate`` (with verify's self-checks), the per-pair
+head and the float error plan."""
 
 from __future__ import annotations
 
@@ -33,20 +34,16 @@ class BoundInfo:
     error_slope: float
 
 
-
 #: a last dense layer is materialised for the per-pair rule up to this many entries
 HEAD_MAX_ENTRIES = 2 ** 24
-
 
 
 #: power-iteration steps per layer in report's self-check (any step gives a valid lower estimate)
 CHECK_ITERATIONS = 30
 
 
-
 #: points and Jacobian power-iteration steps of report's network self-check
 CHECK_POINTS, CHECK_JACOBIAN_STEPS = 4, 10
-
 
 
 def head_rows(step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -69,7 +66,6 @@ def head_rows(step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
     return rows, magnitude * gamma(terms, 2.0 ** -53)
 
 
-
 def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | None = None,
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                       dtype: torch.dtype = torch.float32, points: torch.Tensor | None = None,
@@ -81,7 +77,8 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
     Jacobian norm at ``points``, or random points, below the network bound): a contradiction raises
     ``SelfCheckError`` and nothing is certified. ``progress(phase, done, total)`` follows the layer bounds."""
     if (mean is None) != (std is None) or (std is not None and len(mean) != len(std)):
-        raise ConfigError("--mean and --std need the same number of values, and one needs the other")
+        raise ConfigError("mean and std need the same number of values, and one needs the other",
+                          parameter=("mean", "std"))
     prop = propagate(graph, device=device, lower_bounds=True, max_iter=CHECK_ITERATIONS, progress=progress)
     computed = prop.upper
     if math.isfinite(computed):

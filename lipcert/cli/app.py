@@ -1,8 +1,10 @@
 """The ``lipcert`` command line: a thin layer over the Python API.
 
-Exit codes: 0 success (all gates pass), 1 a check failed, 2 bad input or configuration, 3 internal error, 130
-interrupted. Every setting goes through ``config.Settings``, which checks it before anything runs. torch and
-the API are imported inside the commands, so that ``lipcert --help`` and ``lipcert --version`` answer at once.
+Each command merges its settings (``config.Settings``, which checks what was typed before anything runs), maps
+the ones given onto the API call, whose defaults and checks apply, renders the result and exits: 0 success (all
+gates pass), 1 a check failed, 2 bad input or configuration (an API error's parameter spelled as its flag), 3
+internal error, 130 interrupted. torch and the API are imported inside the commands, so that ``lipcert --help``
+and ``lipcert --version`` answer at once.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from lipcert.cli.config import DEFAULT_EPS, Settings
+from lipcert.certification.options import DEFAULT_BATCH_SIZE, DEFAULT_EPS
+from lipcert.cli.config import ATTACK_KEYS, CERTIFY_KEYS, Settings, parameter_flag
 from lipcert.errors import ConfigError, LipcertError, ModelError
 from lipcert.limits import DEFAULT_MAX_ELEMENTS, ENV_VAR
 from lipcert.version import __version__
 
 if TYPE_CHECKING:
+    from lipcert.certification.options import CertifyOptions
     from lipcert.graph.core import Graph
     from lipcert.progress import Progress
     from lipcert.report.gates import Gate
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 #: suffixes of PyTorch checkpoints, which are not a deployed artefact lipcert can certify
 PYTORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 LOADING = "loading the model"
+#: where ``lipcert report`` writes when --out is not given
+DEFAULT_OUT = "lipcert-report"
 RESUME_HINT = "rerun with --resume to continue"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -131,14 +137,14 @@ def inspect(
     fmt: Optional[str] = FORMAT,
 ) -> None:
     """Show the model's nodes, shapes and parameters, checked against onnxruntime."""
-    from lipcert.model.inspect_model import summarize
-    from lipcert.report.verify_render import shape_text
+    from lipcert.model.inspect_model import summarize_model
+    from lipcert.report.verify_render import shape_cell
 
     s = Settings("inspect", dict(model=model, arch=arch, arch_python=arch_python, input_shape=input_shape,
                                  max_elements=max_elements, format="json" if as_json else fmt), use_file=False)
     with interruptible(), _progress(_json_to_stdout(s)) as progress:
         graph = _load(s, progress)
-    summary = summarize(graph)
+    summary = summarize_model(graph)
     if _json_to_stdout(s):
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
         return
@@ -147,8 +153,8 @@ def inspect(
     for col in ("node", "op", "input shapes", "output shapes", "params"):
         table.add_column(col, justify="right" if col == "params" else "left")
     for row in summary.nodes:
-        table.add_row(row.name, row.op, ", ".join(map(shape_text, row.input_shapes)),
-                      ", ".join(map(shape_text, row.output_shapes)), f"{row.parameters:,}")
+        table.add_row(row.name, row.op, ", ".join(map(shape_cell, row.input_shapes)),
+                      ", ".join(map(shape_cell, row.output_shapes)), f"{row.parameters:,}")
     out.print(table)
     ops = ", ".join(f"{op} x{n}" for op, n in sorted(summary.op_counts.items()))
     out.print(f"{len(summary.nodes)} nodes, {summary.parameters:,} parameters; {ops}")
@@ -231,8 +237,6 @@ def verify(
                                 input_shape=input_shape, device=device, json=json_out, seed=seed, require=require,
                                 max_lipschitz=max_lipschitz, max_elements=max_elements, junit=junit, format=fmt,
                                 quiet=quiet, empirical_budget=empirical_budget), config)
-    from lipcert.bounds.results import DEFAULT_TOL
-    from lipcert.bounds.verify import default_budget
     from lipcert.bounds.verify import verify as run_verify
     from lipcert.device import resolve_device
     from lipcert.progress import Steps
@@ -243,13 +247,12 @@ def verify(
         graph = _load(s, progress)
         device = resolve_device(s.get("device", "auto"))
         steps = Steps(progress)
-        result = run_verify(graph, s.get("bound"), tol=s.get("tol", DEFAULT_TOL), device=device,
-                            seed=s.get("seed", 0), empirical_budget=s.get("empirical_budget", default_budget(device)),
-                            progress=steps)
+        result = run_verify(graph, s.get("bound"), device=device, progress=steps,
+                            **_given(s, "tol", "seed", "empirical_budget"))
         steps.close()
     if "bound" in s.from_config:
         result.claim_source = "bound in the config file"
-    gates = verify_gates(result, require=s.get("require", "proven"), max_lipschitz=s.get("max_lipschitz"))
+    gates = verify_gates(result, **_given(s, "require", "max_lipschitz"))
     finish("verify", gates, result.to_dict(), verify_markdown(result), f"verdict: {result.status.upper()}", s,
            lambda out: render_verify(result, out), result.seconds)
 
@@ -273,14 +276,23 @@ def relaunch(processes: int) -> int:
     return subprocess.call(cmd)
 
 
-def _eps_text(s: Settings) -> str:
-    """The radii to certify: --eps (or the norm's default radii) plus every radius a --min-certified-acc gate names."""
-    from lipcert.parse import parse_eps
+def _given(s: Settings, *keys: str) -> dict[str, Any]:
+    """The settings among ``keys`` that a flag, the config file or the environment gave: the API's defaults apply
+    to the others."""
+    return {key: s.get(key) for key in keys if key in s.values}
 
-    eps = s.get("eps") or parse_eps(DEFAULT_EPS[s.get("norm", "l2")])
-    extra = [label for label, value, _ in s.get("min_certified_acc", []) if not any(abs(value - v) <= 1e-12
-                                                                                  for _, v in eps)]
-    return ",".join([label for label, _ in eps] + extra)
+
+def _certify_options(s: Settings) -> CertifyOptions:
+    """The report settings as ``lipcert.certify``'s options (checked there: a wrong one names its flag)."""
+    from lipcert.certification.attack import AttackConfig
+    from lipcert.certification.options import CertifyOptions
+
+    mapped = {"eps": [label for label, _ in s.get("eps")]} if s.get("eps") else {}
+    if s.get("min_certified_acc"):
+        mapped["min_certified_acc"] = [(label, acc) for label, _, acc in s.get("min_certified_acc")]
+    attack = {name: s.get(key) for key, name in ATTACK_KEYS.items() if key in s.values}
+    mapped["attack"] = False if s.get("attack") is False else AttackConfig(**attack)
+    return CertifyOptions(**_given(s, *CERTIFY_KEYS), **mapped, out=s.path("out") or Path(DEFAULT_OUT))
 
 
 @app.command()
@@ -292,10 +304,11 @@ def report(
                                                           f"--norm linf {DEFAULT_EPS['linf']})"),
     norm: Optional[str] = typer.Option(None, "--norm", help="l2 (default) or linf"),
     device: Optional[str] = DEVICE,
-    batch_size: Optional[str] = typer.Option(None, "--batch-size", metavar="N", help="default 256 on CPU, 1024 on "
-                                                                                      "GPU"),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", metavar="N",
+                                             help=f"default {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
+                                                  f"{DEFAULT_BATCH_SIZE['cuda']} on GPU"),
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="folder for the report files (default "
-                                                                         "lipcert-report)"),
+                                                                         f"{DEFAULT_OUT})"),
     mean: Optional[str] = typer.Option(None, "--mean", help="per-channel mean of a normalisation outside the model"),
     std: Optional[str] = typer.Option(None, "--std", help="per-channel std of a normalisation outside the model"),
     lipschitz: Optional[str] = typer.Option(None, "--lipschitz", metavar="L", help="certify with this declared bound "
@@ -365,55 +378,26 @@ def report(
         raise typer.Exit(relaunch(s.get("gpus", 1)))
     if s.get("data") is None:
         raise ConfigError("no data given: pass --data or set data in the config file")
-    out_dir = s.path("out") or Path("lipcert-report")
-    from lipcert.certification.attack import AttackConfig
-    from lipcert.certification.checkpoint import clear, refuse_overwrite
-    from lipcert.certification.distributed import current_world, join, leave
+    from lipcert.certification.distributed import current_world
     from lipcert.certification.run import certify
-    from lipcert.device import resolve_device
-    from lipcert.report.gates import load_baseline, report_gates
+    from lipcert.report.gates import Gate
     from lipcert.report.render import render_terminal, summary_line
 
-    if not resume:
-        refuse_overwrite(out_dir)
-    baseline_data = load_baseline(s.path("baseline")) if s.get("baseline") else None
+    options = _certify_options(s)
     world = current_world()
-    dev = join(world, resolve_device(s.get("device", "auto")))
-    norm_value = s.get("norm", "l2")
     with interruptible(RESUME_HINT), _progress(bool(s.get("quiet")) or _json_to_stdout(s)
                                                or not world.is_main) as progress:
         graph = _load(s, progress)
-        if s.get("require_claim") and s.get("lipschitz") is None and graph.claimed_lipschitz() is None:
-            raise ModelError("--require-claim: the model declares no Lipschitz claim (no lipcert.claimed_lipschitz "
-                             "metadata) and no --lipschitz was given", source=str(s.path("model")))
-        result = certify(graph, s.path("data"), _eps_text(s), norm=norm_value, device=dev,
-                         batch_size=s.get("batch_size") or (1024 if dev.startswith("cuda") else 256),
-                         backend=s.get("backend", "auto"), mean=s.get("mean"), std=s.get("std"),
-                         lipschitz=s.get("lipschitz"), layout=s.get("layout", "auto"),
-                         value_range=s.get("value_range", "auto"), progress=progress,
-                         attack=AttackConfig(steps=s.get("attack_steps", 50), restarts=s.get("attack_restarts", 2),
-                                             norm=norm_value, seed=s.get("seed", 0),
-                                             precision=s.get("attack_precision", "float32"))
-                         if s.get("attack", True) else None,
-                         checkpoint_dir=out_dir, resume=resume, world=world, max_elements=s.get("max_elements"),
-                         skip_bad_samples=s.get("skip_bad_samples", False), workers=s.get("workers"))
-    leave(world)
+        result = certify(graph, s.path("data"), options=options, progress=progress, world=world)
     if result is None:
         return
-    gates = report_gates(result, min_clean_acc=s.get("min_clean_acc"), min_certified=s.get("min_certified_acc", []),
-                         max_violations=s.get("max_violations", 0), max_lipschitz=s.get("max_lipschitz"),
-                         baseline=baseline_data, max_drop=s.get("max_drop", 0.0),
-                         require_claim=s.get("require_claim"))
-    result.gates = [g.to_dict() for g in gates]
-    result.write(out_dir)
-    clear(out_dir)
 
     def render(out: Console) -> None:
         render_terminal(result, out)
-        out.print(f"wrote {out_dir}/report.json, report.md, samples.csv, certified_accuracy.png")
+        out.print(f"wrote {options.out}/report.json, report.md, samples.csv, certified_accuracy.png")
 
-    finish("report", gates, result.to_dict(), result.to_markdown(), summary_line(result), s, render,
-           result.timings.get("total_seconds", 0.0))
+    finish("report", [Gate(**g) for g in result.gates], result.to_dict(), result.to_markdown(), summary_line(result),
+           s, render, result.timings.get("total_seconds", 0.0))
 
 
 @app.command()
@@ -427,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False, prog_name="lipcert")
     except LipcertError as exc:
-        console(stderr=True).print(f"lipcert: error: {exc}", markup=False, soft_wrap=True)
+        console(stderr=True).print(f"lipcert: error: {exc.spelled(parameter_flag)}", markup=False, soft_wrap=True)
         return exc.exit_code
     except Interrupted as exc:
         console(stderr=True).print("lipcert: interrupted" + (f"; {exc}" if str(exc) else ""), markup=False)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from lipcert.certification.options import BACKENDS, NORMS
 from lipcert.errors import ConfigError
 from lipcert.parse import REQUIRE, fraction_problem, parse_eps, parse_gate
 
@@ -36,10 +37,13 @@ KEYS = {
 PATH_KEYS = {"model", "arch", "data", "out", "json", "junit", "baseline"}
 #: the environment variable that sets a key when neither a flag nor the config file does
 ENVIRONMENT = {"max_elements": "LIPCERT_MAX_ELEMENTS"}
-#: radii certified when --eps is not given, per norm: the usual benchmark radii of each norm
-DEFAULT_EPS = {"l2": "36/255,72/255,108/255", "linf": "1/255,2/255,4/255,8/255"}
+#: report settings that are ``lipcert.certify`` parameters (``CertifyOptions``) of the same name
+CERTIFY_KEYS = ("norm", "device", "batch_size", "backend", "mean", "std", "lipschitz", "layout", "value_range",
+                "max_elements", "skip_bad_samples", "workers", "min_clean_acc", "max_violations", "max_lipschitz",
+                "require_claim", "baseline", "max_drop", "resume")
+#: report settings that are ``AttackConfig`` parameters, and the parameter each sets
+ATTACK_KEYS = {"attack_steps": "steps", "attack_restarts": "restarts", "seed": "seed", "attack_precision": "precision"}
 FORMATS = ("text", "json")
-NORMS = ("l2", "linf")
 
 
 def _norm(key: str) -> str:
@@ -51,13 +55,10 @@ def flag_name(key: str) -> str:
     return "MODEL" if key == "model" else "--" + key.replace("_", "-")
 
 
-# ---------------------------------------------------------------- parsers shared with the Python API
-
-
-
-
-
-
+def parameter_flag(parameter: str) -> str:
+    """The flag that sets an API parameter an error names: ``batch_size`` -> ``--batch-size``, the attack's
+    ``steps`` -> ``--attack-steps``."""
+    return flag_name(next((key for key, name in ATTACK_KEYS.items() if name == parameter), parameter))
 
 
 # ---------------------------------------------------------------- one validator per key
@@ -214,7 +215,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "max_elements": _whole(1, "expected a positive whole number of elements"), "bound": _positive, "tol": _non_negative,
     "require": _choice(*REQUIRE), "empirical_budget": _positive,
     "eps": _radii, "norm": _choice(*NORMS), "batch_size": _whole(1), "mean": _numbers(False),
-    "std": _numbers(True), "lipschitz": _positive, "backend": _choice("auto", "torch", "onnxruntime"),
+    "std": _numbers(True), "lipschitz": _positive, "backend": _choice(*BACKENDS),
     "layout": _choice("auto", "NCHW", "NHWC"), "value_range": _choice("auto", "0-255", "0-1"),
     "skip_bad_samples": _flag, "workers": _whole(0), "attack": _flag, "attack_steps": _whole(1),
     "attack_restarts": _whole(1), "attack_precision": _choice("float32", "bfloat16"), "min_clean_acc": _fraction,

@@ -287,12 +287,6 @@ def value_problems(x: np.ndarray, offset: int, top: float, path: Path | str, exp
     return problems
 
 
-def check_values(x: np.ndarray, offset: int, top: float, path: Path | str, expected: str) -> None:
-    """Fail on the first sample with NaN/Inf or with values outside [0, top], naming its index."""
-    problems = value_problems(x, offset, top, path, expected)
-    if problems:
-        raise problems[min(problems)]
-
 
 def resolve_value_range(source: Source, requested: str, skip_bad_samples: bool = False) -> str:
     """The value range of x: the caller's choice, uint8-like for integers, else decided by a scan of the floats.

@@ -1,1 +1,2 @@
-"""The model representation and how it runs: ``Graph`` and ``Node``, the operator registry, the executor and linear operators."""
+"""The model representation and how it runs: ``Graph`` and ``Node``, the operator registry, the executor and linear
+operators."""

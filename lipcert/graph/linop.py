@@ -1,19 +1,115 @@
 """Linear operators on per-sample tensors, with their adjoints: what verify measures the norms of.
 
-An operator maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)``. ``structure`` describes what it is
-(a dense matrix, a convolution with all its settings, a diagonal scale, a composition), so that
-``lipcert.spectral`` can pick an exact or provable upper bound for it.
+An operator maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)``. ``kind`` names what it is and ``structure``
+(one typed class per kind, ``STRUCTURES``) holds what ``lipcert.bounds.spectral`` needs to pick an exact or
+provable upper bound for it: a dense matrix, a convolution with all its settings, a diagonal scale, a
+composition. Every field is declared, so a misspelt one is a ``TypeError``, never a silent default.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Structure:
+    """What every structure carries: the flags ``lipcert.bounds.fusion`` sets when it merges operators. The
+    structure of a ``generic`` or ``region`` operator, which is known by its forward and adjoint alone."""
+
+    #: the (input, output) shapes the structure describes, when they differ from the operator's own (an absorbed
+    #: reshape); None: the operator's shapes
+    core: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    #: a transpose or padding was absorbed on the input (output) side: coordinates there are not the operator's
+    loose_in: bool = False
+    loose_out: bool = False
+    #: the structure's norm is only an upper bound of the operator's (an absorbed zero padding, a pooling)
+    inexact: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ScalarStructure(Structure):
+    """``x -> value * x``; ``norm_only`` marks a map counted as its norm ``|value|`` that is not a multiple of the
+    identity (a global average pooling, 1/sqrt(n))."""
+
+    value: float
+    norm_only: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DiagStructure(Structure):
+    """``x -> scale * x``, the scale broadcast against one sample."""
+
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MatrixStructure(Structure):
+    """A matrix applied along the last axis: ``y = x M^T``."""
+
+    matrix: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ConvStructure(Structure):
+    """A (transposed) convolution at one input size, with every ONNX setting (one entry per spatial axis, pads
+    as begins then ends); ``circular`` when ``pads`` is a circular padding before an unpadded convolution."""
+
+    weight: torch.Tensor
+    input_spatial: tuple[int, ...]
+    stride: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+    transpose: bool = False
+    circular: bool = False
+    output_padding: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class IsometryStructure(Structure):
+    """A map that keeps norms: ``flat`` when it keeps each sample's flat order (a reshape), ``onto`` when every
+    output entry comes from the input (no zero padding). Both default to the cautious False."""
+
+    flat: bool = False
+    onto: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ProjectionStructure(Structure):
+    """A map that keeps or drops entries (norm at most 1); ``select`` is (axis, start, end) when it keeps one
+    contiguous range of one axis."""
+
+    select: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class NonnegativeStructure(Structure):
+    """A map with non-negative entries (bounded by the Schur test); ``mode`` and ``pads`` (ONNX order) when it is
+    a ``Pad`` that copies entries (``"wrap"``, ``"reflect"``, ``"edge"``)."""
+
+    mode: str | None = None
+    pads: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ChainStructure(Structure):
+    """The composition of ``parts``, the first applied first."""
+
+    parts: tuple["LinearOperator", ...]
+
+
+#: the structure class of each operator kind
+STRUCTURES: dict[str, type[Structure]] = {
+    "generic": Structure, "region": Structure, "scalar": ScalarStructure, "diag": DiagStructure,
+    "matrix": MatrixStructure, "conv": ConvStructure, "isometry": IsometryStructure,
+    "projection": ProjectionStructure, "nonnegative": NonnegativeStructure, "chain": ChainStructure,
+}
 
 
 @dataclass
@@ -25,8 +121,16 @@ class LinearOperator:
     forward: Fn
     adjoint: Fn
     kind: str = "generic"
-    structure: dict[str, Any] = field(default_factory=dict)
+    structure: Structure = field(default_factory=Structure)
     name: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse a structure that is not the one of ``kind`` (each kind has exactly one, ``STRUCTURES``)."""
+        if self.kind not in STRUCTURES:
+            raise TypeError(f"unknown linear operator kind {self.kind!r}")
+        if type(self.structure) is not STRUCTURES[self.kind]:
+            raise TypeError(f"a {self.kind!r} operator needs a {STRUCTURES[self.kind].__name__}, "
+                            f"not a {type(self.structure).__name__}")
 
     @property
     def in_numel(self) -> int:
@@ -50,7 +154,7 @@ class LinearOperator:
             forward=lambda x: after.forward(self.forward(x)),
             adjoint=lambda y: self.adjoint(after.adjoint(y)),
             kind="chain",
-            structure={"parts": parts},
+            structure=ChainStructure(parts=tuple(parts)),
             name=" -> ".join(p.name for p in parts if p.name),
         )
 
@@ -69,7 +173,7 @@ class LinearOperator:
 
 
 def _parts(op: LinearOperator) -> list[LinearOperator]:
-    return list(op.structure["parts"]) if op.kind == "chain" else [op]
+    return list(op.structure.parts) if op.kind == "chain" else [op]
 
 
 def autograd_adjoint(forward: Fn, in_shape: tuple[int, ...]) -> Fn:
@@ -86,17 +190,19 @@ def autograd_adjoint(forward: Fn, in_shape: tuple[int, ...]) -> Fn:
 
 
 def from_function(forward: Fn, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *,
-                  kind: str = "generic", structure: dict[str, Any] | None = None,
+                  kind: str = "generic", structure: Structure | None = None,
                   name: str = "", adjoint: Fn | None = None) -> LinearOperator:
-    """Wrap a linear function; its adjoint comes from autograd unless one is given."""
+    """Wrap a linear function; its adjoint comes from autograd unless one is given, its structure is the kind's
+    with every optional field at its default unless one is given."""
     return LinearOperator(
         in_shape=tuple(in_shape), out_shape=tuple(out_shape), forward=forward,
         adjoint=adjoint or autograd_adjoint(forward, tuple(in_shape)),
-        kind=kind, structure=structure or {}, name=name,
+        kind=kind, structure=STRUCTURES.get(kind, Structure)() if structure is None else structure, name=name,
     )
 
 
 def identity(shape: tuple[int, ...], name: str = "") -> LinearOperator:
     """The identity on one sample's shape: an isometry in the same coordinates (flat order kept, onto)."""
-    return from_function(lambda x: x, shape, shape, kind="isometry", structure={"flat": True, "onto": True},
+    return from_function(lambda x: x, shape, shape, kind="isometry",
+                         structure=IsometryStructure(flat=True, onto=True),
                          name=name, adjoint=lambda y: y)

@@ -15,16 +15,17 @@ import torch
 from lipcert.errors import ModelError
 from lipcert.graph.core import Graph, prune
 from lipcert.graph.executor import GraphModule
+from lipcert.graph.ops import REGISTRY
 
-SHAPE_ONLY_OPS = {"Shape", "Size"}
 PROBE_BATCHES = (1, 2)
 
 
 def data_dependent(graph: Graph) -> set[str]:
-    """Names of values that depend on the input's values (not only on its size)."""
+    """Names of values that depend on the input's values (not only on its size, ``Op.shape_only``)."""
     tainted = {graph.input_name}
     for node in graph.nodes:
-        if node.op in SHAPE_ONLY_OPS:
+        entry = REGISTRY.get(node.op)
+        if entry is not None and entry.shape_only:
             continue
         if any(name in tainted for name in node.inputs if name):
             tainted.update(o for o in node.outputs if o)

@@ -37,7 +37,7 @@ class ModelSummary:
         return asdict(self)
 
 
-def summarize(graph: Graph) -> ModelSummary:
+def summarize_model(graph: Graph) -> ModelSummary:
     """Summarise a graph; shapes are per sample (the batch dimension left out)."""
 
     def shape(name: str) -> list[int] | None:

@@ -1,4 +1,4 @@
-"""The report model: one record of a certification run that every output format renders (see ``render``)."""
+"""The report model: one record of a certification run that every output format renders (see ``report.render``)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ def _num(value: float | None, digits: int = 7) -> str:
 
 
 
-def shape_text(shape: list[int] | None) -> str:
+def shape_cell(shape: list[int] | None) -> str:
     """``[1, 8, 8]`` -> ``1x8x8`` (``scalar`` for ``[]``, ``-`` when unknown)."""
     if shape is None:
         return "-"
@@ -37,13 +37,14 @@ def render_verify(result: VerifyResult, out: Console) -> None:
     table.add_column("gap", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for row in result.layers:
-        shape = f"{shape_text(row.in_shape)} -> {shape_text(row.out_shape)}"
+        shape = f"{shape_cell(row.in_shape)} -> {shape_cell(row.out_shape)}"
         table.add_row(row.name, row.op, shape, _num(row.lower), _num(row.upper), row.upper_method,
                       "-" if row.gap is None else f"{row.gap:.1e}", f"[{STATUS_STYLE[row.status]}]{row.status}[/]")
     out.print(table)
     for combo in result.combinations:
         out.print(f"{combo['node']} ({combo['op']}): bound {_num(combo['bound'])} by {combo['rule']}")
-    upper = "unbounded (an op has no rule)" if result.network_upper == float("inf") else _num(result.network_upper)
+    upper = ("unbounded (an operator has no rule)" if result.network_upper == float("inf")
+             else _num(result.network_upper))
     out.print(f"network: upper bound {upper}, lower bound {_num(result.network_lower)} "
               f"({result.network_lower_method}); claim {result.claimed:g} ({result.claim_source}), "
               f"tolerance {result.tol:g}")

@@ -326,7 +326,6 @@ def blk_conv_transpose(d: Draw, b: Builder, v: str) -> str:
         v = to_image(d, b, v)
         s = shape(b, v)
     c, spatial = s[0], s[1:]
-    nd = len(spatial)
     g = d.choice([x for x in (1, 2) if c % x == 0])
     cout_g = d.int(1, 3)
     kernel = [d.int(1, 3) for _ in spatial]
@@ -526,7 +525,6 @@ def blk_pad(d: Draw, b: Builder, v: str) -> str:
 
 def wrap_concat(d: Draw, b: Builder, v: str, axis: int, p: int, q: int, variant: str = "ok") -> str:
     """torch's circular-padding export along per-sample axis ``axis``: Concat(x[-p:], x, x[:q])."""
-    n = shape(b, v)[axis - 1]
     parts = []
     if p:
         if variant == "wrong_slice":
@@ -1031,7 +1029,6 @@ def blk_broadcast_pair(d: Draw, b: Builder, v: str) -> str:
 
 def blk_gated(d: Draw, b: Builder, v: str) -> str:
     """v + g * Relu(v - t): a branch that inputs in [0, 1] never open (t = 5), with a large gain g."""
-    s = shape(b, v)
     t = d.choice([5.0, 3.0, 20.0])
     g = d.choice([3.0, 10.0])
     pre = branch(d, b, v) if d.bool() else v

@@ -1,7 +1,7 @@
 """Ground-truth oracles for lipcert's soundness, computed independently of lipcert's bounds.
 
 Everything here is measured on the exact function the model file defines: lipcert's float64 executor (each
-operator run through ``lipcert.ops.REGISTRY[op].run``, which ``tests/test_ops_conformance.py`` checks against
+operator run through ``lipcert.graph.ops.REGISTRY[op].run``, which ``tests/test_ops_conformance.py`` checks against
 onnxruntime), and onnxruntime's float32 session as the deployed function. A measured Jacobian norm or secant
 ratio is a true lower bound on a Lipschitz constant, so it can prove an upper bound wrong:
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from lipcert.bounds.results import NO_RULE
 from lipcert.errors import LipcertError
 from lipcert.graph.core import Graph
 from lipcert.graph.ops import REGISTRY, RunContext
@@ -301,7 +302,7 @@ def check_steps(graph: Graph, prop, inj: Injector, points: torch.Tensor, effort:
         row = None if step.kind in COMBINATIONS else next(rows, None)
         out.steps += 1
         STATS["steps"] += 1
-        if step.kind == "none":
+        if step.kind == NO_RULE:
             continue
         names = list(dict.fromkeys(step.inputs))
         nodes = inj.needed([step.output], stop=names)

@@ -1,8 +1,10 @@
 """The operator registry: one small class per ONNX operator, in the spirit of onnx's reference evaluator.
 
 Each entry says how the operator runs in torch (``run``); linear operators also say how to build their
-exact linear map at a given input size (``linear``), and every operator with a Lipschitz rule states it
-(``lipschitz``). The registry is the single place where lipcert learns what an operator means.
+exact linear map at a given input size (``linear``, with the typed structure of ``lipcert.graph.linop``), every
+operator with a Lipschitz rule states it (``lipschitz``), and both say how their float evaluation errs
+(``rounding``). Class attributes state the roles the analysis gives the operator (see ``Op``). The registry is
+the single place where lipcert learns what an operator means.
 """
 
 from __future__ import annotations
@@ -68,9 +70,27 @@ TRANSCENDENTAL_ULPS = 64
 
 
 class Op:
-    """Base class of a registry entry. Subclasses set ``name`` and implement ``run``."""
+    """Base class of a registry entry. Subclasses set ``name`` and implement ``run``, and override the methods
+    and role attributes that apply to them:
+
+    - ``combination``: how a node with several data-dependent inputs combines them, the kind of its step in
+      ``lipcert.bounds.steps``: ``"sum"`` (a weighted sum: bound sum(w L)), ``"concat"`` or ``"max"`` (an
+      elementwise max or min: both bound sqrt(sum((w L)^2))); None: such a node has no rule.
+      ``combination_reason`` states the fact the bound rests on.
+    - ``shape_only``: the output depends only on the input's shape, never on its values (``Shape``), so it cuts
+      data dependence (``lipcert.model.fold``).
+    - ``row_priority``: a step's row (``lipcert.bounds.propagate``) is named after its node whose op has the
+      smallest priority, else after its first node; None: the op never names a row. ``row_suffix``: a linear
+      row's label also lists the op after the one naming it (``Conv + BatchNormalization``); False for ops that
+      only move entries.
+    """
 
     name: ClassVar[str]
+    combination: ClassVar[str | None] = None
+    combination_reason: ClassVar[str] = ""
+    shape_only: ClassVar[bool] = False
+    row_priority: ClassVar[int | None] = None
+    row_suffix: ClassVar[bool] = True
 
     def run(self, node: Node, inputs: Sequence[torch.Tensor | None], ctx: RunContext) -> list[torch.Tensor]:
         raise NotImplementedError

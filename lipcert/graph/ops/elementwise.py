@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.linop import DiagStructure, LinearOperator, ScalarStructure, from_function
 from lipcert.graph.ops.base import EXACT, TRANSCENDENTAL_ULPS, LipschitzRule, Op, Rounding, RunContext, bad, register
 
 Inputs = Sequence[torch.Tensor | None]
+
+#: why a weighted sum of data-dependent inputs (``Op.combination`` "sum") is bounded by the sum of their bounds
+SUM_REASON = "L(w1 f + w2 g) <= |w1| L(f) + |w2| L(g); an input broadcast k times counts sqrt(k) times"
+#: why an elementwise max or min of data-dependent inputs (``Op.combination`` "max") is bounded by sqrt(sum(L^2))
+MAX_REASON = ("|max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): sqrt(sum of (sqrt(k) L)^2), k the broadcast "
+              "repetitions of each input")
 
 
 def per_sample(c: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -31,7 +37,7 @@ def scaling(name: str, factor: torch.Tensor | float, in_shape: tuple[int, ...],
     if isinstance(factor, float) or factor.numel() == 1:
         value = float(factor) if isinstance(factor, float) else float(factor.reshape(-1)[0])
         return from_function(lambda x: x * value, in_shape, out_shape, kind="scalar",
-                             structure={"value": value}, name=name, adjoint=lambda y: y * value)
+                             structure=ScalarStructure(value=value), name=name, adjoint=lambda y: y * value)
     if tuple(torch.broadcast_shapes(factor.shape, in_shape)) != tuple(in_shape):
         return None
     scale = factor
@@ -40,7 +46,7 @@ def scaling(name: str, factor: torch.Tensor | float, in_shape: tuple[int, ...],
         return y * scale.to(y)
 
     return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
-                         structure={"scale": scale}, name=name, adjoint=adjoint)
+                         structure=DiagStructure(scale=scale), name=name, adjoint=adjoint)
 
 
 class Unary(Op):
@@ -326,7 +332,10 @@ def broadcast_norm(c: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
 
 
 class Shift(Binary):
-    """Add or Sub: with one data input, x + c (or c - x): one rounding of each entry, relative to |x| + |c|."""
+    """Add or Sub: with one data input, x + c (or c - x): one rounding of each entry, relative to |x| + |c|; with
+    several, a sum."""
+
+    combination, combination_reason = "sum", SUM_REASON
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
@@ -344,7 +353,7 @@ class Scale(Binary):
         op = self.linear(node, consts, var, in_shape, out_shape)
         if op is None:
             return None
-        factor = op.structure.get("value", op.structure.get("scale"))
+        factor = op.structure.value if op.kind == "scalar" else op.structure.scale
         magnitude = abs(factor) if isinstance(factor, float) else factor.abs()
         return Rounding(terms=1, abs_op=scaling(node.name, magnitude, in_shape, out_shape))
 
@@ -378,6 +387,7 @@ class Sub(Shift):
 @register
 class Mul(Scale):
     name = "Mul"
+    row_priority = 7
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a * b
@@ -391,6 +401,7 @@ class Mul(Scale):
 @register
 class Div(Scale):
     name = "Div"
+    row_priority = 8
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.is_floating_point() or b.is_floating_point():
@@ -449,6 +460,8 @@ class Extremum(Variadic):
     """Elementwise max or min: with one data input and constants, 1-Lipschitz per entry (``broadcast_rule``),
     and exact in floating point."""
 
+    combination, combination_reason = "max", MAX_REASON
+
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:
         return broadcast_rule(self.name.lower(), in_shape, out_shape)
@@ -477,6 +490,7 @@ class Min(Extremum):
 @register
 class Sum(Variadic):
     name = "Sum"
+    combination, combination_reason = "sum", SUM_REASON
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
@@ -485,6 +499,7 @@ class Sum(Variadic):
 @register
 class Mean(Variadic):
     name = "Mean"
+    combination, combination_reason = "sum", SUM_REASON
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b

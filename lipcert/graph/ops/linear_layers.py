@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.linop import ConvStructure, DiagStructure, LinearOperator, MatrixStructure, from_function
 from lipcert.graph.ops.base import Op, Rounding, RunContext, bad, ints, register, same_pads, torch_pad_list
 
 Inputs = Sequence[torch.Tensor | None]
@@ -18,7 +19,21 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def conv_settings(node: Node, x_spatial: Sequence[int], w: torch.Tensor, transpose: bool = False) -> dict:
+@dataclass(frozen=True)
+class ConvSettings:
+    """A (transposed) convolution's ONNX attributes, normalised: one entry per spatial axis (``nd`` of them),
+    explicit pads (begins, then ends), no output padding unless a ConvTranspose gives one."""
+
+    nd: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[int, ...]
+    groups: int
+    output_padding: tuple[int, ...]
+
+
+def conv_settings(node: Node, x_spatial: Sequence[int], w: torch.Tensor, transpose: bool = False) -> ConvSettings:
     """Normalised ONNX convolution attributes: strides, dilations, explicit pads, groups."""
     nd = w.dim() - 2
     if nd not in CONV:
@@ -33,31 +48,32 @@ def conv_settings(node: Node, x_spatial: Sequence[int], w: torch.Tensor, transpo
         pads = ints(node.attr("pads"), 2 * nd, 0)
     else:
         pads = same_pads(auto_pad, x_spatial, kernel, strides, dilations)
-    return {"nd": nd, "kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads,
-            "groups": int(node.attr("group", 1))}
+    return ConvSettings(nd=nd, kernel=tuple(kernel), stride=tuple(strides), dilation=tuple(dilations),
+                        pads=tuple(pads), groups=int(node.attr("group", 1)), output_padding=(0,) * nd)
 
 
-def conv_structure(w: torch.Tensor, s: dict, in_shape: tuple[int, ...], transpose: bool) -> dict:
+def conv_structure(w: torch.Tensor, s: ConvSettings, in_shape: tuple[int, ...], transpose: bool) -> ConvStructure:
     """What ``spectral`` needs to bound a (transposed) convolution at this input size."""
-    return {"weight": w, "stride": tuple(s["strides"]), "pads": tuple(s["pads"]), "dilation": tuple(s["dilations"]),
-            "groups": s["groups"], "circular": False, "input_spatial": tuple(in_shape[1:]), "transpose": transpose,
-            "output_padding": tuple(s.get("output_padding", (0,) * s["nd"]))}
+    return ConvStructure(weight=w, stride=s.stride, pads=s.pads, dilation=s.dilation, groups=s.groups,
+                         circular=False, input_spatial=tuple(in_shape[1:]), transpose=transpose,
+                         output_padding=s.output_padding)
 
 
-def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: dict) -> torch.Tensor:
+def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: ConvSettings) -> torch.Tensor:
     """ONNX Conv semantics in torch, including asymmetric pads."""
-    nd, pads = s["nd"], s["pads"]
+    nd, pads = s.nd, s.pads
     if pads[:nd] == pads[nd:]:
         padding = pads[:nd]
     else:
         x = F.pad(x, torch_pad_list(pads))
-        padding = [0] * nd
-    return CONV[nd](x, w, b, stride=s["strides"], padding=padding, dilation=s["dilations"], groups=s["groups"])
+        padding = (0,) * nd
+    return CONV[nd](x, w, b, stride=s.stride, padding=padding, dilation=s.dilation, groups=s.groups)
 
 
 @register
 class Conv(Op):
     name = "Conv"
+    row_priority = 0
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, w = inputs[0], inputs[1]
@@ -99,12 +115,12 @@ def conv_rounding(op: Op, node: Node, consts: Inputs, var: int, in_shape: tuple[
                     offset=bias_norm(consts[2] if len(consts) > 2 else None, out_shape))
 
 
-def conv_adjoint(w: torch.Tensor, s: dict, in_shape: tuple[int, ...]):
+def conv_adjoint(w: torch.Tensor, s: ConvSettings, in_shape: tuple[int, ...]):
     """The exact adjoint of a zero-padded convolution: the matching transposed convolution, cropped."""
-    nd, pads = s["nd"], s["pads"]
+    nd, pads = s.nd, s.pads
 
     def adjoint(y: torch.Tensor) -> torch.Tensor:
-        full = CONV_T[nd](y, w.to(y), stride=s["strides"], dilation=s["dilations"], groups=s["groups"])
+        full = CONV_T[nd](y, w.to(y), stride=s.stride, dilation=s.dilation, groups=s.groups)
         padded = [n + pads[i] + pads[i + nd] for i, n in enumerate(in_shape[1:])]
         extra = [p - f for p, f in zip(padded, full.shape[2:])]
         full = F.pad(full, torch_pad_list([0] * nd + extra))
@@ -114,11 +130,11 @@ def conv_adjoint(w: torch.Tensor, s: dict, in_shape: tuple[int, ...]):
     return adjoint
 
 
-def run_conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: dict) -> torch.Tensor:
+def run_conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: ConvSettings) -> torch.Tensor:
     """ONNX ConvTranspose: full transposed convolution, then output padding and crop by pads."""
-    nd = s["nd"]
-    full = CONV_T[nd](x, w, None, stride=s["strides"], dilation=s["dilations"], groups=s["groups"])
-    pads, extra = s["pads"], s["output_padding"]
+    nd = s.nd
+    full = CONV_T[nd](x, w, None, stride=s.stride, dilation=s.dilation, groups=s.groups)
+    pads, extra = s.pads, s.output_padding
     full = F.pad(full, torch_pad_list([0] * nd + list(extra)))
     index = [slice(None), slice(None)] + [
         slice(pads[i], full.shape[2 + i] - pads[nd + i]) for i in range(nd)]
@@ -126,30 +142,33 @@ def run_conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return out if b is None else out + b.reshape(1, -1, *([1] * nd))
 
 
-def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: torch.Tensor) -> dict:
+def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: torch.Tensor) -> ConvSettings:
+    """Normalised ONNX ConvTranspose attributes: those of ``conv_settings``, the output padding, and the pads
+    that ``output_shape`` or auto_pad SAME_* imply."""
     spatial = list(x.shape[2:]) if isinstance(x, torch.Tensor) else list(x)
     s = conv_settings(node, spatial, w, transpose=True)
-    nd = s["nd"]
-    s["output_padding"] = ints(node.attr("output_padding"), nd, 0)
+    nd = s.nd
+    s = replace(s, output_padding=tuple(ints(node.attr("output_padding"), nd, 0)))
     out_shape = node.attr("output_shape")
     auto_pad = node.attr("auto_pad", "NOTSET")
     if out_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        target = list(out_shape)[-nd:] if out_shape is not None else [n * st for n, st in zip(spatial, s["strides"])]
+        target = list(out_shape)[-nd:] if out_shape is not None else [n * st for n, st in zip(spatial, s.stride)]
         begins, ends = [], []
         for i in range(nd):
-            total = (s["strides"][i] * (spatial[i] - 1) + s["output_padding"][i]
-                     + (s["kernel"][i] - 1) * s["dilations"][i] + 1 - target[i])
+            total = (s.stride[i] * (spatial[i] - 1) + s.output_padding[i]
+                     + (s.kernel[i] - 1) * s.dilation[i] + 1 - target[i])
             small, large = total // 2, total - total // 2
             # the odd unit goes at the end only for SAME_UPPER; SAME_LOWER and an explicit output_shape put it first
             begins.append(small if auto_pad == "SAME_UPPER" else large)
             ends.append(large if auto_pad == "SAME_UPPER" else small)
-        s["pads"] = begins + ends
+        s = replace(s, pads=tuple(begins + ends))
     return s
 
 
 @register
 class ConvTranspose(Op):
     name = "ConvTranspose"
+    row_priority = 1
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, w = inputs[0], inputs[1]
@@ -174,6 +193,7 @@ class ConvTranspose(Op):
 @register
 class Gemm(Op):
     name = "Gemm"
+    row_priority = 2
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         a, b = inputs[0], inputs[1]
@@ -192,7 +212,7 @@ class Gemm(Op):
         b = consts[1]
         matrix = float(node.attr("alpha", 1.0)) * (b if node.attr("transB", 0) else b.T)
         return from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
-                             structure={"matrix": matrix}, name=node.name,
+                             structure=MatrixStructure(matrix=matrix), name=node.name,
                              adjoint=lambda y: y @ matrix.to(y))
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -201,7 +221,7 @@ class Gemm(Op):
         op = self.linear(node, consts, var, in_shape, out_shape)
         if op is None:
             return None
-        matrix = op.structure["matrix"].abs()
+        matrix = op.structure.matrix.abs()
         c = consts[2] if len(consts) > 2 else None
         offset = 0.0
         if c is not None and c.numel():  # the largest bias row (C may have one row per sample)
@@ -209,13 +229,14 @@ class Gemm(Op):
             offset = abs(float(node.attr("beta", 1.0))) * float(rows.norm(dim=-1).max())
         return Rounding(terms=matrix.shape[1] + 3, offset=offset,
                         abs_op=from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
-                                             structure={"matrix": matrix}, name=node.name,
+                                             structure=MatrixStructure(matrix=matrix), name=node.name,
                                              adjoint=lambda y: y @ matrix.to(y)))
 
 
 @register
 class MatMul(Op):
     name = "MatMul"
+    row_priority = 3
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [torch.matmul(inputs[0], inputs[1])]
@@ -226,7 +247,7 @@ class MatMul(Op):
             return None
         w = consts[1]
         return from_function(lambda x: x @ w.to(x), in_shape, out_shape, kind="matrix",
-                             structure={"matrix": w.T}, name=node.name, adjoint=lambda y: y @ w.to(y).T)
+                             structure=MatrixStructure(matrix=w.T), name=node.name, adjoint=lambda y: y @ w.to(y).T)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
@@ -240,6 +261,7 @@ class MatMul(Op):
 @register
 class BatchNormalization(Op):
     name = "BatchNormalization"
+    row_priority = 4
 
     def affine(self, node: Node, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if node.attr("training_mode", 0):
@@ -263,7 +285,7 @@ class BatchNormalization(Op):
         factor, _ = self.affine(node, [c.double() if c is not None and c.is_floating_point() else c for c in consts])
         scale = factor.reshape((-1,) + (1,) * (len(in_shape) - 1))
         return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
-                             structure={"scale": scale}, name=node.name, adjoint=lambda y: y * scale.to(y))
+                             structure=DiagStructure(scale=scale), name=node.name, adjoint=lambda y: y * scale.to(y))
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
@@ -277,5 +299,5 @@ class BatchNormalization(Op):
         magnitude = factor.abs().reshape((-1,) + (1,) * (len(in_shape) - 1))
         return Rounding(terms=8, offset=bias_norm(shift, out_shape),
                         abs_op=from_function(lambda x: x * magnitude.to(x), in_shape, out_shape, kind="diag",
-                                             structure={"scale": magnitude}, name=node.name,
+                                             structure=DiagStructure(scale=magnitude), name=node.name,
                                              adjoint=lambda y: y * magnitude.to(y)))

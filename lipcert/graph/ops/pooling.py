@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, from_function
+from lipcert.graph.linop import LinearOperator, ScalarStructure, from_function
 from lipcert.graph.ops.base import (
     EXACT,
     LipschitzRule,
@@ -30,7 +31,20 @@ AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def pool_settings(node: Node, x_spatial: Sequence[int]) -> dict:
+@dataclass(frozen=True)
+class PoolSettings:
+    """A pooling's ONNX attributes, normalised: one entry per pooled axis (``nd`` of them), explicit pads (begins,
+    then ends), and whether a last partial window counts (ceil_mode)."""
+
+    nd: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil: bool
+
+
+def pool_settings(node: Node, x_spatial: Sequence[int]) -> PoolSettings:
     """Normalised pooling attributes: kernel, strides, explicit pads, dilations, ceil mode."""
     kernel = ints(node.attr("kernel_shape"))
     nd = len(kernel)
@@ -43,47 +57,47 @@ def pool_settings(node: Node, x_spatial: Sequence[int]) -> dict:
         pads = ints(node.attr("pads"), 2 * nd, 0)
     else:
         pads = same_pads(auto_pad, x_spatial, kernel, strides, dilations)
-    return {"nd": nd, "kernel": kernel, "strides": strides, "pads": pads, "dilations": dilations,
-            "ceil": bool(node.attr("ceil_mode", 0))}
+    return PoolSettings(nd=nd, kernel=tuple(kernel), stride=tuple(strides), pads=tuple(pads),
+                        dilation=tuple(dilations), ceil=bool(node.attr("ceil_mode", 0)))
 
 
-def window_sum(x: torch.Tensor, s: dict, pad_value: float = 0.0) -> torch.Tensor:
+def window_sum(x: torch.Tensor, s: PoolSettings, pad_value: float = 0.0) -> torch.Tensor:
     """Sum over each pooling window of x padded with ``pad_value`` (ONNX pads, possibly asymmetric)."""
-    nd = s["nd"]
-    if any(d != 1 for d in s["dilations"]):
+    nd = s.nd
+    if any(d != 1 for d in s.dilation):
         raise ValueError("dilated average or Lp pooling is not supported")
-    xp = F.pad(x, torch_pad_list(s["pads"]), value=pad_value)
+    xp = F.pad(x, torch_pad_list(s.pads), value=pad_value)
     squeeze = nd == 1
     if squeeze:
         xp = xp.unsqueeze(-2)
-        kernel, strides = [1] + s["kernel"], [1] + s["strides"]
+        kernel, strides = (1,) + s.kernel, (1,) + s.stride
     else:
-        kernel, strides = s["kernel"], s["strides"]
+        kernel, strides = s.kernel, s.stride
     pool = AVG[len(kernel)]
-    out = pool(xp, kernel, strides, 0, s["ceil"], True, divisor_override=1)
+    out = pool(xp, kernel, strides, 0, s.ceil, True, divisor_override=1)
     return out.squeeze(-2) if squeeze else out
 
 
-def average_pool(x: torch.Tensor, s: dict, count_include_pad: bool) -> torch.Tensor:
+def average_pool(x: torch.Tensor, s: PoolSettings, count_include_pad: bool) -> torch.Tensor:
     """ONNX AveragePool: window sums divided by the count of (padded or real) entries in each window."""
     sums = window_sum(x, s)
     ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
     if count_include_pad:
-        counts = window_sum(F.pad(ones, torch_pad_list(s["pads"]), value=1.0), {**s, "pads": [0] * 2 * s["nd"]})
+        counts = window_sum(F.pad(ones, torch_pad_list(s.pads), value=1.0), replace(s, pads=(0,) * (2 * s.nd)))
     else:
         counts = window_sum(ones, s)
     return ceil_crop(sums / counts, x.shape[2:], s)
 
 
-def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: dict) -> torch.Tensor:
+def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: PoolSettings) -> torch.Tensor:
     """With ceil_mode, drop a last window that starts in the end padding, as onnxruntime (and torch) do."""
-    if not s["ceil"]:
+    if not s.ceil:
         return out
-    nd = s["nd"]
+    nd = s.nd
     index: list[slice] = [slice(None)] * (out.dim() - nd)
     for i in range(nd):
         size = out.shape[out.dim() - nd + i]
-        if size > 1 and (size - 1) * s["strides"][i] >= x_spatial[i] + s["pads"][i]:
+        if size > 1 and (size - 1) * s.stride[i] >= x_spatial[i] + s.pads[i]:
             size -= 1
         index.append(slice(0, size))
     return out[tuple(index)]
@@ -92,6 +106,7 @@ def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: dict) -> torch.Ten
 @register
 class AveragePool(Op):
     name = "AveragePool"
+    row_priority = 5
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -106,19 +121,19 @@ class AveragePool(Op):
         s = pool_settings(node, in_shape[1:])
         include = bool(node.attr("count_include_pad", 0))
         return from_function(lambda x: average_pool(x, s, include), in_shape, out_shape, kind="nonnegative",
-                             structure={"kernel": s["kernel"], "strides": s["strides"], "pads": s["pads"]},
                              name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding:
         """A sum of at most K entries (the window), then a division: gamma_(K+1); the pool is its own |P|."""
-        window = math.prod(pool_settings(node, in_shape[1:])["kernel"])
+        window = math.prod(pool_settings(node, in_shape[1:]).kernel)
         return Rounding(terms=window + 1, abs_op=self.linear(node, consts, var, in_shape, out_shape))
 
 
 @register
 class GlobalAveragePool(Op):
     name = "GlobalAveragePool"
+    row_priority = 6
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -128,7 +143,7 @@ class GlobalAveragePool(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         n = math.prod(in_shape[1:])
         return from_function(lambda x: self.run(node, [x], RunContext(x.dtype))[0], in_shape, out_shape,
-                             kind="scalar", structure={"value": 1.0 / math.sqrt(n), "norm_only": True},
+                             kind="scalar", structure=ScalarStructure(value=1.0 / math.sqrt(n), norm_only=True),
                              name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -145,8 +160,8 @@ class MaxPool(Op):
         if len(node.outputs) > 1 and node.outputs[1]:
             raise bad(node, "MaxPool with an Indices output is not supported")
         s = pool_settings(node, x.shape[2:])
-        xp = F.pad(x, torch_pad_list(s["pads"]), value=float("-inf"))
-        out = MAX[s["nd"]](xp, s["kernel"], s["strides"], 0, s["dilations"], s["ceil"])
+        xp = F.pad(x, torch_pad_list(s.pads), value=float("-inf"))
+        out = MAX[s.nd](xp, s.kernel, s.stride, 0, s.dilation, s.ceil)
         return [ceil_crop(out, x.shape[2:], s)]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -159,10 +174,10 @@ class MaxPool(Op):
         return EXACT
 
 
-def pool_rule(what: str, s: dict) -> LipschitzRule:
+def pool_rule(what: str, s: PoolSettings) -> LipschitzRule:
     """Local pooling is 1-Lipschitz when windows do not overlap; an entry in m windows gives sqrt(m)."""
     overlap = 1
-    for k, st, d in zip(s["kernel"], s["strides"], s["dilations"]):
+    for k, st, d in zip(s.kernel, s.stride, s.dilation):
         extent = (k - 1) * d + 1
         overlap *= min(k, -(-extent // st))
     if overlap == 1:
@@ -210,7 +225,7 @@ class LpPool(Op):
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding:
         """sqrt of a sum of K squares: every term non-negative, so the error is relative to the output
         (squares, K - 1 additions, the root; 4 for a pow that is not a plain product)."""
-        return Rounding(relative=math.prod(pool_settings(node, in_shape[1:])["kernel"]) + 6)
+        return Rounding(relative=math.prod(pool_settings(node, in_shape[1:]).kernel) + 6)
 
 
 @register

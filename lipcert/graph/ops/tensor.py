@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, from_function, identity
+from lipcert.graph.linop import (
+    IsometryStructure,
+    LinearOperator,
+    NonnegativeStructure,
+    ProjectionStructure,
+    ScalarStructure,
+    from_function,
+    identity,
+)
 from lipcert.graph.ops.base import (
     EXACT,
     LipschitzRule,
@@ -76,7 +84,7 @@ class Cast(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if not self._float_identity(node, var) or tuple(in_shape) != tuple(out_shape):
             return None
-        return from_function(lambda x: x, in_shape, out_shape, kind="scalar", structure={"value": 1.0},
+        return from_function(lambda x: x, in_shape, out_shape, kind="scalar", structure=ScalarStructure(value=1.0),
                              name=node.name, adjoint=lambda y: y)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -88,6 +96,7 @@ class Cast(Op):
 @register
 class Shape(Op):
     name = "Shape"
+    shape_only = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         dims = list(inputs[0].shape)
@@ -98,6 +107,7 @@ class Shape(Op):
 @register
 class Size(Op):
     name = "Size"
+    shape_only = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [torch.tensor(inputs[0].numel(), dtype=torch.int64)]
@@ -178,10 +188,10 @@ class Rearrange(Copies):
             return None
         if not self.flat:  # a permutation of entries; the adjoint by autograd is exact
             return from_function(lambda x: self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0],
-                                 in_shape, out_shape, kind="isometry", structure={"flat": False, "onto": True},
-                                 name=node.name)
+                                 in_shape, out_shape, kind="isometry",
+                                 structure=IsometryStructure(flat=False, onto=True), name=node.name)
         return from_function(lambda x: x.reshape((x.shape[0],) + tuple(out_shape)), in_shape, out_shape,
-                             kind="isometry", structure={"flat": True, "onto": True}, name=node.name,
+                             kind="isometry", structure=IsometryStructure(flat=True, onto=True), name=node.name,
                              adjoint=lambda y: y.reshape((y.shape[0],) + tuple(in_shape)))
 
 
@@ -224,7 +234,7 @@ class Transpose(Rearrange):
             return None  # a transpose that moves the batch axis mixes samples
         inverse = [perm.index(i) for i in range(len(perm))]
         return from_function(lambda x: x.permute(*perm), in_shape, out_shape, kind="isometry",
-                             structure={"flat": False, "onto": True}, name=node.name,
+                             structure=IsometryStructure(flat=False, onto=True), name=node.name,
                              adjoint=lambda y: y.permute(*inverse))
 
 
@@ -311,6 +321,8 @@ class Unsqueeze(Rearrange):
 @register
 class Concat(Copies):
     name = "Concat"
+    combination, combination_reason = "concat", "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)"
+    row_priority, row_suffix = 10, False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         parts = [t for t in inputs if t is not None]
@@ -370,7 +382,7 @@ class Split(Copies):
             return self.run(node, full, RunContext(x.dtype))[output]
 
         return from_function(forward, in_shape, out_shape, kind="projection", name=node.name,
-                             structure={"select": (axis, start, start + sizes[output])})
+                             structure=ProjectionStructure(select=(axis, start, start + sizes[output])))
 
 
 @register
@@ -417,13 +429,13 @@ class Slice(Copies):
             whole = step == 1 and (start == 0 or start <= -2 ** 31) and end >= 2 ** 31 - 1
             if axis == 0 and not whole:
                 return None  # a slice of the batch axis selects or reorders samples, not entries of one sample
-        structure = {}
+        structure = ProjectionStructure()
         sliced = [(axis, start, end) for axis, start, end, step in ranges if axis > 0 and step == 1]
         if len(sliced) == 1 and len(ranges) == 1:  # one axis, step 1: the entries [start, end) of that axis
             axis, start, end = sliced[0]
             n = in_shape[axis - 1]
-            structure["select"] = (axis, max(0, min(n, start + n if start < 0 else start)),
-                                   max(0, min(n, end + n if end < 0 else end)))
+            structure = ProjectionStructure(select=(axis, max(0, min(n, start + n if start < 0 else start)),
+                                                    max(0, min(n, end + n if end < 0 else end))))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
@@ -437,6 +449,7 @@ PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", 
 @register
 class Pad(Copies):
     name = "Pad"
+    row_priority, row_suffix = 9, False
 
     def settings(self, node: Node, inputs: Inputs, rank: int) -> tuple[str, list[int], float]:
         mode = node.attr("mode", "constant")
@@ -484,12 +497,12 @@ class Pad(Copies):
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
-        if mode == "constant":
-            kind = "isometry" if min(pads) >= 0 else "projection"
-        else:  # each output copies one input entry: non-negative, and the Schur test gives sqrt(most copies)
-            kind = "nonnegative"
-        return from_function(forward, in_shape, out_shape, kind=kind, name=node.name,
-                             structure={"mode": mode, "pads": pads})
+        if mode == "constant":  # zero padding keeps norms (it is not onto); negative pads crop
+            return from_function(forward, in_shape, out_shape, kind="isometry" if min(pads) >= 0 else "projection",
+                                 name=node.name)
+        # each output copies one input entry: non-negative, and the Schur test gives sqrt(most copies)
+        return from_function(forward, in_shape, out_shape, kind="nonnegative", name=node.name,
+                             structure=NonnegativeStructure(mode=mode, pads=tuple(pads)))
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:

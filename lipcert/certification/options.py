@@ -1,0 +1,258 @@
+"""``CertifyOptions``: every setting of a ``certify`` run, with its defaults, checked in one place.
+
+The defaults are those of ``lipcert report``, which only maps its flags onto these parameters: the radii of the
+norm, a batch size for the device, the PGD attack on, the gates' defaults. A wrong value is a ``ConfigError``
+naming the parameter (``batch_size must be a whole number of at least 1, got 0``), which the command line spells
+as its flag. This module imports neither torch nor numpy (``lipcert --help`` reads ``DEFAULT_EPS``); what needs
+them is imported when an options object is made.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from lipcert import limits
+from lipcert.errors import ConfigError, ModelError
+from lipcert.parse import fraction_problem, parse_eps, parse_gate
+
+if TYPE_CHECKING:
+    from lipcert.certification.attack import AttackConfig
+    from lipcert.graph.core import Graph
+
+NORMS = ("l2", "linf")
+BACKENDS = ("auto", "torch", "onnxruntime")
+#: radii certified when ``eps`` is not given, per norm: the usual benchmark radii of each norm
+DEFAULT_EPS = {"l2": "36/255,72/255,108/255", "linf": "1/255,2/255,4/255,8/255"}
+#: samples per batch when ``batch_size`` is not given, per kind of device
+DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 1024}
+#: a gate's radius is already certified when an ``eps`` is this close to it
+SAME_RADIUS = 1e-12
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, expected: str, value: Any) -> None:
+    """A ConfigError ``NAME must be EXPECTED, got VALUE`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{name} must be {expected}, got {value!r}", parameter=name)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    """An accuracy threshold: a fraction in [0, 1], with a hint when it looks like a percentage."""
+    _check(_finite(value), name, "a fraction between 0 and 1", value)
+    problem = fraction_problem(value)
+    if problem:
+        expected, _, hint = problem.removeprefix("expected ").partition("; ")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}" + (f"; {hint}" if hint else ""),
+                          parameter=name)
+
+
+def _eps_labels(eps: str | float | Sequence[str | float]) -> list[str]:
+    """The radii as the user wrote them, one per item (``36/255``, ``0.1``)."""
+    if isinstance(eps, str) or _finite(eps):
+        return [str(eps)]
+    if not isinstance(eps, Sequence) or not all(isinstance(e, str) or _finite(e) for e in eps):
+        raise ConfigError(f"eps must be radii like '36/255,72/255' or a list of numbers, got {eps!r}",
+                          parameter="eps")
+    return [str(e) for e in eps]
+
+
+def _gate(item: Any) -> tuple[str, float, float]:
+    """One ``min_certified_acc`` item (``"36/255=0.6"`` or ``("36/255", 0.6)``) as (label, radius, accuracy)."""
+    if isinstance(item, tuple) and len(item) == 2 and (isinstance(item[0], str) or _finite(item[0])) \
+            and _finite(item[1]):
+        text = f"{item[0]}={item[1]!r}"
+    elif isinstance(item, str):
+        text = item
+    else:
+        raise ConfigError(f"min_certified_acc items must be 'EPS=ACCURACY' strings or (eps, accuracy) pairs, got "
+                          f"{item!r}", parameter="min_certified_acc")
+    try:
+        return parse_gate(text)
+    except ValueError as exc:
+        raise ConfigError(f"min_certified_acc {text!r}: {exc}", parameter="min_certified_acc") from None
+
+
+@dataclass(frozen=True)
+class CertifyOptions:
+    """Every setting of a ``certify`` run, with ``lipcert report``'s defaults; checked when made.
+
+    ``eps`` (default: ``DEFAULT_EPS`` of the norm) is certified along with every radius a ``min_certified_acc``
+    gate names. ``device`` ``auto`` is the GPU when there is one; ``batch_size`` defaults per device
+    (``DEFAULT_BATCH_SIZE``). ``attack`` is True (PGD with ``AttackConfig``'s defaults), an ``AttackConfig``, or
+    False/None (no attack); the attack always uses the run's norm. The gates (``min_clean_acc``,
+    ``min_certified_acc``, ``max_violations``, ``max_lipschitz``, ``require_claim``, ``baseline``, ``max_drop``)
+    are those of ``report_gates`` and end up in ``Report.gates``. ``out`` is the run's folder: a checkpoint there
+    while it runs (``resume`` continues it), the report written there at the end and the checkpoint removed;
+    ``checkpoint_dir`` keeps the checkpoint without writing a report. Without ``resume``, an unfinished run's
+    checkpoint in either is refused, never discarded. Options are frozen: ``dataclasses.replace`` makes (and checks)
+    others.
+    """
+
+    eps: str | float | Sequence[str | float] | None = None
+    norm: str = "l2"
+    device: str = "auto"
+    batch_size: int | None = None
+    backend: str = "auto"
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    lipschitz: float | None = None
+    layout: str = "auto"
+    value_range: str = "auto"
+    max_elements: int | None = None
+    skip_bad_samples: bool = False
+    workers: int | None = None
+    attack: AttackConfig | bool | None = True
+    min_clean_acc: float | None = None
+    min_certified_acc: str | Sequence[str | tuple[str | float, float]] | Mapping[str | float, float] = ()
+    max_violations: int = 0
+    max_lipschitz: float | None = None
+    require_claim: bool | None = None
+    baseline: str | Path | Mapping[str, Any] | None = None
+    max_drop: float = 0.0
+    out: str | Path | None = None
+    checkpoint_dir: str | Path | None = None
+    resume: bool = False
+    #: what the settings above resolve to, set when the options are made
+    radii: list[tuple[str, float]] = field(init=False, repr=False, compare=False)
+    certified_gates: list[tuple[str, float, float]] = field(init=False, repr=False, compare=False)
+    attack_config: AttackConfig | None = field(init=False, repr=False, compare=False)
+    baseline_report: dict[str, Any] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from lipcert.certification.attack import AttackConfig
+        from lipcert.data.base import LAYOUTS, VALUE_RANGES
+
+        _check(self.norm in NORMS, "norm", "l2 or linf", self.norm)
+        _check(self.batch_size is None or (_whole(self.batch_size) and self.batch_size >= 1), "batch_size",
+               "a whole number of at least 1", self.batch_size)
+        _check(isinstance(self.device, str) and bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
+               "auto, cpu, cuda or cuda:N", self.device)
+        _check(self.backend in BACKENDS, "backend", " or ".join(BACKENDS), self.backend)
+        _check(self.layout in LAYOUTS, "layout", " or ".join(LAYOUTS), self.layout)
+        _check(self.value_range in VALUE_RANGES, "value_range", " or ".join(VALUE_RANGES), self.value_range)
+        self._check_normalisation()
+        _check(self.lipschitz is None or (_finite(self.lipschitz) and self.lipschitz > 0), "lipschitz",
+               "a positive number", self.lipschitz)
+        if self.max_elements is not None:
+            limits.resolve(self.max_elements)
+        for name in ("skip_bad_samples", "resume"):
+            _check(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
+        _check(self.workers is None or (_whole(self.workers) and self.workers >= 0), "workers",
+               "a whole number of at least 0", self.workers)
+        _check(isinstance(self.attack, (AttackConfig, bool)) or self.attack is None, "attack",
+               "True, False, None or an AttackConfig", self.attack)
+        attack = AttackConfig() if self.attack is True else self.attack or None
+        self._set("attack_config", attack.in_norm(self.norm) if attack is not None else None)
+        self._check_gates()
+        self._set("radii", self._radii())
+        self._check_folders()
+        self._load_baseline()
+        self.run_device()
+
+    def _set(self, name: str, value: Any) -> None:
+        """Set a resolved value (the options are frozen once made)."""
+        object.__setattr__(self, name, value)
+
+    def _check_normalisation(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            _check(value is None or (hasattr(value, "__len__") and not isinstance(value, (str, bytes))
+                                     and len(value) > 0 and all(_finite(v) for v in value)), name,
+                   "a list of finite numbers (one per channel, or one for all)", value)
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("mean and std go together: give both, or neither", parameter=("mean", "std"))
+        _check(self.std is None or min(self.std) > 0, "std", "positive numbers", self.std)
+
+    def _check_gates(self) -> None:
+        if self.min_clean_acc is not None:
+            _check_fraction("min_clean_acc", self.min_clean_acc)
+        _check_fraction("max_drop", self.max_drop)
+        _check(_whole(self.max_violations) and self.max_violations >= 0, "max_violations",
+               "a whole number of at least 0", self.max_violations)
+        _check(self.max_lipschitz is None or (_finite(self.max_lipschitz) and self.max_lipschitz > 0),
+               "max_lipschitz", "a positive number", self.max_lipschitz)
+        _check(self.require_claim is None or isinstance(self.require_claim, bool), "require_claim",
+               "True, False or None", self.require_claim)
+        items = self.min_certified_acc
+        if isinstance(items, (str, Mapping)):
+            items = [items] if isinstance(items, str) else list(items.items())
+        _check(isinstance(items, Sequence), "min_certified_acc",
+               "a list of 'EPS=ACCURACY' strings or (eps, accuracy) pairs, or a dict", self.min_certified_acc)
+        self._set("certified_gates", [_gate(item) for item in items])
+
+    def _radii(self) -> list[tuple[str, float]]:
+        """``eps`` (or the norm's default radii), then every radius a gate names that is not among them."""
+        labels = _eps_labels(self.eps) if self.eps is not None else [DEFAULT_EPS[self.norm]]
+        eps = parse_eps(",".join(labels))
+        extra = [label for label, value, _ in self.certified_gates
+                 if not any(abs(value - v) <= SAME_RADIUS for _, v in eps)]
+        return parse_eps(",".join([label for label, _ in eps] + extra))
+
+    def _check_folders(self) -> None:
+        from lipcert.certification.checkpoint import refuse_overwrite
+
+        for name in ("out", "checkpoint_dir"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, (str, Path)) and str(value).strip() != ""), name,
+                   "a folder path", value)
+        if self.out is not None and self.checkpoint_dir is not None:
+            raise ConfigError("out and checkpoint_dir: give one (out keeps the checkpoint until it writes the report)",
+                              parameter=("out", "checkpoint_dir"))
+        if self.resume and self.folder is None:
+            raise ConfigError("resume needs out or checkpoint_dir, the folder of the run to continue",
+                              parameter=("resume", "out", "checkpoint_dir"))
+        if self.folder is not None and not self.resume:
+            refuse_overwrite(self.folder)
+
+    def _load_baseline(self) -> None:
+        from lipcert.report.gates import load_baseline
+
+        if isinstance(self.baseline, (str, Path)):
+            self._set("baseline_report", load_baseline(Path(self.baseline)))
+        else:
+            _check(self.baseline is None or isinstance(self.baseline, Mapping), "baseline",
+                   "a report.json path or its contents", self.baseline)
+            self._set("baseline_report", dict(self.baseline) if self.baseline is not None else None)
+
+    @property
+    def folder(self) -> Path | None:
+        """Where the run keeps its checkpoint: ``out`` or ``checkpoint_dir``."""
+        folder = self.out if self.out is not None else self.checkpoint_dir
+        return None if folder is None else Path(folder)
+
+    def run_device(self) -> str:
+        """The torch device ``device`` names (``auto``: the GPU when there is one)."""
+        from lipcert.device import resolve_device
+
+        return resolve_device(self.device)
+
+    def batch_size_on(self, device: str) -> int:
+        """``batch_size``, else the default for ``device``."""
+        return self.batch_size or DEFAULT_BATCH_SIZE["cuda" if device.startswith("cuda") else "cpu"]
+
+    def check_model(self, model: Graph) -> None:
+        """The settings that depend on the model: the normalisation's channels, the backend, the claim."""
+        channels = model.input_shape[0] if model.input_shape else 1
+        if self.mean is not None and (len(self.mean) != len(self.std) or len(self.mean) not in (1, channels)):
+            counts = "1 value" if channels == 1 else f"1 or {channels} values"
+            raise ConfigError(f"mean and std need {counts} each (the model's input has {channels} channel(s))",
+                              parameter=("mean", "std"))
+        if self.backend == "onnxruntime" and model.onnx_model is None:
+            raise ConfigError("backend onnxruntime needs an ONNX model", parameter="backend")
+        if self.require_claim and self.lipschitz is None and model.claimed_lipschitz() is None:
+            raise ModelError("require_claim: the model declares no Lipschitz claim (no lipcert.claimed_lipschitz "
+                             "metadata) and no lipschitz was given", source=model.source,
+                             parameter=("require_claim", "lipschitz"))
+

@@ -1,0 +1,346 @@
+"""lipcert.bounds.patterns: each pattern claimed with a constant above measured Jacobian norms; near misses not."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lipcert.bounds.decompose import decompose
+from lipcert.bounds.fusion import refine
+from lipcert.bounds.propagate import propagate
+from lipcert.bounds.spectral import upper_bound
+from lipcert.bounds.steps import Step
+from lipcert.graph.core import Graph
+from lipcert.graph.executor import GraphModule
+
+from .conftest import dense_norm, graph_of
+from .soundness.build import Builder
+
+SOUND = 1 + 1e-9  # a measured Jacobian norm may exceed a sound constant by float64 noise only
+
+
+def analyse(b: Builder, output: str) -> tuple[Graph, list[Step]]:
+    graph = graph_of(b, output)
+    return graph, decompose(graph)
+
+
+def claimed(steps: list[Step], label: str) -> list[Step]:
+    """The steps whose label starts with the pattern's label."""
+    return [s for s in steps if s.label.startswith(label)]
+
+
+def jacobian_norm(graph: Graph, x: torch.Tensor) -> float:
+    """||J(x)||_2 of the whole model at one input, by autograd in float64."""
+    module = GraphModule(graph).to(dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: module(v[None]).reshape(-1), x, vectorize=True)
+    return float(torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2))
+
+
+def measured(graph: Graph, points: int = 8, seed: int = 0) -> float:
+    """The largest Jacobian norm at random Gaussian inputs: a lower bound on the model's Lipschitz constant."""
+    gen = torch.Generator().manual_seed(seed)
+    return max(jacobian_norm(graph, torch.randn(graph.input_shape, generator=gen, dtype=torch.float64))
+               for _ in range(points))
+
+
+def network_bound(graph: Graph) -> float:
+    return propagate(graph, lower_bounds=False).upper
+
+
+def assert_near_miss(b: Builder, output: str, label: str) -> float:
+    """The pattern is not claimed, and whatever bounds the model instead is still sound; returns that bound."""
+    graph, steps = analyse(b, output)
+    assert not claimed(steps, label), [(s.kind, s.label) for s in steps]
+    bound = network_bound(graph)
+    assert measured(graph) <= bound * SOUND
+    return bound
+
+
+# ------------------------------------------------------------------------------------------ SLL blocks
+
+SLL = "SLL block"
+
+
+def sll_dense(b: Builder, b_w: np.ndarray, s: np.ndarray, a_w: np.ndarray | None = None) -> str:
+    """x - A relu(B x + c) on a flat input, A = B^T diag(s) unless given."""
+    a_w = b_w.T * s[None, :] if a_w is None else a_w
+    h = b.node("Gemm", ["input", b.const(b_w.astype(np.float32)), b.const(np.full(len(s), 0.1, np.float32))],
+               transB=1)
+    return b.node("Sub", ["input", b.node("Gemm", [b.node("Relu", [h]), b.const(a_w.astype(np.float32))], transB=1)])
+
+
+def sll_weights(seed: int = 0, n: int = 6, m: int = 4, gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """B (m x n) of norm 1 and s in [0.4, 2] * gain: ||S^1/2 B||^2 <= 2 for gain 1."""
+    rng = np.random.default_rng(seed)
+    b_w = rng.standard_normal((m, n))
+    return b_w / np.linalg.norm(b_w, 2), rng.uniform(0.2, 1.0, m) * 2.0 * gain
+
+
+def test_sll_block_under_the_sqrt2_condition_is_1_lipschitz() -> None:
+    b_w, s = sll_weights()
+    b = Builder((6,))
+    graph, steps = analyse(b, sll_dense(b, b_w, s))
+    (step,) = steps
+    assert step.kind == "pattern" and step.label.startswith(SLL)
+    assert step.constant == pytest.approx(1.0, abs=1e-6)
+    assert measured(graph) <= step.constant * SOUND
+    assert network_bound(graph) == pytest.approx(step.constant, rel=1e-12)
+
+
+def test_sll_block_beyond_the_condition_is_bounded_by_q2_minus_1_which_is_attained() -> None:
+    """With ||S^1/2 B||^2 = q^2 > 2 the constant is q^2 - 1; where every unit is active the Jacobian is
+    I - B^T S B, whose norm is exactly that."""
+    b_w, s = sll_weights(gain=3.0)
+    b = Builder((6,))
+    graph, steps = analyse(b, sll_dense(b, b_w, s))
+    (step,) = claimed(steps, SLL)
+    b32 = b_w.astype(np.float32).astype(np.float64)
+    q2 = np.linalg.norm(np.sqrt(s)[:, None] * b32, 2) ** 2
+    assert q2 > 2 and step.constant == pytest.approx(q2 - 1, rel=1e-6)
+    active = torch.from_numpy(np.linalg.pinv(b32) @ np.ones(4))  # B x = 1 > 0: every unit active
+    assert jacobian_norm(graph, active) == pytest.approx(step.constant, rel=1e-5)
+    assert measured(graph) <= step.constant * SOUND
+
+
+def sll_conv(b: Builder, b_k: np.ndarray, a_k: np.ndarray) -> str:
+    """x - ConvT_A(relu(Conv_B(x))) with the same 3x3 geometry (pads 1)."""
+    h = b.node("Conv", ["input", b.const(b_k.astype(np.float32))], pads=[1, 1, 1, 1])
+    r = b.node("ConvTranspose", [b.node("Relu", [h]), b.const(a_k.astype(np.float32))], pads=[1, 1, 1, 1])
+    return b.node("Sub", ["input", r])
+
+
+def conv_sll_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """B a 3x3 conv 2 -> 3 channels of norm 1 on 4x4 inputs, s per hidden channel in [0.4, 2]."""
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((3, 2, 3, 3))
+    norm = dense_norm(lambda v: torch.nn.functional.conv2d(v, torch.from_numpy(k), padding=1), (2, 4, 4))
+    return k / norm, rng.uniform(0.2, 1.0, 3) * 2.0
+
+
+def test_convolutional_sll_block_is_1_lipschitz() -> None:
+    b_k, s = conv_sll_weights()
+    b = Builder((2, 4, 4))
+    graph, steps = analyse(b, sll_conv(b, b_k, b_k * s[:, None, None, None]))
+    (step,) = claimed(steps, SLL)
+    assert step.constant == pytest.approx(1.0, abs=1e-6)
+    assert measured(graph) <= step.constant * SOUND
+
+
+@pytest.mark.parametrize("miss", ["flipped kernel", "negative s"])
+def test_convolutional_sll_near_misses(miss: str) -> None:
+    """A's kernel must be s_h times B's for each hidden channel h, with s_h >= 0: a spatially flipped kernel is
+    not B^T S (ConvTranspose already transposes), and a negative s_h makes the block expansive."""
+    b_k, s = conv_sll_weights()
+    if miss == "negative s":
+        s[0] = -s[0]
+    a_k = b_k * s[:, None, None, None]
+    b = Builder((2, 4, 4))
+    assert_near_miss(b, sll_conv(b, b_k, a_k[:, :, ::-1, ::-1] if miss == "flipped kernel" else a_k), SLL)
+
+
+def test_dense_sll_near_misses() -> None:
+    """A perturbed away from B^T S, and the activation read outside the block, are not SLL blocks: the sum rule
+    bounds them by 1 + ||A|| ||B|| instead."""
+    b_w, s = sll_weights()
+    b = Builder((6,))
+    a_w = b_w.T * s[None, :] + 0.05 * np.random.default_rng(1).standard_normal((6, 4))
+    assert assert_near_miss(b, sll_dense(b, b_w, s, a_w), SLL) > 1.5
+    b = Builder((6,))
+    out = sll_dense(b, b_w, s)
+    relu = next(n.output[0] for n in b.nodes if n.op_type == "Relu")
+    assert assert_near_miss(b, b.node("Concat", [out, relu], axis=1), SLL) > 1.5
+
+
+# ------------------------------------------------------------------------------------------ circular padding
+
+
+WRAP = "Pad (wrap: Slice/Concat)"
+
+
+def circular_conv(b: Builder, left: tuple[int, int] = (-1, 2 ** 62), side: bool = False) -> str:
+    """torch's export of circular padding by 1 along W, Concat(x[..., left], x, x[..., :1]), then a 1x3 conv."""
+    start = b.slice("input", [left[0]], [left[1]], [3])
+    cat = b.node("Concat", [start, "input", b.slice("input", [0], [1], [3])], axis=3)
+    out = b.node("Conv", [cat, b.const(np.random.default_rng(0).standard_normal((3, 2, 1, 3)).astype(np.float32))])
+    if side:
+        return b.node("Concat", [b.node("Flatten", [out], axis=1), b.node("Flatten", [start], axis=1)], axis=1)
+    return out
+
+
+def test_circular_padding_is_claimed_and_bounded_exactly_as_a_circular_conv() -> None:
+    b = Builder((2, 3, 5))
+    graph, steps = analyse(b, circular_conv(b))
+    (step,) = steps
+    assert step.kind == "linear" and step.label.startswith(WRAP)
+    norm = float(torch.linalg.matrix_norm(step.operator.to_dense(), ord=2))
+    structural = upper_bound(refine(step.operator), dense_limit=0)  # from the structure, by DFT
+    assert norm <= structural.value <= norm * (1 + 1e-6)
+    assert measured(graph, points=1) == pytest.approx(norm, rel=1e-9)  # a linear model: J is the operator
+
+
+@pytest.mark.parametrize("miss", ["wrong slice", "slice read elsewhere"])
+def test_circular_padding_near_misses(miss: str) -> None:
+    """Concat(x[-2:-1], x, x[:1]) is not a wrap pad; nor is a wrap whose slice is also read elsewhere."""
+    b = Builder((2, 3, 5))
+    out = circular_conv(b, left=(-2, -1)) if miss == "wrong slice" else circular_conv(b, side=True)
+    assert_near_miss(b, out, WRAP)
+
+
+# ------------------------------------------------------------------------------------------ GroupSort, MaxMin
+
+
+GROUPSORT = "GroupSort"
+
+
+def groupsort(b: Builder, group: int = 2, min_of_copy: bool = False, side: bool = False) -> str:
+    """Reshape to groups, Concat(ReduceMax, ReduceMin) on the group axis, Reshape back."""
+    n = b.numel("input")
+    grouped = b.reshape_const("input", [n // group, group])
+    mx = b.reduce("ReduceMax", grouped, [2])
+    src = b.node("Mul", [grouped, b.const(np.float32(1.0))]) if min_of_copy else grouped
+    out = b.reshape_const(b.node("Concat", [mx, b.reduce("ReduceMin", src, [2])], axis=2), [2 * n // group])
+    return b.node("Concat", [out, b.reshape_const(mx, [n // group])], axis=1) if side else out
+
+
+def test_groupsort_is_1_lipschitz() -> None:
+    b = Builder((8,))
+    graph, steps = analyse(b, groupsort(b))
+    (step,) = claimed(steps, GROUPSORT)
+    assert step.kind == "pattern" and step.constant == 1.0
+    assert measured(graph) == pytest.approx(1.0)  # a permutation of the input at every point
+    assert network_bound(graph) == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("miss", ["group of one", "min of another value", "max read elsewhere"])
+def test_groupsort_near_misses(miss: str) -> None:
+    """Groups of one give each entry twice (sqrt(2)); the min of another value, or a max also read elsewhere,
+    is not a sort of the groups."""
+    b = Builder((8,))
+    out = groupsort(b, group=1 if miss == "group of one" else 2, min_of_copy=miss == "min of another value",
+                    side=miss == "max read elsewhere")
+    assert assert_near_miss(b, out, GROUPSORT) > 1.0 + 1e-6
+
+
+MAXMIN = "Concat (MaxMin pairs)"
+
+
+def maxmin(b: Builder, mismatched: bool = False, side: bool = False) -> str:
+    """Concat(Max(a, b), Min(a, b)) of the two halves of a Split (Min(a, c) of a third part when mismatched)."""
+    a, c, d = b.split("input", 1, [4, 4, 4], 3)
+    mx = b.node("Max", [a, c])
+    out = b.node("Concat", [mx, b.node("Min", [a, d if mismatched else c]), d], axis=1)
+    return b.node("Concat", [out, mx], axis=1) if side else out
+
+
+def test_maxmin_pairs_are_bounded_as_the_values_they_permute() -> None:
+    b = Builder((12,))
+    graph, steps = analyse(b, maxmin(b))
+    (step,) = claimed(steps, MAXMIN)
+    assert step.kind == "concat"
+    assert measured(graph) == pytest.approx(1.0)
+    assert network_bound(graph) == pytest.approx(1.0, rel=1e-9)  # three disjoint parts of the input
+
+
+@pytest.mark.parametrize("miss", ["different pairs", "max read elsewhere"])
+def test_maxmin_near_misses(miss: str) -> None:
+    b = Builder((12,))
+    out = maxmin(b, mismatched=miss == "different pairs", side=miss == "max read elsewhere")
+    assert assert_near_miss(b, out, MAXMIN) > 1.0 + 1e-6
+
+
+RELU_NEG = "MaxMin-style (Relu(x), Relu(-x))"
+
+
+def relu_neg(b: Builder, source_copy: bool = False, side: bool = False) -> str:
+    neg = b.node("Neg", [b.node("Mul", ["input", b.const(np.float32(1.0))]) if source_copy else "input"])
+    out = b.node("Concat", [b.node("Relu", ["input"]), b.node("Relu", [neg])], axis=1)
+    return b.node("Concat", [out, neg], axis=1) if side else out
+
+
+def test_relu_of_x_and_of_minus_x_is_1_lipschitz() -> None:
+    b = Builder((6,))
+    graph, steps = analyse(b, relu_neg(b))
+    (step,) = steps
+    assert step.kind == "pattern" and step.label == RELU_NEG and step.constant == 1.0
+    assert measured(graph) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("miss", ["Neg of another value", "Neg read elsewhere"])
+def test_relu_neg_near_misses(miss: str) -> None:
+    """Relu(x) and Relu(-y) for another value y, or -x also read elsewhere: bounded as a concatenation."""
+    b = Builder((6,))
+    out = relu_neg(b, source_copy=miss == "Neg of another value", side=miss == "Neg read elsewhere")
+    assert assert_near_miss(b, out, RELU_NEG) >= math.sqrt(2)
+
+
+# ------------------------------------------------------------------------------------------ L2 norms
+
+
+L2_POOL = "L2-norm pool"
+
+
+def l2_pool(b: Builder, factor: float, stride: int, exponent: float = 2.0, side: bool = False) -> str:
+    """sqrt(factor * AveragePool_2x2(x^e)) on one channel."""
+    square = b.node("Pow", ["input", b.const(np.float32(exponent))])
+    pooled = b.node("AveragePool", [square], kernel_shape=[2, 2], strides=[stride, stride])
+    out = b.node("Sqrt", [b.node("Mul", [pooled, b.const(np.float32(factor))])])
+    return b.node("Concat", [out, pooled], axis=1) if side else out
+
+
+@pytest.mark.parametrize("factor, stride, expected", [(4.0, 2, 1.0), (1.0, 2, 0.5), (4.0, 1, 2.0)])
+def test_l2_norm_pooling_constant(factor: float, stride: int, expected: float) -> None:
+    """sqrt(c * the largest total weight of one input entry): windows of 4 entries weigh 1/4 each; with
+    stride 1 an entry inside the grid is in 4 windows."""
+    b = Builder((1, 4, 4))
+    graph, steps = analyse(b, l2_pool(b, factor, stride))
+    (step,) = steps
+    assert step.kind == "pattern" and step.label.startswith(L2_POOL)
+    assert step.constant == pytest.approx(expected, rel=1e-9)
+    assert measured(graph) <= step.constant * SOUND
+
+
+@pytest.mark.parametrize("miss", ["fourth powers", "pool read elsewhere"])
+def test_l2_norm_pooling_near_misses(miss: str) -> None:
+    """sqrt(pool(x^4)) is not a norm (it grows as x^2); a pool also read elsewhere is not claimed either, which
+    leaves the root without a rule (no bound)."""
+    b = Builder((1, 4, 4))
+    out = l2_pool(b, 4.0, 2, exponent=4.0 if miss == "fourth powers" else 2.0, side=miss == "pool read elsewhere")
+    assert assert_near_miss(b, out, L2_POOL) == math.inf
+
+
+L2_COMBINATION = "L2-norm combination"
+
+
+def l2_combination(b: Builder, constant: float = 1e-6, side: bool = False) -> str:
+    """sqrt(0.5 x^2 + 0.5 (W x)^2 + e) with ||W|| = 1 (orthogonium's L2NormResidual)."""
+    w = np.random.default_rng(0).standard_normal((6, 6))
+    w = w / np.linalg.norm(w, 2)
+    fx = b.node("Gemm", ["input", b.const(w.astype(np.float32))], transB=1)
+    x2 = b.node("Pow", ["input", b.const(np.float32(2.0))])
+    terms = [b.node("Mul", [x2, b.const(np.float32(0.5))]),
+             b.node("Mul", [b.node("Pow", [fx, b.const(np.float32(2.0))]), b.const(np.float32(0.5))])]
+    total = b.node("Add", [b.node("Add", terms), b.const(np.float32(constant))])
+    out = b.node("Sqrt", [total])
+    return b.node("Concat", [out, x2], axis=1) if side else out
+
+
+def test_l2_norm_combination_is_bounded_as_the_weighted_terms() -> None:
+    b = Builder((6,))
+    graph, steps = analyse(b, l2_combination(b))
+    (step,) = claimed(steps, L2_COMBINATION)
+    assert step.kind == "concat" and step.details["weights"] == pytest.approx([math.sqrt(0.5)] * 2)
+    bound = network_bound(graph)
+    assert bound == pytest.approx(1.0, rel=1e-6)  # sqrt(0.5 * 1^2 + 0.5 * 1^2)
+    assert measured(graph) <= bound * SOUND
+
+
+@pytest.mark.parametrize("miss", ["negative constant", "square read elsewhere"])
+def test_l2_norm_combination_near_misses(miss: str) -> None:
+    """A negative constant under the root (real at the points measured) or a square also read elsewhere: not a
+    norm of the terms."""
+    b = Builder((6,))
+    out = l2_combination(b, constant=-1e-6 if miss == "negative constant" else 1e-6, side=miss != "negative constant")
+    assert_near_miss(b, out, L2_COMBINATION)
