@@ -7,8 +7,10 @@ from fractions import Fraction
 
 from lipcert.errors import ConfigError
 
+#: what ``verify`` may require of a model
 REQUIRE = ("proven", "not-violated")
-
+#: the norms a radius is measured in
+NORMS = ("l2", "linf")
 
 
 def parse_eps(text: str) -> list[tuple[str, float]]:

@@ -5,6 +5,7 @@ itself back through others. Imports under ``if TYPE_CHECKING:`` are annotations 
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import lipcert
@@ -69,6 +70,7 @@ def part(name: str) -> str:
     return "api" if pieces[1] == "__main__" else "base"
 
 
+@cache
 def graph() -> dict[str, set[str]]:
     found = modules()
     return {name: imports_of(name, path, set(found)) for name, path in found.items()}

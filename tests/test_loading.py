@@ -18,7 +18,7 @@ from lipcert.graph.executor import GraphModule
 from lipcert.model.loader import load_model
 from lipcert.model.spec import SPEC_KEY
 
-from .conftest import export_onnx, orthogonium_model, run_cli, torchlip_model
+from .conftest import export_onnx, orthogonium_model, run_cli, run_main, torchlip_model
 
 PEERS = {
     "torchlip-conv": lambda: torchlip_model("conv"),
@@ -238,14 +238,19 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-@pytest.mark.slow
-def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
-    for name, (path, needle) in _bad_files(tmp_path).items():
-        result = run_cli("inspect", str(path))
-        assert result.returncode == 2, (name, result.stdout, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, (name, result.stderr)
-        assert "Traceback" not in result.stderr
+def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every bad file through the command's ``main`` (the first also as a real process): exit 2, one line naming
+    the file."""
+    for i, (name, (path, needle)) in enumerate(_bad_files(tmp_path).items()):
+        if i == 0:
+            result = run_cli("inspect", str(path))
+            code, err = result.returncode, result.stderr
+        else:
+            code, _, err = run_main(capsys, "inspect", str(path))
+        assert code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, (name, err)
+        assert "Traceback" not in err
         assert needle in lines[0], (name, lines[0])
         assert str(path) in lines[0], (name, lines[0])
 

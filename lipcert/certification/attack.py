@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 import torch
 
 from lipcert.errors import ConfigError
+from lipcert.parse import NORMS
 
 #: the step-size rule, documented in the report: alpha = STEP_FACTOR * eps / steps
 STEP_FACTOR = 2.5
-NORMS = ("l2", "linf")
 PRECISIONS = ("float32", "bfloat16")
 
 

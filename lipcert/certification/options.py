@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from lipcert import limits
 from lipcert.errors import ConfigError, ModelError
-from lipcert.parse import fraction_problem, parse_eps, parse_gate
+from lipcert.parse import NORMS, fraction_problem, parse_eps, parse_gate
 
 if TYPE_CHECKING:
     from lipcert.certification.attack import AttackConfig
     from lipcert.graph.core import Graph
 
-NORMS = ("l2", "linf")
 BACKENDS = ("auto", "torch", "onnxruntime")
 #: radii certified when ``eps`` is not given, per norm: the usual benchmark radii of each norm
 DEFAULT_EPS = {"l2": "36/255,72/255,108/255", "linf": "1/255,2/255,4/255,8/255"}

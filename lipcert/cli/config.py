@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lipcert.certification.options import BACKENDS, NORMS
+from lipcert.certification.options import BACKENDS
 from lipcert.errors import ConfigError
-from lipcert.parse import REQUIRE, fraction_problem, parse_eps, parse_gate
+from lipcert.parse import NORMS, REQUIRE, fraction_problem, parse_eps, parse_gate
 
 if sys.version_info >= (3, 11):
     import tomllib
