@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import lipcert
 from lipcert.certification.attack import AttackConfig
@@ -108,3 +109,18 @@ def test_the_command_line_spells_the_parameters_as_its_flags(capsys, tmp_path: P
     code, _, err = run_main(capsys, "report", str(MODEL), "--data", str(SAMPLES / "digits_test.npz"), "--mean", "0.5",
                             "--out", str(tmp_path / "r"))
     assert code == 2 and one_line(err) == "lipcert: error: --mean and --std go together: give both, or neither"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_verify_names_the_device_parameter_and_the_command_its_flag(capsys) -> None:
+    """``verify`` resolves its device itself (``auto`` by default): a GPU that is not there is an error naming
+    ``device`` from Python and ``--device`` from the command line."""
+    graph = lipcert.load_model(MODEL)
+    with pytest.raises(ConfigError) as info:
+        lipcert.verify(graph, device="cuda", empirical=False)
+    assert str(info.value) == "device cuda: no CUDA GPU is available to torch on this machine"
+    assert info.value.parameter == ("device",)
+    assert lipcert.verify(graph, empirical=False).device == "cpu"
+    code, _, err = run_main(capsys, "verify", str(MODEL), "--device", "cuda")
+    assert code == 2
+    assert one_line(err) == "lipcert: error: --device cuda: no CUDA GPU is available to torch on this machine"

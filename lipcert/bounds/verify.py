@@ -15,6 +15,7 @@ import torch
 from lipcert.bounds.empirical import network_lower_bound
 from lipcert.bounds.propagate import check_network, propagate
 from lipcert.bounds.results import DEFAULT_TOL, NO_RULE, SCHEMA, VerifyResult, status_of
+from lipcert.device import resolve_device
 from lipcert.errors import ConfigError
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
@@ -27,14 +28,14 @@ def default_budget(device: str) -> float:
     return 20.0 if str(device).startswith("cuda") else 60.0
 
 
-def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "cpu",
+def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "auto",
            seed: int = 0, points: torch.Tensor | None = None, empirical: bool = True,
            empirical_budget: float | None = -1.0, progress: StepCallback | None = None) -> VerifyResult:
     """Check the model's Lipschitz claim: ``bound`` if given, else its metadata claim, else 1.
 
     The empirical network search stops after ``empirical_budget`` seconds keeping the best pair found (the
     default, -1, means ``default_budget(device)``; None means no limit). ``progress(phase, done, total)`` is
-    called as layer bounds and search steps complete.
+    called as layer bounds and search steps complete. ``device`` ``auto`` is the GPU when there is one.
 
     Example::
 
@@ -43,6 +44,7 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
         print(result.status, [layer.name for layer in result.breaking_layers])
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     if bound is not None:
         claim, source = float(bound), "--bound"
     elif graph.claimed_lipschitz() is not None:

@@ -238,16 +238,14 @@ def verify(
                                 max_lipschitz=max_lipschitz, max_elements=max_elements, junit=junit, format=fmt,
                                 quiet=quiet, empirical_budget=empirical_budget), config)
     from lipcert.bounds.verify import verify as run_verify
-    from lipcert.device import resolve_device
     from lipcert.progress import Steps
     from lipcert.report.gates import verify_gates
     from lipcert.report.verify_render import render_verify, verify_markdown
 
     with interruptible(), _progress(bool(s.get("quiet")) or _json_to_stdout(s)) as progress:
         graph = _load(s, progress)
-        device = resolve_device(s.get("device", "auto"))
         steps = Steps(progress)
-        result = run_verify(graph, s.get("bound"), device=device, progress=steps,
+        result = run_verify(graph, s.get("bound"), device=s.get("device", "auto"), progress=steps,
                             **_given(s, "tol", "seed", "empirical_budget"))
         steps.close()
     if "bound" in s.from_config:
