@@ -69,19 +69,13 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
 
 
 def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-    """(axis, start, end) of a single-axis, step-1 Slice of a value with per-sample ``shape``, clamped."""
-    c = ctx.const_inputs(node)
-    if len(c) < 4 or any(t is None or t.numel() != 1 for t in c[1:4]):
+    """(axis, start, end) of a single-axis, step-1 Slice of a value with per-sample ``shape``, as the registry's
+    Slice reads it (``ProjectionStructure.select``), or None for any other slice."""
+    out_shape = ctx.shape(node.outputs[0])
+    if out_shape is None:
         return None
-    if len(c) > 4 and c[4] is not None and int(c[4].reshape(-1)[0]) != 1:
-        return None
-    axis = int(c[3].reshape(-1)[0])
-    axis = axis + len(shape) + 1 if axis < 0 else axis
-    if axis < 1:
-        return None
-    n = shape[axis - 1]
-    start, end = int(c[1].reshape(-1)[0]), int(c[2].reshape(-1)[0])
-    return axis, max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
+    op = REGISTRY["Slice"].linear(node, ctx.const_inputs(node), 0, shape, out_shape)
+    return None if op is None else op.structure.select
 
 
 def maxmin_concat(ctx: Context, node: Node) -> Step | None:

@@ -88,32 +88,37 @@ PER_SAMPLE_RTOL = 1e-6
 
 
 def check_per_sample(graph: Graph, samples: int = 3, seed: int = 0) -> None:
-    """Refuse a model whose output for one sample depends on the other samples of its batch (a slice or sort
+    """Refuse a model whose output is not a float tensor, or whose output for one sample depends on the other samples of its batch (a slice or sort
     along the batch axis, a constant computed from the batch size): lipcert's bounds and certificates are
     about one sample's function. Each sample of a random batch, inside and outside [0, 1], is run alone (in
     float64) and compared with its row of the batch."""
     batch = graph.fixed_batch or samples
-    if batch < 2:
-        return
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((batch,) + tuple(graph.input_shape), generator=gen, dtype=torch.float64) * 2 - 0.5
     module = GraphModule(graph).to(torch.float64)
     try:
         with torch.no_grad():
             together = module(x)
+            if not together.is_floating_point():
+                raise ModelError(f"the output {graph.output!r} has type {str(together.dtype).replace('torch.', '')}; "
+                                 "lipcert certifies models whose output is a float tensor (logits)",
+                                 source=graph.source)
+            if batch < 2:
+                return
             alone = [module(x[i:i + 1]) for i in range(batch)]
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a model that runs at batch 1 and 2 but not here is refused
         raise ModelError(f"the model cannot run on a batch of {batch}: {type(exc).__name__}: {exc}",
                          source=graph.source) from None
+    together = together.double()
     finite = together[torch.isfinite(together)]
     scale = 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
     for i, single in enumerate(alone):
         if single.shape[1:] != together.shape[1:]:
             gap = math.inf
         else:
-            a, b = single[0], together[i]
+            a, b = single[0].double(), together[i].double()
             same = (a == b) | (torch.isnan(a) & torch.isnan(b))  # equal infinities and NaNs agree
             gap = float(torch.where(same, torch.zeros_like(a), a - b).abs().max()) if a.numel() else 0.0
         if not gap <= PER_SAMPLE_RTOL * scale:

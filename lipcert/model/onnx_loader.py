@@ -21,10 +21,12 @@ from lipcert.errors import ModelError
 from lipcert.graph.core import Graph, Node, toposort
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.ops import REGISTRY, RunContext
+from lipcert.graph.ops.base import check_attributes
 from lipcert.model.fold import PROBE_BATCHES, fold
 
 MIN_OPSET = 11
-MAX_OPSET = onnx.defs.onnx_opset_version()
+#: the newest opset whose operators lipcert's registry is checked against (tests/test_onnx_spec.py)
+MAX_OPSET = min(28, onnx.defs.onnx_opset_version())
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -86,14 +88,23 @@ def tensor_to_torch(proto: onnx.TensorProto, source: str, max_elements: int | No
         array = numpy_helper.to_array(proto)
     except (ValueError, TypeError, OverflowError, KeyError) as exc:  # a malformed tensor body
         raise ModelError(f"{what} {proto.name!r} cannot be decoded: {exc}", source=source) from None
-    if array.dtype.kind == "f" and array.dtype.itemsize < 4 or str(array.dtype) == "bfloat16":
-        array = array.astype(np.float32)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise ModelError(f"{what} {proto.name!r} contains NaN or Inf values", source=source)
-    if array.dtype.kind not in "fiub":
+    tensor = array_to_torch(array)
+    if tensor is None:
         raise ModelError(f"{what} {proto.name!r} has unsupported type {array.dtype}", source=source)
+    return tensor
+
+
+def array_to_torch(array: np.ndarray) -> torch.Tensor | None:
+    """A numpy array as lipcert's executor holds it: half types widened to float32, unsigned 16/32/64-bit
+    integers to int64 (torch has no such tensors in every operation); None for a type it does not read."""
+    if array.dtype.kind == "f" and array.dtype.itemsize < 4 or str(array.dtype) == "bfloat16":
+        array = array.astype(np.float32)
+    if array.dtype.kind not in "fiub":
+        return None
     if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
-        array = array.astype(np.int64)  # torch has no unsigned 16/32/64-bit tensors in every operation
+        array = array.astype(np.int64)
     return torch.from_numpy(np.array(array, copy=True))
 
 
@@ -241,6 +252,20 @@ def _attr_value(attr: onnx.AttributeProto, source: str, max_elements: int | None
     return value
 
 
+def node_from_onnx(proto: onnx.NodeProto, index: int, source: str, max_elements: int | None = None) -> Node:
+    """One ONNX node of a registered operator as a lipcert ``Node``: attributes decoded, and refused when the
+    registry entry does not implement them (``check_attributes``)."""
+    where = f"node {proto.name or '#' + str(index)!r} ({proto.op_type})"
+    attrs = {a.name: _attr_value(a, source, max_elements, where) for a in proto.attribute}
+    node = Node(name=proto.name or f"{proto.op_type}_{index}", op=proto.op_type, inputs=list(proto.input),
+                outputs=list(proto.output), attrs=attrs)
+    try:
+        check_attributes(node)
+    except ModelError as exc:
+        raise ModelError(str(exc), source=source) from None
+    return node
+
+
 def _legacy_softmax(nodes: list[Node], opset: int) -> list[Node]:
     """Before opset 13, (Log)Softmax flattens its input to 2-D at ``axis`` (default 1) and normalises each row:
     spell that out with Flatten and Reshape, so that every node has its opset-13 meaning."""
@@ -291,7 +316,10 @@ def _declared_input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, 
         raise ModelError(f"input {value_info.name!r} has no declared shape; pass --input-shape", source=source)
     shape = []
     for d in list(dims)[1:]:
-        if not d.HasField("dim_value") or d.dim_value <= 0:
+        if d.HasField("dim_value") and d.dim_value <= 0:
+            raise ModelError(f"input {value_info.name!r} has a dimension of size {d.dim_value} besides the batch",
+                             source=source)
+        if not d.HasField("dim_value"):
             raise ModelError(f"input {value_info.name!r} has a dynamic dimension {d.dim_param or '?'!r} besides "
                              "the batch; pass --input-shape", source=source)
         shape.append(int(d.dim_value))
@@ -424,12 +452,7 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
                    if not _supported(n)]
     if unsupported:
         raise ModelError(f"unsupported operators: {', '.join(unsupported)}", source=source)
-    nodes = []
-    for i, n in enumerate(g.node):
-        where = f"node {n.name or '#' + str(i)!r} ({n.op_type})"
-        attrs = {a.name: _attr_value(a, source, max_elements, where) for a in n.attribute}
-        nodes.append(Node(name=n.name or f"{n.op_type}_{i}", op=n.op_type, inputs=list(n.input),
-                          outputs=list(n.output), attrs=attrs))
+    nodes = [node_from_onnx(n, i, source, max_elements) for i, n in enumerate(g.node)]
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), MAX_OPSET)
     nodes = _legacy_softmax(nodes, opset)
     for node in nodes:

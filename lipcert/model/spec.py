@@ -11,6 +11,7 @@ from lipcert import limits
 from lipcert.errors import ModelError
 from lipcert.graph.core import Graph, Node
 from lipcert.graph.ops import REGISTRY, RunContext
+from lipcert.graph.ops.base import check_attributes
 from lipcert.model.fold import fold
 from lipcert.model.onnx_writer import graph_to_onnx
 
@@ -75,6 +76,7 @@ class SpecBuilder:
     def node(self, op: str, inputs: list[str], where: str, n_out: int = 1, **attrs: Any) -> list[str]:
         outs = [self.fresh(op.lower()) for _ in range(n_out)]
         node = Node(name=self.fresh(f"{op}"), op=op, inputs=inputs, outputs=outs, attrs=attrs)
+        check_attributes(node)
         args = [self.values[i] if i else None for i in inputs]
         limits.check_node(node, args, self.limit, self.source)
         try:

@@ -79,6 +79,10 @@ class Op:
       ``combination_reason`` states the fact the bound rests on.
     - ``shape_only``: the output depends only on the input's shape, never on its values (``Shape``), so it cuts
       data dependence (``lipcert.model.fold``).
+    - ``attributes``: the ONNX attributes (opsets 11 to 28) the entry implements; ``refused``: those it refuses
+      whenever they are present, each with its reason. ``check_attributes`` refuses a node carrying any other
+      attribute, so an attribute lipcert does not read can never change what a model means behind its back.
+      Values an entry cannot run (a mode, an order left to the runtime) are refused by ``run`` with ``bad``.
     - ``row_priority``: a step's row (``lipcert.bounds.propagate``) is named after its node whose op has the
       smallest priority, else after its first node; None: the op never names a row. ``row_suffix``: a linear
       row's label also lists the op after the one naming it (``Conv + BatchNormalization``); False for ops that
@@ -86,6 +90,8 @@ class Op:
     """
 
     name: ClassVar[str]
+    attributes: ClassVar[frozenset[str]] = frozenset()
+    refused: ClassVar[dict[str, str]] = {}
     combination: ClassVar[str | None] = None
     combination_reason: ClassVar[str] = ""
     shape_only: ClassVar[bool] = False
@@ -119,6 +125,16 @@ def register(cls: type[Op]) -> type[Op]:
     """Class decorator: add one operator to the registry under its ONNX name."""
     REGISTRY[cls.name] = cls()
     return cls
+
+
+def check_attributes(node: Node) -> None:
+    """Refuse a node that carries an attribute its registry entry does not implement (one line naming both)."""
+    entry = REGISTRY[node.op]
+    for key in node.attrs:
+        if key in entry.refused:
+            raise bad(node, f"attribute {key!r} is not supported: {entry.refused[key]}")
+        if key not in entry.attributes:
+            raise bad(node, f"attribute {key!r} is not an attribute of {node.op} that lipcert implements")
 
 
 def ints(value: Any, n: int | None = None, default: int = 0) -> list[int]:

@@ -86,6 +86,7 @@ class Relu(Unary):
 @register
 class LeakyRelu(Unary):
     name = "LeakyRelu"
+    attributes = frozenset({'alpha'})
     error = Rounding(relative=1)  # slope * x: one rounding
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +220,7 @@ class Softplus(Unary):
 @register
 class Elu(Unary):
     name = "Elu"
+    attributes = frozenset({'alpha'})
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return F.elu(x, float(node.attr("alpha", 1.0)))
@@ -251,6 +253,7 @@ class Dropout(Op):
     """Inference-time dropout: the identity (the optional mask output is all true)."""
 
     name = "Dropout"
+    attributes = frozenset({'ratio', 'seed'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -273,18 +276,12 @@ class Dropout(Op):
 class Clip(Op):
     name = "Clip"
 
-    def bounds(self, node: Node, inputs: Inputs) -> tuple[float | None, float | None]:
-        lo = inputs[1] if len(inputs) > 1 else None
-        hi = inputs[2] if len(inputs) > 2 else None
-        lo_v = float(lo) if lo is not None else node.attr("min")
-        hi_v = float(hi) if hi is not None else node.attr("max")
-        return lo_v, hi_v
-
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        lo, hi = self.bounds(node, inputs)
-        if lo is None and hi is None:
-            return [inputs[0]]
-        return [torch.clamp(inputs[0], min=lo, max=hi)]
+        """min(max(x, lo), hi) in x's type (so max when lo > hi, as the specification's definition gives)."""
+        x = inputs[0]
+        lo, hi = (inputs[i].reshape(()).to(x) if len(inputs) > i and inputs[i] is not None else None
+                  for i in (1, 2))
+        return [torch.clamp(x, min=lo, max=hi) if lo is not None or hi is not None else x]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:
@@ -298,6 +295,7 @@ class Clip(Op):
 @register
 class Softmax(Op):
     name = "Softmax"
+    attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [torch.softmax(inputs[0], int(node.attr("axis", -1)))]
@@ -306,6 +304,7 @@ class Softmax(Op):
 @register
 class LogSoftmax(Op):
     name = "LogSoftmax"
+    attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [torch.log_softmax(inputs[0], int(node.attr("axis", -1)))]

@@ -73,6 +73,7 @@ def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: ConvSe
 @register
 class Conv(Op):
     name = "Conv"
+    attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'pads', 'strides'})
     row_priority = 0
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -134,11 +135,10 @@ def run_conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     """ONNX ConvTranspose: full transposed convolution, then output padding and crop by pads."""
     nd = s.nd
     full = CONV_T[nd](x, w, None, stride=s.stride, dilation=s.dilation, groups=s.groups)
+    # output padding adds entries at the end; pads crop, and negative pads (an ``output_shape`` larger than
+    # the full output) add zeros: F.pad crops for negative widths
     pads, extra = s.pads, s.output_padding
-    full = F.pad(full, torch_pad_list([0] * nd + list(extra)))
-    index = [slice(None), slice(None)] + [
-        slice(pads[i], full.shape[2 + i] - pads[nd + i]) for i in range(nd)]
-    out = full[tuple(index)]
+    out = F.pad(full, torch_pad_list([-p for p in pads[:nd]] + [e - p for e, p in zip(extra, pads[nd:])]))
     return out if b is None else out + b.reshape(1, -1, *([1] * nd))
 
 
@@ -168,6 +168,7 @@ def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: to
 @register
 class ConvTranspose(Op):
     name = "ConvTranspose"
+    attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'output_padding', 'output_shape', 'pads', 'strides'})
     row_priority = 1
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -193,6 +194,7 @@ class ConvTranspose(Op):
 @register
 class Gemm(Op):
     name = "Gemm"
+    attributes = frozenset({'alpha', 'beta', 'transA', 'transB'})
     row_priority = 2
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -261,6 +263,7 @@ class MatMul(Op):
 @register
 class BatchNormalization(Op):
     name = "BatchNormalization"
+    attributes = frozenset({'epsilon', 'momentum', 'training_mode'})
     row_priority = 4
 
     def affine(self, node: Node, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:

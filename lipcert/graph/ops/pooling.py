@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,7 @@ def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: PoolSettings) -> t
 @register
 class AveragePool(Op):
     name = "AveragePool"
+    attributes = frozenset({'auto_pad', 'ceil_mode', 'count_include_pad', 'dilations', 'kernel_shape', 'pads', 'strides'})
     row_priority = 5
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -154,13 +155,15 @@ class GlobalAveragePool(Op):
 @register
 class MaxPool(Op):
     name = "MaxPool"
+    attributes = frozenset({'auto_pad', 'ceil_mode', 'dilations', 'kernel_shape', 'pads', 'storage_order', 'strides'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
         if len(node.outputs) > 1 and node.outputs[1]:
             raise bad(node, "MaxPool with an Indices output is not supported")
         s = pool_settings(node, x.shape[2:])
-        xp = F.pad(x, torch_pad_list(s.pads), value=float("-inf"))
+        lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+        xp = F.pad(x, torch_pad_list(s.pads), value=lowest)
         out = MAX[s.nd](xp, s.kernel, s.stride, 0, s.dilation, s.ceil)
         return [ceil_crop(out, x.shape[2:], s)]
 
@@ -205,6 +208,7 @@ class GlobalMaxPool(Op):
 @register
 class LpPool(Op):
     name = "LpPool"
+    attributes = frozenset({'auto_pad', 'ceil_mode', 'dilations', 'kernel_shape', 'p', 'pads', 'strides'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -231,6 +235,7 @@ class LpPool(Op):
 @register
 class GlobalLpPool(Op):
     name = "GlobalLpPool"
+    attributes = frozenset({'p'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -251,6 +256,8 @@ class GlobalLpPool(Op):
 
 class Reduce(Op):
     """ONNX Reduce*: axes from the attribute (older opsets) or the second input (newer)."""
+
+    attributes = frozenset({"axes", "keepdims", "noop_with_empty_axes"})
 
     def axes(self, node: Node, inputs: Inputs, rank: int) -> list[int] | None:
         axes = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("axes")
@@ -273,12 +280,30 @@ class Reduce(Op):
         return [self.reduce(x, axes, bool(node.attr("keepdims", 1)))]
 
 
+def extremum(fn: Callable[..., torch.Tensor], x: torch.Tensor, axes: list[int], keep: bool,
+             identity: str) -> torch.Tensor:
+    """``fn`` (amax or amin) over ``axes``; over an empty set, the identity of the reduction (the lowest value
+    for a max, the highest for a min: -inf and inf for floats), as the specification defines it."""
+    if all(x.shape[a] for a in axes):
+        return fn(x, dim=axes, keepdim=keep)
+    info = torch.finfo(x.dtype) if x.is_floating_point() else torch.iinfo(x.dtype) if x.dtype != torch.bool else None
+    if info is None:
+        fill = identity == "max"
+    elif x.is_floating_point():
+        fill = float("inf") if identity == "max" else float("-inf")
+    else:
+        fill = info.max if identity == "max" else info.min
+    shape = [1 if i in axes else d for i, d in enumerate(x.shape)] if keep else \
+        [d for i, d in enumerate(x.shape) if i not in axes]
+    return torch.full(shape, fill, dtype=x.dtype, device=x.device)
+
+
 @register
 class ReduceMax(Reduce):
     name = "ReduceMax"
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
-        return torch.amax(x, dim=axes, keepdim=keep)
+        return extremum(torch.amax, x, axes, keep, "min")
 
 
 @register
@@ -286,7 +311,7 @@ class ReduceMin(Reduce):
     name = "ReduceMin"
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
-        return torch.amin(x, dim=axes, keepdim=keep)
+        return extremum(torch.amin, x, axes, keep, "max")
 
 
 class LinearReduce(Reduce):

@@ -32,9 +32,11 @@ from lipcert.graph.ops.base import (
 
 Inputs = Sequence[torch.Tensor | None]
 
-#: ONNX TensorProto data types lipcert can cast to. In a float32 run, floating casts round to their type and the
-#: run continues in float32 (so float16 casts round as onnxruntime does); a float64 run (verify's analysis of the
-#: real-number function) keeps every float exact.
+#: ONNX TensorProto data types lipcert can cast to. In a float32 run, a cast to float32 or float64 gives that type
+#: (the run goes on in it, as the specification says), and a cast to a half type rounds to it and goes on in
+#: float32, as lipcert holds half types (onnxruntime would go on in the half type: the cross-check of every
+#: intermediate value tells the two apart); a float64 run (verify's analysis of the real-number function) keeps
+#: every float exact.
 ONNX_DTYPES: dict[int, torch.dtype] = {
     1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
     2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64, 9: torch.bool,
@@ -48,6 +50,8 @@ def _axis(axis: int, rank: int) -> int:
 @register
 class Constant(Op):
     name = "Constant"
+    attributes = frozenset({'value', 'value_float', 'value_floats', 'value_int', 'value_ints'})
+    refused = {'sparse_value': 'sparse constants are not supported', 'value_string': 'string constants are not supported', 'value_strings': 'string constants are not supported'}
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
@@ -66,6 +70,7 @@ class Cast(Op):
     can also overflow). Casts to integers and booleans have no rule."""
 
     name = "Cast"
+    attributes = frozenset({'round_mode', 'saturate', 'to'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         to = int(node.attr("to", 1))
@@ -73,8 +78,12 @@ class Cast(Op):
             raise bad(node, f"cast to ONNX type {to} is not supported")
         target = ONNX_DTYPES[to]
         x = inputs[0]
-        if target.is_floating_point:  # in float64 (the analysis' real-number function) a float cast is exact
-            return [x.to(ctx.dtype) if ctx.dtype == torch.float64 else x.to(target).to(ctx.dtype)]
+        if not target.is_floating_point:
+            return [x.to(target)]
+        if ctx.dtype == torch.float64:  # the analysis' real-number function: a float cast is exact
+            return [x.to(torch.float64)]
+        if target.itemsize < 4:  # rounded to the half type, then held in float32 as lipcert holds half types
+            return [x.to(target).to(torch.float32)]
         return [x.to(target)]
 
     def _float_identity(self, node: Node, var: int) -> bool:
@@ -96,6 +105,7 @@ class Cast(Op):
 @register
 class Shape(Op):
     name = "Shape"
+    attributes = frozenset({'end', 'start'})
     shape_only = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -116,6 +126,7 @@ class Size(Op):
 @register
 class ConstantOfShape(Op):
     name = "ConstantOfShape"
+    attributes = frozenset({'value'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         value = node.attr("value")
@@ -126,16 +137,27 @@ class ConstantOfShape(Op):
 
 @register
 class Range(Op):
+    """start + i * delta for i < max(ceil((limit - start) / delta), 0), computed in the inputs' type (half
+    types are read as float32, which is the default ``stash_type``)."""
+
     name = "Range"
+    attributes = frozenset({"stash_type"})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        start, limit, delta = inputs
-        return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)]
+        if int(node.attr("stash_type", 1)) != 1:
+            raise bad(node, "stash_type other than float (1) is not supported")
+        start, limit, delta = (t.reshape(()) for t in inputs)
+        if float(delta) == 0:
+            raise bad(node, "delta is 0")
+        count = max(math.ceil(float((limit - start) / delta)) if start.is_floating_point()
+                    else -(-(int(limit) - int(start)) // int(delta)), 0)
+        return [start + torch.arange(count, dtype=start.dtype) * delta]
 
 
 @register
 class Gather(Op):
     name = "Gather"
+    attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, idx = inputs
@@ -198,6 +220,7 @@ class Rearrange(Copies):
 @register
 class Reshape(Rearrange):
     name = "Reshape"
+    attributes = frozenset({'allowzero'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, shape = inputs
@@ -210,6 +233,7 @@ class Reshape(Rearrange):
 @register
 class Flatten(Rearrange):
     name = "Flatten"
+    attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -220,6 +244,7 @@ class Flatten(Rearrange):
 @register
 class Transpose(Rearrange):
     name = "Transpose"
+    attributes = frozenset({'perm'})
     flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -259,6 +284,7 @@ class DepthToSpace(Rearrange):
     """Moves channel blocks into b x b spatial blocks (DCR or CRD order, as in the ONNX definition)."""
 
     name = "DepthToSpace"
+    attributes = frozenset({'blocksize', 'mode'})
     flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -267,7 +293,10 @@ class DepthToSpace(Rearrange):
         n, c, h, w = x.shape
         if c % (b * b):
             raise bad(node, f"{c} channels are not divisible by blocksize^2 = {b * b}")
-        if node.attr("mode", "DCR") == "CRD":
+        mode = node.attr("mode", "DCR")
+        if mode not in ("DCR", "CRD"):
+            raise bad(node, f"mode {mode!r} is not DCR or CRD")
+        if mode == "CRD":
             t = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
         else:
             t = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
@@ -276,9 +305,10 @@ class DepthToSpace(Rearrange):
 
 @register
 class SpaceToDepth(Rearrange):
-    """Moves b x b spatial blocks into channels (the inverse of DepthToSpace in DCR order)."""
+    """Moves b x b spatial blocks into channels (the inverse of DepthToSpace in the same mode, DCR or CRD)."""
 
     name = "SpaceToDepth"
+    attributes = frozenset({'blocksize', 'mode'})
     flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -287,13 +317,18 @@ class SpaceToDepth(Rearrange):
         n, c, h, w = x.shape
         if h % b or w % b:
             raise bad(node, f"spatial size {h}x{w} is not divisible by blocksize {b}")
-        t = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+        t = x.reshape(n, c, h // b, b, w // b, b)
+        mode = node.attr("mode", "DCR")
+        if mode not in ("DCR", "CRD"):
+            raise bad(node, f"mode {mode!r} is not DCR or CRD")
+        t = t.permute(0, 1, 3, 5, 2, 4) if mode == "CRD" else t.permute(0, 3, 5, 1, 2, 4)
         return [t.reshape(n, c * b * b, h // b, w // b)]
 
 
 @register
 class Squeeze(Rearrange):
     name = "Squeeze"
+    attributes = frozenset({'axes'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -307,6 +342,7 @@ class Squeeze(Rearrange):
 @register
 class Unsqueeze(Rearrange):
     name = "Unsqueeze"
+    attributes = frozenset({'axes'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -321,6 +357,7 @@ class Unsqueeze(Rearrange):
 @register
 class Concat(Copies):
     name = "Concat"
+    attributes = frozenset({'axis'})
     combination, combination_reason = "concat", "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)"
     row_priority, row_suffix = 10, False
 
@@ -354,15 +391,30 @@ class Concat(Copies):
 @register
 class Split(Copies):
     name = "Split"
+    attributes = frozenset({'axis', 'num_outputs', 'split'})
 
     def sizes(self, node: Node, inputs: Inputs, length: int) -> list[int]:
-        """The length of each output along the split axis (of ``length`` entries)."""
-        sizes = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("split")
-        if sizes is None:
-            n = int(node.attr("num_outputs", len(node.outputs)))
+        """The length of each output along the split axis (of ``length`` entries): the ``split`` input (or, before
+        opset 13, attribute); else ``num_outputs`` parts of ceil(length / n), the last one smaller (opset 18);
+        else equal parts, one per output. Sizes that do not add up to ``length`` are refused."""
+        given = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("split")
+        if given is not None:
+            sizes = [int(v) for v in given]
+        elif node.attr("num_outputs") is not None:
+            n = int(node.attr("num_outputs"))
+            if n < 1 or n != len(node.outputs):
+                raise bad(node, f"num_outputs = {n} but the node has {len(node.outputs)} outputs")
             chunk = -(-length // n)
-            sizes = [min(chunk, length - i * chunk) for i in range(n)]
-        return [int(s) for s in sizes]
+            sizes = [chunk] * (n - 1) + [length - chunk * (n - 1)]
+        else:
+            n = len(node.outputs)
+            if length % n:
+                raise bad(node, f"an axis of {length} entries cannot be split into {n} equal parts")
+            sizes = [length // n] * n
+        if len(sizes) != len(node.outputs) or any(v < 0 for v in sizes) or sum(sizes) != length:
+            raise bad(node, f"split sizes {sizes} do not divide an axis of {length} entries into "
+                            f"{len(node.outputs)} outputs")
+        return sizes
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -385,39 +437,66 @@ class Split(Copies):
                              structure=ProjectionStructure(select=(axis, start, start + sizes[output])))
 
 
+#: the largest int32 and int64: an ``end`` of either is "to the end of the axis" for every runtime when the step
+#: is positive, and read differently by runtimes when it is negative (see ``Slice``)
+END_OF_AXIS = (2 ** 31 - 1, 2 ** 63 - 1)
+
+
+def slice_indices(node: Node, n: int, start: int, end: int, step: int) -> range:
+    """The indices one ONNX Slice axis of length ``n`` keeps, by the specification's clamping rules: negative
+    starts and ends count from the end; for a positive step start and end are clamped to [0, n]; for a negative
+    step start is clamped to [0, n - 1] and end to [-1, n - 1].
+
+    An end of INT_MAX with a negative step is refused: the specification clamps it to n - 1 (an empty or
+    one-sided slice), while onnxruntime reads it as "down to the first entry", so the deployed result depends on
+    the runtime."""
+    if step == 0:
+        raise bad(node, "a slice step of 0 is invalid")
+    if step < 0 and end in END_OF_AXIS:
+        raise bad(node, f"end {end} with the negative step {step} is read differently by runtimes (the ONNX "
+                        "specification clamps it to the last entry, onnxruntime slices down to the first); use "
+                        "an end below -length (INT_MIN) to slice down to the first entry")
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    if step > 0:
+        return range(max(0, min(n, start)), max(0, min(n, end)), step)
+    if n == 0:
+        return range(0)
+    return range(max(0, min(n - 1, start)), max(-1, min(n - 1, end)), step)
+
+
 @register
 class Slice(Copies):
     name = "Slice"
 
     def params(self, node: Node, inputs: Inputs, rank: int) -> list[tuple[int, int, int, int]]:
-        if len(inputs) > 1:
-            starts, ends = int_list(inputs[1]), int_list(inputs[2])
-            axes = int_list(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
-            steps = int_list(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else None
-        else:
-            starts, ends, axes, steps = node.attr("starts"), node.attr("ends"), node.attr("axes"), None
+        """(axis, start, end, step) per sliced axis, axes made non-negative; repeated or out-of-range axes and
+        lists of different lengths are refused."""
+        starts, ends = int_list(inputs[1]), int_list(inputs[2])
+        axes = int_list(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+        steps = int_list(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else None
+        if starts is None or ends is None:
+            raise bad(node, "needs starts and ends inputs")
         axes = list(range(len(starts))) if axes is None else axes
         steps = [1] * len(starts) if steps is None else steps
-        return [(_axis(a, rank), s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)]
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            raise bad(node, f"starts, ends, axes and steps have different lengths ({len(starts)}, {len(ends)}, "
+                            f"{len(axes)}, {len(steps)})")
+        if any(not -rank <= a < rank for a in axes):
+            raise bad(node, f"axes {axes} are out of range for a {rank}-D input")
+        normal = [_axis(a, rank) for a in axes]
+        if len(set(normal)) != len(normal):
+            raise bad(node, f"axes {axes} name an axis twice")
+        return list(zip(normal, starts, ends, steps))
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
-        index: list[slice] = [slice(None)] * x.dim()
-        flips = []
-        for axis, start, end, step in self.params(node, inputs, x.dim()):
-            n = x.shape[axis]
-            if step > 0:
-                s = max(0, min(n, start + n if start < 0 else start))
-                e = max(0, min(n, end + n if end < 0 else end))
-                index[axis] = slice(s, e, step)
+        out = inputs[0]
+        for axis, start, end, step in self.params(node, inputs, out.dim()):
+            kept = slice_indices(node, out.shape[axis], start, end, step)
+            if step == 1:
+                out = out.narrow(axis, kept.start, len(kept))
             else:
-                s = max(-1, min(n - 1, start + n if start < 0 else start))
-                e = max(-1, min(n - 1, end + n if end < 0 else end))
-                idx = torch.arange(s, e, step, device=x.device)
-                flips.append((axis, idx))
-        out = x[tuple(index)]
-        for axis, idx in flips:
-            out = torch.index_select(out, axis, idx)
+                out = torch.index_select(out, axis, torch.tensor(kept, dtype=torch.long, device=out.device))
         return [out]
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -430,12 +509,11 @@ class Slice(Copies):
             if axis == 0 and not whole:
                 return None  # a slice of the batch axis selects or reorders samples, not entries of one sample
         structure = ProjectionStructure()
-        sliced = [(axis, start, end) for axis, start, end, step in ranges if axis > 0 and step == 1]
-        if len(sliced) == 1 and len(ranges) == 1:  # one axis, step 1: the entries [start, end) of that axis
-            axis, start, end = sliced[0]
-            n = in_shape[axis - 1]
-            structure = ProjectionStructure(select=(axis, max(0, min(n, start + n if start < 0 else start)),
-                                                    max(0, min(n, end + n if end < 0 else end))))
+        sliced = [(axis, slice_indices(node, in_shape[axis - 1], start, end, step))
+                  for axis, start, end, step in ranges if axis > 0]
+        if len(sliced) == 1 and len(ranges) == 1 and sliced[0][1].step == 1:  # one axis, step 1: one range
+            axis, kept = sliced[0]
+            structure = ProjectionStructure(select=(axis, kept.start, kept.start + len(kept)))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
@@ -449,6 +527,7 @@ PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", 
 @register
 class Pad(Copies):
     name = "Pad"
+    attributes = frozenset({'mode'})
     row_priority, row_suffix = 9, False
 
     def settings(self, node: Node, inputs: Inputs, rank: int) -> tuple[str, list[int], float]:
@@ -515,26 +594,39 @@ class Pad(Copies):
 
 @register
 class TopK(Op):
+    """The k largest (or smallest) entries along an axis, sorted, ties by the lower index (as ONNX orders them).
+    ``sorted=0`` leaves the order of the k entries to the runtime (onnxruntime returns them unsorted), so it is
+    refused unless k = 1, where there is one order."""
+
     name = "TopK"
+    attributes = frozenset({"axis", "largest", "sorted"})
+
+    def k(self, node: Node, inputs: Inputs) -> int | None:
+        return int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else None
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
-        k = int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else int(node.attr("k"))
+        k = self.k(node, inputs)
         axis = int(node.attr("axis", -1))
+        if k is None or not 0 <= k <= x.shape[axis]:
+            raise bad(node, f"k = {k} is not between 0 and the axis length {x.shape[axis]}")
+        if not node.attr("sorted", 1) and k > 1:
+            raise bad(node, f"sorted=0 with k = {k} returns the top entries in an order each runtime chooses "
+                            "(onnxruntime's is not sorted), so the output is not one function; export with "
+                            "sorted=1")
         # a stable sort: equal values keep their order, lower index first (as ONNX and onnxruntime order ties)
         values, indices = torch.sort(x, dim=axis, descending=bool(node.attr("largest", 1)), stable=True)
         return [values.narrow(axis, 0, k), indices.narrow(axis, 0, k)]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:
+        """Assumes: the sorted values along a per-sample axis (``run`` refuses the unsorted form)."""
         axis = _axis(int(node.attr("axis", -1)), len(in_shape) + 1)
-        if var != 0 or axis < 1:  # a sort along the batch axis mixes samples
-            return None
-        k = int(consts[1].reshape(-1)[0]) if len(consts) > 1 and consts[1] is not None else node.attr("k")
-        if k is None:
+        k = self.k(node, consts)
+        if var != 0 or axis < 1 or k is None:  # a sort along the batch axis mixes samples
             return None
         size = in_shape[axis - 1]
-        if int(k) == size:
+        if k == size:
             return LipschitzRule(1.0, f"sort of the whole axis ({size} entries): a permutation per sample, "
                                       "1-Lipschitz (Anil et al. 2019)")
         return LipschitzRule(1.0, f"the top {k} of {size} sorted entries: a projection of a sort, 1-Lipschitz")
@@ -547,6 +639,7 @@ class TopK(Op):
 @register
 class ArgMax(Op):
     name = "ArgMax"
+    attributes = frozenset({'axis', 'keepdims', 'select_last_index'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, axis, keep = inputs[0], int(node.attr("axis", 0)), bool(node.attr("keepdims", 1))

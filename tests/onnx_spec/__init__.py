@@ -1,0 +1,1 @@
+"""ONNX's own operator test cases (``onnx.backend.test.case.node``) run through lipcert's executor."""
