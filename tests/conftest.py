@@ -97,6 +97,33 @@ def graph_of(builder, output: str):
     return graph_from_onnx(builder.model(output), "built")
 
 
+def ir_version(opset: int) -> int:
+    """The smallest IR version for a default-domain opset (onnxruntime refuses IR versions newer than it knows)."""
+    from onnx import helper
+
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+
+
+def newest_opset() -> int:
+    """The newest default-domain opset that both onnx and onnxruntime accept (17 at the least)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def accepted(opset: int) -> bool:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version(opset))
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - onnxruntime refuses opsets newer than it knows
+            return False
+        return True
+
+    return next((opset for opset in range(onnx.defs.onnx_opset_version(), 17, -1) if accepted(opset)), 17)
+
+
 # ------------------------------------------------------------------------------------------ peer-library models
 
 
@@ -182,3 +209,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"soundness ({profile} profile): {stats['models']} models generated ({stats['refused']} refused at load; "
             f"{stats['discarded']} more drawn but discarded, onnxruntime cannot run them), {stats['steps']} steps "
             f"checked, {stats['values']} value bounds checked, {stats['certificates']} certificates attacked")
+    forms = sys.modules.get("tests.test_runtime_forms")
+    if forms is not None and sum(forms.TALLY.values()):
+        terminalreporter.write_line(f"runtime forms: {forms.tally_line()}")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lipcert.data import check_fits, open_dataset
+from lipcert.data import Labels, check_fits, open_dataset
 from lipcert.data.base import DatasetInfo
 from lipcert.errors import DataError, LipcertError
 
@@ -584,7 +584,7 @@ def test_skip_bad_samples_npz(tmp_path: Path) -> None:
     assert (ds.info.value_range, ds.info.num_classes) == ("float 0-1", 10)  # the scans passed over the bad ones
     with pytest.raises(DataError, match="sample 2: x contains NaN or Inf"):
         list(read_batches(ds, 4))
-    batches = list(read_batches(ds, 4, skip_bad_samples=True, num_classes=3))
+    batches = list(read_batches(ds, 4, skip_bad_samples=True, labels=Labels(3)))
     assert [list(b.indices) for b in batches] == [[0, 1], [4, 5, 6], [9]]  # batches keep their index ranges
     assert [s for b in batches for s in b.skipped] == [
         (2, "x contains NaN or Inf"), (3, "label 1.5 is not an integer"), (7, "x contains NaN or Inf"),
@@ -606,7 +606,7 @@ def test_skip_bad_samples_image_folder(tmp_path: Path) -> None:
     assert ds.info.sample_shape == (3, 6, 5)
     for workers in (0, 2):
         ds._source.workers = workers
-        batches = list(read_batches(ds, 1, skip_bad_samples=True, num_classes=2))
+        batches = list(read_batches(ds, 1, skip_bad_samples=True, labels=Labels(2)))
         assert [list(b.indices) for b in batches] == [[], [1], [], [3]]
         assert [i for b in batches for i, _ in b.skipped] == [0, 2]
         reasons = [why for b in batches for _, why in b.skipped]
@@ -643,6 +643,6 @@ def test_skip_bad_samples_of_another_dataset() -> None:
             for first in range(start, stop or 5, batch_size):
                 yield x[first:first + batch_size], np.zeros(len(x[first:first + batch_size]), np.int64)
 
-    batches = list(read_batches(Memory(), 2, skip_bad_samples=True, num_classes=2))
+    batches = list(read_batches(Memory(), 2, skip_bad_samples=True, labels=Labels(2)))
     assert [list(b.indices) for b in batches] == [[0], [2], [4]]
     assert [i for b in batches for i, _ in b.skipped] == [1, 3]

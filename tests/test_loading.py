@@ -262,7 +262,7 @@ def test_mismatch_with_onnxruntime_names_first_diverging_node(tmp_path: Path, mo
     onnx.save(_tiny_model(np.eye(3, 4), [("Relu", "act"), ("Neg", "flip")]), str(path))
     real = REGISTRY["Relu"].fn
     monkeypatch.setattr(REGISTRY["Relu"], "fn", lambda node, x: real(node, x) + 0.5)
-    with pytest.raises(ModelError, match="'act' \\(Relu\\) is the first to diverge"):
+    with pytest.raises(ModelError, match="'act' \\(Relu\\) is the first to differ from onnxruntime"):
         load_model(path)
 
 

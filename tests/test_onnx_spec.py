@@ -115,6 +115,16 @@ def test_unknown_and_refused_attributes_are_one_line_errors() -> None:
         graph_from_onnx(refused, "m.onnx")
 
 
+def test_an_attribute_its_opset_lacks_is_refused() -> None:
+    """ReduceSum took its axes as an attribute until opset 12 and as an input from 13: the attribute in an
+    opset-13 model is refused (onnxruntime refuses the model too), and accepted at opset 11."""
+    node = helper.make_node("ReduceSum", ["x"], ["y"], name="total", axes=[1], keepdims=1)
+    with pytest.raises(ModelError, match=r"node 'total' \(ReduceSum\): attribute 'axes' is not an attribute of "
+                                         r"ReduceSum in opset 13"):
+        graph_from_onnx(_model([node], opset=13), "m.onnx")
+    assert graph_from_onnx(_model([node], opset=11), "m.onnx").output == "y"
+
+
 # ------------------------------------------------------------------------------------------ runtime forms
 
 I32, I64 = 2 ** 31 - 1, 2 ** 63 - 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import onnx
@@ -25,33 +24,11 @@ from lipcert.graph.executor import GraphModule
 from lipcert.graph.ops import REGISTRY
 from lipcert.model.onnx_loader import graph_from_onnx
 
+from .conftest import ir_version, newest_opset
+
 RTOL = 1e-5
 I64_MAX = int(np.iinfo(np.int64).max)
 I64_MIN = int(np.iinfo(np.int64).min)
-
-
-@lru_cache(maxsize=None)
-def newest_opset() -> int:
-    """The newest default-domain opset that both onnx and onnxruntime accept."""
-    import onnxruntime as ort
-
-    for opset in range(onnx.defs.onnx_opset_version(), 17, -1):
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
-        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-        opsets = [helper.make_opsetid("", opset)]
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version(opset))
-        try:
-            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 - onnxruntime refuses opsets newer than it knows
-            continue
-        return opset
-    return 17
-
-
-def ir_version(opset: int) -> int:
-    """The smallest IR version for an opset (onnxruntime refuses IR versions newer than it knows)."""
-    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
 
 
 NEWEST = newest_opset()

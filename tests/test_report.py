@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 from lipcert import certify, load_model
 from lipcert.certification.engine import Engine, choose_backend
+from lipcert.certification.radii import BINARY_RULE
 from lipcert.certification.setup import certificate_setup
 from lipcert.cli.app import main
 from lipcert.graph.executor import GraphModule
@@ -406,7 +407,7 @@ def test_binary_model(tmp_path: Path) -> None:
     eps = np.quantile(np.abs(z) / lip, [0.25, 0.5, 0.75])
     out = tmp_path / "out"
     _, rep = report(model, tmp_path / "d.npz", out, "--eps", ",".join(f"{e:.6g}" for e in eps))
-    assert rep["bound"]["rule"] == "binary |z| / L" and rep["bound"]["value"] == pytest.approx(lip, rel=1e-6)
+    assert rep["bound"]["rule"] == BINARY_RULE and rep["bound"]["value"] == pytest.approx(lip, rel=1e-6)
     expect = radii(z[:, None], x, rep["bound"], None, allowance(model, x, rep))
     s = assert_matches(out, rep, expect, y)
     assert np.allclose(s["radius"], np.abs(z) / lip, atol=1e-5) and (s["radius"] <= np.abs(z) / lip).all()

@@ -30,6 +30,14 @@ Profiles (``LIPCERT_SOUNDNESS_PROFILE``):
   Add ``-x`` to stop at the first counterexample; ``LIPCERT_SOUNDNESS_VERBOSE=1`` (with ``-s``) prints every
   program. A failure prints the program and saves its model (``failing_*.onnx`` in the test's tmp folder).
 
+The size-dependent paths: lipcert bounds small operators densely and large ones by their structure, so
+``test_block_lowered`` and ``test_random_programs_lowered`` run programs with the thresholds lowered
+(``lipcert.bounds.thresholds.override`` with a setting of ``tests/soundness/paths.py``'s ``LOWERED``), which sends
+small programs down every structured path under the same oracles (ci: 28 variants around those paths, one setting
+each, plus 8 random programs; long: 10 programs per variant of every block and 833 random ones, the setting drawn
+per program); ``test_generator_reaches_every_bound_path`` checks that they reach every bound method and every
+declared branch.
+
 The terminal summary (tests/conftest.py) prints how many models were generated, refused and checked.
 Counterexamples found are kept as named tests in tests/test_soundness_regressions.py.
 """
@@ -37,6 +45,7 @@ Counterexamples found are kept as named tests in tests/test_soundness_regression
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -45,15 +54,18 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
+from lipcert.bounds import thresholds
 from lipcert.graph.ops import REGISTRY
 
 from .soundness import oracle
 from .soundness.generator import HypothesisDraw, RandomDraw, draw_program, focus_cases
+from .soundness.paths import BRANCHES, LOWERED, METHODS, methods_of
 
 PROFILE = os.environ.get("LIPCERT_SOUNDNESS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"LIPCERT_SOUNDNESS_PROFILE={PROFILE!r}: expected ci or long")
 FOCUSED = {"ci": 1, "long": 25}[PROFILE]  # programs per block kind and variant
+FOCUSED_LOWERED = {"ci": 1, "long": 10}[PROFILE]  # the same under lowered thresholds
 RANDOM = {"ci": 24, "long": 2500}[PROFILE]  # programs of 1-4 random blocks
 EFFORT = oracle.CI if PROFILE == "ci" else oracle.LONG
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if PROFILE == "long" else [])
@@ -67,23 +79,29 @@ CASES = oracle.STATS
 torch.set_num_threads(1)
 
 
-def run_program(data, tmp_path: Path, focus: str | None, variant: str | None = None, max_blocks: int = 4) -> None:
-    """Draw a program, keep it if onnxruntime runs it, and check every oracle on it."""
+def run_program(data, tmp_path: Path, focus: str | None, variant: str | None = None, max_blocks: int = 4,
+                lowered: str | None = None) -> None:
+    """Draw a program, keep it if onnxruntime runs it, and check every oracle on it (under the ``lowered``
+    thresholds of ``LOWERED`` when given; "draw" draws one of them)."""
     program = draw_program(HypothesisDraw(data, f"{focus}/{variant}"), focus=focus, max_blocks=max_blocks,
                            variant=variant)
     if program.invalid:
         CASES["discarded"] += 1
     assume(program.invalid is None)
+    if lowered == "draw":
+        lowered = data.draw(st.sampled_from(sorted(LOWERED)), label="thresholds")
+    described = program.describe() + (f"; thresholds {lowered} {LOWERED[lowered]}" if lowered else "")
     if VERBOSE:
-        print(f"\n[{focus or 'random'}] {program.describe()}")
+        print(f"\n[{focus or 'random'}] {described}")
     path = tmp_path / f"{focus or 'random'}.onnx"
     onnx.save(program.model, path)
     seed = program.seed % 1000
-    outcome = oracle.check_model(path, effort=EFFORT, seed=seed, backend="onnxruntime" if seed % 3 else "torch")
+    with thresholds.override(**(LOWERED[lowered] if lowered else {})):
+        outcome = oracle.check_model(path, effort=EFFORT, seed=seed, backend="onnxruntime" if seed % 3 else "torch")
     if outcome.failures:
         keep = tmp_path / f"failing_{focus or 'random'}_{program.seed}.onnx"
         onnx.save(program.model, keep)
-        pytest.fail(f"soundness counterexample ({keep}):\n  program: {program.describe()}\n  "
+        pytest.fail(f"soundness counterexample ({keep}):\n  program: {described}\n  "
                     + "\n  ".join(outcome.failures), pytrace=False)
 
 
@@ -109,6 +127,88 @@ def test_random_programs(tmp_path: Path) -> None:
         run_program(data, tmp_path, None)
 
     run()
+
+
+# ---------------------------------------------------------------------------------------------- lowered thresholds
+
+#: block variants around the structured paths, each run once in the ci profile under one lowered setting (in turn)
+STRUCTURED = [("conv", "pads"), ("conv", "SAME_LOWER"), ("conv_transpose", "pads"), ("conv_transpose", "SAME_UPPER"),
+              ("dense", "gemm_tB"), ("matmul_last", "right"), ("batchnorm", None), ("scale", "channel"),
+              ("pad", "wrap"), ("pad", "two_wraps"), ("pad", "reflect"), ("wrap_conv", "ok"), ("wrap_conv", "double"),
+              ("avgpool", "local"), ("linear_region", "identity_conv"), ("linear_region", "concat_branches"),
+              ("linear_region", "two_branches"), ("region_forms", "circular"), ("region_forms", "grouped"),
+              ("region_forms", "neg_sub"), ("region_forms", "concat_const"), ("rank_up", "scale"),
+              ("rank_up", "broadcast_self"), ("slices", "concat_parts"), ("slices", "sum_parts"), ("sll", "ok"),
+              ("sll", "chain"), ("split_residual", "concat")]
+#: (kind, variant, thresholds): ci runs the structured variants, each under one setting; long every variant,
+#: drawing the setting per program
+LOWERED_CASES = [(k, v, sorted(LOWERED)[i % len(LOWERED)]) for i, (k, v) in enumerate(STRUCTURED)] \
+    if PROFILE == "ci" else [(k, v, "draw") for k, v in focus_cases()]
+
+
+@pytest.mark.parametrize("kind,variant,lowered", LOWERED_CASES,
+                         ids=[f"{k}-{v}-{t}" if v else f"{k}-{t}" for k, v, t in LOWERED_CASES])
+def test_block_lowered(tmp_path: Path, kind: str, variant: str | None, lowered: str) -> None:
+    """Programs around one block variant with the thresholds lowered: small operators take the structured paths
+    (DFT, Gram iteration, Schur test, one convolution per region, SLL kernels, chunked evaluation)."""
+
+    @settings(max_examples=FOCUSED_LOWERED, **COMMON)
+    @given(st.data())
+    def run(data) -> None:
+        run_program(data, tmp_path, kind, variant, lowered=lowered)
+
+    run()
+
+
+@pytest.mark.slow
+def test_random_programs_lowered(tmp_path: Path) -> None:
+    """Random programs (as ``test_random_programs``) under a lowered threshold setting drawn per program."""
+
+    @settings(max_examples=RANDOM // 3, **COMMON)
+    @given(st.data())
+    def run(data) -> None:
+        run_program(data, tmp_path, None, lowered="draw")
+
+    run()
+
+
+#: (kind, variant) of the sweep that must reach every path, in the order tried (later ones only if needed)
+PATH_SWEEP = [("sll", "ok"), ("sll", "split_b"), ("region_forms", "circular"), ("linear_region", "identity_conv"),
+              ("wrap_conv", "ok"), ("pad", "reflect"), ("batchnorm", None), ("scale", "full"), ("dense", "gemm"),
+              ("split_residual", "concat"), ("slices", "concat_parts")] + STRUCTURED
+
+
+def test_generator_reaches_every_bound_path(tmp_path: Path) -> None:
+    """Like ``test_generator_covers_every_registered_operator`` for the size-dependent paths: under the lowered
+    thresholds, valid generated programs reach every bound method a row can name and every branch the bounds
+    declare, and every branch recorded is declared (stable names)."""
+    from lipcert.bounds.propagate import propagate
+    from lipcert.model.loader import load_model
+
+    methods: set[str] = set()
+    before = Counter(thresholds.TAKEN)
+    for k, (kind, variant) in enumerate(PATH_SWEEP):
+        for seed in range(3):
+            taken = set(thresholds.TAKEN - before)
+            if methods >= set(METHODS) and taken >= set(BRANCHES):
+                break
+            program = draw_program(RandomDraw(500 * k + seed), focus=kind, variant=variant)
+            if program.invalid:
+                continue
+            path = tmp_path / "model.onnx"
+            onnx.save(program.model, path)
+            try:
+                graph = load_model(path)
+            except Exception:  # noqa: BLE001 - refusals are the property tests' business
+                continue
+            for name in sorted(LOWERED):
+                with thresholds.override(**LOWERED[name]):
+                    for row in propagate(graph, max_iter=50).layers:
+                        methods |= methods_of(row.upper_method)
+    taken = set(thresholds.TAKEN - before)
+    assert not sorted(set(METHODS) - methods), f"bound methods never reached: {sorted(set(METHODS) - methods)}"
+    assert not sorted(set(BRANCHES) - taken), f"branches never taken: {sorted(set(BRANCHES) - taken)}"
+    assert taken <= set(BRANCHES), f"branches recorded but not declared: {sorted(taken - set(BRANCHES))}"
 
 
 # ---------------------------------------------------------------------------------------------- coverage

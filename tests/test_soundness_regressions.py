@@ -15,8 +15,12 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from lipcert.bounds import thresholds
+
+from .conftest import graph_of
 from .soundness import oracle
 from .soundness.build import Builder
+from .soundness.paths import LOWERED
 
 torch.set_num_threads(1)
 
@@ -383,3 +387,101 @@ def test_float_error_of_a_linear_region_with_large_values(tmp_path: Path) -> Non
     w = np.random.default_rng(6).standard_normal((8, 12)).astype(np.float32) * 0.2
     check(tmp_path, b, b.node("Gemm", [mean, b.const(w), b.const(np.zeros(8, np.float32))], transB=1),
           effort=oracle.LONG)
+
+
+# ---------------------------------------------------------------------------------------------- size-dependent paths
+
+
+def value_against_its_own_reshape(b: Builder, factor: str) -> str:
+    """Sub(x, Reshape(x) * s) for x of shape (1, H, W) reshaped to (H, 1, W): broadcasting makes the (H, H, W)
+    value x_j - s x_i over every pair (i, j) of rows, a map of norm 2 for H = 2 and s = 1."""
+    _, h, w = b.sample_shape
+    moved = b.node("Reshape", ["input", b.ints([-1, h, 1, w])])
+    scaled = b.node("Mul", [moved, b.const(np.float32(1.0))]) if factor == "mul" else b.node("Identity", [moved])
+    return b.node("Sub", ["input", scaled])
+
+
+@pytest.mark.parametrize("factor", ["mul", "identity"])
+def test_linear_region_of_a_value_and_its_own_reshape_broadcast_against_it(tmp_path: Path, factor: str) -> None:
+    """The red-team report's model, found again by the harness with the thresholds lowered: a linear region
+    Sub(x, Reshape(x) * 1) whose inputs broadcast against each other was read as one convolution (regions.as_conv)
+    on the input's grid, because the scale's form ignored that its value had another shape: the kernels cancelled
+    to a bound of 7e-15 where the truth is 2; verify crashed (its power iteration exceeded the bound) and the
+    report certified with it. Every value's form must now describe a tensor of that value's own shape."""
+    b = Builder((1, 2, 3), seed=21)
+    s = value_against_its_own_reshape(b, factor)
+    head = b.node("Gemm", [b.node("Flatten", [s], axis=1), b.const(np.eye(12, dtype=np.float32))], transB=1)
+    with thresholds.override(**LOWERED["structured"]):
+        check(tmp_path, b, head)
+
+
+def test_linear_region_broadcast_against_itself_at_production_sizes(tmp_path: Path) -> None:
+    """The same region large enough (1 x 2 x 4097 in, 2 x 2 x 4097 out) that production thresholds skip the
+    dense SVD: its bound must stay at least its norm, 2 (each column pair gives x_j - x_i, and ||D|| = 2 for
+    the 4 x 2 difference matrix D)."""
+    from lipcert.bounds.propagate import propagate
+
+    b = Builder((1, 2, 4097), seed=22, max_numel=1 << 16)
+    s = value_against_its_own_reshape(b, "mul")
+    graph = graph_of(b, b.node("ReduceSum", [b.node("Flatten", [s], axis=1), b.ints([1])], keepdims=1))
+    rows = [row for row in propagate(graph, lower_bounds=False).layers if row.op.startswith("linear region")]
+    assert len(rows) == 1 and rows[0].upper >= 2.0, [(row.op, row.upper, row.upper_method) for row in rows]
+
+
+def class_token_region(seed: int) -> tuple[Builder, str]:
+    """Concat(x, Expand(c, [N, 1, 4, 4]), conv(x)) (a class token concatenated to the features), then a dense head."""
+    rng = np.random.default_rng(seed)
+    b = Builder((2, 4, 4), seed=seed)
+    conv = b.node("Conv", ["input", b.const((0.3 * rng.standard_normal((2, 2, 3, 3))).astype(np.float32))],
+                  pads=[1, 1, 1, 1])
+    batch = b.node("Slice", [b.node("Shape", ["input"]), b.ints([0]), b.ints([1]), b.ints([0])])
+    token = b.node("Expand", [b.const(rng.standard_normal((1, 1, 4, 4)).astype(np.float32)),
+                              b.node("Concat", [batch, b.ints([1, 4, 4])], axis=0)])
+    cat = b.node("Concat", ["input", token, conv], axis=1)
+    return b, b.node("Gemm", [b.node("Flatten", [cat], axis=1),
+                              b.const((0.1 * rng.standard_normal((3, 80))).astype(np.float32))], transB=1)
+
+
+@pytest.mark.parametrize("lowered", [None, "structured"])
+def test_concat_with_a_batch_expanded_constant_in_a_linear_region(tmp_path: Path, lowered: str | None) -> None:
+    """Found by the harness: Concat(x, Expand(c, [N, ...]), conv(x)) forms one linear region; the region's
+    operator fed the constant's zeros with a batch of 1 while its input had a batch of many columns, so the
+    concatenation raised (verify and report ended in an internal error, at every size). The constant's zeros now
+    take the batch of the input."""
+    with thresholds.override(**(LOWERED[lowered] if lowered else {})):
+        check(tmp_path, *class_token_region(23))
+
+
+def test_linear_region_after_a_concatenation_with_a_constant(tmp_path: Path) -> None:
+    """Found by the harness's path sweep: Concat(x, W x, Expand(c)) then a residual dense layer on it form one
+    linear region; the region's absolute map (for the float error allowance) concatenated only the data inputs,
+    2 entries short, and the dense layer after it raised (an internal error at every size). The absolute map
+    now runs the concatenation with the constant's zeros in place."""
+    rng = np.random.default_rng(24)
+    b = Builder((13,), seed=24)
+    dense = b.node("Gemm", ["input", b.const((0.3 * rng.standard_normal((13, 13))).astype(np.float32))], transB=1)
+    batch = b.node("Slice", [b.node("Shape", ["input"]), b.ints([0]), b.ints([1]), b.ints([0])])
+    token = b.node("Expand", [b.const(rng.standard_normal((1, 2)).astype(np.float32)),
+                              b.node("Concat", [batch, b.ints([2])], axis=0)])
+    cat = b.node("Concat", ["input", dense, token], axis=1)
+    res = b.node("Add", [cat, b.node("Gemm", [cat, b.const((0.2 * rng.standard_normal((28, 28))).astype(
+        np.float32))], transB=1)])
+    check(tmp_path, b, b.node("Gemm", [res, b.const((0.2 * rng.standard_normal((4, 28))).astype(np.float32))],
+                              transB=1))
+
+
+def test_absolute_map_of_a_region_whose_constant_broadcasts_the_sum(tmp_path: Path) -> None:
+    """Found by review of the same map: Sum(x, conv(x), c) with c of 3 channels and x of 1 copies x + conv(x)
+    three times; the absolute map summed the data inputs only, without the copies, so its norm (the float error
+    allowance's size) was sqrt(3) times too small. It must bound the region's own norm from above."""
+    from lipcert.bounds.propagate import propagate
+    from lipcert.bounds.regions import absolute_operator
+    from lipcert.bounds.rounding import nonnegative_norm
+
+    b = Builder((1, 4, 4), seed=25)
+    conv = b.node("Conv", ["input", b.const(np.full((1, 1, 3, 3), 0.1, np.float32))], pads=[1, 1, 1, 1])
+    total = b.node("Sum", ["input", conv, b.const(np.arange(3, dtype=np.float32).reshape(3, 1, 1))])
+    graph = graph_of(b, b.node("Flatten", [total], axis=1))
+    (step,) = [s for s in propagate(graph, lower_bounds=False).steps if "substeps" in s.details]
+    dense = torch.linalg.matrix_norm(step.operator.to_dense(), ord=2)
+    assert nonnegative_norm(absolute_operator(step)) >= float(dense) * (1 - 1e-9)

@@ -41,10 +41,15 @@ class Deadline:
         return self.end is not None and time.perf_counter() >= self.end
 
 
+def _rows(values: torch.Tensor) -> torch.Tensor:
+    """One row per sample, whatever the value's rank (a one-logit model may give shape (N,))."""
+    return values.reshape(values.shape[0], -1)
+
+
 def _ratio(module: GraphModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        num = (module(x) - module(y)).flatten(1).norm(dim=1)
-        den = (x - y).flatten(1).norm(dim=1)
+        num = _rows(module(x) - module(y)).norm(dim=1)
+        den = _rows(x - y).norm(dim=1)
     return num / den.clamp_min(1e-300)
 
 
@@ -58,7 +63,7 @@ def jacobian_lower_bound(module: GraphModule, x: torch.Tensor, iters: int = 30, 
     for done in range(1, iters + 1):
         _, jv = torch.autograd.functional.jvp(module, x, v)
         _, jtjv = torch.autograd.functional.vjp(module, x, jv)
-        norm = jtjv.flatten(1).norm(dim=1).clamp_min(1e-300)
+        norm = _rows(jtjv).norm(dim=1).clamp_min(1e-300)
         v = jtjv / norm.reshape(-1, *([1] * (x.dim() - 1)))
         if progress:
             progress("empirical search: Jacobian power iteration", done, iters)
@@ -80,8 +85,8 @@ def pair_ascent_lower_bound(module: GraphModule, x: torch.Tensor, steps: int = 6
     taken = 0
     for taken in range(1, steps + 1):
         opt.zero_grad()
-        num = (module(a) - module(b)).flatten(1).norm(dim=1)
-        den = (a - b).flatten(1).norm(dim=1).clamp_min(1e-12)
+        num = _rows(module(a) - module(b)).norm(dim=1)
+        den = _rows(a - b).norm(dim=1).clamp_min(1e-12)
         (-(num / den).sum()).backward()
         opt.step()
         if progress:

@@ -13,7 +13,8 @@ same coordinates: the same core shapes, with at most plain reshapes (which keep 
 between them. ``loose_in`` / ``loose_out`` mark a side where a transpose or a padding was absorbed, so that
 coordinates there are no longer the chain's; ``inexact`` marks a structure whose norm is only an upper bound
 of the chain's (an absorbed zero padding, or a ``norm_only`` scalar such as a global average pooling, which
-is counted as its norm 1/sqrt(n) but is not a multiple of the identity).
+is counted as its norm 1/sqrt(n) but is not a multiple of the identity). Each merge taken is recorded under its
+name in ``BRANCHES``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from lipcert.bounds.thresholds import record
 from lipcert.graph.linop import (
     ChainStructure,
     DiagStructure,
@@ -32,6 +34,10 @@ from lipcert.graph.linop import (
     ScalarStructure,
     Structure,
 )
+
+#: the merges ``refine`` records (``thresholds.record``)
+BRANCHES = ("fusion.absorb", "fusion.circular", "fusion.wrap-pair", "fusion.scalar", "fusion.conv-scale",
+            "fusion.matrix-scale", "fusion.matrix-product")
 
 
 def core(op: LinearOperator) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -92,7 +98,8 @@ def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | Non
     """Pad(mode=wrap) then Conv(pads=0) with pad total = effective kernel - 1 per axis: a circular conv.
 
     Assumes: the pad is one wrap pad whose input is the conv's input grid (aligned cores), it pads only the
-    conv's spatial axes, by at most the axis length, and the conv is not transposed and unpadded. Then
+    conv's spatial axes, by non-negative amounts of at most the axis length, and the conv is not transposed and
+    unpadded (all checked). Then
     output o reads x[(s o + d t - begin) mod n], which is what ``spectral`` bounds as circular."""
     s = conv.structure
     if s.transpose or any(s.pads) or not _wrap(pad) or not _aligned(pad, conv):
@@ -101,7 +108,7 @@ def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | Non
     pad_in = core(pad)[0]
     rank = len(pad_in) + 1
     nd = len(s.input_spatial)
-    if len(pads) != 2 * rank or any(pads[i] or pads[rank + i] for i in range(rank - nd)):
+    if len(pads) != 2 * rank or min(pads) < 0 or any(pads[i] or pads[rank + i] for i in range(rank - nd)):
         return None
     w = s.weight
     for i in range(nd):
@@ -119,7 +126,7 @@ def _wrap_pair(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     (p - begin) mod n is independent of the others. The same axis padded twice is not a wrap pad: None."""
     pa, pb = a.structure.pads, b.structure.pads
     rank = len(pa) // 2
-    if len(pb) != len(pa) or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
+    if len(pb) != len(pa) or min(pa + pb, default=0) < 0 or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
         return None
     return _joined(a, b, "nonnegative", NonnegativeStructure(mode="wrap", pads=tuple(p + q for p, q in zip(pa, pb))))
 
@@ -152,43 +159,54 @@ def _scaled_weight(conv: LinearOperator, scale: torch.Tensor, before: bool) -> t
 
 
 def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
-    """One operator for ``b o a`` with a known structure, or None when the pair does not simplify."""
+    """One operator for ``b o a`` with a known structure (its branch recorded), or None when the pair does not
+    simplify."""
+    merged, branch = _merged(a, b)
+    if merged is not None:
+        record(branch)
+    return merged
+
+
+def _merged(a: LinearOperator, b: LinearOperator) -> tuple[LinearOperator | None, str]:
+    """``_merge``'s operator and the name of the branch that made it."""
     if b.kind == "isometry" or a.kind == "isometry":
-        return _absorb(a, b)
+        return _absorb(a, b), "fusion.absorb"
     if _wrap(a) and b.kind == "conv":
-        return _circular(a, b)
+        return _circular(a, b), "fusion.circular"
     if _wrap(a) and _wrap(b) and _aligned(a, b):
-        return _wrap_pair(a, b)
+        return _wrap_pair(a, b), "fusion.wrap-pair"
     sa, sb = _scale_of(a), _scale_of(b)
     if isinstance(sa, float) or isinstance(sb, float):
         scalar = sa if isinstance(sa, float) else sb
         other, other_scale = (b, sb) if isinstance(sa, float) else (a, sa)
         if isinstance(other_scale, float):
-            return _with_scalar(a, b, "scalar", ScalarStructure(value=sa * sb))
+            return _with_scalar(a, b, "scalar", ScalarStructure(value=sa * sb)), "fusion.scalar"
         if other_scale is not None:
-            return _with_scalar(a, b, "diag", DiagStructure(scale=torch.as_tensor(other_scale).double() * scalar))
+            structure = DiagStructure(scale=torch.as_tensor(other_scale).double() * scalar)
+            return _with_scalar(a, b, "diag", structure), "fusion.scalar"
         if other.kind == "conv":
             weight = other.structure.weight.double() * scalar
-            return _with_scalar(a, b, "conv", replace(other.structure, weight=weight))
+            return _with_scalar(a, b, "conv", replace(other.structure, weight=weight)), "fusion.scalar"
         if other.kind == "matrix":
-            return _with_scalar(a, b, "matrix", MatrixStructure(matrix=other.structure.matrix.double() * scalar))
-        return None
+            structure = MatrixStructure(matrix=other.structure.matrix.double() * scalar)
+            return _with_scalar(a, b, "matrix", structure), "fusion.scalar"
+        return None, ""
     if not _aligned(a, b):
-        return None
+        return None, ""
     for conv, scale, before in ((b, sa, True), (a, sb, False)):
         if conv.kind == "conv" and scale is not None:
             weight = _scaled_weight(conv, scale, before)
             if weight is not None:
-                return _joined(a, b, "conv", replace(conv.structure, weight=weight))
+                return _joined(a, b, "conv", replace(conv.structure, weight=weight)), "fusion.conv-scale"
     for mat, scale, before in ((b, sa, True), (a, sb, False)):
         if mat.kind == "matrix" and isinstance(scale, torch.Tensor):
             weight = _scaled_matrix(mat.structure.matrix, scale, before)
             if weight is not None:
-                return _joined(a, b, "matrix", MatrixStructure(matrix=weight))
+                return _joined(a, b, "matrix", MatrixStructure(matrix=weight)), "fusion.matrix-scale"
     if a.kind == "matrix" and b.kind == "matrix":
         product = b.structure.matrix.double() @ a.structure.matrix.double()
-        return _joined(a, b, "matrix", MatrixStructure(matrix=product))
-    return None
+        return _joined(a, b, "matrix", MatrixStructure(matrix=product)), "fusion.matrix-product"
+    return None, ""
 
 
 def _scaled_matrix(matrix: torch.Tensor, scale: torch.Tensor, before: bool) -> torch.Tensor | None:

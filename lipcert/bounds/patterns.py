@@ -18,6 +18,7 @@ from lipcert.bounds.fusion import core as core_shapes
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.spectral import mul_up
 from lipcert.bounds.steps import Context, Part, Step, repetitions
+from lipcert.bounds.thresholds import current, record
 from lipcert.graph.core import Node
 from lipcert.graph.linop import LinearOperator, NonnegativeStructure, ScalarStructure, from_function
 from lipcert.graph.ops import REGISTRY
@@ -385,8 +386,9 @@ def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator,
     return composed, parts
 
 
-#: above this many entries an SLL block's operators are not materialised as matrices
-SLL_DENSE_LIMIT = 2 ** 24
+#: how an SLL block's condition was checked (``thresholds.record``); above ``thresholds.current().sll_dense_entries``
+#: entries an operator is not materialised as a matrix
+BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense")
 
 
 @dataclass
@@ -433,6 +435,7 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
             return None
         s, residual = fit
         bound = lambda m: spectral.matrix_upper_bound(m)  # noqa: E731
+        record("sll.matrices")
         return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "matrices")
     if a.kind != "conv":
         return None
@@ -452,13 +455,14 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     def bound(op: LinearOperator, weight: torch.Tensor) -> float:
         return spectral.conv_upper_bound(replace(op, structure=replace(op.structure, weight=weight)))
 
+    record("sll.convolutions")
     return SllCheck(bound(b, s.sqrt().reshape(view) * wb), bound(b, wb), bound(a, residual.reshape(wa.shape)),
                     "convolutions, by DFT")
 
 
 def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     """The SLL quantities from the explicit matrices, for small operators of any structure."""
-    if max(a.in_numel * a.out_numel, b.in_numel * b.out_numel) > SLL_DENSE_LIMIT:
+    if max(a.in_numel * a.out_numel, b.in_numel * b.out_numel) > current().sll_dense_entries:
         return None
     ma, mb = a.to_dense(), b.to_dense()
     fit = _diagonal_fit(ma.T, mb)
@@ -466,6 +470,7 @@ def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
         return None
     s, residual = fit
     bound = spectral.matrix_upper_bound
+    record("sll.dense")
     return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "explicit matrices")
 
 

@@ -17,12 +17,17 @@ from lipcert.bounds.results import DEFAULT_TOL, NO_RULE, LayerResult, status_of
 from lipcert.bounds.rounding import gamma, nonnegative_norm
 from lipcert.bounds.spectral import UpperBound, mul_up, upper_bound
 from lipcert.bounds.steps import Step
+from lipcert.bounds.thresholds import record
 from lipcert.errors import SelfCheckError
 from lipcert.graph.core import Graph
 from lipcert.graph.linop import LinearOperator
 from lipcert.graph.ops import REGISTRY
 from lipcert.model.fold import data_dependent
 from lipcert.progress import StepCallback
+
+#: the branches ``propagate`` records (``thresholds.record``): the power iteration's warm start (the top singular
+#: vector of an SVD, DFT vectors of a circular convolution, none), and a partition profile that beat the plain bound
+BRANCHES = ("propagate.start-svd", "propagate.start-fft", "propagate.start-random", "propagate.partition")
 
 
 def _row_priority(op: str | None) -> int | None:
@@ -110,6 +115,8 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
                 op.structure.loose_in or op.structure.loose_out)
             init = _svd_start(op) if ub.method == "svd" and (plain or op.kind != "matrix") else (
                 _fft_starts(shape) if ub.method.startswith("fft-circular") else None)
+            record("propagate.start-random" if init is None else
+                   "propagate.start-svd" if ub.method == "svd" else "propagate.start-fft")
             pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
             sigma = pi.sigma
             if math.isfinite(ub.value) and sigma > ub.value * (1 + 1e-6) + 1e-12:
@@ -219,6 +226,7 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
                                         lengths)
             rule = step.reason
             if profile is not None and scale_up(profile.top, prop.bounds[profile.base]) < bound:
+                record("propagate.partition")
                 bound = scale_up(profile.top, prop.bounds[profile.base])
                 rule = f"its inputs read disjoint parts of {profile.base}: largest gain {profile.top:.6g} x its bound"
             prop.bounds[step.output] = bound

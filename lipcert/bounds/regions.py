@@ -7,7 +7,7 @@ the region is one linear map A of u, with ||A|| <= the bound propagated through 
 ||I + W|| against 1 + ||W||). ``region_bound`` bounds A by, in order: the dense SVD of A when it is small; the
 DFT bound of one convolution when A is a sum or concatenation of convolutions, identities and scales on one
 grid (their kernels add, aligned by their padding, with zero padding or circular padding alike); else the
-bound propagated through the steps.
+bound propagated through the steps. Which one was used is recorded (``BRANCHES``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import torch
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, upper_bound
 from lipcert.bounds.steps import Context, Step
+from lipcert.bounds.thresholds import record
 from lipcert.graph.linop import ConvStructure, LinearOperator, from_function
 from lipcert.graph.ops import REGISTRY, RunContext
 
 #: combination nodes that are linear in their data inputs (constants are dropped)
 LINEAR_COMBINATIONS = ("Add", "Sub", "Sum", "Mean", "Concat")
+#: how ``region_bound`` bounded a region (``thresholds.record``)
+BRANCHES = ("region.dense", "region.conv", "region.product")
 
 
 def _linear_combination(step: Step) -> bool:
@@ -47,7 +50,8 @@ def merge_regions(ctx: Context, steps: list[Step]) -> list[Step]:
             continue
         region = _grow(ctx, end, producer, readers, taken)
         sources = {v for s in region for v in s.inputs if id(producer.get(v)) not in {id(r) for r in region}}
-        if len(region) < 2 or len(sources) != 1:
+        if len(region) < 2 or len(sources) != 1 or any(ctx.shape(v) is None for s in region
+                                                       for v in (*s.inputs, s.output)):
             continue
         ordered = [s for s in steps if any(s is r for r in region)]
         taken.update(id(s) for s in ordered)
@@ -84,37 +88,51 @@ def _grow(ctx: Context, end: Step, producer: dict[str, Step], readers: dict[str,
 
 
 def _region_step(ctx: Context, region: list[Step]) -> Step:
-    """One linear step for a region: its operator runs the region's steps (constants dropped)."""
+    """One linear step for a region: its operator runs the region's steps (constants dropped). Its details keep
+    the steps (``substeps``), every value's per-sample shape (``shapes``) and how a combination step runs
+    (``combine``)."""
     produced = {s.output for s in region}
     source = next(v for s in region for v in s.inputs if v not in produced)
     end = region[-1]
     nodes = {n.name: n for n in ctx.graph.nodes}
-    in_shape, out_shape = ctx.shape(source), ctx.shape(end.output)
+    values = {source} | {v for s in region for v in (*s.inputs, s.output)}
+    shapes = {v: tuple(ctx.shape(v)) for v in values}
+
+    def combine(s: Step, env: dict[str, torch.Tensor], like: torch.Tensor, absolute: bool) -> torch.Tensor:
+        """A combination step on the values in ``env``, its constants as zeros: the node itself; with
+        ``absolute``, the same map with every sign positive (a sum's inputs added, then broadcast to the node's
+        output shape as its constants broadcast them)."""
+        out = (like.shape[0],) + shapes[s.output]
+        if absolute and s.label != "Concat":
+            total = sum(env[v] for v in s.inputs)
+            return torch.broadcast_to(total / s.details["count"] if s.label == "Mean" else total, out)
+        node = nodes[s.nodes[0]]
+        args = [env[v] if v in env else (None if not v else _zeros(ctx, v, like, len(out))) for v in node.inputs]
+        return REGISTRY[node.op].run(node, args, RunContext(like.dtype))[0]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         env = {source: x}
         for s in region:
             if s.kind == "linear":
                 env[s.output] = s.operator.forward(env[s.inputs[0]])
-                continue
-            node = nodes[s.nodes[0]]
-            args = [env[v] if v in env else (None if not v else _zeros(ctx, v, x)) for v in node.inputs]
-            env[s.output] = REGISTRY[node.op].run(node, args, RunContext(x.dtype))[0]
+            else:
+                env[s.output] = combine(s, env, x, False)
         return env[end.output]
 
-    operator = from_function(forward, in_shape, out_shape, kind="region", name=end.nodes[0])
+    operator = from_function(forward, shapes[source], shapes[end.output], kind="region", name=end.nodes[0])
     return Step("linear", "linear region", [n for s in region for n in s.nodes], [source], end.output,
-                operator=operator, details={"substeps": region})
+                operator=operator, details={"substeps": region, "shapes": shapes, "combine": combine})
 
 
 def absolute_operator(step: Step) -> LinearOperator | None:
     """The region with every matrix replaced by its absolute value (each chain's parts by their |A|, every sum
-    by a sum with positive signs): it bounds, entrywise, what the region's float evaluation can err by."""
+    by a sum with positive signs, broadcast as the node broadcasts): it bounds, entrywise, what the region's
+    float evaluation can err by."""
     substeps = step.details["substeps"]
     if any(s.kind == "linear" and any(p.rounding is None or p.rounding.abs_op is None for p in s.parts)
            for s in substeps):
         return None
-    source, end = step.inputs[0], substeps[-1]
+    source, end, combine = step.inputs[0], substeps[-1], step.details["combine"]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         env = {source: x}
@@ -124,20 +142,22 @@ def absolute_operator(step: Step) -> LinearOperator | None:
                 for part in s.parts:
                     value = part.rounding.abs_op.forward(value)
                 env[s.output] = value
-            elif s.label == "Concat":
-                env[s.output] = torch.cat([env[v] for v in s.inputs], dim=int(s.details.get("axis", 1)))
             else:
-                total = sum(env[v] for v in s.inputs)
-                env[s.output] = total / s.details["count"] if s.label == "Mean" else total
+                env[s.output] = combine(s, env, x, True)
         return env[end.output]
 
     return from_function(forward, step.operator.in_shape, step.operator.out_shape, kind="nonnegative")
 
 
-def _zeros(ctx: Context, value: str, like: torch.Tensor) -> torch.Tensor:
-    """A constant input of a combination, as zeros of its shape: the linear part of the node."""
+def _zeros(ctx: Context, value: str, like: torch.Tensor, rank: int) -> torch.Tensor:
+    """A constant input of a combination, as zeros of its shape: the linear part of the node. A constant with the
+    batch axis (``rank``, the node output's, and a leading 1: an expanded class token, say) gets ``like``'s batch,
+    as a concatenation needs; broadcasting makes that the same for a sum."""
     c = ctx.consts[value]
-    return torch.zeros(c.shape, dtype=like.dtype, device=like.device)
+    shape = tuple(c.shape)
+    if len(shape) == rank and shape[:1] == (1,):
+        shape = (like.shape[0],) + shape[1:]
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 def region_bound(step: Step, bound_of: callable) -> UpperBound:
@@ -145,13 +165,16 @@ def region_bound(step: Step, bound_of: callable) -> UpperBound:
     a linear step's operator (its ``UpperBound``)."""
     whole = upper_bound(step.operator)  # the dense SVD when small; else inf (kind "region")
     if math.isfinite(whole.value):
+        record("region.dense")
         return whole
     conv = as_conv(step)
     if conv is not None:
         value = conv_upper_bound(conv)
         if math.isfinite(value):
+            record("region.conv")
             return UpperBound(value, "fft-circular (region)" if conv.structure.circular
                               else "fft-embedding (region)", False)
+    record("region.product")
     return UpperBound(_propagated(step, bound_of), "product(region steps)", False)
 
 
@@ -185,10 +208,16 @@ class _Kernel:
 
 def as_conv(step: Step) -> LinearOperator | None:
     """The region as one convolution when it is a sum or concatenation of convolutions (stride 1, same grid
-    in and out, each applied to the region's input), identities and scales; None otherwise."""
+    in and out, each applied to the region's input), identities and scales; None otherwise.
+
+    Assumes, and checks for every value, that its form describes it in its own coordinates: a value of shape
+    (c, *grid), the grid of the region's input, is the form's kernel with c output channels applied to the
+    input. A value of any other shape (a reshape, a broadcast, a concatenation with constants) ends the
+    rewrite, so no kernel is ever read against the wrong axes."""
     source = step.inputs[0]
-    shape = step.operator.in_shape
-    if len(shape) < 2:
+    shape = tuple(step.operator.in_shape)
+    shapes = step.details["shapes"]
+    if len(shape) < 2 or shapes.get(source) != shape:
         return None
     channels, grid = shape[0], tuple(shape[1:])
     eye = torch.eye(channels, dtype=torch.float64).reshape((channels, channels) + (1,) * len(grid))
@@ -196,13 +225,16 @@ def as_conv(step: Step) -> LinearOperator | None:
     for s in step.details["substeps"]:
         ins = [forms.get(v) for v in s.inputs]
         if any(f is None for f in ins):
-            forms[s.output] = None
+            form = None
         elif s.kind == "linear":
-            forms[s.output] = _apply(refine(s.operator), ins[0], grid)
+            form = _apply(refine(s.operator), ins[0], grid)
         else:
-            forms[s.output] = _combine(s, ins, grid)
+            form = _combine(s, ins, grid)
+        fits = form is not None and form.weight.shape[1] == channels and \
+            shapes.get(s.output) == (form.weight.shape[0],) + grid
+        forms[s.output] = form if fits else None
     form = forms.get(step.output)
-    if form is None or form.weight.shape[1] != channels or tuple(step.operator.out_shape[1:]) != grid:
+    if form is None or tuple(step.operator.out_shape) != (form.weight.shape[0],) + grid:
         return None
     k = form.weight.shape[2:]
     end = tuple(ki - 1 - b for ki, b in zip(k, form.begin))
@@ -214,42 +246,63 @@ def as_conv(step: Step) -> LinearOperator | None:
     return replace(step.operator, kind="conv", structure=structure)
 
 
-def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel | None:
-    """A linear step on a form: a scale of any form, or a convolution of the region's input itself."""
+def _own_coordinates(op: LinearOperator) -> bool:
+    """Whether ``op``'s structure describes exactly ``op``, in its own shapes (nothing absorbed that moved entries,
+    padded, pooled or reshaped them)."""
     s = op.structure
-    if s.loose_in or s.loose_out or s.inexact or (op.kind == "scalar" and s.norm_only):
+    if s.loose_in or s.loose_out or s.inexact:
+        return False
+    return s.core is None or (tuple(s.core[0]), tuple(s.core[1])) == (tuple(op.in_shape), tuple(op.out_shape))
+
+
+def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel | None:
+    """A linear step on a form: a scale of any form, or a convolution of the region's input itself.
+
+    Assumes: the step maps the form's value, of shape (c, *grid), in its own coordinates (checked here); a scale
+    keeps the shape (per-channel scales only); a convolution has stride 1, dilation 1, one output per input
+    position, and reads c channels (groups expanded to a block-diagonal kernel)."""
+    s = op.structure
+    c = form.weight.shape[0]
+    if not _own_coordinates(op) or tuple(op.in_shape) != (c,) + grid or (op.kind == "scalar" and s.norm_only):
+        return None
+    if op.kind in ("scalar", "diag") and tuple(op.out_shape) != tuple(op.in_shape):
         return None
     if op.kind == "scalar":
         return form.scaled(float(s.value))
     if op.kind == "diag":
         scale = torch.as_tensor(s.scale).double()
-        if scale.dim() == len(grid) + 1 and all(d == 1 for d in scale.shape[1:]) \
-                and scale.shape[0] == form.weight.shape[0]:
+        if scale.dim() == len(grid) + 1 and all(d == 1 for d in scale.shape[1:]) and scale.shape[0] == c:
             return form.scaled(scale.reshape(-1))
         return None
     identity = form.circular is None and all(n == 1 for n in form.weight.shape[2:]) and \
-        torch.equal(form.weight.reshape(form.weight.shape[:2]), torch.eye(form.weight.shape[0], dtype=torch.float64))
+        torch.equal(form.weight.reshape(form.weight.shape[:2]), torch.eye(c, dtype=torch.float64))
     if op.kind != "conv" or not identity or s.transpose or any(v != 1 for v in s.stride) \
             or any(v != 1 for v in s.dilation) or tuple(s.input_spatial) != grid \
             or tuple(op.out_shape[1:]) != grid:
         return None
     w = s.weight.double()
     groups = int(s.groups)
+    c_out, c_in_g = w.shape[:2]
+    if groups < 1 or c_out % groups or c_in_g * groups != c or op.out_shape[0] != c_out \
+            or len(s.pads) != 2 * len(grid):
+        return None
     if groups > 1:  # the block-diagonal kernel of a grouped convolution
-        c_out, c_in_g = w.shape[:2]
-        full = w.new_zeros((c_out, c_in_g * groups) + tuple(w.shape[2:]))
+        full = w.new_zeros((c_out, c) + tuple(w.shape[2:]))
         per = c_out // groups
         for g in range(groups):
             full[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
         w = full
-    nd = len(grid)
-    return _Kernel(w, tuple(int(p) for p in s.pads[:nd]), bool(s.circular))
+    return _Kernel(w, tuple(int(p) for p in s.pads[:len(grid)]), bool(s.circular))
 
 
 def _combine(step: Step, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel | None:
-    """A sum (signs from the node) or a channel concatenation of forms on one grid, kernels aligned."""
+    """A sum (signs from the node) or a channel concatenation of forms on one grid, kernels aligned.
+
+    Assumes: every form reads the same input channels; a Concat joins axis 1 (the channels) and has no constant
+    input (``as_conv`` checks the output's shape); a sum's inputs have one shape (no broadcasting), Sub has two
+    inputs (the first minus the second), and Mean divides by its count of inputs, constants included."""
     circular = {f.circular for f in forms} - {None}
-    if len(circular) > 1:
+    if not forms or len(circular) > 1 or len({f.weight.shape[1] for f in forms}) != 1:
         return None
     begin = tuple(max(f.begin[i] for f in forms) for i in range(len(grid)))
     size = tuple(max(begin[i] - f.begin[i] + f.weight.shape[2 + i] for f in forms) for i in range(len(grid)))
@@ -262,13 +315,15 @@ def _combine(step: Step, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel
         placed.append(w)
     label = step.label
     if label == "Concat":
-        if int(step.details.get("axis", 1)) != 1:
+        if step.details.get("axis") != 1:
             return None
         weight = torch.cat(placed, dim=0)
     else:
-        if any(p.shape != placed[0].shape for p in placed):
+        count = step.details.get("count", 0)
+        if any(p.shape != placed[0].shape for p in placed) or (label == "Sub" and len(placed) != 2) \
+                or (label == "Mean" and count < len(placed)):
             return None  # inputs of different channels would broadcast
         signs = [1.0] + [(-1.0 if label == "Sub" else 1.0)] * (len(placed) - 1)
-        scale = 1.0 / step.details["count"] if label == "Mean" else 1.0
+        scale = 1.0 / count if label == "Mean" else 1.0
         weight = sum(sg * p for sg, p in zip(signs, placed)) * scale
     return _Kernel(weight, begin, next(iter(circular)) if circular else None)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from lipcert.bounds.thresholds import current, record
 from lipcert.graph.linop import LinearOperator
 
 # Unit roundoff of float64 (half the machine epsilon).
@@ -36,11 +37,13 @@ U64 = 2.0 ** -53
 ROUNDING_MARGIN = 1e-9
 ROUNDING_C = 8
 
-# Dense SVD is used only when the explicit matrix has at most this many entries (128 MiB in float64).
-DENSE_MAX_ENTRIES = 2 ** 24
+# The sizes that choose between the dense SVD and the structured bounds, and the chunk of dense construction and
+# DFT evaluation, are ``thresholds.current()``: dense_limit, dense_max_entries, chunk_elems.
 
-# Working-set size (in elements) for chunked dense construction and DFT evaluation.
-_CHUNK_ELEMS = 2 ** 22
+#: the branches ``upper_bound`` records (``thresholds.record``): the method of each bound, and chunked evaluation
+BRANCHES = ("spectral.svd", "spectral.matrix-svd", "spectral.gram", "spectral.fft-circular", "spectral.fft-embedding",
+            "spectral.schur", "spectral.product", "spectral.structural", "spectral.none", "spectral.dense-chunked",
+            "spectral.dft-chunked")
 
 
 @dataclass
@@ -84,7 +87,7 @@ def _largest_singular_value(mat: torch.Tensor) -> float:
 def _dense_ok(op: LinearOperator, dense_limit: int) -> bool:
     """Whether the explicit matrix is small enough for an exact dense SVD."""
     m, n = op.out_numel, op.in_numel
-    return min(m, n) <= dense_limit and m * n <= DENSE_MAX_ENTRIES
+    return min(m, n) <= dense_limit and m * n <= current().dense_max_entries
 
 
 def _dense_norm(op: LinearOperator, device: str | torch.device) -> float:
@@ -93,7 +96,9 @@ def _dense_norm(op: LinearOperator, device: str | torch.device) -> float:
     if op.out_numel < op.in_numel:  # fewer adjoint calls; ||A^T|| = ||A||
         side = LinearOperator(in_shape=op.out_shape, out_shape=op.in_shape, forward=op.adjoint,
                               adjoint=op.forward)
-    chunk = max(1, min(1024, _CHUNK_ELEMS // max(op.in_numel, op.out_numel)))
+    chunk = max(1, min(1024, current().chunk_elems // max(op.in_numel, op.out_numel)))
+    if chunk < side.in_numel:
+        record("spectral.dense-chunked")
     with torch.no_grad():
         mat = side.to_dense(dtype=torch.float64, device=device, chunk=chunk)
     return _largest_singular_value(mat)
@@ -106,6 +111,7 @@ def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
     weight (exact); for a chain each entry carries O(depth * fan-in * u) relative rounding, which the margin
     (at least 1e-9, i.e. ~10^7 u) is meant to absorb.
     """
+    record("spectral.svd")
     return UpperBound(_inflate(_dense_norm(op, device), op.in_numel * op.out_numel), "svd", True)
 
 
@@ -150,7 +156,7 @@ def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
 
 def matrix_upper_bound(m: torch.Tensor) -> float:
     """A proven upper bound on ||M||_2 for a dense matrix (exact SVD when small, else Gram iteration)."""
-    return _matrix_bound(m, 4096, "cpu").value
+    return _matrix_bound(m, current().dense_limit, "cpu").value
 
 
 def conv_upper_bound(op: LinearOperator) -> float:
@@ -164,7 +170,9 @@ def _matrix_bound(m: torch.Tensor, dense_limit: int, device: str | torch.device)
     """||M||_2 for an operator applying M along the last axis: exact SVD when small, else Gram iteration."""
     m = m.detach().to(device=device, dtype=torch.float64)
     if min(m.shape) <= dense_limit:
+        record("spectral.matrix-svd")
         return UpperBound(_inflate(_largest_singular_value(m), m.numel()), "svd", True)
+    record("spectral.gram")
     return UpperBound(gram_norm_bound(m), "gram", False)
 
 
@@ -198,7 +206,9 @@ def _circular_norm(weight: torch.Tensor, grid: Sequence[int], dilation: Sequence
                                      indexing="ij"), dim=-1).reshape(taps, nd)
     half = grid[:-1] + (grid[-1] // 2 + 1,)
     n_freq = math.prod(half)
-    chunk = max(1, _CHUNK_ELEMS // (kw.numel() // taps + taps))
+    chunk = max(1, current().chunk_elems // (kw.numel() // taps + taps))
+    if chunk < n_freq:
+        record("spectral.dft-chunked")
     best = 0.0
     for start in range(0, n_freq, chunk):
         idx = torch.unravel_index(torch.arange(start, min(n_freq, start + chunk), device=device), half)
@@ -252,6 +262,18 @@ def _polyphase_kernel(weight: torch.Tensor, factor: Sequence[int], dilation: Seq
     return out.reshape(c_out, c_in_g * math.prod(factor), *lengths)
 
 
+def _conv_shapes_match(op: LinearOperator, w: torch.Tensor, n: tuple[int, ...], outputs: tuple[int, ...],
+                       groups: int, transpose: bool) -> bool:
+    """Whether the convolution the structure states maps exactly the shapes it describes (its ``core``, else the
+    operator's): (c_in, *input_spatial) to (c_out, *outputs); for a transposed one, the output's channels and rank
+    (its extra positions are zero rows or crops). A kernel read against other shapes bounds another map."""
+    c_in, c_out = op.structure.core or (tuple(op.in_shape), tuple(op.out_shape))
+    channels_in, channels_out = (w.shape[0], w.shape[1] * groups) if transpose else (w.shape[1] * groups, w.shape[0])
+    if groups < 1 or w.shape[0] % groups or tuple(c_in) != (channels_in, *n) or len(c_out) != len(n) + 1:
+        return False
+    return c_out[0] == channels_out and (transpose or tuple(c_out[1:]) == outputs)
+
+
 def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | None:
     """DFT bound for a ``kind="conv"`` operator (its ``ConvStructure``), or None if it is outside what is handled.
 
@@ -291,12 +313,13 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
     k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dil, w.shape[2:]))
     outputs = n if transpose else tuple((ni + b + e - ke) // si + 1
                                         for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, stride))
-    if min(outputs) < 1:
+    if min(outputs) < 1 or not _conv_shapes_match(op, w, n, outputs, groups, transpose):
         return None
     if not circular:
         kernel = _polyphase_kernel(w, stride, dil)
         reach = tuple(si * (mi - 1) + ke for si, mi, ke in zip(stride, outputs, k_eff))
         grid = tuple(max(-(-li // si), a) for li, si, a in zip(reach, stride, kernel.shape[2:]))
+        record("spectral.fft-embedding")
         return UpperBound(_circular_upper(kernel, grid, groups, device), "fft-embedding", False)
     factor = tuple(si if ni % si == 0 else 1 for ni, si in zip(n, stride))
     mult, exact = 1, True
@@ -306,6 +329,7 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
         exact = exact and len(rows) == ni // f and max(rows.values()) == 1
     kernel = _polyphase_kernel(w, factor, dil)
     value = _circular_upper(kernel, tuple(ni // f for ni, f in zip(n, factor)), groups, device)
+    record("spectral.fft-circular")
     return UpperBound(mul_up(value, math.sqrt(mult)), "fft-circular", exact)
 
 
@@ -319,12 +343,14 @@ def _schur_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
         cols = op.adjoint(torch.ones(1, *op.out_shape, dtype=torch.float64, device=device))
     # Sums of non-negative terms: relative error <= gamma_n, covered by the margin with n = in + out.
     value = math.sqrt(max(float(rows.max()), 0.0) * max(float(cols.max()), 0.0))
+    record("spectral.schur")
     return UpperBound(_inflate(value, op.in_numel + op.out_numel), "schur", False)
 
 
 def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
                    dense_limit: int) -> UpperBound:
     """||A_k ... A_1|| <= prod ||A_i||, each factor bounded on its own, the product rounded upwards."""
+    record("spectral.product")
     bounds = [upper_bound(p, device=device, dense_limit=dense_limit) for p in parts]
     value = 1.0
     for b in bounds:
@@ -333,15 +359,17 @@ def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
 
 
 def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
-                dense_limit: int = 4096) -> UpperBound:
+                dense_limit: int | None = None) -> UpperBound:
     """A proven upper bound on ||op||_2, by the tightest method available for ``op.kind``.
 
     Methods: scalar |c| and diag max|scale| (exact); isometry 1 (exact) and projection 1 (a bound), both
     "structural"; matrix: SVD of M, or Gram iteration when min(M.shape) > dense_limit; any other operator
-    whose explicit matrix is small (min(in, out) <= dense_limit and in * out <= 2^24) gets an exact dense SVD;
-    otherwise conv: DFT ("fft-circular" / "fft-embedding"), nonnegative: Schur test, chain: product of the
-    parts' bounds, anything else: inf ("none").
+    whose explicit matrix is small (min(in, out) <= dense_limit and in * out <= dense_max_entries) gets an exact
+    dense SVD; otherwise conv: DFT ("fft-circular" / "fft-embedding"), nonnegative: Schur test, chain: product
+    of the parts' bounds, anything else: inf ("none"). ``dense_limit`` None: ``thresholds.current()``'s.
     """
+    if dense_limit is None:
+        dense_limit = current().dense_limit
     if op.kind not in ("scalar", "diag", "isometry", "projection", "matrix") and _dense_ok(op, dense_limit):
         return _svd_bound(op, device)  # the operator itself, whatever its structure says
     bound = _dispatch(op, device, dense_limit)
@@ -354,6 +382,8 @@ def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) 
     """The bound of ``upper_bound`` by the method for ``op.kind``, before exactness is settled."""
     kind, s = op.kind, op.structure
     # scalars and scales may be float64 products of merged factors: one rounding, covered by one ulp up
+    if kind in ("scalar", "diag", "isometry", "projection"):
+        record("spectral.structural")
     if kind == "scalar":
         return UpperBound(math.nextafter(abs(float(s.value)), math.inf), "structural", True)
     if kind == "diag":
@@ -374,4 +404,5 @@ def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) 
         return _schur_bound(op, device)
     if kind == "chain":
         return _product_bound(s.parts, device, dense_limit)
+    record("spectral.none")
     return UpperBound(math.inf, "none", False)

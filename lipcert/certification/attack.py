@@ -1,8 +1,9 @@
 """PGD attacks beside every certificate: empirical robustness, and a hard failure on any contradiction.
 
-Standard PGD (Madry et al. 2018) with a margin loss (largest other logit minus the true logit), a random
-start in the eps-ball, steps of alpha = 2.5 eps / steps along the normalised gradient (L2) or its sign
-(L-infinity), projection onto the ball and onto the valid input box [0, 1], restarts in the batch dimension,
+Standard PGD (Madry et al. 2018) with a margin loss (largest other logit minus the true logit; for a model with
+one logit s, a binary classifier, s for label 0 and -s for label 1), a random start in the eps-ball, steps of
+alpha = 2.5 eps / steps along the normalised gradient (L2) or its sign (L-infinity), projection onto the ball
+(the float point itself inside it) and onto the valid input box [0, 1], restarts in the batch dimension,
 and the best example kept. Only points still unbroken are attacked, in increasing eps (a point broken at
 eps_i is broken for every larger eps), and a point stops being attacked at the step it falls. Every adversarial
 example is checked by a fresh forward pass before it counts; a certified point that the attack flips within its
@@ -117,20 +118,54 @@ def _shape(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    """The class of each row of logits: the argmax, or for one logit s (a binary model) 1 when s > 0."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+
+
+def class_logit(logits: torch.Tensor, cls: int) -> float:
+    """The logit of class ``cls`` in one row; a binary model's one logit s reads as the two logits (0, s), which
+    ``predict`` and ``margin_loss`` agree with."""
+    if logits.shape[-1] == 1:
+        return float(logits[0]) if cls == 1 else 0.0
+    return float(logits[cls])
+
+
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """max_{j != y} z_j - z_y: positive exactly when the point is misclassified."""
+    """max_{j != y} z_j - z_y, positive only when the point is misclassified (0 at a tie). For one logit s (a
+    binary model): -s for label 1 and s for label 0, so that PGD pushes s across 0, towards the other class."""
+    if logits.shape[1] == 1:
+        s = logits[:, 0]
+        return torch.where(y == 1, -s, s)
     true = logits.gather(1, y[:, None])[:, 0]
     others = logits.scatter(1, y[:, None], -math.inf)
     return others.amax(dim=1) - true
 
 
+#: times a projection pulls back the rows that rounding carried past eps (each time twice as far)
+PROJECTION_TRIES = 4
+
+
 def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, cfg: AttackConfig) -> torch.Tensor:
-    if cfg.norm == "l2":
-        n = _norms(delta, "l2")
-        delta = delta * _shape(torch.clamp(eps / n.clamp_min(1e-12), max=1.0), delta)
-    else:
-        delta = delta.clamp(-eps, eps)
-    return (x + delta).clamp(cfg.lower, cfg.upper) - x
+    """``delta`` projected onto the eps-ball and the box, such that the float point x + delta itself lies within eps
+    of x: rounding x + delta can carry a point on the sphere past eps (by up to half an ulp of x per entry, much
+    more than eps x 1e-6 at small radii), and the final check would then refuse it. Such rows are pulled back
+    inside by a bound on that rounding."""
+    for attempt in range(PROJECTION_TRIES):
+        if cfg.norm == "l2":
+            n = _norms(delta, "l2")
+            delta = delta * _shape(torch.clamp(eps / n.clamp_min(1e-12), max=1.0), delta)
+        else:
+            delta = delta.clamp(-eps, eps)
+        out = (x + delta).clamp(cfg.lower, cfg.upper) - x
+        size = _norms(out, cfg.norm)
+        over = size > eps
+        if not bool(over.any()):
+            break
+        rounding = _norms(torch.finfo(out.dtype).eps * (x.abs() + out.abs()), cfg.norm) * 2 ** attempt
+        scale = ((eps - rounding) / size.clamp_min(1e-30)).clamp_min(0.0)
+        delta = out * _shape(torch.where(over, scale, torch.ones_like(scale)), out)
+    return out
 
 
 def _random_start(x: torch.Tensor, eps: float, cfg: AttackConfig, gen: torch.Generator) -> torch.Tensor:
@@ -185,7 +220,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
         pick = best_loss.reshape(cfg.restarts, n).argmax(dim=0)
         chosen = best.reshape(cfg.restarts, n, *x.shape[1:])[pick, torch.arange(n, device=x.device)]
         fresh = model(chosen)
-        found = (fresh.argmax(dim=1) != y) & (_norms(chosen - x, cfg.norm) <= eps * (1 + 1e-6))
+        found = (predict(fresh) != y) & (_norms(chosen - x, cfg.norm) <= eps * (1 + 1e-6))
     return chosen.detach(), found
 
 
@@ -260,21 +295,24 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         for j, i in enumerate(hit.tolist()):
             if radii[i] > dist[j]:
                 label = int(y[i])
-                cls = int(adv_logits[j].argmax())
+                cls = int(predict(adv_logits[j:j + 1])[0])
                 violations.append(Violation(offset + i, label, float(radii[i]), value, float(dist[j]), cls,
-                                            float(adv_logits[j, label]), float(adv_logits[j, cls])))
+                                            class_logit(adv_logits[j], label), class_logit(adv_logits[j], cls)))
     share.reach(1.0)
     return BatchAttack(attack_radius, broken_at, violations)
 
 
 def summarize_attack(cfg: AttackConfig, eps: Sequence[tuple[str, float]], attack_radius: torch.Tensor,
-                     broken_at: torch.Tensor, violations: list[Violation], seconds: float) -> AttackSummary:
-    """Per-eps empirical robust accuracy over all samples (robust: correct and unbroken up to eps)."""
+                     broken_at: torch.Tensor, violations: list[Violation], seconds: float,
+                     binary: bool = False) -> AttackSummary:
+    """Per-eps empirical robust accuracy over all samples (robust: correct and unbroken up to eps); ``binary``
+    names the one-logit loss in the method."""
     total = int(broken_at.numel())
     per_eps = [{"eps": value, "label": label,
                 "robust_accuracy": float((broken_at > value).double().mean()) if total else 0.0,
                 "broken": int(((broken_at <= value) & (broken_at > 0)).sum())} for label, value in eps]
-    method = f"PGD-{'L2' if _ball(cfg).norm == 'l2' else 'Linf'}, margin loss, random start"
+    loss = "one-logit margin loss (s for label 0, -s for label 1)" if binary else "margin loss"
+    method = f"PGD-{'L2' if _ball(cfg).norm == 'l2' else 'Linf'}, {loss}, random start"
     return AttackSummary(method, cfg.steps, cfg.restarts, f"alpha = {STEP_FACTOR} * eps / steps", cfg.seed, per_eps,
                          sorted(violations, key=lambda v: v.index), attack_radius, seconds)
 

@@ -17,12 +17,15 @@ import torch
 
 from lipcert.bounds.rounding import Affine
 from lipcert.certification.radii import Certificates, CertificateSetup, certificates_from_logits, pair_norms
-from lipcert.data import Batch, Dataset, read_batches
+from lipcert.data import Batch, Dataset, Labels, read_batches
 from lipcert.errors import DataError, ModelError
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule, full_precision, in_fixed_batches
+from lipcert.model.crosscheck import CrossCheck, check_points, ort_session, unit_directions, with_outputs
 
 PREFETCH = 2
+#: samples of a run's data (and points on their certified balls) compared with onnxruntime value by value
+CROSSCHECK_SAMPLES = 8
 T = TypeVar("T")
 
 
@@ -85,8 +88,6 @@ class Runner:
         if backend == "torch":
             self.module = GraphModule(graph).to(device).eval()
         else:
-            from lipcert.model.crosscheck import ort_session, with_outputs
-
             model = graph.onnx_model
             produced = {o for node in model.graph.node for o in node.output} | {graph.input_name}
             if not self.measure <= produced:
@@ -172,7 +173,10 @@ class Engine:
                       if setup.head_weight is not None else None)
         self.measure = setup.error_plan.needed if setup.error_plan is not None else ()
         self.runner: Runner | None = None
-        self.seconds = 0.0
+        #: whether the executor was compared with onnxruntime on this run's data (``check_against_runtime``)
+        self.checked = graph.onnx_model is None
+        self.crosscheck: CrossCheck | None = None
+        self.seconds = self.crosscheck_seconds = 0.0
         self._attack_module: GraphModule | None = None
 
     @property
@@ -186,16 +190,17 @@ class Engine:
 
     def batches(self, dataset: Dataset, batch_size: int, first: int = 0, last: int | None = None, *,
                 skip_bad_samples: bool = False,
-                num_classes: int | None = None) -> Iterator[tuple[int, torch.Tensor, Batch, Certificates]]:
+                labels: Labels | None = None) -> Iterator[tuple[int, torch.Tensor, Batch, Certificates]]:
         """(batch index, x on the device, the batch read, certificates) for batches [first, last) of ``dataset``.
 
-        ``skip_bad_samples`` leaves out bad samples (see ``read_batches``); a batch may then hold none.
+        ``skip_bad_samples`` leaves out bad samples (see ``read_batches``); a batch may then hold none. ``labels``
+        (from ``check_fits``) turns the labels into class indices.
         """
         stop = None if last is None else last * batch_size
         pin = self.device.startswith("cuda")
         index = first
         for batch in _prefetch(read_batches(dataset, batch_size, first * batch_size, stop,
-                                            skip_bad_samples=skip_bad_samples, num_classes=num_classes)):
+                                            skip_bad_samples=skip_bad_samples, labels=labels)):
             xb, yb = batch.x, batch.y
             x = torch.from_numpy(xb)
             if not len(yb):
@@ -220,8 +225,30 @@ class Engine:
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - began
+            if not self.checked:
+                began = time.perf_counter()
+                self.check_against_runtime(x, cert.radius)
+                self.crosscheck_seconds = time.perf_counter() - began
             yield index, x, batch, cert
             index += 1
+
+    def check_against_runtime(self, x: torch.Tensor, radius: torch.Tensor, samples: int = CROSSCHECK_SAMPLES,
+                              seed: int = 0) -> None:
+        """Compare lipcert's executor with onnxruntime, node by node (``crosscheck.check_points``), at the first
+        samples of the run's data and at a point on each one's certified ball (at radius 1 where none is
+        certified): the certificates are about lipcert's executor, so a mismatch stops the run (ModelError)."""
+        x = x[:samples].detach().float().cpu()
+        r = radius[:samples].detach().double().cpu()
+        r = torch.where(torch.isfinite(r) & (r > 0), r, torch.ones_like(r)).float()
+        ball = x + r.reshape((-1,) + (1,) * (x.dim() - 1)) * unit_directions(tuple(x.shape),
+                                                                            torch.Generator().manual_seed(seed))
+
+        def model_input(points: torch.Tensor) -> torch.Tensor:
+            return points if self.mean is None else (points - self.mean) / self.std
+
+        self.crosscheck = check_points(self.graph, [("the data's first samples", model_input(x)),
+                                                    ("points on their certified balls", model_input(ball))])
+        self.checked = True
 
     def error(self, x_norm: torch.Tensor, norms: dict[str, torch.Tensor] | None) -> Affine:
         """The float error allowance of each sample of a batch: base (per sample, at the sample itself) +

@@ -23,6 +23,11 @@ import torch
 
 SQRT2 = math.sqrt(2.0)
 
+#: the certificate rules, as ``bound.rule`` in the report states them
+SQRT2_RULE = "sqrt(2) margin"
+PER_PAIR_RULE = "per-pair (last dense layer) and sqrt(2), the larger"
+BINARY_RULE = "binary |s| / L (one logit s, class 1 when s > 0)"
+
 
 @dataclass(frozen=True)
 class CertificateSetup:

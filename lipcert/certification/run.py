@@ -34,7 +34,7 @@ from lipcert.certification.engine import Engine
 from lipcert.certification.options import CertifyOptions
 from lipcert.certification.radii import Certificates, accuracy_curve, certified_accuracy
 from lipcert.certification.setup import BoundInfo, certificate_setup
-from lipcert.data import Batch, Dataset, check_fits, open_dataset
+from lipcert.data import Batch, Dataset, Labels, check_fits, open_dataset
 from lipcert.errors import DataError, LipcertError
 from lipcert.graph.core import Graph
 from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps, phase
@@ -45,18 +45,16 @@ from lipcert.report.model import EpsResult, Report, SampleTable, sha256_file
 CHUNK = 64
 
 
-def _classes(model: Graph) -> int:
-    """How many classes the model's labels may name (a one-logit binary model has two)."""
-    return max(2, model.value_shapes.get(model.output, (0,))[-1])
-
-
-def _open(model: Graph, data: str | Path | Dataset, opts: CertifyOptions) -> Dataset:
+def _open(model: Graph, data: str | Path | Dataset, opts: CertifyOptions) -> tuple[Dataset, Labels]:
+    """The dataset, checked against the model, and how its labels name the model's classes (a model with one
+    output, whatever its shape, is a binary classifier: two classes)."""
     dataset = data if not isinstance(data, (str, Path)) else open_dataset(
         data, layout=opts.layout, value_range=opts.value_range, max_elements=opts.max_elements,
         skip_bad_samples=opts.skip_bad_samples, workers=opts.workers)
-    check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=_classes(model),
-               skip_bad_samples=opts.skip_bad_samples)
-    return dataset
+    outputs = math.prod(model.value_shapes.get(model.output, (2,)))
+    labels = check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, outputs),
+                        binary=outputs == 1, skip_bad_samples=opts.skip_bad_samples)
+    return dataset, labels
 
 
 def chunk_size(batch_size: int, fixed_batch: int | None, device: str) -> int:
@@ -147,7 +145,7 @@ def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | 
     progress = progress or Progress()
     with joined(world, opts.run_device()) as device:
         with phase(progress, READING):
-            dataset = _open(model, data, opts)
+            dataset, labels = _open(model, data, opts)
         t_bound = time.perf_counter()
         with phase(progress, BOUND):
             steps = Steps(progress)
@@ -175,7 +173,7 @@ def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | 
             for name in counted:
                 progress.start(name, my_samples, read_back)
             attack_seconds, computed = 0.0, 0
-            for index, result, seconds in _run_batches(engine, dataset, model, opts, batch_size,
+            for index, result, seconds in _run_batches(engine, dataset, labels, model, opts, batch_size,
                                                        first + len(stored), last, progress):
                 stored[index] = result
                 attack_seconds += seconds
@@ -185,14 +183,16 @@ def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | 
             for name in counted:
                 progress.end(name)
             parts = [p for shard_parts in gather([stored[i] for i in range(first, last)], world) for p in shard_parts]
-            timing = gather({"inference": engine.seconds, "attack": attack_seconds, "computed": computed}, world)
+            timing = gather({"inference": engine.seconds, "attack": attack_seconds, "computed": computed,
+                             "crosscheck": engine.crosscheck_seconds}, world)
             if not world.is_main:
                 return None
             merged = _merge(parts, opts, engine.backend, dataset)
     timings = {"bound": bound_seconds, "inference": sum(t["inference"] for t in timing),
+               "crosscheck": max(t["crosscheck"] for t in timing),
                "attack": sum(t["attack"] for t in timing), "computed": sum(t["computed"] for t in timing),
                "total": time.perf_counter() - started, "processes": world.size}
-    report = _build_report(model, dataset, opts, device, batch_size, info, merged, timings)
+    report = _build_report(model, dataset, labels, opts, device, batch_size, info, merged, timings)
     report.gates = [g.to_dict() for g in report_gates(
         report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
         max_violations=opts.max_violations, max_lipschitz=opts.max_lipschitz, baseline=opts.baseline_report,
@@ -233,14 +233,14 @@ def _resume(ckpt: Checkpoint | None, first: int, last: int) -> dict[int, BatchRe
     return stored
 
 
-def _run_batches(engine: Engine, dataset: Dataset, model: Graph, opts: CertifyOptions, batch_size: int,
-                 begin: int, last: int, progress: Progress) -> Iterator[tuple[int, BatchResult, float]]:
+def _run_batches(engine: Engine, dataset: Dataset, labels: Labels, model: Graph, opts: CertifyOptions,
+                 batch_size: int, begin: int, last: int, progress: Progress) -> Iterator[tuple[int, BatchResult, float]]:
     """Certify, and attack, batches [begin, last): (batch index, its results, the seconds its attack took)."""
     cfg = opts.attack_config
     scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
     chunk = chunk_size(batch_size, model.fixed_batch, engine.device)
     for index, x, batch, cert in _in_chunks(engine, dataset, batch_size, chunk, begin, last, progress,
-                                            skip_bad_samples=opts.skip_bad_samples, num_classes=_classes(model)):
+                                            skip_bad_samples=opts.skip_bad_samples, labels=labels):
         result = BatchResult(batch.y.astype(np.int64), cert.prediction.cpu().numpy(), cert.margin.cpu().numpy(),
                              (cert.radius * scale).cpu().numpy(), engine.backend,
                              batch.indices if opts.skip_bad_samples else None,
@@ -283,8 +283,8 @@ def _merge(parts: list[BatchResult], opts: CertifyOptions, backend: str, dataset
     return merged
 
 
-def _build_report(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, batch_size: int,
-                  info: BoundInfo, merged: BatchResult, timings: dict[str, float]) -> Report:
+def _build_report(model: Graph, dataset: Dataset, classes: Labels, opts: CertifyOptions, device: str,
+                  batch_size: int, info: BoundInfo, merged: BatchResult, timings: dict[str, float]) -> Report:
     """The report of a run: accuracies per eps, the curve, the claim, the attack's part, notes and timings."""
     labels = torch.from_numpy(merged.labels)
     predictions = torch.from_numpy(merged.predictions)
@@ -312,6 +312,8 @@ def _build_report(model: Graph, dataset: Dataset, opts: CertifyOptions, device: 
     if not math.isfinite(info.value):
         notes.append("lipcert could not bound the model's Lipschitz constant (an operator has no rule): "
                      "nothing is certified; run lipcert verify for details")
+    if classes.note:
+        notes.append(classes.note)
     if opts.norm == "linf":
         notes.append(f"L-infinity radii are the L2 radii divided by sqrt({input_dim}) (||d||_2 <= sqrt(d) ||d||_inf)")
     if merged.skipped:
@@ -321,7 +323,8 @@ def _build_report(model: Graph, dataset: Dataset, opts: CertifyOptions, device: 
     attack_part, columns = None, {}
     if opts.attack_config is not None:
         summary = summarize_attack(opts.attack_config, opts.radii, torch.from_numpy(merged.attack_radius),
-                                   torch.from_numpy(merged.broken_at), merged.violations, timings["attack"])
+                                   torch.from_numpy(merged.broken_at), merged.violations, timings["attack"],
+                                   binary=classes.binary)
         attack_part = attack_report(summary, radii, correct, results)
         columns["attack_radius"] = summary.attack_radius
         if summary.violations:
@@ -339,7 +342,8 @@ def _build_report(model: Graph, dataset: Dataset, opts: CertifyOptions, device: 
         bound={**info.__dict__, **claim}, clean_accuracy=float(correct.double().mean()) if count else 0.0,
         eps=results, curve=accuracy_curve(radii, correct),
         timings={"bound_seconds": timings["bound"], "inference_seconds": inference,
-                 "attack_seconds": timings["attack"], "total_seconds": total,
+                 "attack_seconds": timings["attack"], "crosscheck_seconds": timings["crosscheck"],
+                 "total_seconds": total,
                  "images_per_second": computed / total if total > 0 else 0.0,
                  "inference_images_per_second": computed / inference if inference > 0 else 0.0,
                  "samples_read_back": count - computed, "processes": timings["processes"]},
@@ -373,19 +377,19 @@ def attack(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | f
     opts.check_model(model)
     cfg = opts.attack_config
     device = opts.run_device()
-    dataset = _open(model, data, opts)
+    dataset, labels = _open(model, data, opts)
     setup, _ = certificate_setup(model, device=device, mean=mean, std=std)
     engine = Engine(model, setup, device=device, backend="torch", mean=mean, std=std)
     batch_size = engine.batch_size(opts.batch_size_on(device))
     started = time.perf_counter()
     parts: list[BatchAttack] = []
-    for index, x, batch, cert in engine.batches(dataset, batch_size):
+    for index, x, batch, cert in engine.batches(dataset, batch_size, labels=labels):
         parts.append(attack_batch(engine.attack_model(), x, torch.from_numpy(batch.y).long().to(x.device),
                                   cert.prediction, torch.zeros(len(batch.y)), index * batch_size, opts.radii, cfg,
                                   batch_generator(cfg.seed, index)))
     return summarize_attack(cfg, opts.radii, torch.cat([p.attack_radius for p in parts]),
                             torch.cat([p.broken_at for p in parts]), [v for p in parts for v in p.violations],
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, binary=labels.binary)
 
 
 def _histogram(values: torch.Tensor, bins: int = 30) -> dict:

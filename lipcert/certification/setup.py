@@ -14,7 +14,7 @@ from lipcert.bounds.propagate import check_network, propagate
 from lipcert.bounds.rounding import gamma
 from lipcert.bounds.rounding import plan as error_plan
 from lipcert.bounds.steps import Step
-from lipcert.certification.radii import CertificateSetup
+from lipcert.certification.radii import BINARY_RULE, PER_PAIR_RULE, SQRT2_RULE, CertificateSetup
 from lipcert.errors import ConfigError
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
@@ -94,15 +94,15 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
               else "computed sound upper bound (lipcert verify)")
     head_weight, head_lip, row_error = None, None, None
     last = prop.steps[-1] if prop.steps else None
-    if declared is None and last is not None and last.kind == "linear" and last.output == graph.output:
+    binary = math.prod(graph.value_shapes.get(graph.output, (2,))) == 1
+    if declared is None and not binary and last is not None and last.kind == "linear" \
+            and last.output == graph.output:
         head = head_rows(last)
         if head is not None:
             (head_weight, row_error), head_lip = head, prop.bounds.get(last.inputs[0], math.inf) * factor
     errors = error_plan(graph, prop.steps, prop.bounds, dtype=dtype, mean=mean, std=std)
     error = errors.evaluate()
-    rule = "per-pair (last dense layer) and sqrt(2), the larger" if head_weight is not None else "sqrt(2) margin"
-    if math.prod(graph.value_shapes.get(graph.output, (2,))) == 1:
-        rule = "binary |z| / L"
+    rule = BINARY_RULE if binary else PER_PAIR_RULE if head_weight is not None else SQRT2_RULE
     setup = CertificateSetup(lipschitz=value * factor, head_lipschitz=head_lip, head_weight=head_weight,
                              head_row_error=row_error, error_base=error.base, error_slope=error.slope,
                              error_plan=errors)

@@ -24,9 +24,10 @@ from lipcert.data.base import (
     reason,
     value_problems,
 )
+from lipcert.data.labels import BINARY_LABELS, Labels
 from lipcert.errors import DataError
 
-__all__ = ["FORMATS", "Batch", "Dataset", "DatasetInfo", "check_fits", "detect_format", "open_dataset",
+__all__ = ["FORMATS", "Batch", "Dataset", "DatasetInfo", "Labels", "check_fits", "detect_format", "open_dataset",
            "read_batches"]
 
 # name -> (does the path look like this format?, open the path's split); detection tries them in this order.
@@ -80,12 +81,15 @@ def open_dataset(path: str | Path, *, format: str | None = None, layout: str = "
                              max_elements=max_elements, skip_bad_samples=skip_bad_samples)
 
 
-def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int,
-               skip_bad_samples: bool = False) -> None:
-    """Fail unless the dataset is non-empty, has the model's input shape, and every label is a model class.
+def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int, binary: bool = False,
+               skip_bad_samples: bool = False) -> Labels:
+    """Fail unless the dataset is non-empty, has the model's input shape, and every label is a model class; return
+    how the labels name the classes.
 
-    Labels are streamed without reading any images, so the check is cheap even for large datasets. With
-    ``skip_bad_samples`` labels are not checked here: :func:`read_batches` leaves out those that do not fit.
+    ``binary`` is for a model with one output: labels 0 and 1, or -1 and +1 (deel-lip's convention; -1 is class
+    0), whichever the dataset uses, but not a mix of -1 and 0. Labels are streamed without reading any images, so
+    the check is cheap even for large datasets. With ``skip_bad_samples`` labels that name no class are not
+    refused here: :func:`read_batches` leaves them out.
     """
     info = ds.info
     if info.num_samples == 0:
@@ -96,39 +100,82 @@ def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int,
         if info.layout in ("NCHW", "NHWC") and sorted(have) == sorted(want):
             hint = f"; is the layout wrong? (read as {info.layout})"
         raise DataError(f"samples have shape {have} but the model expects {want}{hint}", source=info.path)
+    if binary:
+        return _binary_labels(ds, skip_bad_samples)
+    labels = Labels(num_classes)
     if skip_bad_samples:
-        return
+        return labels
     offset = 0
-    for labels in ds.labels():
-        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    for chunk in ds.labels():
+        bad = np.flatnonzero(labels.bad(chunk))
         if bad.size:
             i = int(bad[0])
-            raise DataError(f"sample {offset + i} has label {int(labels[i])}, but the model has {num_classes} "
-                            f"classes (0..{num_classes - 1})", source=info.path)
-        offset += len(labels)
+            raise DataError(f"sample {offset + i} has {labels.problem(int(chunk[i]))}", source=info.path)
+        offset += len(chunk)
+    return labels
+
+
+def _binary_labels(ds: Dataset, skip_bad_samples: bool) -> Labels:
+    """A one-output model's labels, from one scan of them all: -1 and +1 when there is a -1 and no 0, else 0 and 1.
+
+    A label outside {-1, 0, 1} fails, naming its sample (unless skipped); -1 beside 0 always fails."""
+    first: dict[int, int] = {}  # label -1 or 0 -> the first sample with it
+    other: tuple[int, int] | None = None  # the first sample with another label, and that label
+    offset = 0
+    for chunk, usable in _label_scan(ds, skip_bad_samples):
+        for value in (-1, 0):
+            hit = np.flatnonzero(usable & (chunk == value))
+            if hit.size and value not in first:
+                first[value] = offset + int(hit[0])
+        hit = np.flatnonzero(usable & ((chunk < -1) | (chunk > 1)))
+        if hit.size and other is None:
+            other = (offset + int(hit[0]), int(chunk[hit[0]]))
+        offset += len(chunk)
+    labels = Labels(2, binary=True, plus_minus=-1 in first and 0 not in first)
+    if other is not None and not skip_bad_samples:
+        raise DataError(f"sample {other[0]} has {labels.problem(other[1])}", source=ds.info.path)
+    if -1 in first and 0 in first:
+        raise DataError(f"sample {first[-1]} has label -1 and sample {first[0]} has label 0, but the model has one "
+                        f"output (a binary classifier): {BINARY_LABELS}, not a mix", source=ds.info.path)
+    return labels
+
+
+def _label_scan(ds: Dataset, skip_bad_samples: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every label in chunks, with a mask of the usable ones: with ``skip_bad_samples``, a label of a dataset lipcert
+    opened that is not a whole number is passed over (``read_batches`` leaves its sample out)."""
+    if skip_bad_samples and isinstance(ds, StreamingDataset):
+        yield from ds.label_chunks()
+        return
+    for chunk in ds.labels():
+        yield chunk, np.ones(len(chunk), dtype=bool)
 
 
 def read_batches(ds: Dataset, batch_size: int, start: int = 0, stop: int | None = None, *,
-                 skip_bad_samples: bool = False, num_classes: int | None = None) -> Iterator[Batch]:
-    """The batches of samples [start, stop), each with its samples' dataset indices.
+                 skip_bad_samples: bool = False, labels: Labels | None = None) -> Iterator[Batch]:
+    """The batches of samples [start, stop), each with its samples' dataset indices, and with ``labels`` (what
+    ``check_fits`` returned) the labels as class indices.
 
     Without ``skip_bad_samples`` the first bad sample ends the read with its DataError. With it, a sample that
     cannot be read (a corrupt image), has NaN/Inf or out-of-range pixels, or a label that is not a whole number
-    or not one of ``num_classes`` is left out of its batch and listed in ``Batch.skipped``; faults of a whole
+    or names no class of ``labels`` is left out of its batch and listed in ``Batch.skipped``; faults of a whole
     file still raise. Batch k always covers indices [start + k * batch_size, ...), so every process of a
     sharded run, and a resumed run, skips exactly the same samples.
     """
     if not skip_bad_samples:
         offset = start
         for x, y in ds.batches(batch_size, start, stop):
-            yield Batch(x, y, np.arange(offset, offset + len(y), dtype=np.int64), [])
+            yield Batch(x, y if labels is None else labels.classes(y),
+                        np.arange(offset, offset + len(y), dtype=np.int64), [])
             offset += len(y)
         return
     checked = ds.checked_batches if isinstance(ds, StreamingDataset) else _checked(ds)
     for batch in checked(batch_size, start, stop):
-        bad = np.flatnonzero((batch.y < 0) | (batch.y >= num_classes)) if num_classes is not None else []
-        yield batch.leave_out({int(batch.indices[k]): f"label {int(batch.y[k])}, but the model has {num_classes} "
-                               f"classes (0..{num_classes - 1})" for k in bad})
+        if labels is None:
+            yield batch
+            continue
+        bad = np.flatnonzero(labels.bad(batch.y))
+        batch = batch.leave_out({int(batch.indices[k]): labels.problem(int(batch.y[k])) for k in bad})
+        yield batch._replace(y=labels.classes(batch.y))
 
 
 def _checked(ds: Dataset) -> Callable[[int, int, int | None], Iterator[Batch]]:

@@ -417,6 +417,17 @@ class StreamingDataset:
             batch = Batch(x, y, np.arange(offset, offset + len(y), dtype=np.int64), [])
             yield batch.leave_out({i: reason(error, root) for i, error in errors.items()})
 
+    def label_chunks(self, chunk_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every label as int64 in chunks, with a mask of those that are whole numbers (the others read as 0), for
+        scans that pass over bad labels instead of failing on the first."""
+        offset = 0
+        for y in rechunk(self._source.y_chunks(0, self.info.num_samples, chunk_size), chunk_size):
+            labels, problems = checked_labels(y, offset, self._source.path)
+            whole = np.ones(len(labels), dtype=bool)
+            whole[[i - offset for i in problems]] = False
+            yield labels, whole
+            offset += len(y)
+
     def labels(self, start: int = 0, stop: int | None = None, chunk_size: int = 65536) -> Iterator[np.ndarray]:
         """Yield the int64 labels of samples [start, stop) in chunks of ``chunk_size``, without reading x."""
         start, stop = self._range(start, stop)

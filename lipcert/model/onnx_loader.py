@@ -252,15 +252,17 @@ def _attr_value(attr: onnx.AttributeProto, source: str, max_elements: int | None
     return value
 
 
-def node_from_onnx(proto: onnx.NodeProto, index: int, source: str, max_elements: int | None = None) -> Node:
+def node_from_onnx(proto: onnx.NodeProto, index: int, source: str, max_elements: int | None = None,
+                   opset: int | None = None) -> Node:
     """One ONNX node of a registered operator as a lipcert ``Node``: attributes decoded, and refused when the
-    registry entry does not implement them (``check_attributes``)."""
+    registry entry does not implement them or the operator has no such attribute in ``opset``
+    (``check_attributes``)."""
     where = f"node {proto.name or '#' + str(index)!r} ({proto.op_type})"
     attrs = {a.name: _attr_value(a, source, max_elements, where) for a in proto.attribute}
     node = Node(name=proto.name or f"{proto.op_type}_{index}", op=proto.op_type, inputs=list(proto.input),
                 outputs=list(proto.output), attrs=attrs)
     try:
-        check_attributes(node)
+        check_attributes(node, opset)
     except ModelError as exc:
         raise ModelError(str(exc), source=source) from None
     return node
@@ -452,8 +454,8 @@ def graph_from_onnx(model: onnx.ModelProto, source: str, input_shape: tuple[int,
                    if not _supported(n)]
     if unsupported:
         raise ModelError(f"unsupported operators: {', '.join(unsupported)}", source=source)
-    nodes = [node_from_onnx(n, i, source, max_elements) for i, n in enumerate(g.node)]
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), MAX_OPSET)
+    nodes = [node_from_onnx(n, i, source, max_elements, opset) for i, n in enumerate(g.node)]
     nodes = _legacy_softmax(nodes, opset)
     for node in nodes:
         value = node.attrs.get("value")

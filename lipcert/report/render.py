@@ -185,10 +185,13 @@ def figure(report: Report) -> Any:
     ax.set_xlabel(f"{report.norm.upper()} radius (pixel space)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{Path(report.model['path']).name}: certified accuracy vs radius")
+    ax.set_title(f"{Path(report.model['path']).name}: certified accuracy vs radius", pad=18)
     ax.grid(alpha=0.3)
     legend = ax.legend(loc="lower left")
     fig.tight_layout()
+    box = ax.get_position()  # the rule under the title, in the room its pad leaves
+    fig.text((box.x0 + box.x1) / 2, box.y1 + 0.01, f"certificate rule: {report.bound['rule']}", ha="center",
+             va="bottom", fontsize=8, color="dimgrey")
     _place_labels(fig, ax, labels, [legend])
     return fig
 

@@ -106,9 +106,10 @@ def run_op_level(case) -> Outcome:
                 return Outcome("skipped", f"input {info.name!r} has type {_type_name(array)}, which lipcert's "
                                           "loader does not hold")
             env[info.name] = tensor
+        opset = next(o.version for o in case.model.opset_import if o.domain in DEFAULT_DOMAINS)
         try:
             for i, proto in enumerate(graph.node):
-                node = node_from_onnx(proto, i, case.name)
+                node = node_from_onnx(proto, i, case.name, opset=opset)
                 args = [env[name] if name else None for name in node.inputs]
                 with torch.no_grad():
                     results = REGISTRY[node.op].run(node, args, RunContext(torch.float32))

@@ -20,7 +20,12 @@ value also read elsewhere ("side" values, concatenated into the head's features)
 other output is read elsewhere or whose other output A matches, A != B^T S, unequal parts that broadcast,
 wrong axes, group size 1. Also values that depend on the batch size (Shape of the input used as a factor),
 constant factors that are data-dependent by dataflow (0 * x + c), huge biases and pad values removed later.
-Heads: Gemm, MatMul, 1x1 conv + global pooling, and a Gemm followed by Reshape/Transpose permuting the logits.
+Linear regions in every form the one-convolution rewrite reads (circular and grouped convolutions, signs alone,
+concatenations and means with constants), reshapes to a higher rank with constants broadcast along the new axis
+(and the data broadcast against itself), and Slices in every start/end/step form (negative, out of range,
+INT_MIN/INT_MAX, steps above 1 and negative) inside and around regions, concatenations and partitions.
+Heads: Gemm, MatMul, 1x1 conv + global pooling, and a Gemm followed by Reshape/Transpose permuting the logits; a
+single logit (a binary model) also as a ReduceSum of the features, (N, 1) or (N,), or a Slice of one feature.
 
 Every block has a main *variant* (``VARIANTS``); the focused property tests walk through all of them.
 """
@@ -120,6 +125,9 @@ VARIANTS: dict[str, list[str]] = {
                "negative_const", "three_terms"],
     "linear_region": ["identity_conv", "identity_conv", "sub", "two_branches", "centering", "concat_branches",
                       "side", "scaled_sum"],
+    "region_forms": ["circular", "grouped", "neg_sub", "concat_const", "mean_const"],
+    "rank_up": ["scale", "shift", "copies", "broadcast_self", "broadcast_self"],
+    "slices": ["one", "one", "two_axes", "concat_parts", "sum_parts", "region_inside", "region_around"],
 }
 
 
@@ -1271,9 +1279,12 @@ def blk_l2pool(d: Draw, b: Builder, v: str) -> str:
 
 def head(d: Draw, b: Builder, v: str, k: int) -> str:
     """Logits (N, k): a Gemm (often of norm 1), MatMul, 1x1 conv + global pooling, the value itself, or a
-    Gemm whose output is permuted by Reshape/Transpose."""
+    Gemm whose output is permuted by Reshape/Transpose; one logit (k = 1) also as a ReduceSum of the features,
+    (N, 1) or (N,), or a Slice of one feature."""
     s = shape(b, v)
     forms = ["gemm", "gemm", "gemm", "gemm_permute", "matmul", "conv_gap", "direct"]
+    if k == 1:
+        forms += ["reduce_sum", "slice_one"]
     form = d.choice(forms)
     if form == "conv_gap" and (len(s) != 3 or b.side):
         form = "gemm"
@@ -1293,6 +1304,14 @@ def head(d: Draw, b: Builder, v: str, k: int) -> str:
     feats = [flatten(d, b, v)] + [flatten(d, b, x) for x in b.side]
     f = feats[0] if len(feats) == 1 else b.node("Concat", feats, axis=1)
     n = b.numel(f)
+    if form == "reduce_sum":
+        keep, scale = d.choice([1, 0]), d.choice([1.0 / math.sqrt(n), 1.0])
+        b.note(f"logit: ReduceSum of {n} features (keepdims={keep}) times {scale:.4g}")
+        return b.node("Mul", [b.reduce("ReduceSum", f, [1], keepdims=keep), b.const(np.float32(scale))])
+    if form == "slice_one":
+        j = d.int(0, n - 1)
+        b.note(f"logit: feature {j} of {n} (Slice)")
+        return b.slice(f, [j], [j + 1], [1])
     w = b.rng.standard_normal((k, n))
     w = normalised(w, float(np.linalg.norm(w, 2)), d.choice([1.0, 1.0, None]))
     bias = b.const((b.rng.standard_normal(k) * 0.1).astype(np.float32))
@@ -1411,6 +1430,237 @@ def blk_linear_region(d: Draw, b: Builder, v: str) -> str:
     return b.node("Add", [v, f])
 
 
+def circular_conv(d: Draw, b: Builder, v: str) -> str:
+    """A C -> C convolution on the same grid with circular padding, as torch exports it (Slice/Concat per axis)."""
+    s = shape(b, v)
+    need(len(s) == 3)
+    kernel = [d.choice([1, 2, 3]) if n >= 2 else 1 for n in s[1:]]
+    x = v
+    for axis, k in zip((2, 3), kernel):
+        p = d.int(0, k - 1)
+        if k > 1:
+            x = wrap_concat(d, b, x, axis, p, k - 1 - p)
+    w = b.rng.standard_normal((s[0], s[0]) + tuple(kernel))
+    w = normalised(w, operator_norm("Conv", shape(b, x), [t64(w)]), gain(d))
+    b.note(f"circular conv k{kernel}")
+    return b.node("Conv", [x, weight(d, b, w)])
+
+
+def grouped_conv(d: Draw, b: Builder, v: str) -> str:
+    """A C -> C convolution on the same grid with groups > 1."""
+    s = shape(b, v)
+    need(len(s) in (2, 3))
+    groups = [g for g in range(2, s[0] + 1) if s[0] % g == 0]
+    need(bool(groups))
+    g = d.choice(groups)
+    k = [d.choice([1, 3]) for _ in s[1:]]
+    attrs = {"pads": [x // 2 for x in k] * 2, "group": g}
+    w = b.rng.standard_normal((s[0], s[0] // g) + tuple(k))
+    w = normalised(w, operator_norm("Conv", s, [t64(w)], **attrs), gain(d))
+    b.note(f"grouped conv k{k} group {g}")
+    return b.node("Conv", [v, weight(d, b, w)], **attrs)
+
+
+def blk_region_forms(d: Draw, b: Builder, v: str) -> str:
+    """Linear regions in the forms the one-convolution rewrite reads: circular and grouped convolutions, signs
+    alone (x - (-x)), a concatenation and a mean that also read a constant."""
+    variant = d.variant("region_forms")
+    b.note(f"linear region form ({variant})")
+    s = shape(b, v)
+    if variant == "circular":
+        return b.node("Add", [v, circular_conv(d, b, v)] if d.bool() else [circular_conv(d, b, v), v])
+    if variant == "grouped":
+        return b.node(d.choice(["Add", "Sub"]), [v, grouped_conv(d, b, v)])
+    if variant == "neg_sub":
+        neg = b.node("Neg", [v]) if d.bool() else b.node("Mul", [v, b.const(np.float32(-0.5))])
+        return b.node("Sub", [v, neg] if d.bool() else [neg, v])
+    f = branch(d, b, v)
+    if variant == "concat_const":
+        need(len(s) >= 1)
+        cs = list(s)
+        cs[0] = d.int(1, 2)
+        c = batch_constant(b, v, b.rng.standard_normal(cs))
+        parts = [v, f, c]
+        order = [int(i) for i in b.rng.permutation(3)]
+        return b.node("Concat", [parts[i] for i in order], axis=1)
+    c = b.const((b.rng.standard_normal(channel_shape(s, s[0])) * 0.5).astype(np.float32))
+    return b.node("Mean", [v, f, c])
+
+
+def rank_up(d: Draw, b: Builder, v: str) -> tuple[str, tuple[int, ...], int]:
+    """``v`` with one more axis of length 1 (Unsqueeze or Reshape), its shape, and the new axis (batched index)."""
+    s = shape(b, v)
+    pos = d.int(1, len(s) + 1)
+    new = list(s)
+    new.insert(pos - 1, 1)
+    u = b.squeeze("Unsqueeze", v, [pos]) if d.bool() else b.reshape_const(v, new)
+    return u, tuple(new), pos
+
+
+def broadcast_const(d: Draw, b: Builder, s: Sequence[int], pos: int, copies: int, value: float) -> str:
+    """A constant that varies along one axis of ``s`` other than the new axis ``pos`` and has ``copies`` entries
+    along it (1: it is broadcast along the new axis), with leading axes of length 1 dropped or kept."""
+    cshape = [1] * len(s)
+    others = [i for i in range(len(s)) if i != pos - 1 and s[i] > 1]
+    if others and d.int(0, 3):
+        j = d.choice(others)
+        cshape[j] = s[j]
+    cshape[pos - 1] = copies
+    lead = 0
+    while lead < len(cshape) - 1 and cshape[lead] == 1 and d.bool():
+        lead += 1
+    arr = value + 0.5 * b.rng.standard_normal(cshape[lead:])
+    return b.const(arr.astype(np.float32))
+
+
+def blk_rank_up(d: Draw, b: Builder, v: str) -> str:
+    """What exporters write around linear regions: a reshape to a higher rank (N, C, 1, H, W), a constant broadcast
+    along the new axis (a scale or shift), a reshape back, then a sum or concatenation with the value; also a
+    constant with several entries on the new axis (copies of the data), and the value combined with its own
+    reshape, which broadcasts the data against itself (x_i - x_j over all pairs)."""
+    variant = d.variant("rank_up")
+    s = shape(b, v)
+    if variant == "broadcast_self":
+        return broadcast_self(d, b, v)
+    u, new, pos = rank_up(d, b, v)
+    b.note(f"rank up {s} -> {new} ({variant})")
+    if variant in ("scale", "shift"):
+        c = broadcast_const(d, b, new, pos, 1, 1.0 if variant == "scale" else 0.0)
+        w = b.node("Mul" if variant == "scale" else "Add", [u, c] if d.bool() else [c, u])
+        need(shape(b, w) == new, "the constant broadcast the data")
+        back = b.squeeze("Squeeze", w, [pos]) if d.bool() else b.reshape_const(w, list(s))
+        op = d.choice(["Add", "Sub", "Concat"])
+        return b.node(op, [v, back] if d.bool() else [back, v], **({"axis": 1} if op == "Concat" else {}))
+    k = d.int(2, 3)  # copies: a constant with k entries on the new axis repeats the data k times
+    w = b.node("Mul", [u, broadcast_const(d, b, new, pos, k, 1.0)])
+    merged = list(shape(b, w))
+    need(len(merged) == len(new))
+    at = pos - 2 if pos >= 2 else 0
+    merged[at:at + 2] = [merged[at] * merged[at + 1]]
+    back = b.reshape_const(w, merged)
+    need(b.numel(back) <= MAX_NUMEL)
+    if tuple(merged[:at] + merged[at + 1:]) == tuple(s[:at] + s[at + 1:]) and d.bool():
+        return b.node("Concat", [v, back] if d.bool() else [back, v], axis=at + 1)
+    return back
+
+
+def broadcast_self(d: Draw, b: Builder, v: str) -> str:
+    """The value combined with a reshape of itself that moves an axis of length 1 (C = 1: (1, H, W) against
+    (H, 1, W)), or two reshapes of it to a higher rank ((1, C, H, W) against (C, 1, H, W)): the data broadcasts
+    against itself, every pair of entries combined (never against the batch axis)."""
+    s = shape(b, v)
+    ones = [i for i, n in enumerate(s) if n == 1]
+    big = [i for i, n in enumerate(s) if n > 1]
+    if ones and big and d.bool():
+        t = list(s)
+        i, j = d.choice(ones), d.choice(big)
+        t[i], t[j] = t[j], t[i]
+        u = b.reshape_const(v, t)
+    else:
+        u = b.squeeze("Unsqueeze", v, [2]) if d.bool() else b.reshape_const(v, [s[0], 1] + list(s[1:]))
+        v = b.squeeze("Unsqueeze", v, [1]) if d.bool() else b.reshape_const(v, [1] + list(s))
+    factor = d.choice(["none", "mul", "neg", "identity"])
+    if factor == "mul":
+        u = b.node("Mul", [u, b.const(np.float32(d.choice([1.0, 0.5, -2.0])))])
+    elif factor != "none":
+        u = b.node("Neg" if factor == "neg" else "Identity", [u])
+    op = d.choice(["Sub", "Sub", "Add", "Sum", "Mean"])
+    out = b.node(op, [v, u] if d.bool() else [u, v])
+    b.note(f"{op} of {s} and {shape(b, u)} -> {shape(b, out)} ({factor})")
+    need(b.numel(out) <= MAX_NUMEL)
+    return out
+
+
+INT32_MAX, INT64_MAX, INT32_MIN, INT64_MIN = 2 ** 31 - 1, 2 ** 63 - 1, -2 ** 31, -2 ** 63
+
+
+def slice_bounds(d: Draw, first: int, last: int, n: int, step: int) -> tuple[int, int]:
+    """(start, end) of the slice that keeps indices first, first + step, ... strictly before ``last`` (below it for
+    step > 0, above it for step < 0) of an axis of ``n`` entries, written in a form exporters emit: as is, counted
+    from the end, or past the axis (out of range, INT_MIN, INT_MAX, int64 limits) where the specification clamps."""
+    if step > 0:
+        start = d.choice([first, first - n] + ([-n - d.int(1, 5), INT32_MIN, INT64_MIN] if first == 0 else []))
+        end = d.choice([last] + ([last - n] if last < n else [n + d.int(1, 5), INT32_MAX, INT64_MAX, BIG]))
+        return start, end
+    start = d.choice([first, first - n] + ([n + d.int(0, 5), INT32_MAX, INT64_MAX] if first == n - 1 else []))
+    end = d.choice([last, last - n] if last >= 0 else [-n - d.int(1, 5), INT32_MIN, INT64_MIN, -BIG])
+    return start, end
+
+
+def slice_range(d: Draw, b: Builder, v: str, axis: int, lo: int, hi: int, step: int = 1) -> str:
+    """A Slice of per-sample axis ``axis`` keeping [lo, hi) by ``step`` (reversed when negative), in a drawn form."""
+    n = shape(b, v)[axis - 1]
+    first, last = (lo, hi) if step > 0 else (hi - 1, lo - 1)
+    start, end = slice_bounds(d, first, last, n, step)
+    axis_arg = axis - len(shape(b, v)) - 1 if d.int(0, 3) == 0 else axis  # a negative axis now and then
+    return b.slice(v, [start], [end], [axis_arg], [step] if step != 1 or d.bool() else None)
+
+
+def cuts(b: Builder, n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges that cover [0, n)."""
+    need(n >= parts)
+    points = sorted(int(x) for x in b.rng.choice(np.arange(1, n), parts - 1, replace=False))
+    return list(zip([0] + points, points + [n]))
+
+
+def blk_slices(d: Draw, b: Builder, v: str) -> str:
+    """Slices in every start/end/step form (negative, out of range, INT_MIN/INT_MAX, steps above 1 and negative)
+    alone, on two axes, as the parts of a concatenation or a sum (partitions, reversed or strided parts), inside a
+    linear region and after one."""
+    variant = d.variant("slices")
+    s = shape(b, v)
+    axis = d.int(1, len(s))
+    n = s[axis - 1]
+    b.note(f"slices ({variant}) on axis {axis} of {s}")
+    if variant == "one":
+        step = d.choice([1, 1, 2, 3, -1, -2])
+        lo = d.int(0, n - 1)
+        return slice_range(d, b, v, axis, lo, d.int(lo + 1, n), step)
+    if variant == "two_axes":
+        need(len(s) >= 2)
+        other = d.choice([a for a in range(1, len(s) + 1) if a != axis])
+        starts, ends, steps = [], [], []
+        for a in (axis, other):
+            m = s[a - 1]
+            step = d.choice([1, 2, -1, -2])
+            lo = d.int(0, m - 1)
+            hi = d.int(lo + 1, m)
+            first, last = (lo, hi) if step > 0 else (hi - 1, lo - 1)
+            start, end = slice_bounds(d, first, last, m, step)
+            need(len(range(first, last, step)) > 0)
+            starts.append(start)
+            ends.append(end)
+            steps.append(step)
+        return b.slice(v, starts, ends, [axis, other], steps)
+    if variant == "concat_parts":
+        ranges = cuts(b, n, d.int(2, min(3, n)))
+        parts = []
+        for lo, hi in ranges:
+            part = slice_range(d, b, v, axis, lo, hi, d.choice([1, 1, 1, -1]))
+            parts.append(branch(d, b, part) if d.int(0, 2) == 0 else part)
+        order = [int(i) for i in b.rng.permutation(len(parts))]
+        return b.node("Concat", [parts[i] for i in order], axis=axis)
+    if variant == "sum_parts":
+        need(n >= 2)
+        half = n // 2
+        first = slice_range(d, b, v, axis, 0, half, 1)
+        lo = n - half if d.int(0, 2) else 0  # disjoint (a partition), or the same part twice
+        second = slice_range(d, b, v, axis, lo, lo + half, d.choice([1, -1]))
+        if d.bool():
+            second = branch(d, b, second)
+        return b.node(d.choice(["Add", "Sub"]), [first, second])
+    if variant == "region_inside":
+        lo = d.int(0, n - 1)
+        hi, step = d.int(lo + 1, n), d.choice([1, 2, -1])
+        a = slice_range(d, b, v, axis, lo, hi, step)
+        c = slice_range(d, b, branch(d, b, v), axis, lo, hi, step)
+        return b.node(d.choice(["Add", "Sub", "Sum"]), [a, c])
+    total = b.node("Add", [v, branch(d, b, v)])  # region_around: slices of a linear region's output
+    ranges = cuts(b, n, 2) if n >= 2 and d.bool() else [(0, n)]
+    parts = [slice_range(d, b, total, axis, lo, hi, d.choice([1, 2, -1])) for lo, hi in ranges]
+    return parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=axis)
+
+
 BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "dense": blk_dense, "matmul_last": blk_matmul_last, "conv": blk_conv, "conv_transpose": blk_conv_transpose,
     "batchnorm": blk_batchnorm, "scale": blk_scale, "shift": blk_shift, "unary_linear": blk_unary_linear,
@@ -1420,14 +1670,15 @@ BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "residual": blk_residual, "broadcast_pair": blk_broadcast_pair, "gated": blk_gated, "sll": blk_sll,
     "groupsort": blk_groupsort, "maxmin": blk_maxmin, "relu_neg": blk_relu_neg, "l2pool": blk_l2pool,
     "split_residual": blk_split_residual, "l2norm": blk_l2norm, "linear_region": blk_linear_region,
+    "region_forms": blk_region_forms, "rank_up": blk_rank_up, "slices": blk_slices,
 }
 #: how often a random program picks each block (patterns and the shapes that break things are favoured)
 WEIGHTS = {"dense": 3, "conv": 3, "act": 3, "residual": 2, "broadcast_pair": 2, "sll": 2, "maxmin": 2,
            "groupsort": 2, "wrap_conv": 2, "pad": 2, "l2pool": 2, "select": 2, "rearrange": 2, "split_residual": 2,
-           "l2norm": 2, "linear_region": 2}
+           "l2norm": 2, "linear_region": 2, "region_forms": 2, "rank_up": 2, "slices": 2}
 #: blocks whose natural input is an image (the focused tests start from a rank-3 sample shape)
 IMAGE_BLOCKS = {"conv", "conv_transpose", "batchnorm", "pad", "wrap_conv", "avgpool", "maxpool", "lppool",
-                "l2pool", "broadcast_pair", "groupsort"}
+                "l2pool", "broadcast_pair", "groupsort", "region_forms"}
 
 
 #: variants that need an image (a rank-3 sample) to apply
@@ -1519,7 +1770,8 @@ def draw_program(d: Draw, focus: str | None = None, max_blocks: int = 3, variant
 
 
 def validate(prog: Program) -> str | None:
-    """None when onnxruntime runs the model and gives finite logits of the predicted shape."""
+    """None when onnxruntime runs the model and gives finite logits of the predicted shape ((N,) or (N, 1) for
+    one logit)."""
     try:
         onnx.checker.check_model(prog.model)
         session = ort_session(prog.model)
@@ -1527,7 +1779,7 @@ def validate(prog: Program) -> str | None:
         y = session.run(None, {"input": x})[0]
     except Exception as exc:  # noqa: BLE001 - onnx and onnxruntime raise their own types
         return f"onnxruntime: {str(exc).splitlines()[0][:200]}"
-    if y.shape != (3, prog.k):
+    if y.shape != (3, prog.k) and not (prog.k == 1 and y.shape == (3,)):
         return f"onnxruntime gives shape {y.shape}, expected (3, {prog.k})"
     if not np.isfinite(y).all():
         return "non-finite logits"

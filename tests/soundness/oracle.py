@@ -19,7 +19,9 @@ ratio is a true lower bound on a Lipschitz constant, so it can prove an upper bo
 4. ``check_report``: ``lipcert.certify`` on a small dataset labelled by the model itself; each certified point
    is attacked by PGD (float64, margin loss, restarts, a bisection) and by a random search of the float32
    onnxruntime function (random directions at 0.999 r and small scales, a line along the gradient, to catch
-   rounding flips); an adversarial example confirmed by onnxruntime closer than the certified radius fails.
+   rounding flips); an adversarial example confirmed by onnxruntime closer than the certified radius fails. On a
+   model with one logit (a binary classifier) lipcert's own PGD runs too, with its one-logit margin, and a
+   violation it reports fails as well.
 
 A model that lipcert refuses with a ``LipcertError`` is "refused"; any other exception is a failure. Between
 float types, Cast is run as the identity (the real-number function); onnxruntime's float32 session is what
@@ -41,6 +43,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from lipcert.bounds.results import NO_RULE
+from lipcert.certification.attack import AttackConfig
 from lipcert.errors import LipcertError
 from lipcert.graph.core import Graph
 from lipcert.graph.ops import REGISTRY, RunContext
@@ -463,8 +466,8 @@ def pair_ascent(graph: Graph, inj: Injector, starts: torch.Tensor, steps: int, s
     best = 0.0
     for _ in range(steps):
         with torch.enable_grad():
-            fx = inj.run(x, nodes=nodes)[graph.output].flatten(1)
-            fy = inj.run(y, nodes=nodes)[graph.output].flatten(1)
+            fx = inj.run(x, nodes=nodes)[graph.output].reshape(x.shape[0], -1)  # (N,) for some one-logit models
+            fy = inj.run(y, nodes=nodes)[graph.output].reshape(y.shape[0], -1)
             num = (fx - fy).norm(dim=1)
             den = (x - y).flatten(1).norm(dim=1).clamp_min(1e-12)
             ratio = num / den
@@ -592,7 +595,8 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
         np.savez(data, x=x, y=y)
         layout = "NCHW" if len(graph.input_shape) == 3 else "auto"
         try:
-            report = lipcert.certify(graph, str(data), eps="0.1", attack=None, device="cpu", backend=backend,
+            attack = AttackConfig(steps=max(10, effort.pgd_steps // 4), restarts=1) if logits.shape[1] == 1 else None
+            report = lipcert.certify(graph, str(data), eps="0.1", attack=attack, device="cpu", backend=backend,
                                      layout=layout)
         except LipcertError as exc:
             out.fail("report", f"certify raised a LipcertError on a loaded model and a valid dataset: {exc}")
@@ -600,6 +604,9 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
         except Exception as exc:  # noqa: BLE001
             out.fail("report", f"certify raised {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
             return
+    if report.attack and report.attack["violation_count"]:
+        out.fail("report", f"lipcert's own PGD (one-logit margin) broke {report.attack['violation_count']} certified "
+                           f"point(s) inside their radius: {report.attack['violations'][:3]}")
     radii = report.samples.radii.double()
     preds = report.samples.predictions.long()
     todo = torch.nonzero(radii > 0).flatten()
@@ -628,7 +635,7 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
     nodes = inj.needed([graph.output])
 
     def margin(xb: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-        return _margin_loss(inj.run(xb, nodes=nodes)[graph.output].flatten(1), cb)
+        return _margin_loss(inj.run(xb, nodes=nodes)[graph.output].reshape(xb.shape[0], -1), cb)
 
     ball = 0.999 * r
     view = (-1,) + (1,) * (x0.dim() - 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+import onnx
 import torch
 
 from lipcert.errors import ModelError
@@ -90,6 +91,11 @@ class Op:
     """
 
     name: ClassVar[str]
+    #: the output only moves, selects or compares input entries, or reads shapes: two runtimes agree on it bit for
+    #: bit (``lipcert.model.crosscheck`` compares it exactly)
+    exact: ClassVar[bool] = False
+    #: each output entry accumulates many products or terms (``magnitude`` is then their absolute sum)
+    accumulates: ClassVar[bool] = False
     attributes: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[dict[str, str]] = {}
     combination: ClassVar[str | None] = None
@@ -117,6 +123,21 @@ class Op:
         in input ``var``; None when unknown, which makes the certificate's error allowance infinite."""
         return None
 
+    @property
+    def absolute_error(self) -> bool:
+        """Whether the float evaluation's error can be absolute rather than relative to the output (tanh near 0)."""
+        return False
+
+    def magnitude(self, node: Node, inputs: Sequence[torch.Tensor | None], output: int = 0) -> torch.Tensor | None:
+        """Entry by entry, the absolute size of what one output entry accumulates (|W| |x| + |b| for a product),
+        which two float implementations may round differently in proportion to; None when their difference is
+        relative to the output entry alone. By default, for ``accumulates`` operators, the operator run in float64
+        on the absolute values of its float inputs."""
+        if not self.accumulates:
+            return None
+        wide = [t.double().abs() if t is not None and t.is_floating_point() else t for t in inputs]
+        return self.run(node, wide, RunContext(torch.float64))[output].abs()
+
 
 REGISTRY: dict[str, Op] = {}
 
@@ -127,14 +148,18 @@ def register(cls: type[Op]) -> type[Op]:
     return cls
 
 
-def check_attributes(node: Node) -> None:
-    """Refuse a node that carries an attribute its registry entry does not implement (one line naming both)."""
+def check_attributes(node: Node, opset: int | None = None) -> None:
+    """Refuse a node that carries an attribute its registry entry does not implement, or (given the model's
+    opset) one its operator does not have in that opset: one line naming both."""
     entry = REGISTRY[node.op]
+    schema = set(onnx.defs.get_schema(node.op, opset).attributes) if opset is not None else None
     for key in node.attrs:
         if key in entry.refused:
             raise bad(node, f"attribute {key!r} is not supported: {entry.refused[key]}")
         if key not in entry.attributes:
             raise bad(node, f"attribute {key!r} is not an attribute of {node.op} that lipcert implements")
+        if schema is not None and key not in schema:
+            raise bad(node, f"attribute {key!r} is not an attribute of {node.op} in opset {opset}")
 
 
 def ints(value: Any, n: int | None = None, default: int = 0) -> list[int]:

@@ -77,6 +77,7 @@ class Unary(Op):
 @register
 class Relu(Unary):
     name = "Relu"
+    exact = True
     constant, reason = 1.0, "ReLU is 1-Lipschitz"
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +130,7 @@ class PRelu(Op):
 @register
 class Abs(Unary):
     name = "Abs"
+    exact = True
     constant, reason = 1.0, "|x| is 1-Lipschitz"
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,7 @@ class Abs(Unary):
 @register
 class Neg(Unary):
     name = "Neg"
+    exact = True
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return -x
@@ -150,6 +153,7 @@ class Neg(Unary):
 @register
 class Sign(Unary):
     name = "Sign"
+    exact = True
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.sign(x)
@@ -230,6 +234,10 @@ class Elu(Unary):
         alpha = abs(float(node.attr("alpha", 1.0)))
         return LipschitzRule(max(1.0, alpha), f"ELU with alpha {alpha:g}: max(1, alpha)")
 
+    @property
+    def absolute_error(self) -> bool:
+        return True
+
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding:
         alpha = abs(float(node.attr("alpha", 1.0)))
@@ -239,6 +247,7 @@ class Elu(Unary):
 @register
 class Identity(Unary):
     name = "Identity"
+    exact = True
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -253,6 +262,7 @@ class Dropout(Op):
     """Inference-time dropout: the identity (the optional mask output is all true)."""
 
     name = "Dropout"
+    exact = True
     attributes = frozenset({'ratio', 'seed'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -275,6 +285,7 @@ class Dropout(Op):
 @register
 class Clip(Op):
     name = "Clip"
+    exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         """min(max(x, lo), hi) in x's type (so max when lo > hi, as the specification's definition gives)."""
@@ -308,6 +319,11 @@ class LogSoftmax(Op):
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [torch.log_softmax(inputs[0], int(node.attr("axis", -1)))]
+
+    def magnitude(self, node: Node, inputs: Inputs, output: int = 0) -> torch.Tensor | None:
+        """|x| + |x - y| (x minus its log-sum-exp: the terms the subtraction cancels)."""
+        x = inputs[0].double()
+        return x.abs() + (x - torch.log_softmax(x, int(node.attr("axis", -1)))).abs()
 
 
 class Binary(Op):
@@ -489,6 +505,7 @@ class Min(Extremum):
 @register
 class Sum(Variadic):
     name = "Sum"
+    accumulates = True
     combination, combination_reason = "sum", SUM_REASON
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -498,6 +515,7 @@ class Sum(Variadic):
 @register
 class Mean(Variadic):
     name = "Mean"
+    accumulates = True
     combination, combination_reason = "sum", SUM_REASON
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -554,6 +572,7 @@ class Or(Compare):
 @register
 class Not(Unary):
     name = "Not"
+    exact = True
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.logical_not(x)
@@ -562,6 +581,7 @@ class Not(Unary):
 @register
 class Where(Op):
     name = "Where"
+    exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         cond, a, b = inputs

@@ -73,6 +73,7 @@ def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: ConvSe
 @register
 class Conv(Op):
     name = "Conv"
+    accumulates = True
     attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'pads', 'strides'})
     row_priority = 0
 
@@ -155,8 +156,16 @@ def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: to
         target = list(out_shape)[-nd:] if out_shape is not None else [n * st for n, st in zip(spatial, s.stride)]
         begins, ends = [], []
         for i in range(nd):
-            total = (s.stride[i] * (spatial[i] - 1) + s.output_padding[i]
-                     + (s.kernel[i] - 1) * s.dilation[i] + 1 - target[i])
+            full = s.stride[i] * (spatial[i] - 1) + s.output_padding[i] + (s.kernel[i] - 1) * s.dilation[i] + 1
+            total = full - target[i]
+            if total < 0 and out_shape is None:
+                raise bad(node, f"auto_pad {auto_pad} asks for {target[i]} entries on spatial axis {i}, more than "
+                                f"the {full} of the full transposed convolution: the specification adds zeros, "
+                                f"onnxruntime returns the {full}")
+            if total < 0 and auto_pad == "SAME_UPPER":
+                raise bad(node, f"output_shape asks for {target[i]} entries on spatial axis {i}, more than the "
+                                f"{full} of the full transposed convolution, under auto_pad SAME_UPPER: the "
+                                "specification adds the zeros at the start, onnxruntime at the end")
             small, large = total // 2, total - total // 2
             # the odd unit goes at the end only for SAME_UPPER; SAME_LOWER and an explicit output_shape put it first
             begins.append(small if auto_pad == "SAME_UPPER" else large)
@@ -168,6 +177,7 @@ def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: to
 @register
 class ConvTranspose(Op):
     name = "ConvTranspose"
+    accumulates = True
     attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'output_padding', 'output_shape', 'pads', 'strides'})
     row_priority = 1
 
@@ -194,6 +204,7 @@ class ConvTranspose(Op):
 @register
 class Gemm(Op):
     name = "Gemm"
+    accumulates = True
     attributes = frozenset({'alpha', 'beta', 'transA', 'transB'})
     row_priority = 2
 
@@ -206,6 +217,12 @@ class Gemm(Op):
         if c is not None:
             out = out + float(node.attr("beta", 1.0)) * c
         return [out]
+
+    def magnitude(self, node: Node, inputs: Inputs, output: int = 0) -> torch.Tensor | None:
+        """|alpha| |A| |B| + |beta| |C|."""
+        positive = replace(node, attrs={**node.attrs, "alpha": abs(float(node.attr("alpha", 1.0))),
+                                        "beta": abs(float(node.attr("beta", 1.0)))})
+        return super().magnitude(positive, inputs, output)
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
@@ -238,6 +255,7 @@ class Gemm(Op):
 @register
 class MatMul(Op):
     name = "MatMul"
+    accumulates = True
     row_priority = 3
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -279,6 +297,14 @@ class BatchNormalization(Op):
         factor, shift = self.affine(node, inputs)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return [x * factor.reshape(shape) + shift.reshape(shape)]
+
+    def magnitude(self, node: Node, inputs: Inputs, output: int = 0) -> torch.Tensor | None:
+        """|x f| + |mean f| + |bias|, f = scale / sqrt(var + eps): what either way of evaluating it rounds."""
+        wide = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
+        factor, _ = self.affine(node, wide)
+        shape = (1, -1) + (1,) * (wide[0].dim() - 2)
+        return ((wide[0] * factor.reshape(shape)).abs() + (wide[3] * factor).abs().reshape(shape)
+                + wide[2].abs().reshape(shape))
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,13 @@ def pool_settings(node: Node, x_spatial: Sequence[int]) -> PoolSettings:
     strides = ints(node.attr("strides"), nd, 1)
     dilations = ints(node.attr("dilations"), nd, 1)
     auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise bad(node, f"auto_pad {auto_pad!r} is not supported")
     if auto_pad in ("NOTSET", ""):
         pads = ints(node.attr("pads"), 2 * nd, 0)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        raise bad(node, f"auto_pad {auto_pad} with dilations {dilations}: the specification pads for the dilated "
+                        "window (ceil(input / stride) outputs), onnxruntime for the undilated one")
     else:
         pads = same_pads(auto_pad, x_spatial, kernel, strides, dilations)
     return PoolSettings(nd=nd, kernel=tuple(kernel), stride=tuple(strides), pads=tuple(pads),
@@ -106,6 +111,7 @@ def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: PoolSettings) -> t
 @register
 class AveragePool(Op):
     name = "AveragePool"
+    accumulates = True
     attributes = frozenset({'auto_pad', 'ceil_mode', 'count_include_pad', 'dilations', 'kernel_shape', 'pads', 'strides'})
     row_priority = 5
 
@@ -134,6 +140,7 @@ class AveragePool(Op):
 @register
 class GlobalAveragePool(Op):
     name = "GlobalAveragePool"
+    accumulates = True
     row_priority = 6
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -155,6 +162,7 @@ class GlobalAveragePool(Op):
 @register
 class MaxPool(Op):
     name = "MaxPool"
+    exact = True
     attributes = frozenset({'auto_pad', 'ceil_mode', 'dilations', 'kernel_shape', 'pads', 'storage_order', 'strides'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -191,6 +199,7 @@ def pool_rule(what: str, s: PoolSettings) -> LipschitzRule:
 @register
 class GlobalMaxPool(Op):
     name = "GlobalMaxPool"
+    exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
@@ -208,6 +217,7 @@ class GlobalMaxPool(Op):
 @register
 class LpPool(Op):
     name = "LpPool"
+    accumulates = True
     attributes = frozenset({'auto_pad', 'ceil_mode', 'dilations', 'kernel_shape', 'p', 'pads', 'strides'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -235,6 +245,7 @@ class LpPool(Op):
 @register
 class GlobalLpPool(Op):
     name = "GlobalLpPool"
+    accumulates = True
     attributes = frozenset({'p'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -258,6 +269,8 @@ class Reduce(Op):
     """ONNX Reduce*: axes from the attribute (older opsets) or the second input (newer)."""
 
     attributes = frozenset({"axes", "keepdims", "noop_with_empty_axes"})
+    #: why a reduction over no entries is refused (None: the specification defines its value)
+    empty_set: ClassVar[str | None] = None
 
     def axes(self, node: Node, inputs: Inputs, rank: int) -> list[int] | None:
         axes = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("axes")
@@ -272,11 +285,25 @@ class Reduce(Op):
         """The result when noop_with_empty_axes leaves every axis: the elementwise part of the reduction."""
         return x
 
+    def check_empty(self, node: Node, inputs: Inputs, x: torch.Tensor, axes: list[int]) -> None:
+        """Refuse the reductions of a tensor with no entries where the result is the runtime's: over negative
+        axes (onnxruntime then returns a tensor of the input's shape), and over an empty set whose value the
+        specification leaves undefined (``empty_set``)."""
+        given = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else node.attr("axes")
+        if given and min(given) < 0:
+            raise bad(node, f"reduces a tensor with no entries (shape {list(x.shape)}) over the negative axes "
+                            f"{list(given)}: onnxruntime returns the input's shape, not the specification's")
+        kept = math.prod(d for i, d in enumerate(x.shape) if i not in axes)
+        if self.empty_set is not None and kept and any(x.shape[a] == 0 for a in axes):
+            raise bad(node, self.empty_set)
+
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
         axes = self.axes(node, inputs, x.dim())
         if axes is None:
             return [self.unreduced(x)]
+        if not x.numel():
+            self.check_empty(node, inputs, x, axes)
         return [self.reduce(x, axes, bool(node.attr("keepdims", 1)))]
 
 
@@ -301,6 +328,7 @@ def extremum(fn: Callable[..., torch.Tensor], x: torch.Tensor, axes: list[int], 
 @register
 class ReduceMax(Reduce):
     name = "ReduceMax"
+    exact = True
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
         return extremum(torch.amax, x, axes, keep, "min")
@@ -309,6 +337,7 @@ class ReduceMax(Reduce):
 @register
 class ReduceMin(Reduce):
     name = "ReduceMin"
+    exact = True
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
         return extremum(torch.amin, x, axes, keep, "max")
@@ -317,6 +346,8 @@ class ReduceMin(Reduce):
 class LinearReduce(Reduce):
     """A sum or mean over axes of one sample: linear, with non-negative weights (bounded by the Schur test,
     which is exact for it); never over the batch axis."""
+
+    accumulates = True
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
@@ -346,6 +377,7 @@ class ReduceSum(LinearReduce):
 @register
 class ReduceMean(LinearReduce):
     name = "ReduceMean"
+    empty_set = "the mean of no entries is left undefined by the specification (onnxruntime gives 0)"
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
         return torch.mean(x, dim=axes, keepdim=keep)
@@ -354,6 +386,7 @@ class ReduceMean(LinearReduce):
 @register
 class ReduceL2(Reduce):
     name = "ReduceL2"
+    accumulates = True
 
     def reduce(self, x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
         return torch.sqrt(torch.sum(x * x, dim=axes, keepdim=keep))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,7 +28,6 @@ from lipcert.graph.ops.base import (
     bad,
     int_list,
     register,
-    torch_pad_list,
 )
 
 Inputs = Sequence[torch.Tensor | None]
@@ -42,6 +42,13 @@ ONNX_DTYPES: dict[int, torch.dtype] = {
     2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64, 9: torch.bool,
 }
 
+#: the integer types a float is cast to, with the range [low, high) its truncation must lie in: outside it (and for
+#: NaN) the specification leaves the result undefined
+INTEGER_RANGES: dict[torch.dtype, tuple[int, int]] = {
+    torch.uint8: (0, 2 ** 8), torch.int8: (-2 ** 7, 2 ** 7), torch.int16: (-2 ** 15, 2 ** 15),
+    torch.int32: (-2 ** 31, 2 ** 31), torch.int64: (-2 ** 63, 2 ** 63),
+}
+
 
 def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
@@ -50,6 +57,7 @@ def _axis(axis: int, rank: int) -> int:
 @register
 class Constant(Op):
     name = "Constant"
+    exact = True
     attributes = frozenset({'value', 'value_float', 'value_floats', 'value_int', 'value_ints'})
     refused = {'sparse_value': 'sparse constants are not supported', 'value_string': 'string constants are not supported', 'value_strings': 'string constants are not supported'}
 
@@ -70,6 +78,7 @@ class Cast(Op):
     can also overflow). Casts to integers and booleans have no rule."""
 
     name = "Cast"
+    exact = True
     attributes = frozenset({'round_mode', 'saturate', 'to'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -79,6 +88,14 @@ class Cast(Op):
         target = ONNX_DTYPES[to]
         x = inputs[0]
         if not target.is_floating_point:
+            if x.is_floating_point() and target in INTEGER_RANGES:
+                low, high = INTEGER_RANGES[target]
+                whole = torch.trunc(x.detach())
+                outside = ~((whole >= low) & (whole < high))  # NaN is outside too
+                if bool(outside.any()):
+                    value = float(x.detach()[outside].reshape(-1)[0])
+                    raise bad(node, f"casts {value:g} to {str(target).removeprefix('torch.')}, whose range it is "
+                                    "outside: the specification leaves the result undefined (runtimes differ)")
             return [x.to(target)]
         if ctx.dtype == torch.float64:  # the analysis' real-number function: a float cast is exact
             return [x.to(torch.float64)]
@@ -105,6 +122,7 @@ class Cast(Op):
 @register
 class Shape(Op):
     name = "Shape"
+    exact = True
     attributes = frozenset({'end', 'start'})
     shape_only = True
 
@@ -117,6 +135,7 @@ class Shape(Op):
 @register
 class Size(Op):
     name = "Size"
+    exact = True
     shape_only = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -126,6 +145,7 @@ class Size(Op):
 @register
 class ConstantOfShape(Op):
     name = "ConstantOfShape"
+    exact = True
     attributes = frozenset({'value'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -157,6 +177,7 @@ class Range(Op):
 @register
 class Gather(Op):
     name = "Gather"
+    exact = True
     attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -171,6 +192,7 @@ class Gather(Op):
 @register
 class Expand(Op):
     name = "Expand"
+    exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, shape = inputs
@@ -181,6 +203,7 @@ class Expand(Op):
 @register
 class Tile(Op):
     name = "Tile"
+    exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         return [inputs[0].repeat(*(int_list(inputs[1]) or []))]
@@ -189,6 +212,8 @@ class Tile(Op):
 class Copies(Op):
     """An operator whose linear map copies entries (each output a copy of one input entry, or zero): exact in
     floating point, and its own absolute value."""
+
+    exact = True
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
@@ -225,7 +250,13 @@ class Reshape(Rearrange):
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x, shape = inputs
         dims = int_list(shape) or []
-        if not node.attr("allowzero", 0):
+        allowzero = bool(node.attr("allowzero", 0))
+        if dims.count(-1) > 1 or min(dims, default=0) < -1 or (allowzero and 0 in dims and -1 in dims):
+            raise bad(node, f"shape {dims} is invalid (at most one -1, no other negative size, and with allowzero=1 "
+                            "not both 0 and -1)")
+        if not allowzero:
+            if any(d == 0 and i >= x.dim() for i, d in enumerate(dims)):
+                raise bad(node, f"shape {dims} copies a dimension (0) beyond the {x.dim()} of the input")
             dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
         return [x.reshape(dims)]
 
@@ -521,7 +552,71 @@ class Slice(Copies):
         return from_function(forward, in_shape, out_shape, kind="projection", name=node.name, structure=structure)
 
 
-PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+PAD_MODES = ("constant", "reflect", "edge", "wrap")
+
+
+@dataclass(frozen=True)
+class PadSettings:
+    """A Pad node's inputs, normalised: the mode, one (begin, end) pair per axis of the data (negative: entries
+    removed), and the constant value (a Python int for integer data)."""
+
+    mode: str
+    pads: tuple[int, ...]
+    value: float
+
+
+def _copied_index(node: Node, mode: str, n: int, begin: int, end: int, axis: int) -> list[int]:
+    """Which input entry each output entry copies along one axis of ``n`` entries padded in ``mode`` (reflect,
+    edge or wrap) by ``begin`` and ``end``: negative pads remove entries first, then the rest is padded from
+    what is left, as onnxruntime does.
+
+    Reflect pads longer than the axis reflect again, and wrap pads wrap again (``numpy.pad``, which the
+    specification names). An axis cropped at one end and padded at the other is refused where the order of the
+    two matters (wrap, or reflect beyond the remaining entries): the specification does not order them."""
+    low, high = max(0, -begin), max(0, -end)
+    before, after = max(0, begin), max(0, end)
+    kept = n - low - high
+    if kept < 0 or (kept == 0 and before + after):
+        raise bad(node, f"{mode} pads ({begin}, {end}) on axis {axis} of {n} entries leave no entry to pad from")
+    if (low or high) and (before or after) and (mode == "wrap" or (mode == "reflect" and before + after >= kept)):
+        raise bad(node, f"{mode} pads ({begin}, {end}) on axis {axis} of {n} entries remove entries at one end and "
+                        "pad the other from what remains; the specification does not say which comes first, and "
+                        "the two orders give different results here")
+    index = []
+    for t in range(-before, kept + after):
+        if mode == "edge":
+            i = min(max(t, 0), kept - 1)
+        elif mode == "wrap":
+            i = t % kept
+        elif kept == 1:
+            i = 0
+        else:  # reflect about the first and last entries, period 2 (kept - 1)
+            i = t % (2 * (kept - 1))
+            i = i if i < kept else 2 * (kept - 1) - i
+        index.append(low + i)
+    return index
+
+
+def constant_pad(node: Node, x: torch.Tensor, pads: Sequence[int], value: float) -> torch.Tensor:
+    """ONNX constant padding: output entry j of an axis padded by (begin, end) copies input entry j - begin where
+    there is one and is ``value`` elsewhere, for j < n + begin + end (so a crop longer than the axis leaves only
+    padding, and a negative size is refused)."""
+    rank = x.dim()
+    out, widths = x, []
+    for axis in range(rank):
+        n, begin, end = x.shape[axis], pads[axis], pads[axis + rank]
+        size = n + begin + end
+        if size < 0:
+            raise bad(node, f"pads ({begin}, {end}) remove more than the {n} entries of axis {axis}")
+        first, last = max(0, begin), min(size, begin + n)  # the output entries that copy input entries
+        start, length = (first - begin, last - first) if last > first else (0, 0)
+        if last <= first:
+            first = last = size
+        if (start, length) != (0, n):
+            out = out.narrow(axis, start, length)
+        widths += [first, size - last]
+    flat = [w for axis in reversed(range(rank)) for w in (widths[2 * axis], widths[2 * axis + 1])]
+    return F.pad(out, flat, mode="constant", value=value) if any(flat) else out
 
 
 @register
@@ -530,65 +625,74 @@ class Pad(Copies):
     attributes = frozenset({'mode'})
     row_priority, row_suffix = 9, False
 
-    def settings(self, node: Node, inputs: Inputs, rank: int) -> tuple[str, list[int], float]:
+    def settings(self, node: Node, inputs: Inputs, rank: int) -> PadSettings:
+        """The mode, the pads of every axis (from the ``axes`` input, opset 18, where given) and the value;
+        pads of the wrong length and repeated or out-of-range axes are refused."""
         mode = node.attr("mode", "constant")
         if mode not in PAD_MODES:
             raise bad(node, f"pad mode {mode!r} is not supported")
         pads = int_list(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else list(node.attr("pads", []))
-        value = node.attr("value", 0.0)
+        value: float = node.attr("value", 0.0)
         if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel():
-            value = float(inputs[2].reshape(-1)[0])
-        axes = int_list(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
-        if axes is not None:
-            full = [0] * (2 * rank)
-            for i, a in enumerate(axes):
-                a = _axis(a, rank)
-                full[a], full[a + rank] = pads[i], pads[i + len(axes)]
-            pads = full
-        return mode, pads, float(value)
+            value = inputs[2].reshape(-1)[0].item()
+        axes = int_list(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(rank))
+        if any(not -rank <= a < rank for a in axes) or len({_axis(a, rank) for a in axes}) != len(axes):
+            raise bad(node, f"axes {axes} are repeated or out of range for a {rank}-D input")
+        if len(pads) != 2 * len(axes):
+            raise bad(node, f"{len(pads)} pads for {len(axes)} axes (2 per axis)")
+        full = [0] * (2 * rank)
+        for i, a in enumerate(axes):
+            a = _axis(a, rank)
+            full[a], full[a + rank] = pads[i], pads[i + len(axes)]
+        return PadSettings(mode=mode, pads=tuple(full), value=value)
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         x = inputs[0]
-        mode, pads, value = self.settings(node, inputs, x.dim())
-        if mode == "constant":
-            return [F.pad(x, torch_pad_list(pads), mode="constant", value=value)]
+        s = self.settings(node, inputs, x.dim())
         rank = x.dim()
-        padded = [i for i in range(rank) if pads[i] or pads[i + rank]]
-        if not padded:
-            return [x]
-        # torch pads the trailing k axes of a (k+1)- or (k+2)-D tensor only: start at axis 1 or 2
-        first = min(min(padded), 2)
-        if min(padded) < 1 or rank - first > 3:
-            raise bad(node, f"{mode} padding is supported on the last three axes (not the batch axis) only")
-        tp = torch_pad_list(pads[first:rank] + pads[rank + first:])
-        return [F.pad(x, tp, mode=PAD_MODES[mode])]
+        if s.mode == "constant":
+            return [constant_pad(node, x, s.pads, s.value)]
+        if self._batch_padded(s):
+            raise bad(node, f"{s.mode} padding of axis 0 is not supported: it is the batch axis, and the pad would "
+                            "copy samples into other samples")
+        out = x
+        for axis in range(rank):
+            begin, end = s.pads[axis], s.pads[axis + rank]
+            if begin or end:
+                index = _copied_index(node, s.mode, x.shape[axis], begin, end, axis)
+                out = torch.index_select(out, axis, torch.tensor(index, dtype=torch.long, device=x.device))
+        return [out]
+
+    def _batch_padded(self, s: PadSettings) -> bool:
+        """Whether the pads change the batch axis (axis 0): then the node is not a map of one sample."""
+        return bool(s.pads[0] or s.pads[len(s.pads) // 2])
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        mode, pads, value = self.settings(node, list(consts), len(in_shape) + 1)
-        if not any(pads):  # pads nothing, in any mode (how exporters write padding_mode="circular" with padding 0)
+        s = self.settings(node, list(consts), len(in_shape) + 1)
+        if not any(s.pads):  # pads nothing, in any mode (how exporters write padding_mode="circular" with padding 0)
             return identity(in_shape, node.name)
-        if mode == "constant" and value != 0.0:
-            return None  # affine, not linear: see lipschitz
+        if self._batch_padded(s) or (s.mode == "constant" and s.value != 0):
+            return None  # a pad of the batch axis adds or drops samples; a non-zero constant is affine: see lipschitz
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
-        if mode == "constant":  # zero padding keeps norms (it is not onto); negative pads crop
-            return from_function(forward, in_shape, out_shape, kind="isometry" if min(pads) >= 0 else "projection",
+        if s.mode == "constant":  # zero padding keeps norms (it is not onto); negative pads crop
+            return from_function(forward, in_shape, out_shape, kind="isometry" if min(s.pads) >= 0 else "projection",
                                  name=node.name)
         # each output copies one input entry: non-negative, and the Schur test gives sqrt(most copies)
         return from_function(forward, in_shape, out_shape, kind="nonnegative", name=node.name,
-                             structure=NonnegativeStructure(mode=mode, pads=tuple(pads)))
+                             structure=NonnegativeStructure(mode=s.mode, pads=s.pads))
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:
-        mode, _, value = self.settings(node, list(consts), len(in_shape) + 1)
-        if var != 0 or mode != "constant":
+        s = self.settings(node, list(consts), len(in_shape) + 1)
+        if var != 0 or s.mode != "constant" or self._batch_padded(s):
             return None
-        return LipschitzRule(1.0, f"constant padding with value {value:g}: entries kept or dropped plus a "
+        return LipschitzRule(1.0, f"constant padding with value {float(s.value):g}: entries kept or dropped plus a "
                                   "constant, 1-Lipschitz")
 
 
@@ -599,6 +703,7 @@ class TopK(Op):
     refused unless k = 1, where there is one order."""
 
     name = "TopK"
+    exact = True
     attributes = frozenset({"axis", "largest", "sorted"})
 
     def k(self, node: Node, inputs: Inputs) -> int | None:
@@ -639,6 +744,7 @@ class TopK(Op):
 @register
 class ArgMax(Op):
     name = "ArgMax"
+    exact = True
     attributes = frozenset({'axis', 'keepdims', 'select_last_index'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:

@@ -1,0 +1,124 @@
+"""The cross-check of lipcert's executor against onnxruntime cannot be hidden: every intermediate value is
+compared, entry by entry within its own magnitude, at points in [0, 1], on balls around them and far outside,
+at load and on a report's own data; a mismatch names the first node that differs.
+
+Each test gives one operator a meaning other than the specification's (monkeypatched ``run``) and checks that the
+cross-check finds it where the old output-only comparison (relative to the largest output) could not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import lipcert
+from lipcert.errors import ModelError
+from lipcert.graph.ops import REGISTRY
+from lipcert.model import crosscheck as cc
+from lipcert.model.onnx_loader import graph_from_onnx
+
+from .conftest import SAMPLES
+
+DIGITS_DENSE, DIGITS_TEST = SAMPLES / "digits_dense.onnx", SAMPLES / "digits_test.npz"
+
+
+def _hidden_behind_a_large_logit() -> onnx.ModelProto:
+    """x (N, 6) -> reversed by Slice(step -1) -> Gemm to 2 logits, then a constant logit of 1e6 appended: a
+    wrong slice changes the first two logits by O(1), far below 1e-4 of the largest output."""
+    rng = np.random.default_rng(0)
+    inits = {"s": np.array([-1], np.int64), "e": np.array([-2 ** 63], np.int64), "a": np.array([1], np.int64),
+             "st": np.array([-1], np.int64), "w": rng.standard_normal((6, 2)).astype(np.float32),
+             "zero": np.zeros((1, 1), np.float32), "big": np.full((1, 1), 1e6, np.float32),
+             "axes": np.array([1], np.int64)}
+    nodes = [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["r"], name="reverse"),
+             helper.make_node("MatMul", ["r", "w"], ["z"], name="head"),
+             helper.make_node("ReduceSum", ["z", "axes"], ["t"], name="total", keepdims=1),
+             helper.make_node("Mul", ["t", "zero"], ["nothing"], name="scale"),
+             helper.make_node("Add", ["nothing", "big"], ["huge"], name="constant"),
+             helper.make_node("Concat", ["z", "huge"], ["y"], name="logits", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_difference_hidden_behind_a_large_logit_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    graph = graph_from_onnx(_hidden_behind_a_large_logit(), "hidden.onnx")
+    assert cc.crosscheck(graph).values >= 5  # every value compared, and they agree
+
+    slice_op = type(REGISTRY["Slice"])
+    monkeypatch.setattr(slice_op, "run", lambda self, node, inputs, ctx: [inputs[0]])  # forgets to reverse
+    points = cc.probe_points(graph)
+    mine = lipcert.graph.executor.GraphModule(graph)(points[0][1]).detach().numpy()
+    theirs = cc.ort_session(graph.onnx_model).run(None, {"x": points[0][1].numpy()})[0]
+    rel = np.abs(mine - theirs).max() / np.abs(theirs).max()
+    assert 0 < rel < cc.DEFAULT_RTOL  # what the output-only comparison saw: nothing
+    with pytest.raises(ModelError, match=r"node 'reverse' \(Slice\) is the first to differ from onnxruntime at "
+                                         r"random inputs in \[0, 1\]: its output 'r' is "):
+        cc.crosscheck(graph)
+
+
+def _relu_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="act")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_difference_only_far_outside_the_data_range_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Relu that saturates at 5 agrees with onnxruntime on [0, 1] and on balls of radius 1 around it."""
+    graph = graph_from_onnx(_relu_model(), "relu.onnx")
+    monkeypatch.setattr(type(REGISTRY["Relu"]), "fn", lambda self, node, x: x.clamp(0.0, 5.0))
+    with pytest.raises(ModelError, match=r"node 'act' \(Relu\) is the first to differ from onnxruntime at points "
+                                         r"in \[-10, 10\]"):
+        cc.crosscheck(graph)
+
+
+def test_a_folded_constant_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A constant lipcert computes at load (a Range folded into a parameter) is compared with onnxruntime's."""
+    inits = {"start": np.array(0, np.int64), "limit": np.array(8, np.int64), "delta": np.array(1, np.int64)}
+    nodes = [helper.make_node("Range", ["start", "limit", "delta"], ["idx"], name="positions"),
+             helper.make_node("Gather", ["x", "idx"], ["y"], name="pick", axis=1)]
+    graph_proto = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                                    [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    range_op = type(REGISTRY["Range"])
+    original = range_op.run
+    monkeypatch.setattr(range_op, "run", lambda self, node, inputs, ctx: [original(self, node, inputs, ctx)[0].flip(0)])
+    graph = graph_from_onnx(model, "range.onnx")
+    assert "idx" in graph.params
+    with pytest.raises(ModelError, match=r"the constant 'idx' that lipcert folded from node 'positions' \(Range\)"):
+        cc.crosscheck(graph)
+
+
+def test_tolerances_are_exact_for_copies_and_scaled_for_accumulations() -> None:
+    """A copy must match bit for bit; a product's tolerance follows |W| |x| of each entry, not the tensor's
+    largest value."""
+    from lipcert.graph.core import Node
+
+    copy = Node("t", "Transpose", ["x"], ["y"], {"perm": [0, 2, 1]})
+    x = torch.randn(2, 3, 4)
+    assert not cc.tolerance(copy, [x], x.transpose(1, 2).numpy(), 0).any()
+    gemm = Node("g", "MatMul", ["x", "w"], ["y"])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1e6]])
+    a = torch.tensor([[1.0, 1.0]])
+    tol = cc.tolerance(gemm, [a, w], (a @ w).numpy(), 0)
+    assert tol[0, 0] < 1e-5 < tol[0, 1]
+
+
+def test_report_compares_its_own_data_and_balls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``certify`` checks the executor on the first samples of its data and on their certified balls; a
+    divergence there stops the run with a ModelError, and a clean run records what the check cost."""
+    graph = lipcert.load_model(DIGITS_DENSE)
+    report = lipcert.certify(graph, DIGITS_TEST, attack=False)
+    assert report.timings["crosscheck_seconds"] > 0
+
+    reduce_max = type(REGISTRY["ReduceMax"])
+    monkeypatch.setattr(reduce_max, "reduce", lambda self, x, axes, keep: torch.amax(x, dim=axes, keepdim=keep) + 1e-3)
+    with pytest.raises(ModelError, match=r"\(ReduceMax\) is the first to differ from onnxruntime at the data's "
+                                         "first samples"):
+        lipcert.certify(graph, DIGITS_TEST, attack=False, backend="onnxruntime")
