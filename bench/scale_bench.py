@@ -37,7 +37,8 @@ def cifar_sll() -> tuple[torch.nn.Module, tuple[int, ...]]:
     torch.manual_seed(0)
     layers = [AdaptiveOrthoConv2d(3, 32, 3, padding="same")]
     layers += [SDPBasedLipschitzResBlock(32, 2, 3) for _ in range(4)]
-    layers += [AdaptiveOrthoConv2d(32, 64, 2, stride=2, padding=0), MaxMin(), torch.nn.Flatten(), OrthoLinear(64 * 16 * 16, 10)]
+    layers += [AdaptiveOrthoConv2d(32, 64, 2, stride=2, padding=0), MaxMin(), torch.nn.Flatten(),
+               OrthoLinear(64 * 16 * 16, 10)]
     return torch.nn.Sequential(*layers), (3, 32, 32)
 
 

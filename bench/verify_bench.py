@@ -66,15 +66,16 @@ def main() -> None:
         w = layer.weight.detach().to(device)
         if isinstance(layer, torch.nn.Conv2d):
             kind = f"conv {layer.in_channels}->{layer.out_channels}, {layer.padding_mode}, 32x32"
-            sv, t_o = timed(lambda: float(get_conv_sv(layer.to(device), n_iter=gram_iters, return_stab_rank=False,
-                                                      imsize=32, device=device)))  # once: it takes minutes
+            sv, t_o = timed(lambda layer=layer: float(get_conv_sv(layer.to(device), n_iter=gram_iters,
+                                                                  return_stab_rank=False, imsize=32,
+                                                                  device=device)))  # once: it takes minutes
             o_name = "get_conv_sv (Gram)"
         else:
             kind = f"dense {layer.in_features}->{layer.out_features}"
-            sv, t_o = timed(lambda: float(torch.linalg.matrix_norm(w.double(), ord=2)), repeat)
+            sv, t_o = timed(lambda w=w: float(torch.linalg.matrix_norm(w.double(), ord=2)), repeat)
             o_name = "none (torch SVD shown)"
         mat = w.reshape(w.shape[0], -1)
-        (_, _, sigma), t_d = timed(lambda: spectral_normalization(mat, None), repeat)
+        (_, _, sigma), t_d = timed(lambda mat=mat: spectral_normalization(mat, None), repeat)
         t_orth += t_o
         t_deel += t_d
         rows.append((i + 1, kind, step, o_name, sv, t_o, float(sigma), t_d))
@@ -115,7 +116,8 @@ def main() -> None:
               "Library times are the best of " + str(repeat) + " call(s) per layer, summed (orthogonium's "
               "convolution calls: one each); lipcert's are one call after a warm-up. deel-torchlip's number "
               "for a convolution is the norm of the reshaped kernel matrix, which is not the operator norm of the "
-              "convolution (it can be off by more than 2x either way); orthogonium's Gram-iteration value is an upper estimate of the operator norm.", ""]
+              "convolution (it can be off by more than 2x either way); orthogonium's Gram-iteration value is an upper "
+              "estimate of the operator norm.", ""]
     append_markdown("\n".join(lines), args.markdown)
 
 

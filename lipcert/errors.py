@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 
 class LipcertError(Exception):
     """Bad input or configuration: the CLI prints the message on one line and exits with code 2.
 
     ``parameter`` names the API parameter(s) the message is about, as the message spells them (``batch_size``),
-    so that the command line can spell them as its flags instead (``--batch-size``, see ``spelled``)."""
+    so that the command line can spell them as its flags instead (see ``spelled``)."""
 
     exit_code = 2
 
@@ -29,7 +29,8 @@ class LipcertError(Exception):
         has it as a word of its own; the source, a path, is left as it is)."""
         text = self.text
         for name in self.parameter:
-            text = re.sub(rf"(?<![\w./\\-]){re.escape(name)}(?![\w/\\-])", lambda _, name=name: names(name), text)
+            flag = names(name).replace("\\", "\\\\")  # a replacement string: its backslashes kept as they are
+            text = re.sub(rf"(?<![\w./\\-]){re.escape(name)}(?![\w/\\-])", flag, text)
         return self._line(text)
 
 

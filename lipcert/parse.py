@@ -11,6 +11,9 @@ from lipcert.errors import ConfigError
 REQUIRE = ("proven", "not-violated")
 #: the norms a radius is measured in
 NORMS = ("l2", "linf")
+#: how a dataset's samples may be laid out, and the ranges their values may be stored in
+LAYOUTS = ("auto", "NCHW", "NHWC")
+VALUE_RANGES = ("auto", "0-255", "0-1")
 
 
 def parse_eps(text: str) -> list[tuple[str, float]]:
@@ -22,15 +25,14 @@ def parse_eps(text: str) -> list[tuple[str, float]]:
         try:
             value = float(Fraction(part))
         except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"--eps {part!r}: expected a number or a fraction like 36/255") from None
+            raise ConfigError(f"eps {part!r}: expected a number or a fraction like 36/255", parameter="eps") from None
         if value < 0 or not math.isfinite(value):
-            raise ConfigError(f"--eps {part!r}: must be a non-negative number")
+            raise ConfigError(f"eps {part!r}: must be a non-negative number", parameter="eps")
         if not any(math.isclose(value, v, rel_tol=1e-9, abs_tol=1e-12) for _, v in values):
             values.append((part, value))
     if not values:
-        raise ConfigError("--eps needs at least one value, e.g. 36/255,72/255")
+        raise ConfigError("eps needs at least one value, e.g. 36/255,72/255", parameter="eps")
     return values
-
 
 
 def fraction_problem(value: float) -> str | None:
@@ -39,7 +41,6 @@ def fraction_problem(value: float) -> str | None:
         return None
     hint = f"; {value:g} looks like a percentage: write {value / 100:g}" if 1.0 < value <= 100.0 else ""
     return f"expected a fraction between 0 and 1{hint}"
-
 
 
 def parse_gate(item: str) -> tuple[str, float, float]:

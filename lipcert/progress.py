@@ -3,8 +3,8 @@ callbacks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 READING, BOUND, INFERENCE, ATTACK = "opening the data", "computing the Lipschitz bound", "inference", "attack"
 
@@ -35,7 +35,7 @@ class Progress:
     def close(self) -> None:
         """The run is over (finished, failed or interrupted): stop drawing."""
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -48,7 +48,8 @@ class Steps:
     ``Progress``; ``close`` ends the phases it started."""
 
     def __init__(self, progress: Progress) -> None:
-        self.progress, self.done = progress, {}
+        self.progress = progress
+        self.done: dict[str, int] = {}
 
     def __call__(self, name: str, done: int, total: int) -> None:
         if name not in self.done:

@@ -89,7 +89,7 @@ def test_good_model_is_consistent_and_deterministic() -> None:
     cfg = AttackConfig(steps=10, restarts=1, seed=3)
     a = certify(graph, data, "36/255,72/255", attack=cfg)
     b = certify(graph, data, "36/255,72/255", attack=cfg)
-    assert a.attack["violation_count"] == 0 and a.attack["consistent"]
+    assert a.attack is not None and a.attack.violation_count == 0 and a.attack.consistent
     for e in a.eps:
         assert e.extra["empirical robust"] >= e.certified_accuracy
     assert torch.equal(a.samples.columns["attack_radius"], b.samples.columns["attack_radius"])
@@ -138,7 +138,7 @@ def test_bfloat16_attack_is_rechecked_in_float32() -> None:
     graph = load_model(SAMPLES / "digits_dense.onnx")
     report = certify(graph, SAMPLES / "digits_test.npz", "72/255,1",
                      attack=AttackConfig(steps=10, restarts=1, precision="bfloat16"))
-    assert report.attack["violation_count"] == 0
+    assert report.attack is not None and report.attack.violation_count == 0
     radius = report.samples.columns["attack_radius"]
     broken = torch.isfinite(radius) & (radius > 0)
     assert int(broken.sum()) > 10  # the bfloat16 steps still find adversarial examples, verified in float32

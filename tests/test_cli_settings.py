@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lipcert.cli.config import KEYS, VALIDATORS
+from lipcert.certification.settings import SETTINGS
+from lipcert.cli.config import KEYS
 
 from .conftest import SAMPLES, one_line, run_main
 
@@ -30,7 +31,7 @@ WRONG = {
 
 def test_every_config_key_has_a_validator_and_a_wrong_value_here() -> None:
     keys = KEYS["verify"] | KEYS["report"]
-    assert keys <= set(VALIDATORS) and keys == set(WRONG)
+    assert keys <= set(SETTINGS) and keys == set(WRONG)
 
 
 @pytest.mark.parametrize("key", sorted(WRONG))
@@ -133,3 +134,37 @@ def test_relative_paths_in_the_config_and_json_dash(capsys, tmp_path: Path) -> N
     code, out, _ = run_main(capsys, "report", "--config", str(config))
     assert code == 0 and json.loads(out)["passed"] is True
     assert (tmp_path / "sub" / "rep" / "report.json").is_file() and not (tmp_path / "sub" / "-").exists()
+
+
+#: flag spellings below cli/ in modules another change owns, still to be made setting names (file, flag); the test
+#: reports each one still there and fails on any other
+PENDING_FLAGS: set[tuple[str, str]] = set()
+
+
+def _flag_spellings(path: Path) -> set[str]:
+    """The flags (``--word``) a module's string literals spell, docstrings left out (they may show commands)."""
+    import ast
+    import re
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {flag for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value)}
+
+
+def test_no_flag_is_spelled_below_the_command_line() -> None:
+    """Messages, notes and report fields below ``cli/`` name settings (``batch_size``); only the command line
+    spells them as flags (``LipcertError.parameter``, ``cli.config.parameter_flag``)."""
+    import warnings
+
+    import lipcert
+
+    root = Path(lipcert.__file__).resolve().parent
+    found = {(str(path.relative_to(root.parent)), flag) for path in sorted(root.rglob("*.py"))
+             if "cli" not in path.relative_to(root).parts for flag in _flag_spellings(path)}
+    assert found - PENDING_FLAGS == set()
+    if found & PENDING_FLAGS:
+        warnings.warn(f"flag spellings still to be made setting names: {sorted(found & PENDING_FLAGS)}", stacklevel=1)

@@ -33,7 +33,8 @@ def test_version_flag(capsys) -> None:
 
 def test_help_does_not_import_torch() -> None:
     script = ("import sys; from lipcert.cli.app import main; main(['--help']); main(['report', '--help']); "
-              "main(['--version']); print(sorted(m for m in ('torch', 'numpy', 'onnx', 'matplotlib') if m in sys.modules))")
+              "main(['--version']); "
+              "print(sorted(m for m in ('torch', 'numpy', 'onnx', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "--min-certified-acc" in result.stdout and result.stdout.strip().endswith("[]")
@@ -44,6 +45,7 @@ def test_unknown_flag_is_one_line(capsys) -> None:
     assert code == 2 and one_line(err).startswith("lipcert: error: No such option: --bund")
 
 
+@pytest.mark.slow
 def test_json_dash_is_stdout_for_verify_and_report(capsys, tmp_path: Path) -> None:
     code, out, _ = run_main(capsys, "verify", DENSE, "--json", "-")
     data = json.loads(out)  # nothing else on stdout
@@ -101,6 +103,7 @@ def test_linf_default_radii_and_duplicates_dropped(capsys, tmp_path: Path) -> No
 # ---------------------------------------------------------------- the Lipschitz claim in report
 
 
+@pytest.mark.slow
 def test_report_fails_on_a_claim_lipcert_cannot_prove(capsys, tmp_path: Path) -> None:
     code, out, err = run_main(capsys, "report", BROKEN, "--data", DATA, "--eps", "36/255", "--no-attack", "--out",
                               str(tmp_path / "a"), "--junit", str(tmp_path / "a.xml"))
@@ -118,11 +121,11 @@ def test_report_fails_on_a_claim_lipcert_cannot_prove(capsys, tmp_path: Path) ->
     # a claim declared with --lipschitz is checked the same way; --no-require-claim keeps the warning, not the gate
     code, out, err = run_main(capsys, "report", DENSE, "--data", DATA, "--eps", "36/255", "--no-attack", "--out",
                               str(tmp_path / "b"), "--lipschitz", "0.5")
-    assert code == 1 and "FAILED Lipschitz claim 0.5 (--lipschitz) is proven" in out
+    assert code == 1 and "FAILED Lipschitz claim 0.5 (lipschitz) is proven" in out
     code, out, err = run_main(capsys, "report", DENSE, "--data", DATA, "--eps", "36/255", "--no-attack", "--out",
                               str(tmp_path / "b"), "--lipschitz", "0.5", "--no-require-claim")
     assert code == 0, out + err
-    assert out.startswith("LIPSCHITZ CLAIM NOT PROVEN: the model is claimed 0.5-Lipschitz (--lipschitz)")
+    assert out.startswith("LIPSCHITZ CLAIM NOT PROVEN: the model is claimed 0.5-Lipschitz (lipschitz)")
     assert "the certificates use the declared bound, which lipcert cannot confirm" in " ".join(out.split())
 
 
@@ -156,6 +159,7 @@ def _interrupted_checkpoint(out: Path) -> int:
     return len(files)
 
 
+@pytest.mark.slow
 def test_refused_runs_keep_the_checkpoint_and_resume_reads_it_back(capsys, tmp_path: Path) -> None:
     out = tmp_path / "rep"
     batches = _interrupted_checkpoint(out)
@@ -183,7 +187,7 @@ def test_refused_runs_keep_the_checkpoint_and_resume_reads_it_back(capsys, tmp_p
 
 def test_resume_without_a_checkpoint_says_so(capsys, tmp_path: Path) -> None:
     code, _, err = run_main(capsys, "report", DENSE, "--data", DATA, "--no-attack", "--out", str(tmp_path), "--resume")
-    assert code == 0 and f"--resume: no checkpoint in {tmp_path}; starting from the beginning" in err
+    assert code == 0 and f"resume: no checkpoint in {tmp_path}; starting from the beginning" in err
 
 
 @pytest.mark.slow
@@ -269,11 +273,13 @@ def test_progress_bars_on_a_terminal() -> None:
     assert "resumed: read back 192 of 540 samples" in text
 
 
+@pytest.mark.slow
 def test_inference_in_chunks_gives_the_same_batches_and_throughput_is_over_the_whole_run(tmp_path: Path) -> None:
     from lipcert import AttackConfig, certify, load_model
     from lipcert.certification.run import chunk_size
 
-    assert chunk_size(256, None, "cpu") == 64 and chunk_size(540, None, "cpu") == 60 and chunk_size(97, None, "cpu") == 97
+    assert chunk_size(256, None, "cpu") == 64 and chunk_size(540, None, "cpu") == 60
+    assert chunk_size(97, None, "cpu") == 97
     assert chunk_size(240, 48, "cpu") == 48 and chunk_size(1024, None, "cuda") == 1024
     graph = load_model(DENSE)
     data = np.load(DATA)
@@ -284,17 +290,19 @@ def test_inference_in_chunks_gives_the_same_batches_and_throughput_is_over_the_w
     kw = dict(backend="torch", skip_bad_samples=True, attack=AttackConfig(steps=3, restarts=1))
     whole = certify(graph, path, "36/255,72/255", batch_size=64, **kw)   # one call per batch
     chunked = certify(graph, path, "36/255,72/255", batch_size=256, **kw)  # 4 calls per batch of 256
-    assert torch.equal(whole.samples.indices, chunked.samples.indices) and chunked.skipped["count"] == 2
+    assert torch.equal(whole.samples.indices, chunked.samples.indices)
+    assert chunked.skipped is not None and chunked.skipped.count == 2
     assert torch.equal(whole.samples.predictions, chunked.samples.predictions)
     assert torch.allclose(whole.samples.radii, chunked.samples.radii, rtol=1e-6, atol=1e-9)
     t = chunked.timings
-    assert t["images_per_second"] == pytest.approx(538 / t["total_seconds"], rel=0.05)
-    assert t["images_per_second"] < t["inference_images_per_second"]
+    assert t.images_per_second == pytest.approx(538 / t.total_seconds, rel=0.05)
+    assert t.images_per_second < t.inference_images_per_second
 
 
 # ---------------------------------------------------------------- the plot
 
 
+@pytest.mark.slow
 def test_plot_labels_stay_inside_and_apart_and_the_histogram_counts_whole_samples() -> None:
     from lipcert import AttackConfig, certify, load_model
     from lipcert.report.render import figure

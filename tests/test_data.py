@@ -521,7 +521,7 @@ def test_image_folder_default_workers(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (source._workers_for(12, 3), source._workers_for(12, 2), source._workers_for(12, 1)) == (3, 2, 0)
     source.workers = 1  # asked for: used whatever the size, but never more than the chunks
     assert (source._workers_for(5, 3), source._workers_for(5, 1)) == (1, 0)
-    with pytest.raises(LipcertError, match="--workers must be 0"):
+    with pytest.raises(LipcertError, match="workers must be 0"):
         open_dataset(tmp_path / "d", workers=-1)
 
 

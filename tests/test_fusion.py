@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 from lipcert.bounds.decompose import decompose
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.spectral import upper_bound
-from lipcert.graph.linop import LinearOperator
+from lipcert.graph.linop import LinearOperator, MatrixStructure
 
 from .conftest import graph_of
 from .soundness.build import Builder
@@ -23,7 +23,7 @@ TIGHT = 1e-6  # relative distance to the dense norm allowed where the structure 
 def structural_bound(op: LinearOperator) -> float:
     """``upper_bound`` from the operator's structure alone: never the dense SVD of the operator itself (a matrix
     is still bounded by the SVD of its own matrix, which is exact)."""
-    return upper_bound(op, dense_limit=4096 if op.kind == "matrix" else 0).value
+    return upper_bound(op, dense_limit=4096 if isinstance(op.structure, MatrixStructure) else 0).value
 
 
 def weights(rng: np.random.Generator, *shape: int) -> np.ndarray:

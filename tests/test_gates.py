@@ -19,7 +19,17 @@ from lipcert.report.gates import (
     report_gates,
     verify_gates,
 )
-from lipcert.report.model import EpsResult, Report, SampleTable
+from lipcert.report.model import (
+    AttackSection,
+    BoundSection,
+    DatasetSection,
+    EpsResult,
+    Histogram,
+    ModelSection,
+    Report,
+    SampleTable,
+    TimingsSection,
+)
 
 from .conftest import one_line
 
@@ -45,13 +55,18 @@ def report(clean: float = 0.9, certified: dict[float, float] | None = None, *, v
     certified = {0.0: clean, 0.5: 0.6} if certified is None else certified
     eps = [EpsResult(e, f"{e:g}", acc, round(acc * 10), {"empirical robust": empirical[e]} if empirical else {})
            for e, acc in certified.items()]
-    bound = {"value": value, "claimed": claimed, "claim_source": "model metadata", "computed_upper": value,
-             "normalisation_factor": 1.0, "claim_proven": proven}
+    bound = BoundSection(value=value, method="computed", computed_upper=value, declared=None, normalisation_factor=1.0,
+                         rule="sqrt(2) margin", error_base=0.0, error_slope=0.0, claimed=claimed,
+                         claim_source="model metadata", claim_proven=proven)
+    attack = None if violations is None else AttackSection(
+        "PGD-L2", 10, 1, "alpha", 0, [], [], "", violation_count=violations, consistent=not violations,
+        median_gap=None, gap_histogram=Histogram([], []), curve=[])
     zeros = torch.zeros(10)
-    return Report(model={"path": "m.onnx"}, dataset={"path": "d.npz"}, device="cpu", backend="torch", batch_size=10,
-                  norm="l2", input_dim=16, bound=bound, clean_accuracy=clean, eps=eps, curve=[], timings={},
-                  notes=[], samples=SampleTable(zeros.long(), zeros.long(), zeros, zeros),
-                  attack=None if violations is None else {"violation_count": violations})
+    return Report(model=ModelSection("m.onnx", "", "onnx"),
+                  dataset=DatasetSection("d.npz", "npz", "", 10, "NC", "float 0-1", 2, [16]), device="cpu",
+                  backend="torch", batch_size=10, norm="l2", input_dim=16, bound=bound, clean_accuracy=clean, eps=eps,
+                  curve=[], timings=TimingsSection(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 1), notes=[],
+                  samples=SampleTable(zeros.long(), zeros.long(), zeros, zeros), attack=attack)
 
 
 def by_name(gates) -> dict[str, bool]:
@@ -87,7 +102,7 @@ def test_verify_max_lipschitz_passes_at_the_cap_and_fails_above() -> None:
 
 
 def test_verify_unknown_requirement_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="--require 'maybe': expected one of proven, not-violated"):
+    with pytest.raises(ConfigError, match="require must be one of proven, not-violated, got 'maybe'"):
         verify_gates(verify_result(PROVEN), require="maybe")
 
 
@@ -149,11 +164,11 @@ def test_required_claim_without_a_claim_is_a_config_error() -> None:
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"min_clean_acc": 90.0}, "--min-clean-acc 90.0: expected a fraction between 0 and 1; 90 looks like a "
+    ({"min_clean_acc": 90.0}, "min_clean_acc 90.0: expected a fraction between 0 and 1; 90 looks like a "
                               "percentage: write 0.9"),
-    ({"min_clean_acc": -0.1}, "--min-clean-acc -0.1: expected a fraction between 0 and 1"),
-    ({"max_drop": 2.0}, "--max-drop 2.0: expected a fraction"),
-    ({"min_certified": [("36/255", 36 / 255, 1.5)]}, "--min-certified-acc 36/255=1.5: expected a fraction"),
+    ({"min_clean_acc": -0.1}, "min_clean_acc -0.1: expected a fraction between 0 and 1"),
+    ({"max_drop": 2.0}, "max_drop 2.0: expected a fraction"),
+    ({"min_certified": [("36/255", 36 / 255, 1.5)]}, "min_certified_acc 36/255=1.5: expected a fraction"),
 ])
 def test_thresholds_outside_0_1_are_config_errors(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -22,6 +22,7 @@ import lipcert
 from lipcert import limits
 from lipcert.data import open_dataset
 from lipcert.errors import ConfigError, DataError, ModelError
+from lipcert.graph import budget
 from lipcert.graph.core import Node
 
 from .conftest import SAMPLES, one_line, run_main
@@ -75,7 +76,7 @@ def test_check_names_the_tensor_its_shape_and_the_limit() -> None:
     with pytest.raises(ModelError) as info:
         limits.check([3, 5], 12, "tensor 'w'", "m.onnx")
     assert str(info.value) == ("m.onnx: tensor 'w' has 15 elements (shape (3, 5)), more than the limit of 12 "
-                               "(max_elements; raise it with --max-elements)")
+                               "(max_elements; raise it)")
     with pytest.raises(DataError, match="more than 10\\*\\*60 elements"):
         limits.check([2**100, 2**100], 10, "x", error=DataError)
     with pytest.raises(ModelError, match="has 13 elements, more than"):
@@ -89,47 +90,46 @@ def _meta(*shape: int) -> torch.Tensor:
 
 def test_node_bounds_of_shape_making_ops() -> None:
     shape = torch.tensor([1000, 3000])
-    assert limits.node_bounds("ConstantOfShape", {}, [shape]) == (3_000_000, 0)
-    assert limits.node_bounds("Expand", {}, [_meta(1, 3), torch.tensor([4, 1])]) == (12, 0)
-    assert limits.node_bounds("Tile", {}, [_meta(2, 3), torch.tensor([2**20, 2])]) == (6 * 2**21, 0)
-    assert limits.node_bounds("Range", {}, [torch.tensor(0.0), torch.tensor(10.0), torch.tensor(2.0)]) == (5, 5)
-    assert limits.node_bounds("Range", {}, [torch.tensor(0.0), torch.tensor(float("inf")),
+    assert budget.node_bounds("ConstantOfShape", {}, [shape]) == (3_000_000, 0)
+    assert budget.node_bounds("Expand", {}, [_meta(1, 3), torch.tensor([4, 1])]) == (12, 0)
+    assert budget.node_bounds("Tile", {}, [_meta(2, 3), torch.tensor([2**20, 2])]) == (6 * 2**21, 0)
+    assert budget.node_bounds("Range", {}, [torch.tensor(0.0), torch.tensor(10.0), torch.tensor(2.0)]) == (5, 5)
+    assert budget.node_bounds("Range", {}, [torch.tensor(0.0), torch.tensor(float("inf")),
                                             torch.tensor(1.0)])[0] >= limits.UNBOUNDED
-    assert limits.node_bounds("Pad", {}, [_meta(1, 3, 8, 8), torch.tensor([0, 0, 2, 2, 0, 0, 2, 2])])[0] \
+    assert budget.node_bounds("Pad", {}, [_meta(1, 3, 8, 8), torch.tensor([0, 0, 2, 2, 0, 0, 2, 2])])[0] \
         >= 1 * 3 * 12 * 12
-    assert limits.node_bounds("Concat", {"axis": 0}, [_meta(2, 5), _meta(3, 5)]) == (25, 25)
-    assert limits.node_bounds("NoSuchOp", {}, [_meta(2)]) is None
+    assert budget.node_bounds("Concat", {"axis": 0}, [_meta(2, 5), _meta(3, 5)]) == (25, 25)
+    assert budget.node_bounds("NoSuchOp", {}, [_meta(2)]) is None
     with pytest.raises(ModelError, match="node 'c' \\(ConstantOfShape\\): a shape-like input of 1,000 values"):
-        limits.node_bounds("ConstantOfShape", {}, [torch.ones(1000, dtype=torch.int64)], "c")
+        budget.node_bounds("ConstantOfShape", {}, [torch.ones(1000, dtype=torch.int64)], "c")
 
 
 def test_node_bounds_of_conv_and_matmul_cover_the_real_sizes() -> None:
     x, w = torch.rand(2, 3, 17, 17), torch.rand(16, 3, 3, 3)
     attrs = {"pads": [1, 1, 1, 1], "strides": [2, 2]}
-    size, work = limits.node_bounds("Conv", attrs, [x, w])
+    size, work = budget.node_bounds("Conv", attrs, [x, w])
     y = torch.nn.functional.conv2d(x, w, padding=1, stride=2)
     true_work = y.numel() * 3 * 3 * 3
     assert y.numel() <= size <= 4 * max(y.numel(), x.numel()) and true_work <= work <= 4 * true_work
-    assert limits.node_bounds("MatMul", {}, [_meta(2, 3, 4), _meta(4, 5)]) == (2 * 3 * 5, 2 * 3 * 5 * 4)
-    assert limits.node_bounds("Gemm", {"transB": 1}, [_meta(3, 4), _meta(5, 4)]) == (20, 60)  # B is largest
+    assert budget.node_bounds("MatMul", {}, [_meta(2, 3, 4), _meta(4, 5)]) == (2 * 3 * 5, 2 * 3 * 5 * 4)
+    assert budget.node_bounds("Gemm", {"transB": 1}, [_meta(3, 4), _meta(5, 4)]) == (20, 60)  # B is largest
 
 
 def test_check_node_refuses_size_work_and_total() -> None:
     limit = 2**20
     big = Node("blowup", "ConstantOfShape", ["s"], ["y"])
     with pytest.raises(ModelError) as info:
-        limits.check_node(big, [torch.tensor([2**20, 2**20])], limit, "m.onnx")
+        budget.check_node(big, [torch.tensor([2**20, 2**20])], limit, "m.onnx")
     assert str(info.value) == ("m.onnx: node 'blowup' (ConstantOfShape) would allocate 1,099,511,627,776 "
-                               "elements, more than the limit of 1,048,576 (max_elements; raise it with "
-                               "--max-elements)")
+                               "elements, more than the limit of 1,048,576 (max_elements; raise it)")
     mm = Node("mm", "MatMul", ["a", "b"], ["y"])  # 2**20-element inputs and output, 2**30 multiply-adds
     with pytest.raises(ModelError, match="node 'mm' \\(MatMul\\) would need 1,073,741,824 multiply-adds, more "
                                          "than 256 x the limit"):
-        limits.check_node(mm, [_meta(1024, 1024), _meta(1024, 1024)], limit)
+        budget.check_node(mm, [_meta(1024, 1024), _meta(1024, 1024)], limit)
     small = Node("small", "Relu", ["a"], ["y"])
-    assert limits.check_node(small, [_meta(1000)], limit) == 1000
+    assert budget.check_node(small, [_meta(1000)], limit) == 1000
     with pytest.raises(ModelError, match="node 'small' \\(Relu\\) would bring the values held"):
-        limits.check_node(small, [_meta(1000)], limit, live=limits.TOTAL_FACTOR * limit)
+        budget.check_node(small, [_meta(1000)], limit, live=limits.TOTAL_FACTOR * limit)
 
 
 
@@ -261,7 +261,7 @@ def test_huge_intermediate_refused_before_allocation(tmp_path: Path, op: str) ->
     assert result.returncode == 2, result.stderr
     kind = "ConstantOfShape" if op == "reference" else op
     assert line == (f"lipcert: error: {path}: node 'blowup' ({kind}) would allocate 2,147,483,648 elements, more "
-                    f"than the limit of {DEFAULT} (max_elements; raise it with --max-elements)")
+                    f"than the limit of {DEFAULT} (--max-elements; raise it)")
 
 
 # ------------------------------------------------------------------------------------------ dataset samples
@@ -277,7 +277,7 @@ def test_open_dataset_refuses_a_sample_above_the_limit(tmp_path: Path, monkeypat
     with pytest.raises(DataError) as info:
         open_dataset(path, max_elements=1599)
     assert str(info.value) == (f"{path}: one sample of x has 1,600 elements (shape (1, 40, 40)), more than the "
-                               "limit of 1,599 (max_elements; raise it with --max-elements)")
+                               "limit of 1,599 (max_elements; raise it)")
     assert open_dataset(path, max_elements=1600).info.sample_shape == (1, 40, 40)
     monkeypatch.setenv(limits.ENV_VAR, "1000")
     with pytest.raises(DataError, match="one sample of x has 1,600 elements"):
@@ -298,7 +298,7 @@ def test_report_refuses_a_dataset_sample_above_the_limit(capsys: pytest.CaptureF
                        "--no-attack", "--out", str(tmp_path / "out"))
     assert code == 2
     assert one_line(err) == (f"lipcert: error: {path}: one sample of x has 160,000 elements (shape (1, 400, "
-                             "400)), more than the limit of 100,000 (max_elements; raise it with --max-elements)")
+                             "400)), more than the limit of 100,000 (--max-elements; raise it)")
 
 
 def test_huge_declared_sample_refused_before_reading(tmp_path: Path) -> None:
@@ -319,5 +319,5 @@ def test_huge_declared_sample_refused_before_reading(tmp_path: Path) -> None:
     """)
     result = capped("-c", script, str(tmp_path))
     assert result.stdout.strip() == (f"REFUSED {images}: one sample of x has 4,294,967,296 elements (shape "
-                                     f"(65536, 65536)), more than the limit of {DEFAULT} (max_elements; raise it "
-                                     "with --max-elements)"), result.stderr[-2000:]
+                                     f"(65536, 65536)), more than the limit of {DEFAULT} (max_elements; "
+                                     "raise it)"), result.stderr[-2000:]

@@ -166,12 +166,12 @@ def test_arch_python_runs_only_when_asked(tmp_path: Path, monkeypatch: pytest.Mo
     reference = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match="--arch spec.json"):
+    with pytest.raises(ModelError, match="give its architecture as arch \\(a JSON spec\\)"):
         load_model(tmp_path / "m.safetensors")
     graph = load_model(tmp_path / "m.safetensors", arch_python="mynet:build", input_shape=(1, 8, 8))
     x = torch.rand(2, 1, 8, 8)
     assert torch.allclose(GraphModule(graph)(x), reference(x), atol=1e-6)
-    assert any("--arch-python mynet:build" in note for note in graph.notes)
+    assert any("(arch_python mynet:build)" in note for note in graph.notes)
 
 
 BAD_SPEC_CASES = {
@@ -222,7 +222,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     onnx.save(_tiny_model(np.full((3, 4), 3e38)), str(tmp / "overflow.onnx"))
     cases["finite weights whose outputs overflow"] = (tmp / "overflow.onnx", "outputs are NaN or Inf on random inputs")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "nospec.safetensors"))
-    cases["safetensors without spec"] = (tmp / "nospec.safetensors", "--arch spec.json")
+    cases["safetensors without spec"] = (tmp / "nospec.safetensors", "give its architecture as --arch (a JSON spec)")
     save_file({"w": torch.randn(10, 64)}, str(tmp / "cut.safetensors"),
               metadata={SPEC_KEY: json.dumps(_spec([{"type": "flatten"}, {"type": "linear", "weight": "w"}],
                                                   [1, 8, 8]))})
@@ -286,3 +286,22 @@ def test_fixed_batch_exports_run_any_batch(tmp_path: Path, dynamo: bool) -> None
     report = certify(graph, Path(__file__).parent.parent / "sample_models" / "digits_test.npz", "36/255",
                      batch_size=64, backend="onnxruntime", attack=False)
     assert report.num_samples == 540
+
+
+@pytest.mark.slow
+def test_model_with_local_functions_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """A model whose nodes call a local function is inlined and proven from the command line, in a process that
+    imported nothing else first (``onnx.inliner`` is a submodule ``import onnx`` does not load)."""
+    relu = helper.make_function("local", "Act", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                [helper.make_opsetid("", 17)])
+    w = numpy_helper.from_array((np.eye(10, 64) * 0.5).astype(np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Act", ["f"], ["r"], domain="local"),
+             helper.make_node("Gemm", ["r", "w"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[relu], ir_version=8)
+    onnx.save(model, tmp_path / "func.onnx")
+    result = run_cli("verify", str(tmp_path / "func.onnx"), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["network_upper"] == pytest.approx(0.5, rel=1e-6)

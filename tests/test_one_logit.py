@@ -228,13 +228,14 @@ def test_violations_name_the_two_class_reading(binary: Binary) -> None:
     class and the logits read as (0, s)."""
     graph = lipcert.load_model(binary.model)
     rep = lipcert.certify(graph, binary.data, "0.3,1", lipschitz=0.0081, attack=AttackConfig(steps=10, restarts=1))
-    violations = rep.attack["violations"]
-    assert violations and rep.attack["violation_count"] == len(violations) and not rep.attack["consistent"]
-    assert any(g["name"].startswith("attack violations") and not g["passed"] for g in rep.gates)
+    assert rep.attack is not None
+    violations = rep.attack.violations
+    assert violations and rep.attack.violation_count == len(violations) and not rep.attack.consistent
+    assert any(g.name.startswith("attack violations") and not g.passed for g in rep.gates)
     for v in violations:
-        assert v["adversarial_class"] == 1 - v["label"] and v["adversarial_distance"] < v["certified_radius"]
-        assert v["logit_adversarial"] >= v["logit_true"]
-        assert (v["logit_true"] if v["label"] == 0 else v["logit_adversarial"]) == 0.0
+        assert v.adversarial_class == 1 - v.label and v.adversarial_distance < v.certified_radius
+        assert v.logit_adversarial >= v.logit_true
+        assert (v.logit_true if v.label == 0 else v.logit_adversarial) == 0.0
 
 
 # ---------------------------------------------------------------- labels
@@ -322,7 +323,7 @@ def test_api_and_a_scalar_output(binary: Binary, tmp_path: Path) -> None:
     assert graph.value_shapes[graph.output] == ()
     assert lipcert.verify(graph).status == "proven"
     rep = lipcert.certify(graph, binary.data, "0.05,0.1", attack=AttackConfig(steps=5, restarts=1))
-    assert rep.bound["rule"] == BINARY_RULE and rep.attack["consistent"]
+    assert rep.bound.rule == BINARY_RULE and rep.attack is not None and rep.attack.consistent
     fig = figure(rep)
     assert f"certificate rule: {BINARY_RULE}" in [t.get_text() for t in fig.texts]
     matplotlib.pyplot.close(fig)

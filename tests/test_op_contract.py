@@ -1,5 +1,6 @@
 """Each registered operator owns its contract: its role attributes (``Op.combination``, ``shape_only``,
-``row_priority``, ``row_suffix``) are well typed and mean what they say, and its linear operator carries the typed
+``row_priority``, ``row_suffix``) are well typed and mean what they say, its facts (size rule, linear combination,
+slope range) are declared and true, and its linear operator carries the typed
 structure of its kind, with the node's own settings in it."""
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from lipcert.bounds.decompose import decompose
 from lipcert.bounds.spectral import upper_bound
 from lipcert.bounds.steps import Context
+from lipcert.graph import budget
 from lipcert.graph.core import Graph, Node
 from lipcert.graph.linop import (
-    STRUCTURES,
+    ChainStructure,
     ConvStructure,
     IsometryStructure,
     ScalarStructure,
@@ -25,7 +27,9 @@ from lipcert.graph.linop import (
     from_function,
 )
 from lipcert.graph.ops import REGISTRY, Op, RunContext
+from lipcert.graph.ops.fold_only import FOLD_ONLY
 from lipcert.graph.ops.pooling import PoolSettings, pool_settings
+from lipcert.graph.ops.sizes import SizeRule
 from lipcert.model.fold import data_dependent
 from lipcert.model.onnx_loader import graph_from_onnx
 
@@ -154,19 +158,15 @@ def test_structures_refuse_unknown_fields_and_changes() -> None:
         structure.circular = True
 
 
-def test_each_kind_has_its_own_structure() -> None:
+def test_the_structure_is_the_kind() -> None:
     ident = lambda x: x  # noqa: E731
-    assert isinstance(from_function(ident, (3,), (3,)).structure, Structure)
-    iso = from_function(ident, (3,), (3,), kind="isometry")
+    assert type(from_function(ident, (3,), (3,)).structure) is Structure
+    iso = from_function(ident, (3,), (3,), structure=IsometryStructure())
     assert isinstance(iso.structure, IsometryStructure) and not iso.structure.flat and not iso.structure.onto
-    with pytest.raises(TypeError):  # a scalar operator's structure is a ScalarStructure
-        from_function(ident, (3,), (3,), kind="scalar", structure=IsometryStructure(flat=True, onto=True))
-    with pytest.raises(TypeError):  # a conv operator has no structure without its settings
-        from_function(ident, (3,), (3,), kind="conv")
-    with pytest.raises(TypeError):
-        from_function(ident, (3,), (3,), kind="dense", structure=Structure())
-    chain = iso.then(from_function(lambda x: 2 * x, (3,), (3,), kind="scalar", structure=ScalarStructure(value=2.0)))
-    assert chain.kind == "chain" and type(chain.structure) is STRUCTURES["chain"] and len(chain.structure.parts) == 2
+    with pytest.raises(TypeError):  # a conv structure has no default for its settings
+        ConvStructure()  # type: ignore[call-arg]
+    chain = iso.then(from_function(lambda x: 2 * x, (3,), (3,), structure=ScalarStructure(value=2.0)))
+    assert type(chain.structure) is ChainStructure and len(chain.structure.parts) == 2
 
 
 def test_conv_operator_carries_the_node_settings() -> None:
@@ -181,7 +181,7 @@ def test_conv_operator_carries_the_node_settings() -> None:
     ctx = Context(graph)
     op = REGISTRY["Conv"].linear(node, ctx.const_inputs(node), 0, ctx.shape("input"), ctx.shape("logits"))
     s = op.structure
-    assert op.kind == "conv" and type(s) is ConvStructure
+    assert type(s) is ConvStructure
     assert (s.stride, s.pads, s.dilation, s.groups) == ((2, 1), (1, 0, 2, 1), (1, 2), 2)
     assert (s.input_spatial, s.transpose, s.circular, s.output_padding) == ((9, 8), False, False, (0, 0))
     assert torch.equal(s.weight, torch.from_numpy(w.astype(np.float32)))
@@ -216,3 +216,63 @@ def test_pool_settings_reach_the_pooling_rule(kernel: tuple[int, ...], strides: 
     assert (settings.kernel, settings.stride, settings.dilation, settings.pads) == (kernel, strides, (1, 1), (0,) * 4)
     rule = REGISTRY["MaxPool"].lipschitz(node, [None], 0, (1, 8, 8), (1, 4, 4))
     assert rule.constant == pytest.approx(constant)
+
+
+# ---------------------------------------------------------------------------------------------- facts
+
+
+def _declares(cls: type, fact: str) -> bool:
+    """Whether a class below ``Op`` states ``fact`` (None, explicitly, counts as stating it)."""
+    return any(fact in vars(k) for k in cls.__mro__ if k is not Op and k is not object)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_operator_declares_its_size_rule(name: str) -> None:
+    """``Op.size`` has no default: a new operator without a size rule fails here (``lipcert.graph.budget``)."""
+    op = REGISTRY[name]
+    assert _declares(type(op), "size"), f"{name} declares no size rule (Op.size)"
+    assert op.size is None or isinstance(op.size, SizeRule)
+    assert budget.size_rule(name) is op.size
+
+
+def test_fold_only_operators_are_not_registered_and_have_size_rules() -> None:
+    assert not set(FOLD_ONLY) & set(REGISTRY)
+    for name, entry in FOLD_ONLY.items():
+        assert entry.name == name and isinstance(entry.size, SizeRule) and budget.size_rule(name) is entry.size
+    assert budget.size_rule("NoSuchOp") is None
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_linear_combination_is_what_the_operator_computes(name: str) -> None:
+    """``linear_combination`` is declared exactly by the "sum" combiners, and their output is sum(sign x) / divisor
+    on random broadcast inputs."""
+    op = REGISTRY[name]
+    summed = op.linear_combination(2)
+    assert (summed is not None) == (op.combination == "sum"), name
+    if summed is None:
+        return
+    for n in (2, 3):
+        summed = op.linear_combination(n)
+        if len(summed.signs) != n:
+            continue  # an operator of a fixed number of inputs
+        xs = [torch.randn(2, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64),
+              torch.randn(1, 3, dtype=torch.float64)][:n]
+        out = op.run(Node("n", name, [f"x{i}" for i in range(n)], ["y"]), xs, F64)[0]
+        terms = [s * torch.broadcast_to(x, (2, 3)) for s, x in zip(summed.signs, xs, strict=True)]
+        expected = sum(terms) / summed.divisor
+        assert torch.allclose(out, expected, rtol=1e-12, atol=0), name
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_slope_range_holds_every_slope(name: str) -> None:
+    """A declared slope range holds the difference quotients of the activation over a wide grid."""
+    op = REGISTRY[name]
+    for attrs in ({}, {"alpha": 0.3}, {"alpha": -0.5}):
+        node = Node("n", name, ["x"], ["y"], {k: v for k, v in attrs.items() if k in op.attributes})
+        slopes = op.slope_range(node)
+        if slopes is None:
+            continue
+        x = torch.linspace(-20, 20, 4001, dtype=torch.float64)
+        y = op.run(node, [x], F64)[0]
+        quotients = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
+        assert slopes[0] - 1e-9 <= float(quotients.min()) and float(quotients.max()) <= slopes[1] + 1e-9, name

@@ -559,8 +559,8 @@ case("Shape-negative-start-end", [n("Shape", ["x"], "s", start=-2, end=-1), n("C
                                   n("Mul", ["x", "f"])], (3, 4), opsets=since(15))
 case("Shape-end-beyond-rank", [n("Shape", ["x"], "s", start=2, end=10), n("Cast", ["s"], "f", to=TensorProto.FLOAT),
                                n("Mul", ["x", "f"])], (3, 4), opsets=since(15))
-case("Shape-full-then-Size", [n("Shape", ["x"], "s"), n("Size", ["s"], "k"), n("Cast", ["k"], "f", to=TensorProto.FLOAT),
-                              n("Mul", ["x", "f"])], (3, 4))
+case("Shape-full-then-Size", [n("Shape", ["x"], "s"), n("Size", ["s"], "k"),
+                              n("Cast", ["k"], "f", to=TensorProto.FLOAT), n("Mul", ["x", "f"])], (3, 4))
 case("Size-batch-dependent", [n("Size", ["x"], "k"), n("Cast", ["k"], "f", to=TensorProto.FLOAT),
                               n("Div", ["x", "f"])], (3, 4))
 case("Gather-axis1-scalar", [n("Gather", ["x", "i"], axis=1)], (5, 6), {"i": i64(2).reshape(())})

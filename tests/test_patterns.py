@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from lipcert.bounds.decompose import decompose
 from lipcert.bounds.fusion import refine
+from lipcert.bounds.patterns import PATTERNS
 from lipcert.bounds.propagate import propagate
 from lipcert.bounds.spectral import upper_bound
 from lipcert.bounds.steps import Step
@@ -331,7 +333,7 @@ def test_l2_norm_combination_is_bounded_as_the_weighted_terms() -> None:
     b = Builder((6,))
     graph, steps = analyse(b, l2_combination(b))
     (step,) = claimed(steps, L2_COMBINATION)
-    assert step.kind == "concat" and step.details["weights"] == pytest.approx([math.sqrt(0.5)] * 2)
+    assert step.kind == "concat" and step.details.weights == pytest.approx([math.sqrt(0.5)] * 2)
     bound = network_bound(graph)
     assert bound == pytest.approx(1.0, rel=1e-6)  # sqrt(0.5 * 1^2 + 0.5 * 1^2)
     assert measured(graph) <= bound * SOUND
@@ -344,3 +346,40 @@ def test_l2_norm_combination_near_misses(miss: str) -> None:
     b = Builder((6,))
     out = l2_combination(b, constant=-1e-6 if miss == "negative constant" else 1e-6, side=miss != "negative constant")
     assert_near_miss(b, out, L2_COMBINATION)
+
+
+# ------------------------------------------------------------------------------------------ every pattern
+
+
+def _sll_miss(b: Builder) -> str:
+    b_w, s = sll_weights()
+    return sll_dense(b, b_w, s, b_w.T * s[None, :] + 0.05 * np.random.default_rng(1).standard_normal((6, 4)))
+
+
+#: for each recogniser in ``PATTERNS`` (by name): the input shape, a model it claims, a near miss it must not
+#: claim, and the label of its step
+CASES: dict[str, tuple[tuple[int, ...], Callable[[Builder], str], Callable[[Builder], str], str]] = {
+    "sll_block": ((6,), lambda b: sll_dense(b, *sll_weights()), _sll_miss, SLL),
+    "wrap_concat": ((2, 3, 5), circular_conv, lambda b: circular_conv(b, left=(-2, -1)), WRAP),
+    "groupsort_reduce": ((8,), groupsort, lambda b: groupsort(b, min_of_copy=True), GROUPSORT),
+    "maxmin_concat": ((12,), maxmin, lambda b: maxmin(b, mismatched=True), MAXMIN),
+    "relu_neg_concat": ((6,), relu_neg, lambda b: relu_neg(b, source_copy=True), RELU_NEG),
+    "l2_pool": ((1, 4, 4), lambda b: l2_pool(b, 4.0, 2), lambda b: l2_pool(b, 4.0, 2, exponent=4.0), L2_POOL),
+    "l2_norm_combination": ((6,), l2_combination, lambda b: l2_combination(b, constant=-1e-6), L2_COMBINATION),
+}
+
+
+def test_every_case_names_a_pattern() -> None:
+    assert set(CASES) <= {p.__name__ for p in PATTERNS}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.__name__)
+def test_every_pattern_fires_on_its_case_and_not_on_its_near_miss(pattern: Callable) -> None:
+    """Driven by ``PATTERNS`` itself: a new recogniser without a case in ``CASES`` fails here."""
+    assert pattern.__name__ in CASES, f"pattern {pattern.__name__} has no case: add one to CASES in {__file__}"
+    shape, fires, misses, label = CASES[pattern.__name__]
+    b = Builder(shape)
+    assert claimed(analyse(b, fires(b))[1], label)
+    b = Builder(shape)
+    steps = analyse(b, misses(b))[1]
+    assert not claimed(steps, label), [(s.kind, s.label) for s in steps]

@@ -212,7 +212,7 @@ def test_report_certifies_at_least_what_the_library_certifies(tmp_path: Path, pe
     np.savez(tmp_path / "d.npz", x=x, y=y)
     report = certify(load_model(path), tmp_path / "d.npz", ",".join(f"{e:.6g}" for e in eps), attack=False)
     ours = report.samples.radii.numpy()
-    allowance = 4 * (report.bound["error_base"] + report.bound["error_slope"] * (np.linalg.norm(
+    allowance = 4 * (report.bound.error_base + report.bound.error_slope * (np.linalg.norm(
         x.reshape(len(x), -1), axis=1).max() + eps.max()))
     for e, result in zip(eps, report.eps):
         border = int(((theirs > e) & (theirs <= e + allowance)).sum())

@@ -18,16 +18,14 @@ def svd_norm(op) -> float:
 def matrix_op(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     m = torch.randn(20, 30, generator=gen, dtype=torch.float64)
-    return from_function(lambda x: x @ m.to(x).T, (3, 30), (3, 20), kind="matrix",
-                         structure=MatrixStructure(matrix=m))
+    return from_function(lambda x: x @ m.to(x).T, (3, 30), (3, 20), structure=MatrixStructure(matrix=m))
 
 
 def conv_op(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
     structure = ConvStructure(weight=w, input_spatial=(8, 8), stride=(2, 2), pads=(1, 1, 1, 1), dilation=(1, 1))
-    return from_function(lambda x: F.conv2d(x, w, stride=2, padding=1), (3, 8, 8), (4, 4, 4), kind="conv",
-                         structure=structure)
+    return from_function(lambda x: F.conv2d(x, w, stride=2, padding=1), (3, 8, 8), (4, 4, 4), structure=structure)
 
 
 def test_lower_bound_and_convergence_dense_matrix() -> None:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.image
@@ -176,6 +177,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, di
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_digits_certificates_equal_independent_computation(digits, name: str) -> None:
     out, rep = digits[name]
@@ -193,6 +195,7 @@ def test_digits_certificates_equal_independent_computation(digits, name: str) ->
     assert (s["radius"] > expect["sqrt2"] + 1e-3).sum() > len(y) // 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx"])
 def test_float_error_allowance_covers_the_real_rounding(name: str, backend: str) -> None:
@@ -214,6 +217,7 @@ def test_float_error_allowance_covers_the_real_rounding(name: str, backend: str)
     assert (measured.base < info.error_base + info.error_slope * x_norm).float().mean() > 0.9  # measured is tighter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx"])
 def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
     """Certifying with the model's own bound declared (no per-pair head) is exactly the sqrt(2) rule."""
@@ -221,8 +225,8 @@ def test_digits_sqrt2_rule_with_the_models_bound(digits, name: str) -> None:
     data = np.load(DIGITS)
     x, y = data["x"], data["y"]
     result = certify(load_model(SAMPLES / name), DIGITS, EPS, lipschitz=rep["bound"]["value"], attack=False)
-    assert result.bound["rule"] == "sqrt(2) margin"
-    declared = {**rep, "bound": result.bound, "backend": result.backend}
+    assert result.bound.rule == "sqrt(2) margin"
+    declared = {**rep, "bound": asdict(result.bound), "backend": result.backend}
     expect = radii(ort_logits(SAMPLES / name, x), x, rep["bound"], None, allowance(SAMPLES / name, x, declared))
     assert np.allclose(result.samples.radii.numpy(), expect["sqrt2"], rtol=1e-5, atol=SLACK)
     assert_counts(result.to_dict(), expect["sqrt2"], expect["prediction"] == y)
@@ -258,6 +262,7 @@ def test_outputs(digits) -> None:
     assert image.ndim == 3 and min(image.shape[:2]) > 100
 
 
+@pytest.mark.slow
 def test_quiet_prints_one_summary_line(digits, tmp_path: Path) -> None:
     """The installed command, as a user runs it: one line on stdout, the same report as without --quiet."""
     result = run_cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", str(DIGITS), "--eps", EPS, "--out",
@@ -272,14 +277,14 @@ def test_quiet_prints_one_summary_line(digits, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_declared_bound_on_the_broken_model(tmp_path: Path) -> None:
-    _, declared = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "a", "--lipschitz", "1.0", "--eps", "36/255",
-                         "--no-require-claim")
+    _, declared = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "a", "--lipschitz", "1.0", "--eps",
+                         "36/255", "--no-require-claim")
     _, computed = report(SAMPLES / "digits_broken.onnx", DIGITS, tmp_path / "b", "--eps", "36/255",
                          "--no-require-claim")
     assert declared["bound"]["value"] == 1.0 and declared["bound"]["declared"] == 1.0
     assert "declared" in declared["bound"]["method"]
-    assert any("declared with --lipschitz" in note for note in declared["notes"])
-    assert "declared with --lipschitz" in (tmp_path / "a" / "report.md").read_text()
+    assert any("declared with lipschitz" in note for note in declared["notes"])
+    assert "declared with lipschitz" in (tmp_path / "a" / "report.md").read_text()
     assert computed["bound"]["value"] == pytest.approx(2.7987, abs=1e-3) and computed["bound"]["declared"] is None
     assert not any("declared" in note for note in computed["notes"])
     assert computed["eps"][0]["certified_accuracy"] < 0.8 * declared["eps"][0]["certified_accuracy"]
@@ -551,6 +556,7 @@ def test_skip_bad_samples_nan_npz(digits, tmp_path: Path) -> None:
                                                    for e in rep["eps"]]
 
 
+@pytest.mark.slow
 def test_skip_bad_samples_checkpoint_and_resume(tmp_path: Path) -> None:
     from lipcert import AttackConfig
     from lipcert.errors import ConfigError
@@ -563,7 +569,7 @@ def test_skip_bad_samples_checkpoint_and_resume(tmp_path: Path) -> None:
     graph = load_model(SAMPLES / "digits_dense.onnx")
     kw = dict(batch_size=64, backend="torch", skip_bad_samples=True, attack=AttackConfig(steps=3, restarts=1))
     full = certify(graph, path, EPS, checkpoint_dir=tmp_path / "ck", **kw)
-    assert [(s["index"], s["reason"]) for s in full.skipped["samples"]] == [
+    assert full.skipped is not None and [(s.index, s.reason) for s in full.skipped.samples] == [
         (5, "x contains NaN or Inf"), (100, "x contains NaN or Inf"),
         (200, "label 10, but the model has 10 classes (0..9)"), (301, "x contains NaN or Inf")]
     files = sorted((tmp_path / "ck" / ".lipcert-checkpoint").glob("batch-*.npz"))
@@ -580,7 +586,7 @@ def test_skip_bad_samples_checkpoint_and_resume(tmp_path: Path) -> None:
     assert torch.equal(resumed.samples.indices, full.samples.indices)
     assert torch.equal(resumed.samples.radii, full.samples.radii)
     certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, skip_bad_samples=True, attack=False)
-    with pytest.raises(ConfigError, match="was made with --skip-bad-samples"):
+    with pytest.raises(ConfigError, match="was made with skip_bad_samples"):
         certify(graph, DIGITS, EPS, checkpoint_dir=tmp_path / "ck2", batch_size=256, resume=True, attack=False)
 
 

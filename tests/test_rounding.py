@@ -96,7 +96,8 @@ def test_allowance_of_each_operator_covers_its_real_error(tmp_path: Path) -> Non
              helper.make_node("BatchNormalization", ["c", "sc", "bb", "mu", "var"], ["n"]),
              helper.make_node("Relu", ["n"], ["r"]),
              helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], transB=1)]
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], transB=1)]
     model = load_model(_model(tmp_path / "m.onnx", nodes, inits, (2, 6, 6)))
     setup, info = certificate_setup(model)
     x = torch.cat([torch.rand((32, 2, 6, 6)), 50 * torch.randn((32, 2, 6, 6))])

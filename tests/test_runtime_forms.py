@@ -917,8 +917,8 @@ def cast_nets() -> Iterator[Net]:
                                         N("Neg", ["s"], ["n"]), N("Abs", ["n"], ["a"]),
                                         cast("a", "y", TensorProto.FLOAT)],
                   x, {"k": np.array([5], np.int32)}, opset)
-        yield Net("uint8-wraps", [N("Abs", ["x"], ["p"]), cast("p", "u", TensorProto.UINT8), N("Mul", ["u", "k"], ["m"]),
-                                  cast("m", "y", TensorProto.FLOAT)],
+        yield Net("uint8-wraps", [N("Abs", ["x"], ["p"]), cast("p", "u", TensorProto.UINT8),
+                                  N("Mul", ["u", "k"], ["m"]), cast("m", "y", TensorProto.FLOAT)],
                   x, {"k": np.array(100, np.uint8)}, opset)
         yield Net("bool-mask", [cast("x", "b", TensorProto.BOOL), cast("b", "f", TensorProto.FLOAT),
                                 N("Mul", ["x", "f"], ["y"])], x, {}, opset)
@@ -1051,7 +1051,8 @@ def model_nets() -> Iterator[Net]:
         yield Net("conv-add-mul-relu", [N("Conv", ["x", "W"], ["c"], strides=[2, 2]), N("Add", ["c", "a"], ["d"]),
                                         N("Mul", ["d", "k"], ["e"]), N("Relu", ["e"], ["y"])],
                   x, {"W": weight, "a": f32([1.0, -2.0, 0.5, 0.0]).reshape(1, 4, 1, 1), "k": f32(0.5)}, opset)
-        yield Net("matmul-add", [N("Flatten", ["x"], ["f"]), N("MatMul", ["f", "M"], ["p"]), N("Add", ["p", "c"], ["y"])],
+        yield Net("matmul-add", [N("Flatten", ["x"], ["f"]), N("MatMul", ["f", "M"], ["p"]),
+                                 N("Add", ["p", "c"], ["y"])],
                   x, {"M": whole(60, 5, seed=34), "c": whole(5, seed=35)}, opset)
         yield Net("gemm-transB-relu", [N("Flatten", ["x"], ["f"]), N("Gemm", ["f", "M", "c"], ["g"], transB=1,
                                                                      alpha=0.5), N("Relu", ["g"], ["y"])],
@@ -1063,7 +1064,8 @@ def model_nets() -> Iterator[Net]:
                       x, {**p, "W": whole(2, 3 + pads[1] + pads[5], 3, 3, seed=38)}, opset)
             for include in (0, 1):
                 yield Net("pad-avgpool", [N("Pad", ["x", "p"], ["q"]),
-                                          N("AveragePool", ["q"], ["y"], kernel_shape=[3, 3], count_include_pad=include)],
+                                          N("AveragePool", ["q"], ["y"], kernel_shape=[3, 3],
+                                            count_include_pad=include)],
                           x, p, opset)
             yield Net("pad-maxpool-nonnegative", [N("Relu", ["x"], ["r"]), N("Pad", ["r", "p"], ["q"]),
                                                   N("MaxPool", ["q"], ["y"], kernel_shape=[3, 3])], x, p, opset)

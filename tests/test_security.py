@@ -287,7 +287,7 @@ def arch_python_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     sys.modules.pop(name, None)
 
 
-NOTE = "architecture from user Python code --arch-python lipcert_security_net:build"
+NOTE = "architecture from user Python code (arch_python lipcert_security_net:build)"
 
 
 def test_verify_records_arch_python(arch_python_model, tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -17,7 +17,7 @@ from onnx import TensorProto
 
 from lipcert.bounds import thresholds
 
-from .conftest import graph_of
+from .conftest import SAMPLES, graph_of
 from .soundness import oracle
 from .soundness.build import Builder
 from .soundness.paths import LOWERED
@@ -474,6 +474,7 @@ def test_absolute_map_of_a_region_whose_constant_broadcasts_the_sum(tmp_path: Pa
     """Found by review of the same map: Sum(x, conv(x), c) with c of 3 channels and x of 1 copies x + conv(x)
     three times; the absolute map summed the data inputs only, without the copies, so its norm (the float error
     allowance's size) was sqrt(3) times too small. It must bound the region's own norm from above."""
+    from lipcert.bounds.kinds import Region
     from lipcert.bounds.propagate import propagate
     from lipcert.bounds.regions import absolute_operator
     from lipcert.bounds.rounding import nonnegative_norm
@@ -482,6 +483,31 @@ def test_absolute_map_of_a_region_whose_constant_broadcasts_the_sum(tmp_path: Pa
     conv = b.node("Conv", ["input", b.const(np.full((1, 1, 3, 3), 0.1, np.float32))], pads=[1, 1, 1, 1])
     total = b.node("Sum", ["input", conv, b.const(np.arange(3, dtype=np.float32).reshape(3, 1, 1))])
     graph = graph_of(b, b.node("Flatten", [total], axis=1))
-    (step,) = [s for s in propagate(graph, lower_bounds=False).steps if "substeps" in s.details]
+    (step,) = [s for s in propagate(graph, lower_bounds=False).steps if isinstance(s.details, Region)]
     dense = torch.linalg.matrix_norm(step.operator.to_dense(), ord=2)
     assert nonnegative_norm(absolute_operator(step)) >= float(dense) * (1 - 1e-9)
+
+
+def test_a_single_logit_near_zero_is_compared_at_the_size_of_its_terms() -> None:
+    """Found by the long profile (MaxMin of unequal slices, Gemm 32 -> 1, chunked thresholds): ``report`` refused
+    a valid one-logit model because its end-to-end check with onnxruntime's optimised run compared a logit that
+    cancels to almost nothing relative to itself (a difference of 2e-4 of a tiny logit, rounding of terms of
+    size 1). The check scales each sample by the largest magnitude its output node accumulates (|W| |x| + |b|)
+    when that is larger, and still refuses a difference at the size of those terms."""
+    from lipcert.errors import ModelError
+    from lipcert.graph.executor import GraphModule
+    from lipcert.model.crosscheck import _compare_output, _output_magnitude
+    from lipcert.model.loader import load_model
+
+    graph = load_model(SAMPLES / "digits_dense.onnx")
+    x = torch.rand(3, *graph.input_shape)
+    values = GraphModule(graph).run_all(x)
+    magnitude = _output_magnitude(graph, values, 3)
+    assert magnitude is not None and magnitude.shape == (3, 1) and bool((magnitude > 0).all())
+    mine = torch.full((3, 10), 1e-6, dtype=torch.float32)
+    rounding = (mine.double() + 1e-6 * magnitude).numpy()  # a rounding-sized difference of a cancelling logit
+    with pytest.raises(ModelError, match="differs from onnxruntime's"):
+        _compare_output(graph, mine, rounding, 1e-4, "test points")
+    _compare_output(graph, mine, rounding, 1e-4, "test points", magnitude)
+    with pytest.raises(ModelError, match="differs from onnxruntime's"):
+        _compare_output(graph, mine, (mine.double() + 1e-3 * magnitude).numpy(), 1e-4, "test points", magnitude)

@@ -13,9 +13,19 @@ from lipcert.bounds.spectral import (
     conv_circular_norm,
     gram_norm_bound,
     kernel_matrix_norm,
+    top_singular,
     upper_bound,
 )
-from lipcert.graph.linop import ConvStructure, DiagStructure, MatrixStructure, ScalarStructure, from_function
+from lipcert.graph.linop import (
+    ConvStructure,
+    DiagStructure,
+    IsometryStructure,
+    MatrixStructure,
+    NonnegativeStructure,
+    ProjectionStructure,
+    ScalarStructure,
+    from_function,
+)
 
 from .conftest import dense_norm
 
@@ -59,7 +69,7 @@ def conv_case(nd, c_in, c_out, k, n, *, stride=1, pads=None, dilation=1, groups=
     out_shape = tuple(fn(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
     structure = ConvStructure(weight=w, stride=stride, pads=pads, dilation=dilation, groups=groups,
                               circular=circular, input_spatial=n, transpose=transpose, output_padding=output_padding)
-    return fn, from_function(fn, in_shape, out_shape, kind="conv", structure=structure)
+    return fn, from_function(fn, in_shape, out_shape, structure=structure)
 
 
 # (case, whether the DFT path should be exact)
@@ -197,7 +207,7 @@ def test_gram_bound_no_overflow(scale) -> None:
 @pytest.mark.parametrize("count_include_pad", [True, False])
 def test_schur_bound_on_overlapping_avgpool(count_include_pad) -> None:
     fn = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=count_include_pad)  # noqa: E731
-    op = from_function(fn, (2, 7, 7), (2, 7, 7), kind="nonnegative")
+    op = from_function(fn, (2, 7, 7), (2, 7, 7), structure=NonnegativeStructure())
     true = dense_norm(fn, (2, 7, 7))
     schur = upper_bound(op, dense_limit=0)
     assert schur.method == "schur" and not schur.exact
@@ -210,7 +220,7 @@ def test_schur_bound_on_overlapping_avgpool(count_include_pad) -> None:
 def test_matrix_kind_svd_and_gram() -> None:
     gen = torch.Generator().manual_seed(4)
     m = torch.randn(12, 20, generator=gen, dtype=torch.float64)
-    op = from_function(lambda x: x @ m.T, (3, 20), (3, 12), kind="matrix", structure=MatrixStructure(matrix=m))
+    op = from_function(lambda x: x @ m.T, (3, 20), (3, 12), structure=MatrixStructure(matrix=m))
     true = dense_norm(op.forward, op.in_shape)  # the operator on (3, 20) has the norm of M
     exact = upper_bound(op)
     assert exact.method == "svd" and exact.exact and true * LOW <= exact.value <= true * HIGH
@@ -221,14 +231,14 @@ def test_matrix_kind_svd_and_gram() -> None:
 
 def test_structural_kinds() -> None:
     scale = torch.tensor([[0.5], [-3.0], [2.0]], dtype=torch.float64)
-    diag = from_function(lambda x: x * scale, (3, 4), (3, 4), kind="diag", structure=DiagStructure(scale=scale))
+    diag = from_function(lambda x: x * scale, (3, 4), (3, 4), structure=DiagStructure(scale=scale))
     up = math.nextafter  # one ulp up: the factor may be a rounded product of merged scales
     assert upper_bound(diag).value == up(3.0, math.inf) == pytest.approx(dense_norm(diag.forward, (3, 4)))
-    scalar = from_function(lambda x: -2.5 * x, (5,), (5,), kind="scalar", structure=ScalarStructure(value=-2.5))
+    scalar = from_function(lambda x: -2.5 * x, (5,), (5,), structure=ScalarStructure(value=-2.5))
     assert upper_bound(scalar).value == up(2.5, math.inf)
-    iso = from_function(lambda x: x.reshape(x.shape[0], 6), (2, 3), (6,), kind="isometry")
+    iso = from_function(lambda x: x.reshape(x.shape[0], 6), (2, 3), (6,), structure=IsometryStructure())
     assert upper_bound(iso).value == 1.0 and upper_bound(iso).exact
-    crop = from_function(lambda x: x[:, 1:3], (5,), (2,), kind="projection")
+    crop = from_function(lambda x: x[:, 1:3], (5,), (2,), structure=ProjectionStructure())
     b = upper_bound(crop)
     assert b.value == 1.0 and b.method == "structural" and not b.exact
 
@@ -236,7 +246,7 @@ def test_structural_kinds() -> None:
 def test_generic_is_svd_when_small_and_none_when_large() -> None:
     gen = torch.Generator().manual_seed(5)
     m = torch.randn(8, 8, generator=gen, dtype=torch.float64)
-    op = from_function(lambda x: x @ m, (8,), (8,))  # kind "generic"
+    op = from_function(lambda x: x @ m, (8,), (8,))  # a plain Structure
     small = upper_bound(op)
     assert small.method == "svd" and small.value >= float(torch.linalg.matrix_norm(m, ord=2)) * LOW
     none = upper_bound(op, dense_limit=0)
@@ -246,8 +256,7 @@ def test_generic_is_svd_when_small_and_none_when_large() -> None:
 def test_chain_dense_and_product() -> None:
     fn, conv = conv_case(nd=2, c_in=2, c_out=3, k=3, n=5, stride=2, pads=(1, 1, 1, 1))
     scale = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64).reshape(3, 1, 1)
-    diag = from_function(lambda x: x * scale, conv.out_shape, conv.out_shape, kind="diag",
-                         structure=DiagStructure(scale=scale))
+    diag = from_function(lambda x: x * scale, conv.out_shape, conv.out_shape, structure=DiagStructure(scale=scale))
     chain = conv.then(diag)
     true = dense_norm(chain.forward, chain.in_shape)
     svd = upper_bound(chain)
@@ -256,3 +265,22 @@ def test_chain_dense_and_product() -> None:
     assert prod.method == "product(fft-embedding,structural)" and not prod.exact
     assert prod.value >= true * LOW
     assert prod.value >= upper_bound(conv, dense_limit=0).value * 2.0  # product of the parts' bounds
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_dense_bound_carries_a_top_singular_vector(shape: tuple[int, int]) -> None:
+    """The dense bound decomposes the Gram matrix once and hands power iteration a top right singular vector of
+    the operator (wide or tall, whichever side it built): ||A v|| = ||A|| at that vector, with no SVD."""
+    torch.manual_seed(0)
+    a = torch.randn(*shape, dtype=torch.float64)
+    op = from_function(lambda x: x @ a.T.to(x), (shape[1],), (shape[0],))
+    bound = upper_bound(op)
+    exact = float(torch.linalg.matrix_norm(a, 2))
+    assert bound.method == "svd" and exact <= bound.value <= exact * (1 + 1e-8)
+    v = bound.start
+    assert v is not None and v.shape == (shape[1],) and float(v.norm()) == pytest.approx(1.0)
+    assert float((a @ v).norm()) == pytest.approx(exact, rel=1e-10)
+    sigma, left, right = top_singular(a)
+    assert sigma == pytest.approx(exact, rel=1e-12)
+    assert float((a @ right).norm()) == pytest.approx(exact, rel=1e-10)
+    assert float((a.T @ left).norm()) == pytest.approx(exact, rel=1e-10)

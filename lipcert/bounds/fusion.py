@@ -26,6 +26,7 @@ import torch
 from lipcert.bounds.thresholds import record
 from lipcert.graph.linop import (
     ChainStructure,
+    ConvStructure,
     DiagStructure,
     IsometryStructure,
     LinearOperator,
@@ -53,45 +54,55 @@ def _aligned(a: LinearOperator, b: LinearOperator) -> bool:
 
 def _wrap(op: LinearOperator) -> bool:
     """Whether ``op`` is a wrap pad (a ``Pad`` in mode wrap, or torch's Slice/Concat export of one)."""
-    return op.kind == "nonnegative" and op.structure.mode == "wrap"
+    return isinstance(op.structure, NonnegativeStructure) and op.structure.mode == "wrap"
 
 
-def _joined(a: LinearOperator, b: LinearOperator, kind: str, structure: Structure) -> LinearOperator:
+def _joined(a: LinearOperator, b: LinearOperator, structure: Structure) -> LinearOperator:
     """``b o a`` (structures aligned) described by one ``structure`` running from a's core input to b's output."""
     merged = replace(structure, core=(core(a)[0], core(b)[1]), loose_in=a.structure.loose_in,
                      loose_out=b.structure.loose_out, inexact=a.structure.inexact or b.structure.inexact)
-    return replace(a.then(b), kind=kind, structure=merged)
+    return replace(a.then(b), structure=merged)
 
 
-def _with_scalar(a: LinearOperator, b: LinearOperator, kind: str, structure: Structure) -> LinearOperator:
+def _with_scalar(a: LinearOperator, b: LinearOperator, structure: Structure) -> LinearOperator:
     """``b o a`` where one side is a scalar: the other side's coordinates, with the scalar's losses on its side."""
-    scalar_first = a.kind == "scalar"
+    scalar_first = isinstance(a.structure, ScalarStructure)
     scalar, other = (a.structure, b.structure) if scalar_first else (b.structure, a.structure)
     lost = scalar.loose_in or scalar.loose_out
     merged = replace(structure, core=core(b if scalar_first else a),
                      loose_in=other.loose_in or (lost and scalar_first),
                      loose_out=other.loose_out or (lost and not scalar_first),
                      # a pooling counted as its norm: ||X P|| <= ||P|| ||X||, not equal
-                     inexact=other.inexact or scalar.inexact or (scalar.norm_only and kind != "scalar"))
-    if kind == "scalar":
-        merged = replace(merged, norm_only=a.structure.norm_only or b.structure.norm_only)
-    return replace(a.then(b), kind=kind, structure=merged)
+                     inexact=other.inexact or scalar.inexact or (
+                         _norm_only(a if scalar_first else b) and not isinstance(structure, ScalarStructure)))
+    if isinstance(merged, ScalarStructure):
+        merged = replace(merged, norm_only=_norm_only(a) or _norm_only(b))
+    return replace(a.then(b), structure=merged)
+
+
+def _norm_only(op: LinearOperator) -> bool:
+    """Whether ``op`` is a scalar counted as its norm that is not a multiple of the identity."""
+    return isinstance(op.structure, ScalarStructure) and op.structure.norm_only
 
 
 def _absorb(a: LinearOperator, b: LinearOperator) -> LinearOperator:
     """``b o a`` where one side is an isometry: the other side's structure, the isometry noted on its side."""
-    if a.kind == "isometry" and b.kind == "isometry":
-        structure = IsometryStructure(flat=a.structure.flat and b.structure.flat,
-                                      onto=a.structure.onto and b.structure.onto)
-        return replace(a.then(b), kind="isometry", structure=structure)
-    iso, kept = (a, b) if a.kind == "isometry" else (b, a)
-    own = kept.structure
-    moved = not iso.structure.flat
-    structure = replace(own, core=core(kept), loose_in=own.loose_in or (moved and iso is a),
-                        loose_out=own.loose_out or (moved and iso is b),
-                        # ||X P|| <= ||X|| for an isometry P that is not onto (zero padding)
-                        inexact=own.inexact or (iso is a and not iso.structure.onto))
-    return replace(a.then(b), kind=kept.kind, structure=structure)
+    match a.structure, b.structure:
+        case IsometryStructure() as first, IsometryStructure() as second:
+            structure = IsometryStructure(flat=first.flat and second.flat, onto=first.onto and second.onto)
+            return replace(a.then(b), structure=structure)
+        case IsometryStructure() as iso, own:
+            kept, iso_first = b, True
+        case own, IsometryStructure() as iso:
+            kept, iso_first = a, False
+        case _:
+            raise TypeError(f"{a.name!r} then {b.name!r}: neither is an isometry")  # ``_merged`` checks one is
+    moved = not iso.flat
+    merged = replace(own, core=core(kept), loose_in=own.loose_in or (moved and iso_first),
+                     loose_out=own.loose_out or (moved and not iso_first),
+                     # ||X P|| <= ||X|| for an isometry P that is not onto (zero padding)
+                     inexact=own.inexact or (iso_first and not iso.onto))
+    return replace(a.then(b), structure=merged)
 
 
 def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | None:
@@ -101,10 +112,12 @@ def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | Non
     conv's spatial axes, by non-negative amounts of at most the axis length, and the conv is not transposed and
     unpadded (all checked). Then
     output o reads x[(s o + d t - begin) mod n], which is what ``spectral`` bounds as circular."""
-    s = conv.structure
+    s, wrap = conv.structure, pad.structure
+    if not isinstance(s, ConvStructure) or not isinstance(wrap, NonnegativeStructure):
+        return None  # ``_merged`` calls it on a wrap pad and a convolution
     if s.transpose or any(s.pads) or not _wrap(pad) or not _aligned(pad, conv):
         return None
-    pads = pad.structure.pads
+    pads = wrap.pads
     pad_in = core(pad)[0]
     rank = len(pad_in) + 1
     nd = len(s.input_spatial)
@@ -118,31 +131,36 @@ def _circular(pad: LinearOperator, conv: LinearOperator) -> LinearOperator | Non
             return None  # a wrap pad longer than the axis copies entries twice: not a circular shift
     structure = replace(s, circular=True, input_spatial=tuple(pad_in[1:]),
                         pads=tuple(pads[rank - nd:rank]) + tuple(pads[2 * rank - nd:]))
-    return _joined(pad, conv, "conv", structure)
+    return _joined(pad, conv, structure)
 
 
 def _wrap_pair(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     """Two wrap pads on disjoint axes (torch pads H, then W): one wrap pad, since each axis' index map
     (p - begin) mod n is independent of the others. The same axis padded twice is not a wrap pad: None."""
-    pa, pb = a.structure.pads, b.structure.pads
+    sa, sb = a.structure, b.structure
+    if not isinstance(sa, NonnegativeStructure) or not isinstance(sb, NonnegativeStructure):
+        return None  # ``_merged`` calls it on two wrap pads
+    pa, pb = sa.pads, sb.pads
     rank = len(pa) // 2
-    if len(pb) != len(pa) or min(pa + pb, default=0) < 0 or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
+    if len(pb) != len(pa) or min(pa + pb, default=0) < 0 \
+            or any((pa[i] or pa[rank + i]) and (pb[i] or pb[rank + i]) for i in range(rank)):
         return None
-    return _joined(a, b, "nonnegative", NonnegativeStructure(mode="wrap", pads=tuple(p + q for p, q in zip(pa, pb))))
+    pads = tuple(p + q for p, q in zip(pa, pb, strict=False))
+    return _joined(a, b, NonnegativeStructure(mode="wrap", pads=pads))
 
 
 def _scale_of(op: LinearOperator) -> torch.Tensor | float | None:
     """The factor of a scalar (a float) or diagonal (a tensor) operator; None for any other kind."""
-    if op.kind == "scalar":
-        return float(op.structure.value)
-    if op.kind == "diag":
-        return op.structure.scale
+    match op.structure:
+        case ScalarStructure(value=value):
+            return float(value)
+        case DiagStructure(scale=scale):
+            return scale
     return None
 
 
-def _scaled_weight(conv: LinearOperator, scale: torch.Tensor, before: bool) -> torch.Tensor | None:
+def _scaled_weight(s: ConvStructure, scale: torch.Tensor, before: bool) -> torch.Tensor | None:
     """The conv weight with a scale folded in (per output channel after it, per input channel before)."""
-    s = conv.structure
     w = s.weight.double()
     nd = len(s.input_spatial)
     channel_axis_ok = scale.dim() == nd + 1 and all(d == 1 for d in scale.shape[1:])
@@ -169,43 +187,50 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
 
 def _merged(a: LinearOperator, b: LinearOperator) -> tuple[LinearOperator | None, str]:
     """``_merge``'s operator and the name of the branch that made it."""
-    if b.kind == "isometry" or a.kind == "isometry":
+    if isinstance(b.structure, IsometryStructure) or isinstance(a.structure, IsometryStructure):
         return _absorb(a, b), "fusion.absorb"
-    if _wrap(a) and b.kind == "conv":
+    if _wrap(a) and isinstance(b.structure, ConvStructure):
         return _circular(a, b), "fusion.circular"
     if _wrap(a) and _wrap(b) and _aligned(a, b):
         return _wrap_pair(a, b), "fusion.wrap-pair"
     sa, sb = _scale_of(a), _scale_of(b)
-    if isinstance(sa, float) or isinstance(sb, float):
-        scalar = sa if isinstance(sa, float) else sb
-        other, other_scale = (b, sb) if isinstance(sa, float) else (a, sa)
-        if isinstance(other_scale, float):
-            return _with_scalar(a, b, "scalar", ScalarStructure(value=sa * sb)), "fusion.scalar"
-        if other_scale is not None:
-            structure = DiagStructure(scale=torch.as_tensor(other_scale).double() * scalar)
-            return _with_scalar(a, b, "diag", structure), "fusion.scalar"
-        if other.kind == "conv":
-            weight = other.structure.weight.double() * scalar
-            return _with_scalar(a, b, "conv", replace(other.structure, weight=weight)), "fusion.scalar"
-        if other.kind == "matrix":
-            structure = MatrixStructure(matrix=other.structure.matrix.double() * scalar)
-            return _with_scalar(a, b, "matrix", structure), "fusion.scalar"
-        return None, ""
+    if isinstance(sa, float):
+        return _with_scale(a, b, sa, b, sb)
+    if isinstance(sb, float):
+        return _with_scale(a, b, sb, a, sa)
     if not _aligned(a, b):
         return None, ""
     for conv, scale, before in ((b, sa, True), (a, sb, False)):
-        if conv.kind == "conv" and scale is not None:
-            weight = _scaled_weight(conv, scale, before)
+        if isinstance(conv.structure, ConvStructure) and scale is not None:
+            weight = _scaled_weight(conv.structure, scale, before)
             if weight is not None:
-                return _joined(a, b, "conv", replace(conv.structure, weight=weight)), "fusion.conv-scale"
+                return _joined(a, b, replace(conv.structure, weight=weight)), "fusion.conv-scale"
     for mat, scale, before in ((b, sa, True), (a, sb, False)):
-        if mat.kind == "matrix" and isinstance(scale, torch.Tensor):
+        if isinstance(mat.structure, MatrixStructure) and isinstance(scale, torch.Tensor):
             weight = _scaled_matrix(mat.structure.matrix, scale, before)
             if weight is not None:
-                return _joined(a, b, "matrix", MatrixStructure(matrix=weight)), "fusion.matrix-scale"
-    if a.kind == "matrix" and b.kind == "matrix":
+                return _joined(a, b, MatrixStructure(matrix=weight)), "fusion.matrix-scale"
+    if isinstance(a.structure, MatrixStructure) and isinstance(b.structure, MatrixStructure):
         product = b.structure.matrix.double() @ a.structure.matrix.double()
-        return _joined(a, b, "matrix", MatrixStructure(matrix=product)), "fusion.matrix-product"
+        return _joined(a, b, MatrixStructure(matrix=product)), "fusion.matrix-product"
+    return None, ""
+
+
+def _with_scale(a: LinearOperator, b: LinearOperator, scalar: float, other: LinearOperator,
+                other_scale: torch.Tensor | float | None) -> tuple[LinearOperator | None, str]:
+    """``_merged`` for ``b o a`` where one side (the first that is) is a scalar, ``other`` the other side and
+    ``other_scale`` its factor (``_scale_of``)."""
+    if isinstance(other_scale, float):  # both scalars: ``scalar`` is a's
+        return _with_scalar(a, b, ScalarStructure(value=scalar * other_scale)), "fusion.scalar"
+    if other_scale is not None:
+        diagonal = DiagStructure(scale=torch.as_tensor(other_scale).double() * scalar)
+        return _with_scalar(a, b, diagonal), "fusion.scalar"
+    if isinstance(other.structure, ConvStructure):
+        weight = other.structure.weight.double() * scalar
+        return _with_scalar(a, b, replace(other.structure, weight=weight)), "fusion.scalar"
+    if isinstance(other.structure, MatrixStructure):
+        matrix = MatrixStructure(matrix=other.structure.matrix.double() * scalar)
+        return _with_scalar(a, b, matrix), "fusion.scalar"
     return None, ""
 
 
@@ -222,7 +247,7 @@ def _scaled_matrix(matrix: torch.Tensor, scale: torch.Tensor, before: bool) -> t
 
 def refine(op: LinearOperator) -> LinearOperator:
     """An equivalent operator whose structure gives the tightest available bound."""
-    if op.kind != "chain":
+    if not isinstance(op.structure, ChainStructure):
         return op
     merged: list[LinearOperator] = []
     for part in op.structure.parts:
@@ -232,5 +257,5 @@ def refine(op: LinearOperator) -> LinearOperator:
         else:
             merged.append(part)
     if len(merged) == 1:
-        return replace(op, kind=merged[0].kind, structure=merged[0].structure)
+        return replace(op, structure=merged[0].structure)
     return replace(op, structure=ChainStructure(parts=tuple(merged)))

@@ -18,8 +18,8 @@ sum_p ||ds_p||^2 <= ||ds||^2, so ||dv|| <= max_p g_p L(s) ||dx||. The rules, eac
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 Segment = tuple[int, int, float]
 
@@ -37,7 +37,7 @@ class Profile:
     def top(self) -> float:
         return max((g for _, _, g in self.parts), default=0.0)
 
-    def scaled(self, factor: float) -> "Profile":
+    def scaled(self, factor: float) -> Profile:
         return Profile(self.base, self.axis, tuple((a, b, _mul(g, factor)) for a, b, g in self.parts))
 
 
@@ -84,7 +84,8 @@ def combine(kind: str, inputs: Sequence[str], weights: Sequence[float], profiles
     itself counts as its whole axis with gain 1) are combined into one profile, which is then rebased onto
     its base's own profile; so parts that are disjoint in an inner value stay disjoint. ``lengths[(v, axis)]``
     is the length of an axis of a value."""
-    items: list[tuple[str, Profile | None, float]] = [(v, profiles.get(v), w) for v, w in zip(inputs, weights)]
+    items: list[tuple[str, Profile | None, float]] = [(v, profiles.get(v), w)
+                                                     for v, w in zip(inputs, weights, strict=False)]
     while True:
         with_profile = [p for _, p, _ in items if p is not None]
         if not with_profile:
@@ -109,13 +110,13 @@ def _merge(kind: str, found: list[Profile], weights: Sequence[float]) -> Profile
     """Profiles on one base and axis, combined segment by segment."""
     base, axis = found[0].base, found[0].axis
     cuts = sorted({c for p in found for s, e, _ in p.parts for c in (s, e)})
-    segments = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-    table = [[_mul(w, _gain_at(p, a, b)) for a, b in segments] for p, w in zip(found, weights)]
+    segments = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    table = [[_mul(w, _gain_at(p, a, b)) for a, b in segments] for p, w in zip(found, weights, strict=False)]
     if kind in ("concat", "max"):
         gains = [math.sqrt(math.fsum(row[i] ** 2 for row in table)) * (1 + 1e-12) for i in range(len(segments))]
     else:
         gains = _sum_gains(table)
-    return Profile(base, axis, tuple((a, b, g) for (a, b), g in zip(segments, gains) if g > 0))
+    return Profile(base, axis, tuple((a, b, g) for (a, b), g in zip(segments, gains, strict=False) if g > 0))
 
 
 def _sum_gains(table: list[list[float]]) -> list[float]:
@@ -128,7 +129,8 @@ def _sum_gains(table: list[list[float]]) -> list[float]:
         if total == 0:
             return [0.0] * (len(table[0]) if table else 0)
         lam = [s / total for s in size]
-        gains = [math.sqrt(math.fsum(row[i] ** 2 / l for row, l in zip(table, lam) if l > 0)) * (1 + 1e-12)
+        gains = [math.sqrt(math.fsum(row[i] ** 2 / share for row, share in zip(table, lam, strict=False) if share > 0))
+                 * (1 + 1e-12)
                  for i in range(len(table[0]))]
         if best is None or max(gains, default=0.0) < max(best, default=0.0):
             best = gains

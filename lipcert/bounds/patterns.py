@@ -8,19 +8,28 @@ Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt) and the SLL / SD
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
 from lipcert.bounds import spectral
 from lipcert.bounds.fusion import core as core_shapes
 from lipcert.bounds.fusion import refine
+from lipcert.bounds.kinds import Combination, Linear, Pattern, Rule
 from lipcert.bounds.spectral import mul_up
 from lipcert.bounds.steps import Context, Part, Step, repetitions
 from lipcert.bounds.thresholds import current, record
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, NonnegativeStructure, ScalarStructure, from_function
+from lipcert.graph.linop import (
+    ConvStructure,
+    LinearOperator,
+    MatrixStructure,
+    NonnegativeStructure,
+    ProjectionStructure,
+    ScalarStructure,
+    from_function,
+)
 from lipcert.graph.ops import REGISTRY
 from lipcert.graph.ops.base import EXACT, Rounding
 
@@ -50,23 +59,23 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
     """Concat(ReduceMax(v, a), ReduceMin(v, a), axis=a): the max and min of each group along axis a."""
     if node.op != "Concat" or len(node.inputs) != 2:
         return None
-    prods = [ctx.producer.get(i) for i in node.inputs]
-    if any(p is None for p in prods) or {p.op for p in prods} != {"ReduceMax", "ReduceMin"}:
+    prods = [p for p in (ctx.producer.get(i) for i in node.inputs) if p is not None]
+    if len(prods) != len(node.inputs) or {p.op for p in prods} != {"ReduceMax", "ReduceMin"}:
         return None
     if prods[0].inputs[0] != prods[1].inputs[0] or prods[0].inputs[0] not in ctx.data:
         return None
     axes = [_reduce_axes(p, ctx) for p in prods]
     axis = _axis(node, ctx, node.inputs[0])
-    if axes[0] is None or axes[0] != axes[1] or axes[0] != [axis] or axis < 1:
+    if axis is None or axes[0] is None or axes[0] != axes[1] or axes[0] != [axis] or axis < 1:
         return None
     if not all(int(p.attr("keepdims", 1)) for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
         return None
-    size = ctx.shape(prods[0].inputs[0])[axis - 1]
+    size = ctx.known_shape(prods[0].inputs[0])[axis - 1]  # known: ``_reduce_axes`` reads it
     if size < 2:
         return None  # a group of one gives (x, x): its entry twice, sqrt(2)
-    return Step("pattern", f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
+    return Step(Pattern(rounding=EXACT), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
                 [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
-                constant=1.0, reason=SORT_REASON, details={"rounding": EXACT})
+                constant=1.0, reason=SORT_REASON)
 
 
 def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -76,7 +85,7 @@ def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int,
     if out_shape is None:
         return None
     op = REGISTRY["Slice"].linear(node, ctx.const_inputs(node), 0, shape, out_shape)
-    return None if op is None else op.structure.select
+    return op.structure.select if op is not None and isinstance(op.structure, ProjectionStructure) else None
 
 
 def maxmin_concat(ctx: Context, node: Node) -> Step | None:
@@ -93,43 +102,43 @@ def maxmin_concat(ctx: Context, node: Node) -> Step | None:
     for i, p in enumerate(prods):
         if i in paired or node.inputs[i] not in ctx.data:
             continue
-        mate = None
+        mate: tuple[int, Node] | None = None
         if p is not None and p.op in ("Max", "Min") and len(p.inputs) == 2 and ctx.only_user(node.inputs[i], node) \
                 and ctx.shape(p.inputs[0]) is not None and ctx.shape(p.inputs[0]) == ctx.shape(p.inputs[1]) \
                 and all(v in ctx.data for v in p.inputs):
             other = "Min" if p.op == "Max" else "Max"
-            mate = next((j for j, q in enumerate(prods) if j != i and j not in paired and q is not None
+            mate = next(((j, q) for j, q in enumerate(prods) if j != i and j not in paired and q is not None
                          and q.op == other and sorted(q.inputs) == sorted(p.inputs)
                          and ctx.only_user(node.inputs[j], node)), None)
-        if mate is None:
+        if p is None or mate is None:
             inputs.append(node.inputs[i])
             continue
-        paired.update((i, mate))
+        j, q = mate
+        paired.update((i, j))
         inputs += list(p.inputs)
-        claimed += [p.name, prods[mate].name]
+        claimed += [p.name, q.name]
     if not claimed:
         return None
-    return Step("concat", "Concat (MaxMin pairs)", claimed + [node.name], inputs, node.outputs[0],
+    return Step(Combination("concat", [1.0] * len(inputs), rounding=EXACT), "Concat (MaxMin pairs)",
+                claimed + [node.name], inputs, node.outputs[0],
                 reason="each Max/Min pair of the same two values is a permutation of them per entry: bounded "
-                       "as the concatenation of those values",
-                details={"weights": [1.0] * len(inputs), "count": 0, "offset": 0.0, "rounding": EXACT})
+                       "as the concatenation of those values")
 
 
 def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
     """Concat(Relu(v), Relu(Neg(v))): the pair (relu(x), relu(-x)) is 1-Lipschitz in x."""
     if node.op != "Concat" or len(node.inputs) != 2:
         return None
-    prods = [ctx.producer.get(i) for i in node.inputs]
-    if any(p is None or p.op != "Relu" for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
+    prods = [p for p in (ctx.producer.get(i) for i in node.inputs) if p is not None and p.op == "Relu"]
+    if len(prods) != len(node.inputs) or not all(ctx.only_user(i, node) for i in node.inputs):
         return None
     for direct, negated in ((prods[0], prods[1]), (prods[1], prods[0])):
         neg = ctx.producer.get(negated.inputs[0])
         if neg is not None and neg.op == "Neg" and neg.inputs[0] == direct.inputs[0] \
                 and ctx.only_user(neg.outputs[0], negated) and direct.inputs[0] in ctx.data:
-            return Step("pattern", "MaxMin-style (Relu(x), Relu(-x))",
+            return Step(Pattern(rounding=EXACT), "MaxMin-style (Relu(x), Relu(-x))",
                         [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
-                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2",
-                        details={"rounding": EXACT})
+                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
     return None
 
 
@@ -159,7 +168,8 @@ def _guard_degree(ctx: Context, value: str, base: str, seen: list[Node]) -> int 
         d = 0 if _guard_degree(ctx, node.inputs[0], base, seen) is not None else None
     elif node.op == "Mul" and len(ctx.data_inputs(node)) == 2:
         parts = [_guard_degree(ctx, i, base, seen) for i in node.inputs]
-        d = None if None in parts else sum(parts)
+        known = [k for k in parts if k is not None]
+        d = sum(known) if len(known) == len(parts) else None
     else:
         return None
     if d is not None:
@@ -192,7 +202,7 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
     while True:
         p = ctx.producer.get(t)
         scaled = _scalar_const(ctx, p) if p is not None else None
-        if scaled is None:
+        if p is None or scaled is None:
             break
         claimed.append(p)
         t, factor = scaled[0], factor * scaled[1]
@@ -220,6 +230,8 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
             all(u in inner for u in ctx.users.get(o, [])) for n in inner if n is not node for o in n.outputs):
         return None
     pooling = REGISTRY["AveragePool"].linear(pool, ctx.const_inputs(pool), 0, in_shape, pool_shape)
+    if pooling is None:
+        return None  # AveragePool always has its linear map
     # squares, the window sum and division, the scalars and the root: every term non-negative, so each rounding
     # is relative to the output (Pow counted as 4)
     window = math.prod(pool.attr("kernel_shape"))
@@ -228,12 +240,11 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
     heaviest = float(weights.max()) if weights.numel() else 0.0
     # sums of positive terms: relative error below 1e-12, covered by the factor
     constant = math.nextafter(math.sqrt(factor * heaviest) * (1 + 1e-12), math.inf)
-    return Step("pattern", "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x],
-                node.outputs[0], constant=constant,
+    return Step(Pattern(rounding=Rounding(relative=window + len(claimed) + 8)),
+                "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x], node.outputs[0], constant=constant,
                 reason=f"sqrt(c P(x^2)) with P the average pool and c = {factor:g}: each output is a weighted "
                        f"L2 norm, so the constant is sqrt(c x the largest total weight of one input entry, "
-                       f"{heaviest:.6g}); padding, overlap and partial windows included",
-                details={"rounding": Rounding(relative=window + len(claimed) + 8)})
+                       f"{heaviest:.6g}); padding, overlap and partial windows included")
 
 
 def _squares(ctx: Context, value: str, coef: float, nodes: list[Node],
@@ -285,12 +296,11 @@ def l2_norm_combination(ctx: Context, node: Node) -> Step | None:
     inner = {n.name for n in nodes}
     if not all(all(r.name in inner or r is node for r in ctx.users.get(o, [])) for n in nodes for o in n.outputs):
         return None
-    return Step("concat", "L2-norm combination sqrt(sum c u^2 + e)", [n.name for n in nodes] + [node.name],
+    # squares, scalings, sums of non-negative terms and the root: relative roundings
+    details = Combination("concat", weights, rounding=Rounding(relative=4 * len(nodes) + 4))
+    return Step(details, "L2-norm combination sqrt(sum c u^2 + e)", [n.name for n in nodes] + [node.name],
                 [u for u, _ in terms], node.outputs[0],
-                reason="per entry the Euclidean norm of (sqrt(c_k) u_k, sqrt(e)): 1-Lipschitz in the weighted u_k",
-                details={"weights": weights, "count": 0, "offset": 0.0,
-                         # squares, scalings, sums of non-negative terms and the root: relative roundings
-                         "rounding": Rounding(relative=4 * len(nodes) + 4)})
+                reason="per entry the Euclidean norm of (sqrt(c_k) u_k, sqrt(e)): 1-Lipschitz in the weighted u_k")
 
 
 def wrap_concat(ctx: Context, node: Node) -> Step | None:
@@ -299,7 +309,8 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
         return None
     # the centre is the value the other inputs slice (itself possibly a Slice, as after a chunk)
     centre = [i for i, x in enumerate(node.inputs)
-              if all(ctx.producer.get(v) is not None and ctx.producer[v].op == "Slice" and ctx.producer[v].inputs[0] == x
+              if all(ctx.producer.get(v) is not None and ctx.producer[v].op == "Slice"
+                     and ctx.producer[v].inputs[0] == x
                      for j, v in enumerate(node.inputs) if j != i)]
     if len(centre) != 1 or (len(node.inputs) == 3 and centre[0] != 1):
         return None
@@ -333,13 +344,10 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
         size = v.shape[axis]
         return torch.cat([v.narrow(axis, size - p_begin, p_begin), v, v.narrow(axis, 0, p_end)], dim=axis)
 
-    operator = from_function(forward, shape, out_shape, kind="nonnegative", name=node.name,
+    operator = from_function(forward, shape, out_shape, name=node.name,
                              structure=NonnegativeStructure(mode="wrap", pads=tuple(pads)))
-    return Step("linear", "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
+    return Step(Linear(), "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
                 operator=operator, parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
-
-
-SLOPE_01 = {"Relu", "Sigmoid", "Tanh"}
 
 
 def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
@@ -371,18 +379,26 @@ def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
         value = node.inputs[data[0]]
 
 
-def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator, list[Part]]:
-    """The composed linear map of a chain of (node, output index) pairs, and its parts."""
+def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator, list[Part]] | None:
+    """The composed linear map of a chain of (node, output index) pairs, and its parts; None when a node has no
+    linear map at known shapes (``_affine_chain`` keeps only nodes that have one)."""
     parts = []
+    operators: list[LinearOperator] = []
     for node, output in nodes:
         var = ctx.data_inputs(node)[0]
         consts, in_shape, out = ctx.const_inputs(node), ctx.shape(node.inputs[var]), node.outputs[output]
+        out_shape = ctx.shape(out)
+        if in_shape is None or out_shape is None:
+            return None
         op = REGISTRY[node.op]
-        parts.append(Part(op.linear(node, consts, var, in_shape, ctx.shape(out), output),
-                          op.rounding(node, consts, var, in_shape, ctx.shape(out), output), out))
-    composed = parts[0].operator
-    for part in parts[1:]:
-        composed = composed.then(part.operator)
+        operator = op.linear(node, consts, var, in_shape, out_shape, output)
+        if operator is None:
+            return None
+        operators.append(operator)
+        parts.append(Part(operator, op.rounding(node, consts, var, in_shape, out_shape, output), out))
+    composed = operators[0]
+    for operator in operators[1:]:
+        composed = composed.then(operator)
     return composed, parts
 
 
@@ -424,9 +440,9 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     axis (A = B^T S iff the matrix of A is M_B^T diag(s)) or B is a convolution and A the transposed
     convolution with the same geometry (ONNX ConvTranspose is the adjoint of Conv with the same attributes;
     A = B^T S iff A's kernel for each hidden channel h is s_h times B's)."""
-    if not (_plain(a) and _plain(b)) or a.kind != b.kind:
+    if not (_plain(a) and _plain(b)) or type(a.structure) is not type(b.structure):
         return None
-    if a.kind == "matrix":
+    if isinstance(a.structure, MatrixStructure) and isinstance(b.structure, MatrixStructure):
         ma, mb = a.structure.matrix.double(), b.structure.matrix.double()
         if ma.shape != mb.T.shape:
             return None
@@ -437,9 +453,9 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
         bound = lambda m: spectral.matrix_upper_bound(m)  # noqa: E731
         record("sll.matrices")
         return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "matrices")
-    if a.kind != "conv":
-        return None
     sa, sb = a.structure, b.structure
+    if not isinstance(sa, ConvStructure) or not isinstance(sb, ConvStructure):
+        return None
     same = (tuple(sa.stride) == tuple(sb.stride) and tuple(sa.pads) == tuple(sb.pads)
             and tuple(sa.dilation) == tuple(sb.dilation) and sa.groups == sb.groups)
     if not (same and sa.transpose and not sb.transpose and not sa.circular and not sb.circular
@@ -452,12 +468,12 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
     s, residual = fit
     view = (-1,) + (1,) * (wb.dim() - 1)
 
-    def bound(op: LinearOperator, weight: torch.Tensor) -> float:
-        return spectral.conv_upper_bound(replace(op, structure=replace(op.structure, weight=weight)))
+    def conv_bound(op: LinearOperator, structure: ConvStructure, weight: torch.Tensor) -> float:
+        return spectral.conv_upper_bound(replace(op, structure=replace(structure, weight=weight)))
 
     record("sll.convolutions")
-    return SllCheck(bound(b, s.sqrt().reshape(view) * wb), bound(b, wb), bound(a, residual.reshape(wa.shape)),
-                    "convolutions, by DFT")
+    return SllCheck(conv_bound(b, sb, s.sqrt().reshape(view) * wb), conv_bound(b, sb, wb),
+                    conv_bound(a, sa, residual.reshape(wa.shape)), "convolutions, by DFT")
 
 
 def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
@@ -479,20 +495,26 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
     I - (S^(1/2) B)^T D (S^(1/2) B) is symmetric with eigenvalues in [1 - q^2, 1], q = ||S^(1/2) B||, so
     the block is max(1, q^2 - 1)-Lipschitz (1 under the sqrt(2) condition of Araujo et al., ICLR 2023); a
     residual R = A - B^T S adds ||R|| ||B||."""
-    if node.op not in ("Sub", "Add") or len(ctx.data_inputs(node)) != 2:
-        return None
+    summed = REGISTRY[node.op].linear_combination(len(node.inputs))
+    if summed is None or summed.divisor != 1 or len(ctx.data_inputs(node)) != 2 or len(node.inputs) != 2 \
+            or summed.signs[0] != 1.0 or summed.signs[1] not in (1.0, -1.0):
+        return None  # x + A s(Bx + b) or x - A s(Bx + b) (either order when both signs are +)
     x, r = node.inputs
     shape = ctx.shape(node.outputs[0])
     if shape is None or ctx.shape(x) != shape or ctx.shape(r) != shape:
         return None  # a broadcast skip or branch is not the block's x or A s(Bx + b)
-    for skip, branch in ((x, r), (r, x)) if node.op == "Add" else ((x, r),):
+    subtracts = summed.signs[1] == -1.0
+    for skip, branch in ((x, r),) if subtracts else ((x, r), (r, x)):
         found = _sll_branch(ctx, node, skip, branch)
         if found is None:
             continue
         a_nodes, act, b_nodes = found
-        (a_op, a_parts), (b_op, b_parts) = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
-        a_signed = a_op if node.op == "Sub" else a_op.then(
-            from_function(lambda v: -v, a_op.out_shape, a_op.out_shape, kind="scalar",
+        a_chain, b_chain = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
+        if a_chain is None or b_chain is None:
+            continue
+        (a_op, a_parts), (b_op, b_parts) = a_chain, b_chain
+        a_signed = a_op if subtracts else a_op.then(
+            from_function(lambda v: -v, a_op.out_shape, a_op.out_shape,
                           structure=ScalarStructure(value=-1.0), adjoint=lambda v: -v))
         a_ref, b_ref = refine(a_signed), refine(b_op)
         check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
@@ -502,31 +524,34 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)
         core = max(1.0, math.nextafter(q2 - 1.0, math.inf))
         names = [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
-        hidden, act_shape = act.inputs[0], ctx.shape(act.outputs[0])
+        hidden, act_shape = act.inputs[0], ctx.known_shape(act.outputs[0])  # known: A's chain reads it
         act_rule = REGISTRY[act.op]
         substeps = [  # how the block is computed, for the float error analysis
-            Step("linear", "B", [], [skip], hidden, operator=b_op, parts=b_parts),
-            Step("rule", act.op, [act.name], [hidden], act.outputs[0], constant=1.0,
+            Step(Linear(), "B", [], [skip], hidden, operator=b_op, parts=b_parts),
+            Step(Rule(), act.op, [act.name], [hidden], act.outputs[0], constant=1.0,
                  parts=[Part(None, act_rule.rounding(act, ctx.const_inputs(act), 0, act_shape, act_shape),
                              act.outputs[0])]),
-            Step("linear", "A", [], [act.outputs[0]], branch, operator=a_op, parts=a_parts),
-            Step("sum", node.op, [node.name], [skip, branch], node.outputs[0],
-                 details={"weights": [1.0, 1.0], "count": 2, "offset": 0.0})]
-        return Step("pattern", "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
+            Step(Linear(), "A", [], [act.outputs[0]], branch, operator=a_op, parts=a_parts),
+            Step(Combination("sum", [1.0, 1.0], count=2), node.op, [node.name], [skip, branch], node.outputs[0])]
+        return Step(Pattern(substeps=substeps), "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
                     constant=math.nextafter(core + slack, math.inf),
                     reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
                             f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
-                           + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}",
-                    details={"sqrt_s_b_norm": check.sqrt_s_b, "residual": check.residual, "substeps": substeps})
+                           + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}")
     return None
+
+
+def _slope_01(node: Node) -> bool:
+    """Whether a node is an activation whose slopes all lie in [0, 1] (``Op.slope_range``)."""
+    slopes = REGISTRY[node.op].slope_range(node)
+    return slopes is not None and 0.0 <= slopes[0] and slopes[1] <= 1.0
 
 
 def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
     """Nodes of the branch A s(B skip + b), or None when the branch has another form."""
     if skip not in ctx.data or not ctx.only_user(branch, node):
         return None
-    found = _affine_chain(ctx, branch, lambda n: n.op in SLOPE_01 or (
-        n.op == "LeakyRelu" and 0.0 <= float(n.attr("alpha", 0.01)) <= 1.0))
+    found = _affine_chain(ctx, branch, _slope_01)
     if found is None or not found[0]:
         return None
     a_nodes, act_out = found

@@ -3,7 +3,7 @@
 Power iteration on A^T A converges to the largest singular value from below: for every vector v,
 ||A v|| / ||v|| <= ||A||_2 (Golub and Van Loan, "Matrix Computations", 4th ed., sec. 8.2.1). Its result
 is therefore an attack-side number (how large the norm at least is), never a certificate;
-``lipcert.spectral`` computes the upper bounds.
+``lipcert.bounds.spectral`` computes the upper bounds.
 """
 
 from __future__ import annotations

@@ -11,16 +11,17 @@ import torch
 from lipcert.bounds import partition
 from lipcert.bounds.decompose import decompose
 from lipcert.bounds.fusion import core, refine
+from lipcert.bounds.kinds import Combination, Linear, NoRule, Pattern, Region, Rule
 from lipcert.bounds.power_iteration import power_iteration
 from lipcert.bounds.regions import absolute_operator, as_conv, region_bound
 from lipcert.bounds.results import DEFAULT_TOL, NO_RULE, LayerResult, status_of
 from lipcert.bounds.rounding import gamma, nonnegative_norm
-from lipcert.bounds.spectral import UpperBound, mul_up, upper_bound
+from lipcert.bounds.spectral import UpperBound, mul_up, top_singular, upper_bound
 from lipcert.bounds.steps import Step
 from lipcert.bounds.thresholds import record
 from lipcert.errors import SelfCheckError
 from lipcert.graph.core import Graph
-from lipcert.graph.linop import LinearOperator
+from lipcert.graph.linop import ConvStructure, LinearOperator, MatrixStructure, ProjectionStructure
 from lipcert.graph.ops import REGISTRY
 from lipcert.model.fold import data_dependent
 from lipcert.progress import StepCallback
@@ -32,22 +33,26 @@ BRANCHES = ("propagate.start-svd", "propagate.start-fft", "propagate.start-rando
 
 def _row_priority(op: str | None) -> int | None:
     """How strongly an operator names the row of a step it is in (``Op.row_priority``; smaller first): None never."""
-    entry = REGISTRY.get(op)
+    entry = None if op is None else REGISTRY.get(op)
     return None if entry is None else entry.row_priority
 
 
 
-def _svd_start(op) -> torch.Tensor:
-    """The top right singular vector of the operator's matrix (for a matrix on the last axis: A^T applied to
-    its top left singular vector at the first position): a start that needs no iterations."""
-    if op.kind == "matrix":
-        matrix = op.structure.matrix.double()
-        left = torch.linalg.svd(matrix, full_matrices=False).U[:, 0]
-        target = torch.zeros(op.out_numel, dtype=torch.float64)
-        target[: left.numel()] = left
-        with torch.no_grad():
-            return op.adjoint(target.reshape((1,) + tuple(op.out_shape)))[0]
-    return torch.linalg.svd(op.to_dense(), full_matrices=False).Vh[0]
+def _svd_start(op: LinearOperator, ub: UpperBound) -> torch.Tensor | None:
+    """A start that needs no iterations: the top right singular vector the dense bound found (``ub.start``), or
+    for a matrix on the last axis A^T applied to the matrix's top left singular vector at the first position
+    (one eigendecomposition of its smaller Gram matrix, never a full SVD); None when neither fits the operator."""
+    if ub.start is not None:
+        return ub.start if ub.start.numel() == op.in_numel else None
+    if not isinstance(op.structure, MatrixStructure):
+        return None
+    _, left, _ = top_singular(op.structure.matrix.double())
+    if left.numel() > op.out_numel:
+        return None
+    target = torch.zeros(op.out_numel, dtype=torch.float64)
+    target[: left.numel()] = left
+    with torch.no_grad():
+        return op.adjoint(target.reshape((1,) + tuple(op.out_shape)))[0]
 
 
 
@@ -55,7 +60,7 @@ def _fft_starts(op) -> torch.Tensor | None:
     """For a stride-1 circular 2-D convolution: real inputs built from the top singular vector of the
     kernel's DFT at its worst frequency (for both sign conventions of the DFT), which attain the norm."""
     s = op.structure
-    if op.kind != "conv" or not s.circular or s.transpose or s.groups != 1 \
+    if not isinstance(op.structure, ConvStructure) or not s.circular or s.transpose or s.groups != 1 \
             or len(s.input_spatial) != 2 or any(st != 1 for st in s.stride) or s.loose_in:
         return None
     h, w = s.input_spatial
@@ -89,54 +94,63 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
     shapes = graph.value_shapes
     in_shape = list(shapes[step.inputs[0]]) if step.inputs and step.inputs[0] in shapes else None
     out_shape = list(shapes[step.output]) if step.output in shapes else None
-    main = sorted((n for n in step.nodes if _row_priority(graph_ops.get(n)) is not None),
-                  key=lambda n: _row_priority(graph_ops[n]))
+    ranked = [(priority, n) for n in step.nodes if (priority := _row_priority(graph_ops.get(n))) is not None]
+    main = [n for _, n in sorted(ranked, key=lambda ranked_node: ranked_node[0])]
     name = (main or step.nodes)[0]
-    if step.kind == "linear":
-        op = refine(step.operator)
-        region = "substeps" in step.details
-        label = graph_ops.get(name, step.label)
-        if op.kind == "conv" and op.structure.circular:
-            label += " (circular padding)"
-        others = sorted({o for o in (graph_ops[n] for n in step.nodes)
-                         if _row_priority(o) is not None and REGISTRY[o].row_suffix} - {graph_ops.get(name)})
-        step.label = label + "".join(f" + {o}" for o in others)
-        if region:
-            step.label = "linear region (" + " + ".join(sorted({graph_ops[n] for n in step.nodes})) + ")"
-        step.operator = op
-        ub: UpperBound = (region_bound(step, lambda o: upper_bound(o, device=device)) if region
-                          else upper_bound(op, device=device))
-        ub = _with_chain_rounding(ub, step) if math.isfinite(ub.value) else ub
-        sigma, method, gap, iterations = None, None, None, None
-        if lower_bounds:
-            shape = as_conv(step) if region and ub.method.startswith("fft-circular") else op
-            c_in, c_out = core(op)  # the structure's matrix acts on the step's own entries, up to flat reshapes
-            plain = math.prod(c_in) == op.in_numel and math.prod(c_out) == op.out_numel and not (
-                op.structure.loose_in or op.structure.loose_out)
-            init = _svd_start(op) if ub.method == "svd" and (plain or op.kind != "matrix") else (
-                _fft_starts(shape) if ub.method.startswith("fft-circular") else None)
-            record("propagate.start-random" if init is None else
-                   "propagate.start-svd" if ub.method == "svd" else "propagate.start-fft")
-            pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
-            sigma = pi.sigma
-            if math.isfinite(ub.value) and sigma > ub.value * (1 + 1e-6) + 1e-12:
-                raise SelfCheckError(f"layer {name}: the power-iteration lower bound {sigma:.9g} exceeds the upper "
-                                     f"bound {ub.value:.9g} ({ub.method}); lipcert's bound for this operator is wrong")
-            gap = (ub.value - sigma) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
-            method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
-            iterations = pi.iterations
-        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method, iterations,
-                          ub.value if math.isfinite(ub.value) else None, ub.method, ub.exact, gap,
-                          status_of(sigma, ub.value, claim, tol))
-        return row, ub.value
-    if step.kind in ("rule", "pattern"):
-        row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, step.constant,
-                          "rule" if step.kind == "rule" else "pattern", None, None,
-                          status_of(None, step.constant, claim, tol), step.reason)
-        return row, float(step.constant)
+    match step.details:
+        case Linear():
+            return _linear_layer(step, name, in_shape, out_shape, claim, tol, device, seed, graph_ops,
+                                 lower_bounds, max_iter)
+        case Rule() | Pattern() if step.constant is not None:
+            row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, step.constant,
+                              step.kind, None, None, status_of(None, step.constant, claim, tol), step.reason)
+            return row, float(step.constant)
     row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, None, "none", False,
                       None, NO_RULE, step.reason)
     return row, math.inf
+
+
+def _linear_layer(step: Step, name: str, in_shape: list[int] | None, out_shape: list[int] | None, claim: float,
+                  tol: float, device: str, seed: int, graph_ops: dict[str, str], lower_bounds: bool,
+                  max_iter: int) -> tuple[LayerResult, float]:
+    """Bound a linear step (a chain or a region): its row and its factor, the sound upper bound of its norm."""
+    op = refine(step.linear)
+    region = isinstance(step.details, Region)
+    label = graph_ops.get(name, step.label)
+    if isinstance(op.structure, ConvStructure) and op.structure.circular:
+        label += " (circular padding)"
+    others = sorted({o for o in (graph_ops[n] for n in step.nodes)
+                     if _row_priority(o) is not None and REGISTRY[o].row_suffix} - {graph_ops.get(name)})
+    step.label = label + "".join(f" + {o}" for o in others)
+    if region:
+        step.label = "linear region (" + " + ".join(sorted({graph_ops[n] for n in step.nodes})) + ")"
+    step.operator = op
+    ub: UpperBound = (region_bound(step, lambda o: upper_bound(o, device=device)) if region
+                      else upper_bound(op, device=device))
+    ub = _with_chain_rounding(ub, step) if math.isfinite(ub.value) else ub
+    sigma, method, gap, iterations = None, None, None, None
+    if lower_bounds:
+        shape = as_conv(step) if region and ub.method.startswith("fft-circular") else op
+        c_in, c_out = core(op)  # the structure's matrix acts on the step's own entries, up to flat reshapes
+        plain = math.prod(c_in) == op.in_numel and math.prod(c_out) == op.out_numel and not (
+            op.structure.loose_in or op.structure.loose_out)
+        dense_start = ub.method == "svd" and (plain or not isinstance(op.structure, MatrixStructure))
+        init = _svd_start(op, ub) if dense_start else (
+            _fft_starts(shape) if ub.method.startswith("fft-circular") else None)
+        record("propagate.start-random" if init is None else
+               "propagate.start-svd" if ub.method == "svd" else "propagate.start-fft")
+        pi = power_iteration(op, device=device, seed=seed, init=init, max_iter=max_iter)
+        sigma = pi.sigma
+        if math.isfinite(ub.value) and sigma > ub.value * (1 + 1e-6) + 1e-12:
+            raise SelfCheckError(f"layer {name}: the power-iteration lower bound {sigma:.9g} exceeds the upper "
+                                 f"bound {ub.value:.9g} ({ub.method}); lipcert's bound for this operator is wrong")
+        gap = (ub.value - sigma) / ub.value if ub.value > 0 and math.isfinite(ub.value) else None
+        method = "power iteration" + ("" if pi.converged else f" (not converged, {pi.iterations} steps)")
+        iterations = pi.iterations
+    row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, sigma, method, iterations,
+                      ub.value if math.isfinite(ub.value) else None, ub.method, ub.exact, gap,
+                      status_of(sigma, ub.value, claim, tol))
+    return row, ub.value
 
 
 
@@ -146,30 +160,32 @@ def _with_chain_rounding(ub: UpperBound, step: Step) -> UpperBound:
     the accumulations along the way): add gamma_T times the norm of that non-negative map, so that cancellation
     between large weights cannot hide the exact operator's norm. A single node is exact (its entries are
     weights)."""
-    region = "substeps" in step.details
-    parts = [p for s in step.details["substeps"] if s.kind == "linear" for p in s.parts] if region else step.parts
+    region = step.details if isinstance(step.details, Region) else None
+    parts = step.parts if region is None else [p for s in region.substeps if isinstance(s.details, Linear)
+                                               for p in s.parts]
     if len(parts) < 2:
         return ub
-    if region:
+    abs_ops = [p.rounding.abs_op for p in parts if p.rounding is not None and p.rounding.abs_op is not None]
+    if region is not None:
         absolute = absolute_operator(step)
         size = math.inf if absolute is None else nonnegative_norm(absolute)
-    elif any(p.rounding is None or p.rounding.abs_op is None for p in parts):
+    elif len(abs_ops) < len(parts):  # a part without |W|
         size = math.inf
     else:
         size = 1.0
-        for part in parts:
-            size = mul_up(size, nonnegative_norm(part.rounding.abs_op))
+        for abs_op in abs_ops:
+            size = mul_up(size, nonnegative_norm(abs_op))
     terms = sum((p.rounding.terms if p.rounding else 0) + 8 for p in parts)
-    if region:
-        terms += sum(s.details.get("count", 0) + 2 for s in step.details["substeps"] if s.kind != "linear")
+    if region is not None:
+        terms += sum(s.details.count + 2 for s in region.substeps if isinstance(s.details, Combination))
     return replace(ub, value=math.nextafter(ub.value + mul_up(gamma(terms, 2.0 ** -53), size), math.inf))
 
 
 
-def _combine(step: Step, values: list[float]) -> float:
+def _combine(combination: Combination, values: list[float]) -> float:
     """A sum's bound is sum(w L); a concatenation's or elementwise max's is sqrt(sum((w L)^2)), rounded up."""
-    weighted = [scale_up(v, w) for v, w in zip(values, step.details["weights"])]
-    if step.kind == "sum":
+    weighted = [scale_up(v, w) for v, w in zip(values, combination.weights, strict=False)]
+    if combination.mode == "sum":
         return math.fsum(weighted) * (1 + 1e-12)
     return math.sqrt(math.fsum(v * v for v in weighted)) * (1 + 1e-12)
 
@@ -193,6 +209,8 @@ class Propagation:
     combinations: list[dict]
 
     output: str = ""
+    #: the Lipschitz factor of each step of one input (inf: no rule), by the value it produces
+    step_factors: dict[str, float] = field(default_factory=dict)
     #: partition profiles of values that depend on disjoint parts of another value (``partition``)
     profiles: dict = field(default_factory=dict)
     #: whether the graph's output depends on the input's values (a constant output has bound 0)
@@ -220,9 +238,10 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
             progress("layer bounds", done, len(steps))
         # a value no step bounds has no bound: infinite, never 0
         incoming = [prop.bounds.get(i, math.inf) for i in step.inputs]
-        if step.kind in ("sum", "concat", "max"):
-            bound = _combine(step, incoming)
-            profile = partition.combine(step.kind, step.inputs, step.details["weights"], prop.profiles, order,
+        if isinstance(step.details, Combination):
+            combination = step.details
+            bound = _combine(combination, incoming)
+            profile = partition.combine(combination.mode, step.inputs, combination.weights, prop.profiles, order,
                                         lengths)
             rule = step.reason
             if profile is not None and scale_up(profile.top, prop.bounds[profile.base]) < bound:
@@ -233,10 +252,10 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
             if profile is not None:
                 prop.profiles[step.output] = profile
             prop.combinations.append({"node": step.nodes[0], "op": step.label, "rule": rule, "inputs": incoming,
-                                      "weights": step.details["weights"], "bound": bound})
+                                      "weights": combination.weights, "bound": bound})
             continue
         row, factor = _layer(step, claim, tol, device, seed, graph, lower_bounds, max_iter)
-        step.details["factor"] = factor
+        prop.step_factors[step.output] = factor
         prop.layers.append(row)
         prop.factors.append((factor, row.name))
         # steps of one input scale its bound; a step without a rule may read several: inf unless all constant
@@ -254,23 +273,24 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
 def _profile(step: Step, factor: float, profiles: dict[str, partition.Profile]) -> partition.Profile | None:
     """The partition profile of a step of one input: a chain that starts by selecting part of its input, or a
     step applied to a value that has a profile."""
-    if step.kind == NO_RULE or len(step.inputs) != 1 or not math.isfinite(factor):
+    if isinstance(step.details, NoRule) or len(step.inputs) != 1 or not math.isfinite(factor):
         return None
-    first = _selection(step.parts[0].operator) if step.kind == "linear" and step.parts else None
+    first = _selection(step.parts[0].operator) if isinstance(step.details, Linear) and step.parts else None
     if first is not None:
         return partition.selection(step.inputs[0], first, factor)
-    if "substeps" in step.details and step.kind == "linear":  # a linear region that reads parts of its input
-        readers = [_selection(s.parts[0].operator) if s.kind == "linear" and s.parts else None
-                   for s in step.details["substeps"] if step.inputs[0] in s.inputs]
-        if readers and all(readers) and len({axis for axis, _, _ in readers}) == 1:
-            return partition.union(step.inputs[0], readers, factor)
+    if isinstance(step.details, Region):  # a linear region that reads parts of its input
+        readers = [_selection(s.parts[0].operator) if isinstance(s.details, Linear) and s.parts else None
+                   for s in step.details.substeps if step.inputs[0] in s.inputs]
+        selections = [r for r in readers if r is not None]
+        if readers and len(selections) == len(readers) and len({axis for axis, _, _ in selections}) == 1:
+            return partition.union(step.inputs[0], selections, factor)
     known = profiles.get(step.inputs[0])
     return None if known is None else known.scaled(factor)
 
 
 def _selection(op: LinearOperator | None) -> tuple[int, int, int] | None:
     """The (axis, start, end) range of one axis that a projection keeps, or None (any other operator)."""
-    return op.structure.select if op is not None and op.kind == "projection" else None
+    return op.structure.select if op is not None and isinstance(op.structure, ProjectionStructure) else None
 
 
 

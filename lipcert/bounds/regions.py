@@ -13,31 +13,44 @@ bound propagated through the steps. Which one was used is recorded (``BRANCHES``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from lipcert.bounds.fusion import refine
+from lipcert.bounds.kinds import Combination, Linear, Region
 from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, upper_bound
 from lipcert.bounds.steps import Context, Step
 from lipcert.bounds.thresholds import record
-from lipcert.graph.linop import ConvStructure, LinearOperator, from_function
+from lipcert.graph.linop import (
+    ConvStructure,
+    DiagStructure,
+    LinearOperator,
+    NonnegativeStructure,
+    ScalarStructure,
+    from_function,
+)
 from lipcert.graph.ops import REGISTRY, RunContext
 
-#: combination nodes that are linear in their data inputs (constants are dropped)
-LINEAR_COMBINATIONS = ("Add", "Sub", "Sum", "Mean", "Concat")
 #: how ``region_bound`` bounded a region (``thresholds.record``)
 BRANCHES = ("region.dense", "region.conv", "region.product")
 
 
 def _linear_combination(step: Step) -> bool:
-    return step.kind in ("sum", "concat") and bool(step.details.get("node_op")) and \
-        step.label in LINEAR_COMBINATIONS
+    """Whether a step is one node that is linear in its data inputs once constants are dropped: a concatenation,
+    or a sum its operator declares a linear combination (``Op.linear_combination``)."""
+    match step.details:
+        case Combination(node_op=True, mode="concat"):
+            return True
+        case Combination(node_op=True, mode="sum", signs=signs):
+            return signs is not None
+    return False
 
 
 def merge_regions(ctx: Context, steps: list[Step]) -> list[Step]:
     """Replace every maximal region (see the module docstring) ending at a linear combination by one linear
-    step whose ``details["substeps"]`` keeps the steps it covers."""
+    step whose details (``Region``) keep the steps it covers."""
     producer = {s.output: s for s in steps}
     readers: dict[str, list[Step]] = {}
     for s in steps:
@@ -78,7 +91,7 @@ def _grow(ctx: Context, end: Step, producer: dict[str, Step], readers: dict[str,
             t = producer.get(v)
             if t is None or id(t) in ids or id(t) in taken or v in ctx.graph.outputs:
                 continue
-            if not (t.kind == "linear" or _linear_combination(t)):
+            if not (isinstance(t.details, Linear) or _linear_combination(t)):
                 continue
             if all(id(r) in ids for r in readers.get(v, [])):
                 region.append(t)
@@ -88,24 +101,26 @@ def _grow(ctx: Context, end: Step, producer: dict[str, Step], readers: dict[str,
 
 
 def _region_step(ctx: Context, region: list[Step]) -> Step:
-    """One linear step for a region: its operator runs the region's steps (constants dropped). Its details keep
-    the steps (``substeps``), every value's per-sample shape (``shapes``) and how a combination step runs
-    (``combine``)."""
+    """One linear step for a region: its operator runs the region's steps (constants dropped). Its details
+    (``Region``) keep the steps, every value's per-sample shape and how a combination step runs."""
     produced = {s.output for s in region}
     source = next(v for s in region for v in s.inputs if v not in produced)
     end = region[-1]
     nodes = {n.name: n for n in ctx.graph.nodes}
     values = {source} | {v for s in region for v in (*s.inputs, s.output)}
-    shapes = {v: tuple(ctx.shape(v)) for v in values}
+    shapes = {v: ctx.known_shape(v) for v in values}
 
-    def combine(s: Step, env: dict[str, torch.Tensor], like: torch.Tensor, absolute: bool) -> torch.Tensor:
+    def combine(s: Step, d: Combination, env: dict[str, torch.Tensor], like: torch.Tensor,
+                absolute: bool) -> torch.Tensor:
         """A combination step on the values in ``env``, its constants as zeros: the node itself; with
         ``absolute``, the same map with every sign positive (a sum's inputs added, then broadcast to the node's
         output shape as its constants broadcast them)."""
         out = (like.shape[0],) + shapes[s.output]
-        if absolute and s.label != "Concat":
-            total = sum(env[v] for v in s.inputs)
-            return torch.broadcast_to(total / s.details["count"] if s.label == "Mean" else total, out)
+        if absolute and d.mode != "concat":
+            total = env[s.inputs[0]]
+            for v in s.inputs[1:]:
+                total = total + env[v]
+            return torch.broadcast_to(total / d.divisor if d.divisor != 1 else total, out)
         node = nodes[s.nodes[0]]
         args = [env[v] if v in env else (None if not v else _zeros(ctx, v, like, len(out))) for v in node.inputs]
         return REGISTRY[node.op].run(node, args, RunContext(like.dtype))[0]
@@ -113,40 +128,54 @@ def _region_step(ctx: Context, region: list[Step]) -> Step:
     def forward(x: torch.Tensor) -> torch.Tensor:
         env = {source: x}
         for s in region:
-            if s.kind == "linear":
-                env[s.output] = s.operator.forward(env[s.inputs[0]])
-            else:
-                env[s.output] = combine(s, env, x, False)
+            match s.details:
+                case Linear():
+                    env[s.output] = s.linear.forward(env[s.inputs[0]])
+                case Combination() as d:
+                    env[s.output] = combine(s, d, env, x, False)
         return env[end.output]
 
-    operator = from_function(forward, shapes[source], shapes[end.output], kind="region", name=end.nodes[0])
-    return Step("linear", "linear region", [n for s in region for n in s.nodes], [source], end.output,
-                operator=operator, details={"substeps": region, "shapes": shapes, "combine": combine})
+    operator = from_function(forward, shapes[source], shapes[end.output], name=end.nodes[0])
+    return Step(Region(region, shapes, combine), "linear region", [n for s in region for n in s.nodes], [source],
+                end.output, operator=operator)
 
 
 def absolute_operator(step: Step) -> LinearOperator | None:
     """The region with every matrix replaced by its absolute value (each chain's parts by their |A|, every sum
     by a sum with positive signs, broadcast as the node broadcasts): it bounds, entrywise, what the region's
     float evaluation can err by."""
-    substeps = step.details["substeps"]
-    if any(s.kind == "linear" and any(p.rounding is None or p.rounding.abs_op is None for p in s.parts)
-           for s in substeps):
-        return None
-    source, end, combine = step.inputs[0], substeps[-1], step.details["combine"]
+    region = _region(step)
+    substeps = region.substeps
+    absolute: dict[str, list[LinearOperator]] = {}
+    for s in substeps:
+        if isinstance(s.details, Linear):
+            maps = [p.rounding.abs_op for p in s.parts if p.rounding is not None and p.rounding.abs_op is not None]
+            if len(maps) != len(s.parts):
+                return None
+            absolute[s.output] = maps
+    source, end = step.inputs[0], substeps[-1]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         env = {source: x}
         for s in substeps:
-            if s.kind == "linear":
-                value = env[s.inputs[0]]
-                for part in s.parts:
-                    value = part.rounding.abs_op.forward(value)
-                env[s.output] = value
-            else:
-                env[s.output] = combine(s, env, x, True)
+            match s.details:
+                case Linear():
+                    value = env[s.inputs[0]]
+                    for op in absolute[s.output]:
+                        value = op.forward(value)
+                    env[s.output] = value
+                case Combination() as d:
+                    env[s.output] = region.combine(s, d, env, x, True)
         return env[end.output]
 
-    return from_function(forward, step.operator.in_shape, step.operator.out_shape, kind="nonnegative")
+    return from_function(forward, step.linear.in_shape, step.linear.out_shape, structure=NonnegativeStructure())
+
+
+def _region(step: Step) -> Region:
+    """The details of a linear region's step."""
+    if not isinstance(step.details, Region):
+        raise TypeError(f"step {step.label!r} ({step.kind}) is not a linear region")
+    return step.details
 
 
 def _zeros(ctx: Context, value: str, like: torch.Tensor, rank: int) -> torch.Tensor:
@@ -160,10 +189,10 @@ def _zeros(ctx: Context, value: str, like: torch.Tensor, rank: int) -> torch.Ten
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def region_bound(step: Step, bound_of: callable) -> UpperBound:
+def region_bound(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -> UpperBound:
     """A proven upper bound on the region's operator norm (see the module docstring); ``bound_of(op)`` bounds
     a linear step's operator (its ``UpperBound``)."""
-    whole = upper_bound(step.operator)  # the dense SVD when small; else inf (kind "region")
+    whole = upper_bound(step.linear)  # the dense SVD when small; else inf (kind "region")
     if math.isfinite(whole.value):
         record("region.dense")
         return whole
@@ -172,24 +201,25 @@ def region_bound(step: Step, bound_of: callable) -> UpperBound:
         value = conv_upper_bound(conv)
         if math.isfinite(value):
             record("region.conv")
-            return UpperBound(value, "fft-circular (region)" if conv.structure.circular
-                              else "fft-embedding (region)", False)
+            circular = isinstance(conv.structure, ConvStructure) and conv.structure.circular  # always a conv
+            return UpperBound(value, "fft-circular (region)" if circular else "fft-embedding (region)", False)
     record("region.product")
     return UpperBound(_propagated(step, bound_of), "product(region steps)", False)
 
 
-def _propagated(step: Step, bound_of: callable) -> float:
+def _propagated(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -> float:
     """The bound propagated through the region's steps: products along chains, sums (weighted by
     broadcasting) and sqrt of sums of squares for concatenations: the bound without the region."""
     bounds = {step.inputs[0]: 1.0}
-    for s in step.details["substeps"]:
+    for s in _region(step).substeps:
         incoming = [bounds.get(v, math.inf) for v in s.inputs]
-        if s.kind == "linear":
-            bounds[s.output] = mul_up(incoming[0], bound_of(refine(s.operator)).value)
-        else:
-            weighted = [mul_up(v, w) for v, w in zip(incoming, s.details["weights"])]
-            total = math.fsum(weighted) if s.kind == "sum" else math.sqrt(math.fsum(v * v for v in weighted))
-            bounds[s.output] = total * (1 + 1e-12)
+        match s.details:
+            case Linear():
+                bounds[s.output] = mul_up(incoming[0], bound_of(refine(s.linear)).value)
+            case Combination(mode=mode, weights=weights):
+                weighted = [mul_up(v, w) for v, w in zip(incoming, weights, strict=False)]
+                total = math.fsum(weighted) if mode == "sum" else math.sqrt(math.fsum(v * v for v in weighted))
+                bounds[s.output] = total * (1 + 1e-12)
     return bounds[step.output]
 
 
@@ -201,7 +231,7 @@ class _Kernel:
     begin: tuple[int, ...]
     circular: bool | None  # None: an identity or scale, which fits either padding
 
-    def scaled(self, factor: torch.Tensor | float) -> "_Kernel":
+    def scaled(self, factor: torch.Tensor | float) -> _Kernel:
         f = factor if isinstance(factor, float) else factor.reshape((-1,) + (1,) * (self.weight.dim() - 1))
         return _Kernel(self.weight * f, self.begin, self.circular)
 
@@ -215,35 +245,37 @@ def as_conv(step: Step) -> LinearOperator | None:
     input. A value of any other shape (a reshape, a broadcast, a concatenation with constants) ends the
     rewrite, so no kernel is ever read against the wrong axes."""
     source = step.inputs[0]
-    shape = tuple(step.operator.in_shape)
-    shapes = step.details["shapes"]
+    shape = tuple(step.linear.in_shape)
+    region = _region(step)
+    shapes = region.shapes
     if len(shape) < 2 or shapes.get(source) != shape:
         return None
     channels, grid = shape[0], tuple(shape[1:])
     eye = torch.eye(channels, dtype=torch.float64).reshape((channels, channels) + (1,) * len(grid))
     forms: dict[str, _Kernel | None] = {source: _Kernel(eye, (0,) * len(grid), None)}
-    for s in step.details["substeps"]:
-        ins = [forms.get(v) for v in s.inputs]
-        if any(f is None for f in ins):
-            form = None
-        elif s.kind == "linear":
-            form = _apply(refine(s.operator), ins[0], grid)
-        else:
-            form = _combine(s, ins, grid)
+    for s in region.substeps:
+        ins = [f for f in (forms.get(v) for v in s.inputs) if f is not None]
+        form = None
+        if len(ins) == len(s.inputs):
+            match s.details:
+                case Linear():
+                    form = _apply(refine(s.linear), ins[0], grid)
+                case Combination() as d:
+                    form = _combine(d, ins, grid)
         fits = form is not None and form.weight.shape[1] == channels and \
             shapes.get(s.output) == (form.weight.shape[0],) + grid
         forms[s.output] = form if fits else None
     form = forms.get(step.output)
-    if form is None or tuple(step.operator.out_shape) != (form.weight.shape[0],) + grid:
+    if form is None or tuple(step.linear.out_shape) != (form.weight.shape[0],) + grid:
         return None
     k = form.weight.shape[2:]
-    end = tuple(ki - 1 - b for ki, b in zip(k, form.begin))
+    end = tuple(ki - 1 - b for ki, b in zip(k, form.begin, strict=False))
     if min(form.begin + end, default=0) < 0:
         return None
     structure = ConvStructure(weight=form.weight, stride=(1,) * len(grid), pads=form.begin + end,
                               dilation=(1,) * len(grid), groups=1, circular=bool(form.circular), input_spatial=grid,
                               transpose=False, output_padding=(0,) * len(grid))
-    return replace(step.operator, kind="conv", structure=structure)
+    return replace(step.linear, structure=structure)
 
 
 def _own_coordinates(op: LinearOperator) -> bool:
@@ -261,22 +293,24 @@ def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel 
     Assumes: the step maps the form's value, of shape (c, *grid), in its own coordinates (checked here); a scale
     keeps the shape (per-channel scales only); a convolution has stride 1, dilation 1, one output per input
     position, and reads c channels (groups expanded to a block-diagonal kernel)."""
-    s = op.structure
     c = form.weight.shape[0]
-    if not _own_coordinates(op) or tuple(op.in_shape) != (c,) + grid or (op.kind == "scalar" and s.norm_only):
+    if not _own_coordinates(op) or tuple(op.in_shape) != (c,) + grid:
         return None
-    if op.kind in ("scalar", "diag") and tuple(op.out_shape) != tuple(op.in_shape):
-        return None
-    if op.kind == "scalar":
-        return form.scaled(float(s.value))
-    if op.kind == "diag":
-        scale = torch.as_tensor(s.scale).double()
-        if scale.dim() == len(grid) + 1 and all(d == 1 for d in scale.shape[1:]) and scale.shape[0] == c:
-            return form.scaled(scale.reshape(-1))
-        return None
+    s = op.structure
+    match s:
+        case ScalarStructure(norm_only=True):
+            return None
+        case ScalarStructure(value=value):
+            return form.scaled(float(value)) if tuple(op.out_shape) == tuple(op.in_shape) else None
+        case DiagStructure():
+            scale = torch.as_tensor(s.scale).double()
+            if tuple(op.out_shape) == tuple(op.in_shape) and scale.dim() == len(grid) + 1 \
+                    and all(d == 1 for d in scale.shape[1:]) and scale.shape[0] == c:
+                return form.scaled(scale.reshape(-1))
+            return None
     identity = form.circular is None and all(n == 1 for n in form.weight.shape[2:]) and \
         torch.equal(form.weight.reshape(form.weight.shape[:2]), torch.eye(c, dtype=torch.float64))
-    if op.kind != "conv" or not identity or s.transpose or any(v != 1 for v in s.stride) \
+    if not isinstance(s, ConvStructure) or not identity or s.transpose or any(v != 1 for v in s.stride) \
             or any(v != 1 for v in s.dilation) or tuple(s.input_spatial) != grid \
             or tuple(op.out_shape[1:]) != grid:
         return None
@@ -295,12 +329,12 @@ def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel 
     return _Kernel(w, tuple(int(p) for p in s.pads[:len(grid)]), bool(s.circular))
 
 
-def _combine(step: Step, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel | None:
+def _combine(combination: Combination, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel | None:
     """A sum (signs from the node) or a channel concatenation of forms on one grid, kernels aligned.
 
     Assumes: every form reads the same input channels; a Concat joins axis 1 (the channels) and has no constant
-    input (``as_conv`` checks the output's shape); a sum's inputs have one shape (no broadcasting), Sub has two
-    inputs (the first minus the second), and Mean divides by its count of inputs, constants included."""
+    input (``as_conv`` checks the output's shape); a sum's inputs have one shape (no broadcasting), and it is
+    sum_i signs_i x_i / divisor over its data inputs (``Op.linear_combination``, one sign per form)."""
     circular = {f.circular for f in forms} - {None}
     if not forms or len(circular) > 1 or len({f.weight.shape[1] for f in forms}) != 1:
         return None
@@ -313,17 +347,16 @@ def _combine(step: Step, forms: list[_Kernel], grid: tuple[int, ...]) -> _Kernel
                                                          f.weight.shape[2 + i]) for i in range(len(grid)))
         w[index] = f.weight
         placed.append(w)
-    label = step.label
-    if label == "Concat":
-        if step.details.get("axis") != 1:
+    if combination.mode == "concat":
+        if combination.axis != 1:
             return None
         weight = torch.cat(placed, dim=0)
     else:
-        count = step.details.get("count", 0)
-        if any(p.shape != placed[0].shape for p in placed) or (label == "Sub" and len(placed) != 2) \
-                or (label == "Mean" and count < len(placed)):
+        signs = combination.signs
+        if signs is None or any(p.shape != placed[0].shape for p in placed) or len(signs) != len(placed):
             return None  # inputs of different channels would broadcast
-        signs = [1.0] + [(-1.0 if label == "Sub" else 1.0)] * (len(placed) - 1)
-        scale = 1.0 / count if label == "Mean" else 1.0
-        weight = sum(sg * p for sg, p in zip(signs, placed)) * scale
+        total = sum(sg * p for sg, p in zip(signs, placed, strict=False))
+        if not isinstance(total, torch.Tensor):
+            return None  # no inputs (``forms`` is not empty: never)
+        weight = total * (1.0 / combination.divisor)
     return _Kernel(weight, begin, next(iter(circular)) if circular else None)

@@ -29,13 +29,14 @@ makes it infinite. ``plan`` compiles the analysis once (plain numbers, so it tra
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
+from lipcert.bounds.kinds import Combination, Linear, Pattern, Region, Rule
 from lipcert.bounds.results import NO_RULE
-from lipcert.bounds.spectral import upper_bound
+from lipcert.bounds.spectral import STRUCTURAL, upper_bound
 from lipcert.bounds.steps import Part, Step
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
@@ -46,8 +47,6 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 NORM_SLACK = 1e-6
 #: Collatz-Wielandt steps for the norm of a non-negative map (|W| with the copies in front of it)
 NONNEGATIVE_STEPS = 12
-#: operator kinds whose sound norm bound is cheap enough to compute for every part of a chain
-CHEAP_KINDS = ("scalar", "diag", "isometry", "projection", "matrix")
 
 def gamma(n: float, u: float) -> float:
     """gamma_n = n u / (1 - n u) (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1)."""
@@ -68,17 +67,17 @@ class Affine:
     """base + slope R: a bound that grows with R, the distance from the centre point. ``base`` is a float, or
     one value per sample (a tensor) when the centre is each certified point."""
 
-    base: object
+    base: float | torch.Tensor
     slope: float
 
-    def __add__(self, other: "Affine") -> "Affine":
+    def __add__(self, other: Affine) -> Affine:
         return Affine(self.base + other.base, self.slope + other.slope)
 
-    def times(self, factor: float) -> "Affine":
+    def times(self, factor: float) -> Affine:
         return Affine(_scale(self.base, factor), _scale(self.slope, factor))
 
     @staticmethod
-    def norm(items: Sequence["Affine"]) -> "Affine":
+    def norm(items: Sequence[Affine]) -> Affine:
         """A bound on the L2 norm of a vector whose parts are bounded by ``items`` (Minkowski)."""
         if not items:
             return ZERO
@@ -140,7 +139,7 @@ class Instruction:
     sites: tuple[Site, ...] = ()  # linear: the chain's nodes; rule, pattern: one site (its own rounding)
     count: int = 0  # sums: the number of terms added
     offset: float = 0.0  # sums: the norm of the constants added
-    inner: tuple["Instruction", ...] = ()  # block: the pattern's own steps, with cheap factors
+    inner: tuple[Instruction, ...] = ()  # block: the pattern's own steps, with cheap factors
     known: bool = True  # False: the rounding of some node is unknown
 
 
@@ -159,7 +158,7 @@ class ErrorPlan:
     reference: Mapping[str, float] = field(default_factory=dict)  # ||v(c)||, c the zero image
     needed: tuple[str, ...] = ()  # the values whose norms the report engine reads
 
-    def evaluate(self, norms: Mapping[str, object] | None = None) -> Affine:
+    def evaluate(self, norms: Mapping[str, float | torch.Tensor] | None = None) -> Affine:
         """The error bound base + slope R of the logits. Without ``norms``: around the zero image (R =
         ||x|| + r). With ``norms`` (per-sample float64 norms of the computed values in ``needed``, as
         tensors): around each certified point (R = r), base one value per sample."""
@@ -167,7 +166,7 @@ class ErrorPlan:
 
 
 class _Evaluation:
-    def __init__(self, plan: ErrorPlan, norms: Mapping[str, object] | None) -> None:
+    def __init__(self, plan: ErrorPlan, norms: Mapping[str, float | torch.Tensor] | None) -> None:
         self.plan = plan
         self.reference = plan.reference if norms is None else norms
         self.twice = 1.0 if norms is None else 2.0  # measured values are computed ones: their error counts twice
@@ -220,14 +219,14 @@ class _Evaluation:
             return self.site_error(site, base, out)
         if ins.kind == "sum":
             total = Affine(ins.offset, 0.0)
-            for value, w, d, e in zip(ins.inputs, ins.weights, deviations, errors):
+            for value, w, d, e in zip(ins.inputs, ins.weights, deviations, errors, strict=False):
                 total = total + self.magnitude(value, d, e).times(w)
             return total.times(gamma(ins.count, self.plan.unit))
         if ins.kind in ("concat", "max"):
             if not ins.sites:
                 return ZERO
             moved = Affine.norm([(d + e.times(self.twice)).times(w)
-                                 for d, e, w in zip(deviations, errors, ins.weights)])
+                                 for d, e, w in zip(deviations, errors, ins.weights, strict=False)])
             return self.site_error(ins.sites[0], ZERO, self.magnitude(ins.output, moved, ZERO))
         if ins.kind == "block":
             return self.block(ins, deviations[0], errors[0])
@@ -247,8 +246,8 @@ class _Evaluation:
                 continue
             delta = self.local(sub, ins_d, ins_e)
             weights = sub.weights or (sub.factor,)
-            moved[sub.output] = _combined(sub.kind, [d.times(w) for d, w in zip(ins_d, weights)])
-            added[sub.output] = _combined(sub.kind, [e.times(w) for e, w in zip(ins_e, weights)]) + delta
+            moved[sub.output] = _combined(sub.kind, [d.times(w) for d, w in zip(ins_d, weights, strict=False)])
+            added[sub.output] = _combined(sub.kind, [e.times(w) for e, w in zip(ins_e, weights, strict=False)]) + delta
         return added.get(ins.output, INFINITE)
 
     def run(self) -> Affine:
@@ -263,7 +262,8 @@ class _Evaluation:
             ins_e = [self.errors.get(v, INFINITE) for v in ins.inputs]
             delta = self.local(ins, deviations, ins_e)
             weights = ins.weights or (ins.factor,) * len(ins_e)
-            self.errors[ins.output] = _combined(ins.kind, [e.times(w) for e, w in zip(ins_e, weights)]) + delta
+            weighted = [e.times(w) for e, w in zip(ins_e, weights, strict=False)]
+            self.errors[ins.output] = _combined(ins.kind, weighted) + delta
         result = self.errors.get(plan.output, INFINITE if plan.output_bounded else ZERO)
         return Affine(result.base * (1 + NORM_SLACK), result.slope * (1 + NORM_SLACK))
 
@@ -300,7 +300,7 @@ class _Compiler:
             if r is None or r.abs_op is None:
                 return None
             pending.append(r.abs_op)
-            if part.operator is not None and part.operator.kind in CHEAP_KINDS:
+            if part.operator is not None and isinstance(part.operator.structure, STRUCTURAL):  # a cheap bound
                 norm = upper_bound(part.operator).value
             else:
                 norm = nonnegative_norm(r.abs_op)  # ||A|| <= || |A| ||
@@ -325,34 +325,38 @@ class _Compiler:
         inputs, out = tuple(step.inputs), step.output
         self.needed.update(inputs)
         self.needed.add(out)
-        if step.kind in ("sum", "concat", "max"):
-            d = step.details
-            r = d.get("rounding")  # a pattern computed as a combination may round (an L2-norm combination)
-            sites = (self.rounding_site(out, r),) if r is not None and not r.exact else ()
-            return Instruction(step.kind, inputs, out, weights=tuple(d["weights"]), count=d.get("count", 0),
-                               offset=d.get("offset", 0.0), sites=sites)
-        if "substeps" in step.details:  # a pattern or a linear region: its own steps, with cheap factors
-            inner = []
-            for sub in step.details["substeps"]:
-                cheap = sub.constant if sub.kind == "rule" else 0.0
-                if sub.kind == "linear":
-                    sites = self.sites(sub.parts)
-                    cheap = math.prod(s.norm for s in sites) if sites else math.inf
-                inner.append(self.instruction(sub, cheap))
-            return Instruction("block", inputs, out, factor, inner=tuple(inner),
-                               known=all(i.known for i in inner))
-        if step.kind == "linear":
-            sites = self.sites(step.parts)
-            return Instruction("linear", inputs, out, factor, sites=sites or (), known=sites is not None)
-        if step.kind == "rule":
-            r = step.parts[0].rounding if step.parts else None
-            if r is None:
-                return Instruction("rule", inputs, out, factor, known=False)
-            return Instruction("rule", inputs, out, factor, sites=(self.rounding_site(out, r),))
-        if step.kind == "pattern" and step.details.get("rounding") is not None:
-            return Instruction("pattern", inputs, out, factor,
-                               sites=(self.rounding_site(out, step.details["rounding"]),))
+        match step.details:
+            case Combination(mode=mode, weights=weights, count=count, offset=offset, rounding=r):
+                # a pattern computed as a combination may round (an L2-norm combination)
+                sites = (self.rounding_site(out, r),) if r is not None and not r.exact else ()
+                return Instruction(mode, inputs, out, weights=tuple(weights), count=count, offset=offset,
+                                   sites=sites)
+            case Region(substeps=substeps) | Pattern(substeps=substeps) if substeps:
+                return self.block(step, factor, substeps)  # a pattern or a linear region: its own steps
+            case Linear():
+                chain = self.sites(step.parts)
+                return Instruction("linear", inputs, out, factor, sites=chain or (), known=chain is not None)
+            case Rule():
+                r = step.parts[0].rounding if step.parts else None
+                if r is None:
+                    return Instruction("rule", inputs, out, factor, known=False)
+                return Instruction("rule", inputs, out, factor, sites=(self.rounding_site(out, r),))
+            case Pattern(rounding=r) if r is not None:
+                return Instruction("pattern", inputs, out, factor, sites=(self.rounding_site(out, r),))
         return Instruction(NO_RULE, inputs, out, factor, known=False)
+
+    def block(self, step: Step, factor: float, substeps: Sequence[Step]) -> Instruction:
+        """A pattern or a linear region as its own steps, each with a cheap factor (its rule's constant, or the
+        product of its chain's norms)."""
+        inner = []
+        for sub in substeps:
+            cheap = sub.constant if isinstance(sub.details, Rule) and sub.constant is not None else 0.0
+            if isinstance(sub.details, Linear):
+                sites = self.sites(sub.parts)
+                cheap = math.prod(s.norm for s in sites) if sites else math.inf
+            inner.append(self.instruction(sub, cheap))
+        return Instruction("block", tuple(step.inputs), step.output, factor, inner=tuple(inner),
+                           known=all(i.known for i in inner))
 
     def rounding_site(self, out: str, r) -> Site:
         """A nonlinear node's or pattern's own rounding (relative and absolute terms only)."""
@@ -373,12 +377,14 @@ def reference_norms(graph: Graph, point: torch.Tensor) -> dict[str, float]:
     return norms
 
 
-def plan(graph: Graph, steps: Sequence[Step], bounds: Mapping[str, float], *, dtype: torch.dtype = torch.float32,
-         mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ErrorPlan:
-    """Compile the error analysis of ``steps`` (from ``verify.propagate``, each with its bound in
-    ``details["factor"]``) with the value ``bounds``; ``mean``/``std`` is lipcert's normalisation of the input."""
+def plan(graph: Graph, steps: Sequence[Step], bounds: Mapping[str, float], *, factors: Mapping[str, float],
+         dtype: torch.dtype = torch.float32, mean: Sequence[float] | None = None,
+         std: Sequence[float] | None = None) -> ErrorPlan:
+    """Compile the error analysis of ``steps`` (from ``propagate``, with each step's bound in ``factors`` by its
+    output: ``Propagation.step_factors``) with the value ``bounds``; ``mean``/``std`` is lipcert's normalisation
+    of the input."""
     compiler = _Compiler(graph)
-    instructions = tuple(compiler.instruction(s, s.details.get("factor", math.inf)) for s in steps)
+    instructions = tuple(compiler.instruction(s, factors.get(s.output, math.inf)) for s in steps)
     point = torch.zeros((1,) + tuple(graph.input_shape), dtype=torch.float64)
     scale = 1.0
     if std:
@@ -390,8 +396,3 @@ def plan(graph: Graph, steps: Sequence[Step], bounds: Mapping[str, float], *, dt
                      output=graph.output, output_bounded=graph.output in bounds, scale=scale,
                      unit=UNIT_ROUNDOFF[dtype], normalised=bool(std), reference=reference_norms(graph, point),
                      needed=tuple(sorted(compiler.needed | {graph.input_name})))
-
-
-def sample_norms(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-sample L2 norms of computed values (batch first), in float64, on the CPU."""
-    return {name: torch.linalg.vector_norm(v.detach().flatten(1).double(), dim=1).cpu() for name, v in values.items()}

@@ -1,8 +1,8 @@
-"""Sound upper bounds on the spectral norm ||A||_2 of linear operators, chosen by ``op.kind``.
+"""Sound upper bounds on the spectral norm ||A||_2 of linear operators, chosen by the class of ``op.structure``.
 
 Every ``UpperBound.value`` is a proven upper bound on the norm of the exact (real-number) operator defined
 by the stored weights, with float64 rounding of the computation covered by an explicit margin. Estimates
-from below (power iteration, ``lipcert.power_iteration``) are never returned here.
+from below (power iteration, ``lipcert.bounds.power_iteration``) are never returned here.
 
 Sources: Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019 (circular
 convolutions, exact by DFT); Delattre, Barthelemy, Araujo, Allauzen, "Efficient Bound of Lipschitz Constant
@@ -16,13 +16,23 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from lipcert.bounds.thresholds import current, record
-from lipcert.graph.linop import LinearOperator
+from lipcert.graph.linop import (
+    ChainStructure,
+    ConvStructure,
+    DiagStructure,
+    IsometryStructure,
+    LinearOperator,
+    MatrixStructure,
+    NonnegativeStructure,
+    ProjectionStructure,
+    ScalarStructure,
+)
 
 # Unit roundoff of float64 (half the machine epsilon).
 U64 = 2.0 ** -53
@@ -36,6 +46,9 @@ U64 = 2.0 ** -53
 # Either way it is far below anything that matters for a certificate from float32 weights (precision 6e-8).
 ROUNDING_MARGIN = 1e-9
 ROUNDING_C = 8
+#: structures whose bound is read off the structure itself (or, for a matrix, its SVD or Gram iteration), never
+#: from the operator's dense matrix
+STRUCTURAL = (ScalarStructure, DiagStructure, IsometryStructure, ProjectionStructure, MatrixStructure)
 
 # The sizes that choose between the dense SVD and the structured bounds, and the chunk of dense construction and
 # DFT evaluation, are ``thresholds.current()``: dense_limit, dense_max_entries, chunk_elems.
@@ -53,6 +66,8 @@ class UpperBound:
     value: float  # proven upper bound on ||A||_2, float rounding included
     method: str  # svd, fft-circular, fft-embedding, gram, schur, product(...), structural, none
     exact: bool  # value equals the norm up to the rounding margin
+    #: a dense decomposition's top right singular vector of the operator (flat, float64): power iteration's start
+    start: torch.Tensor | None = None
 
 
 def _inflate(value: float, n: int) -> float:
@@ -81,6 +96,18 @@ def _largest_singular_value(mat: torch.Tensor) -> float:
     return math.sqrt(max(float(top), 0.0))
 
 
+def top_singular(mat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """||M||_2 with a top left and right singular vector of one 2-D matrix, from one eigendecomposition of the
+    smaller Gram matrix (the one ``_largest_singular_value`` takes), the other vector by one product: no SVD."""
+    wide = mat.shape[0] < mat.shape[1]
+    values, vectors = torch.linalg.eigh(mat @ mat.mH if wide else mat.mH @ mat)
+    sigma = math.sqrt(max(float(values[-1]), 0.0))
+    found = vectors[:, -1]
+    other = mat.mH @ found if wide else mat @ found
+    other = other / other.norm() if float(other.norm()) > 0 else other
+    return (sigma, found, other) if wide else (sigma, other, found)
+
+
 # ----------------------------------------------------------------------------------------------- dense
 
 
@@ -90,8 +117,9 @@ def _dense_ok(op: LinearOperator, dense_limit: int) -> bool:
     return min(m, n) <= dense_limit and m * n <= current().dense_max_entries
 
 
-def _dense_norm(op: LinearOperator, device: str | torch.device) -> float:
-    """||A||_2 by float64 SVD of the explicit matrix, built from the smaller side (A or A^T) in chunks."""
+def _dense_norm(op: LinearOperator, device: str | torch.device) -> tuple[float, torch.Tensor]:
+    """||A||_2 by a float64 eigendecomposition of the Gram matrix of the explicit matrix, built from the smaller
+    side (A or A^T) in chunks, with a top right singular vector of A (power iteration's start)."""
     side = op
     if op.out_numel < op.in_numel:  # fewer adjoint calls; ||A^T|| = ||A||
         side = LinearOperator(in_shape=op.out_shape, out_shape=op.in_shape, forward=op.adjoint,
@@ -101,7 +129,10 @@ def _dense_norm(op: LinearOperator, device: str | torch.device) -> float:
         record("spectral.dense-chunked")
     with torch.no_grad():
         mat = side.to_dense(dtype=torch.float64, device=device, chunk=chunk)
-    return _largest_singular_value(mat)
+    if mat.numel() == 0:
+        return 0.0, torch.zeros(op.in_numel, dtype=torch.float64)
+    sigma, left, right = top_singular(mat)
+    return sigma, (right if side is op else left).cpu()
 
 
 def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
@@ -112,7 +143,8 @@ def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
     (at least 1e-9, i.e. ~10^7 u) is meant to absorb.
     """
     record("spectral.svd")
-    return UpperBound(_inflate(_dense_norm(op, device), op.in_numel * op.out_numel), "svd", True)
+    sigma, start = _dense_norm(op, device)
+    return UpperBound(_inflate(sigma, op.in_numel * op.out_numel), "svd", True, start)
 
 
 # ------------------------------------------------------------------------------------------ matrices
@@ -202,8 +234,8 @@ def _circular_norm(weight: torch.Tensor, grid: Sequence[int], dilation: Sequence
         raise ValueError(f"c_out={c_out} is not divisible by groups={groups}")
     taps = math.prod(w.shape[2:])
     kw = w.reshape(groups, c_out // groups, c_in_g, taps).to(torch.complex128)
-    pos = torch.stack(torch.meshgrid(*[torch.arange(k, device=device) * d for k, d in zip(w.shape[2:], dil)],
-                                     indexing="ij"), dim=-1).reshape(taps, nd)
+    axes = [torch.arange(k, device=device) * d for k, d in zip(w.shape[2:], dil, strict=False)]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(taps, nd)
     half = grid[:-1] + (grid[-1] // 2 + 1,)
     n_freq = math.prod(half)
     chunk = max(1, current().chunk_elems // (kw.numel() // taps + taps))
@@ -252,13 +284,14 @@ def _polyphase_kernel(weight: torch.Tensor, factor: Sequence[int], dilation: Seq
     exactly the entries of K (same Frobenius norm).
     """
     c_out, c_in_g, *ks = weight.shape
-    per_axis = [[divmod(d * t, f) for t in range(k)] for k, f, d in zip(ks, factor, dilation)]
+    per_axis = [[divmod(d * t, f) for t in range(k)] for k, f, d in zip(ks, factor, dilation, strict=False)]
     lengths = [axis[-1][0] + 1 for axis in per_axis]
     out = weight.new_zeros(c_out, c_in_g, *factor, *lengths)
     for t in itertools.product(*[range(k) for k in ks]):
         a_r = [per_axis[i][ti] for i, ti in enumerate(t)]
-        index = (slice(None), slice(None), *[r for _, r in a_r], *[a for a, _ in a_r])
-        out[index] = weight[(slice(None), slice(None), *t)]
+        index: tuple[slice | int, ...] = (slice(None), slice(None), *[r for _, r in a_r], *[a for a, _ in a_r])
+        taps: tuple[slice | int, ...] = (slice(None), slice(None), *t)
+        out[index] = weight[taps]
     return out.reshape(c_out, c_in_g * math.prod(factor), *lengths)
 
 
@@ -275,7 +308,7 @@ def _conv_shapes_match(op: LinearOperator, w: torch.Tensor, n: tuple[int, ...], 
 
 
 def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | None:
-    """DFT bound for a ``kind="conv"`` operator (its ``ConvStructure``), or None if it is outside what is handled.
+    """DFT bound for an operator with a ``ConvStructure``, or None if it is outside what is handled.
 
     Per axis (n = input_spatial, s = stride, d = dilation, (b, e) = pads, k_eff = d*(k-1) + 1), the strided
     conv is rewritten by ``_polyphase_kernel`` as a stride-1 conv over the s phases of its input (the notes'
@@ -299,6 +332,8 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
       rows and the value is exact ("fft-circular").
     """
     s = op.structure
+    if not isinstance(s, ConvStructure):
+        return None
     w = s.weight.detach().to(torch.float64)
     nd = w.dim() - 2
     n = tuple(int(v) for v in s.input_spatial)
@@ -310,25 +345,26 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
     if (circular and transpose) or len(pads) != 2 * nd or min(pads, default=0) < 0 \
             or any(len(t) != nd for t in (n, stride, dil)):
         return None
-    k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dil, w.shape[2:]))
+    k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dil, w.shape[2:], strict=False))
     outputs = n if transpose else tuple((ni + b + e - ke) // si + 1
-                                        for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, stride))
+                                        for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, stride,
+                                                                    strict=False))
     if min(outputs) < 1 or not _conv_shapes_match(op, w, n, outputs, groups, transpose):
         return None
     if not circular:
         kernel = _polyphase_kernel(w, stride, dil)
-        reach = tuple(si * (mi - 1) + ke for si, mi, ke in zip(stride, outputs, k_eff))
-        grid = tuple(max(-(-li // si), a) for li, si, a in zip(reach, stride, kernel.shape[2:]))
+        reach = tuple(si * (mi - 1) + ke for si, mi, ke in zip(stride, outputs, k_eff, strict=False))
+        grid = tuple(max(-(-li // si), a) for li, si, a in zip(reach, stride, kernel.shape[2:], strict=False))
         record("spectral.fft-embedding")
         return UpperBound(_circular_upper(kernel, grid, groups, device), "fft-embedding", False)
-    factor = tuple(si if ni % si == 0 else 1 for ni, si in zip(n, stride))
+    factor = tuple(si if ni % si == 0 else 1 for ni, si in zip(n, stride, strict=False))
     mult, exact = 1, True
-    for ni, mi, si, f in zip(n, outputs, stride, factor):
+    for ni, mi, si, f in zip(n, outputs, stride, factor, strict=False):
         rows = Counter((si // f * o) % (ni // f) for o in range(mi))
         mult *= max(rows.values())
         exact = exact and len(rows) == ni // f and max(rows.values()) == 1
     kernel = _polyphase_kernel(w, factor, dil)
-    value = _circular_upper(kernel, tuple(ni // f for ni, f in zip(n, factor)), groups, device)
+    value = _circular_upper(kernel, tuple(ni // f for ni, f in zip(n, factor, strict=False)), groups, device)
     record("spectral.fft-circular")
     return UpperBound(mul_up(value, math.sqrt(mult)), "fft-circular", exact)
 
@@ -360,7 +396,7 @@ def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
 
 def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
                 dense_limit: int | None = None) -> UpperBound:
-    """A proven upper bound on ||op||_2, by the tightest method available for ``op.kind``.
+    """A proven upper bound on ||op||_2, by the tightest method available for its structure.
 
     Methods: scalar |c| and diag max|scale| (exact); isometry 1 (exact) and projection 1 (a bound), both
     "structural"; matrix: SVD of M, or Gram iteration when min(M.shape) > dense_limit; any other operator
@@ -370,7 +406,7 @@ def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
     """
     if dense_limit is None:
         dense_limit = current().dense_limit
-    if op.kind not in ("scalar", "diag", "isometry", "projection", "matrix") and _dense_ok(op, dense_limit):
+    if not isinstance(op.structure, STRUCTURAL) and _dense_ok(op, dense_limit):
         return _svd_bound(op, device)  # the operator itself, whatever its structure says
     bound = _dispatch(op, device, dense_limit)
     if bound.exact and op.structure.inexact:  # the structure describes a map of equal or larger norm
@@ -379,30 +415,32 @@ def upper_bound(op: LinearOperator, *, device: str | torch.device = "cpu",
 
 
 def _dispatch(op: LinearOperator, device: str | torch.device, dense_limit: int) -> UpperBound:
-    """The bound of ``upper_bound`` by the method for ``op.kind``, before exactness is settled."""
-    kind, s = op.kind, op.structure
+    """The bound of ``upper_bound`` by the method for the operator's structure, before exactness is settled."""
     # scalars and scales may be float64 products of merged factors: one rounding, covered by one ulp up
-    if kind in ("scalar", "diag", "isometry", "projection"):
-        record("spectral.structural")
-    if kind == "scalar":
-        return UpperBound(math.nextafter(abs(float(s.value)), math.inf), "structural", True)
-    if kind == "diag":
-        scale = torch.as_tensor(s.scale).detach()
-        value = float(scale.abs().max()) if scale.numel() else 0.0
-        return UpperBound(math.nextafter(value, math.inf), "structural", True)
-    if kind == "isometry":
-        return UpperBound(1.0, "structural", True)
-    if kind == "projection":
-        return UpperBound(1.0, "structural", False)
-    if kind == "matrix":
-        return _matrix_bound(s.matrix, dense_limit, device)
-    if kind == "conv":
-        bound = _conv_bound(op, device)
-        if bound is not None:
-            return bound
-    if kind == "nonnegative":
-        return _schur_bound(op, device)
-    if kind == "chain":
-        return _product_bound(s.parts, device, dense_limit)
+    match op.structure:
+        case ScalarStructure(value=value):
+            record("spectral.structural")
+            return UpperBound(math.nextafter(abs(float(value)), math.inf), "structural", True)
+        case DiagStructure(scale=scale):
+            record("spectral.structural")
+            scale = torch.as_tensor(scale).detach()
+            largest = float(scale.abs().max()) if scale.numel() else 0.0
+            return UpperBound(math.nextafter(largest, math.inf), "structural", True)
+        case IsometryStructure():
+            record("spectral.structural")
+            return UpperBound(1.0, "structural", True)
+        case ProjectionStructure():
+            record("spectral.structural")
+            return UpperBound(1.0, "structural", False)
+        case MatrixStructure(matrix=matrix):
+            return _matrix_bound(matrix, dense_limit, device)
+        case ConvStructure():
+            bound = _conv_bound(op, device)
+            if bound is not None:
+                return bound
+        case NonnegativeStructure():
+            return _schur_bound(op, device)
+        case ChainStructure(parts=parts):
+            return _product_bound(parts, device, dense_limit)
     record("spectral.none")
     return UpperBound(math.inf, "none", False)

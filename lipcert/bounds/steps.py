@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lipcert.bounds.results import NO_RULE
+from lipcert.bounds.kinds import Combination, Details, Linear, NoRule, Pattern, Rule
+from lipcert.errors import ModelError
 from lipcert.graph.core import Graph, Node
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.linop import LinearOperator
@@ -37,7 +38,7 @@ class Part:
 class Step:
     """One piece of the network: ``output = f(inputs)`` with a way to bound the Lipschitz constant of f."""
 
-    kind: str  # "linear" | "rule" | "pattern" | "sum" | "concat" | "max" | NO_RULE
+    details: Details  # what its kind carries (``kinds``)
     label: str
     nodes: list[str]
     inputs: list[str]
@@ -45,9 +46,20 @@ class Step:
     operator: LinearOperator | None = None
     constant: float | None = None
     reason: str = ""
-    details: dict = field(default_factory=dict)
     #: the nodes of a linear chain or rule in order, for the float error analysis
     parts: list[Part] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """The kind's printed name: "linear", "rule", "pattern", "sum", "concat", "max" or ``NO_RULE``."""
+        return self.details.kind
+
+    @property
+    def linear(self) -> LinearOperator:
+        """The operator of a linear step (a chain or a region)."""
+        if self.operator is None:
+            raise TypeError(f"step {self.label!r} ({self.kind}) has no linear operator")
+        return self.operator
 
 
 class Context:
@@ -70,6 +82,13 @@ class Context:
 
     def shape(self, value: str) -> tuple[int, ...] | None:
         return self.graph.value_shapes.get(value)
+
+    def known_shape(self, value: str) -> tuple[int, ...]:
+        """The per-sample shape of a value the caller has checked is known."""
+        shape = self.shape(value)
+        if shape is None:
+            raise ModelError(f"the shape of {value!r} is unknown")
+        return tuple(shape)
 
     def const_inputs(self, node: Node) -> list[torch.Tensor | None]:
         return [None if (not n or n in self.data) else self.consts.get(n) for n in node.inputs]
@@ -94,8 +113,11 @@ def repetitions(in_shape: tuple[int, ...] | None, out_shape: tuple[int, ...] | N
 
 def _combine_step(ctx: Context, node: Node, op: Op, data_idx: list[int], out: str) -> Step | None:
     """A sum, concatenation or elementwise max of several data inputs (``op.combination``), each weighted by its
-    broadcast repetitions (and 1/count for Mean); None when a shape is unknown or an input does not broadcast."""
+    broadcast repetitions (and divided as ``op.linear_combination`` divides, 1/count for Mean); None when a shape
+    is unknown or an input does not broadcast. A linear combination keeps the signs of its data inputs."""
     kind = op.combination
+    if kind is None:
+        return None
     out_shape = ctx.shape(out)
     weights = []
     for i in data_idx:
@@ -104,16 +126,20 @@ def _combine_step(ctx: Context, node: Node, op: Op, data_idx: list[int], out: st
             return None
         weights.append(math.sqrt(k))
     count = sum(1 for name in node.inputs if name)
-    if node.op == "Mean":
-        weights = [w / count for w in weights]
+    summed = op.linear_combination(count)
+    if summed is not None:
+        weights = [w / summed.divisor for w in weights]
     consts = [c for i, c in enumerate(ctx.const_inputs(node)) if c is not None and i not in data_idx]
-    offset = math.fsum(broadcast_norm(c, out_shape) for c in consts) if kind == "sum" else 0.0
-    details = {"weights": weights, "count": count, "offset": offset, "node_op": True}
+    # a sum's out_shape is known: each data input broadcasts to it (``repetitions``)
+    offset = math.fsum(broadcast_norm(c, out_shape) for c in consts) if kind == "sum" and out_shape is not None else 0.0
+    axis = None
     if kind == "concat" and out_shape is not None:
         axis = int(node.attr("axis", 0))
-        details["axis"] = axis + len(out_shape) + 1 if axis < 0 else axis
-    return Step(kind, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=op.combination_reason,
-                details=details)
+        axis = axis + len(out_shape) + 1 if axis < 0 else axis
+    details = Combination(kind, weights, count, offset, node_op=True, axis=axis,
+                          signs=None if summed is None else tuple(summed.signs[i] for i in data_idx),
+                          divisor=1 if summed is None else summed.divisor)
+    return Step(details, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=op.combination_reason)
 
 
 def node_step(ctx: Context, node: Node) -> list[Step]:
@@ -135,20 +161,20 @@ def node_step(ctx: Context, node: Node) -> list[Step]:
                 operator = op.linear(node, consts, var, in_shape, out_shape, output=k)
                 if operator is None and k == 0:
                     rule = op.lipschitz(node, consts, var, in_shape, out_shape)
-            if operator is not None or rule is not None:
-                part = Part(operator, op.rounding(node, consts, var, in_shape, out_shape, k), out)
+                if operator is not None or rule is not None:
+                    part = Part(operator, op.rounding(node, consts, var, in_shape, out_shape, k), out)
             if operator is not None:
-                steps.append(Step("linear", node.op, [node.name], [src], out, operator=operator, parts=[part]))
+                steps.append(Step(Linear(), node.op, [node.name], [src], out, operator=operator, parts=[part]))
             elif rule is not None:
-                steps.append(Step("rule", node.op, [node.name], [src], out, constant=rule.constant,
+                steps.append(Step(Rule(), node.op, [node.name], [src], out, constant=rule.constant,
                                   reason=rule.reason, parts=[part]))
             else:
-                steps.append(Step(NO_RULE, node.op, [node.name], [src], out,
+                steps.append(Step(NoRule(), node.op, [node.name], [src], out,
                                   reason=f"no Lipschitz rule for {node.op} (output {k})"))
         return steps
     for k, out in live:
         step = _combine_step(ctx, node, op, data_idx, out) if op.combination is not None and k == 0 else None
-        steps.append(step or Step(NO_RULE, node.op, [node.name], [node.inputs[i] for i in data_idx], out,
+        steps.append(step or Step(NoRule(), node.op, [node.name], [node.inputs[i] for i in data_idx], out,
                                   reason=f"no Lipschitz rule for {node.op} of {len(data_idx)} data-dependent "
                                          "inputs"))
     return steps
@@ -163,10 +189,10 @@ def fuse_chains(ctx: Context, steps: list[Step]) -> list[Step]:
     out: list[Step] = []
     tail: dict[str, Step] = {}
     for s in steps:
-        if s.kind == "linear":
+        if isinstance(s.details, Linear):
             prev = tail.get(s.inputs[0])
             if prev is not None and readers.get(prev.output, 0) == 1 and prev.output not in ctx.graph.outputs:
-                prev.operator = prev.operator.then(s.operator)
+                prev.operator = prev.linear.then(s.linear)
                 prev.nodes += s.nodes
                 prev.parts += s.parts
                 prev.label = f"{prev.label}+{s.label}"
@@ -187,7 +213,7 @@ def claim_error(ctx: Context, step: Step) -> str | None:
     A pattern's function must be a function of its declared inputs alone, and it must account for every
     value its nodes produce: (1) no node is claimed twice; (2) a declared input is not produced inside the
     pattern; (3) every data-dependent value a claimed node reads is a declared input, produced by a claimed
-    node, or produced from those by a node the pattern only re-reads (``details["reads"]``); (4) every output
+    node, or produced from those by a node the pattern only re-reads (``Pattern.reads``); (4) every output
     of a claimed node that anything reads outside the pattern is the step's output; (5) the step's output
     is produced by a claimed node."""
     nodes = set(step.nodes)
@@ -199,7 +225,7 @@ def claim_error(ctx: Context, step: Step) -> str | None:
     if step.output not in produced:
         return "the output is not produced by the pattern"
     available = set(step.inputs)
-    borrowed = set(step.details.get("reads", ()))
+    borrowed = set(step.details.reads if isinstance(step.details, Pattern) else ())
     for node in ctx.graph.nodes:
         if node.name not in nodes and node.name not in borrowed:
             continue

@@ -46,9 +46,9 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
     start = time.perf_counter()
     device = resolve_device(device)
     if bound is not None:
-        claim, source = float(bound), "--bound"
-    elif graph.claimed_lipschitz() is not None:
-        claim, source = graph.claimed_lipschitz(), "model metadata"
+        claim, source = float(bound), "bound"
+    elif (claimed := graph.claimed_lipschitz()) is not None:
+        claim, source = claimed, "model metadata"
     else:
         claim, source = 1.0, "default"
     if not math.isfinite(claim) or claim <= 0:

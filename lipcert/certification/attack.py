@@ -14,45 +14,42 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
+from lipcert.certification.radii import sample_norms
+from lipcert.certification.settings import SETTINGS
 from lipcert.errors import ConfigError
 from lipcert.parse import NORMS
 
 #: the step-size rule, documented in the report: alpha = STEP_FACTOR * eps / steps
 STEP_FACTOR = 2.5
-PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
 class AttackConfig:
-    """Settings of the PGD attack, checked when made (a ``ConfigError`` naming the parameter)."""
+    """Settings of the PGD attack, checked when made (a ``ConfigError`` naming the parameter); ``steps``,
+    ``restarts``, ``seed`` and ``precision`` are the settings ``attack_steps``, ``attack_restarts``, ``seed`` and
+    ``attack_precision`` of ``settings.SETTINGS``."""
 
-    steps: int = 50
-    restarts: int = 2
+    steps: int = SETTINGS["attack_steps"].field()
+    restarts: int = SETTINGS["attack_restarts"].field()
     #: the ball's norm: None (the default) takes the run's norm in ``certify`` and ``attack`` (``pgd`` alone: l2)
     norm: str | None = None
-    seed: int = 0
+    seed: int = SETTINGS["seed"].field()
     lower: float = 0.0
     upper: float = 1.0
     #: "float32", or "bfloat16" for the attack's steps (autocast); examples are always re-checked in float32
-    precision: str = "float32"
+    precision: str = SETTINGS["attack_precision"].field()
 
     def __post_init__(self) -> None:
-        for name in ("steps", "restarts"):
-            value = getattr(self, name)
-            if not _whole(value) or value < 1:
-                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}", parameter=name)
-        if not _whole(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a whole number of at least 0, got {self.seed!r}", parameter="seed")
+        for f in fields(self):
+            if "setting" in f.metadata:
+                f.metadata["setting"].validate(getattr(self, f.name), f.name)
         if self.norm is not None and self.norm not in NORMS:
             raise ConfigError(f"norm must be l2 or linf, got {self.norm!r}", parameter="norm")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {self.precision!r}",
-                              parameter="precision")
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (self.lower, self.upper)) \
                 or self.lower >= self.upper:
             raise ConfigError(f"lower and upper must be finite numbers, lower below upper, got {self.lower!r} and "
@@ -65,14 +62,11 @@ class AttackConfig:
                               "unset to attack in the run's norm", parameter="norm")
         return replace(self, norm=norm)
 
-
-def _whole(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _ball(cfg: AttackConfig) -> AttackConfig:
-    """``cfg`` with a norm: l2 when none was given (``pgd`` and ``attack_batch`` called on their own)."""
-    return cfg if cfg.norm else replace(cfg, norm="l2")
+    @property
+    def ball(self) -> str:
+        """The norm of the balls attacked: ``norm``, l2 when none was given (``pgd`` and ``attack_batch`` called on
+        their own)."""
+        return self.norm or "l2"
 
 
 @dataclass
@@ -107,11 +101,6 @@ class AttackSummary:
         data = {k: v for k, v in asdict(self).items() if k not in ("attack_radius", "seconds")}
         data["violations"] = [asdict(v) for v in self.violations]
         return data
-
-
-def _norms(d: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = d.flatten(1)
-    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
 
 
 def _shape(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -152,26 +141,26 @@ def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, cfg: AttackConfig
     more than eps x 1e-6 at small radii), and the final check would then refuse it. Such rows are pulled back
     inside by a bound on that rounding."""
     for attempt in range(PROJECTION_TRIES):
-        if cfg.norm == "l2":
-            n = _norms(delta, "l2")
+        if cfg.ball == "l2":
+            n = sample_norms(delta)
             delta = delta * _shape(torch.clamp(eps / n.clamp_min(1e-12), max=1.0), delta)
         else:
             delta = delta.clamp(-eps, eps)
         out = (x + delta).clamp(cfg.lower, cfg.upper) - x
-        size = _norms(out, cfg.norm)
+        size = sample_norms(out, cfg.ball)
         over = size > eps
         if not bool(over.any()):
             break
-        rounding = _norms(torch.finfo(out.dtype).eps * (x.abs() + out.abs()), cfg.norm) * 2 ** attempt
+        rounding = sample_norms(torch.finfo(out.dtype).eps * (x.abs() + out.abs()), cfg.ball) * 2 ** attempt
         scale = ((eps - rounding) / size.clamp_min(1e-30)).clamp_min(0.0)
         delta = out * _shape(torch.where(over, scale, torch.ones_like(scale)), out)
     return out
 
 
 def _random_start(x: torch.Tensor, eps: float, cfg: AttackConfig, gen: torch.Generator) -> torch.Tensor:
-    if cfg.norm == "l2":
+    if cfg.ball == "l2":
         d = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        d = d / _shape(_norms(d, "l2").clamp_min(1e-12), d)
+        d = d / _shape(sample_norms(d).clamp_min(1e-12), d)
         r = torch.rand(x.shape[0], generator=gen, dtype=x.dtype).to(x.device) ** (1.0 / x[0].numel())
         d = d * _shape(r * eps, d)
     else:
@@ -186,7 +175,6 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
 
     A sample stops being attacked (all its restarts) as soon as one restart misclassifies it. ``on_step`` is
     called with the number of steps done (of ``cfg.steps + 1``) after each one."""
-    cfg = _ball(cfg)
     n = x.shape[0]
     xr = x.repeat(cfg.restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(cfg.restarts)
@@ -212,7 +200,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
             done = torch.zeros(n, dtype=torch.bool, device=x.device)
             done[rows[loss > 0] % n] = True
             active &= ~done.repeat(cfg.restarts)
-            step = grad / _shape(_norms(grad, "l2").clamp_min(1e-12), grad) if cfg.norm == "l2" else grad.sign()
+            step = grad / _shape(sample_norms(grad).clamp_min(1e-12), grad) if cfg.ball == "l2" else grad.sign()
             delta[rows] = _project(d.detach() + alpha * step, xr[rows], eps, cfg)
         if on_step:
             on_step(step_index + 1)
@@ -220,7 +208,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
         pick = best_loss.reshape(cfg.restarts, n).argmax(dim=0)
         chosen = best.reshape(cfg.restarts, n, *x.shape[1:])[pick, torch.arange(n, device=x.device)]
         fresh = model(chosen)
-        found = (predict(fresh) != y) & (_norms(chosen - x, cfg.norm) <= eps * (1 + 1e-6))
+        found = (predict(fresh) != y) & (sample_norms(chosen - x, cfg.ball) <= eps * (1 + 1e-6))
     return chosen.detach(), found
 
 
@@ -262,7 +250,6 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     receives the share of the batch's work done since its last call, after every PGD step (the shares add
     up to 1: each positive eps counts the same, its steps equally).
     """
-    cfg = _ball(cfg)
     n = len(y)
     attack_radius = torch.full((n,), math.inf, dtype=torch.float64)
     broken_at = torch.full((n,), math.inf, dtype=torch.float64)
@@ -278,15 +265,18 @@ def attack_batch(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             break
         sel = alive.nonzero()[:, 0]
         sel_d = sel.to(x.device)
-        adv, found = pgd(model, x[sel_d], y[sel_d], value, cfg, gen,
-                         lambda steps, k=k: share.reach((k + steps / (cfg.steps + 1)) / len(radii_to_attack)))
+
+        def on_step(steps: int, k: int = k) -> None:
+            share.reach((k + steps / (cfg.steps + 1)) / len(radii_to_attack))
+
+        adv, found = pgd(model, x[sel_d], y[sel_d], value, cfg, gen, on_step)
         share.reach((k + 1) / len(radii_to_attack))
         found = found.cpu()
         hit = sel[found]
         if not hit.numel():
             continue
         hit_d = hit.to(x.device)
-        dist = _norms(adv[found.to(x.device)] - x[hit_d], cfg.norm).double().cpu()
+        dist = sample_norms(adv[found.to(x.device)] - x[hit_d], cfg.ball).double().cpu()
         attack_radius[hit] = dist
         broken_at[hit] = value
         alive[hit] = False
@@ -312,7 +302,7 @@ def summarize_attack(cfg: AttackConfig, eps: Sequence[tuple[str, float]], attack
                 "robust_accuracy": float((broken_at > value).double().mean()) if total else 0.0,
                 "broken": int(((broken_at <= value) & (broken_at > 0)).sum())} for label, value in eps]
     loss = "one-logit margin loss (s for label 0, -s for label 1)" if binary else "margin loss"
-    method = f"PGD-{'L2' if _ball(cfg).norm == 'l2' else 'Linf'}, {loss}, random start"
+    method = f"PGD-{'L2' if cfg.ball == 'l2' else 'Linf'}, {loss}, random start"
     return AttackSummary(method, cfg.steps, cfg.restarts, f"alpha = {STEP_FACTOR} * eps / steps", cfg.seed, per_eps,
                          sorted(violations, key=lambda v: v.index), attack_radius, seconds)
 

@@ -1,10 +1,11 @@
 """Resumable report runs: per-batch results saved in the output folder as batches finish.
 
-The checkpoint records the model and data hashes and every setting that changes a number; ``--resume``
-refuses a checkpoint made with different ones, naming the setting, and leaves it in place. Each batch file is
+The checkpoint records the model and data hashes and every setting that changes a number (``checkpoint`` in
+``settings.SETTINGS``); a resume refuses a checkpoint made with different ones, naming the setting, and leaves it
+in place. Each batch file is
 written atomically, so an interrupted run (Ctrl-C, a killed process, a lost GPU) loses at most the batch in
 flight. A checkpoint is removed only by the run that made it: when it finishes, or when it stops on bad input
-(a resume would fail the same way); a run without ``--resume`` refuses to start over an existing one.
+(a resume would fail the same way); a run without ``resume`` refuses to start over an existing one.
 """
 
 from __future__ import annotations
@@ -20,17 +21,15 @@ import numpy as np
 
 from lipcert.atomic import write_bytes_atomic, write_text_atomic
 from lipcert.certification.attack import Violation
+from lipcert.certification.settings import CHECKPOINT_ENTRIES, SETTINGS
 from lipcert.errors import ConfigError
 
 FOLDER = ".lipcert-checkpoint"
 MANIFEST = "manifest.json"
-#: how a mismatch message names each manifest entry
-SETTINGS = {"model_sha256": "the model", "data_sha256": "the data", "eps": "--eps", "norm": "--norm",
-            "batch_size": "--batch-size", "backend": "--backend", "mean": "--mean", "std": "--std",
-            "lipschitz": "--lipschitz", "world_size": "processes", "skip_bad_samples": "--skip-bad-samples",
-            "attack.steps": "--attack-steps", "attack.restarts": "--attack-restarts", "attack.seed": "--seed",
-            "attack.precision": "--attack-precision", "attack.norm": "--norm", "attack.lower": "attack box lower",
-            "attack.upper": "attack box upper"}
+#: how a mismatch message names each manifest entry: the setting it records, else what it is
+ENTRIES = {"model_sha256": "the model", "data_sha256": "the data", "world_size": "processes",
+           "attack.norm": "norm", "attack.lower": "attack box lower", "attack.upper": "attack box upper",
+           **CHECKPOINT_ENTRIES}
 
 
 @dataclass
@@ -64,7 +63,7 @@ class BatchResult:
 
     def extra(self) -> list[dict[str, Any]]:
         meta: dict[str, Any] = {"backend": self.backend}
-        if self.indices is not None:  # only then, as checkpoints made before --skip-bad-samples existed
+        if self.indices is not None:  # only then, as checkpoints made before skip_bad_samples existed
             meta["skipped"] = [[i, why] for i, why in self.skipped]
         return [meta] + [asdict(v) for v in self.violations]
 
@@ -87,10 +86,8 @@ def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(key: str, value: Any) -> str:
-    """One setting as the user wrote it: ``--batch-size 32``, ``--no-attack``, ``the model sha256 be10903b...``."""
-    name = SETTINGS.get(key, key)
-    if key == "attack":
-        return "--attack" if value else "--no-attack"
+    """One setting as the user gave it: ``batch_size 32``, ``no attack``, ``the model sha256 be10903b...``."""
+    name = ENTRIES.get(key, key)
     if key.endswith("sha256"):
         return f"{name} sha256 {str(value)[:12]}..."
     if key == "world_size":
@@ -107,12 +104,13 @@ def _describe(key: str, value: Any) -> str:
 
 
 def refuse_overwrite(out_dir: str | Path) -> None:
-    """A run without --resume must not discard an interrupted run's checkpoint: refuse, saying what to do."""
+    """A run without resume must not discard an interrupted run's checkpoint: refuse, saying what to do."""
     folder = Path(out_dir) / FOLDER
     if (folder / MANIFEST).is_file():
         batches = len(list(folder.glob("batch-*.npz")))
-        raise ConfigError(f"--out {out_dir} holds the checkpoint of an unfinished run ({batches} finished "
-                          f"batch(es)): pass --resume to continue it, or delete {folder} to start over")
+        raise ConfigError(f"out {out_dir} holds the checkpoint of an unfinished run ({batches} finished "
+                          f"batch(es)): pass resume to continue it, or delete {folder} to start over",
+                          parameter=("out", "resume"))
 
 
 class Checkpoint:
@@ -143,9 +141,11 @@ class Checkpoint:
         old, new = _flatten(saved), _flatten(self.manifest)
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
+                name = ENTRIES.get(key, key)
                 raise ConfigError(f"cannot resume: the checkpoint in {self.folder.parent} was made with "
                                   f"{_describe(key, old.get(key))}, this run has {_describe(key, new.get(key))}; "
-                                  f"rerun with the checkpoint's settings, or delete {self.folder} to start over")
+                                  f"rerun with the checkpoint's settings, or delete {self.folder} to start over",
+                                  parameter=name if name in SETTINGS else None)
 
     def _file(self, index: int) -> Path:
         return self.folder / f"batch-{index:07d}.npz"
@@ -155,7 +155,10 @@ class Checkpoint:
 
     def save(self, index: int, result: BatchResult) -> None:
         buf = io.BytesIO()
-        np.savez(buf, __extra__=np.frombuffer(json.dumps(result.extra()).encode(), dtype=np.uint8), **result.arrays())
+        # typed Any: mypy would match a dict of arrays against savez's keyword allow_pickle (a bool)
+        entries: dict[str, Any] = {"__extra__": np.frombuffer(json.dumps(result.extra()).encode(), dtype=np.uint8),
+                                   **result.arrays()}
+        np.savez(buf, **entries)
         write_bytes_atomic(self._file(index), buf.getvalue())
 
     def load(self, index: int) -> BatchResult:

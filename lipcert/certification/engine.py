@@ -11,12 +11,19 @@ import math
 import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
 from lipcert.bounds.rounding import Affine
-from lipcert.certification.radii import Certificates, CertificateSetup, certificates_from_logits, pair_norms
+from lipcert.certification.radii import (
+    Certificates,
+    CertificateSetup,
+    certificates_from_logits,
+    pair_norms,
+    sample_norms,
+)
 from lipcert.data import Batch, Dataset, Labels, read_batches
 from lipcert.errors import DataError, ModelError
 from lipcert.graph.core import Graph
@@ -93,8 +100,11 @@ class Runner:
             if not self.measure <= produced:
                 self.measure = set()  # names lipcert rewrote: certify around the zero image instead
             self.fetch = sorted(self.measure - {graph.input_name})
-            providers = ([("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
-                         if device.startswith("cuda") else None)
+            # onnxruntime takes a provider with its options as (name, options); ort_session's annotation
+            # (lipcert/model/crosscheck.py) names only list[str]: the ignores below go once it is widened
+            providers: list[str | tuple[str, dict[str, int]]] | None = (
+                [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"] if device.startswith("cuda")
+                else None)
             try:
                 self.session = ort_session(with_outputs(model, self.fetch) if self.fetch else model, providers)
             except Exception:  # noqa: BLE001 - onnxruntime refuses some intermediate outputs: measure nothing
@@ -102,7 +112,7 @@ class Runner:
                 self.session = ort_session(model, providers)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:  # ``normalisation`` gives both or neither
             x = (x - self.mean.to(x)) / self.std.to(x)
         if self.backend == "torch":
             with torch.inference_mode(), full_precision():
@@ -113,8 +123,8 @@ class Runner:
 
         def run(chunk: torch.Tensor) -> torch.Tensor:
             outputs = self.session.run([self.graph.output] + self.fetch, {self.graph.input_name: chunk.cpu().numpy()})
-            for name, value in zip(self.fetch, outputs[1:]):
-                norms.setdefault(name, []).append(_norms(torch.from_numpy(value)))
+            for name, value in zip(self.fetch, outputs[1:], strict=False):
+                norms.setdefault(name, []).append(sample_norms(torch.from_numpy(value).double()).cpu())
             return torch.from_numpy(outputs[0])
 
         logits = in_fixed_batches(run, x, self.graph.fixed_batch).to(x.device)
@@ -122,13 +132,8 @@ class Runner:
             return logits, None
         found = {name: torch.cat(parts)[: x.shape[0]] for name, parts in norms.items()}
         if self.graph.input_name in self.measure:
-            found[self.graph.input_name] = _norms(x)
+            found[self.graph.input_name] = sample_norms(x.detach().double()).cpu()
         return logits, found
-
-
-def _norms(values: torch.Tensor) -> torch.Tensor:
-    """Per-sample float64 L2 norms (on the CPU)."""
-    return torch.linalg.vector_norm(values.detach().reshape(values.shape[0], -1).double(), dim=1).cpu()
 
 
 def _time(runner: Runner, x: torch.Tensor) -> float:
@@ -142,8 +147,8 @@ def _time(runner: Runner, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tensor, mean, std,
-                   measure: Sequence[str] = ()) -> Runner:
+def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tensor, mean: torch.Tensor | None,
+                   std: torch.Tensor | None, measure: Sequence[str] = ()) -> Runner:
     """The requested backend (one of ``options.BACKENDS``, onnxruntime only for an ONNX model, as
     ``CertifyOptions`` checks), or for ``auto`` the faster of torch and onnxruntime on one batch."""
     if requested != "auto":
@@ -163,11 +168,7 @@ class Engine:
 
     def __init__(self, graph: Graph, setup: CertificateSetup, *, device: str = "cpu", backend: str = "auto",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
-        self.mean = self.std = None
-        if mean is not None and std is not None:
-            view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
-            self.mean = torch.tensor(mean, dtype=torch.float32).reshape(view)
-            self.std = torch.tensor(std, dtype=torch.float32).reshape(view)
+        self.mean, self.std = normalisation(graph, mean, std)
         self.graph, self.setup, self.device, self.requested = graph, setup, device, backend
         self.pairs = (pair_norms(setup.head_weight, setup.head_row_error).to(device)
                       if setup.head_weight is not None else None)
@@ -177,16 +178,15 @@ class Engine:
         self.checked = graph.onnx_model is None
         self.crosscheck: CrossCheck | None = None
         self.seconds = self.crosscheck_seconds = 0.0
-        self._attack_module: GraphModule | None = None
+        self._attack_model: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def backend(self) -> str:
         return self.runner.backend if self.runner else self.requested
 
     def batch_size(self, requested: int) -> int:
-        """The batch size to use: ``requested`` (at least 1), made a multiple of a fixed batch the model may declare."""
-        fixed = self.graph.fixed_batch
-        return max(fixed, requested // fixed * fixed) if fixed else requested
+        """The batch size to use: ``requested``, made a multiple of a fixed batch the model may declare."""
+        return fixed_multiple(self.graph, requested)
 
     def batches(self, dataset: Dataset, batch_size: int, first: int = 0, last: int | None = None, *,
                 skip_bad_samples: bool = False,
@@ -212,15 +212,16 @@ class Engine:
             if self.runner is None:
                 self.runner = choose_backend(self.graph, self.requested, self.device, x, self.mean, self.std,
                                              self.measure)
+            runner = self.runner
             began = time.perf_counter()
-            logits, norms = self.runner(x)
+            logits, norms = runner(x)
             logits = logits.reshape(x.shape[0], -1)
             if not torch.isfinite(logits).all():
                 raise DataError(f"the model gives NaN or Inf logits in the batch of samples {batch.indices[0]} to "
                                 f"{batch.indices[-1]}", source=dataset.info.path)
-            x_norm = _norms(x)
+            x_norm = sample_norms(x.detach().double()).cpu()  # float64 on the CPU, as the error analysis reads
             error = self.error(x_norm, norms)
-            self._check_alone(x, logits, error, batch.indices[0])
+            self._check_alone(runner, x, logits, error, batch.indices[0])
             cert = certificates_from_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -244,7 +245,7 @@ class Engine:
                                                                             torch.Generator().manual_seed(seed))
 
         def model_input(points: torch.Tensor) -> torch.Tensor:
-            return points if self.mean is None else (points - self.mean) / self.std
+            return points if self.mean is None or self.std is None else (points - self.mean) / self.std
 
         self.crosscheck = check_points(self.graph, [("the data's first samples", model_input(x)),
                                                     ("points on their certified balls", model_input(ball))])
@@ -258,15 +259,14 @@ class Engine:
             return plan.evaluate(norms)
         return Affine(self.setup.error_base + self.setup.error_slope * x_norm.double(), self.setup.error_slope)
 
-    def _check_alone(self, x: torch.Tensor, logits: torch.Tensor, error: Affine, index: int) -> None:
+    def _check_alone(self, runner: Runner, x: torch.Tensor, logits: torch.Tensor, error: Affine, index: int) -> None:
         """The first sample run on its own must give its logits in the batch, up to twice the float error
         allowance: a model whose output depends on the rest of its batch (or on the batch size) is refused."""
         if x.shape[0] < 2 or not math.isfinite(self.setup.lipschitz):
             return
-        alone, _ = self.runner(x[:1])
+        alone, _ = runner(x[:1])
         gap = float((alone.reshape(1, -1).double() - logits[:1].double()).norm())
-        base = error.base[0] if isinstance(error.base, torch.Tensor) and error.base.dim() else error.base
-        if not gap <= 2 * float(base) + 1e-30:
+        if not gap <= 2 * _first_base(error) + 1e-30:
             raise ModelError(f"sample {index} gives different logits alone and in its batch of {x.shape[0]} "
                              f"(by {gap:.3g}, more than rounding explains): the model's output depends on the "
                              "other samples or on the batch size, so no per-sample certificate holds",
@@ -274,13 +274,45 @@ class Engine:
 
     def attack_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The differentiable float32 model in pixel space (through the normalisation) that PGD attacks."""
-        if self._attack_module is None:
-            self._attack_module = GraphModule(self.graph).to(self.device).eval()
-        module, mean, std = self._attack_module, self.mean, self.std
+        if self._attack_model is None:
+            self._attack_model = pixel_model(self.graph, self.device, self.mean, self.std)
+        return self._attack_model
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            z = x if mean is None else (x - mean.to(x)) / std.to(x)
-            with full_precision():
-                return module(z).reshape(x.shape[0], -1)
 
-        return forward
+def _first_base(error: Affine) -> float:
+    """The error allowance's base at the batch's first sample (``base`` is one number, or one per sample)."""
+    base = error.base
+    if isinstance(base, torch.Tensor):
+        return float(base[0] if base.dim() else base)
+    if isinstance(base, (int, float)):
+        return float(base)
+    raise TypeError(f"an error allowance's base is a number or a tensor, not {type(base).__name__}")
+
+
+def pixel_model(graph: Graph, device: str, mean: torch.Tensor | None,
+                std: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The differentiable float32 model in pixel space: ``mean``/``std`` (shaped to broadcast) normalise first."""
+    module = GraphModule(graph).to(device).eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        z = x if mean is None or std is None else (x - mean.to(x)) / std.to(x)
+        with full_precision():
+            return module(z).reshape(x.shape[0], -1)
+
+    return forward
+
+
+def normalisation(graph: Graph, mean: Sequence[float] | None,
+                  std: Sequence[float] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``mean`` and ``std`` as tensors that broadcast over a batch of the model's inputs (None without them)."""
+    if mean is None or std is None:
+        return None, None
+    view = (1, -1) + (1,) * (len(graph.input_shape) - 1)
+    return (torch.tensor(mean, dtype=torch.float32).reshape(view),
+            torch.tensor(std, dtype=torch.float32).reshape(view))
+
+
+def fixed_multiple(graph: Graph, requested: int) -> int:
+    """The batch size to use: ``requested`` (at least 1), made a multiple of a fixed batch the model may declare."""
+    fixed = graph.fixed_batch
+    return max(fixed, requested // fixed * fixed) if fixed else requested

@@ -1,44 +1,38 @@
 """``CertifyOptions``: every setting of a ``certify`` run, with its defaults, checked in one place.
 
-The defaults are those of ``lipcert report``, which only maps its flags onto these parameters: the radii of the
-norm, a batch size for the device, the PGD attack on, the gates' defaults. A wrong value is a ``ConfigError``
-naming the parameter (``batch_size must be a whole number of at least 1, got 0``), which the command line spells
-as its flag. This module imports neither torch nor numpy (``lipcert --help`` reads ``DEFAULT_EPS``); what needs
-them is imported when an options object is made.
+Each field is a setting of ``settings.SETTINGS``, which gives its default and its check; the checks that involve
+several settings (the normalisation, the gates' radii, the folders) are here. The defaults are those of ``lipcert
+report``, which only maps its settings onto these parameters. A wrong value is a ``ConfigError`` naming the
+parameter (``batch_size must be a whole number of at least 1, got 0``), which the command line spells as its flag.
+This module imports neither torch nor numpy; what needs them is imported when an options object is made.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lipcert import limits
+from lipcert.certification.settings import (
+    ATTACK_FIELDS,
+    CERTIFY_FIELDS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPS,
+    DEFAULT_OUT,
+    SETTINGS,
+    is_finite,
+)
 from lipcert.errors import ConfigError, ModelError
-from lipcert.parse import NORMS, fraction_problem, parse_eps, parse_gate
+from lipcert.parse import fraction_problem, parse_eps, parse_gate
 
 if TYPE_CHECKING:
     from lipcert.certification.attack import AttackConfig
     from lipcert.graph.core import Graph
 
-BACKENDS = ("auto", "torch", "onnxruntime")
-#: radii certified when ``eps`` is not given, per norm: the usual benchmark radii of each norm
-DEFAULT_EPS = {"l2": "36/255,72/255,108/255", "linf": "1/255,2/255,4/255,8/255"}
-#: samples per batch when ``batch_size`` is not given, per kind of device
-DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 1024}
 #: a gate's radius is already certified when an ``eps`` is this close to it
 SAME_RADIUS = 1e-12
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, expected: str, value: Any) -> None:
@@ -49,7 +43,7 @@ def _check(ok: bool, name: str, expected: str, value: Any) -> None:
 
 def _check_fraction(name: str, value: Any) -> None:
     """An accuracy threshold: a fraction in [0, 1], with a hint when it looks like a percentage."""
-    _check(_finite(value), name, "a fraction between 0 and 1", value)
+    _check(is_finite(value), name, "a fraction between 0 and 1", value)
     problem = fraction_problem(value)
     if problem:
         expected, _, hint = problem.removeprefix("expected ").partition("; ")
@@ -59,9 +53,9 @@ def _check_fraction(name: str, value: Any) -> None:
 
 def _eps_labels(eps: str | float | Sequence[str | float]) -> list[str]:
     """The radii as the user wrote them, one per item (``36/255``, ``0.1``)."""
-    if isinstance(eps, str) or _finite(eps):
+    if isinstance(eps, str) or is_finite(eps):
         return [str(eps)]
-    if not isinstance(eps, Sequence) or not all(isinstance(e, str) or _finite(e) for e in eps):
+    if not isinstance(eps, Sequence) or not all(isinstance(e, str) or is_finite(e) for e in eps):
         raise ConfigError(f"eps must be radii like '36/255,72/255' or a list of numbers, got {eps!r}",
                           parameter="eps")
     return [str(e) for e in eps]
@@ -69,8 +63,8 @@ def _eps_labels(eps: str | float | Sequence[str | float]) -> list[str]:
 
 def _gate(item: Any) -> tuple[str, float, float]:
     """One ``min_certified_acc`` item (``"36/255=0.6"`` or ``("36/255", 0.6)``) as (label, radius, accuracy)."""
-    if isinstance(item, tuple) and len(item) == 2 and (isinstance(item[0], str) or _finite(item[0])) \
-            and _finite(item[1]):
+    if isinstance(item, tuple) and len(item) == 2 and (isinstance(item[0], str) or is_finite(item[0])) \
+            and is_finite(item[1]):
         text = f"{item[0]}={item[1]!r}"
     elif isinstance(item, str):
         text = item
@@ -81,6 +75,10 @@ def _gate(item: Any) -> tuple[str, float, float]:
         return parse_gate(text)
     except ValueError as exc:
         raise ConfigError(f"min_certified_acc {text!r}: {exc}", parameter="min_certified_acc") from None
+
+
+def _setting(name: str) -> Any:
+    return SETTINGS[name].field()
 
 
 @dataclass(frozen=True)
@@ -99,30 +97,31 @@ class CertifyOptions:
     others.
     """
 
-    eps: str | float | Sequence[str | float] | None = None
-    norm: str = "l2"
-    device: str = "auto"
-    batch_size: int | None = None
-    backend: str = "auto"
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    lipschitz: float | None = None
-    layout: str = "auto"
-    value_range: str = "auto"
-    max_elements: int | None = None
-    skip_bad_samples: bool = False
-    workers: int | None = None
-    attack: AttackConfig | bool | None = True
-    min_clean_acc: float | None = None
-    min_certified_acc: str | Sequence[str | tuple[str | float, float]] | Mapping[str | float, float] = ()
-    max_violations: int = 0
-    max_lipschitz: float | None = None
-    require_claim: bool | None = None
-    baseline: str | Path | Mapping[str, Any] | None = None
-    max_drop: float = 0.0
-    out: str | Path | None = None
-    checkpoint_dir: str | Path | None = None
-    resume: bool = False
+    eps: str | float | Sequence[str | float] | None = _setting("eps")
+    norm: str = _setting("norm")
+    device: str = _setting("device")
+    batch_size: int | None = _setting("batch_size")
+    out: str | Path | None = _setting("out")
+    mean: Sequence[float] | None = _setting("mean")
+    std: Sequence[float] | None = _setting("std")
+    lipschitz: float | None = _setting("lipschitz")
+    backend: str = _setting("backend")
+    layout: str = _setting("layout")
+    value_range: str = _setting("value_range")
+    max_elements: int | None = _setting("max_elements")
+    skip_bad_samples: bool = _setting("skip_bad_samples")
+    workers: int | None = _setting("workers")
+    attack: AttackConfig | bool | None = _setting("attack")
+    min_clean_acc: float | None = _setting("min_clean_acc")
+    min_certified_acc: str | Sequence[str | tuple[str | float, float]] | Mapping[str | float, float] = \
+        _setting("min_certified_acc")
+    max_violations: int = _setting("max_violations")
+    max_lipschitz: float | None = _setting("max_lipschitz")
+    require_claim: bool | None = _setting("require_claim")
+    baseline: str | Path | Mapping[str, Any] | None = _setting("baseline")
+    max_drop: float = _setting("max_drop")
+    checkpoint_dir: str | Path | None = _setting("checkpoint_dir")
+    resume: bool = _setting("resume")
     #: what the settings above resolve to, set when the options are made
     radii: list[tuple[str, float]] = field(init=False, repr=False, compare=False)
     certified_gates: list[tuple[str, float, float]] = field(init=False, repr=False, compare=False)
@@ -131,25 +130,13 @@ class CertifyOptions:
 
     def __post_init__(self) -> None:
         from lipcert.certification.attack import AttackConfig
-        from lipcert.data.base import LAYOUTS, VALUE_RANGES
 
-        _check(self.norm in NORMS, "norm", "l2 or linf", self.norm)
-        _check(self.batch_size is None or (_whole(self.batch_size) and self.batch_size >= 1), "batch_size",
-               "a whole number of at least 1", self.batch_size)
-        _check(isinstance(self.device, str) and bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
-               "auto, cpu, cuda or cuda:N", self.device)
-        _check(self.backend in BACKENDS, "backend", " or ".join(BACKENDS), self.backend)
-        _check(self.layout in LAYOUTS, "layout", " or ".join(LAYOUTS), self.layout)
-        _check(self.value_range in VALUE_RANGES, "value_range", " or ".join(VALUE_RANGES), self.value_range)
+        for f in fields(self):
+            if "setting" in f.metadata:
+                f.metadata["setting"].validate(getattr(self, f.name))
         self._check_normalisation()
-        _check(self.lipschitz is None or (_finite(self.lipschitz) and self.lipschitz > 0), "lipschitz",
-               "a positive number", self.lipschitz)
         if self.max_elements is not None:
             limits.resolve(self.max_elements)
-        for name in ("skip_bad_samples", "resume"):
-            _check(isinstance(getattr(self, name), bool), name, "True or False", getattr(self, name))
-        _check(self.workers is None or (_whole(self.workers) and self.workers >= 0), "workers",
-               "a whole number of at least 0", self.workers)
         _check(isinstance(self.attack, (AttackConfig, bool)) or self.attack is None, "attack",
                "True, False, None or an AttackConfig", self.attack)
         attack = AttackConfig() if self.attack is True else self.attack or None
@@ -160,16 +147,23 @@ class CertifyOptions:
         self._load_baseline()
         self.run_device()
 
+    @classmethod
+    def of_command(cls, given: Mapping[str, Any]) -> CertifyOptions:
+        """The options of ``lipcert report`` from the settings it was given (parsed, by name; the others take
+        their defaults): the attack's settings make its ``AttackConfig``, and ``out`` defaults to ``DEFAULT_OUT``."""
+        from lipcert.certification.attack import AttackConfig
+
+        options = {name: given[name] for name in CERTIFY_FIELDS if name in given}
+        attack = {field: given[name] for name, field in ATTACK_FIELDS.items() if name in given}
+        options["attack"] = False if given.get("attack") is False else AttackConfig(**attack)
+        options["out"] = given.get("out") or DEFAULT_OUT
+        return cls(**options)
+
     def _set(self, name: str, value: Any) -> None:
         """Set a resolved value (the options are frozen once made)."""
         object.__setattr__(self, name, value)
 
     def _check_normalisation(self) -> None:
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            _check(value is None or (hasattr(value, "__len__") and not isinstance(value, (str, bytes))
-                                     and len(value) > 0 and all(_finite(v) for v in value)), name,
-                   "a list of finite numbers (one per channel, or one for all)", value)
         if (self.mean is None) != (self.std is None):
             raise ConfigError("mean and std go together: give both, or neither", parameter=("mean", "std"))
         _check(self.std is None or min(self.std) > 0, "std", "positive numbers", self.std)
@@ -178,12 +172,6 @@ class CertifyOptions:
         if self.min_clean_acc is not None:
             _check_fraction("min_clean_acc", self.min_clean_acc)
         _check_fraction("max_drop", self.max_drop)
-        _check(_whole(self.max_violations) and self.max_violations >= 0, "max_violations",
-               "a whole number of at least 0", self.max_violations)
-        _check(self.max_lipschitz is None or (_finite(self.max_lipschitz) and self.max_lipschitz > 0),
-               "max_lipschitz", "a positive number", self.max_lipschitz)
-        _check(self.require_claim is None or isinstance(self.require_claim, bool), "require_claim",
-               "True, False or None", self.require_claim)
         items = self.min_certified_acc
         if isinstance(items, (str, Mapping)):
             items = [items] if isinstance(items, str) else list(items.items())
@@ -244,7 +232,8 @@ class CertifyOptions:
     def check_model(self, model: Graph) -> None:
         """The settings that depend on the model: the normalisation's channels, the backend, the claim."""
         channels = model.input_shape[0] if model.input_shape else 1
-        if self.mean is not None and (len(self.mean) != len(self.std) or len(self.mean) not in (1, channels)):
+        if self.mean is not None and (self.std is None or len(self.mean) != len(self.std)
+                                      or len(self.mean) not in (1, channels)):
             counts = "1 value" if channels == 1 else f"1 or {channels} values"
             raise ConfigError(f"mean and std need {counts} each (the model's input has {channels} channel(s))",
                               parameter=("mean", "std"))

@@ -42,6 +42,14 @@ class CertificateSetup:
     error_plan: Any = None  # ``rounding.ErrorPlan``: the same bound around each sample, from measured norms
 
 
+def sample_norms(values: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """Each sample's ``norm`` (l2 or linf) over all its entries, for a batch of samples (first dimension), in
+    their dtype and on their device: the size of the certificates' perturbations and of the values the float
+    error analysis reads."""
+    flat = values.flatten(1) if values.dim() > 1 else values.reshape(-1, 1)
+    return torch.linalg.vector_norm(flat, dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+
+
 def pair_norms(weight: torch.Tensor, row_error: torch.Tensor | None = None) -> torch.Tensor:
     """Upper bounds on ||w_i - w_j|| for every pair of rows of the last dense layer (classes x classes).
 
@@ -109,20 +117,3 @@ def certificates_from_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: 
         per_pair.scatter_(1, prediction[:, None], math.inf)
         radius = torch.maximum(radius, per_pair.amin(dim=1))
     return Certificates(prediction, margin, radius, sqrt2)
-
-
-def certified_accuracy(radius: torch.Tensor, correct: torch.Tensor, eps: float) -> float:
-    """Share of samples correctly classified with a certified radius above eps (strictly: a point at radius
-    exactly eps could tie)."""
-    if radius.numel() == 0:
-        return 0.0
-    return float(((radius > eps) & correct).double().mean())
-
-
-def accuracy_curve(radius: torch.Tensor, correct: torch.Tensor, points: int = 101) -> list[tuple[float, float]]:
-    """Certified accuracy as a function of the radius, from 0 to the largest certified radius."""
-    top = float(radius[correct].max()) if bool(correct.any()) else 0.0
-    if top <= 0:
-        return [(0.0, certified_accuracy(radius, correct, 0.0))]
-    grid = torch.linspace(0, top, points, dtype=torch.float64)
-    return [(float(r), certified_accuracy(radius, correct, float(r))) for r in grid]

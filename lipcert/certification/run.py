@@ -1,60 +1,53 @@
-"""``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs).
+"""``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs), and ``attack``.
 
-One pass over the data, in steps: the settings checked (``CertifyOptions``), the dataset opened and the bound
-computed; then the finished batches read back from the checkpoint (``_resume``), the others certified, attacked
-and saved as they finish (``_run_batches``), every process's results merged in dataset order (``_merge``), and
-the report built (``_build_report``) with its gates; with ``out``, it is written there and the checkpoint
-removed. Under torchrun each process takes a contiguous shard of batches and rank 0 merges the results.
+``certify`` runs its stages in order: options (``CertifyOptions``) -> data (opened and checked against the model)
+-> setup (the bound, the engine, the checkpoint) -> batches (read back from the checkpoint, or certified, attacked
+and saved as they finish) -> merge (every process's results in dataset order, a ``RunResult``) -> build
+(``report.build``) -> gates (``report.gates``) -> write (with ``out``; the checkpoint removed). Under torchrun each
+process takes a contiguous shard of batches and rank 0 merges the results.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from lipcert.bounds.results import DEFAULT_TOL
 from lipcert.certification.attack import (
     AttackConfig,
     AttackSummary,
     BatchAttack,
     attack_batch,
     batch_generator,
+    predict,
     summarize_attack,
 )
 from lipcert.certification.checkpoint import BatchResult, Checkpoint
 from lipcert.certification.distributed import World, broadcast, gather, joined, shard
-from lipcert.certification.engine import Engine
+from lipcert.certification.engine import Engine, fixed_multiple, normalisation, pixel_model
 from lipcert.certification.options import CertifyOptions
-from lipcert.certification.radii import Certificates, accuracy_curve, certified_accuracy
-from lipcert.certification.setup import BoundInfo, certificate_setup
-from lipcert.data import Batch, Dataset, Labels, check_fits, open_dataset
+from lipcert.certification.radii import Certificates
+from lipcert.certification.setup import certificate_setup
+from lipcert.data import Batch, Dataset, Labels, check_fits, open_dataset, read_batches
+from lipcert.data.base import sha256_file
 from lipcert.errors import DataError, LipcertError
 from lipcert.graph.core import Graph
 from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps, phase
+from lipcert.report.build import RunResult, RunTimings, build_report
 from lipcert.report.gates import report_gates
-from lipcert.report.model import EpsResult, Report, SampleTable, sha256_file
+from lipcert.report.model import BoundInfo, Report, SampleTable
 
+#: the world of a run without torchrun: one process
+ALONE = World()
 #: samples per model call on a CPU (a divisor of the batch near it), so that progress moves within a batch
 CHUNK = 64
-
-
-def _open(model: Graph, data: str | Path | Dataset, opts: CertifyOptions) -> tuple[Dataset, Labels]:
-    """The dataset, checked against the model, and how its labels name the model's classes (a model with one
-    output, whatever its shape, is a binary classifier: two classes)."""
-    dataset = data if not isinstance(data, (str, Path)) else open_dataset(
-        data, layout=opts.layout, value_range=opts.value_range, max_elements=opts.max_elements,
-        skip_bad_samples=opts.skip_bad_samples, workers=opts.workers)
-    outputs = math.prod(model.value_shapes.get(model.output, (2,)))
-    labels = check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, outputs),
-                        binary=outputs == 1, skip_bad_samples=opts.skip_bad_samples)
-    return dataset, labels
 
 
 def chunk_size(batch_size: int, fixed_batch: int | None, device: str) -> int:
@@ -83,7 +76,7 @@ def _in_chunks(engine: Engine, dataset: Dataset, batch_size: int, chunk: int, fi
         if per == 1:
             yield number, x, batch, cert
         else:
-            xs, batches, certs = zip(*group)
+            xs, batches, certs = zip(*group, strict=False)
             yield (number, torch.cat(xs),
                    Batch(np.concatenate([b.x for b in batches]), np.concatenate([b.y for b in batches]),
                          np.concatenate([b.indices for b in batches]), [s for b in batches for s in b.skipped]),
@@ -103,15 +96,6 @@ def _discard_on_bad_input(ckpt: Checkpoint | None) -> Iterator[None]:
         raise
 
 
-def _claim(model: Graph, lipschitz: float | None, computed: float) -> dict:
-    """The Lipschitz claim (``--lipschitz``, else the model's metadata) and whether lipcert's bound proves it."""
-    claim = lipschitz if lipschitz is not None else model.claimed_lipschitz()
-    if claim is None:
-        return {"claimed": None, "claim_source": None, "claim_proven": None}
-    return {"claimed": claim, "claim_source": "--lipschitz" if lipschitz is not None else "model metadata",
-            "claim_proven": computed <= claim * (1.0 + DEFAULT_TOL)}
-
-
 def _options(options: CertifyOptions | None, eps: str | Sequence[str | float] | None,
              settings: dict[str, Any]) -> CertifyOptions:
     """``options`` (else the defaults) with the keyword settings, and ``eps``, over it."""
@@ -123,7 +107,7 @@ def _options(options: CertifyOptions | None, eps: str | Sequence[str | float] | 
 
 
 def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | float] | None = None, *,
-            options: CertifyOptions | None = None, progress: Progress | None = None, world: World = World(),
+            options: CertifyOptions | None = None, progress: Progress | None = None, world: World = ALONE,
             **settings: Any) -> Report | None:
     """Certify every sample of ``data`` at each radius of the settings and return the report, gates included.
 
@@ -144,66 +128,113 @@ def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | 
     opts.check_model(model)
     progress = progress or Progress()
     with joined(world, opts.run_device()) as device:
-        with phase(progress, READING):
-            dataset, labels = _open(model, data, opts)
-        t_bound = time.perf_counter()
-        with phase(progress, BOUND):
-            steps = Steps(progress)
-            bound = (certificate_setup(model, device=device, declared=opts.lipschitz, mean=opts.mean, std=opts.std,
-                                       progress=steps) if world.is_main else None)
-            steps.close()
-            setup, info = broadcast(bound, world)
-        bound_seconds = time.perf_counter() - t_bound
-        engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std)
-        batch_size = engine.batch_size(opts.batch_size_on(device))
-        total = dataset.info.num_samples
-        first, last = shard(-(-total // batch_size), world)
-        my_samples = max(0, min(last * batch_size, total) - first * batch_size)
-        ckpt = _checkpoint(opts, model, dataset, batch_size, world)
-        with _discard_on_bad_input(ckpt):
-            stored = _resume(ckpt, first, last)
-            read_back = sum(result.read for result in stored.values())
-            if ckpt is not None and opts.resume:
-                progress.note(f"--resume: no checkpoint in {opts.folder}; starting from the beginning" if ckpt.created
-                              else f"resumed from {ckpt.folder}: read back {read_back} of {my_samples} samples "
-                                   f"({len(stored)} batches); computing the rest")
-            if stored and engine.requested == "auto":
-                engine.requested = stored[first].backend
-            counted = (INFERENCE, ATTACK) if opts.attack_config else (INFERENCE,)
-            for name in counted:
-                progress.start(name, my_samples, read_back)
-            attack_seconds, computed = 0.0, 0
-            for index, result, seconds in _run_batches(engine, dataset, labels, model, opts, batch_size,
-                                                       first + len(stored), last, progress):
-                stored[index] = result
-                attack_seconds += seconds
-                computed += len(result.labels)
-                if ckpt is not None:
-                    ckpt.save(index, result)
-            for name in counted:
-                progress.end(name)
-            parts = [p for shard_parts in gather([stored[i] for i in range(first, last)], world) for p in shard_parts]
-            timing = gather({"inference": engine.seconds, "attack": attack_seconds, "computed": computed,
-                             "crosscheck": engine.crosscheck_seconds}, world)
-            if not world.is_main:
-                return None
-            merged = _merge(parts, opts, engine.backend, dataset)
-    timings = {"bound": bound_seconds, "inference": sum(t["inference"] for t in timing),
-               "crosscheck": max(t["crosscheck"] for t in timing),
-               "attack": sum(t["attack"] for t in timing), "computed": sum(t["computed"] for t in timing),
-               "total": time.perf_counter() - started, "processes": world.size}
-    report = _build_report(model, dataset, labels, opts, device, batch_size, info, merged, timings)
-    report.gates = [g.to_dict() for g in report_gates(
-        report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
-        max_violations=opts.max_violations, max_lipschitz=opts.max_lipschitz, baseline=opts.baseline_report,
-        max_drop=opts.max_drop, require_claim=opts.require_claim)]
+        dataset, labels = _data(model, data, opts, progress)
+        run = _setup(model, dataset, opts, device, world, progress)
+        with _discard_on_bad_input(run.ckpt):
+            merged = _merge(*_batches(run, dataset, labels, opts, progress), run, opts, dataset, world)
+        if merged is None:
+            return None
+    report = build_report(_result(model, dataset, labels, opts, run, merged, time.perf_counter() - started, world))
+    report.gates = report_gates(report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
+                                max_violations=opts.max_violations, max_lipschitz=opts.max_lipschitz,
+                                baseline=opts.baseline_report, max_drop=opts.max_drop,
+                                require_claim=opts.require_claim)
     if opts.out is not None:
         report.write(opts.out)
-        ckpt.remove()
+        if run.ckpt is not None:
+            run.ckpt.remove()
     return report
 
 
-def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size: int,
+@dataclass
+class _Run:
+    """What the setup stage decides: the engine and its bound, the batches this process certifies, the checkpoint."""
+
+    engine: Engine
+    info: BoundInfo
+    bound_seconds: float
+    batch_size: int
+    first: int
+    last: int
+    samples: int  # this process's samples
+    scale: float  # certified L2 radius to the run's norm
+    ckpt: Checkpoint | None
+
+
+@dataclass
+class _Merged:
+    """Every process's batches in dataset order, and the seconds each phase took over all of them."""
+
+    result: BatchResult
+    inference: float
+    crosscheck: float
+    attack: float
+    computed: int
+
+
+def _data(model: Graph, data: str | Path | Dataset, opts: CertifyOptions,
+          progress: Progress) -> tuple[Dataset, Labels]:
+    """The dataset, checked against the model, and how its labels name the model's classes (a model with one
+    output, whatever its shape, is a binary classifier: two classes)."""
+    with phase(progress, READING):
+        dataset = data if not isinstance(data, (str, Path)) else open_dataset(
+            data, layout=opts.layout, value_range=opts.value_range, max_elements=opts.max_elements,
+            skip_bad_samples=opts.skip_bad_samples, workers=opts.workers)
+        outputs = math.prod(model.value_shapes.get(model.output, (2,)))
+        labels = check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, outputs),
+                            binary=outputs == 1, skip_bad_samples=opts.skip_bad_samples)
+    return dataset, labels
+
+
+def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, world: World,
+           progress: Progress) -> _Run:
+    """The bound (computed by rank 0, then shared), the engine, this process's shard and the checkpoint."""
+    t_bound = time.perf_counter()
+    with phase(progress, BOUND):
+        steps = Steps(progress)
+        bound = (certificate_setup(model, device=device, declared=opts.lipschitz, mean=opts.mean, std=opts.std,
+                                   progress=steps) if world.is_main else None)
+        steps.close()
+        setup, info = broadcast(bound, world)
+    bound_seconds = time.perf_counter() - t_bound
+    engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std)
+    batch_size = engine.batch_size(opts.batch_size_on(device))
+    total = dataset.info.num_samples
+    first, last = shard(-(-total // batch_size), world)
+    samples = max(0, min(last * batch_size, total) - first * batch_size)
+    scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
+    ckpt = _checkpoint(opts, model.source, dataset, batch_size, world)
+    return _Run(engine, info, bound_seconds, batch_size, first, last, samples, scale, ckpt)
+
+
+def _batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptions,
+             progress: Progress) -> tuple[dict[int, BatchResult], float, int]:
+    """This process's batches: those the checkpoint holds read back, the others certified (and attacked) and saved
+    as they finish; with the seconds the attack took and the number of samples certified (not read back)."""
+    stored = _resume(run.ckpt, run.first, run.last)
+    read_back = sum(result.read for result in stored.values())
+    if run.ckpt is not None and opts.resume:
+        progress.note(f"resume: no checkpoint in {opts.folder}; starting from the beginning" if run.ckpt.created
+                      else f"resumed from {run.ckpt.folder}: read back {read_back} of {run.samples} samples "
+                           f"({len(stored)} batches); computing the rest")
+    if stored and run.engine.requested == "auto":
+        run.engine.requested = stored[run.first].backend
+    counted = (INFERENCE, ATTACK) if opts.attack_config else (INFERENCE,)
+    for name in counted:
+        progress.start(name, run.samples, read_back)
+    attack_seconds, computed = 0.0, 0
+    for index, result, seconds in _run_batches(run, dataset, labels, opts, run.first + len(stored), progress):
+        stored[index] = result
+        attack_seconds += seconds
+        computed += len(result.labels)
+        if run.ckpt is not None:
+            run.ckpt.save(index, result)
+    for name in counted:
+        progress.end(name)
+    return stored, attack_seconds, computed
+
+
+def _checkpoint(opts: CertifyOptions, model_file: str, dataset: Dataset, batch_size: int,
                 world: World) -> Checkpoint | None:
     """The run's checkpoint in ``opts.folder`` (made or checked by rank 0, then opened by the others), or None.
 
@@ -211,11 +242,12 @@ def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size
     if opts.folder is None:
         return None
     cfg = opts.attack_config
-    manifest = {"model_sha256": _sha(model.source), "data_sha256": dataset.info.sha256, "eps": opts.radii,
+    model_sha256 = sha256_file(Path(model_file)) if Path(model_file).is_file() else ""
+    manifest = {"model_sha256": model_sha256, "data_sha256": dataset.info.sha256, "eps": opts.radii,
                 "norm": opts.norm, "batch_size": batch_size, "backend": opts.backend, "mean": opts.mean,
                 "std": opts.std, "lipschitz": opts.lipschitz, "attack": None if cfg is None else cfg.__dict__,
                 "world_size": world.size}
-    if opts.skip_bad_samples:  # only when set, so that checkpoints made before the flag existed still resume
+    if opts.skip_bad_samples:  # only when set, so that checkpoints made before the setting existed still resume
         manifest["skip_bad_samples"] = True
     ckpt = Checkpoint(opts.folder, manifest, opts.resume) if world.is_main else None
     gather(None, world)
@@ -233,25 +265,28 @@ def _resume(ckpt: Checkpoint | None, first: int, last: int) -> dict[int, BatchRe
     return stored
 
 
-def _run_batches(engine: Engine, dataset: Dataset, labels: Labels, model: Graph, opts: CertifyOptions,
-                 batch_size: int, begin: int, last: int, progress: Progress) -> Iterator[tuple[int, BatchResult, float]]:
-    """Certify, and attack, batches [begin, last): (batch index, its results, the seconds its attack took)."""
-    cfg = opts.attack_config
-    scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
-    chunk = chunk_size(batch_size, model.fixed_batch, engine.device)
-    for index, x, batch, cert in _in_chunks(engine, dataset, batch_size, chunk, begin, last, progress,
+def _run_batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptions, begin: int,
+                 progress: Progress) -> Iterator[tuple[int, BatchResult, float]]:
+    """Certify, and attack, batches [begin, run.last): (batch index, its results, the seconds its attack took)."""
+    cfg, engine = opts.attack_config, run.engine
+    chunk = chunk_size(run.batch_size, engine.graph.fixed_batch, engine.device)
+    for index, x, batch, cert in _in_chunks(engine, dataset, run.batch_size, chunk, begin, run.last, progress,
                                             skip_bad_samples=opts.skip_bad_samples, labels=labels):
         result = BatchResult(batch.y.astype(np.int64), cert.prediction.cpu().numpy(), cert.margin.cpu().numpy(),
-                             (cert.radius * scale).cpu().numpy(), engine.backend,
+                             (cert.radius * run.scale).cpu().numpy(), engine.backend,
                              batch.indices if opts.skip_bad_samples else None,
                              [(int(i), why) for i, why in batch.skipped])
         seconds = 0.0
         if cfg is not None:
             t0 = time.perf_counter()
+            size = result.read
+
+            def advance(done: float, size: int = size) -> None:
+                progress.advance(ATTACK, done * size)
+
             part = attack_batch(engine.attack_model(), x, torch.from_numpy(batch.y).long().to(x.device),
                                 cert.prediction, torch.from_numpy(result.radii), 0, opts.radii, cfg,
-                                batch_generator(cfg.seed, index),
-                                lambda done, size=result.read: progress.advance(ATTACK, done * size))
+                                batch_generator(cfg.seed, index), advance)
             seconds = time.perf_counter() - t0
             for v in part.violations:  # attack_batch counts from the batch's first sample read
                 v.index = int(batch.indices[v.index])
@@ -260,8 +295,14 @@ def _run_batches(engine: Engine, dataset: Dataset, labels: Labels, model: Graph,
         yield index, result, seconds
 
 
-def _merge(parts: list[BatchResult], opts: CertifyOptions, backend: str, dataset: Dataset) -> BatchResult:
-    """Every batch's results, in dataset order, as one result of the whole run."""
+def _merge(stored: dict[int, BatchResult], attack_seconds: float, computed: int, run: _Run, opts: CertifyOptions,
+           dataset: Dataset, world: World) -> _Merged | None:
+    """Every process's batches, in dataset order, as one result of the whole run (on rank 0; None elsewhere)."""
+    parts = [p for shard_parts in gather([stored[i] for i in range(run.first, run.last)], world) for p in shard_parts]
+    timing = gather({"inference": run.engine.seconds, "attack": attack_seconds, "computed": computed,
+                     "crosscheck": run.engine.crosscheck_seconds}, world)
+    if not world.is_main:
+        return None
 
     def joined_arrays(name: str) -> np.ndarray:
         arrays = [getattr(p, name) for p in parts]
@@ -269,8 +310,8 @@ def _merge(parts: list[BatchResult], opts: CertifyOptions, backend: str, dataset
 
     attacked = opts.attack_config is not None
     merged = BatchResult(
-        *[joined_arrays(name) for name in ("labels", "predictions", "margins", "radii")],
-        backend=next((p.backend for p in parts if len(p.labels)), backend),
+        joined_arrays("labels"), joined_arrays("predictions"), joined_arrays("margins"), joined_arrays("radii"),
+        backend=next((p.backend for p in parts if len(p.labels)), run.engine.backend),
         indices=joined_arrays("indices") if opts.skip_bad_samples else None,
         skipped=[s for p in parts for s in p.skipped],
         attack_radius=joined_arrays("attack_radius") if attacked else None,
@@ -280,83 +321,25 @@ def _merge(parts: list[BatchResult], opts: CertifyOptions, backend: str, dataset
         index, why = merged.skipped[0]
         raise DataError(f"every sample was skipped as unreadable or invalid (sample {index}: {why}); nothing is "
                         "left to certify", source=dataset.info.path)
-    return merged
+    return _Merged(merged, sum(t["inference"] for t in timing), max(t["crosscheck"] for t in timing),
+                   sum(t["attack"] for t in timing), sum(t["computed"] for t in timing))
 
 
-def _build_report(model: Graph, dataset: Dataset, classes: Labels, opts: CertifyOptions, device: str,
-                  batch_size: int, info: BoundInfo, merged: BatchResult, timings: dict[str, float]) -> Report:
-    """The report of a run: accuracies per eps, the curve, the claim, the attack's part, notes and timings."""
-    labels = torch.from_numpy(merged.labels)
-    predictions = torch.from_numpy(merged.predictions)
-    radii = torch.from_numpy(merged.radii)
-    correct = predictions == labels
-    results = [EpsResult(value, label, certified_accuracy(radii, correct, value),
-                         int(((radii > value) & correct).sum())) for label, value in opts.radii]
-    input_dim = math.prod(model.input_shape)
-    computed_upper = info.computed_upper / info.normalisation_factor
-    lipschitz = opts.lipschitz
-    claim = _claim(model, lipschitz, computed_upper)
-    notes = []
-    if claim["claim_proven"] is False:
-        upper = ("unbounded (an operator has no rule)" if not math.isfinite(computed_upper)
-                 else f"{computed_upper:.6g}")
-        notes.append(f"LIPSCHITZ CLAIM NOT PROVEN: the model is claimed {claim['claimed']:g}-Lipschitz "
-                     f"({claim['claim_source']}), but lipcert's sound upper bound is {upper}; "
-                     + ("the certificates use the declared bound, which lipcert cannot confirm"
-                        if lipschitz is not None else "the certificates use lipcert's bound, not the claim")
-                     + " (run lipcert verify to find the layer)")
-    notes += list(model.notes)
-    if lipschitz is not None:
-        notes.append(f"certificates use the Lipschitz bound {lipschitz:g} declared with --lipschitz, not lipcert's "
-                     f"sound bound {computed_upper:.6g}")
-    if not math.isfinite(info.value):
-        notes.append("lipcert could not bound the model's Lipschitz constant (an operator has no rule): "
-                     "nothing is certified; run lipcert verify for details")
-    if classes.note:
-        notes.append(classes.note)
-    if opts.norm == "linf":
-        notes.append(f"L-infinity radii are the L2 radii divided by sqrt({input_dim}) (||d||_2 <= sqrt(d) ||d||_inf)")
-    if merged.skipped:
-        notes.append(f"{len(merged.skipped)} of {dataset.info.num_samples} samples were skipped as unreadable or "
-                     f"invalid (--skip-bad-samples; listed in report.json): accuracies are over the "
-                     f"{len(merged.labels)} samples evaluated")
-    attack_part, columns = None, {}
+def _result(model: Graph, dataset: Dataset, labels: Labels, opts: CertifyOptions, run: _Run, merged: _Merged,
+            seconds: float, world: World) -> RunResult:
+    """The merged results as the typed result the report is built from."""
+    m = merged.result
+    attack = None
     if opts.attack_config is not None:
-        summary = summarize_attack(opts.attack_config, opts.radii, torch.from_numpy(merged.attack_radius),
-                                   torch.from_numpy(merged.broken_at), merged.violations, timings["attack"],
-                                   binary=classes.binary)
-        attack_part = attack_report(summary, radii, correct, results)
-        columns["attack_radius"] = summary.attack_radius
-        if summary.violations:
-            notes.append(f"SOUNDNESS VIOLATION: the attack broke {len(summary.violations)} certified point(s) inside "
-                         "their certified radius: the model's Lipschitz claim or the certificate is wrong")
-    d = dataset.info
-    count = int(labels.numel())
-    computed, total, inference = timings["computed"], timings["total"], timings["inference"]
-    return Report(
-        model={"path": model.source, "sha256": _sha(model.source), "format": Path(model.source).suffix.lstrip(".")},
-        dataset={"path": d.path, "format": d.format, "sha256": d.sha256, "num_samples": d.num_samples,
-                 "layout": d.layout, "value_range": d.value_range, "num_classes": d.num_classes,
-                 "sample_shape": list(d.sample_shape)},
-        device=device, backend=merged.backend, batch_size=batch_size, norm=opts.norm, input_dim=input_dim,
-        bound={**info.__dict__, **claim}, clean_accuracy=float(correct.double().mean()) if count else 0.0,
-        eps=results, curve=accuracy_curve(radii, correct),
-        timings={"bound_seconds": timings["bound"], "inference_seconds": inference,
-                 "attack_seconds": timings["attack"], "crosscheck_seconds": timings["crosscheck"],
-                 "total_seconds": total,
-                 "images_per_second": computed / total if total > 0 else 0.0,
-                 "inference_images_per_second": computed / inference if inference > 0 else 0.0,
-                 "samples_read_back": count - computed, "processes": timings["processes"]},
-        notes=notes, attack=attack_part,
-        skipped={"count": len(merged.skipped), "evaluated": count,
-                 "samples": [{"index": i, "reason": why} for i, why in merged.skipped]}
-        if opts.skip_bad_samples else None,
-        samples=SampleTable(labels, predictions, torch.from_numpy(merged.margins), radii, columns,
-                            torch.from_numpy(merged.indices) if opts.skip_bad_samples else None))
-
-
-def _sha(path: str) -> str:
-    return sha256_file(path) if Path(path).is_file() else ""
+        attack = summarize_attack(opts.attack_config, opts.radii, torch.from_numpy(m.attack_radius),
+                                  torch.from_numpy(m.broken_at), m.violations, merged.attack, binary=labels.binary)
+    samples = SampleTable(torch.from_numpy(m.labels), torch.from_numpy(m.predictions), torch.from_numpy(m.margins),
+                          torch.from_numpy(m.radii), {},
+                          torch.from_numpy(m.indices) if opts.skip_bad_samples else None)
+    timings = RunTimings(run.bound_seconds, merged.inference, merged.crosscheck, merged.attack, seconds,
+                         merged.computed, world.size)
+    return RunResult(model, dataset.info, labels, opts.norm, opts.radii, opts.lipschitz, run.engine.device, m.backend,
+                     run.batch_size, run.info, samples, attack, m.skipped if opts.skip_bad_samples else None, timings)
 
 
 def attack(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | float] | None = None, *,
@@ -376,56 +359,20 @@ def attack(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | f
                           max_elements=max_elements, attack=AttackConfig(steps=steps, restarts=restarts, seed=seed))
     opts.check_model(model)
     cfg = opts.attack_config
+    assert cfg is not None  # the options were given an attack
     device = opts.run_device()
-    dataset, labels = _open(model, data, opts)
-    setup, _ = certificate_setup(model, device=device, mean=mean, std=std)
-    engine = Engine(model, setup, device=device, backend="torch", mean=mean, std=std)
-    batch_size = engine.batch_size(opts.batch_size_on(device))
+    dataset, labels = _data(model, data, opts, Progress())
+    forward = pixel_model(model, device, *normalisation(model, opts.mean, opts.std))
+    batch_size = fixed_multiple(model, opts.batch_size_on(device))
     started = time.perf_counter()
     parts: list[BatchAttack] = []
-    for index, x, batch, cert in engine.batches(dataset, batch_size, labels=labels):
-        parts.append(attack_batch(engine.attack_model(), x, torch.from_numpy(batch.y).long().to(x.device),
-                                  cert.prediction, torch.zeros(len(batch.y)), index * batch_size, opts.radii, cfg,
+    for index, batch in enumerate(read_batches(dataset, batch_size, labels=labels)):
+        x = torch.from_numpy(batch.x).to(device)
+        with torch.no_grad():
+            prediction = predict(forward(x))
+        parts.append(attack_batch(forward, x, torch.from_numpy(batch.y).long().to(device), prediction,
+                                  torch.zeros(len(batch.y)), index * batch_size, opts.radii, cfg,
                                   batch_generator(cfg.seed, index)))
     return summarize_attack(cfg, opts.radii, torch.cat([p.attack_radius for p in parts]),
                             torch.cat([p.broken_at for p in parts]), [v for p in parts for v in p.violations],
                             time.perf_counter() - started, binary=labels.binary)
-
-
-def _histogram(values: torch.Tensor, bins: int = 30) -> dict:
-    """Counts of the gaps between attack radius and certified radius, for the plot."""
-    if values.numel() == 0:
-        return {"edges": [], "counts": []}
-    hi = float(values.max())
-    lo = min(0.0, float(values.min()))
-    hi = hi if hi > lo else lo + 1e-9
-    counts = torch.histc(values, bins=bins, min=lo, max=hi)
-    return {"edges": torch.linspace(lo, hi, bins + 1).tolist(), "counts": [int(c) for c in counts.tolist()]}
-
-
-def attack_report(summary: AttackSummary, radii: torch.Tensor, correct: torch.Tensor,
-                  results: list[EpsResult]) -> dict:
-    """The attack's part of the report: per-eps empirical accuracy beside the certified one, gaps, curve."""
-    for res, row in zip(results, summary.per_eps):
-        res.extra["empirical robust"] = row["robust_accuracy"]
-    inconsistent = [r.label for r, row in zip(results, summary.per_eps)
-                    if row["robust_accuracy"] < r.certified_accuracy]
-    attacked = correct & torch.isfinite(summary.attack_radius)
-    gaps = (summary.attack_radius - radii.double())[attacked]
-    finite = summary.attack_radius[torch.isfinite(summary.attack_radius)]
-    top = float(finite.max()) if finite.numel() else 0.0
-    grid = torch.linspace(0, max(top, max((r.eps for r in results), default=0.0)), 101, dtype=torch.float64)
-    curve = [(float(g), float((summary.attack_radius > g).double().mean())) for g in grid]
-    data = summary.to_dict()
-    n = len(summary.violations)
-    verdict = (f"{n} soundness violation(s): certified points broken inside their certified radius"
-               if n else "no certified point was broken (consistent)")
-    per = ", ".join(f"{row['label']}: {100 * row['robust_accuracy']:.2f}%" for row in summary.per_eps)
-    data.update({
-        "summary": f"{summary.method}, {summary.steps} steps x {summary.restarts} restarts; empirical robust "
-                   f"accuracy {per}; {verdict}",
-        "violation_count": n, "consistent": n == 0 and not inconsistent,
-        "median_gap": float(gaps.median()) if gaps.numel() else None,
-        "gap_histogram": _histogram(gaps), "curve": curve,
-    })
-    return data

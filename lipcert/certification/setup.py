@@ -4,8 +4,7 @@ head and the float error plan."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,21 +17,7 @@ from lipcert.certification.radii import BINARY_RULE, PER_PAIR_RULE, SQRT2_RULE, 
 from lipcert.errors import ConfigError
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
-
-
-@dataclass
-class BoundInfo:
-    """The Lipschitz bound a report certifies with, where it comes from, and the input-space factor."""
-
-    value: float
-    method: str
-    computed_upper: float
-    declared: float | None
-    normalisation_factor: float
-    rule: str
-    error_base: float  # the deployed logits err by at most error_base + error_slope R, R = ||x|| + radius
-    error_slope: float
-
+from lipcert.report.model import BoundInfo
 
 #: a last dense layer is materialised for the per-pair rule up to this many entries
 HEAD_MAX_ENTRIES = 2 ** 24
@@ -50,19 +35,21 @@ def head_rows(step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The rows of the last linear step's matrix, one per logit in the output's own order (taken from the
     operator's adjoint, so a reshape or transpose after the dense layer is accounted for), and a bound on
     each computed row's float64 rounding error (gamma of the accumulations times its |A| row)."""
-    op = step.operator
+    op = step.linear
     if op.out_numel * op.in_numel > HEAD_MAX_ENTRIES or not step.parts:
         return None
     eye = torch.eye(op.out_numel, dtype=torch.float64).reshape((op.out_numel,) + tuple(op.out_shape))
     with torch.no_grad():
         rows = op.adjoint(eye).reshape(op.out_numel, -1)
-        if any(p.rounding is None or p.rounding.abs_op is None for p in step.parts):
+        roundings = [p.rounding for p in step.parts]
+        maps = [r.abs_op for r in roundings if r is not None and r.abs_op is not None]
+        if len(maps) < len(roundings):  # a part whose float evaluation is unknown
             return rows, torch.full((op.out_numel,), math.inf, dtype=torch.float64)
-        absolute = step.parts[0].rounding.abs_op
-        for part in step.parts[1:]:
-            absolute = absolute.then(part.rounding.abs_op)
+        absolute = maps[0]
+        for abs_op in maps[1:]:
+            absolute = absolute.then(abs_op)
         magnitude = absolute.adjoint(eye).reshape(op.out_numel, -1).norm(dim=1)
-    terms = sum(p.rounding.terms + 4 for p in step.parts)
+    terms = sum(r.terms + 4 for r in roundings if r is not None)
     return rows, magnitude * gamma(terms, 2.0 ** -53)
 
 
@@ -76,7 +63,7 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
     It runs the self-checks of ``verify`` first (power iteration below each layer's upper bound, and a measured
     Jacobian norm at ``points``, or random points, below the network bound): a contradiction raises
     ``SelfCheckError`` and nothing is certified. ``progress(phase, done, total)`` follows the layer bounds."""
-    if (mean is None) != (std is None) or (std is not None and len(mean) != len(std)):
+    if (mean is None) != (std is None) or (mean is not None and std is not None and len(mean) != len(std)):
         raise ConfigError("mean and std need the same number of values, and one needs the other",
                           parameter=("mean", "std"))
     prop = propagate(graph, device=device, lower_bounds=True, max_iter=CHECK_ITERATIONS, progress=progress)
@@ -90,7 +77,7 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
         check_network(found.value, computed, found.method)
     factor = 1.0 / min(std) if std else 1.0
     value = declared if declared is not None else computed
-    method = ("declared by the user (--lipschitz), not verified" if declared is not None
+    method = ("declared by the user (lipschitz), not verified" if declared is not None
               else "computed sound upper bound (lipcert verify)")
     head_weight, head_lip, row_error = None, None, None
     last = prop.steps[-1] if prop.steps else None
@@ -100,13 +87,16 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
         head = head_rows(last)
         if head is not None:
             (head_weight, row_error), head_lip = head, prop.bounds.get(last.inputs[0], math.inf) * factor
-    errors = error_plan(graph, prop.steps, prop.bounds, dtype=dtype, mean=mean, std=std)
+    errors = error_plan(graph, prop.steps, prop.bounds, factors=prop.step_factors, dtype=dtype, mean=mean, std=std)
     error = errors.evaluate()
+    base = error.base
+    if not isinstance(base, (int, float)):  # evaluated around the zero image: one number for every sample
+        raise TypeError(f"the error allowance around the zero image is a number, not {type(base).__name__}")
     rule = BINARY_RULE if binary else PER_PAIR_RULE if head_weight is not None else SQRT2_RULE
     setup = CertificateSetup(lipschitz=value * factor, head_lipschitz=head_lip, head_weight=head_weight,
-                             head_row_error=row_error, error_base=error.base, error_slope=error.slope,
+                             head_row_error=row_error, error_base=base, error_slope=error.slope,
                              error_plan=errors)
     info = BoundInfo(value=value * factor, method=method, computed_upper=computed * factor, declared=declared,
-                     normalisation_factor=factor, rule=rule, error_base=error.base, error_slope=error.slope)
+                     normalisation_factor=factor, rule=rule, error_base=base, error_slope=error.slope)
     return setup, info
 

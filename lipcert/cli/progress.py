@@ -77,8 +77,9 @@ class BarProgress(Progress):
         if total is not None:
             for task in self.bars.tasks:
                 self.bars.update(task.id, last=False)
-        self.tasks[phase] = self.bars.add_task(phase, total=total, completed=done, counted=total is not None,
-                                               last=total is not None)
+        # rich's Task.completed is a float (a share of a sample, read back or attacked); add_task annotates an int
+        self.tasks[phase] = self.bars.add_task(phase, total=total, completed=done,  # type: ignore[arg-type]
+                                               counted=total is not None, last=total is not None)
 
     def advance(self, phase: str, amount: float) -> None:
         self.bars.advance(self.tasks[phase], amount)
@@ -114,7 +115,8 @@ class LogProgress(Progress):
     print nothing."""
 
     def __init__(self, stream: IO[str]) -> None:
-        self.stream, self.phases = stream, {}
+        self.stream = stream
+        self.phases: dict[str, _Phase] = {}
         self.lock, self.stopped = threading.Lock(), threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()

@@ -73,6 +73,7 @@ def open_dataset(path: str | Path, *, format: str | None = None, layout: str = "
     elif format not in FORMATS:
         raise DataError(f"unknown format {format!r} (expected one of {', '.join(FORMATS)})", source=str(path))
     with reading(path):
+        source: Source
         if format == "image-folder":
             source = image_folder.open_source(path, split, workers)
         else:

@@ -24,9 +24,8 @@ import numpy as np
 
 from lipcert import limits
 from lipcert.errors import DataError
+from lipcert.parse import LAYOUTS, VALUE_RANGES
 
-LAYOUTS = ("auto", "NCHW", "NHWC")
-VALUE_RANGES = ("auto", "0-255", "0-1")
 SPLITS = ("test", "train")
 UINT8_RANGE = "uint8 0-255"
 FLOAT_RANGE = "float 0-1"
@@ -57,7 +56,7 @@ class Batch(NamedTuple):
     indices: np.ndarray  # int64 (B,): each sample's index in the dataset
     skipped: list[tuple[int, str]]  # (index, reason) of each sample of the batch's range left out, in order
 
-    def leave_out(self, reasons: dict[int, str]) -> "Batch":
+    def leave_out(self, reasons: dict[int, str]) -> Batch:
         """This batch without the samples (by dataset index) in ``reasons``, which join ``skipped``."""
         if not reasons:
             return self
@@ -206,7 +205,7 @@ def sha256_tree(entries: Iterable[tuple[str, Path]]) -> str:
     return digest.hexdigest()
 
 
-def _hash_into(digest: "hashlib._Hash", path: Path) -> None:
+def _hash_into(digest: hashlib._Hash, path: Path) -> None:
     with reading(path, "cannot hash the file"), open(path, "rb") as fp:
         while chunk := fp.read(HASH_CHUNK):
             digest.update(chunk)

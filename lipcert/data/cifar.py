@@ -136,6 +136,7 @@ class CifarSource(Source):
                                 source=str(file))
             shape = data.shape[1:]
             self._labels.append(labels)
+        assert shape is not None  # batch_files gives at least one file
         super().__init__(path, sum(len(y) for y in self._labels), shape, np.dtype(np.uint8), fixed_layout="NCHW",
                          num_classes=meta_classes(meta) if meta else None)
 

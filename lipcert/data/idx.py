@@ -7,11 +7,11 @@ through the decompressor), so memory does not depend on the number of images.
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -23,7 +23,7 @@ NAME = re.compile(r"^(?P<prefix>.+?)[-.](?P<kind>images|labels)[-.]idx(?P<rank>\
 DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> io.BufferedIOBase:
     """The file's decompressed byte stream."""
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
@@ -51,9 +51,18 @@ def _in_split(prefix: str, split: str) -> bool:
     return "train" in tokens if split == "train" else bool({"t10k", "test"} & set(tokens))
 
 
+def _name(file: Path) -> re.Match[str]:
+    """The parts of an IDX file's name (``NAME``): prefix, kind, rank."""
+    match = NAME.match(file.name)
+    if match is None:
+        raise DataError("not an IDX file name (expected *-images-idx3-ubyte[.gz] or *-labels-idx1-ubyte[.gz])",
+                        source=str(file))
+    return match
+
+
 def _partner(file: Path, kind: str) -> Path:
     """The file of the other kind with the same prefix, preferring the same compression."""
-    prefix = NAME.match(file.name)["prefix"]
+    prefix = _name(file)["prefix"]
     found = [p for p in sorted(file.parent.iterdir())
              if (m := NAME.match(p.name)) and m["prefix"] == prefix and m["kind"].lower() == kind]
     if not found:
@@ -65,17 +74,14 @@ def _partner(file: Path, kind: str) -> Path:
 def find_pair(path: Path, split: str) -> tuple[Path, Path]:
     """(images file, labels file) for a path naming either file or the folder holding them."""
     if path.is_file():
-        match = NAME.match(path.name)
-        if match is None:
-            raise DataError("not an IDX file name (expected *-images-idx3-ubyte[.gz] or *-labels-idx1-ubyte[.gz])",
-                            source=str(path))
+        match = _name(path)
         if match["kind"].lower() == "labels":
             return _partner(path, "images"), path
         return path, _partner(path, "labels")
     with reading(path, "cannot list the folder"):
         images = [p for p in sorted(path.iterdir()) if (m := NAME.match(p.name)) and m["kind"].lower() == "images"
                   and _in_split(m["prefix"], split)]
-    prefixes = {NAME.match(p.name)["prefix"] for p in images}
+    prefixes = {_name(p)["prefix"] for p in images}
     if len(prefixes) != 1:
         listed = ", ".join(p.name for p in images) or "none"
         raise DataError(f"expected one {split} images file, found: {listed}", source=str(path))

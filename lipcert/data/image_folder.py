@@ -12,10 +12,11 @@ import multiprocessing
 import os
 import queue
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -32,7 +33,8 @@ TASK_BYTES = 4 << 20  # decoded pixels per chunk sent back by a worker (at least
 PROBE = 64  # images tried at open for the size and colour mode before the folder is declared unreadable
 WATCH_SECONDS = 1.0  # how often workers check that their parent lives, and the parent that its workers do
 JOIN_SECONDS = 5.0  # how long a worker may take to finish its chunk when told to stop, before it is killed
-START_METHOD: str | None = None  # multiprocessing's start method for the workers; None: the platform default
+#: multiprocessing's start method for the workers; None: the platform default
+START_METHOD: Literal["fork", "spawn", "forkserver"] | None = None
 
 
 def class_names(root: Path) -> list[str]:
@@ -106,8 +108,12 @@ def _work(files: list[str], mode: str, size: tuple[int, int], tasks: multiproces
         results.put((number, decode_files(files[first:first + count], mode, size)))
 
 
+#: what ``decode_files`` returns for one span: its rows, and (position, reason) of the images it could not use
+Decoded = tuple[np.ndarray, list[tuple[int, str]]]
+
+
 def decode_in_workers(files: list[str], spans: Sequence[tuple[int, int]], workers: int, mode: str,
-                      size: tuple[int, int], root: str) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
+                      size: tuple[int, int], root: str) -> Generator[Decoded, None, None]:
     """``decode_files`` of each (first, count) span of ``files``, in order, by ``workers`` processes.
 
     At most ``IN_FLIGHT * workers`` chunks are queued or decoded ahead of the consumer. The workers are stopped
@@ -119,14 +125,14 @@ def decode_in_workers(files: list[str], spans: Sequence[tuple[int, int]], worker
     started: list[multiprocessing.process.BaseProcess] = []
     try:
         for k in range(workers):
-            process = context.Process(target=_work, args=(files, mode, size, tasks, results, stop, os.getpid()),
-                                      name=f"lipcert-decode-{k}", daemon=True)
-            process.start()
-            started.append(process)
+            worker = context.Process(target=_work, args=(files, mode, size, tasks, results, stop, os.getpid()),
+                                     name=f"lipcert-decode-{k}", daemon=True)
+            worker.start()
+            started.append(worker)
         queued = ((number, first, count) for number, (first, count) in enumerate(spans))
         for task in islice(queued, IN_FLIGHT * workers):
             tasks.put(task)
-        ready: dict[int, tuple[np.ndarray, list[tuple[int, str]]]] = {}
+        ready: dict[int, Decoded] = {}
         for number in range(len(spans)):
             while number not in ready:
                 try:
@@ -135,12 +141,13 @@ def decode_in_workers(files: list[str], spans: Sequence[tuple[int, int]], worker
                     dead = [p.exitcode for p in started if p.exitcode is not None]
                     if dead:
                         raise DataError(f"an image-decoding process ended unexpectedly (exit code {dead[0]}); "
-                                        "--workers 0 decodes in the main process", source=root) from None
+                                        "workers 0 decodes in the main process", source=root,
+                                        parameter="workers") from None
                     continue
                 ready[done] = result
-            task = next(queued, None)
-            if task is not None:
-                tasks.put(task)
+            following = next(queued, None)
+            if following is not None:
+                tasks.put(following)
             yield ready.pop(number)
     finally:
         stop.set()
@@ -170,7 +177,8 @@ class ImageFolderSource(Source):
 
     def __init__(self, root: Path, workers: int | None = None) -> None:
         if workers is not None and workers < 0:
-            raise ConfigError(f"--workers must be 0 (decode in the main process) or more, got {workers}")
+            raise ConfigError(f"workers must be 0 (decode in the main process) or more, got {workers}",
+                              parameter="workers")
         classes = class_names(root)
         listed = list_images(root, classes)
         if not listed:
@@ -188,21 +196,22 @@ class ImageFolderSource(Source):
 
     def _probe(self) -> tuple[str, tuple[int, int]]:
         """Colour mode and size of the first readable image; the first one's error when none of PROBE opens."""
-        first_error = None
-        for file in self._files[:PROBE]:
+        errors: list[DataError] = []
+        for file in self._files[:PROBE]:  # there is at least one (an empty folder is refused before)
             try:
                 with Image.open(file) as image:
                     return ("L" if image.mode in GREY_MODES else "RGB"), image.size
             except Exception as exc:  # as in read_image: PIL's error types vary by format
-                first_error = first_error or DataError(f"corrupt or unreadable image: {exc}", source=file)
-        raise first_error
+                errors.append(DataError(f"corrupt or unreadable image: {exc}", source=file))
+        raise errors[0]
 
     def _workers_for(self, count: int, chunks: int) -> int:
         """How many processes decode ``count`` images in ``chunks`` chunks (0: the main process does)."""
         wanted = self.workers if self.workers is not None else default_workers() if count >= PARALLEL_MIN else 0
         return min(wanted, chunks) if chunks > 1 else 0
 
-    def read_x(self, start: int, stop: int, rows: int) -> Iterator[tuple[np.ndarray, dict[int, DataError]]]:
+    def read_x(self, start: int, stop: int,
+               rows: int) -> Generator[tuple[np.ndarray, dict[int, DataError]], None, None]:
         """Decoded rows [start, stop) in order, zero rows for images that cannot be used, with their errors."""
         per_chunk = max(1, min(rows, TASK_BYTES // int(np.prod(self.x_shape))))
         spans = [(first, min(per_chunk, stop - first)) for first in range(start, stop, per_chunk)]
@@ -213,7 +222,7 @@ class ImageFolderSource(Source):
             decoded = (decode_files(self._files[first:first + count], self._mode, self._size)
                        for first, count in spans)
         with closing(decoded):
-            for (first, _), (chunk, bad) in zip(spans, decoded):
+            for (first, _), (chunk, bad) in zip(spans, decoded, strict=False):
                 yield chunk, {first + k: DataError(why, source=self._files[first + k]) for k, why in bad}
 
     def x_chunks(self, start: int, stop: int, rows: int) -> Iterator[np.ndarray]:

@@ -48,7 +48,7 @@ class Graph:
     onnx_model: Any = None
     #: facts about how the model was loaded that outputs must state (e.g. that user code ran)
     notes: list[str] = field(default_factory=list)
-    #: the onnxruntime comparison made after loading (``lipcert.crosscheck.CrossCheck``), if any
+    #: the onnxruntime comparison made after loading (``lipcert.model.crosscheck.CrossCheck``), if any
     crosscheck: Any = None
 
     @property
@@ -91,7 +91,7 @@ class Graph:
 def toposort(nodes: list[Node], available: set[str], source: str) -> list[Node]:
     """Order nodes so each runs after its inputs; a cycle or a missing input is a ModelError."""
     produced = {out: i for i, n in enumerate(nodes) for out in n.outputs if out}
-    for i, node in enumerate(nodes):
+    for node in nodes:
         for name in node.inputs:
             if name and name not in available and name not in produced:
                 raise ModelError(f"node {node.name!r} ({node.op}) reads {name!r}, which nothing produces",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -60,7 +60,7 @@ class GraphModule(torch.nn.Module):
                     value = value.to(x.device)
                 args.append(value)
             outs = REGISTRY[node.op].run(node, args, ctx)
-            for name, value in zip(node.outputs, outs):
+            for name, value in zip(node.outputs, outs, strict=False):
                 if name:
                     env[name] = value
                     if observe is not None:

@@ -1,16 +1,17 @@
 """Linear operators on per-sample tensors, with their adjoints: what verify measures the norms of.
 
-An operator maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)``. ``kind`` names what it is and ``structure``
-(one typed class per kind, ``STRUCTURES``) holds what ``lipcert.bounds.spectral`` needs to pick an exact or
-provable upper bound for it: a dense matrix, a convolution with all its settings, a diagonal scale, a
-composition. Every field is declared, so a misspelt one is a ``TypeError``, never a silent default.
+An operator maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)``. Its ``structure`` says what it is: the class
+(one per kind of operator) is what analyses dispatch on, and its fields hold what ``lipcert.bounds.spectral``
+needs to pick an exact or provable upper bound for it: a dense matrix, a convolution with all its settings, a
+diagonal scale, a composition. Every field is declared, so a misspelt one is a ``TypeError``, never a silent
+default.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -19,8 +20,8 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Structure:
-    """What every structure carries: the flags ``lipcert.bounds.fusion`` sets when it merges operators. The
-    structure of a ``generic`` or ``region`` operator, which is known by its forward and adjoint alone."""
+    """What every structure carries: the flags ``lipcert.bounds.fusion`` sets when it merges operators. Used as
+    it is, the structure of an operator known by its forward and adjoint alone (a linear region, say)."""
 
     #: the (input, output) shapes the structure describes, when they differ from the operator's own (an absorbed
     #: reshape); None: the operator's shapes
@@ -101,15 +102,7 @@ class NonnegativeStructure(Structure):
 class ChainStructure(Structure):
     """The composition of ``parts``, the first applied first."""
 
-    parts: tuple["LinearOperator", ...]
-
-
-#: the structure class of each operator kind
-STRUCTURES: dict[str, type[Structure]] = {
-    "generic": Structure, "region": Structure, "scalar": ScalarStructure, "diag": DiagStructure,
-    "matrix": MatrixStructure, "conv": ConvStructure, "isometry": IsometryStructure,
-    "projection": ProjectionStructure, "nonnegative": NonnegativeStructure, "chain": ChainStructure,
-}
+    parts: tuple[LinearOperator, ...]
 
 
 @dataclass
@@ -120,17 +113,8 @@ class LinearOperator:
     out_shape: tuple[int, ...]
     forward: Fn
     adjoint: Fn
-    kind: str = "generic"
     structure: Structure = field(default_factory=Structure)
     name: str = ""
-
-    def __post_init__(self) -> None:
-        """Refuse a structure that is not the one of ``kind`` (each kind has exactly one, ``STRUCTURES``)."""
-        if self.kind not in STRUCTURES:
-            raise TypeError(f"unknown linear operator kind {self.kind!r}")
-        if type(self.structure) is not STRUCTURES[self.kind]:
-            raise TypeError(f"a {self.kind!r} operator needs a {STRUCTURES[self.kind].__name__}, "
-                            f"not a {type(self.structure).__name__}")
 
     @property
     def in_numel(self) -> int:
@@ -143,7 +127,7 @@ class LinearOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def then(self, after: "LinearOperator") -> "LinearOperator":
+    def then(self, after: LinearOperator) -> LinearOperator:
         """The composition ``after o self`` (self applied first)."""
         if tuple(after.in_shape) != tuple(self.out_shape):
             raise ValueError(f"cannot compose {self.out_shape} -> {after.in_shape}")
@@ -153,7 +137,6 @@ class LinearOperator:
             out_shape=after.out_shape,
             forward=lambda x: after.forward(self.forward(x)),
             adjoint=lambda y: self.adjoint(after.adjoint(y)),
-            kind="chain",
             structure=ChainStructure(parts=tuple(parts)),
             name=" -> ".join(p.name for p in parts if p.name),
         )
@@ -173,7 +156,7 @@ class LinearOperator:
 
 
 def _parts(op: LinearOperator) -> list[LinearOperator]:
-    return list(op.structure.parts) if op.kind == "chain" else [op]
+    return list(op.structure.parts) if isinstance(op.structure, ChainStructure) else [op]
 
 
 def autograd_adjoint(forward: Fn, in_shape: tuple[int, ...]) -> Fn:
@@ -190,19 +173,17 @@ def autograd_adjoint(forward: Fn, in_shape: tuple[int, ...]) -> Fn:
 
 
 def from_function(forward: Fn, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *,
-                  kind: str = "generic", structure: Structure | None = None,
-                  name: str = "", adjoint: Fn | None = None) -> LinearOperator:
-    """Wrap a linear function; its adjoint comes from autograd unless one is given, its structure is the kind's
-    with every optional field at its default unless one is given."""
+                  structure: Structure | None = None, name: str = "", adjoint: Fn | None = None) -> LinearOperator:
+    """Wrap a linear function; its adjoint comes from autograd unless one is given, its structure is the plain
+    ``Structure`` (known by forward and adjoint alone) unless one is given."""
     return LinearOperator(
         in_shape=tuple(in_shape), out_shape=tuple(out_shape), forward=forward,
         adjoint=adjoint or autograd_adjoint(forward, tuple(in_shape)),
-        kind=kind, structure=STRUCTURES.get(kind, Structure)() if structure is None else structure, name=name,
+        structure=Structure() if structure is None else structure, name=name,
     )
 
 
 def identity(shape: tuple[int, ...], name: str = "") -> LinearOperator:
     """The identity on one sample's shape: an isometry in the same coordinates (flat order kept, onto)."""
-    return from_function(lambda x: x, shape, shape, kind="isometry",
-                         structure=IsometryStructure(flat=True, onto=True),
+    return from_function(lambda x: x, shape, shape, structure=IsometryStructure(flat=True, onto=True),
                          name=name, adjoint=lambda y: y)

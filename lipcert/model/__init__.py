@@ -1,1 +1,2 @@
-"""Loading a model file into a checked ``Graph``: ONNX, safetensors with a spec, folding, cross-checks and the summary."""
+"""Loading a model file into a checked ``Graph``: ONNX, safetensors with a spec, folding, cross-checks and the
+summary."""

@@ -11,7 +11,8 @@ constant logit, a big channel) cannot hide a difference:
   compare entries (``Op.exact``), the float error of two implementations of one accumulation otherwise. Values
   lipcert folded into constants at load are compared the same way.
 * **end to end**: lipcert's float32 output against onnxruntime's (graph optimisations on, as deployed), per
-  sample, relative to that sample's largest output.
+  sample, relative to that sample's largest output or the largest magnitude its output node accumulates
+  (|W| |x| + |b| for a product), whichever is larger: a single logit near 0 cancels large terms.
 
 The points (``probe_points``) are inputs in [0, 1] as data would be, points on balls around them, and points far
 outside [0, 1]; ``lipcert report`` checks its own first samples and their certified balls
@@ -27,8 +28,8 @@ import numpy as np
 import onnx
 import torch
 
-from lipcert import limits
 from lipcert.errors import ModelError
+from lipcert.graph import budget
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.ops import REGISTRY, RunContext
@@ -60,7 +61,8 @@ class CrossCheck:
         return asdict(self)
 
 
-def ort_session(model: onnx.ModelProto, providers: list[str] | None = None, optimize: bool = True):
+def ort_session(model: onnx.ModelProto, providers: list[str | tuple[str, dict[str, int]]] | None = None,
+                optimize: bool = True):
     """An onnxruntime session for an in-memory model (CPU unless providers say otherwise)."""
     import onnxruntime as ort
 
@@ -128,27 +130,29 @@ def _unit_roundoff(dtype: np.dtype) -> float:
     return 2.0 ** -24
 
 
-def tolerance(node, inputs: list[torch.Tensor | None], theirs: np.ndarray, output: int) -> np.ndarray:
+def tolerance(node, inputs: list[torch.Tensor | None], theirs: np.ndarray, output: int,
+              with_magnitude: bool = True) -> np.ndarray:
     """How far lipcert's value of one output of ``node`` may lie from onnxruntime's, entry by entry, when both ran
     on the same inputs: 0 for an exact operator (``Op.exact``: copies, selections, comparisons); otherwise the
     rounding of two accumulations of n terms in any order, 2 gamma_n (|y| + m), m the entry's magnitude
     (``Op.magnitude``: |W| |x| for a product, 0 when the error is relative to y alone), n the operator's
-    multiply-adds per output entry (``limits.node_bounds``), plus ``ELEMENTWISE_ULPS`` ulps of |y| (and of 1 for
-    functions whose error is absolute, such as tanh)."""
+    multiply-adds per output entry (``budget.node_bounds``), plus ``ELEMENTWISE_ULPS`` ulps of |y| (and of 1 for
+    functions whose error is absolute, such as tanh). Without ``with_magnitude``, m is left out: a tolerance
+    never above the full one, which is all a passing entry needs (the magnitude costs a float64 run)."""
     entry = REGISTRY[node.op]
     if entry.exact or theirs.dtype.kind not in "f":
         return np.zeros(theirs.shape)
     u = _unit_roundoff(theirs.dtype)
     size = max(int(theirs.size), 1)
     try:
-        bounds = limits.node_bounds(node.op, node.attrs, inputs, node.name)
+        bounds = budget.node_bounds(node.op, node.attrs, inputs, node.name)
     except (TypeError, ValueError, OverflowError, IndexError, RuntimeError, AttributeError):
         bounds = None
     terms = max(1, math.ceil(bounds[1] / size)) + 2 if bounds else 2
     gamma = terms * u / max(1.0 - terms * u, 1e-3)
     y = np.abs(theirs.astype(np.float64))
     try:
-        m = entry.magnitude(node, inputs, output)
+        m = entry.magnitude(node, inputs, output) if with_magnitude else None
     except Exception:  # noqa: BLE001 - inputs the absolute run cannot take: the tolerance is relative to y alone
         m = None
     if m is not None and m.numel() != theirs.size:
@@ -161,8 +165,8 @@ def tolerance(node, inputs: list[torch.Tensor | None], theirs: np.ndarray, outpu
 def _differs(mine: torch.Tensor, theirs: np.ndarray, tol: np.ndarray) -> str:
     """Empty when ``mine`` matches ``theirs`` within ``tol`` entry by entry (NaN matches NaN, equal infinities
     match), else what differs."""
-    ours = mine.detach().cpu()
-    ours = (ours.float() if ours.dtype == torch.bfloat16 else ours).numpy()
+    cpu = mine.detach().cpu()
+    ours = (cpu.float() if cpu.dtype == torch.bfloat16 else cpu).numpy()
     if ours.shape != theirs.shape:
         return f"has shape {ours.shape} where onnxruntime's has {theirs.shape}"
     if theirs.dtype.kind not in "f" or ours.dtype.kind not in "f":
@@ -225,7 +229,7 @@ def check_points(graph: Graph, groups: list[tuple[str, torch.Tensor]], *, rtol: 
     for what, points in groups:
         for chunk, n in _chunks(graph, points.float().cpu()):
             try:
-                theirs = dict(zip(order, exposed.run(None, {graph.input_name: chunk.numpy()})))
+                theirs = dict(zip(order, exposed.run(None, {graph.input_name: chunk.numpy()}), strict=False))
                 final = deployed.run([graph.output], {graph.input_name: chunk.numpy()})[0]
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise ModelError(f"onnxruntime cannot run the model at {what}: {str(exc).splitlines()[0]}",
@@ -237,7 +241,8 @@ def check_points(graph: Graph, groups: list[tuple[str, torch.Tensor]], *, rtol: 
             if compared == 0:
                 compared += _compare_constants(graph, theirs)
             compared += _compare_nodes(graph, chunk, constants, theirs, values, what)
-            rel, gap = _compare_output(graph, values[graph.output][:n], final[:n], rtol, what)
+            rel, gap = _compare_output(graph, values[graph.output][:n], final[:n], rtol, what,
+                                       _output_magnitude(graph, values, n))
             worst, largest, total = max(worst, rel), max(largest, gap), total + n
     return CrossCheck(max_abs_diff=largest, max_rel_diff=worst, tolerance=rtol, samples=total,
                       provider="CPUExecutionProvider", values=compared,
@@ -254,8 +259,24 @@ def _require_finite(graph: Graph, mine: torch.Tensor, deployed: np.ndarray, what
                          "nothing about it can be checked", source=graph.source)
 
 
+def _output_magnitude(graph: Graph, values: dict[str, torch.Tensor], n: int) -> torch.Tensor | None:
+    """Per sample, the largest magnitude the output's own node accumulates (``Op.magnitude``: |W| |x| + |b| for
+    a product), which bounds how far two evaluation orders of it may differ; None when it has none."""
+    node = next((nd for nd in graph.nodes if graph.output in nd.outputs), None)
+    if node is None:
+        return None
+    args = [None if not name else values.get(name, graph.params.get(name)) for name in node.inputs]
+    try:
+        m = REGISTRY[node.op].magnitude(node, args, node.outputs.index(graph.output))
+    except Exception:  # noqa: BLE001 - inputs the absolute run cannot take: the output alone is the scale
+        return None
+    if m is None or m.dim() == 0 or m.shape[0] < n:
+        return None
+    return m[:n].detach().double().cpu().reshape(n, -1).amax(dim=1, keepdim=True)
+
+
 def _compare_output(graph: Graph, mine: torch.Tensor, deployed: np.ndarray, rtol: float,
-                    what: str) -> tuple[float, float]:
+                    what: str, magnitude: torch.Tensor | None = None) -> tuple[float, float]:
     """lipcert's float32 output against the deployed onnxruntime output: per sample, relative to the sample's
     largest output entry; (largest relative difference, largest absolute difference)."""
     if tuple(mine.shape) != tuple(deployed.shape):
@@ -268,7 +289,10 @@ def _compare_output(graph: Graph, mine: torch.Tensor, deployed: np.ndarray, rtol
     if not bool((finite | same).all()):
         raise ModelError(f"lipcert's executor and onnxruntime disagree on which outputs are NaN or Inf at {what}",
                          source=graph.source)
-    scale = torch.where(finite, b.abs(), torch.zeros_like(b)).amax(dim=1, keepdim=True).clamp_min(1e-12)
+    scale = torch.where(finite, b.abs(), torch.zeros_like(b)).amax(dim=1, keepdim=True)
+    if magnitude is not None:  # a logit that cancels to almost nothing is compared at the size of its terms
+        scale = torch.maximum(scale, torch.where(torch.isfinite(magnitude), magnitude, torch.zeros_like(magnitude)))
+    scale = scale.clamp_min(1e-12)
     gap = torch.where(finite, (a - b).abs(), torch.zeros_like(a))
     rel = float((gap / scale).max()) if gap.numel() else 0.0
     if not rel <= rtol:
@@ -340,7 +364,10 @@ def _compare_nodes(graph: Graph, chunk: torch.Tensor, constants: dict[str, torch
                              f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                              source=graph.source) from None
         for k, name in checked:
-            problem = _differs(outs[k], theirs[name], tolerance(node, args, theirs[name], k))
+            # the tolerance without the magnitude is never above the full one: entries within it pass as they are
+            problem = _differs(outs[k], theirs[name], tolerance(node, args, theirs[name], k, with_magnitude=False))
+            if problem:
+                problem = _differs(outs[k], theirs[name], tolerance(node, args, theirs[name], k))
             if problem:
                 raise ModelError(f"node {node.name!r} ({node.op}) is the first to differ from onnxruntime at {what}: "
                                  f"its output {name!r} {problem}", source=graph.source)

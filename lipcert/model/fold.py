@@ -9,6 +9,7 @@ The same two runs give the per-sample shape of every data-dependent value.
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 
@@ -32,7 +33,13 @@ def data_dependent(graph: Graph) -> set[str]:
     return tainted
 
 
-def _probe(graph: Graph, batch: int) -> dict[str, torch.Tensor] | None:
+@overload
+def _probe(graph: Graph, batch: int, may_fail: Literal[False]) -> dict[str, torch.Tensor]: ...
+@overload
+def _probe(graph: Graph, batch: int, may_fail: Literal[True]) -> dict[str, torch.Tensor] | None: ...
+def _probe(graph: Graph, batch: int, may_fail: bool) -> dict[str, torch.Tensor] | None:
+    """Every value at batch size ``batch``. A failure other than a ``ModelError`` is refused naming the input
+    shape, or gives None where the run ``may_fail`` (the second batch size)."""
     x = torch.zeros((batch,) + graph.input_shape, dtype=torch.float32)
     try:
         with torch.no_grad():
@@ -40,7 +47,7 @@ def _probe(graph: Graph, batch: int) -> dict[str, torch.Tensor] | None:
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a probe failure is a property of the model, reported below
-        if batch == PROBE_BATCHES[0]:
+        if not may_fail:
             raise ModelError(f"the model cannot run on input shape (N, {', '.join(map(str, graph.input_shape))}): "
                              f"{type(exc).__name__}: {exc}", source=graph.source) from None
         return None
@@ -49,8 +56,8 @@ def _probe(graph: Graph, batch: int) -> dict[str, torch.Tensor] | None:
 def fold(graph: Graph) -> Graph:
     """Fold constant and size-only subgraphs into parameters, then record per-sample value shapes."""
     tainted = data_dependent(graph)
-    runs = [r for r in (_probe(graph, b) for b in PROBE_BATCHES)]
-    one, two = runs
+    one = _probe(graph, PROBE_BATCHES[0], may_fail=False)
+    two = _probe(graph, PROBE_BATCHES[1], may_fail=True)
     out_name = graph.output
     if two is None or two[out_name].shape[:1] != (2,):
         declared = one[out_name].shape[0] if one[out_name].dim() else 1
@@ -88,10 +95,10 @@ PER_SAMPLE_RTOL = 1e-6
 
 
 def check_per_sample(graph: Graph, samples: int = 3, seed: int = 0) -> None:
-    """Refuse a model whose output is not a float tensor, or whose output for one sample depends on the other samples of its batch (a slice or sort
-    along the batch axis, a constant computed from the batch size): lipcert's bounds and certificates are
-    about one sample's function. Each sample of a random batch, inside and outside [0, 1], is run alone (in
-    float64) and compared with its row of the batch."""
+    """Refuse a model whose output is not a float tensor, or whose output for one sample depends on the other
+    samples of its batch (a slice or sort along the batch axis, a constant computed from the batch size):
+    lipcert's bounds and certificates are about one sample's function. Each sample of a random batch, inside and
+    outside [0, 1], is run alone (in float64) and compared with its row of the batch."""
     batch = graph.fixed_batch or samples
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((batch,) + tuple(graph.input_shape), generator=gen, dtype=torch.float64) * 2 - 0.5

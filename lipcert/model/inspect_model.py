@@ -47,7 +47,8 @@ def summarize_model(graph: Graph) -> ModelSummary:
             return list(graph.params[name].shape)
         return None
 
-    rows, counts = [], {}
+    rows: list[NodeSummary] = []
+    counts: dict[str, int] = {}
     for node in graph.nodes:
         params = sum(int(graph.params[i].numel()) for i in node.inputs
                      if i in graph.params and graph.params[i].is_floating_point())

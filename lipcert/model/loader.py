@@ -89,7 +89,7 @@ def check_safetensors_header(header: dict, data_size: int, source: str, max_elem
         spans.append((begin, end, name))
         out[name] = (dtype, tuple(shape))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise error(f"tensors {n0!r} and {n1!r} overlap in the file (data_offsets)", source=source)
     return out
@@ -123,9 +123,9 @@ def _spec_document(path: Path, metadata: dict[str, str], arch: str | Path | None
     elif SPEC_KEY in metadata:
         text, where = metadata[SPEC_KEY], f"{path} (metadata {SPEC_KEY})"
     else:
-        raise ModelError(f"a safetensors file holds only weights: give its architecture with --arch spec.json "
+        raise ModelError(f"a safetensors file holds only weights: give its architecture as arch (a JSON spec) "
                          f"or store it under the metadata key {SPEC_KEY!r} (see docs/arch-spec.md)",
-                         source=str(path))
+                         source=str(path), parameter="arch")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -140,31 +140,34 @@ def _from_python(path: Path, tensors: dict[str, torch.Tensor], target: str,
 
     module_name, _, func_name = target.partition(":")
     if not module_name or not func_name:
-        raise ModelError(f"--arch-python must look like module:function, got {target!r}")
+        raise ModelError(f"arch_python must look like module:function, got {target!r}", parameter="arch_python")
     sys.path.insert(0, str(Path.cwd()))
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
         model = factory()
     except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
-        raise ModelError(f"--arch-python {target}: {type(exc).__name__}: {exc}") from None
+        raise ModelError(f"arch_python {target}: {type(exc).__name__}: {exc}", parameter="arch_python") from None
     finally:
         sys.path.pop(0)
     if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"--arch-python {target} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(f"arch_python {target} returned {type(model).__name__}, not a torch.nn.Module",
+                         parameter="arch_python")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ModelError(f"the file does not fit {target}: {str(exc).splitlines()[1:2] or exc}",
                          source=str(path)) from None
     if input_shape is None:
-        raise ModelError("--arch-python needs --input-shape (one sample's shape, e.g. 3,32,32)")
+        raise ModelError("arch_python needs input_shape (one sample's shape, e.g. 3,32,32)",
+                         parameter=("arch_python", "input_shape"))
     buffer = io.BytesIO()
     model.eval()
-    torch.onnx.export(model, (torch.zeros((1,) + tuple(input_shape)),), buffer, dynamo=False,
+    # torch annotates ``f`` as a path, but its TorchScript exporter (dynamo=False) writes to a file object too
+    torch.onnx.export(model, (torch.zeros((1,) + tuple(input_shape)),), buffer, dynamo=False,  # type: ignore[arg-type]
                       input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     graph = graph_from_onnx(onnx.load_from_string(buffer.getvalue()), str(path), input_shape, max_elements)
-    graph.notes.append(f"architecture from user Python code --arch-python {target}")
+    graph.notes.append(f"architecture from user Python code (arch_python {target})")
     return graph
 
 

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from lipcert import limits
 from lipcert.errors import ModelError
+from lipcert.graph import budget
 from lipcert.graph.core import Graph, Node, toposort
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.ops import REGISTRY, RunContext
@@ -31,14 +33,14 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 # ONNX element types lipcert reads, with their size in bytes (strings, complex and 4-bit types are refused).
-_ITEMSIZE = {
+_ITEMSIZE: dict[int, int] = {
     onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT16: 2,
     onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.BOOL: 1,
     onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4,
     onnx.TensorProto.UINT64: 8, onnx.TensorProto.BFLOAT16: 2,
 }
 # the repeated field that holds each type's values when they are not in raw_data
-_TYPED_FIELD = {
+_TYPED_FIELD: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
     onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
     onnx.TensorProto.UINT64: "uint64_data",
@@ -309,13 +311,15 @@ def _declared_input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, 
     dims = value_info.type.tensor_type.shape.dim
     if override is not None:
         if dims and len(dims) != len(override) + 1:
-            raise ModelError(f"--input-shape has {len(override)} dimensions but input {value_info.name!r} "
-                             f"has {len(dims) - 1} besides the batch", source=source)
+            raise ModelError(f"input_shape has {len(override)} dimensions but input {value_info.name!r} "
+                             f"has {len(dims) - 1} besides the batch", source=source, parameter="input_shape")
         if not all(isinstance(d, int) and d > 0 for d in override):
-            raise ModelError(f"--input-shape {tuple(override)} must hold positive integers", source=source)
+            raise ModelError(f"input_shape {tuple(override)} must hold positive integers", source=source,
+                             parameter="input_shape")
         return tuple(override)
     if not dims:
-        raise ModelError(f"input {value_info.name!r} has no declared shape; pass --input-shape", source=source)
+        raise ModelError(f"input {value_info.name!r} has no declared shape; give input_shape", source=source,
+                         parameter="input_shape")
     shape = []
     for d in list(dims)[1:]:
         if d.HasField("dim_value") and d.dim_value <= 0:
@@ -323,7 +327,7 @@ def _declared_input_shape(value_info: onnx.ValueInfoProto, override: tuple[int, 
                              source=source)
         if not d.HasField("dim_value"):
             raise ModelError(f"input {value_info.name!r} has a dynamic dimension {d.dim_param or '?'!r} besides "
-                             "the batch; pass --input-shape", source=source)
+                             "the batch; give input_shape", source=source, parameter="input_shape")
         shape.append(int(d.dim_value))
     return tuple(shape)
 
@@ -351,9 +355,10 @@ def _guard_reference_node(rt_node, limit: int, source: str) -> None:
                        if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)})
 
     def guarded(*args, **kwargs):
-        limits.check_node(node, [_as_probe_tensor(a) for a in args], limit, source)
+        budget.check_node(node, [_as_probe_tensor(a) for a in args], limit, source)
         outputs = run(*args, **kwargs)
-        for name, value in zip(node.outputs, outputs if isinstance(outputs, (tuple, list)) else [outputs]):
+        listed = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+        for name, value in zip(node.outputs, listed, strict=False):
             limits.check(int(np.asarray(value).size), limit, f"output {name!r} of node {node.name!r}", source)
         return outputs
 
@@ -379,7 +384,8 @@ def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str,
     needed = sorted({i for n in g.node if n not in constant for i in n.input if i}
                     & {o for n in constant for o in n.output if o})
     needed += [o.name for o in g.output if o.name in {x for n in constant for x in n.output}]
-    sub = onnx.helper.make_graph(constant, "constants", [], [onnx.helper.make_empty_tensor_value_info(v) for v in needed],
+    sub = onnx.helper.make_graph(constant, "constants", [],
+                                 [onnx.helper.make_empty_tensor_value_info(v) for v in needed],
                                  list(g.initializer))
     sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
     for node in constant:
@@ -403,14 +409,14 @@ def _fold_with_reference(model: onnx.ModelProto, input_name: str, source: str,
     del g.node[:]
     g.node.extend(keep)
     folded = {}
-    for name, value in zip(needed, values):
+    for name, value in zip(needed, values, strict=False):
         folded[name] = tensor_to_torch(numpy_helper.from_array(np.asarray(value), name), source, max_elements)
     return folded
 
 
 def guarded_probe(graph: Graph, max_elements: int | None = None) -> None:
     """Run the graph on zero inputs of the probe batch sizes, bounding every node's output size *before* the
-    node runs (``lipcert.limits.bound_node_output``) and checking it after; the ordinary fold probe that
+    node runs (``lipcert.graph.budget.check_node``) and checking it after; the ordinary fold probe that
     follows then only runs computations already known to stay within the limit.
 
     Errors other than the size limit are left to the fold probe, which reports them the usual way."""
@@ -423,14 +429,14 @@ def guarded_probe(graph: Graph, max_elements: int | None = None) -> None:
         with torch.no_grad():
             for node in graph.nodes:
                 args = [env.get(name) if name else None for name in node.inputs]
-                limits.check_node(node, args, limit, graph.source)
+                budget.check_node(node, args, limit, graph.source)
                 try:
                     outs = REGISTRY[node.op].run(node, args, ctx)
                 except ModelError:
                     raise
                 except Exception:  # noqa: BLE001 - reported with its context by the fold probe
                     break
-                for name, value in zip(node.outputs, outs):
+                for name, value in zip(node.outputs, outs, strict=False):
                     if name and isinstance(value, torch.Tensor):
                         limits.check(int(value.numel()), limit, f"output {name!r} of node {node.name!r} "
                                      f"({node.op})", graph.source)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from lipcert import limits
 from lipcert.errors import ModelError
+from lipcert.graph import budget
 from lipcert.graph.core import Graph, Node
 from lipcert.graph.ops import REGISTRY, RunContext
 from lipcert.graph.ops.base import check_attributes
@@ -55,6 +56,12 @@ class SpecBuilder:
         self.values[name] = value
         return name
 
+    @overload
+    def tensor(self, layer: dict, key: str, where: str, rank: int | None = None,
+               required: Literal[True] = True) -> str: ...
+    @overload
+    def tensor(self, layer: dict, key: str, where: str, rank: int | None = None, *,
+               required: bool) -> str | None: ...
     def tensor(self, layer: dict, key: str, where: str, rank: int | None = None,
                required: bool = True) -> str | None:
         name = layer.get(key)
@@ -78,7 +85,7 @@ class SpecBuilder:
         node = Node(name=self.fresh(f"{op}"), op=op, inputs=inputs, outputs=outs, attrs=attrs)
         check_attributes(node)
         args = [self.values[i] if i else None for i in inputs]
-        limits.check_node(node, args, self.limit, self.source)
+        budget.check_node(node, args, self.limit, self.source)
         try:
             results = REGISTRY[op].run(node, args, RunContext())
         except ModelError:
@@ -89,7 +96,7 @@ class SpecBuilder:
             shape = tuple(args[0].shape[1:]) if args and args[0] is not None else ()
             raise ModelError(f"{where}{named} does not fit its input of shape {shape}: "
                              f"{str(exc).splitlines()[0]}", source=self.source) from None
-        for name, value in zip(outs, results):
+        for name, value in zip(outs, results, strict=False):
             self.values[name] = value
         self.nodes.append(node)
         return outs
@@ -161,8 +168,9 @@ class SpecBuilder:
         b = self.tensor(layer, "bias", where, rank=1, required=False)
         return self.node("Gemm", [x, w] + ([b] if b else []), where, transB=1)[0]
 
-    def _unary(op: str):  # noqa: N805 - a factory of methods
-        def method(self: "SpecBuilder", layer: dict, x: str, where: str) -> str:
+    @staticmethod
+    def _unary(op: str):  # a factory of methods
+        def method(self: SpecBuilder, layer: dict, x: str, where: str) -> str:
             return self.node(op, [x], where)[0]
         return method
 

@@ -4,37 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from lipcert.bounds.results import PROVEN, VIOLATED, VerifyResult
 from lipcert.errors import ConfigError
 from lipcert.parse import REQUIRE, fraction_problem
-from lipcert.report.model import Report
+from lipcert.report.model import Gate, Report
 
-
-@dataclass
-class Gate:
-    """One check a CI step can fail on."""
-
-    name: str
-    passed: bool
-    measured: str
-    required: str
-    message: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["Gate", "baseline_gates", "claim_gate", "gates_markdown", "junit_xml", "load_baseline", "report_gates",
+           "verify_gates"]
 
 
 def verify_gates(result: VerifyResult, *, require: str = "proven", max_lipschitz: float | None = None) -> list[Gate]:
     """The claim's status (``require``: proven, or only not violated) and an optional cap on the bound."""
     if require not in REQUIRE:
-        raise ConfigError(f"--require {require!r}: expected one of {', '.join(REQUIRE)}")
+        raise ConfigError(f"require must be one of {', '.join(REQUIRE)}, got {require!r}", parameter="require")
     passed = result.status == PROVEN if require == "proven" else result.status != VIOLATED
     gates = [Gate(f"lipschitz claim {result.claimed:g} is {require}", passed, result.status, require,
                   "" if passed else f"the claim is {result.status}" + (
-                      f"; breaking layers: {', '.join(l.name for l in result.breaking_layers)}"
+                      f"; breaking layers: {', '.join(layer.name for layer in result.breaking_layers)}"
                       if result.breaking_layers else ""))]
     if max_lipschitz is not None:
         ok = result.network_upper <= max_lipschitz
@@ -47,37 +36,38 @@ def _find_eps(report: Report, eps: float):
     return next((e for e in report.eps if math.isclose(e.eps, eps, rel_tol=1e-9, abs_tol=1e-12)), None)
 
 
-def _check_fractions(values: list[tuple[str, float | None]]) -> None:
-    """Every accuracy threshold is a fraction in [0, 1]; a percentage gets a hint."""
-    for shown, value in values:
+def _check_fractions(values: list[tuple[str, str, float | None]]) -> None:
+    """Every accuracy threshold (setting, as shown, value) is a fraction in [0, 1]; a percentage gets a hint."""
+    for name, shown, value in values:
         problem = None if value is None else fraction_problem(value)
         if problem:
-            raise ConfigError(f"{shown}: {problem}")
+            raise ConfigError(f"{name} {shown}: {problem}", parameter=name)
 
 
 def claim_gate(report: Report) -> Gate:
-    """The model's Lipschitz claim (its metadata, or --lipschitz) against lipcert's sound upper bound."""
+    """The model's Lipschitz claim (its metadata, or the lipschitz setting) against lipcert's sound upper bound."""
     b = report.bound
-    if b.get("claimed") is None:
-        raise ConfigError("--require-claim: there is no Lipschitz claim to check: the model has no "
-                          "lipcert.claimed_lipschitz metadata and no --lipschitz was given")
-    upper = b["computed_upper"] / b["normalisation_factor"]
-    return Gate(f"Lipschitz claim {b['claimed']:g} ({b['claim_source']}) is proven", bool(b["claim_proven"]),
-                f"computed upper bound {upper:.6g}", f"<= {b['claimed']:g}",
-                "" if b["claim_proven"] else "lipcert's sound upper bound is above the claim: the certificates "
+    if b.claimed is None:
+        raise ConfigError("require_claim: there is no Lipschitz claim to check: the model has no "
+                          "lipcert.claimed_lipschitz metadata and no lipschitz was given",
+                          parameter=("require_claim", "lipschitz"))
+    upper = b.computed_upper / b.normalisation_factor
+    return Gate(f"Lipschitz claim {b.claimed:g} ({b.claim_source}) is proven", bool(b.claim_proven),
+                f"computed upper bound {upper:.6g}", f"<= {b.claimed:g}",
+                "" if b.claim_proven else "lipcert's sound upper bound is above the claim: the certificates "
                                              "cannot rest on it (run lipcert verify to find the layer)")
 
 
 def report_gates(report: Report, *, min_clean_acc: float | None = None,
-                 min_certified: list[tuple[str, float, float]] = (), max_violations: int = 0,
+                 min_certified: Sequence[tuple[str, float, float]] = (), max_violations: int = 0,
                  max_lipschitz: float | None = None, baseline: dict | None = None,
                  max_drop: float = 0.0, require_claim: bool | None = None) -> list[Gate]:
     """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, and the
     model's Lipschitz claim (``require_claim``; by default checked whenever a claim is declared)."""
-    _check_fractions([(f"--min-clean-acc {min_clean_acc}", min_clean_acc), (f"--max-drop {max_drop}", max_drop)]
-                     + [(f"--min-certified-acc {label}={acc:g}", acc) for label, _, acc in min_certified])
+    _check_fractions([("min_clean_acc", str(min_clean_acc), min_clean_acc), ("max_drop", str(max_drop), max_drop)]
+                     + [("min_certified_acc", f"{label}={acc:g}", acc) for label, _, acc in min_certified])
     gates: list[Gate] = []
-    if require_claim or (require_claim is None and report.bound.get("claimed") is not None):
+    if require_claim or (require_claim is None and report.bound.claimed is not None):
         gates.append(claim_gate(report))
     if min_clean_acc is not None:
         ok = report.clean_accuracy >= min_clean_acc
@@ -89,7 +79,7 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
         gates.append(Gate(f"certified accuracy at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
                           f">= {acc:g}"))
     if report.attack is not None:
-        n = report.attack["violation_count"]
+        n = report.attack.violation_count
         gates.append(Gate(f"attack violations <= {max_violations}", n <= max_violations, str(n),
                           f"<= {max_violations}",
                           "" if n <= max_violations else "the attack broke certified points inside their radius: "
@@ -100,7 +90,7 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                 gates.append(Gate(f"empirical robust accuracy >= certified at {e.label}", emp >= e.certified_accuracy,
                                   f"{emp:.4f}", f">= {e.certified_accuracy:.4f}"))
     if max_lipschitz is not None:
-        value = report.bound["value"]
+        value = report.bound.value
         gates.append(Gate(f"Lipschitz bound used <= {max_lipschitz:g}", value <= max_lipschitz, f"{value:.6g}",
                           f"<= {max_lipschitz:g}"))
     if baseline is not None:

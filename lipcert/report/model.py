@@ -1,28 +1,145 @@
-"""The report model: one record of a certification run that every output format renders (see ``report.render``)."""
+"""The report model: one record of a certification run that every output format renders (see ``report.render``).
+
+Each section of report.json is a dataclass here; ``Report.to_dict`` writes their fields in declaration order, so
+the order of the fields is the order of the keys in report.json (docs/report.md)."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lipcert.report import render
 from lipcert.version import __version__
 
+if TYPE_CHECKING:
+    from lipcert.certification.attack import Violation
+
 SCHEMA = "lipcert.report/1"
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass
+class ModelSection:
+    """The model file certified."""
+
+    path: str
+    sha256: str  # "" for a model that is not a file
+    format: str  # the file's suffix: onnx, safetensors
+
+
+@dataclass
+class DatasetSection:
+    """The data certified on, as ``data.DatasetInfo`` describes it."""
+
+    path: str
+    format: str
+    sha256: str
+    num_samples: int
+    layout: str
+    value_range: str
+    num_classes: int | None
+    sample_shape: list[int]
+
+
+@dataclass
+class BoundInfo:
+    """The Lipschitz bound a report certifies with, where it comes from, and the input-space factor."""
+
+    value: float
+    method: str
+    computed_upper: float
+    declared: float | None
+    normalisation_factor: float
+    rule: str
+    error_base: float  # the deployed logits err by at most error_base + error_slope R, R = ||x|| + radius
+    error_slope: float
+
+
+@dataclass
+class BoundSection(BoundInfo):
+    """The bound, and the model's Lipschitz claim (the ``lipschitz`` setting, else its metadata; all three None
+    without one) with whether lipcert's sound bound proves it."""
+
+    claimed: float | None
+    claim_source: str | None  # "lipschitz" or "model metadata"
+    claim_proven: bool | None
+
+
+@dataclass
+class TimingsSection:
+    """Seconds each phase took, and the speeds they give (over the samples this run certified)."""
+
+    bound_seconds: float
+    inference_seconds: float
+    attack_seconds: float
+    crosscheck_seconds: float
+    total_seconds: float
+    images_per_second: float
+    inference_images_per_second: float
+    samples_read_back: int  # from a checkpoint, by a resumed run
+    processes: int
+
+
+@dataclass
+class Histogram:
+    """Counts of values between consecutive edges (one more edge than counts; both empty without values)."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+@dataclass
+class AttackSection:
+    """The PGD attack's part: its settings, per-eps empirical robust accuracy, the violations and the gaps."""
+
+    method: str
+    steps: int
+    restarts: int
+    step_rule: str
+    seed: int
+    per_eps: list[dict[str, Any]]  # ``AttackSummary.per_eps``: eps, label, robust_accuracy, broken
+    violations: list[Violation]
+    summary: str
+    violation_count: int
+    consistent: bool  # no violation, and empirical robust accuracy never below the certified one
+    median_gap: float | None  # of attack radius - certified radius over the attacked points; None without any
+    gap_histogram: Histogram
+    curve: list[tuple[float, float]]  # empirical robust accuracy against radius
+
+
+@dataclass
+class SkippedSample:
+    """A sample left out as unreadable or invalid (``skip_bad_samples``)."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class SkippedSection:
+    """The samples left out with ``skip_bad_samples``, and how many were evaluated."""
+
+    count: int
+    evaluated: int
+    samples: list[SkippedSample]
+
+
+@dataclass
+class Gate:
+    """One check a CI step can fail on."""
+
+    name: str
+    passed: bool
+    measured: str
+    required: str
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -59,27 +176,34 @@ class Report:
         report.write("out/")
     """
 
-    model: dict[str, Any]
-    dataset: dict[str, Any]
+    model: ModelSection
+    dataset: DatasetSection
     device: str
     backend: str
     batch_size: int
     norm: str
     input_dim: int
-    bound: dict[str, Any]
+    bound: BoundSection
     clean_accuracy: float
     eps: list[EpsResult]
     curve: list[tuple[float, float]]
-    timings: dict[str, float]
+    timings: TimingsSection
     notes: list[str]
     samples: SampleTable
-    attack: dict[str, Any] | None = None
-    #: with --skip-bad-samples: {"count", "evaluated", "samples": [{"index", "reason"}, ...]}; else None
-    skipped: dict[str, Any] | None = None
-    gates: list[dict[str, Any]] | None = None
+    attack: AttackSection | None = None
+    skipped: SkippedSection | None = None  # only with skip_bad_samples
+    gates: list[Gate] = field(default_factory=list)
     schema: str = SCHEMA
     lipcert_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        self._written: render.Rendering | None = None  # not a field: neither in report.json nor compared
+
+    @property
+    def passed(self) -> bool:
+        """Every gate passes."""
+        return all(g.passed for g in self.gates)
 
     @property
     def num_samples(self) -> int:
@@ -102,8 +226,15 @@ class Report:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """Write report.json, report.md, samples.csv and certified_accuracy.png, each renamed into place only
-        once all four are written."""
-        return render.write_all(self, Path(out_dir))
+        once all four are written; ``rendered`` returns what was written."""
+        out = Path(out_dir)
+        self._written = render.write_all(self, out)
+        return [out / name for name in render.FILES]
+
+    def rendered(self) -> render.Rendering:
+        """The report in every file format: the rendering the last ``write`` wrote (what ``lipcert report``
+        prints and writes besides the files), else one made now, for a report never written."""
+        return self._written if self._written is not None else render.render_all(self)
 
 
 def _clean(value: Any) -> Any:

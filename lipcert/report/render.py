@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,11 @@ FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
 
 
 def to_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2) + "\n"
+    return _json_text(report.to_dict())
+
+
+def _json_text(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2) + "\n"
 
 
 def _pct(value: float) -> str:
@@ -40,9 +45,9 @@ CLAIM_NOTE = "LIPSCHITZ CLAIM NOT PROVEN"
 def claim_text(report: Report) -> str:
     """The Lipschitz claim and what lipcert's bound says of it, e.g. ``claim 1 (model metadata): proven``."""
     b = report.bound
-    if b.get("claimed") is None:
+    if b.claimed is None:
         return "no Lipschitz claim declared"
-    return f"claim {b['claimed']:g} ({b['claim_source']}): {'proven' if b['claim_proven'] else 'NOT PROVEN'}"
+    return f"claim {b.claimed:g} ({b.claim_source}): {'proven' if b.claim_proven else 'NOT PROVEN'}"
 
 
 def _claim_warning(report: Report) -> str | None:
@@ -51,8 +56,8 @@ def _claim_warning(report: Report) -> str | None:
 
 def _speed(report: Report) -> str:
     t = report.timings
-    return (f"{t.get('images_per_second', 0):.1f} samples/s over the whole run "
-            f"({t.get('inference_images_per_second', 0):.0f}/s inference alone)")
+    return (f"{t.images_per_second:.1f} samples/s over the whole run "
+            f"({t.inference_images_per_second:.0f}/s inference alone)")
 
 
 def to_markdown(report: Report) -> str:
@@ -60,12 +65,12 @@ def to_markdown(report: Report) -> str:
     b, d = report.bound, report.dataset
     warning = _claim_warning(report)
     lines = [
-        f"## lipcert report: `{Path(report.model['path']).name}`",
+        f"## lipcert report: `{Path(report.model.path).name}`",
         "",
         *([f"> **{warning}**", ""] if warning else []),
-        f"**{summary_line(report)}** on {report.num_samples} samples of `{d['path']}` ({d['format']})"
-        + (f"; {report.skipped['count']} unreadable or invalid samples skipped (listed in report.json), "
-           "accuracies are over the samples evaluated." if report.skipped and report.skipped["count"] else "."),
+        f"**{summary_line(report)}** on {report.num_samples} samples of `{d.path}` ({d.format})"
+        + (f"; {report.skipped.count} unreadable or invalid samples skipped (listed in report.json), "
+           "accuracies are over the samples evaluated." if report.skipped and report.skipped.count else "."),
         "",
         f"| {report.norm.upper()} radius eps | certified accuracy | certified samples |",
         "| --- | ---: | ---: |",
@@ -74,34 +79,34 @@ def to_markdown(report: Report) -> str:
         lines.append(f"| {e.label} ({e.eps:.4g}) | {_pct(e.certified_accuracy)} | {e.certified} |")
     lines += [
         "",
-        f"- Lipschitz bound used: **{b['value']:.6g}** ({b['method']}); computed sound upper bound "
-        f"{b['computed_upper']:.6g}; {claim_text(report)}.",
-        f"- Certificate rule: {b['rule']}; floating-point error bound subtracted from every margin "
-        f"({b['error_base']:.2g} + {b['error_slope']:.2g} x (||x|| + r)).",
-        f"- Radii are in pixel space ({d['value_range']} input scaled to [0, 1], layout {d['layout']})"
-        + (f"; the input normalisation multiplies the bound by {b['normalisation_factor']:.6g}."
-           if b["normalisation_factor"] != 1.0 else "."),
+        f"- Lipschitz bound used: **{b.value:.6g}** ({b.method}); computed sound upper bound "
+        f"{b.computed_upper:.6g}; {claim_text(report)}.",
+        f"- Certificate rule: {b.rule}; floating-point error bound subtracted from every margin "
+        f"({b.error_base:.2g} + {b.error_slope:.2g} x (||x|| + r)).",
+        f"- Radii are in pixel space ({d.value_range} input scaled to [0, 1], layout {d.layout})"
+        + (f"; the input normalisation multiplies the bound by {b.normalisation_factor:.6g}."
+           if b.normalisation_factor != 1.0 else "."),
     ]
     if report.norm == "linf":
         lines.append(f"- L-infinity radii come from the L2 ones by ||d||_2 <= sqrt({report.input_dim}) ||d||_inf.")
     if report.attack:
         a = report.attack
-        lines += ["", f"- PGD attack: {a['summary']}; step rule {a['step_rule']}, seed {a['seed']}."]
-        if a.get("median_gap") is not None:
-            lines.append(f"- Median gap between attack radius and certified radius: {a['median_gap']:.4g}.")
-        if a["violations"]:
+        lines += ["", f"- PGD attack: {a.summary}; step rule {a.step_rule}, seed {a.seed}."]
+        if a.median_gap is not None:
+            lines.append(f"- Median gap between attack radius and certified radius: {a.median_gap:.4g}.")
+        if a.violations:
             lines += ["", "**The model's Lipschitz claim or the certificate is wrong: the attack broke certified "
                           "points inside their certified radius.**", "",
                       "| sample | label | certified radius | eps | adversarial distance | class | logit true | "
                       "logit adversarial |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-            for v in a["violations"][:50]:
-                lines.append(f"| {v['index']} | {v['label']} | {v['certified_radius']:.4g} | {v['eps']:.4g} | "
-                             f"{v['adversarial_distance']:.4g} | {v['adversarial_class']} | "
-                             f"{v['logit_true']:.4g} | {v['logit_adversarial']:.4g} |")
+            for v in a.violations[:50]:
+                lines.append(f"| {v.index} | {v.label} | {v.certified_radius:.4g} | {v.eps:.4g} | "
+                             f"{v.adversarial_distance:.4g} | {v.adversarial_class} | "
+                             f"{v.logit_true:.4g} | {v.logit_adversarial:.4g} |")
     for note in report.notes:
         if note != warning:
             lines.append(f"- {note}")
-    lines += ["", f"Model sha256 `{report.model['sha256'][:16]}…`, data sha256 `{d['sha256'][:16]}…`, "
+    lines += ["", f"Model sha256 `{report.model.sha256[:16]}…`, data sha256 `{d.sha256[:16]}…`, "
                   f"device {report.device}, backend {report.backend}, {_speed(report)}, "
                   f"lipcert {report.lipcert_version}.", ""]
     return "\n".join(lines)
@@ -116,7 +121,7 @@ def to_csv(report: Report) -> str:
     cols = [s.labels.tolist(), s.predictions.tolist(), s.margins.tolist(), s.radii.tolist()]
     cols += [s.columns[c].tolist() for c in extra]
     indices = s.indices.tolist() if s.indices is not None else range(len(cols[0]))
-    for i, row in zip(indices, zip(*cols)):
+    for i, row in zip(indices, zip(*cols, strict=False), strict=False):
         label, pred, margin, radius, *rest = row
         buf.write(",".join([str(i), str(label), str(pred), f"{margin:.9g}", f"{radius:.9g}"]
                            + [f"{v:.9g}" if isinstance(v, float) else str(v) for v in rest]) + "\n")
@@ -150,12 +155,12 @@ def figure(report: Report) -> Any:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    histogram = (report.attack or {}).get("gap_histogram") or {}
-    if histogram.get("counts"):
+    histogram = report.attack.gap_histogram if report.attack else None
+    if histogram and histogram.counts:
         fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
-        edges = histogram["edges"]
-        hx.bar(edges[:-1], histogram["counts"], width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
-               color="tab:orange", alpha=0.7)
+        edges = histogram.edges
+        widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        hx.bar(edges[:-1], histogram.counts, width=widths, align="edge", color="tab:orange", alpha=0.7)
         hx.set_xlabel("attack radius - certified radius")
         hx.set_ylabel("samples")
         hx.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -168,7 +173,7 @@ def figure(report: Report) -> Any:
     radii = [p[0] for p in report.curve]
     accs = [100 * p[1] for p in report.curve]
     ax.plot(radii, accs, label="certified", color="tab:blue")
-    attack_curve = (report.attack or {}).get("curve") or []
+    attack_curve = report.attack.curve if report.attack else []
     if attack_curve:
         ax.plot([p[0] for p in attack_curve], [100 * p[1] for p in attack_curve], label="empirical (PGD)",
                 color="tab:orange", linestyle="--")
@@ -185,12 +190,12 @@ def figure(report: Report) -> Any:
     ax.set_xlabel(f"{report.norm.upper()} radius (pixel space)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{Path(report.model['path']).name}: certified accuracy vs radius", pad=18)
+    ax.set_title(f"{Path(report.model.path).name}: certified accuracy vs radius", pad=18)
     ax.grid(alpha=0.3)
     legend = ax.legend(loc="lower left")
     fig.tight_layout()
     box = ax.get_position()  # the rule under the title, in the room its pad leaves
-    fig.text((box.x0 + box.x1) / 2, box.y1 + 0.01, f"certificate rule: {report.bound['rule']}", ha="center",
+    fig.text((box.x0 + box.x1) / 2, box.y1 + 0.01, f"certificate rule: {report.bound.rule}", ha="center",
              va="bottom", fontsize=8, color="dimgrey")
     _place_labels(fig, ax, labels, [legend])
     return fig
@@ -211,19 +216,38 @@ def plot(report: Report, path: str | Path) -> None:
     write_bytes_atomic(path, plot_png(report))
 
 
-def write_all(report: Report, out_dir: Path) -> list[Path]:
-    """Render every file, write each to a temporary name, then rename them all into place: a failure while
-    rendering or writing leaves the previous report as it was."""
+@dataclass(frozen=True)
+class Rendering:
+    """A report rendered once in every file format: what ``write_all`` writes, and what the CLI prints and writes
+    from (the JSON document, with its ``passed`` key, and the Markdown of a CI job summary)."""
+
+    document: dict[str, Any]  # report.json's content (``Report.to_dict``)
+    json: str
+    markdown: str
+    csv: str
+    png: bytes
+
+    def files(self) -> dict[str, bytes]:
+        """Each of ``FILES`` by name, as bytes."""
+        return {"report.json": self.json.encode(), "report.md": self.markdown.encode(),
+                "samples.csv": self.csv.encode(), "certified_accuracy.png": self.png}
+
+
+def render_all(report: Report) -> Rendering:
+    """The report in every file format."""
+    document = report.to_dict()
+    return Rendering(document, _json_text(document), to_markdown(report), to_csv(report), plot_png(report))
+
+
+def write_all(report: Report, out_dir: Path) -> Rendering:
+    """Render every file (``render_all``), write each to a temporary name, then rename them all into place: a
+    failure while rendering or writing leaves the previous report as it was. The rendering written."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} exists and is not a folder")
-    contents = {
-        "report.json": to_json(report).encode(),
-        "report.md": to_markdown(report).encode(),
-        "samples.csv": to_csv(report).encode(),
-        "certified_accuracy.png": plot_png(report),
-    }
+        raise ConfigError(f"out {out_dir} exists and is not a folder", parameter="out")
+    rendering = render_all(report)
+    contents = rendering.files()
     write_files_atomic({out_dir / name: contents[name] for name in FILES})
-    return [out_dir / name for name in FILES]
+    return rendering
 
 
 def render_terminal(report: Report, out: Console) -> None:
@@ -231,7 +255,7 @@ def render_terminal(report: Report, out: Console) -> None:
     warning = _claim_warning(report)
     if warning:
         out.print(f"[bold red]{CLAIM_NOTE}:[/] " + warning[len(CLAIM_NOTE) + 2:])
-    table = Table(title=f"{report.model['path']} on {report.dataset['path']} ({report.num_samples} samples)")
+    table = Table(title=f"{report.model.path} on {report.dataset.path} ({report.num_samples} samples)")
     table.add_column(f"{report.norm.upper()} eps")
     table.add_column("certified accuracy", justify="right")
     table.add_column("certified", justify="right")
@@ -242,20 +266,21 @@ def render_terminal(report: Report, out: Console) -> None:
         table.add_row(f"{e.label} ({e.eps:.4g})", _pct(e.certified_accuracy), str(e.certified), *extra)
     out.print(table)
     b = report.bound
-    out.print(f"clean accuracy {_pct(report.clean_accuracy)}; Lipschitz bound {b['value']:.6g} ({b['method']}); "
-              f"{claim_text(report)}; rule: {b['rule']}")
-    out.print(f"data: {report.dataset['format']}, layout {report.dataset['layout']}, "
-              f"{report.dataset['value_range']}; backend {report.backend} on {report.device}, {_speed(report)}")
-    if report.skipped and report.skipped["count"]:
-        first = report.skipped["samples"][0]
-        out.print(f"skipped {report.skipped['count']} unreadable or invalid sample(s), accuracies over the "
-                  f"{report.skipped['evaluated']} evaluated; first: sample {first['index']}: {first['reason']}",
+    out.print(f"clean accuracy {_pct(report.clean_accuracy)}; Lipschitz bound {b.value:.6g} ({b.method}); "
+              f"{claim_text(report)}; rule: {b.rule}")
+    d = report.dataset
+    out.print(f"data: {d.format}, layout {d.layout}, {d.value_range}; backend {report.backend} on {report.device}, "
+              f"{_speed(report)}")
+    if report.skipped and report.skipped.count:
+        first = report.skipped.samples[0]
+        out.print(f"skipped {report.skipped.count} unreadable or invalid sample(s), accuracies over the "
+                  f"{report.skipped.evaluated} evaluated; first: sample {first.index}: {first.reason}",
                   markup=False)
     if report.attack:
-        out.print(f"attack: {report.attack['summary']}")
-        for v in report.attack["violations"][:20]:
-            out.print(f"[bold red]violation:[/] sample {v['index']} certified at {v['certified_radius']:.4g}, "
-                      f"broken at distance {v['adversarial_distance']:.4g} (class {v['adversarial_class']})")
+        out.print(f"attack: {report.attack.summary}")
+        for v in report.attack.violations[:20]:
+            out.print(f"[bold red]violation:[/] sample {v.index} certified at {v.certified_radius:.4g}, "
+                      f"broken at distance {v.adversarial_distance:.4g} (class {v.adversarial_class})")
     for note in report.notes:
         if note != warning:
             out.print(f"note: {note}", markup=False)

@@ -10,7 +10,7 @@ ratio is a true lower bound on a Lipschitz constant, so it can prove an upper bo
    spectral norm of its dense Jacobian at many points (power iteration for large steps) must not exceed the
    row's upper bound, and its output must not move when only the network input moves (a step that secretly
    reads another value). Sum steps need ||d out / d input_i|| <= w_i for each input, concat and max steps
-   ||[d out / d input_i / w_i]|| <= 1 (w_i the step's input weights, 1 unless ``details["weights"]`` says).
+   ||[d out / d input_i / w_i]|| <= 1 (w_i the step's input weights, ``Combination.weights``).
 2. ``check_values_and_network``: every value with a bound (``Propagation.bounds``, and every value a step reads:
    a value missing from the bounds is propagated as a constant, bound 0) bounds the Jacobian of that value
    with respect to the network input; ``Propagation.upper`` bounds the logits' Jacobian norms at points inside
@@ -34,15 +34,15 @@ import math
 import tempfile
 import traceback
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from lipcert.bounds.results import NO_RULE
+from lipcert.bounds.kinds import Combination, NoRule
 from lipcert.certification.attack import AttackConfig
 from lipcert.errors import LipcertError
 from lipcert.graph.core import Graph
@@ -52,7 +52,6 @@ from .build import ort_session
 
 #: counts shown in the pytest terminal summary
 STATS: Counter = Counter()
-COMBINATIONS = ("sum", "concat", "max")
 RTOL = 1e-6  # relative slack of every bound comparison (float64 Jacobians of float32 weights)
 ATOL = 1e-9
 F64 = torch.float64
@@ -302,10 +301,10 @@ def check_steps(graph: Graph, prop, inj: Injector, points: torch.Tensor, effort:
     usable = torch.ones(points.shape[0], dtype=torch.bool)
     rows = iter(prop.layers)
     for step in prop.steps:
-        row = None if step.kind in COMBINATIONS else next(rows, None)
+        row = None if isinstance(step.details, Combination) else next(rows, None)
         out.steps += 1
         STATS["steps"] += 1
-        if step.kind == NO_RULE:
+        if isinstance(step.details, NoRule):
             continue
         names = list(dict.fromkeys(step.inputs))
         nodes = inj.needed([step.output], stop=names)
@@ -358,7 +357,7 @@ def check_steps(graph: Graph, prop, inj: Injector, points: torch.Tensor, effort:
                                              f"{step.inputs} to {step.output!r} changes by {diff:.3g} when only "
                                              "the network input changes: it reads a value it does not declare")
         if vs.shape[0] * vs[0].numel() * y.shape[1] > DENSE_LIMIT:  # a large step: power iteration per point
-            if step.kind in COMBINATIONS or len(names) != 1:
+            if isinstance(step.details, Combination) or len(names) != 1:
                 continue
             upper = math.inf if row is None or row.upper is None else float(row.upper)
             worst = float(power_norms(fn, vs, ax, seed=seed).max())
@@ -368,7 +367,7 @@ def check_steps(graph: Graph, prop, inj: Injector, points: torch.Tensor, effort:
                                 f"measures {worst:.9g}")
             continue
         jac = jacobians(fn, vs, ax, y.shape[1])
-        if step.kind in COMBINATIONS:
+        if isinstance(step.details, Combination):
             if math.isfinite(prop.bounds.get(step.output, math.inf)):  # an infinite bound is sound anyway
                 check_combination(step, names, sizes, jac, out)
             continue
@@ -382,10 +381,10 @@ def check_steps(graph: Graph, prop, inj: Injector, points: torch.Tensor, effort:
 
 def check_combination(step, names: list[str], sizes: list[int], jac: torch.Tensor, out: Outcome) -> None:
     """A sum step bounds its output by sum_i w_i L(input_i), concat and max by sqrt(sum_i (w_i L(input_i))^2),
-    with w_i the step's input weights (``details["weights"]``, 1 when absent). Sound for arbitrary inputs iff
+    with w_i the step's input weights (``Combination.weights``). Sound for arbitrary inputs iff
     ||d out / d input_i|| <= w_i (sum), or the Jacobian with block i divided by w_i has norm <= 1 (concat, max);
     an input read twice counts its weights together."""
-    weights = list(step.details.get("weights") or [1.0] * len(step.inputs))
+    weights = list(step.details.weights)
     per_name: dict[str, list[float]] = {}
     for name, w in zip(step.inputs, weights):
         per_name.setdefault(name, []).append(float(w))
@@ -604,9 +603,9 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
         except Exception as exc:  # noqa: BLE001
             out.fail("report", f"certify raised {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
             return
-    if report.attack and report.attack["violation_count"]:
-        out.fail("report", f"lipcert's own PGD (one-logit margin) broke {report.attack['violation_count']} certified "
-                           f"point(s) inside their radius: {report.attack['violations'][:3]}")
+    if report.attack and report.attack.violation_count:
+        out.fail("report", f"lipcert's own PGD (one-logit margin) broke {report.attack.violation_count} certified "
+                           f"point(s) inside their radius: {report.attack.violations[:3]}")
     radii = report.samples.radii.double()
     preds = report.samples.predictions.long()
     todo = torch.nonzero(radii > 0).flatten()
@@ -689,7 +688,7 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
         examples = "; ".join(f"sample {int(todo[i])}: radius {float(r[i]):.6g} (class {int(cls[i])}), onnxruntime "
                              f"gives class {c} at distance {dist:.6g}" for _, i, dist, c in ratios[:3])
         out.fail("report", f"{len(worst)} of {len(todo)} certified points broken inside their radius (backend "
-                           f"{backend}, bound {report.bound['value']:.9g}, rule {report.bound['rule']!r}); closest: "
+                           f"{backend}, bound {report.bound.value:.9g}, rule {report.bound.rule!r}); closest: "
                            f"{examples}")
 
 

@@ -9,8 +9,9 @@ the single place where lipcert learns what an operator means.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 import onnx
 import torch
@@ -20,6 +21,7 @@ from lipcert.graph.core import Node
 
 if TYPE_CHECKING:
     from lipcert.graph.linop import LinearOperator
+    from lipcert.graph.ops.sizes import SizeRule
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class LipschitzRule:
 
 @dataclass(frozen=True)
 class Rounding:
-    """How one node's floating-point evaluation errs (``lipcert.rounding`` turns it into a certificate margin).
+    """How one node's floating-point evaluation errs (``lipcert.bounds.rounding`` turns it into a certificate margin).
 
     For the output y = op(u) computed from the computed input u, with gamma_n = n u / (1 - n u) and u the unit
     roundoff: ||fl(y) - y||_2 <= gamma_terms (||abs_op|| ||u|| + offset) + gamma_relative ||y||
@@ -50,7 +52,7 @@ class Rounding:
     the constants added (bias). An exact node (a copy, ReLU, max, a comparison) has every count zero."""
 
     terms: int = 0
-    abs_op: "LinearOperator | None" = None
+    abs_op: LinearOperator | None = None
     offset: float = 0.0
     relative: float = 0.0
     absolute: float = 0.0
@@ -64,6 +66,14 @@ class Rounding:
 
 
 EXACT = Rounding()
+
+
+@dataclass(frozen=True)
+class LinearCombination:
+    """output = (sum_i signs[i] * broadcast(x_i)) / divisor, over every input of the node, constants included."""
+
+    signs: tuple[float, ...]
+    divisor: int = 1
 
 #: per-entry error of elementwise transcendental functions (exp, tanh, sigmoid, ...), in units of u: far above
 #: what correctly rounded or libm/MLAS/CUDA implementations reach (a few ulps), stated as an assumption
@@ -88,6 +98,15 @@ class Op:
       smallest priority, else after its first node; None: the op never names a row. ``row_suffix``: a linear
       row's label also lists the op after the one naming it (``Conv + BatchNormalization``); False for ops that
       only move entries.
+
+    The facts the bounds read (``lipcert.bounds``), each declared by an operator or absent (None):
+
+    - ``size`` (every operator must declare it, None being a declaration): its size rule (``sizes.SizeRule``),
+      how large its values and buffers get before it runs (``lipcert.graph.budget``).
+    - ``linear_combination(n_inputs)``: the signs and divisor when the output is a weighted sum of the broadcast
+      inputs (Add, Sub, Sum, Mean); None otherwise.
+    - ``slope_range(node)``: (lo, hi) holding every slope of an elementwise monotone activation (Relu: (0, 1)),
+      the fact the SLL pattern reads; None when unknown.
     """
 
     name: ClassVar[str]
@@ -103,12 +122,13 @@ class Op:
     shape_only: ClassVar[bool] = False
     row_priority: ClassVar[int | None] = None
     row_suffix: ClassVar[bool] = True
+    size: ClassVar[SizeRule | None]
 
     def run(self, node: Node, inputs: Sequence[torch.Tensor | None], ctx: RunContext) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def linear(self, node: Node, consts: Sequence[torch.Tensor | None], var: int, in_shape: tuple[int, ...],
-               out_shape: tuple[int, ...], output: int = 0) -> "LinearOperator | None":
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         """The linear part of output ``output`` in input ``var`` (the other inputs are constants), or None."""
         return None
 
@@ -121,6 +141,14 @@ class Op:
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
         """How the node's float evaluation errs (see ``Rounding``) when it has a linear map or a Lipschitz rule
         in input ``var``; None when unknown, which makes the certificate's error allowance infinite."""
+        return None
+
+    def linear_combination(self, n_inputs: int) -> LinearCombination | None:
+        """The signs and divisor of a node with ``n_inputs`` inputs when it sums them (see ``LinearCombination``)."""
+        return None
+
+    def slope_range(self, node: Node) -> tuple[float, float] | None:
+        """Bounds (lo, hi) on every slope (f(a) - f(b)) / (a - b) of an elementwise activation, or None."""
         return None
 
     @property
@@ -171,6 +199,12 @@ def ints(value: Any, n: int | None = None, default: int = 0) -> list[int]:
     return [int(v) for v in value]
 
 
+@overload
+def int_list(t: torch.Tensor) -> list[int]: ...
+@overload
+def int_list(t: None) -> None: ...
+@overload
+def int_list(t: torch.Tensor | None) -> list[int] | None: ...
 def int_list(t: torch.Tensor | None) -> list[int] | None:
     """A constant int64 tensor input (shape, axes, pads) as a python list."""
     return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
@@ -180,13 +214,23 @@ def bad(node: Node, message: str) -> ModelError:
     return ModelError(f"node {node.name!r} ({node.op}): {message}")
 
 
+def required(inputs: Sequence[torch.Tensor | None], i: int, node: Node) -> torch.Tensor:
+    """Input ``i`` of ``node`` (a value it runs on, or a constant a bound reads), where the operator cannot do
+    without it: a one-line ``ModelError`` naming the node and the input when the model leaves it out (an empty
+    name, or fewer inputs)."""
+    value = inputs[i] if 0 <= i < len(inputs) else None
+    if value is None:
+        raise bad(node, f"input {i} is required but the node leaves it out")
+    return value
+
+
 def same_pads(auto_pad: str, in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
               dilations: Sequence[int]) -> list[int]:
     """Explicit ONNX pads (begins then ends) for auto_pad SAME_UPPER / SAME_LOWER / VALID."""
     if auto_pad == "VALID":
         return [0] * (2 * len(kernel))
     begins, ends = [], []
-    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations, strict=False):
         out = -(-size // s)
         total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
         small, large = total // 2, total - total // 2

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
 from lipcert.graph.linop import DiagStructure, LinearOperator, ScalarStructure, from_function
-from lipcert.graph.ops.base import EXACT, TRANSCENDENTAL_ULPS, LipschitzRule, Op, Rounding, RunContext, bad, register
+from lipcert.graph.ops import sizes
+from lipcert.graph.ops.base import (
+    EXACT,
+    TRANSCENDENTAL_ULPS,
+    LinearCombination,
+    LipschitzRule,
+    Op,
+    Rounding,
+    RunContext,
+    bad,
+    register,
+    required,
+)
 
 Inputs = Sequence[torch.Tensor | None]
 
@@ -36,7 +48,7 @@ def scaling(name: str, factor: torch.Tensor | float, in_shape: tuple[int, ...],
     """The linear map x -> factor * x (broadcast), as a scalar or diagonal operator."""
     if isinstance(factor, float) or factor.numel() == 1:
         value = float(factor) if isinstance(factor, float) else float(factor.reshape(-1)[0])
-        return from_function(lambda x: x * value, in_shape, out_shape, kind="scalar",
+        return from_function(lambda x: x * value, in_shape, out_shape,
                              structure=ScalarStructure(value=value), name=name, adjoint=lambda y: y * value)
     if tuple(torch.broadcast_shapes(factor.shape, in_shape)) != tuple(in_shape):
         return None
@@ -45,13 +57,14 @@ def scaling(name: str, factor: torch.Tensor | float, in_shape: tuple[int, ...],
     def adjoint(y: torch.Tensor) -> torch.Tensor:
         return y * scale.to(y)
 
-    return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
+    return from_function(lambda x: x * scale.to(x), in_shape, out_shape,
                          structure=DiagStructure(scale=scale), name=name, adjoint=adjoint)
 
 
 class Unary(Op):
     """An elementwise function of one input, with an optional global Lipschitz constant."""
 
+    size = sizes.SHRINKING
     constant: float | None = None
     reason = ""
     #: how the function's float evaluation errs, for operators with a rule
@@ -61,7 +74,7 @@ class Unary(Op):
         raise NotImplementedError
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [self.fn(node, inputs[0])]
+        return [self.fn(node, required(inputs, 0, node))]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:
@@ -83,6 +96,9 @@ class Relu(Unary):
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x)
 
+    def slope_range(self, node: Node) -> tuple[float, float]:
+        return 0.0, 1.0
+
 
 @register
 class LeakyRelu(Unary):
@@ -92,6 +108,11 @@ class LeakyRelu(Unary):
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(x, float(node.attr("alpha", 0.01)))
+
+    def slope_range(self, node: Node) -> tuple[float, float]:
+        """Slopes alpha and 1 (NaN when alpha is, which no range holds)."""
+        alpha = float(node.attr("alpha", 0.01))
+        return min(alpha, 1.0), max(alpha, 1.0)
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule:
@@ -105,9 +126,10 @@ class PRelu(Op):
     deel-torchlip's LPReLU)."""
 
     name = "PRelu"
+    size = sizes.BROADCAST
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, slope = inputs[0], inputs[1]
+        x, slope = required(inputs, 0, node), required(inputs, 1, node)
         return [torch.where(x >= 0, x, x * slope.to(x.dtype))]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -200,6 +222,9 @@ class Sigmoid(Unary):
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
+    def slope_range(self, node: Node) -> tuple[float, float]:
+        return 0.0, 0.25
+
 
 @register
 class Tanh(Unary):
@@ -209,6 +234,9 @@ class Tanh(Unary):
 
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x)
+
+    def slope_range(self, node: Node) -> tuple[float, float]:
+        return 0.0, 1.0
 
 
 @register
@@ -262,11 +290,12 @@ class Dropout(Op):
     """Inference-time dropout: the identity (the optional mask output is all true)."""
 
     name = "Dropout"
+    size = sizes.BROADCAST
     exact = True
     attributes = frozenset({'ratio', 'seed'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         training = len(inputs) > 2 and inputs[2] is not None and bool(inputs[2].reshape(-1)[0])
         ratio = float(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else 0.5
         if training and ratio != 0.0:
@@ -285,13 +314,13 @@ class Dropout(Op):
 @register
 class Clip(Op):
     name = "Clip"
+    size = sizes.BROADCAST
     exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         """min(max(x, lo), hi) in x's type (so max when lo > hi, as the specification's definition gives)."""
-        x = inputs[0]
-        lo, hi = (inputs[i].reshape(()).to(x) if len(inputs) > i and inputs[i] is not None else None
-                  for i in (1, 2))
+        x = required(inputs, 0, node)
+        lo, hi = (None if t is None else t.reshape(()).to(x) for t in (*inputs[1:3], None, None)[:2])
         return [torch.clamp(x, min=lo, max=hi) if lo is not None or hi is not None else x]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -306,34 +335,37 @@ class Clip(Op):
 @register
 class Softmax(Op):
     name = "Softmax"
+    size = sizes.SHRINKING
     attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [torch.softmax(inputs[0], int(node.attr("axis", -1)))]
+        return [torch.softmax(required(inputs, 0, node), int(node.attr("axis", -1)))]
 
 
 @register
 class LogSoftmax(Op):
     name = "LogSoftmax"
+    size = sizes.SHRINKING
     attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [torch.log_softmax(inputs[0], int(node.attr("axis", -1)))]
+        return [torch.log_softmax(required(inputs, 0, node), int(node.attr("axis", -1)))]
 
     def magnitude(self, node: Node, inputs: Inputs, output: int = 0) -> torch.Tensor | None:
         """|x| + |x - y| (x minus its log-sum-exp: the terms the subtraction cancels)."""
-        x = inputs[0].double()
+        x = required(inputs, 0, node).double()
         return x.abs() + (x - torch.log_softmax(x, int(node.attr("axis", -1)))).abs()
 
 
 class Binary(Op):
     """A broadcasting elementwise function of two inputs."""
 
+    size = sizes.BROADCAST
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [self.fn(inputs[0], inputs[1])]
+        return [self.fn(required(inputs, 0, node), required(inputs, 1, node))]
 
 
 def broadcast_norm(c: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
@@ -368,8 +400,13 @@ class Scale(Binary):
         op = self.linear(node, consts, var, in_shape, out_shape)
         if op is None:
             return None
-        factor = op.structure.value if op.kind == "scalar" else op.structure.scale
-        magnitude = abs(factor) if isinstance(factor, float) else factor.abs()
+        match op.structure:  # ``linear`` builds it with ``scaling``: a scalar or a diagonal
+            case ScalarStructure(value=value):
+                magnitude: torch.Tensor | float = abs(value)
+            case DiagStructure(scale=scale):
+                magnitude = scale.abs()
+            case _:
+                return None
         return Rounding(terms=1, abs_op=scaling(node.name, magnitude, in_shape, out_shape))
 
 
@@ -379,6 +416,9 @@ class Add(Shift):
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
+
+    def linear_combination(self, n_inputs: int) -> LinearCombination:
+        return LinearCombination((1.0, 1.0))
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
@@ -391,6 +431,9 @@ class Sub(Shift):
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a - b
+
+    def linear_combination(self, n_inputs: int) -> LinearCombination:
+        return LinearCombination((1.0, -1.0))
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
@@ -409,7 +452,7 @@ class Mul(Scale):
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
-        factor = per_sample(consts[1 - var], in_shape)
+        factor = per_sample(required(consts, 1 - var, node), in_shape)
         return None if factor is None else scaling(node.name, factor.double(), in_shape, out_shape)
 
 
@@ -427,7 +470,7 @@ class Div(Scale):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        factor = per_sample(consts[1], in_shape)
+        factor = per_sample(required(consts, 1, node), in_shape)
         return None if factor is None else scaling(node.name, 1.0 / factor.double(), in_shape, out_shape)
 
 
@@ -455,6 +498,7 @@ def broadcast_rule(what: str, in_shape: tuple[int, ...], out_shape: tuple[int, .
 class Variadic(Op):
     """An elementwise function of one or more broadcast inputs (ONNX Max, Min, Sum, Mean)."""
 
+    size = sizes.BROADCAST
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         present = [t for t in inputs if t is not None]
         if not present:
@@ -511,6 +555,9 @@ class Sum(Variadic):
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
 
+    def linear_combination(self, n_inputs: int) -> LinearCombination:
+        return LinearCombination((1.0,) * n_inputs)
+
 
 @register
 class Mean(Variadic):
@@ -523,6 +570,9 @@ class Mean(Variadic):
 
     def finish(self, out: torch.Tensor, count: int) -> torch.Tensor:
         return out / count
+
+    def linear_combination(self, n_inputs: int) -> LinearCombination:
+        return LinearCombination((1.0,) * n_inputs, n_inputs)
 
 
 class Compare(Binary):
@@ -581,8 +631,9 @@ class Not(Unary):
 @register
 class Where(Op):
     name = "Where"
+    size = sizes.BROADCAST
     exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        cond, a, b = inputs
+        cond, a, b = (required(inputs, i, node) for i in range(len(inputs)))
         return [torch.where(cond.bool(), a, b)]

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
 from lipcert.graph.linop import ConvStructure, DiagStructure, LinearOperator, MatrixStructure, from_function
-from lipcert.graph.ops.base import Op, Rounding, RunContext, bad, ints, register, same_pads, torch_pad_list
+from lipcert.graph.ops import sizes
+from lipcert.graph.ops.base import (
+    Op,
+    Rounding,
+    RunContext,
+    bad,
+    ints,
+    register,
+    required,
+    same_pads,
+    torch_pad_list,
+)
 
 Inputs = Sequence[torch.Tensor | None]
 
@@ -73,12 +84,13 @@ def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, s: ConvSe
 @register
 class Conv(Op):
     name = "Conv"
+    size = sizes.CONV
     accumulates = True
     attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'pads', 'strides'})
     row_priority = 0
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, w = inputs[0], inputs[1]
+        x, w = required(inputs, 0, node), required(inputs, 1, node)
         b = inputs[2] if len(inputs) > 2 else None
         return [run_conv(x, w, b, conv_settings(node, x.shape[2:], w))]
 
@@ -86,15 +98,15 @@ class Conv(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        w = consts[1]
+        w = required(consts, 1, node)
         s = conv_settings(node, in_shape[1:], w)
         return from_function(lambda x: run_conv(x, w.to(x), None, s), in_shape, out_shape,
-                             kind="conv", structure=conv_structure(w, s, in_shape, False), name=node.name,
+                             structure=conv_structure(w, s, in_shape, False), name=node.name,
                              adjoint=conv_adjoint(w, s, in_shape))
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
-        return conv_rounding(self, node, consts, var, in_shape, out_shape, consts[1].shape[1])
+        return conv_rounding(self, node, consts, var, in_shape, out_shape, required(consts, 1, node).shape[1])
 
 
 def bias_norm(b: torch.Tensor | None, out_shape: tuple[int, ...]) -> float:
@@ -110,7 +122,7 @@ def conv_rounding(op: Op, node: Node, consts: Inputs, var: int, in_shape: tuple[
     pre-scaling a backend may fold in); |W| is the same convolution with the absolute kernel."""
     if op.linear(node, consts, var, in_shape, out_shape) is None:
         return None
-    w = consts[1]
+    w = required(consts, 1, node)
     absolute = op.linear(node, [None, w.abs()] + list(consts[2:]), var, in_shape, out_shape)
     taps = math.prod(w.shape[2:])
     return Rounding(terms=in_channels * taps + 2, abs_op=absolute,
@@ -124,7 +136,7 @@ def conv_adjoint(w: torch.Tensor, s: ConvSettings, in_shape: tuple[int, ...]):
     def adjoint(y: torch.Tensor) -> torch.Tensor:
         full = CONV_T[nd](y, w.to(y), stride=s.stride, dilation=s.dilation, groups=s.groups)
         padded = [n + pads[i] + pads[i + nd] for i, n in enumerate(in_shape[1:])]
-        extra = [p - f for p, f in zip(padded, full.shape[2:])]
+        extra = [p - f for p, f in zip(padded, full.shape[2:], strict=False)]
         full = F.pad(full, torch_pad_list([0] * nd + extra))
         index = [slice(None), slice(None)] + [slice(pads[i], pads[i] + in_shape[1 + i]) for i in range(nd)]
         return full[tuple(index)]
@@ -139,7 +151,7 @@ def run_conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     # output padding adds entries at the end; pads crop, and negative pads (an ``output_shape`` larger than
     # the full output) add zeros: F.pad crops for negative widths
     pads, extra = s.pads, s.output_padding
-    out = F.pad(full, torch_pad_list([-p for p in pads[:nd]] + [e - p for e, p in zip(extra, pads[nd:])]))
+    out = F.pad(full, torch_pad_list([-p for p in pads[:nd]] + [e - p for e, p in zip(extra, pads[nd:], strict=False)]))
     return out if b is None else out + b.reshape(1, -1, *([1] * nd))
 
 
@@ -153,7 +165,8 @@ def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: to
     out_shape = node.attr("output_shape")
     auto_pad = node.attr("auto_pad", "NOTSET")
     if out_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        target = list(out_shape)[-nd:] if out_shape is not None else [n * st for n, st in zip(spatial, s.stride)]
+        target = list(out_shape)[-nd:] if out_shape is not None else \
+            [n * st for n, st in zip(spatial, s.stride, strict=False)]
         begins, ends = [], []
         for i in range(nd):
             full = s.stride[i] * (spatial[i] - 1) + s.output_padding[i] + (s.kernel[i] - 1) * s.dilation[i] + 1
@@ -177,12 +190,14 @@ def conv_transpose_settings(node: Node, x: torch.Tensor | tuple[int, ...], w: to
 @register
 class ConvTranspose(Op):
     name = "ConvTranspose"
+    size = sizes.CONV_TRANSPOSE
     accumulates = True
-    attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'output_padding', 'output_shape', 'pads', 'strides'})
+    attributes = frozenset({'auto_pad', 'dilations', 'group', 'kernel_shape', 'output_padding', 'output_shape', 'pads',
+                            'strides'})
     row_priority = 1
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, w = inputs[0], inputs[1]
+        x, w = required(inputs, 0, node), required(inputs, 1, node)
         b = inputs[2] if len(inputs) > 2 else None
         return [run_conv_transpose(x, w, b, conv_transpose_settings(node, x, w))]
 
@@ -190,26 +205,28 @@ class ConvTranspose(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0:
             return None
-        w = consts[1]
+        w = required(consts, 1, node)
         s = conv_transpose_settings(node, in_shape[1:], w)
         return from_function(lambda x: run_conv_transpose(x, w.to(x), None, s), in_shape, out_shape,
-                             kind="conv", structure=conv_structure(w, s, in_shape, True), name=node.name)
+                             structure=conv_structure(w, s, in_shape, True), name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
         groups = int(node.attr("group", 1))
-        return conv_rounding(self, node, consts, var, in_shape, out_shape, consts[1].shape[0] // max(groups, 1))
+        in_channels = required(consts, 1, node).shape[0] // max(groups, 1)
+        return conv_rounding(self, node, consts, var, in_shape, out_shape, in_channels)
 
 
 @register
 class Gemm(Op):
     name = "Gemm"
+    size = sizes.GEMM
     accumulates = True
     attributes = frozenset({'alpha', 'beta', 'transA', 'transB'})
     row_priority = 2
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        a, b = inputs[0], inputs[1]
+        a, b = required(inputs, 0, node), required(inputs, 1, node)
         c = inputs[2] if len(inputs) > 2 else None
         a = a.T if node.attr("transA", 0) else a
         b = b.T if node.attr("transB", 0) else b
@@ -228,9 +245,9 @@ class Gemm(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0 or node.attr("transA", 0):
             return None
-        b = consts[1]
+        b = required(consts, 1, node)
         matrix = float(node.attr("alpha", 1.0)) * (b if node.attr("transB", 0) else b.T)
-        return from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
+        return from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape,
                              structure=MatrixStructure(matrix=matrix), name=node.name,
                              adjoint=lambda y: y @ matrix.to(y))
 
@@ -238,7 +255,7 @@ class Gemm(Op):
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
         """alpha (x B) + beta C: the dot product, the scaling by alpha, the scaled bias and its addition."""
         op = self.linear(node, consts, var, in_shape, out_shape)
-        if op is None:
+        if op is None or not isinstance(op.structure, MatrixStructure):  # ``linear`` gives a matrix or None
             return None
         matrix = op.structure.matrix.abs()
         c = consts[2] if len(consts) > 2 else None
@@ -247,7 +264,7 @@ class Gemm(Op):
             rows = torch.broadcast_to(c.double().abs(), (c.shape[0] if c.dim() == 2 else 1,) + tuple(out_shape))
             offset = abs(float(node.attr("beta", 1.0))) * float(rows.norm(dim=-1).max())
         return Rounding(terms=matrix.shape[1] + 3, offset=offset,
-                        abs_op=from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape, kind="matrix",
+                        abs_op=from_function(lambda x: x @ matrix.to(x).T, in_shape, out_shape,
                                              structure=MatrixStructure(matrix=matrix), name=node.name,
                                              adjoint=lambda y: y @ matrix.to(y)))
 
@@ -255,25 +272,26 @@ class Gemm(Op):
 @register
 class MatMul(Op):
     name = "MatMul"
+    size = sizes.MATMUL
     accumulates = True
     row_priority = 3
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [torch.matmul(inputs[0], inputs[1])]
+        return [torch.matmul(required(inputs, 0, node), required(inputs, 1, node))]
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if var != 0 or consts[1] is None or consts[1].dim() != 2 or not in_shape:
             return None
         w = consts[1]
-        return from_function(lambda x: x @ w.to(x), in_shape, out_shape, kind="matrix",
+        return from_function(lambda x: x @ w.to(x), in_shape, out_shape,
                              structure=MatrixStructure(matrix=w.T), name=node.name, adjoint=lambda y: y @ w.to(y).T)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
         if self.linear(node, consts, var, in_shape, out_shape) is None:
             return None
-        magnitude = consts[1].abs()
+        magnitude = required(consts, 1, node).abs()
         return Rounding(terms=magnitude.shape[0] + 1,
                         abs_op=self.linear(node, [None, magnitude], var, in_shape, out_shape))
 
@@ -281,19 +299,20 @@ class MatMul(Op):
 @register
 class BatchNormalization(Op):
     name = "BatchNormalization"
+    size = sizes.BROADCAST
     attributes = frozenset({'epsilon', 'momentum', 'training_mode'})
     row_priority = 4
 
     def affine(self, node: Node, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if node.attr("training_mode", 0):
             raise bad(node, "training-mode batch normalisation cannot be analysed; export in eval mode")
-        scale, bias, mean, var = inputs[1:5]
+        scale, bias, mean, var = (required(inputs, i, node) for i in range(1, 5))
         eps = float(node.attr("epsilon", 1e-5))
         factor = scale / torch.sqrt(var + eps)
         return factor, bias - mean * factor
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         factor, shift = self.affine(node, inputs)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return [x * factor.reshape(shape) + shift.reshape(shape)]
@@ -302,9 +321,9 @@ class BatchNormalization(Op):
         """|x f| + |mean f| + |bias|, f = scale / sqrt(var + eps): what either way of evaluating it rounds."""
         wide = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
         factor, _ = self.affine(node, wide)
-        shape = (1, -1) + (1,) * (wide[0].dim() - 2)
-        return ((wide[0] * factor.reshape(shape)).abs() + (wide[3] * factor).abs().reshape(shape)
-                + wide[2].abs().reshape(shape))
+        x, bias, mean = (required(wide, i, node) for i in (0, 2, 3))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x * factor.reshape(shape)).abs() + (mean * factor).abs().reshape(shape) + bias.abs().reshape(shape)
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
@@ -313,7 +332,7 @@ class BatchNormalization(Op):
         # the real-number scale of the stored float32 parameters, computed in float64
         factor, _ = self.affine(node, [c.double() if c is not None and c.is_floating_point() else c for c in consts])
         scale = factor.reshape((-1,) + (1,) * (len(in_shape) - 1))
-        return from_function(lambda x: x * scale.to(x), in_shape, out_shape, kind="diag",
+        return from_function(lambda x: x * scale.to(x), in_shape, out_shape,
                              structure=DiagStructure(scale=scale), name=node.name, adjoint=lambda y: y * scale.to(y))
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -324,9 +343,9 @@ class BatchNormalization(Op):
             return None
         wide = [c.double() if c is not None and c.is_floating_point() else c for c in consts]
         factor, _ = self.affine(node, wide)
-        shift = (factor * wide[3]).abs() + wide[2].abs()
+        shift = (factor * required(wide, 3, node)).abs() + required(wide, 2, node).abs()
         magnitude = factor.abs().reshape((-1,) + (1,) * (len(in_shape) - 1))
         return Rounding(terms=8, offset=bias_norm(shift, out_shape),
-                        abs_op=from_function(lambda x: x * magnitude.to(x), in_shape, out_shape, kind="diag",
+                        abs_op=from_function(lambda x: x * magnitude.to(x), in_shape, out_shape,
                                              structure=DiagStructure(scale=magnitude), name=node.name,
                                              adjoint=lambda y: y * magnitude.to(y)))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from lipcert.graph.core import Node
-from lipcert.graph.linop import LinearOperator, ScalarStructure, from_function
+from lipcert.graph.linop import LinearOperator, NonnegativeStructure, ScalarStructure, from_function
+from lipcert.graph.ops import sizes
 from lipcert.graph.ops.base import (
     EXACT,
     LipschitzRule,
@@ -21,6 +23,7 @@ from lipcert.graph.ops.base import (
     int_list,
     ints,
     register,
+    required,
     same_pads,
     torch_pad_list,
 )
@@ -29,6 +32,8 @@ Inputs = Sequence[torch.Tensor | None]
 
 AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+#: the pools ``window_sum`` runs (a 1-D window as a 2-D one): those with ``divisor_override``
+WINDOW = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def window_sum(x: torch.Tensor, s: PoolSettings, pad_value: float = 0.0) -> torc
         kernel, strides = (1,) + s.kernel, (1,) + s.stride
     else:
         kernel, strides = s.kernel, s.stride
-    pool = AVG[len(kernel)]
+    pool = WINDOW[len(kernel)]
     out = pool(xp, kernel, strides, 0, s.ceil, True, divisor_override=1)
     return out.squeeze(-2) if squeeze else out
 
@@ -111,12 +116,14 @@ def ceil_crop(out: torch.Tensor, x_spatial: Sequence[int], s: PoolSettings) -> t
 @register
 class AveragePool(Op):
     name = "AveragePool"
+    size = sizes.POOL
     accumulates = True
-    attributes = frozenset({'auto_pad', 'ceil_mode', 'count_include_pad', 'dilations', 'kernel_shape', 'pads', 'strides'})
+    attributes = frozenset({'auto_pad', 'ceil_mode', 'count_include_pad', 'dilations', 'kernel_shape', 'pads',
+                            'strides'})
     row_priority = 5
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         s = pool_settings(node, x.shape[2:])
         try:
             return [average_pool(x, s, bool(node.attr("count_include_pad", 0)))]
@@ -127,8 +134,8 @@ class AveragePool(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         s = pool_settings(node, in_shape[1:])
         include = bool(node.attr("count_include_pad", 0))
-        return from_function(lambda x: average_pool(x, s, include), in_shape, out_shape, kind="nonnegative",
-                             name=node.name)
+        return from_function(lambda x: average_pool(x, s, include), in_shape, out_shape,
+                             structure=NonnegativeStructure(), name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding:
@@ -140,18 +147,19 @@ class AveragePool(Op):
 @register
 class GlobalAveragePool(Op):
     name = "GlobalAveragePool"
+    size = sizes.SHRINKING
     accumulates = True
     row_priority = 6
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         return [x.mean(dim=tuple(range(2, x.dim())), keepdim=True)]
 
     def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         n = math.prod(in_shape[1:])
         return from_function(lambda x: self.run(node, [x], RunContext(x.dtype))[0], in_shape, out_shape,
-                             kind="scalar", structure=ScalarStructure(value=1.0 / math.sqrt(n), norm_only=True),
+                             structure=ScalarStructure(value=1.0 / math.sqrt(n), norm_only=True),
                              name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -162,11 +170,12 @@ class GlobalAveragePool(Op):
 @register
 class MaxPool(Op):
     name = "MaxPool"
+    size = sizes.POOL
     exact = True
     attributes = frozenset({'auto_pad', 'ceil_mode', 'dilations', 'kernel_shape', 'pads', 'storage_order', 'strides'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         if len(node.outputs) > 1 and node.outputs[1]:
             raise bad(node, "MaxPool with an Indices output is not supported")
         s = pool_settings(node, x.shape[2:])
@@ -188,7 +197,7 @@ class MaxPool(Op):
 def pool_rule(what: str, s: PoolSettings) -> LipschitzRule:
     """Local pooling is 1-Lipschitz when windows do not overlap; an entry in m windows gives sqrt(m)."""
     overlap = 1
-    for k, st, d in zip(s.kernel, s.stride, s.dilation):
+    for k, st, d in zip(s.kernel, s.stride, s.dilation, strict=False):
         extent = (k - 1) * d + 1
         overlap *= min(k, -(-extent // st))
     if overlap == 1:
@@ -199,10 +208,11 @@ def pool_rule(what: str, s: PoolSettings) -> LipschitzRule:
 @register
 class GlobalMaxPool(Op):
     name = "GlobalMaxPool"
+    size = sizes.SHRINKING
     exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         return [x.flatten(2).amax(dim=2).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))]
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -217,11 +227,12 @@ class GlobalMaxPool(Op):
 @register
 class LpPool(Op):
     name = "LpPool"
+    size = sizes.POOL
     accumulates = True
     attributes = frozenset({'auto_pad', 'ceil_mode', 'dilations', 'kernel_shape', 'p', 'pads', 'strides'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         p = float(node.attr("p", 2))
         s = pool_settings(node, x.shape[2:])
         try:
@@ -245,11 +256,12 @@ class LpPool(Op):
 @register
 class GlobalLpPool(Op):
     name = "GlobalLpPool"
+    size = sizes.SHRINKING
     accumulates = True
     attributes = frozenset({'p'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         p = float(node.attr("p", 2))
         out = (x.abs() ** p).flatten(2).sum(dim=2) ** (1.0 / p)
         return [out.reshape(*x.shape[:2], *([1] * (x.dim() - 2)))]
@@ -268,6 +280,7 @@ class GlobalLpPool(Op):
 class Reduce(Op):
     """ONNX Reduce*: axes from the attribute (older opsets) or the second input (newer)."""
 
+    size = sizes.SHRINKING
     attributes = frozenset({"axes", "keepdims", "noop_with_empty_axes"})
     #: why a reduction over no entries is refused (None: the specification defines its value)
     empty_set: ClassVar[str | None] = None
@@ -298,7 +311,7 @@ class Reduce(Op):
             raise bad(node, self.empty_set)
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         axes = self.axes(node, inputs, x.dim())
         if axes is None:
             return [self.unreduced(x)]
@@ -314,6 +327,7 @@ def extremum(fn: Callable[..., torch.Tensor], x: torch.Tensor, axes: list[int], 
     if all(x.shape[a] for a in axes):
         return fn(x, dim=axes, keepdim=keep)
     info = torch.finfo(x.dtype) if x.is_floating_point() else torch.iinfo(x.dtype) if x.dtype != torch.bool else None
+    fill: float
     if info is None:
         fill = identity == "max"
     elif x.is_floating_point():
@@ -355,14 +369,14 @@ class LinearReduce(Reduce):
         if var != 0 or axes is None or 0 in axes:
             return None
         return from_function(lambda x: self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0], in_shape,
-                             out_shape, kind="nonnegative", name=node.name)
+                             out_shape, structure=NonnegativeStructure(), name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
         op = self.linear(node, consts, var, in_shape, out_shape)
-        if op is None:
-            return None
         axes = self.axes(node, consts, len(in_shape) + 1)
+        if op is None or axes is None:  # ``linear`` gives a map only over given axes
+            return None
         return Rounding(terms=math.prod(in_shape[a - 1] for a in axes) + 1, abs_op=op)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from lipcert.graph.linop import (
     from_function,
     identity,
 )
+from lipcert.graph.ops import sizes
 from lipcert.graph.ops.base import (
     EXACT,
     LipschitzRule,
@@ -28,6 +29,7 @@ from lipcert.graph.ops.base import (
     bad,
     int_list,
     register,
+    required,
 )
 
 Inputs = Sequence[torch.Tensor | None]
@@ -57,9 +59,12 @@ def _axis(axis: int, rank: int) -> int:
 @register
 class Constant(Op):
     name = "Constant"
+    size = sizes.CONSTANT
     exact = True
     attributes = frozenset({'value', 'value_float', 'value_floats', 'value_int', 'value_ints'})
-    refused = {'sparse_value': 'sparse constants are not supported', 'value_string': 'string constants are not supported', 'value_strings': 'string constants are not supported'}
+    refused = {'sparse_value': 'sparse constants are not supported',
+               'value_string': 'string constants are not supported',
+               'value_strings': 'string constants are not supported'}
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
@@ -78,6 +83,7 @@ class Cast(Op):
     can also overflow). Casts to integers and booleans have no rule."""
 
     name = "Cast"
+    size = sizes.SHRINKING
     exact = True
     attributes = frozenset({'round_mode', 'saturate', 'to'})
 
@@ -86,7 +92,7 @@ class Cast(Op):
         if to not in ONNX_DTYPES:
             raise bad(node, f"cast to ONNX type {to} is not supported")
         target = ONNX_DTYPES[to]
-        x = inputs[0]
+        x = required(inputs, 0, node)
         if not target.is_floating_point:
             if x.is_floating_point() and target in INTEGER_RANGES:
                 low, high = INTEGER_RANGES[target]
@@ -110,7 +116,7 @@ class Cast(Op):
                out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
         if not self._float_identity(node, var) or tuple(in_shape) != tuple(out_shape):
             return None
-        return from_function(lambda x: x, in_shape, out_shape, kind="scalar", structure=ScalarStructure(value=1.0),
+        return from_function(lambda x: x, in_shape, out_shape, structure=ScalarStructure(value=1.0),
                              name=node.name, adjoint=lambda y: y)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -122,12 +128,13 @@ class Cast(Op):
 @register
 class Shape(Op):
     name = "Shape"
+    size = sizes.SHRINKING
     exact = True
     attributes = frozenset({'end', 'start'})
     shape_only = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        dims = list(inputs[0].shape)
+        dims = list(required(inputs, 0, node).shape)
         start, end = node.attr("start", 0), node.attr("end", None)
         return [torch.tensor(dims[start:end], dtype=torch.int64)]
 
@@ -135,16 +142,18 @@ class Shape(Op):
 @register
 class Size(Op):
     name = "Size"
+    size = sizes.SHRINKING
     exact = True
     shape_only = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [torch.tensor(inputs[0].numel(), dtype=torch.int64)]
+        return [torch.tensor(required(inputs, 0, node).numel(), dtype=torch.int64)]
 
 
 @register
 class ConstantOfShape(Op):
     name = "ConstantOfShape"
+    size = sizes.CONSTANT_OF_SHAPE
     exact = True
     attributes = frozenset({'value'})
 
@@ -161,12 +170,13 @@ class Range(Op):
     types are read as float32, which is the default ``stash_type``)."""
 
     name = "Range"
+    size = sizes.RANGE
     attributes = frozenset({"stash_type"})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
         if int(node.attr("stash_type", 1)) != 1:
             raise bad(node, "stash_type other than float (1) is not supported")
-        start, limit, delta = (t.reshape(()) for t in inputs)
+        start, limit, delta = (required(inputs, i, node).reshape(()) for i in range(len(inputs)))
         if float(delta) == 0:
             raise bad(node, "delta is 0")
         count = max(math.ceil(float((limit - start) / delta)) if start.is_floating_point()
@@ -177,11 +187,12 @@ class Range(Op):
 @register
 class Gather(Op):
     name = "Gather"
+    size = sizes.GATHER
     exact = True
     attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, idx = inputs
+        x, idx = (required(inputs, i, node) for i in range(len(inputs)))
         axis = _axis(int(node.attr("axis", 0)), x.dim())
         idx = idx.long().to(x.device)
         flat = torch.where(idx < 0, idx + x.shape[axis], idx).reshape(-1)
@@ -192,10 +203,11 @@ class Gather(Op):
 @register
 class Expand(Op):
     name = "Expand"
+    size = sizes.EXPAND
     exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, shape = inputs
+        x, shape = required(inputs, 0, node), *inputs[1:]
         target = torch.broadcast_shapes(tuple(x.shape), tuple(int_list(shape) or []))
         return [x.expand(target)]
 
@@ -203,10 +215,11 @@ class Expand(Op):
 @register
 class Tile(Op):
     name = "Tile"
+    size = sizes.TILE
     exact = True
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        return [inputs[0].repeat(*(int_list(inputs[1]) or []))]
+        return [required(inputs, 0, node).repeat(*(int_list(inputs[1]) or []))]
 
 
 class Copies(Op):
@@ -226,6 +239,7 @@ class Copies(Op):
 class Rearrange(Copies):
     """An operator that only moves entries of each sample (reshape, transpose, squeeze): an isometry."""
 
+    size = sizes.SHRINKING
     #: whether the op keeps the flat order of each sample (a reshape); a permutation of entries otherwise
     flat = True
 
@@ -235,10 +249,10 @@ class Rearrange(Copies):
             return None
         if not self.flat:  # a permutation of entries; the adjoint by autograd is exact
             return from_function(lambda x: self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0],
-                                 in_shape, out_shape, kind="isometry",
+                                 in_shape, out_shape,
                                  structure=IsometryStructure(flat=False, onto=True), name=node.name)
         return from_function(lambda x: x.reshape((x.shape[0],) + tuple(out_shape)), in_shape, out_shape,
-                             kind="isometry", structure=IsometryStructure(flat=True, onto=True), name=node.name,
+                             structure=IsometryStructure(flat=True, onto=True), name=node.name,
                              adjoint=lambda y: y.reshape((y.shape[0],) + tuple(in_shape)))
 
 
@@ -248,7 +262,7 @@ class Reshape(Rearrange):
     attributes = frozenset({'allowzero'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, shape = inputs
+        x, shape = required(inputs, 0, node), *inputs[1:]
         dims = int_list(shape) or []
         allowzero = bool(node.attr("allowzero", 0))
         if dims.count(-1) > 1 or min(dims, default=0) < -1 or (allowzero and 0 in dims and -1 in dims):
@@ -267,7 +281,7 @@ class Flatten(Rearrange):
     attributes = frozenset({'axis'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         axis = _axis(int(node.attr("axis", 1)), x.dim())
         return [x.reshape(math.prod(x.shape[:axis]), -1)]
 
@@ -279,7 +293,7 @@ class Transpose(Rearrange):
     flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         perm = node.attr("perm") or list(reversed(range(x.dim())))
         return [x.permute(*perm)]
 
@@ -289,7 +303,7 @@ class Transpose(Rearrange):
         if var != 0 or perm[0] != 0:
             return None  # a transpose that moves the batch axis mixes samples
         inverse = [perm.index(i) for i in range(len(perm))]
-        return from_function(lambda x: x.permute(*perm), in_shape, out_shape, kind="isometry",
+        return from_function(lambda x: x.permute(*perm), in_shape, out_shape,
                              structure=IsometryStructure(flat=False, onto=True), name=node.name,
                              adjoint=lambda y: y.permute(*inverse))
 
@@ -319,7 +333,7 @@ class DepthToSpace(Rearrange):
     flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         b = _blocksize(node, x)
         n, c, h, w = x.shape
         if c % (b * b):
@@ -343,7 +357,7 @@ class SpaceToDepth(Rearrange):
     flat = False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         b = _blocksize(node, x)
         n, c, h, w = x.shape
         if h % b or w % b:
@@ -362,7 +376,7 @@ class Squeeze(Rearrange):
     attributes = frozenset({'axes'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         axes = _axes(node, inputs)
         if axes is None:
             return [x.squeeze()]
@@ -376,7 +390,7 @@ class Unsqueeze(Rearrange):
     attributes = frozenset({'axes'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         axes = _axes(node, inputs) or []
         rank = x.dim() + len(axes)
         out = x
@@ -388,6 +402,7 @@ class Unsqueeze(Rearrange):
 @register
 class Concat(Copies):
     name = "Concat"
+    size = sizes.CONCAT
     attributes = frozenset({'axis'})
     combination, combination_reason = "concat", "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)"
     row_priority, row_suffix = 10, False
@@ -406,11 +421,12 @@ class Concat(Copies):
             return identity(in_shape, node.name)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            parts = [x if i == var else torch.zeros(x.shape[:1] + tuple(c.shape[1:]), dtype=x.dtype, device=x.device)
+            parts = [x if i == var or c is None
+                     else torch.zeros(x.shape[:1] + tuple(c.shape[1:]), dtype=x.dtype, device=x.device)
                      for i, c in enumerate(consts) if i == var or c is not None]
             return torch.cat(parts, dim=axis)
 
-        return from_function(forward, in_shape, out_shape, kind="isometry", name=node.name)
+        return from_function(forward, in_shape, out_shape, structure=IsometryStructure(), name=node.name)
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
@@ -422,6 +438,7 @@ class Concat(Copies):
 @register
 class Split(Copies):
     name = "Split"
+    size = sizes.SHRINKING
     attributes = frozenset({'axis', 'num_outputs', 'split'})
 
     def sizes(self, node: Node, inputs: Inputs, length: int) -> list[int]:
@@ -448,7 +465,7 @@ class Split(Copies):
         return sizes
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         axis = _axis(int(node.attr("axis", 0)), x.dim())
         return list(torch.split(x, self.sizes(node, inputs, x.shape[axis]), dim=axis))
 
@@ -464,7 +481,7 @@ class Split(Copies):
             full = [x] + [None if c is None else c.to(x.device) for c in consts[1:]]
             return self.run(node, full, RunContext(x.dtype))[output]
 
-        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name,
+        return from_function(forward, in_shape, out_shape, name=node.name,
                              structure=ProjectionStructure(select=(axis, start, start + sizes[output])))
 
 
@@ -499,6 +516,7 @@ def slice_indices(node: Node, n: int, start: int, end: int, step: int) -> range:
 @register
 class Slice(Copies):
     name = "Slice"
+    size = sizes.SHRINKING
 
     def params(self, node: Node, inputs: Inputs, rank: int) -> list[tuple[int, int, int, int]]:
         """(axis, start, end, step) per sliced axis, axes made non-negative; repeated or out-of-range axes and
@@ -518,10 +536,10 @@ class Slice(Copies):
         normal = [_axis(a, rank) for a in axes]
         if len(set(normal)) != len(normal):
             raise bad(node, f"axes {axes} name an axis twice")
-        return list(zip(normal, starts, ends, steps))
+        return list(zip(normal, starts, ends, steps, strict=False))
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        out = inputs[0]
+        out = required(inputs, 0, node)
         for axis, start, end, step in self.params(node, inputs, out.dim()):
             kept = slice_indices(node, out.shape[axis], start, end, step)
             if step == 1:
@@ -549,7 +567,7 @@ class Slice(Copies):
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
-        return from_function(forward, in_shape, out_shape, kind="projection", name=node.name, structure=structure)
+        return from_function(forward, in_shape, out_shape, name=node.name, structure=structure)
 
 
 PAD_MODES = ("constant", "reflect", "edge", "wrap")
@@ -622,6 +640,7 @@ def constant_pad(node: Node, x: torch.Tensor, pads: Sequence[int], value: float)
 @register
 class Pad(Copies):
     name = "Pad"
+    size = sizes.PAD
     attributes = frozenset({'mode'})
     row_priority, row_suffix = 9, False
 
@@ -647,7 +666,7 @@ class Pad(Copies):
         return PadSettings(mode=mode, pads=tuple(full), value=value)
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         s = self.settings(node, inputs, x.dim())
         rank = x.dim()
         if s.mode == "constant":
@@ -681,10 +700,10 @@ class Pad(Copies):
             return self.run(node, [x] + list(consts[1:]), RunContext(x.dtype))[0]
 
         if s.mode == "constant":  # zero padding keeps norms (it is not onto); negative pads crop
-            return from_function(forward, in_shape, out_shape, kind="isometry" if min(s.pads) >= 0 else "projection",
-                                 name=node.name)
+            structure = IsometryStructure() if min(s.pads) >= 0 else ProjectionStructure()
+            return from_function(forward, in_shape, out_shape, structure=structure, name=node.name)
         # each output copies one input entry: non-negative, and the Schur test gives sqrt(most copies)
-        return from_function(forward, in_shape, out_shape, kind="nonnegative", name=node.name,
+        return from_function(forward, in_shape, out_shape, name=node.name,
                              structure=NonnegativeStructure(mode=s.mode, pads=s.pads))
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
@@ -703,6 +722,7 @@ class TopK(Op):
     refused unless k = 1, where there is one order."""
 
     name = "TopK"
+    size = sizes.SHRINKING
     exact = True
     attributes = frozenset({"axis", "largest", "sorted"})
 
@@ -710,7 +730,7 @@ class TopK(Op):
         return int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else None
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x = inputs[0]
+        x = required(inputs, 0, node)
         k = self.k(node, inputs)
         axis = int(node.attr("axis", -1))
         if k is None or not 0 <= k <= x.shape[axis]:
@@ -744,11 +764,12 @@ class TopK(Op):
 @register
 class ArgMax(Op):
     name = "ArgMax"
+    size = sizes.SHRINKING
     exact = True
     attributes = frozenset({'axis', 'keepdims', 'select_last_index'})
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, axis, keep = inputs[0], int(node.attr("axis", 0)), bool(node.attr("keepdims", 1))
+        x, axis, keep = required(inputs, 0, node), int(node.attr("axis", 0)), bool(node.attr("keepdims", 1))
         if node.attr("select_last_index", 0):  # torch picks the first of tied maxima: search the flipped axis
             return [x.shape[axis] - 1 - torch.argmax(torch.flip(x, [axis]), dim=axis, keepdim=keep)]
         return [torch.argmax(x, dim=axis, keepdim=keep)]
