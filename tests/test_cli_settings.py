@@ -20,6 +20,7 @@ DATA = str(SAMPLES / "digits_test.npz")
 WRONG = {
     "model": "5", "arch": "true", "arch_python": '"no_colon"', "input_shape": '"3,x"', "device": '"gpu"',
     "seed": '"one"', "junit": "1", "json": "[]", "format": '"yaml"', "quiet": '"yes"', "max_lipschitz": '"one"',
+    "min_mean_radius": "-0.5",
     "max_elements": "0", "bound": '"one"', "tol": "-1", "require": '"maybe"', "data": "1.5", "eps": '"a"',
     "norm": '"l1"', "batch_size": "0", "out": "false", "mean": '"x"', "std": "0", "lipschitz": "-2",
     "backend": '"tf"', "layout": '"CHW"', "value_range": '"0-9"', "skip_bad_samples": '"no"', "workers": "-1",

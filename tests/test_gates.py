@@ -25,6 +25,7 @@ from lipcert.report.model import (
     DatasetSection,
     EpsResult,
     Histogram,
+    MeanRadius,
     ModelSection,
     Report,
     SampleTable,
@@ -64,7 +65,8 @@ def report(clean: float = 0.9, certified: dict[float, float] | None = None, *, v
     zeros = torch.zeros(10)
     return Report(model=ModelSection("m.onnx", "", "onnx"),
                   dataset=DatasetSection("d.npz", "npz", "", 10, "NC", "float 0-1", 2, [16]), device="cpu",
-                  backend="torch", batch_size=10, norm="l2", input_dim=16, bound=bound, clean_accuracy=clean, eps=eps,
+                  backend="torch", batch_size=10, norm="l2", input_dim=16, bound=bound, clean_accuracy=clean,
+                  mean_radius=MeanRadius(0.25, 0.2), eps=eps,
                   curve=[], timings=TimingsSection(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 1), notes=[],
                   samples=SampleTable(zeros.long(), zeros.long(), zeros, zeros), attack=attack)
 
@@ -117,6 +119,12 @@ def test_min_clean_accuracy_at_its_threshold() -> None:
     assert by_name(report_gates(report(clean=0.9), min_clean_acc=0.9)) == {"clean accuracy >= 0.9": True}
     (gate,) = report_gates(report(clean=0.8999), min_clean_acc=0.9)
     assert not gate.passed and gate.measured == "0.8999" and gate.required == ">= 0.9"
+
+
+def test_min_mean_radius_at_its_threshold() -> None:
+    assert by_name(report_gates(report(), min_mean_radius=0.25)) == {"mean certified radius >= 0.25": True}
+    (gate,) = report_gates(report(), min_mean_radius=0.2501)
+    assert not gate.passed and gate.measured == "0.25" and gate.required == ">= 0.2501"
 
 
 def test_min_certified_accuracy_at_a_radius() -> None:

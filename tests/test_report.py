@@ -608,3 +608,24 @@ def test_skip_bad_samples_still_fails_on_whole_file_faults(tmp_path: Path) -> No
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and needle in lines[0], stderr
         assert not [f for f in FILES if (out / f).exists()]
+
+
+def test_mean_radii_in_every_output(digits: dict[str, tuple[Path, dict]], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """report.json's mean_radius is samples.csv's radii averaged (0, or minus the radius, for a wrong prediction),
+    report.md states it, and --min-mean-radius gates on it."""
+    out, rep = digits["digits_dense.onnx"]
+    cols = samples(out)
+    right = cols["label"].astype(int) == cols["prediction"].astype(int)
+    radius = cols["radius"].astype(float)
+    assert rep["mean_radius"]["mean"] == pytest.approx(float(np.where(right, radius, 0).mean()), rel=1e-6)
+    assert rep["mean_radius"]["signed_mean"] == pytest.approx(float(np.where(right, radius, -radius).mean()),
+                                                              rel=1e-6)
+    assert rep["mean_radius"]["signed_mean"] < rep["mean_radius"]["mean"]  # the sample model errs on some
+    assert f"Mean certified radius {rep['mean_radius']['mean']:.4g}" in (out / "report.md").read_text()
+    for gate, code_wanted in (("0.1", 0), ("10", 1)):  # the mean is about 0.38
+        code, stdout, _ = cli("report", str(SAMPLES / "digits_dense.onnx"), "--data", str(DIGITS), "--out",
+                              str(tmp_path / gate), "--no-attack", "--eps", EPS, "--min-mean-radius", gate)
+        assert code == code_wanted and (code == 0 or f"mean certified radius >= {gate}" in stdout)
+        gates = json.loads((tmp_path / gate / "report.json").read_text())["gates"]
+        assert [g["passed"] for g in gates if g["name"] == f"mean certified radius >= {gate}"] == [not code]

@@ -89,12 +89,12 @@ class CertifyOptions:
     gate names. ``device`` ``auto`` is the GPU when there is one; ``batch_size`` defaults per device
     (``DEFAULT_BATCH_SIZE``). ``attack`` is True (PGD with ``AttackConfig``'s defaults), an ``AttackConfig``, or
     False/None (no attack); the attack always uses the run's norm. The gates (``min_clean_acc``,
-    ``min_certified_acc``, ``max_violations``, ``max_lipschitz``, ``require_claim``, ``baseline``, ``max_drop``)
-    are those of ``report_gates`` and end up in ``Report.gates``. ``out`` is the run's folder: a checkpoint there
-    while it runs (``resume`` continues it), the report written there at the end and the checkpoint removed;
-    ``checkpoint_dir`` keeps the checkpoint without writing a report. Without ``resume``, an unfinished run's
-    checkpoint in either is refused, never discarded. Options are frozen: ``dataclasses.replace`` makes (and checks)
-    others.
+    ``min_certified_acc``, ``min_mean_radius``, ``max_violations``, ``max_lipschitz``, ``require_claim``,
+    ``baseline``, ``max_drop``) are those of ``report_gates`` and end up in ``Report.gates``. ``out`` is the run's
+    folder: a checkpoint there while it runs (``resume`` continues it), the report written there at the end and
+    the checkpoint removed; ``checkpoint_dir`` keeps the checkpoint without writing a report. Without ``resume``,
+    an unfinished run's checkpoint in either is refused, never discarded. Options are frozen:
+    ``dataclasses.replace`` makes (and checks) others.
     """
 
     eps: str | float | Sequence[str | float] | None = _setting("eps")
@@ -116,6 +116,7 @@ class CertifyOptions:
     min_certified_acc: str | Sequence[str | tuple[str | float, float]] | Mapping[str | float, float] = \
         _setting("min_certified_acc")
     max_violations: int = _setting("max_violations")
+    min_mean_radius: float | None = _setting("min_mean_radius")
     max_lipschitz: float | None = _setting("max_lipschitz")
     require_claim: bool | None = _setting("require_claim")
     baseline: str | Path | Mapping[str, Any] | None = _setting("baseline")

@@ -136,6 +136,7 @@ def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | 
             return None
     report = build_report(_result(model, dataset, labels, opts, run, merged, time.perf_counter() - started, world))
     report.gates = report_gates(report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
+                                min_mean_radius=opts.min_mean_radius,
                                 max_violations=opts.max_violations, max_lipschitz=opts.max_lipschitz,
                                 baseline=opts.baseline_report, max_drop=opts.max_drop,
                                 require_claim=opts.require_claim)

@@ -333,6 +333,9 @@ SETTINGS: dict[str, Setting] = _settings(
             metavar="EPS=ACC", repeat=True),
     Setting("max_violations", _whole(0), "gate: attack contradictions allowed (default 0)", frozenset({REPORT}), 0,
             _at_least(0), "a whole number of at least 0", metavar="N"),
+    Setting("min_mean_radius", _non_negative, "gate: minimum mean certified radius (0 for a wrong prediction)",
+            frozenset({REPORT}), None, lambda v: v is None or (is_finite(v) and v >= 0), "a number of at least 0",
+            metavar="R"),
     Setting("max_lipschitz", _positive, "gate: fail when the Lipschitz bound is above this", COMMON, None,
             lambda v: v is None or (is_finite(v) and v > 0), "a positive number", metavar="L"),
     Setting("require_claim", _switch, "gate: fail when lipcert's sound bound is above the model's Lipschitz claim "

@@ -20,6 +20,7 @@ from lipcert.report.model import (
     DatasetSection,
     EpsResult,
     Histogram,
+    MeanRadius,
     ModelSection,
     Report,
     SampleTable,
@@ -123,6 +124,16 @@ def certified_accuracy(radius: torch.Tensor, correct: torch.Tensor, eps: float) 
     return float(((radius > eps) & correct).double().mean())
 
 
+def mean_radius(radius: torch.Tensor, correct: torch.Tensor) -> MeanRadius:
+    """The mean certified radius (0 for a wrong prediction) and the signed one (minus the radius of a wrong
+    prediction), in float64; 0 for no samples."""
+    if radius.numel() == 0:
+        return MeanRadius(0.0, 0.0)
+    r = radius.double()
+    return MeanRadius(float(torch.where(correct, r, torch.zeros_like(r)).mean()),
+                      float(torch.where(correct, r, -r).mean()))
+
+
 def accuracy_curve(radius: torch.Tensor, correct: torch.Tensor, points: int = 101) -> list[tuple[float, float]]:
     """Certified accuracy as a function of the radius, from 0 to the largest certified radius."""
     top = float(radius[correct].max()) if bool(correct.any()) else 0.0
@@ -199,6 +210,7 @@ def build_report(run: RunResult) -> Report:
         device=run.device, backend=run.backend, batch_size=run.batch_size, norm=run.norm,
         input_dim=math.prod(run.model.input_shape), bound=bound,
         clean_accuracy=float(correct.double().mean()) if count else 0.0,
+        mean_radius=mean_radius(samples.radii, correct),
         eps=results, curve=accuracy_curve(samples.radii, correct), timings=_timings(run.timings, count),
         notes=notes, attack=attack,
         skipped=None if run.skipped is None else SkippedSection(

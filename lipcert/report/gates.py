@@ -59,7 +59,8 @@ def claim_gate(report: Report) -> Gate:
 
 
 def report_gates(report: Report, *, min_clean_acc: float | None = None,
-                 min_certified: Sequence[tuple[str, float, float]] = (), max_violations: int = 0,
+                 min_certified: Sequence[tuple[str, float, float]] = (), min_mean_radius: float | None = None,
+                 max_violations: int = 0,
                  max_lipschitz: float | None = None, baseline: dict | None = None,
                  max_drop: float = 0.0, require_claim: bool | None = None) -> list[Gate]:
     """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, and the
@@ -78,6 +79,10 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
         measured = found.certified_accuracy if found else 0.0
         gates.append(Gate(f"certified accuracy at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
                           f">= {acc:g}"))
+    if min_mean_radius is not None:
+        mean = report.mean_radius.mean
+        gates.append(Gate(f"mean certified radius >= {min_mean_radius:g}", mean >= min_mean_radius, f"{mean:.4g}",
+                          f">= {min_mean_radius:g}"))
     if report.attack is not None:
         n = report.attack.violation_count
         gates.append(Gate(f"attack violations <= {max_violations}", n <= max_violations, str(n),

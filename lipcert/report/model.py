@@ -70,6 +70,15 @@ class BoundSection(BoundInfo):
 
 
 @dataclass
+class MeanRadius:
+    """Per-sample certified radii averaged: ``mean`` counts a wrong prediction as 0, ``signed_mean`` as minus its
+    radius (the mean signed distance to the decision boundary; for one logit, deel-lip's E[y f(x)] / L)."""
+
+    mean: float
+    signed_mean: float
+
+
+@dataclass
 class TimingsSection:
     """Seconds each phase took, and the speeds they give (over the samples this run certified)."""
 
@@ -185,6 +194,7 @@ class Report:
     input_dim: int
     bound: BoundSection
     clean_accuracy: float
+    mean_radius: MeanRadius
     eps: list[EpsResult]
     curve: list[tuple[float, float]]
     timings: TimingsSection

@@ -39,6 +39,12 @@ def summary_line(report: Report) -> str:
     return ", ".join(parts)
 
 
+def mean_radius_text(report: Report) -> str:
+    """The mean certified radius and the signed one, in words."""
+    m = report.mean_radius
+    return f"mean certified radius {m.mean:.4g} (signed {m.signed_mean:.4g})"
+
+
 CLAIM_NOTE = "LIPSCHITZ CLAIM NOT PROVEN"
 
 
@@ -79,6 +85,7 @@ def to_markdown(report: Report) -> str:
         lines.append(f"| {e.label} ({e.eps:.4g}) | {_pct(e.certified_accuracy)} | {e.certified} |")
     lines += [
         "",
+        f"- {mean_radius_text(report).capitalize()}: a wrong prediction counts 0 (signed: minus its radius).",
         f"- Lipschitz bound used: **{b.value:.6g}** ({b.method}); computed sound upper bound "
         f"{b.computed_upper:.6g}; {claim_text(report)}.",
         f"- Certificate rule: {b.rule}; floating-point error bound subtracted from every margin "
@@ -148,7 +155,8 @@ def _place_labels(fig: Any, ax: Any, labels: list[Any], avoid: list[Any]) -> Non
 
 def figure(report: Report) -> Any:
     """The plot as a matplotlib figure: certified accuracy against radius with each requested radius marked and
-    labelled, the attack's curve dashed, and (when the attack ran) the histogram of its gaps."""
+    labelled, the attack's curve dashed, the distribution of the correct samples' radii shaded behind with the
+    mean certified radius marked, and (when the attack ran) the histogram of the attack's gaps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +195,7 @@ def figure(report: Report) -> Any:
     certified_up_to = max((r for r, a in report.curve if a > 0), default=0.0)
     right = max([certified_up_to] + [e.eps for e in report.eps]) or 1.0
     ax.set_xlim(0, right * 1.08)
+    _radius_distribution(ax, report, right * 1.08)
     ax.set_xlabel(f"{report.norm.upper()} radius (pixel space)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
@@ -199,6 +208,23 @@ def figure(report: Report) -> Any:
              va="bottom", fontsize=8, color="dimgrey")
     _place_labels(fig, ax, labels, [legend])
     return fig
+
+
+def _radius_distribution(ax: Any, report: Report, right: float) -> None:
+    """Behind the curve: a histogram of the correctly predicted samples' certified radii (on a second axis;
+    radii beyond the plot in its last bin), and the mean certified radius as a vertical line."""
+    import torch
+
+    s = report.samples
+    radii = s.radii.double()[(s.predictions == s.labels) & torch.isfinite(s.radii)]
+    if radii.numel():
+        dx = ax.twinx()
+        dx.hist(radii.clamp(max=right).numpy(), bins=40, range=(0, right), color="tab:blue", alpha=0.15)
+        dx.set_ylabel("correct samples per radius bin", color="dimgrey", fontsize=8)
+        ax.set_zorder(dx.get_zorder() + 1)
+        ax.patch.set_visible(False)
+    ax.axvline(report.mean_radius.mean, color="tab:green", linestyle="--", linewidth=1,
+               label=f"mean certified radius {report.mean_radius.mean:.3g}")
 
 
 def plot_png(report: Report) -> bytes:
@@ -266,8 +292,8 @@ def render_terminal(report: Report, out: Console) -> None:
         table.add_row(f"{e.label} ({e.eps:.4g})", _pct(e.certified_accuracy), str(e.certified), *extra)
     out.print(table)
     b = report.bound
-    out.print(f"clean accuracy {_pct(report.clean_accuracy)}; Lipschitz bound {b.value:.6g} ({b.method}); "
-              f"{claim_text(report)}; rule: {b.rule}")
+    out.print(f"clean accuracy {_pct(report.clean_accuracy)}; {mean_radius_text(report)}; Lipschitz bound "
+              f"{b.value:.6g} ({b.method}); {claim_text(report)}; rule: {b.rule}")
     d = report.dataset
     out.print(f"data: {d.format}, layout {d.layout}, {d.value_range}; backend {report.backend} on {report.device}, "
               f"{_speed(report)}")
