@@ -10,8 +10,9 @@ READING, BOUND, INFERENCE, ATTACK = "opening the data", "computing the Lipschitz
 
 
 
-#: ``progress(phase, done, total)``: how ``verify`` and ``certificate_setup`` report completed steps
-StepCallback = Callable[[str, int, int], None]
+#: ``progress(phase, done, total, unit)``: how ``verify`` and ``certificate_setup`` report completed steps, counted
+#: in ``unit`` (layers, iterations, steps)
+StepCallback = Callable[[str, int, int, str], None]
 
 
 class Progress:
@@ -19,9 +20,9 @@ class Progress:
     on a terminal and writes log lines elsewhere). Phases: ``READING``, ``BOUND`` (no total), then
     ``INFERENCE`` and ``ATTACK``, counted in samples of this process's share of the data."""
 
-    def start(self, phase: str, total: float | None = None, done: float = 0.0) -> None:
+    def start(self, phase: str, total: float | None = None, done: float = 0.0, unit: str = "samples") -> None:
         """A phase begins: ``total`` units of work (``done`` of them already, read back from a checkpoint), or
-        None when its length is unknown."""
+        None when its length is unknown; ``unit`` names what is counted."""
 
     def advance(self, phase: str, amount: float) -> None:
         """``amount`` more units of ``phase`` are done (a fraction of a sample for the attack)."""
@@ -51,9 +52,9 @@ class Steps:
         self.progress = progress
         self.done: dict[str, int] = {}
 
-    def __call__(self, name: str, done: int, total: int) -> None:
+    def __call__(self, name: str, done: int, total: int, unit: str) -> None:
         if name not in self.done:
-            self.progress.start(name, total)
+            self.progress.start(name, total, unit=unit)
             self.done[name] = 0
         self.progress.advance(name, done - self.done[name])
         self.done[name] = done

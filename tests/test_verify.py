@@ -355,7 +355,7 @@ def test_empirical_budget_stops_the_search_and_progress_reports_every_phase() ->
     """A tiny budget ends the search after its first step, keeping the pair found; the JSON says so; progress
     sees every layer bound and the search steps (no timing is asserted)."""
     graph = load_model(SAMPLES / "digits_dense.onnx")
-    calls: list[tuple[str, int, int]] = []
+    calls: list[tuple[str, int, int, str]] = []
     short = verify(graph, empirical_budget=1e-6, progress=lambda *a: calls.append(a))
     assert short.network_lower_stopped and short.network_lower_steps == 1 and "stopped by the" in \
         short.network_lower_method and 0 < short.network_lower <= short.network_upper
@@ -363,7 +363,7 @@ def test_empirical_budget_stops_the_search_and_progress_reports_every_phase() ->
     assert not full.network_lower_stopped and full.network_lower_steps > short.network_lower_steps
     assert full.to_dict()["empirical_budget"] is None and short.to_dict()["empirical_budget"] == 1e-6
     layers = [c for c in calls if c[0] == "layer bounds"]
-    assert [c[1] for c in layers] == list(range(1, layers[0][2] + 1))
+    assert [c[1] for c in layers] == list(range(1, layers[0][2] + 1)) and {c[3] for c in layers} == {"layers"}
     assert any(c[0].startswith("empirical search") for c in calls)
     with pytest.raises(Exception, match="empirical_budget must be a positive number of seconds"):
         verify(graph, empirical_budget=0.0)

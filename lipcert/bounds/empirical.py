@@ -66,7 +66,7 @@ def jacobian_lower_bound(module: GraphModule, x: torch.Tensor, iters: int = 30, 
         norm = _rows(jtjv).norm(dim=1).clamp_min(1e-300)
         v = jtjv / norm.reshape(-1, *([1] * (x.dim() - 1)))
         if progress:
-            progress("empirical search: Jacobian power iteration", done, iters)
+            progress("empirical search: Jacobian power iteration", done, iters, "iterations")
         if deadline is not None and deadline.passed():
             break
     ratios = _ratio(module, x + SECANT_STEP * v, x)
@@ -90,7 +90,7 @@ def pair_ascent_lower_bound(module: GraphModule, x: torch.Tensor, steps: int = 6
         (-(num / den).sum()).backward()
         opt.step()
         if progress:
-            progress("empirical search: pair gradient ascent", taken, steps)
+            progress("empirical search: pair gradient ascent", taken, steps, "steps")
         if taken % 10 == 0 or taken == steps or (deadline is not None and deadline.passed()):
             best = max(best, float(_ratio(module, a.detach(), b.detach()).max()))
         if deadline is not None and deadline.passed():

@@ -235,7 +235,7 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
     lengths = {(v, a + 1): n for v, shape in graph.value_shapes.items() for a, n in enumerate(shape)}
     for done, step in enumerate(steps, 1):
         if progress:
-            progress("layer bounds", done, len(steps))
+            progress("layer bounds", done, len(steps), "layers")
         # a value no step bounds has no bound: infinite, never 0
         incoming = [prop.bounds.get(i, math.inf) for i in step.inputs]
         if isinstance(step.details, Combination):

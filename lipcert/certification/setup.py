@@ -4,7 +4,7 @@ head and the float error plan."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ from lipcert.certification.radii import BINARY_RULE, PER_PAIR_RULE, SQRT2_RULE, 
 from lipcert.errors import ConfigError
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
+from lipcert.progress import StepCallback
 from lipcert.report.model import BoundInfo
 
 #: a last dense layer is materialised for the per-pair rule up to this many entries
@@ -56,7 +57,7 @@ def head_rows(step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
 def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | None = None,
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                       dtype: torch.dtype = torch.float32, points: torch.Tensor | None = None,
-                      progress: Callable[[str, int, int], None] | None = None) -> tuple[CertificateSetup, BoundInfo]:
+                      progress: StepCallback | None = None) -> tuple[CertificateSetup, BoundInfo]:
     """The sound bound (or the user's declared one, stated as such) in pixel space, the per-pair head, and
     the float error allowance; ``mean``/``std`` is the normalisation applied before the model.
 

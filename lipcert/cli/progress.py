@@ -34,10 +34,11 @@ def duration(seconds: float) -> str:
 
 
 class _Count(ProgressColumn):
-    """``123/540 samples``; nothing for a phase of unknown length."""
+    """``123/540 samples`` (or layers, steps: the phase's unit); nothing for a phase of unknown length."""
 
     def render(self, task: Any) -> Text:
-        return Text(f"{int(task.completed)}/{int(task.total)} samples" if task.fields["counted"] else "")
+        return Text(f"{int(task.completed)}/{int(task.total)} {task.fields['unit']}" if task.fields["counted"]
+                    else "")
 
 
 
@@ -71,7 +72,7 @@ class BarProgress(Progress):
                                  refresh_per_second=4)
         self.tasks: dict[str, Any] = {}
 
-    def start(self, phase: str, total: float | None = None, done: float = 0.0) -> None:
+    def start(self, phase: str, total: float | None = None, done: float = 0.0, unit: str = "samples") -> None:
         if not self.tasks:
             self.bars.start()
         if total is not None:
@@ -79,7 +80,7 @@ class BarProgress(Progress):
                 self.bars.update(task.id, last=False)
         # rich's Task.completed is a float (a share of a sample, read back or attacked); add_task annotates an int
         self.tasks[phase] = self.bars.add_task(phase, total=total, completed=done,  # type: ignore[arg-type]
-                                               counted=total is not None, last=total is not None)
+                                               counted=total is not None, last=total is not None, unit=unit)
 
     def advance(self, phase: str, amount: float) -> None:
         self.bars.advance(self.tasks[phase], amount)
@@ -101,8 +102,8 @@ class BarProgress(Progress):
 class _Phase:
     """One phase as the log writer follows it."""
 
-    def __init__(self, total: float | None, done: float) -> None:
-        self.total, self.done, self.base = total, done, done
+    def __init__(self, total: float | None, done: float, unit: str) -> None:
+        self.total, self.done, self.base, self.unit = total, done, done, unit
         self.began = self.last = time.monotonic()
         self.printed = False
 
@@ -132,7 +133,7 @@ class LogProgress(Progress):
         rate = (p.done - p.base) / elapsed if elapsed > 0 else 0.0
         left = f", about {duration((p.total - p.done) / rate)} left" if rate > 0 and last else ""
         share = f" ({100 * p.done / p.total:.1f}%)" if p.total else ""
-        return f"{name}: {p.done:.0f}/{p.total:.0f} samples{share}, {rate:.1f} samples/s{left}"
+        return f"{name}: {p.done:.0f}/{p.total:.0f} {p.unit}{share}, {rate:.1f} {p.unit}/s{left}"
 
     def _watch(self) -> None:
         while not self.stopped.wait(LOG_TICK):
@@ -144,9 +145,9 @@ class LogProgress(Progress):
                         self._line(self._status(name, p, now, [name] == last))
                         p.last, p.printed = now, True
 
-    def start(self, phase: str, total: float | None = None, done: float = 0.0) -> None:
+    def start(self, phase: str, total: float | None = None, done: float = 0.0, unit: str = "samples") -> None:
         with self.lock:
-            self.phases[phase] = _Phase(total, done)
+            self.phases[phase] = _Phase(total, done, unit)
 
     def advance(self, phase: str, amount: float) -> None:
         with self.lock:
@@ -162,8 +163,8 @@ class LogProgress(Progress):
                 self._line(f"{phase}: done in {duration(elapsed)}")
             else:
                 count = p.done - p.base
-                self._line(f"{phase}: done, {count:.0f} samples in {duration(elapsed)} "
-                           f"({count / elapsed if elapsed > 0 else 0.0:.1f} samples/s)")
+                self._line(f"{phase}: done, {count:.0f} {p.unit} in {duration(elapsed)} "
+                           f"({count / elapsed if elapsed > 0 else 0.0:.1f} {p.unit}/s)")
 
     def note(self, text: str) -> None:
         with self.lock:
