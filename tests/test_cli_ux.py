@@ -83,6 +83,11 @@ def test_pytorch_checkpoint_gets_an_onnx_hint(capsys, tmp_path: Path) -> None:
     for command in (["inspect"], ["verify"], ["report", "--data", DATA]):
         code, _, err = run_main(capsys, *command, str(model))
         assert code == 2 and "export it to ONNX first" in one_line(err) and str(model) in err
+    from lipcert.errors import ModelError
+    from lipcert.model.loader import load_model
+
+    with pytest.raises(ModelError, match="export it to ONNX first"):  # the API's own policy, not the CLI's
+        load_model(model)
 
 
 def test_linf_default_radii_and_duplicates_dropped(capsys, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from lipcert.cli.config import Settings, parameter_flag
 from lipcert.cli.options import with_settings
-from lipcert.errors import ConfigError, LipcertError, ModelError
+from lipcert.errors import ConfigError, LipcertError
 from lipcert.version import __version__
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from lipcert.report.gates import Gate
 
 #: suffixes of PyTorch checkpoints, which are not a deployed artefact lipcert can certify
-PYTORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 LOADING = "loading the model"
 RESUME_HINT = "rerun with --resume to continue"
 
@@ -76,11 +75,6 @@ def _load(s: Settings, progress: Progress) -> Graph:
     path = s.path("model")
     if path is None:
         raise ConfigError("no model given: pass MODEL or set model in the config file")
-    if path.suffix.lower() in PYTORCH_SUFFIXES:
-        raise ModelError(f"a PyTorch checkpoint ({path.suffix}) is not a deployed model lipcert can read: export it "
-                         "to ONNX first, e.g. torch.onnx.export(model, (example_input,), 'model.onnx', dynamo=True), "
-                         "or save the weights as .safetensors with an architecture spec (docs/arch-spec.md)",
-                         source=str(path))
     with phase(progress, LOADING):
         return load_model(path, s.path("arch"), arch_python=s.get("arch_python"), input_shape=s.get("input_shape"),
                           max_elements=s.get("max_elements"))

@@ -171,6 +171,10 @@ def _from_python(path: Path, tensors: dict[str, torch.Tensor], target: str,
     return graph
 
 
+#: PyTorch checkpoint files, refused with a hint: loading one would mean unpickling it
+PYTORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
 def load_graph(path: str | Path, *, arch: str | Path | None = None, arch_python: str | None = None,
                input_shape: tuple[int, ...] | None = None, max_elements: int | None = None) -> Graph:
     """Load a model file into a Graph (no onnxruntime check; see ``load_model``).
@@ -179,6 +183,11 @@ def load_graph(path: str | Path, *, arch: str | Path | None = None, arch_python:
     and every intermediate value; a larger one is refused, naming it, before it is allocated."""
     limits.resolve(max_elements)
     path = Path(path)
+    if path.suffix.lower() in PYTORCH_SUFFIXES:  # never unpickled: a hint to export instead
+        raise ModelError(f"a PyTorch checkpoint ({path.suffix}) is not a deployed model lipcert can read: export it "
+                         "to ONNX first, e.g. torch.onnx.export(model, (example_input,), 'model.onnx', dynamo=True), "
+                         "or save the weights as .safetensors with an architecture spec (docs/arch-spec.md)",
+                         source=str(path))
     if not path.exists():
         raise ModelError("no such model file", source=str(path))
     if path.is_dir():
