@@ -131,3 +131,11 @@ def test_cli_compare(reports: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
     other = altered(reports["conv"], tmp_path, norm="linf")
     code, _, err = run_main(capsys, "compare", str(reports["dense"]), str(other))
     assert code == 2 and "different norms" in one_line(err)
+
+
+def test_a_report_without_mean_radii_shows_none(reports: dict[str, Path], tmp_path: Path) -> None:
+    old = altered(reports["conv"], tmp_path, mean_radius=None)
+    result = compare([reports["dense"], old])
+    assert result.entries[1].mean_radius is None and result.entries[1].signed_mean_radius is None
+    header, rows = table(result)
+    assert rows[1][header.index("mean radius")] == "-" and rows[0][header.index("mean radius")] != "-"

@@ -8,7 +8,6 @@ are named, never matched to a neighbour.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -67,25 +66,13 @@ def _report_path(path: Path) -> Path:
     return found
 
 
-def _mean_radii(report: dict[str, Any], folder: Path) -> tuple[float | None, float | None]:
-    """The mean and signed mean radius of a report: its own fields, else computed from its samples.csv (radius
-    for a right prediction; 0, or minus the radius, for a wrong one); None when neither is there."""
+def _mean_radii(report: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The report's mean and signed mean radius (``report.build.mean_radius``); None for a report written before
+    lipcert recorded them."""
     stored = report.get("mean_radius")
-    if isinstance(stored, dict):
-        return _number(stored.get("mean")), _number(stored.get("signed_mean"))
-    samples = folder / "samples.csv"
-    if not samples.is_file():
+    if not isinstance(stored, dict):
         return None, None
-    total = signed = 0.0
-    count = 0
-    with samples.open(newline="") as f:
-        for row in csv.DictReader(f):
-            radius = float(row["radius"])
-            right = row["label"] == row["prediction"]
-            total += radius if right else 0.0
-            signed += radius if right else -radius
-            count += 1
-    return (total / count, signed / count) if count else (None, None)
+    return _number(stored.get("mean")), _number(stored.get("signed_mean"))
 
 
 def _number(value: Any) -> float | None:
@@ -107,7 +94,7 @@ def read_entry(path: str | Path, name: str | None = None) -> tuple[Entry, dict[s
         bound = report["bound"]
         timings = report.get("timings", {})
         per_second = _number(timings.get("inference_images_per_second"))
-        mean, signed = _mean_radii(report, found.parent)
+        mean, signed = _mean_radii(report)
         entry = Entry(
             name=name or (found.parent.name if found.name == "report.json" else found.stem),
             path=str(found), model=str(report["model"]["path"]),
