@@ -28,7 +28,7 @@ class LowerBound:
     points: int
     steps: int = 0  # search steps taken
     stopped: bool = False  # the time budget ran out before every step was taken
-
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None  # the two inputs (one sample each) of ``value``
 
 
 class Deadline:
@@ -69,8 +69,11 @@ def jacobian_lower_bound(module: GraphModule, x: torch.Tensor, iters: int = 30, 
             progress("empirical search: Jacobian power iteration", done, iters, "iterations")
         if deadline is not None and deadline.passed():
             break
-    ratios = _ratio(module, x + SECANT_STEP * v, x)
-    return LowerBound(float(ratios.max()), "Jacobian power iteration + secant", int(x.shape[0]), done, done < iters)
+    moved = x + SECANT_STEP * v
+    ratios = _ratio(module, moved, x)
+    best = int(ratios.argmax())
+    return LowerBound(float(ratios[best]), "Jacobian power iteration + secant", int(x.shape[0]), done, done < iters,
+                      (moved[best:best + 1], x[best:best + 1]))
 
 
 def pair_ascent_lower_bound(module: GraphModule, x: torch.Tensor, steps: int = 60, seed: int = 0,
@@ -81,7 +84,7 @@ def pair_ascent_lower_bound(module: GraphModule, x: torch.Tensor, steps: int = 6
     a = x.clone().requires_grad_(True)
     b = (x + radius * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).requires_grad_(True)
     opt = torch.optim.Adam([a, b], lr=radius / 10)
-    best = float(_ratio(module, a.detach(), b.detach()).max())
+    best, pair = _best_pair(module, a.detach(), b.detach())
     taken = 0
     for taken in range(1, steps + 1):
         opt.zero_grad()
@@ -92,10 +95,20 @@ def pair_ascent_lower_bound(module: GraphModule, x: torch.Tensor, steps: int = 6
         if progress:
             progress("empirical search: pair gradient ascent", taken, steps, "steps")
         if taken % 10 == 0 or taken == steps or (deadline is not None and deadline.passed()):
-            best = max(best, float(_ratio(module, a.detach(), b.detach()).max()))
+            value, found = _best_pair(module, a.detach(), b.detach())
+            if value > best:
+                best, pair = value, found
         if deadline is not None and deadline.passed():
             break
-    return LowerBound(best, "pair gradient ascent", int(x.shape[0]), taken, taken < steps)
+    return LowerBound(best, "pair gradient ascent", int(x.shape[0]), taken, taken < steps, pair)
+
+
+def _best_pair(module: GraphModule, a: torch.Tensor,
+               b: torch.Tensor) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """The largest ratio over the pairs (a[i], b[i]), and that pair (copies, one sample each)."""
+    ratios = _ratio(module, a, b)
+    i = int(ratios.argmax())
+    return float(ratios[i]), (a[i:i + 1].clone(), b[i:i + 1].clone())
 
 
 def network_lower_bound(module: GraphModule, x: torch.Tensor, seed: int = 0, budget: float | None = None,
@@ -108,4 +121,5 @@ def network_lower_bound(module: GraphModule, x: torch.Tensor, seed: int = 0, bud
         return jac
     pair = pair_ascent_lower_bound(module, x, seed=seed, deadline=deadline, progress=progress)
     best = jac if jac.value >= pair.value else pair
-    return LowerBound(best.value, best.method, best.points, jac.steps + pair.steps, jac.stopped or pair.stopped)
+    return LowerBound(best.value, best.method, best.points, jac.steps + pair.steps, jac.stopped or pair.stopped,
+                      best.pair)

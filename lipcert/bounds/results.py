@@ -65,6 +65,23 @@ class VerifyResult:
     combinations: list[dict]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    witness: dict | None = None  # the witness pair of a violated claim (``witness.Witness.summary``)
+
+    @property
+    def why(self) -> str:
+        """One line on what keeps the claim from being proven (empty when it is proven)."""
+        if self.status == PROVEN:
+            return ""
+        search = (f"the empirical search ({self.network_lower_method}, {self.network_lower_steps} steps) found "
+                  f"pairs with ratio up to {self.network_lower:.6g}")
+        if self.status == VIOLATED:
+            return f"{search}, above the claim {self.claimed:g}: the claim is false"
+        if self.no_rule:
+            return (f"no rule bounds {', '.join(self.no_rule)}, so the network bound is unknown; {search}")
+        factors = ", ".join(f"{c['layer']} ({c['factor']:.4g})" for c in self.top_contributors)
+        return (f"the sound bound {self.network_upper:.6g} is above the claim {self.claimed:g}"
+                + (f"; the factors above 1 are {factors}" if factors else "")
+                + f"; {search}, so the claim may hold with a tighter bound")
 
     @property
     def breaking_layers(self) -> list[LayerResult]:
@@ -79,7 +96,7 @@ class VerifyResult:
         return [layer for layer in self.layers if layer.status == VIOLATED]
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(self) | {"why": self.why}
         return _finite(data)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
 from lipcert.bounds.empirical import network_lower_bound
 from lipcert.bounds.propagate import check_network, propagate
-from lipcert.bounds.results import DEFAULT_TOL, NO_RULE, SCHEMA, VerifyResult, status_of
+from lipcert.bounds.results import DEFAULT_TOL, NO_RULE, SCHEMA, VIOLATED, VerifyResult, status_of
+from lipcert.bounds.witness import find_witness
 from lipcert.device import resolve_device
 from lipcert.errors import ConfigError
 from lipcert.graph.core import Graph
@@ -30,12 +32,15 @@ def default_budget(device: str) -> float:
 
 def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL, device: str = "auto",
            seed: int = 0, points: torch.Tensor | None = None, empirical: bool = True,
-           empirical_budget: float | None = -1.0, progress: StepCallback | None = None) -> VerifyResult:
+           empirical_budget: float | None = -1.0, progress: StepCallback | None = None,
+           witness: str | Path | None = None) -> VerifyResult:
     """Check the model's Lipschitz claim: ``bound`` if given, else its metadata claim, else 1.
 
     The empirical network search stops after ``empirical_budget`` seconds keeping the best pair found (the
     default, -1, means ``default_budget(device)``; None means no limit). ``progress(phase, done, total)`` is
-    called as layer bounds and search steps complete. ``device`` ``auto`` is the GPU when there is one.
+    called as layer bounds and search steps complete. ``device`` ``auto`` is the GPU when there is one. With
+    ``witness`` (a .npz path), a violated claim's pair of inputs is measured in onnxruntime and written there
+    when onnxruntime confirms it (``result.witness`` says what was found).
 
     Example::
 
@@ -63,18 +68,23 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
     prop = propagate(graph, claim, tol, device, seed, progress=progress)
     layers, upper = prop.layers, prop.upper
     module = GraphModule(graph).to(device=device, dtype=torch.float64)
-    lower, lower_method, steps, stopped = 0.0, "not run", 0, False
+    lower, lower_method, steps, stopped, pair = 0.0, "not run", 0, False, None
     if empirical:
         if points is None:
             gen = torch.Generator().manual_seed(seed)
             points = torch.rand((16,) + graph.input_shape, generator=gen)
         found = network_lower_bound(module, points.to(device=device, dtype=torch.float64), seed=seed,
                                     budget=empirical_budget, progress=progress)
-        lower, steps, stopped = found.value, found.steps, found.stopped
+        lower, steps, stopped, pair = found.value, found.steps, found.stopped, found.pair
         lower_method = f"{found.method} ({found.points} points" + (
             f", stopped by the {empirical_budget:g} s budget)" if stopped else ")")
         check_network(lower, upper, lower_method)
     status = status_of(lower, upper, claim, tol)
+    notes = list(graph.notes)
+    evidence = None
+    if witness is not None:
+        evidence, note = _witness(graph, pair if status == VIOLATED else None, claim, tol, witness)
+        notes += [note] if note else []
     top = sorted(((f, n) for f, n in prop.factors if f > 1.0 + tol), key=lambda t: -t[0])[:5]
     return VerifyResult(
         schema=SCHEMA, lipcert_version=__version__, model=graph.source, claimed=claim, claim_source=source,
@@ -83,4 +93,18 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
         network_lower_steps=steps, network_lower_stopped=stopped, status=status,
         top_contributors=[{"layer": n, "factor": f} for f, n in top],
         no_rule=[row.name for row in layers if row.status == NO_RULE], combinations=prop.combinations,
-        notes=list(graph.notes), seconds=time.perf_counter() - start)
+        notes=notes, seconds=time.perf_counter() - start, witness=evidence)
+
+
+def _witness(graph: Graph, pair: tuple[torch.Tensor, torch.Tensor] | None, claim: float, tol: float,
+             path: str | Path) -> tuple[dict | None, str]:
+    """The witness of a violated claim written to ``path`` when onnxruntime confirms it; its summary and a note
+    when nothing is written."""
+    if pair is None:
+        return None, f"no witness written to {path}: the claim is not violated"
+    found = find_witness(graph, pair, claim, tol)
+    if not found.confirmed:
+        return found.summary(None), (f"no witness written to {path}: onnxruntime measures a ratio of "
+                                     f"{found.ratio:.6g} on the float32 pair, not above the claim {claim:g}")
+    found.save(path)
+    return found.summary(str(path)), ""

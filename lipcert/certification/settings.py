@@ -324,6 +324,9 @@ SETTINGS: dict[str, Setting] = _settings(
             metavar="T", api=""),
     Setting("empirical_budget", _positive, "time limit of the empirical network search (default 60 on a CPU, 20 "
             "on a GPU); the best pair found is kept", frozenset({VERIFY}), metavar="SECONDS", api=""),
+    Setting("witness", _path, "when the claim is violated, write the pair of inputs that breaks it (.npz: x, x_prime "
+            "and onnxruntime's outputs), once onnxruntime confirms it", frozenset({VERIFY}), metavar="FILE",
+            path=True, api=""),
     # --- gates
     Setting("require", _choice(*REQUIRE), "gate: proven (default) or not-violated", frozenset({VERIFY}), "proven",
             _in(*REQUIRE), "one of " + ", ".join(REQUIRE), api=""),

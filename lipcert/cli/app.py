@@ -184,7 +184,7 @@ def verify(**flags: Any) -> None:
         steps = Steps(progress)
         result = run_verify(graph, progress=steps, bound_in_config="bound" in s.from_config,
                             **s.given("bound", "device", "tol", "seed", "empirical_budget", "require",
-                                      "max_lipschitz"))
+                                      "max_lipschitz", "witness"))
         steps.close()
     finish("verify", result.gates, result.to_dict() | {"passed": result.passed}, verify_markdown(result),
            f"verdict: {result.status.upper()}", s, lambda out: render_verify(result, out), result.seconds)

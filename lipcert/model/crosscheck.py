@@ -187,7 +187,7 @@ def _differs(mine: torch.Tensor, theirs: np.ndarray, tol: np.ndarray) -> str:
             f"(tolerance {tol[worst]:.3g})")
 
 
-def _chunks(graph: Graph, points: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+def runtime_batches(graph: Graph, points: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     """``points`` as the batches the model runs (padded with zeros to a fixed batch), with their real sizes."""
     fixed = graph.fixed_batch
     if fixed is None:
@@ -227,7 +227,7 @@ def check_points(graph: Graph, groups: list[tuple[str, torch.Tensor]], *, rtol: 
     constants = module.constants()
     worst, largest, compared, total = 0.0, 0.0, 0, 0
     for what, points in groups:
-        for chunk, n in _chunks(graph, points.float().cpu()):
+        for chunk, n in runtime_batches(graph, points.float().cpu()):
             try:
                 theirs = dict(zip(order, exposed.run(None, {graph.input_name: chunk.numpy()}), strict=False))
                 final = deployed.run([graph.output], {graph.input_name: chunk.numpy()})[0]
