@@ -72,6 +72,8 @@ def test_debug_prints_the_traceback(capsys, monkeypatch, where: str) -> None:
     assert err.strip().endswith("the traceback is above")
     code, _, err = run_main(capsys, "verify", DENSE)  # --debug does not stay on for the next run
     assert code == 3 and "Traceback" not in err
+    code, _, err = run_main(capsys, "--debug", "compare", str(Path("no-such-report.json")))  # bad input too
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lipcert: error: ")
 
 
 def test_unknown_config_key_suggests_the_nearest(capsys, monkeypatch, tmp_path: Path) -> None:

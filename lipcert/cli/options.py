@@ -12,7 +12,7 @@ import typer
 from lipcert.certification.settings import SETTINGS, Setting
 
 MODEL_HELP = "model file (.onnx or .safetensors); or set it in the config"
-DEBUG_HELP = "on an internal error, print the full traceback (for a bug report)"
+DEBUG_HELP = "print the full traceback of an error (for a bug report)"
 
 
 class Debug:
