@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
+from typing import Any
 
 from lipcert.errors import ConfigError
 
@@ -14,6 +16,19 @@ NORMS = ("l2", "linf")
 #: how a dataset's samples may be laid out, and the ranges their values may be stored in
 LAYOUTS = ("auto", "NCHW", "NHWC")
 VALUE_RANGES = ("auto", "0-255", "0-1")
+#: other names a choice may be given by (any case): ``ort`` for ``onnxruntime``
+ALIASES = {"ort": "onnxruntime"}
+
+
+def choice(value: Any, options: Sequence[str]) -> str:
+    """The option ``value`` names, whatever its case (``L2`` -> ``l2``, ``nchw`` -> ``NCHW``) or by an alias in
+    ``ALIASES``; ValueError listing the options."""
+    folded = value.strip().casefold() if isinstance(value, str) else None
+    folded = ALIASES.get(folded, folded) if folded is not None else None
+    match = next((option for option in options if option.casefold() == folded), None)
+    if match is None:
+        raise ValueError(f"expected one of {', '.join(options)}")
+    return match
 
 
 def parse_eps(text: str) -> list[tuple[str, float]]:

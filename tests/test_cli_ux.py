@@ -31,6 +31,96 @@ def test_version_flag(capsys) -> None:
     assert code == 0 and out == f"{version('lipcert')}\n"
 
 
+def test_short_flags_are_the_long_ones(capsys) -> None:
+    assert run_main(capsys, "-V") == run_main(capsys, "--version")
+    for command in ([], ["verify"], ["report"], ["inspect"], ["compare"], ["version"]):
+        code, out, _ = run_main(capsys, *command, "-h")
+        assert code == 0 and "--help" in out and "--debug" in out
+        assert (code, out) == run_main(capsys, *command, "--help")[:2]
+
+
+def _crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading a model raise what no input explains: an internal error."""
+    import lipcert.model.loader
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom in the loader")
+
+    monkeypatch.setattr(lipcert.model.loader, "load_model", crash)
+
+
+def test_internal_error_says_what_a_bug_report_needs(capsys, monkeypatch) -> None:
+    from lipcert.version import __version__
+
+    _crash(monkeypatch)
+    code, out, err = run_main(capsys, "verify", DENSE, "--bound", "1")
+    assert code == 3 and out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == "lipcert: internal error: RuntimeError: boom in the loader"
+    assert f"  command: lipcert verify {DENSE} --bound 1" in lines
+    assert any(line.startswith(f"  version: lipcert {__version__}, Python ") for line in lines)
+    assert lines[-1] == "  rerun with --debug for the traceback"
+
+
+@pytest.mark.parametrize("where", ["global", "command"])
+def test_debug_prints_the_traceback(capsys, monkeypatch, where: str) -> None:
+    _crash(monkeypatch)
+    args = ["--debug", "verify", DENSE] if where == "global" else ["verify", DENSE, "--debug"]
+    code, _, err = run_main(capsys, *args)
+    assert code == 3 and err.startswith("Traceback (most recent call last):")
+    assert 'raise RuntimeError("boom in the loader")' in err and "in _load" in err
+    assert err.strip().endswith("the traceback is above")
+    code, _, err = run_main(capsys, "verify", DENSE)  # --debug does not stay on for the next run
+    assert code == 3 and "Traceback" not in err
+    code, _, err = run_main(capsys, "--debug", "compare", str(Path("no-such-report.json")))  # bad input too
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lipcert: error: ")
+
+
+def test_unknown_config_key_suggests_the_nearest(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lipcert.toml").write_text('max-lipshitz = 1.0\n')
+    code, _, err = run_main(capsys, "verify", DENSE)
+    assert code == 2 and one_line(err).endswith('lipcert.toml: unknown key "max-lipshitz"; did you mean '
+                                                 '"max-lipschitz"?')
+    (tmp_path / "lipcert.toml").write_text('[verify]\nbund = 1.0\n')
+    code, _, err = run_main(capsys, "verify", DENSE)
+    assert code == 2 and one_line(err).endswith('unknown key "verify.bund"; did you mean "verify.bound"?')
+    (tmp_path / "lipcert.toml").write_text('[verfy]\nbound = 1.0\n')
+    code, _, err = run_main(capsys, "verify", DENSE)
+    assert code == 2 and one_line(err).endswith('unknown key "verfy"; did you mean "verify"?')
+    (tmp_path / "lipcert.toml").write_text('colour = "blue"\n')  # nothing near: no guess
+    code, _, err = run_main(capsys, "verify", DENSE)
+    assert code == 2 and one_line(err).endswith('unknown key "colour"')
+    pyproject = '[tool.lipcert]\nmin_clean_accuracy = 0.9\n'
+    (tmp_path / "lipcert.toml").unlink()
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    code, _, err = run_main(capsys, "report", DENSE)
+    assert code == 2 and one_line(err).endswith('unknown key "min_clean_accuracy"; did you mean "min_clean_acc"?')
+
+
+def test_choices_ignore_case_from_flags_and_config(capsys, monkeypatch, tmp_path: Path) -> None:
+    from lipcert.certification.settings import SETTINGS
+    from lipcert.cli.config import Settings
+
+    flags = {"norm": "L2", "device": "CPU", "backend": "ORT", "layout": "nchw", "value_range": "AUTO",
+             "attack_precision": "BFloat16", "format": "JSON"}
+    s = Settings("report", flags, use_file=False, environ={})
+    assert s.given(*flags) == {"norm": "l2", "device": "cpu", "backend": "onnxruntime", "layout": "NCHW",
+                               "value_range": "auto", "attack_precision": "bfloat16", "format": "json"}
+    assert Settings("verify", {"require": "Not-Violated", "device": "CUDA:1"}, use_file=False,
+                    environ={}).given("require", "device") == {"require": "not-violated", "device": "cuda:1"}
+    assert SETTINGS["backend"].parse("OnnxRuntime") == "onnxruntime"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lipcert.toml").write_text('[report]\nnorm = "LINF"\nbackend = "Torch"\n')
+    s = Settings("report", {}, environ={})
+    assert s.get("norm") == "linf" and s.get("backend") == "torch"
+    code, _, err = run_main(capsys, "report", DENSE, "--norm", "L3")
+    assert code == 2 and one_line(err) == "lipcert: error: --norm 'L3': expected one of l2, linf"
+    code, out, _ = run_main(capsys, "verify", DENSE, "--device", "CPU", "--require", "PROVEN", "--format", "JSON",
+                            "--empirical-budget", "0.2")
+    assert code == 0 and json.loads(out)["device"] == "cpu"
+
+
 def test_help_does_not_import_torch() -> None:
     script = ("import sys; from lipcert.cli.app import main; main(['--help']); main(['report', '--help']); "
               "main(['--version']); "
@@ -63,11 +153,11 @@ def test_json_dash_is_stdout_for_verify_and_report(capsys, tmp_path: Path) -> No
 
 def test_verify_table_fits_80_columns_without_cutting_bounds_or_verdicts(capsys, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    code, out, _ = run_main(capsys, "verify", DENSE, "--json", str(tmp_path / "v.json"))
+    code, out, _ = run_main(capsys, "verify", DENSE, "--json", str(tmp_path / "v.json"), "--empirical-budget", "0.5")
     assert code == 0
     lines = out.splitlines()
     assert max(map(len, lines)) <= 80 and "…" not in out
-    assert "│ at_1 " in out  # the node column did fold
+    assert "│ /act1 " in out and "│ /Concat_1 " in out  # the node column broke at "/", not inside a word
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
     layers = json.loads((tmp_path / "v.json").read_text())["layers"]
     for layer in layers:  # each row's bounds, gap and status appear whole, on the row's first line

@@ -20,7 +20,7 @@ from typing import Any
 
 from lipcert.errors import ConfigError
 from lipcert.limits import DEFAULT_MAX_ELEMENTS, ENV_VAR
-from lipcert.parse import LAYOUTS, NORMS, REQUIRE, VALUE_RANGES, fraction_problem, parse_eps, parse_gate
+from lipcert.parse import LAYOUTS, NORMS, REQUIRE, VALUE_RANGES, choice, fraction_problem, parse_eps, parse_gate
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 FORMATS = ("text", "json")
@@ -55,12 +55,7 @@ _path = _text("expected a file or folder path (a string)")
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return value
-
-    return parse
+    return lambda value: choice(value, options)
 
 
 def _pattern(regex: str, expected: str) -> Callable[[Any], str]:
@@ -73,7 +68,11 @@ def _pattern(regex: str, expected: str) -> Callable[[Any], str]:
 
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
-_device = _pattern(DEVICE_PATTERN, "expected auto, cpu, cuda or cuda:N")
+_device_text = _pattern(DEVICE_PATTERN, "expected auto, cpu, cuda or cuda:N")
+
+
+def _device(value: Any) -> str:
+    return _device_text(value.strip().lower() if isinstance(value, str) else value)
 _module_function = _pattern(r"[\w.]+:\w+", "expected module:function, e.g. mypkg.models:build")
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shlex
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipcert.cli.config import Settings, parameter_flag
-from lipcert.cli.options import with_settings
+from lipcert.cli.options import Debug, debug_option, with_settings
 from lipcert.errors import ConfigError, LipcertError
 from lipcert.version import __version__
 
@@ -36,6 +39,7 @@ LOADING = "loading the model"
 RESUME_HINT = "rerun with --resume to continue"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Certify the robustness of 1-Lipschitz neural networks from the exported model file.\n\n"
                        "Exit codes: 0 ok, 1 a check failed, 2 bad input or configuration, 3 internal error, "
                        "130 interrupted.")
@@ -91,26 +95,32 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
-                                          help="print lipcert's version and exit")) -> None:
+def _options(version: bool = typer.Option(False, "--version", "-V", callback=_show_version, is_eager=True,
+                                          help="print lipcert's version and exit"),
+             debug: bool = debug_option()) -> None:
     """Certify the robustness of 1-Lipschitz neural networks from the exported model file."""
 
 
 @app.command()
 @with_settings("inspect")
-def inspect(*, as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout (as --format "
-                                                                  "json)"), **flags: Any) -> None:
+def inspect(*, json_file: str | None = typer.Option(None, "--json", metavar="FILE",
+                                                    help="write the summary as JSON to FILE; - for stdout (as "
+                                                         "--format json)"), **flags: Any) -> None:
     """Show the model's nodes, shapes and parameters, checked against onnxruntime."""
+    from lipcert.atomic import write_text_atomic
     from lipcert.model.inspect_model import summarize_model
     from lipcert.report.verify_render import shape_cell
 
-    s = Settings("inspect", {**flags, "format": "json" if as_json else flags["format"]}, use_file=False)
+    s = Settings("inspect", {**flags, "json": json_file}, use_file=False)
     with interruptible(), _progress(_json_to_stdout(s)) as progress:
         graph = _load(s, progress)
     summary = summarize_model(graph)
+    document = json.dumps(summary.to_dict(), indent=2) + "\n"
     if _json_to_stdout(s):
-        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+        sys.stdout.write(document)
         return
+    if s.get("json") is not None:
+        write_text_atomic(Path(s.get("json")), document)
     out = console()
     table = Table(title=f"{flags['model']}  (input {graph.input_name}: N x {' x '.join(map(str, graph.input_shape))})")
     for col in ("node", "op", "input shapes", "output shapes", "params"):
@@ -253,7 +263,8 @@ def compare(reports: list[Path] = typer.Argument(..., metavar="REPORT_OR_DIR..."
             out: Path | None = typer.Option(None, "--out", metavar="DIR",
                                             help="write compare.md, compare.json and the plots to DIR"),
             json_file: str | None = typer.Option(None, "--json", metavar="FILE",
-                                                 help="write the comparison as JSON to FILE (- for stdout)")) -> None:
+                                                 help="write the comparison as JSON to FILE (- for stdout)"),
+            debug: bool = debug_option()) -> None:
     """Several reports side by side: accuracy, certified accuracy at each radius, mean radii, bounds, speed."""
     from lipcert.atomic import write_text_atomic
     from lipcert.report.compare import compare as compare_reports
@@ -281,16 +292,36 @@ def compare(reports: list[Path] = typer.Argument(..., metavar="REPORT_OR_DIR..."
 
 
 @app.command()
-def version() -> None:
+def version(debug: bool = debug_option()) -> None:
     """Print lipcert's version."""
     print(__version__)
 
 
+def bug_report(argv: list[str], exc: BaseException, debug: bool) -> str:
+    """What an internal error prints: the error, then what a bug report needs (the command line, lipcert's and its
+    platform's versions, and the traceback: printed above it with ``--debug``, else how to get it)."""
+    torch = sys.modules.get("torch")  # its version only when the command loaded it: --help stays torch-free
+    versions = f"lipcert {__version__}, Python {platform.python_version()}" + (
+        f", torch {torch.__version__}" if torch is not None else "") + f", {platform.system()} {platform.machine()}"
+    last = ("the traceback is above" if debug else
+            "rerun with --debug for the traceback")
+    return (f"lipcert: internal error: {type(exc).__name__}: {exc}\n"
+            "lipcert: this is a bug in lipcert; please report it at the lipcert issue tracker with:\n"
+            f"  command: {shlex.join(['lipcert', *argv])}\n"
+            f"  version: {versions}\n"
+            f"  {last}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn every failure into its documented exit code."""
+    """Entry point: run the CLI and turn every failure into its documented exit code (with ``--debug``, an error
+    also prints its traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    Debug.on = False
     try:
         code = app(args=argv, standalone_mode=False, prog_name="lipcert")
     except LipcertError as exc:
+        if Debug.on:
+            traceback.print_exc()
         console(stderr=True).print(f"lipcert: error: {exc.spelled(parameter_flag)}", markup=False, soft_wrap=True)
         return exc.exit_code
     except Interrupted as exc:
@@ -305,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         console(stderr=True).print("lipcert: interrupted", markup=False)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
-        console(stderr=True).print(f"lipcert: internal error: {type(exc).__name__}: {exc} "
-                                   "(please report this at the lipcert issue tracker with the command you ran)",
-                                   markup=False, soft_wrap=True)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a traceback only with --debug
+        if Debug.on:
+            traceback.print_exc()
+        console(stderr=True).print(bug_report(argv, exc, Debug.on), markup=False, soft_wrap=True)
         return 3
     return code if isinstance(code, int) else 0
 

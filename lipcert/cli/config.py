@@ -9,6 +9,7 @@ the key and its file, or the environment variable. This module imports neither t
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from collections.abc import Mapping
@@ -55,6 +56,17 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def _unknown(key: str, known: set[str], prefix: str = "") -> str:
+    """``unknown key "max-lipshitz"; did you mean "max-lipschitz"?``: the nearest known key spelled as the user
+    spells keys (dashes or underscores), when one is close enough."""
+    match = difflib.get_close_matches(_norm(key), sorted(known), n=1, cutoff=0.75)
+    hint = ""
+    if match:
+        spelled = match[0].replace("_", "-") if "-" in key else match[0]
+        hint = f'; did you mean "{prefix}{spelled}"?'
+    return f'unknown key "{prefix}{key}"{hint}'
 
 
 # ---------------------------------------------------------------- config files
@@ -106,12 +118,12 @@ def load_config(command: str, path: Path | None = None) -> tuple[Path | None, di
                 raise ConfigError(f"{sub_where}: must be a table", source=str(path))
             for sub, sub_value in value.items():
                 if _norm(sub) not in KEYS[name]:
-                    raise ConfigError(f"unknown key {key}.{sub}", source=str(path))
+                    raise ConfigError(_unknown(sub, KEYS[name], f"{key}."), source=str(path))
                 if name == command:
                     settings[_norm(sub)] = (sub_value, f"{sub_where} {sub}")
             continue
         if name not in KEYS["verify"] | KEYS["report"]:
-            raise ConfigError(f"unknown key {key!r}", source=str(path))
+            raise ConfigError(_unknown(key, KEYS["verify"] | KEYS["report"] | set(KEYS)), source=str(path))
         if name in KEYS[command]:
             settings.setdefault(name, (value, f"{where} {key}".strip()))
     return path, settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,24 @@ import typer
 from lipcert.certification.settings import SETTINGS, Setting
 
 MODEL_HELP = "model file (.onnx or .safetensors); or set it in the config"
+DEBUG_HELP = "print the full traceback of an error (for a bug report)"
+
+
+class Debug:
+    """Whether ``--debug`` was given to this run (``main`` resets it; the option's callback sets it while parsing,
+    so that an error raised afterwards, even in another option's callback, is shown with its traceback)."""
+
+    on = False
+
+
+def _set_debug(value: bool | None) -> None:
+    if value:
+        Debug.on = True
+
+
+def debug_option() -> Any:
+    """The ``--debug`` option of the app and of every command."""
+    return typer.Option(False, "--debug", callback=_set_debug, is_eager=True, help=DEBUG_HELP)
 
 
 def flag_of(name: str) -> str:
@@ -28,8 +47,8 @@ def _option(setting: Setting) -> tuple[Any, Any]:
 
 def with_settings(command: str, *, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give ``function`` (which takes ``**flags``, and keyword-only options of its own) an option for every setting
-    of ``command`` and the model as its argument: typer reads the signature made here, and calls it with each
-    setting by name (None when not given)."""
+    of ``command``, ``--debug`` and the model as its argument: typer reads the signature made here, and calls it
+    with each setting by name (None when not given); ``--debug`` is read by ``main``, not passed on."""
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         parameters = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str | None,
@@ -40,8 +59,15 @@ def with_settings(command: str, *, exclude: tuple[str, ...] = ()) -> Callable[[C
                 annotation, default = _option(setting)
                 parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                                     default=default))
-        function.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-        function.__annotations__ = {p.name: p.annotation for p in parameters}
-        return function
+        parameters.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                            default=debug_option()))
+
+        @functools.wraps(function)
+        def run(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
 
     return decorate

@@ -7,8 +7,9 @@ import time
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, ProgressColumn, SpinnerColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 from rich.text import Text
 
 from lipcert.progress import Progress
@@ -17,10 +18,10 @@ from lipcert.progress import Progress
 LOG_INTERVAL = 10.0
 
 
-
 #: how often the log writer looks at the running phases, in seconds
 LOG_TICK = 1.0
-
+#: the progress bar's width in characters: small, so that a row with its counts fits 80 columns
+BAR_WIDTH = 10
 
 
 def duration(seconds: float) -> str:
@@ -32,7 +33,6 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
 
 
-
 class _Count(ProgressColumn):
     """``123/540 samples`` (or layers, steps: the phase's unit); nothing for a phase of unknown length."""
 
@@ -41,35 +41,58 @@ class _Count(ProgressColumn):
                     else "")
 
 
-
 class _Rate(ProgressColumn):
-    """Samples per second over the last half minute."""
+    """Units per second over the last half minute (``3446/s``, ``4.2/s``)."""
 
     def render(self, task: Any) -> Text:
-        return Text(f"{task.speed:.1f}/s" if task.fields["counted"] and task.speed else "")
+        speed = task.speed if task.fields["counted"] else None
+        return Text("" if not speed else f"{speed:.0f}/s" if speed >= 100 else f"{speed:.1f}/s")
 
+
+class _Name(ProgressColumn):
+    """The phase's name on one line, cut with an ellipsis when the terminal is narrow: its column is the one
+    that gives up width first (a wrapping column to rich's layout, a text that does not wrap)."""
+
+    def render(self, task: Any) -> Text:
+        return Text(task.description, no_wrap=True, overflow="ellipsis")
+
+
+def time_left(task: Any) -> float | None:
+    """Seconds until ``task`` ends at its recent speed, counted down since its last advance (rich's estimate
+    stays still until the next one: a batch that takes a minute would freeze it), or None without a speed."""
+    speed = task.speed
+    if not speed or task.total is None:
+        return None
+    return max(task.remaining / speed - (task.get_time() - task.fields["advanced"]), 0.0)
 
 
 class _Left(ProgressColumn):
-    """``about 3 min 10 s left``, from the recent speed, on the phase that ends last (see ``BarProgress``)."""
+    """``3 min 10 s left`` on the phase that ends last (see ``BarProgress``), counting down between advances."""
 
     def render(self, task: Any) -> Text:
-        left = task.time_remaining
-        return Text(f"about {duration(left)} left" if task.fields["last"] and not task.finished
-                    and left is not None else "")
+        left = time_left(task) if task.fields["last"] and not task.finished else None
+        if left is None:
+            return Text("")
+        return Text(f"{duration(left) if left < 10 or left >= 60 else f'{round(left)} s'} left")
 
+
+def _one_line() -> Column:
+    """A progress column that never wraps, so that a row keeps to one line (``_Name`` gives up width)."""
+    return Column(no_wrap=True)
 
 
 class BarProgress(Progress):
     """Progress bars on a terminal: one row per phase with its count, speed and elapsed time. The time left is
     shown on the counted phase started last: phases that run together (inference feeds the attack, batch by
-    batch) end together, at the pace of the last one. The rows stay on the screen when the run ends or is
-    interrupted."""
+    batch) end together, at the pace of the last one; it counts down live between advances. Each row keeps to
+    one line (``_one_line``). The rows stay on the screen when the run ends or is interrupted."""
 
     def __init__(self, console: Console) -> None:
-        self.bars = RichProgress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
-                                 BarColumn(), _Count(), _Rate(), TimeElapsedColumn(), _Left(), console=console,
-                                 refresh_per_second=4)
+        self.bars = RichProgress(SpinnerColumn(finished_text="[green]✓[/]", table_column=_one_line()),
+                                 _Name(), BarColumn(bar_width=BAR_WIDTH, table_column=_one_line()),
+                                 _Count(table_column=_one_line()), _Rate(table_column=_one_line()),
+                                 TimeElapsedColumn(table_column=_one_line()), _Left(table_column=_one_line()),
+                                 console=console, refresh_per_second=4)
         self.tasks: dict[str, Any] = {}
 
     def start(self, phase: str, total: float | None = None, done: float = 0.0, unit: str = "samples") -> None:
@@ -80,10 +103,12 @@ class BarProgress(Progress):
                 self.bars.update(task.id, last=False)
         # rich's Task.completed is a float (a share of a sample, read back or attacked); add_task annotates an int
         self.tasks[phase] = self.bars.add_task(phase, total=total, completed=done,  # type: ignore[arg-type]
-                                               counted=total is not None, last=total is not None, unit=unit)
+                                               counted=total is not None, last=total is not None, unit=unit,
+                                               advanced=self.bars.get_time())
 
     def advance(self, phase: str, amount: float) -> None:
         self.bars.advance(self.tasks[phase], amount)
+        self.bars.update(self.tasks[phase], advanced=self.bars.get_time())
 
     def end(self, phase: str) -> None:
         task = self.tasks[phase]
@@ -98,7 +123,6 @@ class BarProgress(Progress):
         self.bars.stop()
 
 
-
 class _Phase:
     """One phase as the log writer follows it."""
 
@@ -106,7 +130,6 @@ class _Phase:
         self.total, self.done, self.base, self.unit = total, done, done, unit
         self.began = self.last = time.monotonic()
         self.printed = False
-
 
 
 class LogProgress(Progress):
@@ -173,7 +196,6 @@ class LogProgress(Progress):
     def close(self) -> None:
         self.stopped.set()
         self.thread.join()
-
 
 
 def progress_for(quiet: bool, console: Console) -> Progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,10 +61,35 @@ def _claim_warning(report: Report) -> str | None:
     return next((n for n in report.notes if n.startswith(CLAIM_NOTE)), None)
 
 
-def _speed(report: Report) -> str:
+def claim_unproven(report: Report) -> str | None:
+    """Why the certificates rest on a bound lipcert did not prove, or None: the model's Lipschitz claim is above
+    lipcert's sound bound (the claim gate fails), or lipcert has no finite bound at all."""
+    b = report.bound
+    if not math.isfinite(b.computed_upper):
+        return "no sound Lipschitz bound (an operator has no rule)"
+    if b.claim_proven is False:
+        return f"sound bound {b.computed_upper / b.normalisation_factor:.4g} > claim {b.claimed:g}"
+    return None
+
+
+def speed_text(report: Report) -> str:
+    """Inference throughput over inference time alone (not the run's), then where the run's time went."""
     t = report.timings
-    return (f"{t.images_per_second:.1f} samples/s over the whole run "
-            f"({t.inference_images_per_second:.0f}/s inference alone)")
+    computed = report.num_samples - t.samples_read_back
+    inference = (f"inference {t.inference_images_per_second:,.0f} samples/s ({computed} samples in "
+                 f"{t.inference_seconds:.3g} s of inference)" if t.inference_seconds > 0 else "no inference run")
+    parts = [f"bound {t.bound_seconds:.1f} s"] + ([f"attack {t.attack_seconds:.1f} s"] if report.attack else [])
+    return f"{inference}; the whole run {t.total_seconds:.1f} s ({', '.join(parts)})"
+
+
+#: one line on each certificate rule (``certification.radii``' rules, by how their names begin), in report.md
+RULE_MEANING = {
+    "sqrt(2)": "a sample's radius is its margin (top logit minus the runner-up) divided by sqrt(2) L",
+    "per-pair": "per-pair rule: the margin to each other class j is divided by how fast that pair's logit "
+                "difference can change (the bound of the layers before the last dense one times ||w_top - w_j||), "
+                "the smallest over j is the radius, and the larger of that and the sqrt(2) radius is kept",
+    "binary": "one logit s: the radius is |s| / L, the distance the logit needs to change sign",
+}
 
 
 def to_markdown(report: Report) -> str:
@@ -90,6 +116,7 @@ def to_markdown(report: Report) -> str:
         f"{b.computed_upper:.6g}; {claim_text(report)}.",
         f"- Certificate rule: {b.rule}; floating-point error bound subtracted from every margin "
         f"({b.error_base:.2g} + {b.error_slope:.2g} x (||x|| + r)).",
+        *[f"  ({meaning}.)" for start, meaning in RULE_MEANING.items() if b.rule.startswith(start)],
         f"- Radii are in pixel space ({d.value_range} input scaled to [0, 1], layout {d.layout})"
         + (f"; the input normalisation multiplies the bound by {b.normalisation_factor:.6g}."
            if b.normalisation_factor != 1.0 else "."),
@@ -98,9 +125,18 @@ def to_markdown(report: Report) -> str:
         lines.append(f"- L-infinity radii come from the L2 ones by ||d||_2 <= sqrt({report.input_dim}) ||d||_inf.")
     if report.attack:
         a = report.attack
-        lines += ["", f"- PGD attack: {a.summary}; step rule {a.step_rule}, seed {a.seed}."]
+        lines += ["", f"- PGD attack: {a.summary}; step rule {a.step_rule}, seed {a.seed}.",
+                  "  (Empirical robust accuracy: the share of samples predicted right that the attack did not break "
+                  "within eps; an estimate from above of the true robust accuracy, so never below the certified "
+                  "accuracy unless a certificate is wrong.)"]
         if a.median_gap is not None:
-            lines.append(f"- Median gap between attack radius and certified radius: {a.median_gap:.4g}.")
+            lines += [f"- Median gap between attack radius and certified radius: {a.median_gap:.4g}.",
+                      "  (Median gap: over the points the attack broke, the median of how far beyond its certified "
+                      "radius the attack found an adversarial example: the robustness the certificate leaves "
+                      "unproven; below 0 only if a certificate is wrong.)"]
+        lines.append("- samples.csv: `attack_radius` is the distance of the adversarial example found (0 for a "
+                     "wrong prediction); `attack_radius = inf` means the attack broke the point at none of the "
+                     "radii tried: robust as far as the attack can tell, which proves nothing.")
         if a.violations:
             lines += ["", "**The model's Lipschitz claim or the certificate is wrong: the attack broke certified "
                           "points inside their certified radius.**", "",
@@ -113,9 +149,9 @@ def to_markdown(report: Report) -> str:
     for note in report.notes:
         if note != warning:
             lines.append(f"- {note}")
-    lines += ["", f"Model sha256 `{report.model.sha256[:16]}…`, data sha256 `{d.sha256[:16]}…`, "
-                  f"device {report.device}, backend {report.backend}, {_speed(report)}, "
-                  f"lipcert {report.lipcert_version}.", ""]
+    lines += ["", f"Timing: {speed_text(report)}.", "",
+              f"Model sha256 `{report.model.sha256[:16]}…`, data sha256 `{d.sha256[:16]}…`, "
+              f"device {report.device}, backend {report.backend}, lipcert {report.lipcert_version}.", ""]
     return "\n".join(lines)
 
 
@@ -153,10 +189,14 @@ def _place_labels(fig: Any, ax: Any, labels: list[Any], avoid: list[Any]) -> Non
         taken.append(label.get_window_extent(renderer))
 
 
+UNPROVEN_COLOR = "red"
+
+
 def figure(report: Report) -> Any:
     """The plot as a matplotlib figure: certified accuracy against radius with each requested radius marked and
     labelled, the attack's curve dashed, the distribution of the correct samples' radii shaded behind with the
-    mean certified radius marked, and (when the attack ran) the histogram of the attack's gaps."""
+    mean certified radius marked, (when the attack ran) the histogram of the attack's gaps, and a red "claim not
+    proven" box and frame when the certificates rest on a bound lipcert did not prove (``claim_unproven``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,11 +242,19 @@ def figure(report: Report) -> Any:
     ax.set_title(f"{Path(report.model.path).name}: certified accuracy vs radius", pad=18)
     ax.grid(alpha=0.3)
     legend = ax.legend(loc="lower left")
+    unproven = claim_unproven(report)
+    avoid = [legend]
+    if unproven:
+        avoid.append(ax.text(0.98, 0.97, f"claim not proven: {unproven}", transform=ax.transAxes, ha="right", va="top",
+                color=UNPROVEN_COLOR, fontsize=9, fontweight="bold", zorder=10,
+                bbox={"facecolor": "white", "edgecolor": UNPROVEN_COLOR, "boxstyle": "round"}))
+        for spine in ax.spines.values():
+            spine.set_edgecolor(UNPROVEN_COLOR)
     fig.tight_layout()
     box = ax.get_position()  # the rule under the title, in the room its pad leaves
     fig.text((box.x0 + box.x1) / 2, box.y1 + 0.01, f"certificate rule: {report.bound.rule}", ha="center",
              va="bottom", fontsize=8, color="dimgrey")
-    _place_labels(fig, ax, labels, [legend])
+    _place_labels(fig, ax, labels, avoid)
     return fig
 
 
@@ -295,8 +343,8 @@ def render_terminal(report: Report, out: Console) -> None:
     out.print(f"clean accuracy {_pct(report.clean_accuracy)}; {mean_radius_text(report)}; Lipschitz bound "
               f"{b.value:.6g} ({b.method}); {claim_text(report)}; rule: {b.rule}")
     d = report.dataset
-    out.print(f"data: {d.format}, layout {d.layout}, {d.value_range}; backend {report.backend} on {report.device}, "
-              f"{_speed(report)}")
+    out.print(f"data: {d.format}, layout {d.layout}, {d.value_range}; backend {report.backend} on {report.device}; "
+              f"{speed_text(report)}")
     if report.skipped and report.skipped.count:
         first = report.skipped.samples[0]
         out.print(f"skipped {report.skipped.count} unreadable or invalid sample(s), accuracies over the "
@@ -310,29 +358,3 @@ def render_terminal(report: Report, out: Console) -> None:
     for note in report.notes:
         if note != warning:
             out.print(f"note: {note}", markup=False)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -2,14 +2,65 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from lipcert.bounds.results import PROVEN, VerifyResult
 
 STATUS_STYLE = {"proven": "green", "violated": "bold red", "unproven": "yellow", "no rule": "yellow"}
+#: where a name may break across lines: after ``_ . : -`` or a space, before ``/`` (``onnx::`` stays whole)
+_BREAKS = re.compile(r"(?<=[_.:\s-])(?!:)|(?=/)")
+ELLIPSIS = "…"
+
+
+def _shorten(piece: str, width: int) -> str:
+    """``piece`` cut to ``width`` cells in its middle (``/encod…ection``): both ends of a name tell layers apart."""
+    if cell_len(piece) <= width:
+        return piece
+    keep = max(width - 1, 0)
+    head = (keep + 1) // 2
+    return piece[:head] + ELLIPSIS + (piece[len(piece) - (keep - head):] if keep > head else "")
+
+
+def wrap_name(name: str, width: int) -> list[str]:
+    """``name`` on lines of at most ``width`` cells, broken only between its parts (``/block_1/`` + ``MatMul``),
+    never inside one; a part wider than ``width`` is shortened in its middle with an ellipsis."""
+    lines: list[str] = []
+    line = ""
+    for piece in (p for p in _BREAKS.split(name) if p):
+        if line and cell_len(line + piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece.lstrip() if not line else piece
+        if cell_len(line.rstrip()) > width:
+            lines.append(_shorten(line.rstrip(), width))
+            line = ""
+    if line.strip() or not lines:
+        lines.append(line.rstrip())
+    return lines
+
+
+class NameCell:
+    """A table cell for a node name or an operator: rich folds long words at any character (``/conv1/Co`` +
+    ``nv``); this cell wraps at the name's separators instead (see ``wrap_name``)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        longest = max((cell_len(p.strip()) for p in _BREAKS.split(self.text)), default=0)
+        return Measurement(longest, cell_len(self.text))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        yield Text("\n".join(wrap_name(self.text, max(options.max_width, 1))), no_wrap=True, overflow="crop")
+
 
 def _num(value: float | None, digits: int = 7) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
@@ -26,11 +77,12 @@ def shape_cell(shape: list[int] | None) -> str:
 
 def render_verify(result: VerifyResult, out: Console) -> None:
     """The verify table and verdict, as a person reads them. The bounds, gap and status are never cut short;
-    on a narrow terminal the node, op, shape and method columns fold onto more lines first."""
+    on a narrow terminal the node, op, shape and method columns take more lines first, names broken between
+    their parts (``NameCell``)."""
     table = Table(title=f"{result.model}: is it {result.claimed:g}-Lipschitz (L2)?",
                   caption="lower: power iteration; upper: sound bound", padding=(0, 1), collapse_padding=True)
     for col in ("node", "op", "shape"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold")  # a shape folds (1x8x8), a name breaks at separators
     for col in ("lower", "upper"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("method", overflow="fold")
@@ -38,7 +90,8 @@ def render_verify(result: VerifyResult, out: Console) -> None:
     table.add_column("status", no_wrap=True)
     for row in result.layers:
         shape = f"{shape_cell(row.in_shape)} -> {shape_cell(row.out_shape)}"
-        table.add_row(row.name, row.op, shape, _num(row.lower), _num(row.upper), row.upper_method,
+        table.add_row(NameCell(row.name), NameCell(row.op), shape, _num(row.lower), _num(row.upper),
+                      NameCell(row.upper_method),
                       "-" if row.gap is None else f"{row.gap:.1e}", f"[{STATUS_STYLE[row.status]}]{row.status}[/]")
     out.print(table)
     for combo in result.combinations:
