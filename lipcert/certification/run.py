@@ -1,10 +1,11 @@
 """``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs), and ``attack``.
 
-``certify`` runs its stages in order: options (``CertifyOptions``) -> data (opened and checked against the model)
--> setup (the bound, the engine, the checkpoint) -> batches (read back from the checkpoint, or certified, attacked
-and saved as they finish) -> merge (every process's results in dataset order, a ``RunResult``) -> build
-(``report.build``) -> gates (``report.gates``) -> write (with ``out``; the checkpoint removed). Under torchrun each
-process takes a contiguous shard of batches and rank 0 merges the results.
+``certify`` runs its stages in order: options (``CertifyOptions``) -> data (the model and the data, loaded and
+checked against each other) -> setup (the checkpoint, checked against the settings first, then the bound, the
+engine and the warnings of ``sanity``) -> batches (read back from the checkpoint, or certified, attacked and saved
+as they finish) -> merge (every process's results in dataset order, a ``RunResult``) -> build (``report.build``,
+and the run's notes) -> gates (``report.gates``) -> write (with ``out``; the checkpoint removed). Under torchrun
+each process takes a contiguous shard of batches and rank 0 merges the results.
 """
 
 from __future__ import annotations
