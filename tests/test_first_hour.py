@@ -60,7 +60,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": root / "data.npz", "plain": dense_model(root / "plain.onnx"),
             "softmax": dense_model(root / "softmax.onnx", "Softmax"),
             "logsoftmax": dense_model(root / "logsoftmax.onnx", "LogSoftmax"),
-            "sigmoid": dense_model(root / "sigmoid.onnx", "Sigmoid")}
+            "sigmoid": dense_model(root / "sigmoid.onnx", "Sigmoid"),
+            "sigmoid1": dense_model(root / "sigmoid1.onnx", "Sigmoid", classes=1)}
 
 
 def flat(text: str) -> str:
@@ -94,6 +95,11 @@ def test_a_sigmoid_output_warns_even_with_a_finite_bound(files: dict[str, Path])
                              attack=False)
     (note,) = [n for n in report.notes if n.startswith("OUTPUT SQUASHED")]
     assert report.bound.value < 1 and "Sigmoid" in note and "far smaller" in note
+    assert "always positive" not in note  # three outputs: the class is their argmax
+    binary = lipcert.certify(lipcert.load_model(files["sigmoid1"], check=False), (arrays()[0], arrays()[1] % 2),
+                             eps="1/255", attack=False)
+    (note,) = [n for n in binary.notes if n.startswith("OUTPUT SQUASHED")]
+    assert "a one-output model's class is the sign of its output, which Sigmoid makes always positive" in note
     plain = lipcert.certify(lipcert.load_model(files["plain"]), files["data"], eps="1/255", attack=False)
     assert not [n for n in plain.notes if n.startswith("OUTPUT SQUASHED")] and gate(plain).passed
 

@@ -26,6 +26,8 @@ def output_note(graph: Graph, bound: float) -> str | None:
     effect = ("lipcert has no Lipschitz rule for it, so the bound is inf and nothing is certified"
               if not math.isfinite(bound) else "the radii certified from its outputs are far smaller than the "
                                                  "logits' would give")
+    if node.op == "Sigmoid" and math.prod(graph.value_shapes.get(graph.output, (2,))) == 1:
+        effect += ", and a one-output model's class is the sign of its output, which Sigmoid makes always positive"
     return (f"OUTPUT SQUASHED: the model's output comes from {node.op} (node {node.name!r}): {effect}; certify "
             f"the logits instead: export the model without its final {node.op}")
 
