@@ -10,7 +10,8 @@ The command line is a thin layer over this API::
                              attack=lipcert.AttackConfig(steps=20), min_clean_acc=0.9)
     print(result.status, result.passed, report.clean_accuracy, report.eps[0].certified_accuracy, report.passed)
     report.write("lipcert-report")                       # report.json, report.md, samples.csv, plot
-    # or certify(..., out="lipcert-report"): checkpointed as it runs (resume=True continues), written at the end
+    # or certify(..., out="lipcert-report"): checkpointed as it runs (the same call after a crash continues)
+    report = lipcert.certify(net, (x_test, y_test), eps="36/255", progress=True)  # a torch.nn.Module and arrays
 
 The names below are imported on first use, so that ``import lipcert`` (and ``lipcert --help``) does not load
 torch until the API is called.

@@ -18,6 +18,8 @@ from lipcert.errors import ConfigError
 from .conftest import SAMPLES, one_line, run_main
 
 MODEL = SAMPLES / "digits_dense.onnx"  # the bundled model that loads and bounds in well under a second
+#: a baseline that does not exist (yet)
+MISSING = "/nonexistent/lipcert-baseline/report.json"
 #: what legitimately differs between two runs of the same settings: the clock
 VOLATILE = ("timings", "created")
 
@@ -30,6 +32,9 @@ CASES = {
     "linf with an attack": (
         ["--norm", "linf", "--attack-steps", "3", "--attack-restarts", "1", "--seed", "7"],
         dict(norm="linf", attack=AttackConfig(steps=3, restarts=1, seed=7))),
+    "nothing certified, and no baseline yet": (  # both gates fail or pass the same way from both
+        ["--eps", "36/255,36", "--baseline", MISSING, "--missing-baseline", "skip", "--no-attack"],
+        dict(eps="36/255,36", baseline=MISSING, missing_baseline="skip", attack=False)),
     "a gate at a radius not in eps": (
         ["--eps", "36/255,0.1", "--min-certified-acc", "72/255=0.5", "--min-certified-acc", "0.1=0.2",
          "--min-clean-acc", "0.9", "--max-drop", "0.01", "--no-attack"],
@@ -55,7 +60,7 @@ def _files(out: Path) -> tuple[dict, str]:
 
 
 #: cases measured over about 5 s on the 2-core machine
-SLOW_CASES = {"a gate at a radius not in eps"}
+SLOW_CASES = {"a gate at a radius not in eps", "nothing certified, and no baseline yet"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
@@ -95,6 +100,10 @@ def test_the_api_attacks_in_the_run_norm_and_certifies_the_gate_radii(subset: Pa
     (lambda: lipcert.CertifyOptions(norm="l1"), "norm", "norm must be l2 or linf, got 'l1'"),
     (lambda: lipcert.CertifyOptions(min_clean_acc=90), "min_clean_acc",
      "min_clean_acc must be a fraction between 0 and 1, got 90; 90 looks like a percentage: write 0.9"),
+    (lambda: lipcert.CertifyOptions(missing_baseline="ignore"), "missing_baseline",
+     "missing_baseline must be fail or skip, got 'ignore'"),
+    (lambda: lipcert.CertifyOptions(allow_empty_certificates=1), "allow_empty_certificates",
+     "allow_empty_certificates must be True or False, got 1"),
     (lambda: lipcert.CertifyOptions(attack="yes"), "attack", "attack must be True, False, None or an AttackConfig, "
                                                              "got 'yes'"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -71,6 +72,11 @@ def report(clean: float = 0.9, certified: dict[float, float] | None = None, *, v
                   samples=SampleTable(zeros.long(), zeros.long(), zeros, zeros), attack=attack)
 
 
+def gates_of(rep: Report, **settings) -> list:
+    """The gates a test asks for, without the empty-table gate (tested on its own below)."""
+    return report_gates(rep, allow_empty_certificates=True, **settings)
+
+
 def by_name(gates) -> dict[str, bool]:
     return {g.name: g.passed for g in gates}
 
@@ -112,23 +118,23 @@ def test_verify_unknown_requirement_is_a_config_error() -> None:
 
 
 def test_no_thresholds_no_gates() -> None:
-    assert report_gates(report()) == []
+    assert gates_of(report()) == []
 
 
 def test_min_clean_accuracy_at_its_threshold() -> None:
-    assert by_name(report_gates(report(clean=0.9), min_clean_acc=0.9)) == {"clean accuracy >= 0.9": True}
-    (gate,) = report_gates(report(clean=0.8999), min_clean_acc=0.9)
+    assert by_name(gates_of(report(clean=0.9), min_clean_acc=0.9)) == {"clean accuracy >= 0.9": True}
+    (gate,) = gates_of(report(clean=0.8999), min_clean_acc=0.9)
     assert not gate.passed and gate.measured == "0.8999" and gate.required == ">= 0.9"
 
 
 def test_min_mean_radius_at_its_threshold() -> None:
-    assert by_name(report_gates(report(), min_mean_radius=0.25)) == {"mean certified radius >= 0.25": True}
-    (gate,) = report_gates(report(), min_mean_radius=0.2501)
+    assert by_name(gates_of(report(), min_mean_radius=0.25)) == {"mean certified radius >= 0.25": True}
+    (gate,) = gates_of(report(), min_mean_radius=0.2501)
     assert not gate.passed and gate.measured == "0.25" and gate.required == ">= 0.2501"
 
 
 def test_min_certified_accuracy_at_a_radius() -> None:
-    gates = report_gates(report(certified={0.0: 0.9, 0.5: 0.6, 1.0: 0.3}),
+    gates = gates_of(report(certified={0.0: 0.9, 0.5: 0.6, 1.0: 0.3}),
                          min_certified=[("0.5", 0.5, 0.6), ("1", 1.0, 0.31), ("2", 2.0, 0.0), ("3", 3.0, 0.1)])
     assert by_name(gates) == {"certified accuracy at 0.5 >= 0.6": True, "certified accuracy at 1 >= 0.31": False,
                               "certified accuracy at 2 >= 0": True, "certified accuracy at 3 >= 0.1": False}
@@ -138,19 +144,19 @@ def test_min_certified_accuracy_at_a_radius() -> None:
 def test_attack_violations_and_empirical_robust_accuracy() -> None:
     """Attack gates appear whenever the report has an attack result, with the default of no violations."""
     certified, empirical = {0.0: 0.9, 0.5: 0.6}, {0.0: 0.9, 0.5: 0.59}
-    ok = report_gates(report(certified=certified, violations=0, empirical={0.0: 0.9, 0.5: 0.6}))
+    ok = gates_of(report(certified=certified, violations=0, empirical={0.0: 0.9, 0.5: 0.6}))
     assert by_name(ok) == {"attack violations <= 0": True, "empirical robust accuracy >= certified at 0": True,
                            "empirical robust accuracy >= certified at 0.5": True}
-    broken = report_gates(report(certified=certified, violations=2, empirical=empirical), max_violations=1)
+    broken = gates_of(report(certified=certified, violations=2, empirical=empirical), max_violations=1)
     assert by_name(broken) == {"attack violations <= 1": False, "empirical robust accuracy >= certified at 0": True,
                                "empirical robust accuracy >= certified at 0.5": False}
     assert "the attack broke certified points" in broken[0].message
-    assert by_name(report_gates(report(violations=2), max_violations=2)) == {"attack violations <= 2": True}
+    assert by_name(gates_of(report(violations=2), max_violations=2)) == {"attack violations <= 2": True}
 
 
 def test_max_lipschitz_on_the_bound_used() -> None:
-    assert by_name(report_gates(report(value=2.0), max_lipschitz=2.0)) == {"Lipschitz bound used <= 2": True}
-    assert by_name(report_gates(report(value=2.01), max_lipschitz=2.0)) == {"Lipschitz bound used <= 2": False}
+    assert by_name(gates_of(report(value=2.0), max_lipschitz=2.0)) == {"Lipschitz bound used <= 2": True}
+    assert by_name(gates_of(report(value=2.01), max_lipschitz=2.0)) == {"Lipschitz bound used <= 2": False}
 
 
 @pytest.mark.parametrize("require_claim, claimed, proven, expected", [
@@ -162,12 +168,12 @@ def test_max_lipschitz_on_the_bound_used() -> None:
 ])
 def test_claim_gate(require_claim: bool | None, claimed: float | None, proven: bool, expected: dict) -> None:
     """By default the claim is checked whenever one is declared; ``require_claim=False`` skips it."""
-    assert by_name(report_gates(report(claimed=claimed, proven=proven), require_claim=require_claim)) == expected
+    assert by_name(gates_of(report(claimed=claimed, proven=proven), require_claim=require_claim)) == expected
 
 
 def test_required_claim_without_a_claim_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="there is no Lipschitz claim to check") as info:
-        report_gates(report(claimed=None), require_claim=True)
+        gates_of(report(claimed=None), require_claim=True)
     one_line(str(info.value))
 
 
@@ -180,8 +186,26 @@ def test_required_claim_without_a_claim_is_a_config_error() -> None:
 ])
 def test_thresholds_outside_0_1_are_config_errors(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        report_gates(report(), **kwargs)
+        gates_of(report(), **kwargs)
     assert needle in one_line(str(info.value))
+
+
+# ------------------------------------------------------------------------------------------ an empty table
+
+
+@pytest.mark.parametrize("certified, value, passed, measured", [
+    ({0.0: 0.9, 0.5: 0.1}, 1.0, True, "1 of 10 sample(s) at 0.5"),  # one sample is enough
+    ({0.0: 0.9, 0.5: 0.0, 1.0: 0.0}, 1.0, False, "0 of 10 sample(s) at 0.5"),  # radius 0 does not count
+    ({0.0: 0.9}, 1.0, True, "no radius above 0 requested"),
+    ({0.0: 0.9, 0.5: 0.6}, math.inf, False, "Lipschitz bound inf"),  # an infinite bound fails whatever the table
+])
+def test_a_report_that_certifies_nothing_fails_unless_allowed(certified: dict[float, float], value: float,
+                                                              passed: bool, measured: str) -> None:
+    rep = report(certified=certified, value=value)
+    (gate,) = [g for g in report_gates(rep) if g.name == "something is certified"]
+    assert (gate.passed, gate.measured) == (passed, measured)
+    assert passed or "allow_empty_certificates" in gate.message
+    assert report_gates(rep, allow_empty_certificates=True) == []
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -195,7 +219,7 @@ def baseline(accuracies: dict[float, float]) -> dict:
 def test_baseline_max_drop_at_its_threshold() -> None:
     """Each eps both reports share is compared; an eps only the baseline has is skipped."""
     now = report(certified={0.0: 0.9, 0.5: 0.6})
-    gates = report_gates(now, baseline=baseline({0.0: 0.95, 0.5: 0.6, 1.0: 0.5}), max_drop=0.05)
+    gates = gates_of(now, baseline=baseline({0.0: 0.95, 0.5: 0.6, 1.0: 0.5}), max_drop=0.05)
     assert by_name(gates) == {"certified accuracy at 0 vs baseline (max drop 0.05)": True,
                               "certified accuracy at 0.5 vs baseline (max drop 0.05)": True}
     assert gates[0].measured == "0.9000 (baseline 0.9500, change -0.0500)" and gates[0].required == ">= 0.9000"
@@ -216,7 +240,7 @@ def test_baseline_max_drop_at_its_threshold() -> None:
 ])
 def test_baseline_that_cannot_be_compared_is_a_config_error(document: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        report_gates(report(), baseline=document)
+        gates_of(report(), baseline=document)
     assert needle in one_line(str(info.value))
 
 
@@ -226,8 +250,19 @@ def test_load_baseline_reads_a_report(tmp_path: Path) -> None:
     assert load_baseline(path) == baseline({0.5: 0.6})
 
 
+def test_a_missing_baseline_fails_naming_the_setting_unless_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "baseline.json"
+    with pytest.raises(ConfigError) as info:
+        load_baseline(path)
+    assert str(info.value).startswith(f"{path}: no such baseline report") and "missing_baseline skip" in str(info.value)
+    assert info.value.parameter == ("missing_baseline",)
+    assert load_baseline(path, missing="skip") is None
+    (gate,) = gates_of(report(), baseline_missing=str(path))
+    assert gate.passed and gate.measured == f"skipped: no baseline at {path}" and "report.json" in gate.message
+
+
 @pytest.mark.parametrize("content, needle", [
-    (None, "no such baseline report"),
+    (None, "no such baseline report (for a first run, before any baseline exists, set missing_baseline skip)"),
     ("{not json", "the baseline is not a readable JSON report (JSONDecodeError)"),
     (b"\xff\xfe\x00", "the baseline is not a readable JSON report (UnicodeDecodeError)"),
     ("[1, 2]", "the baseline is not a lipcert report.json (schema lipcert.report/1)"),
@@ -251,7 +286,7 @@ def test_load_baseline_errors_name_the_file_on_one_line(tmp_path: Path, content:
 
 
 def test_junit_xml_has_one_case_per_gate_and_the_failures() -> None:
-    gates = report_gates(report(clean=0.8, certified={0.0: 0.8, 0.5: 0.6}), min_clean_acc=0.9,
+    gates = gates_of(report(clean=0.8, certified={0.0: 0.8, 0.5: 0.6}), min_clean_acc=0.9,
                          min_certified=[("0.5", 0.5, 0.5)], max_lipschitz=0.5)
     root = ElementTree.fromstring(junit_xml("report", gates, seconds=1.25))
     assert root.tag == "testsuites" and (root.get("tests"), root.get("failures")) == ("3", "2")
@@ -283,6 +318,6 @@ def test_junit_xml_with_no_gates_is_an_empty_passing_suite() -> None:
 
 
 def test_gates_markdown_marks_failures() -> None:
-    gates = report_gates(report(clean=0.8), min_clean_acc=0.9, max_lipschitz=1.0)
+    gates = gates_of(report(clean=0.8), min_clean_acc=0.9, max_lipschitz=1.0)
     assert gates_markdown(gates).splitlines()[2:] == ["| clean accuracy >= 0.9 | **FAIL** | 0.8000 | >= 0.9 |",
                                                      "| Lipschitz bound used <= 1 | pass | 1 | <= 1 |"]

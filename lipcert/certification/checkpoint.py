@@ -1,11 +1,14 @@
 """Resumable report runs: per-batch results saved in the output folder as batches finish.
 
 The checkpoint records the model and data hashes and every setting that changes a number (``checkpoint`` in
-``settings.SETTINGS``); a resume refuses a checkpoint made with different ones, naming the setting, and leaves it
-in place. Each batch file is
-written atomically, so an interrupted run (Ctrl-C, a killed process, a lost GPU) loses at most the batch in
-flight. A checkpoint is removed only by the run that made it: when it finishes, or when it stops on bad input
-(a resume would fail the same way); a run without ``resume`` refuses to start over an existing one.
+``settings.SETTINGS``). Each batch file is written atomically, so an interrupted run (Ctrl-C, a crash, a killed
+process, a lost GPU) loses at most the batch in flight. A run finding a checkpoint in its folder:
+- made with the same model, data and settings: continues it, with ``resume`` or without (the batches it holds are
+  the ones this run would compute), so that rerunning the command that crashed or was interrupted just works;
+- made with others (or unreadable): with ``resume``, refuses, naming the setting that differs, and leaves it in
+  place; without, replaces it (a new run in that folder, which would overwrite that run's report too), and says so.
+A checkpoint is removed by the run that made it when it finishes, or when it stops on bad input (a resume would
+fail the same way).
 """
 
 from __future__ import annotations
@@ -103,49 +106,49 @@ def _describe(key: str, value: Any) -> str:
     return f"{name} {value}"
 
 
-def refuse_overwrite(out_dir: str | Path) -> None:
-    """A run without resume must not discard an interrupted run's checkpoint: refuse, saying what to do."""
-    folder = Path(out_dir) / FOLDER
-    if (folder / MANIFEST).is_file():
-        batches = len(list(folder.glob("batch-*.npz")))
-        raise ConfigError(f"out {out_dir} holds the checkpoint of an unfinished run ({batches} finished "
-                          f"batch(es)): pass resume to continue it, or delete {folder} to start over",
-                          parameter=("out", "resume"))
-
-
 class Checkpoint:
     """Per-batch results of one run, keyed by the global batch index.
 
-    ``created`` says whether this run made it (it found none to resume)."""
+    ``created``: this run made it (it found none to continue); ``continued``: a run without ``resume`` found one
+    of the same settings and continues it; ``replaced``: why a run without ``resume`` replaced the one it found
+    (None when it did not)."""
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], resume: bool) -> None:
         self.folder = Path(out_dir) / FOLDER
         self.manifest = json.loads(json.dumps(manifest))
+        self.continued = False
+        self.replaced: str | None = None
         path = self.folder / MANIFEST
         self.created = not path.is_file()
         if not self.created:
-            if not resume:
-                refuse_overwrite(out_dir)
-            self._compare(path)
-            return
-        if self.folder.exists():  # a folder without a manifest holds nothing that could be resumed
+            difference = self._difference(path)
+            if difference is None:
+                self.continued = not resume
+                return
+            what, parameter = difference
+            if resume:
+                raise ConfigError(f"cannot resume: {what}; rerun with the checkpoint's settings, or delete "
+                                  f"{self.folder} to start over", parameter=parameter)
+            batches = len(list(self.folder.glob("batch-*.npz")))
+            self.replaced, self.created = f"{what} ({batches} finished batch(es), discarded)", True
+        if self.folder.exists():  # a folder without a manifest, or one replaced: nothing of it is kept
             shutil.rmtree(self.folder, ignore_errors=True)
         write_text_atomic(path, json.dumps(self.manifest, indent=2, sort_keys=True))
 
-    def _compare(self, path: Path) -> None:
+    def _difference(self, path: Path) -> tuple[str, str | None] | None:
+        """What makes the checkpoint at ``path`` another run's (and the setting it names), or None when this run
+        would compute the very batches it holds."""
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
-            raise ConfigError(f"the checkpoint's manifest is unreadable; delete {self.folder} to start over",
-                              source=str(path)) from None
+            return f"the checkpoint's manifest {path} is unreadable", None
         old, new = _flatten(saved), _flatten(self.manifest)
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 name = ENTRIES.get(key, key)
-                raise ConfigError(f"cannot resume: the checkpoint in {self.folder.parent} was made with "
-                                  f"{_describe(key, old.get(key))}, this run has {_describe(key, new.get(key))}; "
-                                  f"rerun with the checkpoint's settings, or delete {self.folder} to start over",
-                                  parameter=name if name in SETTINGS else None)
+                return (f"the checkpoint in {self.folder.parent} was made with {_describe(key, old.get(key))}, this "
+                        f"run has {_describe(key, new.get(key))}", name if name in SETTINGS else None)
+        return None
 
     def _file(self, index: int) -> Path:
         return self.folder / f"batch-{index:07d}.npz"

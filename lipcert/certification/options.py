@@ -90,10 +90,12 @@ class CertifyOptions:
     (``DEFAULT_BATCH_SIZE``). ``attack`` is True (PGD with ``AttackConfig``'s defaults), an ``AttackConfig``, or
     False/None (no attack); the attack always uses the run's norm. The gates (``min_clean_acc``,
     ``min_certified_acc``, ``min_mean_radius``, ``max_violations``, ``max_lipschitz``, ``require_claim``,
-    ``baseline``, ``max_drop``) are those of ``report_gates`` and end up in ``Report.gates``. ``out`` is the run's
-    folder: a checkpoint there while it runs (``resume`` continues it), the report written there at the end and
-    the checkpoint removed; ``checkpoint_dir`` keeps the checkpoint without writing a report. Without ``resume``,
-    an unfinished run's checkpoint in either is refused, never discarded. Options are frozen:
+    ``baseline``, ``missing_baseline``, ``max_drop``, ``allow_empty_certificates``) are those of ``report_gates``
+    and end up in ``Report.gates``. ``out`` is the run's folder: a checkpoint there while it runs, the report
+    written there at the end and the checkpoint removed; ``checkpoint_dir`` keeps the checkpoint without writing a
+    report. An unfinished run's checkpoint there is continued when it was made with the same model, data and
+    settings (``resume`` or not); one made with others is refused with ``resume``, replaced without it (see
+    ``checkpoint``). Options are frozen:
     ``dataclasses.replace`` makes (and checks) others.
     """
 
@@ -120,7 +122,9 @@ class CertifyOptions:
     max_lipschitz: float | None = _setting("max_lipschitz")
     require_claim: bool | None = _setting("require_claim")
     baseline: str | Path | Mapping[str, Any] | None = _setting("baseline")
+    missing_baseline: str = _setting("missing_baseline")
     max_drop: float = _setting("max_drop")
+    allow_empty_certificates: bool = _setting("allow_empty_certificates")
     checkpoint_dir: str | Path | None = _setting("checkpoint_dir")
     resume: bool = _setting("resume")
     #: what the settings above resolve to, set when the options are made
@@ -189,8 +193,6 @@ class CertifyOptions:
         return parse_eps(",".join([label for label, _ in eps] + extra))
 
     def _check_folders(self) -> None:
-        from lipcert.certification.checkpoint import refuse_overwrite
-
         for name in ("out", "checkpoint_dir"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, (str, Path)) and str(value).strip() != ""), name,
@@ -201,18 +203,21 @@ class CertifyOptions:
         if self.resume and self.folder is None:
             raise ConfigError("resume needs out or checkpoint_dir, the folder of the run to continue",
                               parameter=("resume", "out", "checkpoint_dir"))
-        if self.folder is not None and not self.resume:
-            refuse_overwrite(self.folder)
 
     def _load_baseline(self) -> None:
         from lipcert.report.gates import load_baseline
 
         if isinstance(self.baseline, (str, Path)):
-            self._set("baseline_report", load_baseline(Path(self.baseline)))
+            self._set("baseline_report", load_baseline(Path(self.baseline), missing=self.missing_baseline))
         else:
             _check(self.baseline is None or isinstance(self.baseline, Mapping), "baseline",
                    "a report.json path or its contents", self.baseline)
             self._set("baseline_report", dict(self.baseline) if self.baseline is not None else None)
+
+    @property
+    def baseline_missing(self) -> str | None:
+        """The path of a baseline that does not exist (``missing_baseline`` skip), else None."""
+        return str(self.baseline) if isinstance(self.baseline, (str, Path)) and self.baseline_report is None else None
 
     @property
     def folder(self) -> Path | None:

@@ -1,17 +1,19 @@
 """``certify``: a loaded model and a dataset in, a ``Report`` out (what ``lipcert report`` runs), and ``attack``.
 
-``certify`` runs its stages in order: options (``CertifyOptions``) -> data (opened and checked against the model)
--> setup (the bound, the engine, the checkpoint) -> batches (read back from the checkpoint, or certified, attacked
-and saved as they finish) -> merge (every process's results in dataset order, a ``RunResult``) -> build
-(``report.build``) -> gates (``report.gates``) -> write (with ``out``; the checkpoint removed). Under torchrun each
-process takes a contiguous shard of batches and rank 0 merges the results.
+``certify`` runs its stages in order: options (``CertifyOptions``) -> data (the model and the data, loaded and
+checked against each other) -> setup (the checkpoint, checked against the settings first, then the bound, the
+engine and the warnings of ``sanity``) -> batches (read back from the checkpoint, or certified, attacked and saved
+as they finish) -> merge (every process's results in dataset order, a ``RunResult``) -> build (``report.build``,
+and the run's notes) -> gates (``report.gates``) -> write (with ``out``; the checkpoint removed). Under torchrun
+each process takes a contiguous shard of batches and rank 0 merges the results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -34,12 +36,14 @@ from lipcert.certification.distributed import World, broadcast, gather, joined, 
 from lipcert.certification.engine import Engine, fixed_multiple, normalisation, pixel_model
 from lipcert.certification.options import CertifyOptions
 from lipcert.certification.radii import Certificates
+from lipcert.certification.sanity import output_note, radius_note
 from lipcert.certification.setup import certificate_setup
-from lipcert.data import Batch, Dataset, Labels, check_fits, open_dataset, read_batches
+from lipcert.data import Batch, Dataset, Labels, as_dataset, check_fits, read_batches
 from lipcert.data.base import sha256_file
 from lipcert.errors import DataError, LipcertError
 from lipcert.graph.core import Graph
-from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps, phase
+from lipcert.model.loader import as_graph
+from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps, as_progress, phase
 from lipcert.report.build import RunResult, RunTimings, build_report
 from lipcert.report.gates import report_gates
 from lipcert.report.model import BoundInfo, Report, SampleTable
@@ -106,45 +110,78 @@ def _options(options: CertifyOptions | None, eps: str | Sequence[str | float] | 
     return replace(options, **settings) if settings else options
 
 
-def certify(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | float] | None = None, *,
-            options: CertifyOptions | None = None, progress: Progress | None = None, world: World = ALONE,
-            **settings: Any) -> Report | None:
+def certify(model: Graph | str | Path | torch.nn.Module, data: str | Path | Dataset | Any,
+            eps: str | Sequence[str | float] | None = None, *, options: CertifyOptions | None = None,
+            progress: Progress | bool | Callable[[str, float, float | None], Any] | None = None,
+            world: World = ALONE, example_input: Any = None, **settings: Any) -> Report | None:
     """Certify every sample of ``data`` at each radius of the settings and return the report, gates included.
 
-    The settings are ``CertifyOptions``' parameters, as keywords (``eps`` may be the third argument) or as
-    ``options`` (keywords override it); their defaults are those of ``lipcert report``, and a wrong one is a
-    ``ConfigError`` naming it. With ``out``, the report is also written there, atomically, and the run's
-    checkpoint removed. In a torchrun ``world``, every process returns None but rank 0, which returns the merged
-    report. ``progress`` (a ``Progress``) hears of each phase as it goes.
+    ``model`` is a loaded ``Graph``, a model file, or a ``torch.nn.Module``: that is exported to ONNX in memory
+    (with ``example_input``, else the data's first sample) and the exported graph is what is certified (see
+    ``load_model``). ``data`` is a dataset file or folder, an ``(x, y)`` pair of numpy arrays or torch tensors, a
+    map-style torch ``Dataset`` of ``(x, y)`` pairs, or a ``lipcert.data.Dataset``; in memory, x is read as a
+    file's pixels would be (``value_range``: 0-1 floats, or 0-255). The settings are ``CertifyOptions``'
+    parameters, as keywords (``eps`` may be the third argument) or as ``options`` (keywords override it); their
+    defaults are those of ``lipcert report``, and a wrong one is a ``ConfigError`` naming it. With ``out``, the
+    report is also written there, atomically, and the run's checkpoint removed. In a torchrun ``world``, every
+    process returns None but rank 0, which returns the merged report. ``progress`` hears of each phase as it
+    goes: a ``Progress``, True (plain lines on stderr), or a function called with ``(phase, done, total)``.
 
     Example::
 
         graph = lipcert.load_model("sample_models/digits_conv.onnx")
         report = lipcert.certify(graph, "sample_models/digits_test.npz", eps="36/255,72/255", attack=False)
         print(report.eps[0].certified_accuracy)
+        report = lipcert.certify(net, (x_test, y_test), eps="36/255", progress=True)  # a module and arrays
     """
     started = time.perf_counter()
     opts = _options(options, eps, settings)
-    opts.check_model(model)
-    progress = progress or Progress()
+    progress = as_progress(progress)
     with joined(world, opts.run_device()) as device:
-        dataset, labels = _data(model, data, opts, progress)
-        run = _setup(model, dataset, opts, device, world, progress)
-        with _discard_on_bad_input(run.ckpt):
+        graph, dataset, labels = _data(model, data, opts, progress, example_input)
+        ckpt = _checkpoint(opts, graph, dataset, fixed_multiple(graph, opts.batch_size_on(device)), world)
+        with _discard_on_bad_input(ckpt):
+            run = _setup(graph, dataset, opts, device, world, progress, ckpt)
+            warnings = [n for n in (output_note(graph, run.info.value),
+                                    radius_note(opts.radii, opts.norm, graph.input_shape)) if n]
+            for text in warnings:
+                progress.note(text)
             merged = _merge(*_batches(run, dataset, labels, opts, progress), run, opts, dataset, world)
         if merged is None:
             return None
-    report = build_report(_result(model, dataset, labels, opts, run, merged, time.perf_counter() - started, world))
-    report.gates = report_gates(report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
-                                min_mean_radius=opts.min_mean_radius,
-                                max_violations=opts.max_violations, max_lipschitz=opts.max_lipschitz,
-                                baseline=opts.baseline_report, max_drop=opts.max_drop,
-                                require_claim=opts.require_claim)
+    report = build_report(_result(graph, dataset, labels, opts, run, merged, time.perf_counter() - started, world))
+    _gate(report, opts, warnings + _checkpoint_notes(ckpt, opts))
     if opts.out is not None:
         report.write(opts.out)
-        if run.ckpt is not None:
-            run.ckpt.remove()
+        if ckpt is not None:
+            ckpt.remove()
     return report
+
+
+def _gate(report: Report, opts: CertifyOptions, notes: list[str]) -> None:
+    """The run's own notes (its warnings, its checkpoint, a missing baseline) and the gates of the settings."""
+    report.notes += notes
+    if opts.baseline_missing is not None:
+        report.notes.append(f"the baseline {opts.baseline_missing} does not exist yet (missing_baseline skip): no "
+                            "drop was checked; copy this run's report.json there to make it the next baseline")
+    report.gates = report_gates(report, min_clean_acc=opts.min_clean_acc, min_certified=opts.certified_gates,
+                                min_mean_radius=opts.min_mean_radius, max_violations=opts.max_violations,
+                                max_lipschitz=opts.max_lipschitz, baseline=opts.baseline_report,
+                                max_drop=opts.max_drop, require_claim=opts.require_claim,
+                                allow_empty_certificates=opts.allow_empty_certificates,
+                                baseline_missing=opts.baseline_missing)
+
+
+def _checkpoint_notes(ckpt: Checkpoint | None, opts: CertifyOptions) -> list[str]:
+    """What the report says of a checkpoint a run without ``resume`` found: continued, or replaced."""
+    if ckpt is None or opts.resume:
+        return []
+    if ckpt.continued:
+        return [f"continued the unfinished run in {ckpt.folder.parent}, made with the same model, data and settings "
+                "(its finished batches were read back, not recomputed)"]
+    if ckpt.replaced:
+        return [f"replaced an unfinished run's checkpoint: {ckpt.replaced}"]
+    return []
 
 
 @dataclass
@@ -173,23 +210,31 @@ class _Merged:
     computed: int
 
 
-def _data(model: Graph, data: str | Path | Dataset, opts: CertifyOptions,
-          progress: Progress) -> tuple[Dataset, Labels]:
-    """The dataset, checked against the model, and how its labels name the model's classes (a model with one
-    output, whatever its shape, is a binary classifier: two classes)."""
+def _data(model: Graph | str | Path | torch.nn.Module, data: Any, opts: CertifyOptions, progress: Progress,
+          example_input: Any = None) -> tuple[Graph, Dataset, Labels]:
+    """The model (loaded, or exported with ``example_input``, else the data's first sample), the dataset, checked
+    against the model, and how its labels name the model's classes (a model with one output, whatever its shape,
+    is a binary classifier: two classes)."""
+    from_data = isinstance(model, torch.nn.Module) and example_input is None
+    graph = None if from_data else as_graph(model, example_input)
+    if graph is not None:
+        opts.check_model(graph)
     with phase(progress, READING):
-        dataset = data if not isinstance(data, (str, Path)) else open_dataset(
-            data, layout=opts.layout, value_range=opts.value_range, max_elements=opts.max_elements,
-            skip_bad_samples=opts.skip_bad_samples, workers=opts.workers)
-        outputs = math.prod(model.value_shapes.get(model.output, (2,)))
-        labels = check_fits(dataset, sample_shape=tuple(model.input_shape), num_classes=max(2, outputs),
+        dataset = as_dataset(data, layout=opts.layout, value_range=opts.value_range, max_elements=opts.max_elements,
+                             skip_bad_samples=opts.skip_bad_samples, workers=opts.workers)
+        if graph is None:
+            graph = as_graph(model, torch.from_numpy(next(iter(dataset.batches(1)))[0]))
+            opts.check_model(graph)
+        outputs = math.prod(graph.value_shapes.get(graph.output, (2,)))
+        labels = check_fits(dataset, sample_shape=tuple(graph.input_shape), num_classes=max(2, outputs),
                             binary=outputs == 1, skip_bad_samples=opts.skip_bad_samples)
-    return dataset, labels
+    return graph, dataset, labels
 
 
 def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, world: World,
-           progress: Progress) -> _Run:
-    """The bound (computed by rank 0, then shared), the engine, this process's shard and the checkpoint."""
+           progress: Progress, ckpt: Checkpoint | None) -> _Run:
+    """The bound (computed by rank 0, then shared), the engine and this process's shard, with the checkpoint
+    (made, and checked against the settings, before the bound: a resume with other settings is refused at once)."""
     t_bound = time.perf_counter()
     with phase(progress, BOUND):
         steps = Steps(progress)
@@ -204,7 +249,6 @@ def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, wo
     first, last = shard(-(-total // batch_size), world)
     samples = max(0, min(last * batch_size, total) - first * batch_size)
     scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
-    ckpt = _checkpoint(opts, model.source, dataset, batch_size, world)
     return _Run(engine, info, bound_seconds, batch_size, first, last, samples, scale, ckpt)
 
 
@@ -218,6 +262,12 @@ def _batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptions,
         progress.note(f"resume: no checkpoint in {opts.folder}; starting from the beginning" if run.ckpt.created
                       else f"resumed from {run.ckpt.folder}: read back {read_back} of {run.samples} samples "
                            f"({len(stored)} batches); computing the rest")
+    elif run.ckpt is not None and run.ckpt.continued:
+        progress.note(f"{opts.folder} holds an unfinished run with the same model, data and settings: continuing it "
+                      f"from {run.ckpt.folder}: read back {read_back} of {run.samples} samples ({len(stored)} "
+                      "batches); computing the rest")
+    elif run.ckpt is not None and run.ckpt.replaced:
+        progress.note(f"replaced an unfinished run's checkpoint: {run.ckpt.replaced}")
     if stored and run.engine.requested == "auto":
         run.engine.requested = stored[run.first].backend
     counted = (INFERENCE, ATTACK) if opts.attack_config else (INFERENCE,)
@@ -235,15 +285,25 @@ def _batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptions,
     return stored, attack_seconds, computed
 
 
-def _checkpoint(opts: CertifyOptions, model_file: str, dataset: Dataset, batch_size: int,
+def _model_sha256(model: Graph) -> str:
+    """The model file's sha256; for a model that is not a file (a module exported in memory), its ONNX model's."""
+    if Path(model.source).is_file():
+        return sha256_file(Path(model.source))
+    if model.onnx_model is not None:
+        return hashlib.sha256(model.onnx_model.SerializeToString(deterministic=True)).hexdigest()
+    return ""
+
+
+def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size: int,
                 world: World) -> Checkpoint | None:
     """The run's checkpoint in ``opts.folder`` (made or checked by rank 0, then opened by the others), or None.
 
-    Its manifest holds every setting that changes a number, so that a resume with other settings is refused."""
+    Its manifest holds every setting that changes a number, so that a checkpoint of other settings is never
+    continued."""
     if opts.folder is None:
         return None
     cfg = opts.attack_config
-    model_sha256 = sha256_file(Path(model_file)) if Path(model_file).is_file() else ""
+    model_sha256 = _model_sha256(model)
     manifest = {"model_sha256": model_sha256, "data_sha256": dataset.info.sha256, "eps": opts.radii,
                 "norm": opts.norm, "batch_size": batch_size, "backend": opts.backend, "mean": opts.mean,
                 "std": opts.std, "lipschitz": opts.lipschitz, "attack": None if cfg is None else cfg.__dict__,
@@ -343,13 +403,15 @@ def _result(model: Graph, dataset: Dataset, labels: Labels, opts: CertifyOptions
                      run.batch_size, run.info, samples, attack, m.skipped if opts.skip_bad_samples else None, timings)
 
 
-def attack(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | float] | None = None, *,
+def attack(model: Graph | str | Path | torch.nn.Module, data: str | Path | Dataset | Any,
+           eps: str | Sequence[str | float] | None = None, *,
            steps: int = 50, restarts: int = 2, norm: str = "l2", seed: int = 0, device: str = "auto",
            batch_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
            max_elements: int | None = None) -> AttackSummary:
     """Run the PGD attack alone on every correctly classified sample (no certificates, so no violations).
 
-    The settings mean what they do in ``certify`` (``CertifyOptions``), with the same defaults and checks.
+    The model, the data and the settings mean what they do in ``certify`` (``CertifyOptions``), with the same
+    defaults and checks.
 
     Example::
 
@@ -358,11 +420,10 @@ def attack(model: Graph, data: str | Path | Dataset, eps: str | Sequence[str | f
     """
     opts = CertifyOptions(eps=eps, norm=norm, device=device, batch_size=batch_size, mean=mean, std=std,
                           max_elements=max_elements, attack=AttackConfig(steps=steps, restarts=restarts, seed=seed))
-    opts.check_model(model)
     cfg = opts.attack_config
     assert cfg is not None  # the options were given an attack
     device = opts.run_device()
-    dataset, labels = _data(model, data, opts, Progress())
+    model, dataset, labels = _data(model, data, opts, Progress())
     forward = pixel_model(model, device, *normalisation(model, opts.mean, opts.std))
     batch_size = fixed_multiple(model, opts.batch_size_on(device))
     started = time.perf_counter()

@@ -25,6 +25,8 @@ from lipcert.parse import LAYOUTS, NORMS, REQUIRE, VALUE_RANGES, choice, fractio
 BACKENDS = ("auto", "torch", "onnxruntime")
 FORMATS = ("text", "json")
 PRECISIONS = ("float32", "bfloat16")
+#: what a run does when its baseline report does not exist
+MISSING_BASELINE = ("fail", "skip")
 #: radii certified when ``eps`` is not given, per norm: the usual benchmark radii of each norm
 DEFAULT_EPS = {"l2": "36/255,72/255,108/255", "linf": "1/255,2/255,4/255,8/255"}
 #: samples per batch when ``batch_size`` is not given, per kind of device
@@ -346,6 +348,12 @@ SETTINGS: dict[str, Setting] = _settings(
             negatable=True),
     Setting("baseline", _path, "gate: a previous report.json to compare with", frozenset({REPORT}), metavar="FILE",
             path=True),
+    Setting("missing_baseline", _choice(*MISSING_BASELINE), "fail (default): a baseline file that does not exist is "
+            "an error; skip: pass the baseline gate with a note (a first run, before any baseline exists)",
+            frozenset({REPORT}), "fail", _in(*MISSING_BASELINE), " or ".join(MISSING_BASELINE)),
+    Setting("allow_empty_certificates", _switch, "gate: do not fail when nothing is certified (no sample at any "
+            "radius above 0, or an infinite Lipschitz bound)", frozenset({REPORT}), False,
+            lambda v: isinstance(v, bool), "True or False", switch=True),
     Setting("max_drop", _fraction, "largest allowed drop in certified accuracy against the baseline, a fraction "
             "(default 0)", frozenset({REPORT}), 0.0, metavar="D"),
     # --- the run's folder and processes (flags only)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lipcert.data import cifar, idx, image_folder, npz, safetensors_data
+from lipcert.data import arrays, cifar, idx, image_folder, npz, safetensors_data
 from lipcert.data.base import (
     SPLITS,
     Batch,
@@ -27,8 +28,8 @@ from lipcert.data.base import (
 from lipcert.data.labels import BINARY_LABELS, Labels
 from lipcert.errors import DataError
 
-__all__ = ["FORMATS", "Batch", "Dataset", "DatasetInfo", "Labels", "check_fits", "detect_format", "open_dataset",
-           "read_batches"]
+__all__ = ["FORMATS", "Batch", "Dataset", "DatasetInfo", "Labels", "as_dataset", "check_fits", "detect_format",
+           "open_dataset", "read_batches"]
 
 # name -> (does the path look like this format?, open the path's split); detection tries them in this order.
 FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path, str], Source]]] = {
@@ -80,6 +81,26 @@ def open_dataset(path: str | Path, *, format: str | None = None, layout: str = "
             source = FORMATS[format][1](path, split)
         return build_dataset(source, path=str(path), layout=layout, value_range=value_range,
                              max_elements=max_elements, skip_bad_samples=skip_bad_samples)
+
+
+def as_dataset(data: object, *, layout: str = "auto", value_range: str = "auto", max_elements: int | None = None,
+               skip_bad_samples: bool = False, workers: int | None = None) -> Dataset:
+    """The data the API was given, as a ``Dataset``: a path (``open_dataset``), a ``Dataset`` as it is, an
+    ``(x, y)`` pair of numpy arrays or torch tensors, or a map-style torch ``Dataset`` of ``(x, y)`` pairs (both
+    read as a file of the same arrays would be); anything else is a one-line ``DataError``."""
+    options: dict[str, Any] = {"layout": layout, "value_range": value_range, "max_elements": max_elements,
+               "skip_bad_samples": skip_bad_samples}
+    if isinstance(data, (str, Path)):
+        return open_dataset(data, workers=workers, **options)
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return build_dataset(arrays.ArraySource(*data), path=arrays.ARRAYS_NAME, **options)
+    if hasattr(data, "__getitem__") and not isinstance(data, (bytes, dict, tuple, list, np.ndarray)):
+        name = f"<{type(data).__name__}>"
+        return build_dataset(arrays.MapSource(data, name), path=name, **options)
+    raise DataError(f"the data must be a dataset file or folder, an (x, y) pair of arrays or tensors, or a torch "
+                    f"Dataset of (x, y) pairs, got {type(data).__name__}", parameter="data")
 
 
 def check_fits(ds: Dataset, *, sample_shape: tuple[int, ...], num_classes: int, binary: bool = False,

@@ -7,6 +7,7 @@ import io
 import json
 import struct
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -207,21 +208,89 @@ def load_graph(path: str | Path, *, arch: str | Path | None = None, arch_python:
     raise ModelError("unknown model format: expected a .onnx or .safetensors file", source=str(path))
 
 
-def load_model(path: str | Path, arch: str | Path | None = None, *, arch_python: str | None = None,
-               input_shape: tuple[int, ...] | None = None, check: bool = True,
-               rtol: float | None = None, max_elements: int | None = None) -> Graph:
+def _example(module: torch.nn.Module, example_input: object, input_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The input a module is exported with: ``example_input`` (one batch, as ``torch.onnx.export`` takes it),
+    else a zero batch of one sample of ``input_shape``."""
+    if example_input is None:
+        if input_shape is None:
+            raise ModelError(f"a torch.nn.Module ({type(module).__name__}) needs example_input (one batch of "
+                             "inputs) or input_shape (one sample's shape) to be exported",
+                             parameter=("example_input", "input_shape"))
+        return torch.zeros((1,) + tuple(input_shape))
+    if isinstance(example_input, torch.Tensor):
+        tensor = example_input
+    else:
+        try:
+            tensor = torch.as_tensor(example_input)
+        except (TypeError, ValueError, RuntimeError):
+            raise ModelError(f"example_input must be a tensor or an array (one batch of inputs), got "
+                             f"{type(example_input).__name__}", parameter="example_input") from None
+    if tensor.ndim < 2 or not tensor.is_floating_point():
+        raise ModelError(f"example_input must be one batch of inputs, floating point with a batch axis first, got "
+                         f"{tensor.dtype} of shape {tuple(tensor.shape)}", parameter="example_input")
+    return tensor.detach().to("cpu", torch.float32)
+
+
+def graph_from_module(module: torch.nn.Module, example_input: object = None, *,
+                      input_shape: tuple[int, ...] | None = None, max_elements: int | None = None) -> Graph:
+    """A torch module exported to ONNX in memory (TorchScript exporter, in eval mode, the batch axis free) and
+    loaded: lipcert analyses the exported graph, as it would the file ``torch.onnx.export`` writes."""
+    import onnx
+
+    x = _example(module, example_input, input_shape)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():  # the exporter's deprecation notices are about our choice, not the user's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # torch annotates ``f`` as a path, but its TorchScript exporter (dynamo=False) writes to a file object too
+            torch.onnx.export(module, (x,), buffer, dynamo=False,  # type: ignore[arg-type]
+                              training=torch.onnx.TrainingMode.EVAL, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - the exporter (and the module it traces) may raise anything
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"cannot export the {type(module).__name__} module to ONNX: {type(exc).__name__}: {first}",
+                         parameter="model") from None
+    source = f"<{type(module).__name__} module>"
+    return graph_from_onnx(onnx.load_from_string(buffer.getvalue()), source, tuple(x.shape[1:]), max_elements)
+
+
+def load_model(path: str | Path | torch.nn.Module, arch: str | Path | None = None, *,
+               arch_python: str | None = None, input_shape: tuple[int, ...] | None = None, check: bool = True,
+               rtol: float | None = None, max_elements: int | None = None, example_input: object = None) -> Graph:
     """Load a model and check lipcert's executor against onnxruntime (the result is in ``graph.crosscheck``).
+
+    ``path`` is a model file, or a ``torch.nn.Module``: that is exported to ONNX in memory with ``example_input``
+    (one batch of inputs, else zeros of ``input_shape``), and the exported graph is what lipcert loads, verifies
+    and certifies (as the file ``torch.onnx.export`` would write), not the Python module.
 
     Example::
 
         graph = lipcert.load_model("sample_models/digits_conv.onnx")
         print(graph.input_shape, graph.crosscheck.max_rel_diff)
+        graph = lipcert.load_model(net, example_input=torch.rand(1, 1, 8, 8))  # a torch.nn.Module
     """
-    graph = load_graph(path, arch=arch, arch_python=arch_python, input_shape=input_shape,
-                       max_elements=max_elements)
+    if isinstance(path, torch.nn.Module):
+        graph = graph_from_module(path, example_input, input_shape=input_shape, max_elements=max_elements)
+    elif isinstance(path, (str, Path)):
+        graph = load_graph(path, arch=arch, arch_python=arch_python, input_shape=input_shape,
+                           max_elements=max_elements)
+    else:
+        raise ModelError(f"the model must be a model file path or a torch.nn.Module, got {type(path).__name__}",
+                         parameter="model")
     check_per_sample(graph)
     result: CrossCheck | None = None
     if check:
         result = crosscheck(graph) if rtol is None else crosscheck(graph, rtol=rtol)
     graph.crosscheck = result
     return graph
+
+
+def as_graph(model: object, example_input: object = None) -> Graph:
+    """The model the API was given: a loaded ``Graph`` as it is, else loaded (a file path, or a ``torch.nn.Module``
+    exported with ``example_input``) by ``load_model``; anything else is a one-line ``ModelError``."""
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, (str, Path, torch.nn.Module)):
+        return load_model(model, example_input=example_input)
+    raise ModelError(f"the model must be a lipcert Graph (lipcert.load_model), a model file path or a "
+                     f"torch.nn.Module, got {type(model).__name__}", parameter="model")

@@ -12,8 +12,8 @@ from lipcert.errors import ConfigError
 from lipcert.parse import REQUIRE, fraction_problem
 from lipcert.report.model import Gate, Report
 
-__all__ = ["Gate", "baseline_gates", "claim_gate", "gates_markdown", "junit_xml", "load_baseline", "report_gates",
-           "verify_gates"]
+__all__ = ["Gate", "baseline_gates", "claim_gate", "empty_gate", "gates_markdown", "junit_xml", "load_baseline",
+           "missing_baseline_gate", "report_gates", "verify_gates"]
 
 
 def verify_gates(result: VerifyResult, *, require: str = "proven", max_lipschitz: float | None = None) -> list[Gate]:
@@ -58,18 +58,47 @@ def claim_gate(report: Report) -> Gate:
                                              "cannot rest on it (run lipcert verify to find the layer)")
 
 
+def empty_gate(report: Report) -> Gate:
+    """Something is certified: the bound is finite and some sample is certified at a requested radius above 0 (a
+    run that certifies nothing, from a model ending in Softmax or a radius in the wrong unit, must not pass CI)."""
+    positive = [e for e in report.eps if e.eps > 0]
+    best = max(positive, key=lambda e: e.certified, default=None)
+    if not math.isfinite(report.bound.value):
+        passed, measured, why = False, "Lipschitz bound inf", "lipcert could not bound the model's Lipschitz constant"
+    elif best is None:
+        passed, measured, why = True, "no radius above 0 requested", ""
+    else:
+        passed = best.certified > 0
+        measured = f"{best.certified} of {report.num_samples} sample(s) at {best.label}"
+        why = "no sample is certified at any requested radius above 0"
+    return Gate("something is certified", passed, measured, "a finite bound, and 1 sample at a radius above 0",
+                "" if passed else f"{why}: the report certifies nothing (see its notes; allow_empty_certificates "
+                                  "passes this gate)")
+
+
+def missing_baseline_gate(path: str) -> Gate:
+    """The baseline gate of a run whose baseline file does not exist yet (``missing_baseline`` skip): passed."""
+    return Gate("certified accuracy vs baseline", True, f"skipped: no baseline at {path}", "missing_baseline skip",
+                "the baseline does not exist yet; copy this run's report.json there to make it the next baseline")
+
+
 def report_gates(report: Report, *, min_clean_acc: float | None = None,
                  min_certified: Sequence[tuple[str, float, float]] = (), min_mean_radius: float | None = None,
                  max_violations: int = 0,
                  max_lipschitz: float | None = None, baseline: dict | None = None,
-                 max_drop: float = 0.0, require_claim: bool | None = None) -> list[Gate]:
-    """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, and the
-    model's Lipschitz claim (``require_claim``; by default checked whenever a claim is declared)."""
+                 max_drop: float = 0.0, require_claim: bool | None = None, allow_empty_certificates: bool = False,
+                 baseline_missing: str | None = None) -> list[Gate]:
+    """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, the model's
+    Lipschitz claim (``require_claim``; by default checked whenever a claim is declared) and, unless
+    ``allow_empty_certificates``, that something is certified. ``baseline_missing`` is the path of a baseline
+    that does not exist (``missing_baseline`` skip): its gate passes, saying so."""
     _check_fractions([("min_clean_acc", str(min_clean_acc), min_clean_acc), ("max_drop", str(max_drop), max_drop)]
                      + [("min_certified_acc", f"{label}={acc:g}", acc) for label, _, acc in min_certified])
     gates: list[Gate] = []
     if require_claim or (require_claim is None and report.bound.claimed is not None):
         gates.append(claim_gate(report))
+    if not allow_empty_certificates:
+        gates.append(empty_gate(report))
     if min_clean_acc is not None:
         ok = report.clean_accuracy >= min_clean_acc
         gates.append(Gate(f"clean accuracy >= {min_clean_acc:g}", ok, f"{report.clean_accuracy:.4f}",
@@ -100,15 +129,20 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                           f"<= {max_lipschitz:g}"))
     if baseline is not None:
         gates += baseline_gates(report, baseline, max_drop)
+    elif baseline_missing is not None:
+        gates.append(missing_baseline_gate(baseline_missing))
     return gates
 
 
-def load_baseline(path: Path) -> dict:
-    """A previous report.json to compare with."""
+def load_baseline(path: Path, missing: str = "fail") -> dict | None:
+    """A previous report.json to compare with; None when it does not exist and ``missing`` is ``skip``."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError("no such baseline report", source=str(path)) from None
+        if missing == "skip":
+            return None
+        raise ConfigError("no such baseline report (for a first run, before any baseline exists, set "
+                          "missing_baseline skip)", source=str(path), parameter="missing_baseline") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"the baseline is not a readable JSON report ({type(exc).__name__})",
                           source=str(path)) from None

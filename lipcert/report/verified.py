@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from lipcert.bounds.results import VerifyResult
 from lipcert.bounds.verify import verify as verify_claim
 from lipcert.graph.core import Graph
+from lipcert.model.loader import as_graph
 from lipcert.report.gates import verify_gates
 from lipcert.report.model import Gate
 
@@ -27,10 +31,13 @@ class GatedVerifyResult(VerifyResult):
         return all(g.passed for g in self.gates)
 
 
-def verify(graph: Graph, bound: float | None = None, *, require: str = "proven", max_lipschitz: float | None = None,
-           bound_in_config: bool = False, **settings: Any) -> GatedVerifyResult:
+def verify(graph: Graph | str | Path | torch.nn.Module, bound: float | None = None, *, require: str = "proven",
+           max_lipschitz: float | None = None, bound_in_config: bool = False, example_input: Any = None,
+           **settings: Any) -> GatedVerifyResult:
     """Check the model's Lipschitz claim (``bound``, else its metadata claim, else 1) and gate the result.
 
+    ``graph`` is a loaded ``Graph``, a model file, or a ``torch.nn.Module`` exported to ONNX in memory with
+    ``example_input`` (one batch of inputs): the exported graph is what is verified (see ``load_model``).
     ``require`` (proven, or only not-violated) and ``max_lipschitz`` are the gates' settings; the other settings
     are those of ``bounds.verify.verify``. ``bound_in_config`` says the bound came from a config file, which the
     result states as its claim's source.
@@ -40,7 +47,7 @@ def verify(graph: Graph, bound: float | None = None, *, require: str = "proven",
         result = lipcert.verify(lipcert.load_model("sample_models/digits_broken.onnx"))
         print(result.status, result.passed, [g.name for g in result.gates if not g.passed])
     """
-    result = verify_claim(graph, bound, **settings)
+    result = verify_claim(as_graph(graph, example_input), bound, **settings)
     if bound is not None:
         result.claim_source = CONFIG_BOUND_SOURCE if bound_in_config else BOUND_SOURCE
     gates = verify_gates(result, require=require, max_lipschitz=max_lipschitz)
