@@ -90,13 +90,12 @@ def test_a_model_ending_in_softmax_warns_to_certify_the_logits_and_fails(files: 
 
 
 def test_a_sigmoid_output_warns_even_with_a_finite_bound(files: dict[str, Path]) -> None:
-    # check=False: onnxruntime's float32 sigmoid differs from torch's by more than the crosscheck allows near 0
-    report = lipcert.certify(lipcert.load_model(files["sigmoid"], check=False), files["data"], eps="1/255",
+    report = lipcert.certify(lipcert.load_model(files["sigmoid"]), files["data"], eps="1/255",
                              attack=False)
     (note,) = [n for n in report.notes if n.startswith("OUTPUT SQUASHED")]
     assert report.bound.value < 1 and "Sigmoid" in note and "far smaller" in note
     assert "always positive" not in note  # three outputs: the class is their argmax
-    binary = lipcert.certify(lipcert.load_model(files["sigmoid1"], check=False), (arrays()[0], arrays()[1] % 2),
+    binary = lipcert.certify(lipcert.load_model(files["sigmoid1"]), (arrays()[0], arrays()[1] % 2),
                              eps="1/255", attack=False)
     (note,) = [n for n in binary.notes if n.startswith("OUTPUT SQUASHED")]
     assert "a one-output model's class is the sign of its output, which Sigmoid makes always positive" in note

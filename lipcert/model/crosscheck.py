@@ -261,18 +261,22 @@ def _require_finite(graph: Graph, mine: torch.Tensor, deployed: np.ndarray, what
 
 def _output_magnitude(graph: Graph, values: dict[str, torch.Tensor], n: int) -> torch.Tensor | None:
     """Per sample, the largest magnitude the output's own node accumulates (``Op.magnitude``: |W| |x| + |b| for
-    a product), which bounds how far two evaluation orders of it may differ; None when it has none."""
+    a product), which bounds how far two evaluation orders of it may differ, and at least 1 for a function whose
+    error is absolute (sigmoid, tanh: ``Op.absolute_error``); None when it has none."""
     node = next((nd for nd in graph.nodes if graph.output in nd.outputs), None)
     if node is None:
         return None
+    entry = REGISTRY[node.op]
+    floor = torch.ones((n, 1), dtype=torch.float64) if entry.absolute_error else None
     args = [None if not name else values.get(name, graph.params.get(name)) for name in node.inputs]
     try:
-        m = REGISTRY[node.op].magnitude(node, args, node.outputs.index(graph.output))
+        m = entry.magnitude(node, args, node.outputs.index(graph.output))
     except Exception:  # noqa: BLE001 - inputs the absolute run cannot take: the output alone is the scale
-        return None
+        return floor
     if m is None or m.dim() == 0 or m.shape[0] < n:
-        return None
-    return m[:n].detach().double().cpu().reshape(n, -1).amax(dim=1, keepdim=True)
+        return floor
+    largest = m[:n].detach().double().cpu().reshape(n, -1).amax(dim=1, keepdim=True)
+    return largest if floor is None else torch.maximum(largest, floor)
 
 
 def _compare_output(graph: Graph, mine: torch.Tensor, deployed: np.ndarray, rtol: float,

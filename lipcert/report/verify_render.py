@@ -113,6 +113,11 @@ def render_verify(result: VerifyResult, out: Console) -> None:
     if result.top_contributors:
         parts = ", ".join(f"{c['layer']} ({c['factor']:.4g})" for c in result.top_contributors)
         out.print(f"largest factors: {parts}")
+    if result.why:
+        out.print(f"why: {result.why}", markup=False)
+    if result.witness is not None and result.witness["file"]:
+        out.print(f"witness: {result.witness['file']}: onnxruntime measures a ratio of {result.witness['ratio']:.6g} "
+                  f"> {result.claimed:g} on this pair of float32 inputs", markup=False)
     for note in result.notes:
         out.print(f"note: {note}", markup=False)
     out.print(f"verdict: [{STATUS_STYLE[result.status]}]{result.status.upper()}[/]  ({result.seconds:.1f} s)")
@@ -124,7 +129,8 @@ def verify_markdown(result: VerifyResult) -> str:
     upper = "unbounded" if result.network_upper == float("inf") else f"{result.network_upper:.6g}"
     lines = [f"## lipcert verify: `{Path(result.model).name}` is **{result.status.upper()}** "
              f"(claim {result.claimed:g}, {result.claim_source})", "",
-             f"Network upper bound {upper}, empirical lower bound {result.network_lower:.6g}.", "",
+             f"Network upper bound {upper}, empirical lower bound {result.network_lower:.6g}."
+             + (f" Why: {result.why}." if result.why else ""), "",
              "| node | op | lower | upper | method | status |", "| --- | --- | ---: | ---: | --- | --- |"]
     for row in result.layers:
         lower = "-" if row.lower is None else f"{row.lower:.6g}"

@@ -70,6 +70,11 @@ class Unary(Op):
     #: how the function's float evaluation errs, for operators with a rule
     error: Rounding = EXACT
 
+    @property
+    def absolute_error(self) -> bool:
+        """The function's error is absolute when its rounding model says so (tanh, sigmoid: ``error.absolute``)."""
+        return self.error.absolute > 0
+
     def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
