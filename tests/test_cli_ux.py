@@ -121,6 +121,25 @@ def test_choices_ignore_case_from_flags_and_config(capsys, monkeypatch, tmp_path
     assert code == 0 and json.loads(out)["device"] == "cpu"
 
 
+def test_choices_ignore_case_in_the_api() -> None:
+    from lipcert.bounds.results import PROVEN, VerifyResult
+    from lipcert.certification.attack import AttackConfig
+    from lipcert.certification.options import CertifyOptions
+    from lipcert.errors import ConfigError
+    from lipcert.report.gates import verify_gates
+
+    options = CertifyOptions(eps="0.1", norm="L2", backend="ORT", layout="nchw", value_range="AUTO",
+                             attack=AttackConfig(precision="BFloat16"))
+    assert (options.norm, options.backend, options.layout, options.value_range) == ("l2", "onnxruntime", "NCHW",
+                                                                                   "auto")
+    assert options.attack_config is not None and options.attack_config.precision == "bfloat16"
+    with pytest.raises(ConfigError, match="norm must be l2 or linf, got 'l1'"):
+        CertifyOptions(eps="0.1", norm="l1")
+    result = VerifyResult("s", "v", "m", 1.0, "default", 1e-5, "cpu", 0, [], 1.0, 0.5, "x", None, 0, False, PROVEN,
+                          [], [], [])
+    assert verify_gates(result, require="PROVEN")[0].passed
+
+
 def test_help_does_not_import_torch() -> None:
     script = ("import sys; from lipcert.cli.app import main; main(['--help']); main(['report', '--help']); "
               "main(['--version']); "

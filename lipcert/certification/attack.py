@@ -47,7 +47,7 @@ class AttackConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             if "setting" in f.metadata:
-                f.metadata["setting"].validate(getattr(self, f.name), f.name)
+                object.__setattr__(self, f.name, f.metadata["setting"].validate(getattr(self, f.name), f.name))
         if self.norm is not None and self.norm not in NORMS:
             raise ConfigError(f"norm must be l2 or linf, got {self.norm!r}", parameter="norm")
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (self.lower, self.upper)) \

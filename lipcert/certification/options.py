@@ -138,7 +138,7 @@ class CertifyOptions:
 
         for f in fields(self):
             if "setting" in f.metadata:
-                f.metadata["setting"].validate(getattr(self, f.name))
+                self._set(f.name, f.metadata["setting"].validate(getattr(self, f.name)))
         self._check_normalisation()
         if self.max_elements is not None:
             limits.resolve(self.max_elements)

@@ -207,8 +207,24 @@ def _finite_list(value: Any) -> bool:
             and all(is_finite(v) for v in value))
 
 
-def _in(*options: str) -> Callable[[Any], bool]:
-    return lambda value: value in options
+@dataclass(frozen=True)
+class _Options:
+    """The check that a value is one of ``options``; ``canonical`` names the option whatever the value's case."""
+
+    options: tuple[str, ...]
+
+    def __call__(self, value: Any) -> bool:
+        return value in self.options
+
+    def canonical(self, value: Any) -> Any:
+        try:
+            return choice(value, self.options)
+        except ValueError:
+            return value
+
+
+def _in(*options: str) -> _Options:
+    return _Options(options)
 
 
 # ---------------------------------------------------------------- the table
@@ -243,9 +259,11 @@ class Setting:
     api: str | None = None
 
     def validate(self, value: Any, parameter: str = "") -> Any:
-        """``value`` (a Python value given to the API), or a ConfigError ``NAME must be EXPECTED, got VALUE``
-        naming ``parameter`` (default: the setting's name)."""
+        """``value`` (a Python value given to the API; a choice named in any case, as its option), or a ConfigError
+        ``NAME must be EXPECTED, got VALUE`` naming ``parameter`` (default: the setting's name)."""
         name = parameter or self.name
+        if isinstance(self.check, _Options):
+            value = self.check.canonical(value)
         if self.check is not None and not self.check(value):
             raise ConfigError(f"{name} must be {self.expected}, got {value!r}", parameter=name)
         return value

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lipcert.bounds.results import PROVEN, VIOLATED, VerifyResult
 from lipcert.errors import ConfigError
-from lipcert.parse import REQUIRE, fraction_problem
+from lipcert.parse import REQUIRE, choice, fraction_problem
 from lipcert.report.model import Gate, Report
 
 __all__ = ["Gate", "baseline_gates", "claim_gate", "empty_gate", "gates_markdown", "junit_xml", "load_baseline",
@@ -18,8 +18,11 @@ __all__ = ["Gate", "baseline_gates", "claim_gate", "empty_gate", "gates_markdown
 
 def verify_gates(result: VerifyResult, *, require: str = "proven", max_lipschitz: float | None = None) -> list[Gate]:
     """The claim's status (``require``: proven, or only not violated) and an optional cap on the bound."""
-    if require not in REQUIRE:
-        raise ConfigError(f"require must be one of {', '.join(REQUIRE)}, got {require!r}", parameter="require")
+    try:
+        require = choice(require, REQUIRE)
+    except ValueError:
+        raise ConfigError(f"require must be one of {', '.join(REQUIRE)}, got {require!r}",
+                          parameter="require") from None
     passed = result.status == PROVEN if require == "proven" else result.status != VIOLATED
     gates = [Gate(f"lipschitz claim {result.claimed:g} is {require}", passed, result.status, require,
                   "" if passed else f"the claim is {result.status}" + (
