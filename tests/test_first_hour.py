@@ -21,7 +21,7 @@ from lipcert.certification import run as run_module
 from lipcert.errors import ConfigError, DataError, LipcertError, ModelError
 from lipcert.progress import Progress
 
-from .conftest import one_line, run_main
+from .conftest import SAMPLES, one_line, run_main
 
 FEATURES, CLASSES, SAMPLES_N = 16, 3, 48
 #: what legitimately differs between two runs of the same settings
@@ -87,6 +87,14 @@ def test_a_model_ending_in_softmax_warns_to_certify_the_logits_and_fails(files: 
     allowed = lipcert.certify(lipcert.load_model(files[final]), files["data"], eps="36/255", attack=False,
                               allow_empty_certificates=True)
     assert allowed.passed and not [g for g in allowed.gates if g.name == "something is certified"]
+
+
+def test_verify_of_a_model_ending_in_softmax_warns_too(files: dict[str, Path]) -> None:
+    result = lipcert.verify(lipcert.load_model(files["softmax"]), empirical_budget=0.5)
+    (note,) = [n for n in result.notes if n.startswith("OUTPUT SQUASHED")]
+    assert "certify the logits" in note and not result.passed
+    assert not [n for n in lipcert.verify(lipcert.load_model(SAMPLES / "digits_dense.onnx"), empirical=False).notes
+                if n.startswith("OUTPUT SQUASHED")]
 
 
 def test_a_sigmoid_output_warns_even_with_a_finite_bound(files: dict[str, Path]) -> None:

@@ -36,7 +36,6 @@ from lipcert.certification.distributed import World, broadcast, gather, joined, 
 from lipcert.certification.engine import Engine, fixed_multiple, normalisation, pixel_model
 from lipcert.certification.options import CertifyOptions
 from lipcert.certification.radii import Certificates
-from lipcert.certification.sanity import output_note, radius_note
 from lipcert.certification.setup import certificate_setup
 from lipcert.data import Batch, Dataset, Labels, as_dataset, check_fits, read_batches
 from lipcert.data.base import sha256_file
@@ -47,6 +46,7 @@ from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps,
 from lipcert.report.build import RunResult, RunTimings, build_report
 from lipcert.report.gates import report_gates
 from lipcert.report.model import BoundInfo, Report, SampleTable
+from lipcert.report.sanity import output_note, radius_note
 
 #: the world of a run without torchrun: one process
 ALONE = World()

@@ -14,6 +14,7 @@ from lipcert.graph.core import Graph
 from lipcert.model.loader import as_graph
 from lipcert.report.gates import verify_gates
 from lipcert.report.model import Gate
+from lipcert.report.sanity import output_note
 
 #: how the result names a claim given as ``bound``, and one a config file gave
 BOUND_SOURCE, CONFIG_BOUND_SOURCE = "bound", "bound in the config file"
@@ -47,7 +48,10 @@ def verify(graph: Graph | str | Path | torch.nn.Module, bound: float | None = No
         result = lipcert.verify(lipcert.load_model("sample_models/digits_broken.onnx"))
         print(result.status, result.passed, [g.name for g in result.gates if not g.passed])
     """
-    result = verify_claim(as_graph(graph, example_input), bound, **settings)
+    model = as_graph(graph, example_input)
+    result = verify_claim(model, bound, **settings)
+    if (squashed := output_note(model, result.network_upper)) is not None:
+        result.notes.append(squashed)
     if bound is not None:
         result.claim_source = CONFIG_BOUND_SOURCE if bound_in_config else BOUND_SOURCE
     gates = verify_gates(result, require=require, max_lipschitz=max_lipschitz)
