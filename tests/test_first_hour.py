@@ -244,6 +244,23 @@ def test_a_checkpoint_of_other_settings_is_replaced_without_resume_and_refused_w
     assert report.timings.samples_read_back == 0
 
 
+def test_a_checkpoint_of_another_lipcert_is_never_continued(tmp_path: Path, files: dict[str, Path]) -> None:
+    graph = lipcert.load_model(files["plain"])
+    settings = dict(eps="1/255", attack=False, backend="torch", checkpoint_dir=tmp_path, batch_size=16)
+    with pytest.raises(RuntimeError):
+        lipcert.certify(graph, files["data"], progress=Crash(RuntimeError("crash"), 32), **settings)
+    manifest = tmp_path / ".lipcert-checkpoint" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    assert data["lipcert_version"] == lipcert.__version__
+    data.pop("lipcert_version")
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="was made with an earlier lipcert, this run has lipcert "):
+        lipcert.certify(graph, files["data"], resume=True, **settings)
+    report = lipcert.certify(graph, files["data"], **settings)
+    assert report.timings.samples_read_back == 0
+    assert any(n.startswith("replaced an unfinished run's checkpoint") for n in report.notes)
+
+
 def test_a_resume_with_other_settings_is_refused_before_the_bound(monkeypatch, tmp_path: Path,
                                                                   files: dict[str, Path]) -> None:
     graph = lipcert.load_model(files["plain"])

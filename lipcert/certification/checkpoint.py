@@ -31,6 +31,7 @@ FOLDER = ".lipcert-checkpoint"
 MANIFEST = "manifest.json"
 #: how a mismatch message names each manifest entry: the setting it records, else what it is
 ENTRIES = {"model_sha256": "the model", "data_sha256": "the data", "world_size": "processes",
+           "lipcert_version": "lipcert",
            "attack.norm": "norm", "attack.lower": "attack box lower", "attack.upper": "attack box upper",
            **CHECKPOINT_ENTRIES}
 
@@ -95,6 +96,8 @@ def _describe(key: str, value: Any) -> str:
         return f"{name} sha256 {str(value)[:12]}..."
     if key == "world_size":
         return f"{value} process(es)"
+    if key == "lipcert_version":
+        return f"lipcert {value}" if value else "an earlier lipcert"
     if value is None or value is False:
         return f"no {name}"
     if value is True:

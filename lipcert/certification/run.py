@@ -47,6 +47,7 @@ from lipcert.report.build import RunResult, RunTimings, build_report
 from lipcert.report.gates import report_gates
 from lipcert.report.model import BoundInfo, Report, SampleTable
 from lipcert.report.sanity import output_note, radius_note
+from lipcert.version import __version__
 
 #: the world of a run without torchrun: one process
 ALONE = World()
@@ -298,8 +299,8 @@ def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size
                 world: World) -> Checkpoint | None:
     """The run's checkpoint in ``opts.folder`` (made or checked by rank 0, then opened by the others), or None.
 
-    Its manifest holds every setting that changes a number, so that a checkpoint of other settings is never
-    continued."""
+    Its manifest holds every setting that changes a number, and lipcert's version, so that a checkpoint of other
+    settings, or made by another lipcert, is never continued."""
     if opts.folder is None:
         return None
     cfg = opts.attack_config
@@ -307,7 +308,7 @@ def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size
     manifest = {"model_sha256": model_sha256, "data_sha256": dataset.info.sha256, "eps": opts.radii,
                 "norm": opts.norm, "batch_size": batch_size, "backend": opts.backend, "mean": opts.mean,
                 "std": opts.std, "lipschitz": opts.lipschitz, "attack": None if cfg is None else cfg.__dict__,
-                "world_size": world.size}
+                "world_size": world.size, "lipcert_version": __version__}
     if opts.skip_bad_samples:  # only when set, so that checkpoints made before the setting existed still resume
         manifest["skip_bad_samples"] = True
     ckpt = Checkpoint(opts.folder, manifest, opts.resume) if world.is_main else None
