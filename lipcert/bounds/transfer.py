@@ -213,7 +213,7 @@ def _reduction(op: LinearOperator, c: int, freqs: torch.Tensor,
     m0 = first[:, :, 0] * n
     t = torch.zeros(freqs.shape[0], c_out, c, dtype=torch.complex128)
     t[(freqs == 0).all(dim=1)] = m0.to(torch.complex128)
-    return t, m0.abs(), n + 2, True
+    return t, m0.abs(), c + 4, True  # M0 = n x (the stored weight), then a product over c channels
 
 
 def _combination(d: Combination, forms: list[_Form], grid: tuple[int, ...],
