@@ -263,9 +263,9 @@ def _whole(step: Step, composed: bool) -> list[tuple[str, UpperBound]]:
             circular = isinstance(conv.structure, ConvStructure) and conv.structure.circular  # always a conv
             found.append(("region.conv", UpperBound(value, "fft-circular (region)" if circular
                                                     else "fft-embedding (region)", False)))
-    value = transfer_bound(step) if composed else None
-    if value is not None:
-        found.append(("region.dft", UpperBound(value, "dft (region)", False)))
+    dft = transfer_bound(step) if composed else None
+    if dft is not None:
+        found.append(("region.dft", UpperBound(dft, "dft (region)", False)))
     return found
 
 
