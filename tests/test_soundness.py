@@ -139,7 +139,8 @@ STRUCTURED = [("conv", "pads"), ("conv", "SAME_LOWER"), ("conv_transpose", "pads
               ("linear_region", "two_branches"), ("region_forms", "circular"), ("region_forms", "grouped"),
               ("region_forms", "neg_sub"), ("region_forms", "concat_const"), ("rank_up", "scale"),
               ("rank_up", "broadcast_self"), ("slices", "concat_parts"), ("slices", "sum_parts"), ("sll", "ok"),
-              ("sll", "chain"), ("split_residual", "concat")]
+              ("sll", "chain"), ("split_residual", "concat"), ("region_whole", "sym_pad_conv"),
+              ("region_whole", "centred"), ("region_whole", "tail")]
 #: (kind, variant, thresholds): ci runs the structured variants, each under one setting; long every variant,
 #: drawing the setting per program
 LOWERED_CASES = [(k, v, sorted(LOWERED)[i % len(LOWERED)]) for i, (k, v) in enumerate(STRUCTURED)] \
@@ -175,7 +176,8 @@ def test_random_programs_lowered(tmp_path: Path) -> None:
 #: (kind, variant) of the sweep that must reach every path, in the order tried (later ones only if needed)
 PATH_SWEEP = [("sll", "ok"), ("sll", "split_b"), ("region_forms", "circular"), ("linear_region", "identity_conv"),
               ("wrap_conv", "ok"), ("pad", "reflect"), ("batchnorm", None), ("scale", "full"), ("dense", "gemm"),
-              ("split_residual", "concat"), ("slices", "concat_parts")] + STRUCTURED
+              ("split_residual", "concat"), ("slices", "concat_parts"), ("region_whole", "sym_pad_conv"),
+              ("region_whole", "centred"), ("region_whole", "tail")] + STRUCTURED
 
 
 def test_generator_reaches_every_bound_path(tmp_path: Path) -> None:

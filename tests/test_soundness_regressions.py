@@ -418,11 +418,12 @@ def test_linear_region_of_a_value_and_its_own_reshape_broadcast_against_it(tmp_p
 def test_linear_region_broadcast_against_itself_at_production_sizes(tmp_path: Path) -> None:
     """The same region large enough (1 x 2 x 4097 in, 2 x 2 x 4097 out) that production thresholds skip the
     dense SVD: its bound must stay at least its norm, 2 (each column pair gives x_j - x_i, and ||D|| = 2 for
-    the 4 x 2 difference matrix D)."""
+    the 4 x 2 difference matrix D). A Relu ends the region (a linear sum after it would join the region, and the
+    sum of all the differences is 0)."""
     from lipcert.bounds.propagate import propagate
 
     b = Builder((1, 2, 4097), seed=22, max_numel=1 << 16)
-    s = value_against_its_own_reshape(b, "mul")
+    s = b.node("Relu", [value_against_its_own_reshape(b, "mul")])
     graph = graph_of(b, b.node("ReduceSum", [b.node("Flatten", [s], axis=1), b.ints([1])], keepdims=1))
     rows = [row for row in propagate(graph, lower_bounds=False).layers if row.op.startswith("linear region")]
     assert len(rows) == 1 and rows[0].upper >= 2.0, [(row.op, row.upper, row.upper_method) for row in rows]

@@ -2,12 +2,15 @@
 
 A *region* is a set of steps (fused linear chains, and plain ``Add``/``Sub``/``Sum``/``Mean``/``Concat`` nodes)
 that reads one value u from outside, whose values are read only inside it (but for its last value), and that
-ends at a sum or concatenation. Each of its steps is linear in its data inputs once constants are dropped, so
-the region is one linear map A of u, with ||A|| <= the bound propagated through its steps (often far below it:
-||I + W|| against 1 + ||W||). ``region_bound`` bounds A by, in order: the dense SVD of A when it is small; the
-DFT bound of one convolution when A is a sum or concatenation of convolutions, identities and scales on one
-grid (their kernels add, aligned by their padding, with zero padding or circular padding alike); else the
-bound propagated through the steps. Which one was used is recorded (``BRANCHES``).
+ends at a sum or concatenation, or at the one linear chain that alone reads that (its *tail*: the convolution
+after a pad written as Slice/Concat). Each of its steps is linear in its data inputs once constants are dropped,
+so the region is one linear map A of u, with ||A|| <= the bound propagated through its steps (often far below it:
+||I + W|| against 1 + ||W||). ``region_bound`` bounds A by the dense SVD of A when it is small; else by the
+smallest of: the DFT bound of one convolution when A is a sum or concatenation of convolutions, identities and
+scales on one grid (their kernels add, aligned by their padding, with zero padding or circular padding alike);
+the DFT of the composed map when every step commutes with the grid's circular shifts (``transfer``); a pad and
+the convolution starting the tail by the tap count (``spectral.padded_conv_bound``); the region before its tail
+times the tail; the bound propagated through the steps. Which one was used is recorded (``BRANCHES``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from lipcert.bounds.fusion import refine
-from lipcert.bounds.kinds import Combination, Linear, Region
-from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, upper_bound
+from lipcert.bounds.kinds import Combination, Combine, Linear, Region
+from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, padded_conv_bound, upper_bound
 from lipcert.bounds.steps import Context, Step
 from lipcert.bounds.thresholds import record
+from lipcert.bounds.transfer import transfer_bound
 from lipcert.graph.linop import (
+    ChainStructure,
     ConvStructure,
     DiagStructure,
     LinearOperator,
@@ -34,7 +39,7 @@ from lipcert.graph.linop import (
 from lipcert.graph.ops import REGISTRY, RunContext
 
 #: how ``region_bound`` bounded a region (``thresholds.record``)
-BRANCHES = ("region.dense", "region.conv", "region.product")
+BRANCHES = ("region.dense", "region.conv", "region.dft", "region.pad-conv", "region.split", "region.product")
 
 
 def _linear_combination(step: Step) -> bool:
@@ -68,7 +73,11 @@ def merge_regions(ctx: Context, steps: list[Step]) -> list[Step]:
             continue
         ordered = [s for s in steps if any(s is r for r in region)]
         taken.update(id(s) for s in ordered)
-        regions[id(end)] = ordered
+        tail = _tail(ctx, ordered[-1], readers, taken)
+        if tail is not None:
+            ordered.append(tail)
+            taken.add(id(tail))
+        regions[id(ordered[-1])] = ordered
     out = []
     for s in steps:
         if id(s) in regions:
@@ -76,6 +85,19 @@ def merge_regions(ctx: Context, steps: list[Step]) -> list[Step]:
         elif id(s) not in taken:
             out.append(s)
     return out
+
+
+def _tail(ctx: Context, end: Step, readers: dict[str, list[Step]], taken: set[int]) -> Step | None:
+    """The linear chain that alone reads a region's value (a convolution after a pad written as Slice/Concat),
+    which joins the region so that the two are bounded as one operator; None when there is none."""
+    users = readers.get(end.output, [])
+    if len(users) != 1 or end.output in ctx.graph.outputs:
+        return None
+    t = users[0]
+    if id(t) in taken or not isinstance(t.details, Linear) or isinstance(t.details, Region) \
+            or ctx.shape(t.output) is None:
+        return None
+    return t
 
 
 def _grow(ctx: Context, end: Step, producer: dict[str, Step], readers: dict[str, list[Step]],
@@ -125,19 +147,25 @@ def _region_step(ctx: Context, region: list[Step]) -> Step:
         args = [env[v] if v in env else (None if not v else _zeros(ctx, v, like, len(out))) for v in node.inputs]
         return REGISTRY[node.op].run(node, args, RunContext(like.dtype))[0]
 
+    operator = from_function(_runner(region, source, combine), shapes[source], shapes[end.output], name=end.nodes[0])
+    return Step(Region(region, shapes, combine), "linear region", [n for s in region for n in s.nodes], [source],
+                end.output, operator=operator)
+
+
+def _runner(substeps: list[Step], source: str, combine: Combine) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map of ``substeps`` (in order) from the value ``source`` to the last one's output, constants dropped."""
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         env = {source: x}
-        for s in region:
+        for s in substeps:
             match s.details:
                 case Linear():
                     env[s.output] = s.linear.forward(env[s.inputs[0]])
                 case Combination() as d:
                     env[s.output] = combine(s, d, env, x, False)
-        return env[end.output]
+        return env[substeps[-1].output]
 
-    operator = from_function(forward, shapes[source], shapes[end.output], name=end.nodes[0])
-    return Step(Region(region, shapes, combine), "linear region", [n for s in region for n in s.nodes], [source],
-                end.output, operator=operator)
+    return forward
 
 
 def absolute_operator(step: Step) -> LinearOperator | None:
@@ -191,20 +219,85 @@ def _zeros(ctx: Context, value: str, like: torch.Tensor, rank: int) -> torch.Ten
 
 def region_bound(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -> UpperBound:
     """A proven upper bound on the region's operator norm (see the module docstring); ``bound_of(op)`` bounds
-    a linear step's operator (its ``UpperBound``)."""
+    a linear step's operator (its ``UpperBound``). The smallest of the bounds that apply, its branch recorded."""
     whole = upper_bound(step.linear)  # the dense SVD when small; else inf (kind "region")
     if math.isfinite(whole.value):
         record("region.dense")
         return whole
+    branch, best = min(_candidates(step, bound_of), key=lambda c: c[1].value)
+    record(branch)
+    return best
+
+
+def _candidates(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -> list[tuple[str, UpperBound]]:
+    """Every bound that applies to a region too large for its dense norm, with its branch: one convolution, the
+    DFT of the composed map (``transfer``), a pad and the convolution after it, the region before its tail times
+    the tail, and the product of its steps (which always applies)."""
+    found = _whole(step, True)
+    split = _split(step)
+    if split is not None:
+        head, tail = split
+        pad_conv = _pad_conv(head, tail, bound_of)
+        if pad_conv is not None:
+            found.append(("region.pad-conv", UpperBound(pad_conv, "pad-conv (region)", False)))
+        # the head's product times the tail is the region's product; its DFT is needed only if the whole's failed
+        head_bounds = [upper_bound(head.linear).value] + [b.value for _, b in _whole(head, not any(
+            branch == "region.dft" for branch, _ in found))]
+        value = min(head_bounds)
+        if math.isfinite(value):
+            for t in tail:
+                value = mul_up(value, bound_of(refine(t.linear)).value)
+            found.append(("region.split", UpperBound(value, "product(region, tail)", False)))
+    found.append(("region.product", UpperBound(_propagated(step, bound_of), "product(region steps)", False)))
+    return found
+
+
+def _whole(step: Step, composed: bool) -> list[tuple[str, UpperBound]]:
+    """The bounds of a region as one operator: one convolution (``as_conv``), and with ``composed`` the DFT of the
+    composed map (``transfer``)."""
+    found = []
     conv = as_conv(step)
     if conv is not None:
         value = conv_upper_bound(conv)
         if math.isfinite(value):
-            record("region.conv")
             circular = isinstance(conv.structure, ConvStructure) and conv.structure.circular  # always a conv
-            return UpperBound(value, "fft-circular (region)" if circular else "fft-embedding (region)", False)
-    record("region.product")
-    return UpperBound(_propagated(step, bound_of), "product(region steps)", False)
+            found.append(("region.conv", UpperBound(value, "fft-circular (region)" if circular
+                                                    else "fft-embedding (region)", False)))
+    dft = transfer_bound(step) if composed else None
+    if dft is not None:
+        found.append(("region.dft", UpperBound(dft, "dft (region)", False)))
+    return found
+
+
+def _pad_conv(head: Step, tail: list[Step], bound_of: Callable[[LinearOperator], UpperBound]) -> float | None:
+    """The head (a pad) and the convolution that starts the tail bounded as one (``padded_conv_bound``, from the
+    head's absolute map), times the bounds of the rest of the tail; None when the tail does not start with one."""
+    absolute = absolute_operator(head)
+    first = refine(tail[0].linear)
+    parts = first.structure.parts if isinstance(first.structure, ChainStructure) else (first,)
+    value = None if absolute is None else padded_conv_bound(absolute, parts[0])
+    if value is None:
+        return None
+    for op in [*parts[1:], *(refine(t.linear) for t in tail[1:])]:
+        value = mul_up(value, bound_of(op).value)
+    return value
+
+
+def _split(step: Step) -> tuple[Step, list[Step]] | None:
+    """A region that ends in linear chains after its last combination (``_tail``): the region up to that
+    combination, as a step of its own, and those chains; None when it ends at a combination."""
+    region = _region(step)
+    substeps = region.substeps
+    last = max(i for i, s in enumerate(substeps) if isinstance(s.details, Combination))
+    if last == len(substeps) - 1:
+        return None
+    head, tail = substeps[:last + 1], substeps[last + 1:]
+    source, end = step.inputs[0], head[-1]
+    operator = from_function(_runner(head, source, region.combine), region.shapes[source], region.shapes[end.output],
+                             name=end.nodes[0])
+    first = Step(Region(head, region.shapes, region.combine), "linear region", [n for s in head for n in s.nodes],
+                 [source], end.output, operator=operator)
+    return first, tail
 
 
 def _propagated(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -> float:

@@ -55,8 +55,8 @@ STRUCTURAL = (ScalarStructure, DiagStructure, IsometryStructure, ProjectionStruc
 
 #: the branches ``upper_bound`` records (``thresholds.record``): the method of each bound, and chunked evaluation
 BRANCHES = ("spectral.svd", "spectral.matrix-svd", "spectral.gram", "spectral.fft-circular", "spectral.fft-embedding",
-            "spectral.schur", "spectral.product", "spectral.structural", "spectral.none", "spectral.dense-chunked",
-            "spectral.dft-chunked")
+            "spectral.schur", "spectral.product", "spectral.pad-conv", "spectral.structural", "spectral.none",
+            "spectral.dense-chunked", "spectral.dft-chunked")
 
 
 @dataclass
@@ -369,6 +369,66 @@ def _conv_bound(op: LinearOperator, device: str | torch.device) -> UpperBound | 
     return UpperBound(mul_up(value, math.sqrt(mult)), "fft-circular", exact)
 
 
+# ------------------------------------------------------------------------------------- pad + conv
+
+
+def _tap_counts(n: int, outputs: int, k: int, stride: int, dilation: int, begin: int) -> list[int]:
+    """Per input position q of one axis, how many (output o, tap t) pairs read it: s o + d t - begin = q."""
+    counts = [0] * n
+    for o in range(outputs):
+        for t in range(k):
+            q = stride * o + dilation * t - begin
+            if 0 <= q < n:
+                counts[q] += 1
+    return counts
+
+
+def padded_conv_bound(absolute: LinearOperator, conv: LinearOperator) -> float | None:
+    """A proven bound on ||C P|| for a convolution C read after a linear map P, from |P| (``absolute``: a map with
+    |P| entrywise, or P itself when it is non-negative) alone; None when C is not a plain convolution of
+    ``absolute``'s output.
+
+    The tap-count argument, with the pad: (C z)_o = W_mat patch_o(z) per group, so
+    ||C z||^2 <= max_g ||W_g||^2 sum_o ||patch_o(z)||^2 = max_g ||W_g||^2 sum_q tau_q ||z_q||^2, tau_q the number of
+    (output, tap) pairs that read input position q (zero padding reads nothing). With z = P x, |z| <= |P| |x|, so
+    ||C P||^2 <= max_g ||W_g||^2 ||D^(1/2) |P| ||^2 <= max_g ||W_g||^2 max(|P|^T D |P| 1) (D = diag(tau); the
+    Schur test on the non-negative symmetric |P|^T D |P|). For a pad that copies entries, |P|^T D |P| is diagonal
+    and max(|P|^T D |P| 1) is the most (output, tap) pairs that read one input entry, through its copies: the
+    library's "each entry is read k x k times", made exact at the borders. Assumes (checked): C is a forward,
+    zero-padded convolution whose structure describes exactly the shapes it maps (its input is ``absolute``'s
+    output)."""
+    s = conv.structure
+    if not isinstance(s, ConvStructure) or s.transpose or s.circular or s.loose_in or s.inexact:
+        return None
+    w = s.weight.detach().to(torch.float64)
+    nd = w.dim() - 2
+    n = tuple(int(v) for v in s.input_spatial)
+    pads = tuple(int(v) for v in s.pads)
+    if len(pads) != 2 * nd or min(pads, default=0) < 0 or len(n) != nd:
+        return None
+    k_eff = tuple(d * (k - 1) + 1 for d, k in zip(s.dilation, w.shape[2:], strict=False))
+    outputs = tuple((ni + b + e - ke) // si + 1 for ni, b, e, ke, si in zip(n, pads[:nd], pads[nd:], k_eff, s.stride,
+                                                                          strict=False))
+    groups = int(s.groups)
+    if min(outputs) < 1 or not _conv_shapes_match(conv, w, n, outputs, groups, False) \
+            or tuple((s.core or (conv.in_shape, conv.out_shape))[0]) != tuple(absolute.out_shape):
+        return None
+    tau = torch.ones((), dtype=torch.float64)
+    for i in range(nd):
+        counts = torch.tensor(_tap_counts(n[i], outputs[i], w.shape[2 + i], int(s.stride[i]), int(s.dilation[i]),
+                                          pads[i]), dtype=torch.float64)
+        tau = tau[..., None] * counts
+    with torch.no_grad():
+        reach = absolute.forward(torch.ones((1,) + tuple(absolute.in_shape), dtype=torch.float64))
+        read = absolute.adjoint(reach * tau)
+    # sums of non-negative terms (relative error gamma_n each, n the entries summed), covered by the margin
+    most = max(float(read.max()), 0.0) if read.numel() else 0.0
+    c_out, c_in_g = w.shape[:2]
+    kernel = w.reshape(groups, c_out // groups, c_in_g * math.prod(w.shape[2:]))
+    value = math.sqrt(most) * _largest_singular_value(kernel)
+    return _inflate(value, absolute.in_numel + absolute.out_numel + kernel.shape[1] * kernel.shape[2])
+
+
 # ---------------------------------------------------------------------------------------- dispatcher
 
 
@@ -388,6 +448,16 @@ def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,
     """||A_k ... A_1|| <= prod ||A_i||, each factor bounded on its own, the product rounded upwards."""
     record("spectral.product")
     bounds = [upper_bound(p, device=device, dense_limit=dense_limit) for p in parts]
+    i = 0
+    while i < len(bounds) - 1:  # a non-negative map (a pad) and the convolution reading it, bounded as one
+        pad, conv = parts[i], parts[i + 1]
+        whole = padded_conv_bound(pad, conv) if isinstance(pad.structure, NonnegativeStructure) \
+            and not pad.structure.loose_out else None
+        if whole is not None and whole < mul_up(bounds[i].value, bounds[i + 1].value):
+            record("spectral.pad-conv")
+            bounds[i:i + 2] = [UpperBound(whole, "pad-conv", False)]
+            parts = [*parts[:i], conv, *parts[i + 2:]]  # keeps ``parts`` aligned with ``bounds``
+        i += 1
     value = 1.0
     for b in bounds:
         value = mul_up(value, b.value)

@@ -129,6 +129,7 @@ VARIANTS: dict[str, list[str]] = {
     "region_forms": ["circular", "grouped", "neg_sub", "concat_const", "mean_const"],
     "rank_up": ["scale", "shift", "copies", "broadcast_self", "broadcast_self"],
     "slices": ["one", "one", "two_axes", "concat_parts", "sum_parts", "region_inside", "region_around"],
+    "region_whole": ["sym_pad_conv", "centred", "tail"],
 }
 
 
@@ -1662,6 +1663,52 @@ def blk_slices(d: Draw, b: Builder, v: str) -> str:
     return parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=axis)
 
 
+def symmetric_pad(d: Draw, b: Builder, v: str, axis: int, p: int, q: int, edge: bool) -> str:
+    """deel-torchlip's symmetric (or reflect, without the edge entry) padding as exported: Concat of reversed
+    Slices and the value along per-sample axis ``axis``."""
+    n = shape(b, v)[axis - 1]
+    skip = 0 if edge else 1
+    parts = [slice_range(d, b, v, axis, skip, skip + p, -1)] if p else []
+    parts.append(v)
+    if q:
+        parts.append(slice_range(d, b, v, axis, n - q - skip, n - skip, -1))
+    return b.node("Concat", parts, axis=axis)
+
+
+def blk_region_whole(d: Draw, b: Builder, v: str) -> str:
+    """Linear regions bound whole: a symmetric or reflect pad written as Slice/Concat then the convolution reading
+    it (``sym_pad_conv``); a circular convolution centred by its spatial mean, as orthogonium's PatchBasedCNN
+    (``centred``, a Relu after so that nothing joins the region); x + conv(x) read by a dense layer (``tail``)."""
+    variant = d.variant("region_whole")
+    b.note(f"region bound whole ({variant})")
+    s = shape(b, v)
+    need(len(s) == 3)
+    if variant == "sym_pad_conv":
+        edge = d.bool()
+        need(min(s[1:]) >= (2 if edge else 3))
+        kernel = [d.choice([2, 3]) for _ in s[1:]]
+        x = v
+        for axis, k in zip((2, 3), kernel):
+            p = d.int(0, k - 1)
+            x = symmetric_pad(d, b, x, axis, p, k - 1 - p, edge)
+        cout = d.int(1, 4)
+        w = b.rng.standard_normal((cout, s[0]) + tuple(kernel))
+        orthonormal = d.bool()  # deel-torchlip's: orthonormal rows of the reshaped kernel, over sqrt(taps)
+        if orthonormal:
+            flat = w.reshape(cout, -1)
+            u, _, vt = np.linalg.svd(flat, full_matrices=False)
+            w = (u @ vt).reshape(w.shape) / math.sqrt(math.prod(kernel))
+        w = normalised(w, operator_norm("Conv", shape(b, x), [t64(w)]), gain(d))
+        b.note(f"{'symmetric' if edge else 'reflect'} pad then conv k{kernel}{' orthonormal' if orthonormal else ''}")
+        return b.node("Conv", [x, weight(d, b, w)])
+    if variant == "centred":
+        f = circular_conv(d, b, v)
+        mean = b.reduce("ReduceMean", f, [2, 3])
+        return b.node("Relu", [b.node("Sub", [f, mean])])
+    total = b.node("Add", [v, circular_conv(d, b, v)])
+    return blk_dense(d, b, total)
+
+
 BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "dense": blk_dense, "matmul_last": blk_matmul_last, "conv": blk_conv, "conv_transpose": blk_conv_transpose,
     "batchnorm": blk_batchnorm, "scale": blk_scale, "shift": blk_shift, "unary_linear": blk_unary_linear,
@@ -1671,7 +1718,7 @@ BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "residual": blk_residual, "broadcast_pair": blk_broadcast_pair, "gated": blk_gated, "sll": blk_sll,
     "groupsort": blk_groupsort, "maxmin": blk_maxmin, "relu_neg": blk_relu_neg, "l2pool": blk_l2pool,
     "split_residual": blk_split_residual, "l2norm": blk_l2norm, "linear_region": blk_linear_region,
-    "region_forms": blk_region_forms, "rank_up": blk_rank_up, "slices": blk_slices,
+    "region_forms": blk_region_forms, "rank_up": blk_rank_up, "slices": blk_slices, "region_whole": blk_region_whole,
 }
 #: how often a random program picks each block (patterns and the shapes that break things are favoured)
 WEIGHTS = {"dense": 3, "conv": 3, "act": 3, "residual": 2, "broadcast_pair": 2, "sll": 2, "maxmin": 2,
@@ -1679,7 +1726,7 @@ WEIGHTS = {"dense": 3, "conv": 3, "act": 3, "residual": 2, "broadcast_pair": 2, 
            "l2norm": 2, "linear_region": 2, "region_forms": 2, "rank_up": 2, "slices": 2}
 #: blocks whose natural input is an image (the focused tests start from a rank-3 sample shape)
 IMAGE_BLOCKS = {"conv", "conv_transpose", "batchnorm", "pad", "wrap_conv", "avgpool", "maxpool", "lppool",
-                "l2pool", "broadcast_pair", "groupsort", "region_forms"}
+                "l2pool", "broadcast_pair", "groupsort", "region_forms", "region_whole"}
 
 
 #: variants that need an image (a rank-3 sample) to apply

@@ -23,7 +23,8 @@ LOWERED: dict[str, dict[str, int]] = {
 #: every method a row's upper bound can name (``LayerResult.upper_method``; "product(" stands for any product
 #: of parts' bounds)
 METHODS = ("svd", "fft-circular", "fft-embedding", "gram", "schur", "structural", "product(",
-           "fft-circular (region)", "fft-embedding (region)", "product(region steps)")
+           "fft-circular (region)", "fft-embedding (region)", "product(region steps)", "pad-conv", "dft (region)",
+           "pad-conv (region)", "product(region, tail)")
 
 #: every structured branch the bounds declare
 BRANCHES = spectral.BRANCHES + regions.BRANCHES + fusion.BRANCHES + patterns.BRANCHES + propagate.BRANCHES
@@ -32,6 +33,6 @@ BRANCHES = spectral.BRANCHES + regions.BRANCHES + fusion.BRANCHES + patterns.BRA
 def methods_of(upper_method: str) -> set[str]:
     """The entries of ``METHODS`` a row's method uses: itself, and for a product of parts' bounds "product(" and
     the method of each factor (each factor's bound enters the row's bound, which the oracles check)."""
-    if upper_method.startswith("product(") and upper_method != "product(region steps)":
+    if upper_method.startswith("product(") and not upper_method.startswith("product(region"):
         return {"product("} | set(upper_method[len("product("):-1].split(","))
     return {upper_method}
