@@ -305,6 +305,18 @@ def test_maxmin_of_a_selection_that_repeats_a_coordinate_is_not_claimed(form: st
     assert bound > 1.0 + 1e-6
 
 
+def test_maxmin_of_selected_coordinates_joins_the_other_inputs_of_its_concat() -> None:
+    """Concat(Max(a, b), Min(a, b), w) with a, b strided slices of the input and w = 2 x: sqrt(1 + 4)."""
+    b = Builder((8,))
+    a, c = b.slice("input", [0], [8], [1], [2]), b.slice("input", [1], [8], [1], [2])
+    twice = b.node("Mul", ["input", b.const(np.float32(2.0))])
+    graph, steps = analyse(b, b.node("Concat", [b.node("Max", [a, c]), twice, b.node("Min", [a, c])], axis=1))
+    (step,) = claimed(steps, "Concat (" + SELECTED)
+    assert step.kind == "concat" and len(step.inputs) == 2
+    assert network_bound(graph) == pytest.approx(math.sqrt(5), rel=1e-9)
+    assert measured(graph) <= network_bound(graph) * SOUND
+
+
 def test_a_gather_elements_that_repeats_an_entry_is_bounded_by_its_own_norm() -> None:
     """The MaxMin after it is claimed on the gathered value (1-Lipschitz in it), and the gather that reads entry 3
     twice is a linear step of norm sqrt(2): the network bound is sqrt(2), and measured there."""
@@ -494,7 +506,7 @@ def _householder_miss(b: Builder) -> str:
     return b.node("Concat", [b.node("Mul", [x, gt]), b.node("Mul", [y, gt])], axis=1)
 
 
-ANGLE = "Atan"
+ANGLE = "Atan (an angle"
 
 
 def _angle(b: Builder) -> str:
@@ -515,7 +527,7 @@ CASES: dict[str, tuple[tuple[int, ...], Callable[[Builder], str], Callable[[Buil
     "maxmin_select": ((8,), lambda b: selected_maxmin(b, "gather"), lambda b: selected_maxmin(b, "gather", True),
                       SELECTED),
     "householder": ((8,), householder_block, _householder_miss, HOUSEHOLDER),
-    "angle_selector": ((8,), _angle, lambda b: b.node("Tanh", ["input"]), ANGLE),
+    "angle_selector": ((8,), _angle, lambda b: b.node("Atan", ["input"]), ANGLE),
     "relu_neg_concat": ((6,), relu_neg, lambda b: relu_neg(b, source_copy=True), RELU_NEG),
     "l2_pool": ((1, 4, 4), lambda b: l2_pool(b, 4.0, 2), lambda b: l2_pool(b, 4.0, 2, exponent=4.0), L2_POOL),
     "l2_norm_combination": ((6,), l2_combination, lambda b: l2_combination(b, constant=-1e-6), L2_COMBINATION),

@@ -655,20 +655,23 @@ def _through_isometries(ctx: Context, value: str, reader: Node) -> tuple[str, li
 
 
 def maxmin_select(ctx: Context, node: Node) -> Step | None:
-    """A Concat of Max(a, b) and Min(a, b) pairs only (each through reshapes, as a stack writes them), where every
-    a and b is a fixed selection of coordinates of one value z, no coordinate selected twice across all of them:
-    per entry (max, min) permutes (a, b), and the pairs read disjoint coordinates of z, so the Concat is
-    1-Lipschitz in z. One recogniser for every way of selecting the halves (``coordinate_selection``)."""
+    """A Concat of Max(a, b) and Min(a, b) pairs (each through reshapes, as a stack writes them), where every a and
+    b is a fixed selection of coordinates of one value z, no coordinate selected twice across all of them: per
+    entry (max, min) permutes (a, b), and the pairs read disjoint coordinates of z, so the pairs are 1-Lipschitz in
+    z. The Concat's other inputs (TorchScript merges nested concatenations) join as in any concatenation. One
+    recogniser for every way of selecting the halves (``coordinate_selection``)."""
     if node.op != "Concat" or len(ctx.data_inputs(node)) != len(node.inputs) or len(node.inputs) < 2:
         return None
     claimed: list[Node] = [node]
+    others: list[str] = []
     found: dict[tuple[str, str], dict[str, Node]] = {}
-    for value in node.inputs:
-        value, moved = _through_isometries(ctx, value, node)
+    for original in node.inputs:
+        value, moved = _through_isometries(ctx, original, node)
         p = ctx.producer.get(value)
         if p is None or p.op not in ("Max", "Min") or len(p.inputs) != 2 \
                 or not ctx.only_user(value, moved[-1] if moved else node):
-            return None
+            others.append(original)
+            continue
         shapes = [ctx.shape(v) for v in p.inputs]
         if shapes[0] is None or shapes[0] != shapes[1] or p.inputs[0] == p.inputs[1]:
             return None
@@ -677,17 +680,23 @@ def maxmin_select(ctx: Context, node: Node) -> Step | None:
             return None  # the same extremum twice: its entries are read twice
         pair[p.op] = p
         claimed += moved + [p]
-    if any(len(pair) != 2 for pair in found.values()):
+    if not found or any(len(pair) != 2 for pair in found.values()):
         return None
     operands = [v for key in found for v in key]
     selection = coordinate_selection(ctx, operands)
     if selection is None or selection.repeats():
         return None
-    size = math.prod(ctx.known_shape(operands[0]))
-    return Step(Pattern(rounding=EXACT), f"MaxMin ({len(found)} pair{'s' * (len(found) > 1)} of {size} selected "
-                f"coordinates)", [n.name for n in selection.nodes + claimed], [selection.source], node.outputs[0],
-                constant=1.0, reason="(max(a, b), min(a, b)) permutes (a, b) per entry, and a and b are fixed "
-                                     "selections of coordinates of one value, none selected twice: 1-Lipschitz")
+    size = 2 * len(found) * math.prod(ctx.known_shape(operands[0]))
+    label = f"MaxMin ({len(found)} pair{'s' * (len(found) > 1)} of values, {size} selected coordinates)"
+    names = [n.name for n in selection.nodes + claimed]
+    reason = ("(max(a, b), min(a, b)) permutes (a, b) per entry, and a and b are fixed selections of coordinates "
+              "of one value, none selected twice: 1-Lipschitz")
+    if not others:
+        return Step(Pattern(rounding=EXACT), label, names, [selection.source], node.outputs[0], constant=1.0,
+                    reason=reason)
+    return Step(Combination("concat", [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})", names,
+                [selection.source] + others, node.outputs[0],
+                reason=reason + "; concatenated with the other inputs")
 
 
 # ---------------------------------------------------------------------------- HouseHolder activations
@@ -981,10 +990,11 @@ def _householder_rounding(a: _Lin, b: _Lin, s: _Lin, m: torch.Tensor, norms: tor
 # ---------------------------------------------------------------------------- selections by angle
 
 def angle_selector(ctx: Context, node: Node) -> Step | None:
-    """An ``Atan`` of a data value (an exported atan2, as orthogonium's HouseHolder_Order_2 computes the angle
-    of each pair to choose among four pieces): no rule, and the reason says so; the sectors it selects are not
-    proven from the graph."""
-    if node.op != "Atan" or node.inputs[0] not in ctx.data:
+    """An ``Atan`` of a quotient of two data values (an exported atan2, as orthogonium's HouseHolder_Order_2
+    computes the angle of each pair to choose among four pieces): no rule, and the reason says so; the sectors
+    it selects are not proven from the graph."""
+    quotient = ctx.producer.get(node.inputs[0]) if node.op == "Atan" else None
+    if quotient is None or quotient.op != "Div" or len(ctx.data_inputs(quotient)) != 2:
         return None
     return Step(NoRule(), "Atan (an angle that selects pieces)", [node.name], [node.inputs[0]], node.outputs[0],
                 reason=f"no rule: Atan node {node.name!r} computes an angle (an exported atan2) that selects "
