@@ -253,7 +253,7 @@ for op, data, attrs in [
     ("LeakyRelu", "normal", {}), ("LeakyRelu", "normal", dict(alpha=0.2)), ("Sigmoid", "normal", {}),
     ("Tanh", "normal", {}), ("Softplus", "normal", {}), ("Exp", "normal", {}), ("Sqrt", "positive", {}),
     ("Log", "positive", {}), ("Reciprocal", "positive", {}), ("Elu", "normal", {}),
-    ("Elu", "normal", dict(alpha=0.5)), ("Identity", "normal", {}),
+    ("Elu", "normal", dict(alpha=0.5)), ("Identity", "normal", {}), ("Atan", "normal", {}), ("Floor", "cast", {}),
 ]:
     suffix = "-" + "-".join(f"{k}{v}" for k, v in attrs.items()) if attrs else ""
     case(f"{op}{suffix}", [n(op, ["x"], **attrs)], (3, 5), data=data)
@@ -618,6 +618,17 @@ case("Less-const-right", [n("Less", ["x", "c"])], (3, 4), {"c": w(3, 1)})
 case("Less-const-left", [n("Less", ["c", "x"])], (3, 4), {"c": f32(0.0)})
 case("Greater-const", [n("Greater", ["x", "c"])], (3, 4), {"c": w(4)})
 case("Greater-data-data", [n("Neg", ["x"], "m"), n("Greater", ["x", "m"])], (3, 4))
+case("LessOrEqual-const", [n("LessOrEqual", ["x", "c"])], (3, 4), {"c": f32([0.0, 1.0, -1.0, 2.0])}, data="int",
+     opsets=since(12))
+case("GreaterOrEqual-const-left", [n("GreaterOrEqual", ["c", "x"])], (3, 4), {"c": f32(0.0)}, data="int",
+     opsets=since(12))
+case("IsNaN-of-a-quotient", [n("Div", ["x", "x"], "q"), n("IsNaN", ["q"])], (3, 4), data="int")
+case("GatherElements-permutation-expanded", [n("Shape", ["x"], "s"), n("Expand", ["i", "s"], "e"),
+                                             n("GatherElements", ["x", "e"], axis=2)], (3, 4),
+     {"i": np.tile(i64(3, 0, -2, 1), (1, 3, 1))})
+case("GatherElements-negative-axis-repeats", [n("Shape", ["x"], "s"), n("Expand", ["i", "s"], "e"),
+                                              n("GatherElements", ["x", "e"], axis=-2)], (3, 4),
+     {"i": np.tile(i64(2, 2, 0, 1).reshape(1, 1, 4), (1, 3, 1))})
 case("Not", [n("Greater", ["x", "c"], "g"), n("Not", ["g"])], (3, 4), {"c": f32(0.0)})
 case("And", [n("Greater", ["x", "lo"], "a"), n("Less", ["x", "hi"], "b"), n("And", ["a", "b"])], (3, 4),
      {"lo": f32(-0.5), "hi": f32(0.5)})

@@ -17,6 +17,7 @@ from lipcert.bounds.spectral import upper_bound
 from lipcert.bounds.steps import Step
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
+from lipcert.graph.ops.base import Rounding
 
 from .conftest import dense_norm, graph_of
 from .soundness.build import Builder
@@ -253,6 +254,147 @@ def test_maxmin_near_misses(miss: str) -> None:
     assert assert_near_miss(b, out, MAXMIN) > 1.0 + 1e-6
 
 
+SELECTED = "MaxMin ("
+
+
+def selected_maxmin(b: Builder, form: str, repeat: bool = False) -> str:
+    """MaxMin of an 8-entry input whose halves are picked by indexing: ``gather`` (reshape to pairs, then x[..., 0]
+    and x[..., 1]), ``step`` (x[:, ::2], x[:, 1::2]), ``split``, ``permutation`` (a fixed GatherElements
+    permutation, then a split), stacked as torch.stack writes it (``stack``); ``repeat`` reads coordinate 3 twice."""
+    if form == "gather":
+        pairs = b.reshape_const("input", [4, 2])
+        a, c = (b.node("Gather", [pairs, b.ints([k]) if repeat and k else b.const(np.int64(k), np.int64)], axis=2)
+                for k in (0, 1))
+        if repeat:  # the second half as 4 entries of 8 read from the first: (x1, x3, x5, x7) -> (x1, x3, x5, x3)
+            c = b.node("Gather", ["input", b.ints([1, 3, 5, 3])], axis=1)
+            a = b.node("Gather", ["input", b.ints([0, 2, 4, 6])], axis=1)
+    elif form == "step":
+        a = b.slice("input", [0], [8], [1], [2])
+        c = b.slice("input", [3 if repeat else 1], [8], [1], [2 if not repeat else 1])
+        if repeat:
+            c = b.slice(c, [0], [4], [1])  # x3..x6: x4 and x6 are read twice
+    elif form in ("split", "stack"):
+        a, c = b.split("input", 1, [4, 4], 2)
+    else:
+        index = np.array([[5, 2, 7, 0, 3, 6, 1, 3 if repeat else 4]], dtype=np.int64)
+        shuffled = b.node("GatherElements", ["input", b.node("Expand", [b.const(index, np.int64), b.node(
+            "Shape", ["input"])])], axis=1)
+        a, c = b.split(shuffled, 1, [4, 4], 2)
+    mx, mn = b.node("Max", [a, c]), b.node("Min", [a, c])
+    if form == "stack":
+        mx, mn = (b.node("Unsqueeze", [v, b.ints([2])]) for v in (mx, mn))
+        return b.reshape_const(b.node("Concat", [mx, mn], axis=2), [8])
+    return b.node("Concat", [mx, mn], axis=1)
+
+
+@pytest.mark.parametrize("form", ["gather", "step", "split", "permutation", "stack"])
+def test_maxmin_of_selected_coordinates_is_1_lipschitz_in_every_spelling(form: str) -> None:
+    b = Builder((8,))
+    graph, steps = analyse(b, selected_maxmin(b, form))
+    (step,) = claimed(steps, SELECTED)
+    assert step.kind == "pattern" and step.constant == 1.0
+    assert measured(graph) == pytest.approx(1.0)  # a permutation of the input at every point
+    assert network_bound(graph) == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("form", ["gather", "step"])
+def test_maxmin_of_a_selection_that_repeats_a_coordinate_is_not_claimed(form: str) -> None:
+    """A coordinate in two pairs moves two outputs: sqrt(2), measured, and the bound stays above it."""
+    b = Builder((8,))
+    bound = assert_near_miss(b, selected_maxmin(b, form, repeat=True), SELECTED)
+    assert bound > 1.0 + 1e-6
+
+
+def test_maxmin_of_selected_coordinates_joins_the_other_inputs_of_its_concat() -> None:
+    """Concat(Max(a, b), Min(a, b), w) with a, b strided slices of the input and w = 2 x: sqrt(1 + 4)."""
+    b = Builder((8,))
+    a, c = b.slice("input", [0], [8], [1], [2]), b.slice("input", [1], [8], [1], [2])
+    twice = b.node("Mul", ["input", b.const(np.float32(2.0))])
+    graph, steps = analyse(b, b.node("Concat", [b.node("Max", [a, c]), twice, b.node("Min", [a, c])], axis=1))
+    (step,) = claimed(steps, "Concat (" + SELECTED)
+    assert step.kind == "concat" and len(step.inputs) == 2
+    assert network_bound(graph) == pytest.approx(math.sqrt(5), rel=1e-9)
+    assert measured(graph) <= network_bound(graph) * SOUND
+
+
+def test_a_gather_elements_that_repeats_an_entry_is_bounded_by_its_own_norm() -> None:
+    """The MaxMin after it is claimed on the gathered value (1-Lipschitz in it), and the gather that reads entry 3
+    twice is a linear step of norm sqrt(2): the network bound is sqrt(2), and measured there."""
+    b = Builder((8,))
+    graph, steps = analyse(b, selected_maxmin(b, "permutation", repeat=True))
+    assert claimed(steps, SELECTED) and claimed(steps, "GatherElements")[0].kind == "linear"
+    assert math.sqrt(2) <= network_bound(graph) == pytest.approx(math.sqrt(2), rel=1e-8)
+    assert measured(graph) <= network_bound(graph) * SOUND
+
+
+HOUSEHOLDER = "HouseHolder"
+
+
+def householder_block(b: Builder, miss: str = "", where: bool = False, split: str = "split") -> str:
+    """deel-torchlip's and orthogonium's HouseHolder on 8 entries (4 pairs, one angle each), as their exports
+    write it: s = x sin(t/2) - y cos(t/2); (x, y) where s <= 0, the reflection (x cos t + y sin t,
+    x sin t - y cos t) where s > 0. ``miss``: ``"shifted selector"`` tests s at another angle (the pieces disagree
+    on its zero line), ``"both ties"`` gives s = 0 to both sides, ``"long v"`` reflects by I - 2 v v^T with |v| = 1.2
+    (continuous, norm 1.88). ``where``: as Where nodes; ``split``: the halves by Split or by strided Slice."""
+    theta = np.array([0.3, 1.2, 2.5, -0.7])
+    if split == "split":
+        x, y = b.split("input", 1, [4, 4], 2)
+    else:
+        x, y = b.slice("input", [0], [8], [1], [2]), b.slice("input", [1], [8], [1], [2])
+
+    def lin(cx: np.ndarray, cy: np.ndarray, op: str = "Add") -> str:
+        return b.node(op, [b.node("Mul", [x, b.const(cx.astype(np.float32))]),
+                           b.node("Mul", [y, b.const(cy.astype(np.float32))])])
+
+    half = theta / 2 + (0.3 if miss == "shifted selector" else 0.0)
+    if miss == "long v":
+        v1, v2 = 1.2 * np.sin(theta / 2), -1.2 * np.cos(theta / 2)
+        s = lin(v1, -v2, "Sub")
+        a2 = b.node("Sub", [x, b.node("Mul", [s, b.const((2 * v1).astype(np.float32))])])
+        b2 = b.node("Sub", [y, b.node("Mul", [s, b.const((2 * v2).astype(np.float32))])])
+    else:
+        s = lin(np.sin(half), np.cos(half), "Sub")
+        a2, b2 = lin(np.cos(theta), np.sin(theta)), lin(np.sin(theta), np.cos(theta), "Sub")
+    zero = b.const(np.float32(0.0))
+    gt = b.node("Greater" if miss != "both ties" else "GreaterOrEqual", [s, zero])
+    if where:
+        return b.node("Concat", [b.node("Where", [gt, a2, x]), b.node("Where", [gt, b2, y])], axis=1)
+    le = b.node("Cast", [b.node("LessOrEqual", [s, zero])], to=1)
+    gt = b.node("Cast", [gt], to=1)
+    pieces = [b.node("Add", [b.node("Mul", [v, le]), b.node("Mul", [r, gt])]) for v, r in ((x, a2), (y, b2))]
+    return b.node("Concat", pieces, axis=1)
+
+
+@pytest.mark.parametrize("where, split", [(False, "split"), (True, "split"), (False, "strided slices")])
+def test_householder_is_1_lipschitz_up_to_its_constants_rounding(where: bool, split: str) -> None:
+    b = Builder((8,))
+    graph, steps = analyse(b, householder_block(b, where=where, split=split))
+    (step,) = claimed(steps, HOUSEHOLDER)
+    assert step.kind == "pattern" and 1.0 <= step.constant <= 1.0 + 1e-6
+    assert isinstance(step.details.rounding, Rounding) and 0 < step.details.rounding.fixed < 1e-6
+    assert measured(graph, points=16) == pytest.approx(1.0)  # identity or a reflection at every point
+    assert measured(graph, points=16) <= network_bound(graph) * SOUND
+
+
+def test_householder_by_a_longer_v_is_bounded_by_its_reflection_norm() -> None:
+    """I - 2 v v^T with |v| = 1.2 has the eigenvalue 1 - 2 |v|^2 = -1.88 along v: the constant, not 1."""
+    b = Builder((8,))
+    graph, steps = analyse(b, householder_block(b, miss="long v"))
+    (step,) = claimed(steps, HOUSEHOLDER)
+    assert step.constant == pytest.approx(1.88, rel=1e-6) and step.constant >= 1.88
+    assert measured(graph, points=16) <= step.constant * SOUND
+    assert measured(graph, points=64) > 1.5  # points on the reflected side see it
+
+
+@pytest.mark.parametrize("miss, why", [("shifted selector", "differ by"), ("both ties", "other side")])
+def test_householder_near_misses_are_refused_with_the_failed_assumption(miss: str, why: str) -> None:
+    b = Builder((8,))
+    graph, steps = analyse(b, householder_block(b, miss=miss))
+    (step,) = claimed(steps, HOUSEHOLDER)
+    assert step.kind == "no rule" and why in step.reason and step.reason.startswith("no rule: ")
+    assert network_bound(graph) == math.inf
+
+
 RELU_NEG = "MaxMin-style (Relu(x), Relu(-x))"
 
 
@@ -356,6 +498,25 @@ def _sll_miss(b: Builder) -> str:
     return sll_dense(b, b_w, s, b_w.T * s[None, :] + 0.05 * np.random.default_rng(1).standard_normal((6, 4)))
 
 
+def _householder_miss(b: Builder) -> str:
+    """The HouseHolder form whose halves overlap (x and x shifted by one): not two disjoint selections."""
+    x, y = b.slice("input", [0], [4], [1]), b.slice("input", [1], [5], [1])
+    s = b.node("Sub", [x, y])
+    gt = b.node("Cast", [b.node("Greater", [s, b.const(np.float32(0.0))])], to=1)
+    return b.node("Concat", [b.node("Mul", [x, gt]), b.node("Mul", [y, gt])], axis=1)
+
+
+ANGLE = "Atan (an angle"
+
+
+def _angle(b: Builder) -> str:
+    """An angle (an exported atan2) that selects between two values: no rule, said so."""
+    x, y = b.split("input", 1, [4, 4], 2)
+    turn = b.node("Cast", [b.node("Greater", [b.node("Atan", [b.node("Div", [y, x])]), b.const(np.float32(0.5))])],
+                  to=1)
+    return b.node("Mul", [x, turn])
+
+
 #: for each recogniser in ``PATTERNS`` (by name): the input shape, a model it claims, a near miss it must not
 #: claim, and the label of its step
 CASES: dict[str, tuple[tuple[int, ...], Callable[[Builder], str], Callable[[Builder], str], str]] = {
@@ -363,6 +524,10 @@ CASES: dict[str, tuple[tuple[int, ...], Callable[[Builder], str], Callable[[Buil
     "wrap_concat": ((2, 3, 5), circular_conv, lambda b: circular_conv(b, left=(-2, -1)), WRAP),
     "groupsort_reduce": ((8,), groupsort, lambda b: groupsort(b, min_of_copy=True), GROUPSORT),
     "maxmin_concat": ((12,), maxmin, lambda b: maxmin(b, mismatched=True), MAXMIN),
+    "maxmin_select": ((8,), lambda b: selected_maxmin(b, "gather"), lambda b: selected_maxmin(b, "gather", True),
+                      SELECTED),
+    "householder": ((8,), householder_block, _householder_miss, HOUSEHOLDER),
+    "angle_selector": ((8,), _angle, lambda b: b.node("Atan", ["input"]), ANGLE),
     "relu_neg_concat": ((6,), relu_neg, lambda b: relu_neg(b, source_copy=True), RELU_NEG),
     "l2_pool": ((1, 4, 4), lambda b: l2_pool(b, 4.0, 2), lambda b: l2_pool(b, 4.0, 2, exponent=4.0), L2_POOL),
     "l2_norm_combination": ((6,), l2_combination, lambda b: l2_combination(b, constant=-1e-6), L2_COMBINATION),

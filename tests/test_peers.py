@@ -202,7 +202,12 @@ def test_report_certifies_at_least_what_the_library_certifies(tmp_path: Path, pe
     allowance of a radius."""
     path = export_onnx(PEERS[peer](), tmp_path / "m.onnx", SHAPE, dynamo=False)
     rng = np.random.default_rng(5)
-    x = rng.random((200,) + SHAPE, dtype=np.float32)
+    _assert_report_beats_library(path, tmp_path, rng.random((200,) + SHAPE, dtype=np.float32))
+
+
+def _assert_report_beats_library(path: Path, tmp_path: Path, x: np.ndarray) -> None:
+    """lipcert's report on the points ``x`` certifies at least what the library's own certificate (margin /
+    sqrt(2), the model taken as 1-Lipschitz) certifies, but for points within the float allowance of a radius."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     z = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
     y = z.argmax(1)
@@ -218,3 +223,132 @@ def test_report_certifies_at_least_what_the_library_certifies(tmp_path: Path, pe
         border = int(((theirs > e) & (theirs <= e + allowance)).sum())
         assert result.certified >= int((theirs > e).sum()) - border, (e, result.certified, border)
     assert (ours >= theirs - allowance).all()
+
+
+class MaxMinIndexed(torch.nn.Module):
+    """MaxMin with its halves picked by indexing: pairs of channels (``pairs``: x.reshape then x[:, :, 0] and
+    x[:, :, 1]), every other channel (``strided``: x[:, ::2], x[:, 1::2]), or the last axis (``last``)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "strided":
+            a, b = x[:, ::2], x[:, 1::2]
+        elif self.form == "pairs":
+            pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:])
+            a, b = pairs[:, :, 0], pairs[:, :, 1]
+        else:
+            pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+        return torch.cat([torch.max(a, b), torch.min(a, b)], dim=1)
+
+
+def _activation_net(activation: torch.nn.Module, strip: bool = True) -> torch.nn.Module:
+    """An orthogonal convolution, the activation, an orthogonal dense layer; ``strip=False`` keeps orthogonium's
+    parametrizations (for training)."""
+    from orthogonium.layers import OrthoLinear
+
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(_aoc(1, 4), activation, torch.nn.Flatten(), OrthoLinear(256, 10)).eval()
+    return strip_parametrizations(model) if strip else model
+
+
+def _householder(library: str, strip: bool = True) -> torch.nn.Module:
+    """A HouseHolder activation with random angles (its default angles make it the identity on half the plane)."""
+    if library == "deel-torchlip":
+        import deel.torchlip as tl
+
+        layer = tl.HouseHolder(4)
+    else:
+        from orthogonium.layers.custom_activations import HouseHolder
+
+        layer = HouseHolder(4)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        layer.theta.uniform_(-math.pi, math.pi)
+    return _activation_net(layer, strip)
+
+
+def _jacobian_max(model: torch.nn.Module, points: int = 24) -> float:
+    """The largest ||J(x)||_2 of the torch model at random points of [0, 1]: a lower bound on its constant."""
+    gen = torch.Generator().manual_seed(8)
+    wide = copy.deepcopy(model).double()
+    best = 0.0
+    for _ in range(points):
+        x = torch.rand((1,) + SHAPE, generator=gen, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda v: wide(v).reshape(-1), x).reshape(10, -1)
+        best = max(best, float(torch.linalg.matrix_norm(jac, ord=2)))
+    return best
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("library", ["deel-torchlip", "orthogonium"])
+def test_householder_activations_are_proven(tmp_path: Path, library: str, dynamo: bool) -> None:
+    """Both libraries' HouseHolder (orthogonium's scaled by 1/sqrt(2)), both exporters: proven, with a bound
+    above the exact Jacobian norms of the torch model."""
+    model = _householder(library)
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
+    rows = [r for r in result.layers if r.op.startswith("HouseHolder")]
+    assert len(rows) == 1 and 1.0 <= rows[0].upper <= 1.0 + 1e-6
+    assert _jacobian_max(model) <= result.network_upper * (1 + 1e-9)
+    expected = 1.0 if library == "deel-torchlip" else 1 / math.sqrt(2)
+    assert result.network_upper == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_householder_order_2_is_refused_naming_its_angle(tmp_path: Path, dynamo: bool) -> None:
+    """orthogonium's HouseHolder_Order_2 selects among four pieces by the angle atan2(y, x): not proven, and the
+    verdict names the Atan node that computes the angle."""
+    from orthogonium.layers.custom_activations import HouseHolder_Order_2
+
+    path = export_onnx(_activation_net(HouseHolder_Order_2(4)), tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status != PROVEN
+    assert any("Atan node" in r.reason and "angle" in r.reason for r in result.layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("form", ["pairs", "strided", "last"])
+def test_maxmin_by_indexing_is_proven(tmp_path: Path, form: str, dynamo: bool) -> None:
+    model = _activation_net(MaxMinIndexed(form))
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
+    assert any(r.op.startswith("MaxMin") for r in result.layers)
+    assert _jacobian_max(model) <= result.network_upper * (1 + 1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("library", ["deel-torchlip", "orthogonium"])
+def test_householder_networks_trained_on_digits(tmp_path: Path, library: str, dynamo: bool) -> None:
+    """A small network with the library's HouseHolder, trained a few epochs on scikit-learn's digits: proven, its
+    bound above the exact Jacobian norms, and its report at least as good as the library's certificate."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16).astype(np.float32).reshape((-1,) + SHAPE)
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:1400], order[1400:1600]
+    model = _householder(library, strip=False).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    xs, ys = torch.from_numpy(x[train]), torch.from_numpy(digits.target[train])
+    for _ in range(3):
+        for batch in torch.randperm(len(xs)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xs[batch]) * 10, ys[batch]).backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    model = strip_parametrizations(model.eval()).requires_grad_(False)
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
+    assert _jacobian_max(model) <= result.network_upper * (1 + 1e-9)
+    _assert_report_beats_library(path, tmp_path, x[test])

@@ -16,13 +16,14 @@ import torch
 from lipcert.bounds import spectral
 from lipcert.bounds.fusion import core as core_shapes
 from lipcert.bounds.fusion import refine
-from lipcert.bounds.kinds import Combination, Linear, Pattern, Rule
+from lipcert.bounds.kinds import Combination, Linear, NoRule, Pattern, Rule
 from lipcert.bounds.spectral import mul_up
 from lipcert.bounds.steps import Context, Part, Step, repetitions
 from lipcert.bounds.thresholds import current, record
 from lipcert.graph.core import Node
 from lipcert.graph.linop import (
     ConvStructure,
+    IsometryStructure,
     LinearOperator,
     MatrixStructure,
     NonnegativeStructure,
@@ -32,6 +33,7 @@ from lipcert.graph.linop import (
 )
 from lipcert.graph.ops import REGISTRY
 from lipcert.graph.ops.base import EXACT, Rounding
+from lipcert.graph.ops.tensor import Copies
 
 SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
 
@@ -567,5 +569,437 @@ def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
     return a_nodes, act, b_nodes
 
 
-PATTERNS = [sll_block, wrap_concat, groupsort_reduce, maxmin_concat, relu_neg_concat, l2_pool,
-            l2_norm_combination]
+# ------------------------------------------------------------------------- coordinate selections (MaxMin)
+
+def _copy_ancestors(ctx: Context, value: str) -> list[tuple[str, Node | None, int]]:
+    """``value`` and the values it is copied from through single-data-input copy nodes (``Copies``: reshapes,
+    slices with any step, splits, gathers at constant indices), nearest first: (value, its producer, the
+    producer's output index)."""
+    out: list[tuple[str, Node | None, int]] = []
+    while True:
+        node = ctx.producer.get(value)
+        data = ctx.data_inputs(node) if node is not None else []
+        if node is None or data != [0] or not isinstance(REGISTRY[node.op], Copies):
+            out.append((value, None, 0))
+            return out
+        out.append((value, node, node.outputs.index(value)))
+        value = node.inputs[0]
+
+
+@dataclass
+class Selection:
+    """Values that each copy coordinates of one ``source``: ``index[k]`` is, entry by entry, the flat position
+    (per sample) of the source coordinate that value k holds; ``nodes`` the copy nodes between them."""
+
+    source: str
+    index: list[torch.Tensor]
+    nodes: list[Node]
+
+    def repeats(self) -> bool:
+        """Whether some source coordinate is held twice, in one value or across them."""
+        flat = torch.cat([i.reshape(-1) for i in self.index])
+        return int(torch.unique(flat).numel()) != flat.numel()
+
+
+def coordinate_selection(ctx: Context, values: list[str]) -> Selection | None:
+    """``values`` as fixed selections of coordinates of their nearest common source through copy nodes, whatever
+    the spelling (``Gather`` at constant indices, ``Slice`` with steps, ``Split``, a reshape then an index,
+    ``GatherElements``); None when they share no source or an entry is not a coordinate (a padded zero)."""
+    chains = [_copy_ancestors(ctx, v) for v in values]
+    common = set.intersection(*({v for v, _, _ in chain} for chain in chains))
+    source = next((v for v, _, _ in chains[0] if v in common), None)
+    shape = ctx.shape(source) if source is not None else None
+    if source is None or shape is None or source not in ctx.data:
+        return None
+    positions = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape((1,) + tuple(shape))
+    index: list[torch.Tensor] = []
+    nodes: dict[str, Node] = {}
+    for chain in chains:
+        links: list[tuple[Node, int]] = []
+        for value, node, output in chain:
+            if value == source:
+                break
+            assert node is not None  # only the last value of a chain has no copy producer, and source is in it
+            links.append((node, output))
+            nodes[node.name] = node
+        if not links:
+            index.append(positions[0] - 1)
+            continue
+        composed = _chain(ctx, links[::-1])
+        if composed is None:
+            return None
+        with torch.no_grad():
+            picked = composed[0].forward(positions)[0]
+        if bool((picked < 1).any()):
+            return None  # an entry that is not a source coordinate (zero padding)
+        index.append(picked - 1)
+    return Selection(source, index, list(nodes.values()))
+
+
+def _through_isometries(ctx: Context, value: str, reader: Node) -> tuple[str, list[Node]]:
+    """Walk back from ``value`` (read by ``reader`` only) through reshapes and unsqueezes that keep every entry
+    (``IsometryStructure(onto=True)``), each value read by the next node only."""
+    nodes: list[Node] = []
+    while ctx.only_user(value, reader):
+        node = ctx.producer.get(value)
+        shape_in = ctx.shape(node.inputs[0]) if node is not None and node.inputs else None
+        shape_out = ctx.shape(value)
+        if node is None or ctx.data_inputs(node) != [0] or shape_in is None or shape_out is None:
+            break
+        op = REGISTRY[node.op].linear(node, ctx.const_inputs(node), 0, shape_in, shape_out)
+        if op is None or not isinstance(op.structure, IsometryStructure) or not op.structure.onto:
+            break
+        nodes.append(node)
+        reader, value = node, node.inputs[0]
+    return value, nodes
+
+
+def maxmin_select(ctx: Context, node: Node) -> Step | None:
+    """A Concat of Max(a, b) and Min(a, b) pairs (each through reshapes, as a stack writes them), where every a and
+    b is a fixed selection of coordinates of one value z, no coordinate selected twice across all of them: per
+    entry (max, min) permutes (a, b), and the pairs read disjoint coordinates of z, so the pairs are 1-Lipschitz in
+    z. The Concat's other inputs (TorchScript merges nested concatenations) join as in any concatenation. One
+    recogniser for every way of selecting the halves (``coordinate_selection``)."""
+    if node.op != "Concat" or len(ctx.data_inputs(node)) != len(node.inputs) or len(node.inputs) < 2:
+        return None
+    claimed: list[Node] = [node]
+    others: list[str] = []
+    found: dict[tuple[str, str], dict[str, Node]] = {}
+    for original in node.inputs:
+        value, moved = _through_isometries(ctx, original, node)
+        p = ctx.producer.get(value)
+        if p is None or p.op not in ("Max", "Min") or len(p.inputs) != 2 \
+                or not ctx.only_user(value, moved[-1] if moved else node):
+            others.append(original)
+            continue
+        shapes = [ctx.shape(v) for v in p.inputs]
+        if shapes[0] is None or shapes[0] != shapes[1] or p.inputs[0] == p.inputs[1]:
+            return None
+        pair = found.setdefault((min(p.inputs), max(p.inputs)), {})
+        if p.op in pair:
+            return None  # the same extremum twice: its entries are read twice
+        pair[p.op] = p
+        claimed += moved + [p]
+    if not found or any(len(pair) != 2 for pair in found.values()):
+        return None
+    operands = [v for key in found for v in key]
+    selection = coordinate_selection(ctx, operands)
+    if selection is None or selection.repeats():
+        return None
+    size = 2 * len(found) * math.prod(ctx.known_shape(operands[0]))
+    label = f"MaxMin ({len(found)} pair{'s' * (len(found) > 1)} of values, {size} selected coordinates)"
+    names = [n.name for n in selection.nodes + claimed]
+    reason = ("(max(a, b), min(a, b)) permutes (a, b) per entry, and a and b are fixed selections of coordinates "
+              "of one value, none selected twice: 1-Lipschitz")
+    if not others:
+        return Step(Pattern(rounding=EXACT), label, names, [selection.source], node.outputs[0], constant=1.0,
+                    reason=reason)
+    return Step(Combination("concat", [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})", names,
+                [selection.source] + others, node.outputs[0],
+                reason=reason + "; concatenated with the other inputs")
+
+
+# ---------------------------------------------------------------------------- HouseHolder activations
+
+#: the comparisons a selector is tested with: (the region where it holds, the side that takes s = 0)
+_COMPARE = {"Greater": ("pos", "neg"), "LessOrEqual": ("neg", "neg"), "Less": ("neg", "pos"),
+            "GreaterOrEqual": ("pos", "pos")}
+_MIRROR = {"Greater": "Less", "Less": "Greater", "LessOrEqual": "GreaterOrEqual", "GreaterOrEqual": "LessOrEqual"}
+#: the largest mismatch of the two pieces on the selector's zero line, relative to their size, that is taken for
+#: the rounding of their constants (a larger one is a discontinuity: no rule)
+HOUSEHOLDER_TOLERANCE = 1e-5
+
+
+@dataclass
+class _Lin:
+    """A value linear in (x, y) on each side of the selector's zero line: ``coef[side, var]`` (side 0: s on the
+    side ``neg``, 1: ``pos``), the sums of the absolute values of its products ``absc``, and the longest chain
+    of roundings ``depth``."""
+
+    coef: torch.Tensor
+    absc: torch.Tensor
+    depth: int
+
+
+@dataclass
+class _Mask:
+    """A 0/1 value: 1 on the sides listed (``on[side]``)."""
+
+    on: tuple[bool, bool]
+
+
+class _HouseHolderForm:
+    """The symbolic evaluation of a HouseHolder-like block from its two inputs x and y, each node once."""
+
+    def __init__(self, ctx: Context, leaves: dict[str, int], shape: tuple[int, ...]) -> None:
+        self.ctx, self.leaves, self.shape = ctx, leaves, shape
+        self.memo: dict[str, _Lin | _Mask] = {}
+        self.nodes: list[Node] = []
+        self.selector: str | None = None
+        self.tie: str | None = None  # the side that takes s = 0
+        self.why = ""
+
+    def const(self, value: str) -> torch.Tensor | None:
+        c = self.ctx.consts.get(value) if value not in self.ctx.data else None
+        if c is None or not c.is_floating_point():
+            return None
+        c = c.double()
+        if c.dim() > len(self.shape):
+            if c.dim() > len(self.shape) + 1 or c.shape[0] != 1:
+                return None
+            c = c[0]
+        try:
+            return torch.broadcast_to(c, self.shape)
+        except RuntimeError:
+            return None
+
+    def fail(self, why: str) -> None:
+        if not self.why:
+            self.why = why
+
+    def value(self, name: str) -> _Lin | _Mask | None:
+        if name in self.memo:
+            return self.memo[name]
+        if name in self.leaves:
+            coef = torch.zeros((2, 2) + self.shape, dtype=torch.float64)
+            coef[:, self.leaves[name]] = 1.0
+            found: _Lin | _Mask | None = _Lin(coef, coef.clone(), 0)
+        else:
+            node = self.ctx.producer.get(name)
+            if node is None or name not in self.ctx.data or self.ctx.shape(name) is None:
+                return None
+            found = self.evaluate(node)
+            if found is not None:
+                self.nodes.append(node)
+        if found is not None:
+            self.memo[name] = found
+        return found
+
+    def compare(self, node: Node) -> _Mask | None:
+        op, inputs = node.op, list(node.inputs)
+        data = self.ctx.data_inputs(node)
+        if data == [1]:
+            op, inputs = _MIRROR[op], inputs[::-1]
+        elif data != [0]:
+            return None
+        zero = self.const(inputs[1])
+        if zero is None:
+            return None
+        side, tie = _COMPARE[op]
+        # a failed assumption is recorded and the evaluation goes on, so that the refusal names the whole block
+        if bool((zero != 0).any()):
+            self.fail(f"{node.op} node {node.name!r} compares with a non-zero threshold")
+        if self.selector is not None and self.selector != inputs[0]:
+            self.fail(f"{node.op} node {node.name!r} tests a second selector")
+        if self.tie is not None and self.tie != tie:
+            self.fail(f"{node.op} node {node.name!r} gives s = 0 to the other side than the other comparison: "
+                      "both pieces (or neither) would be taken on the zero line")
+        self.selector, self.tie = self.selector or inputs[0], self.tie or tie
+        return _Mask((side == "neg", side == "pos"))
+
+    def evaluate(self, node: Node) -> _Lin | _Mask | None:
+        ctx, op = self.ctx, node.op
+        if op in _COMPARE:
+            return self.compare(node)
+        if op in ("Identity", "Cast", "Not", "Neg"):
+            inner = self.value(node.inputs[0])
+            if isinstance(inner, _Mask):
+                return _Mask((not inner.on[0], not inner.on[1])) if op == "Not" else (None if op == "Neg" else inner)
+            if inner is None or op == "Not" or (op == "Cast" and int(node.attr("to", 1)) not in (1, 11)):
+                return None
+            if op == "Cast":  # float to float: at most one rounding (to float32)
+                return _Lin(inner.coef, inner.absc, inner.depth + 1)
+            return _Lin(-inner.coef, inner.absc, inner.depth) if op == "Neg" else inner
+        if op == "Where":
+            cond, parts = self.value(node.inputs[0]), [self.value(v) if v in ctx.data else self.zero(v)
+                                                       for v in node.inputs[1:]]
+            a, b = parts
+            if not isinstance(cond, _Mask) or not isinstance(a, _Lin) or not isinstance(b, _Lin):
+                return None
+            return self.select(cond, a, b, max(a.depth, b.depth))
+        if op in ("Add", "Sub"):
+            if len(ctx.data_inputs(node)) != 2:
+                return None
+            a, b = (self.value(v) for v in node.inputs)
+            if not isinstance(a, _Lin) or not isinstance(b, _Lin):
+                return None
+            sign = 1.0 if op == "Add" else -1.0
+            return _Lin(a.coef + sign * b.coef, a.absc + b.absc, max(a.depth, b.depth) + 1)
+        if op in ("Mul", "Div"):
+            data = ctx.data_inputs(node)
+            if len(data) == 2 and op == "Mul":
+                a, b = (self.value(v) for v in node.inputs)
+                lin, mask = (a, b) if isinstance(b, _Mask) else (b, a)
+                if not isinstance(lin, _Lin) or not isinstance(mask, _Mask):
+                    return None
+                return self.select(mask, lin, None, lin.depth)
+            if data != [0] and not (op == "Mul" and data == [1]):
+                return None
+            inner = self.value(node.inputs[data[0]])
+            c = self.const(node.inputs[1 - data[0]])
+            if not isinstance(inner, _Lin) or c is None or (op == "Div" and bool((c == 0).any())):
+                return None
+            factor = 1.0 / c if op == "Div" else c
+            return _Lin(inner.coef * factor, inner.absc * factor.abs(), inner.depth + 1)
+        return None
+
+    def zero(self, value: str) -> _Lin | None:
+        c = self.const(value)
+        if c is None or bool((c != 0).any()):
+            return None
+        z = torch.zeros((2, 2) + self.shape, dtype=torch.float64)
+        return _Lin(z, z.clone(), 0)
+
+    @staticmethod
+    def select(mask: _Mask, a: _Lin, b: _Lin | None, depth: int) -> _Lin:
+        """Side by side: ``a`` where the mask is 1, else ``b`` (zero when None); selecting and multiplying by 0
+        or 1 are exact."""
+        coef, absc = a.coef.clone(), a.absc.clone()
+        for side in (0, 1):
+            if not mask.on[side]:
+                coef[side] = 0.0 if b is None else b.coef[side]
+                absc[side] = 0.0 if b is None else b.absc[side]
+        return _Lin(coef, absc, depth)
+
+
+_U = 2.0 ** -53
+
+
+def _norm2_up(m: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on the spectral norms of 2 x 2 matrices ``m[..., i, j]`` (float64): the largest eigenvalue of
+    M^T M = [[p, q], [q, r]] is (p + r) / 2 + sqrt(((p - r) / 2)^2 + q^2), every term bounded with its rounding."""
+    a, b, c, d = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+    p, r, q = a * a + c * c, b * b + d * d, a * b + c * d
+    slack = 8 * _U
+    half = (p - r).abs() / 2 + slack * (p + r)
+    cross = q.abs() + slack * ((a * b).abs() + (c * d).abs())
+    lam = ((p + r) / 2 + torch.sqrt(half * half + cross * cross)) * (1 + 32 * _U)
+    return torch.sqrt(lam) * (1 + 1e-12)
+
+
+def householder(ctx: Context, node: Node) -> Step | None:
+    """Concat(a, b) with (a, b) = M_neg (x, y) where s = u . (x, y) is on one side of 0 and M_pos (x, y) on the
+    other, per entry, x and y disjoint coordinate selections of one value z, the two sides told apart by
+    comparisons of the one selector s with 0 (as ``Mul`` by their casts, or ``Where``): deel-torchlip's and
+    orthogonium's HouseHolder (identity and the reflection I - 2 v v^T, v = (sin t/2, -cos t/2), s = v . (x, y)).
+
+    Assumptions, each checked: the comparisons give s = 0 to exactly one side (they partition the plane); the two
+    pieces agree on the line s = 0 up to delta (their constants' rounding), so the map is delta from a continuous
+    one, the pieces' norms bound its slope on each half-plane, and a segment crosses the line once: the constant
+    is max(||M_neg||, ||M_pos|| + delta) over the entries (1 for a unit v; max(1, |1 - 2|v|^2|) for a reflection by
+    another v). The error from delta, and from the selector's rounding picking the other piece near the line,
+    goes into the pattern's rounding. Pieces that differ by more than ``HOUSEHOLDER_TOLERANCE`` on the line: no rule."""
+    if node.op != "Concat" or len(node.inputs) != 2 or len(ctx.data_inputs(node)) != 2:
+        return None
+    if not all(ctx.only_user(v, node) for v in node.inputs):
+        return None
+    found = _householder_leaves(ctx, node)
+    if found is None:
+        return None
+    selection, (x, y) = found
+    shape = ctx.known_shape(x)  # known: ``_householder_leaves`` compares it
+    form = _HouseHolderForm(ctx, {x: 0, y: 1}, shape)
+    a, b = (form.value(v) for v in node.inputs)
+    if not isinstance(a, _Lin) or not isinstance(b, _Lin) or form.selector is None:
+        return None
+    s = form.value(form.selector)
+    names = [n.name for n in selection.nodes] + [n.name for n in form.nodes] + [node.name]
+    if not isinstance(s, _Lin):
+        return None
+
+    def refuse(why: str) -> Step:
+        return Step(NoRule(), "HouseHolder (selector, two linear pieces)", names, [selection.source],
+                    node.outputs[0], reason=f"no rule: {why}")
+
+    if form.why:
+        return refuse(form.why)
+    if not torch.equal(s.coef[0], s.coef[1]):
+        return None
+    u = s.coef[0]  # (2, *shape): the selector's weights on x and y
+    u_norm = torch.sqrt(u[0] ** 2 + u[1] ** 2)
+    if bool((u_norm == 0).any()):
+        return refuse(f"the selector {form.selector!r} is identically 0 on some entry")
+    # M[side, entry, row (a, b), column (x, y)]
+    m = torch.stack([a.coef, b.coef], dim=1).reshape(2, 2, 2, -1).permute(0, 3, 1, 2)  # (side, entry, row, col)
+    w = torch.stack([-u[1], u[0]]).reshape(2, -1).T / u_norm.reshape(-1, 1)  # unit direction of the zero line
+    gap = torch.einsum("erc,ec->er", m[0] - m[1], w)
+    norms = _norm2_up(m)  # (side, entry)
+    scale = torch.maximum(norms[0], norms[1])
+    delta = torch.sqrt((gap ** 2).sum(-1)) * (1 + 1e-9) + 1e-14 * scale  # float64 evaluation included
+    worst = int(torch.argmax(delta / scale.clamp_min(1e-300)))
+    if float(delta[worst]) > HOUSEHOLDER_TOLERANCE * max(float(scale[worst]), 1e-30):
+        return refuse(f"the two pieces differ by {float(delta[worst]):.3g} on the selector's zero line (entry "
+                      f"{worst}): the map is not continuous")
+    constant = float(torch.maximum(norms[0], norms[1] + delta).max())
+    constant = math.nextafter(constant * (1 + 1e-12), math.inf)
+    return Step(Pattern(rounding=_householder_rounding(a, b, s, m, norms, delta, u_norm)),
+                "HouseHolder (selector, two linear pieces)", names, [selection.source], node.outputs[0],
+                constant=constant,
+                reason=f"piecewise linear in (x, y) on the two sides of s = u.(x, y), s = 0 on one side only, the "
+                       f"pieces equal on s = 0 up to {float(delta.max()):.2g}: max over entries of the pieces' "
+                       f"norms, {constant:.10g}")
+
+
+def _householder_leaves(ctx: Context, node: Node) -> tuple[Selection, tuple[str, str]] | None:
+    """The two values x and y the block computes from (read by its arithmetic), as coordinate selections of one
+    value, disjoint; None otherwise."""
+    leaves: list[str] = []
+    seen: set[str] = set()
+    stack = list(node.inputs)
+    arithmetic = set(_COMPARE) | {"Identity", "Cast", "Not", "Neg", "Where", "Add", "Sub", "Mul", "Div"}
+    while stack:
+        value = stack.pop()
+        if value in seen or value not in ctx.data:
+            continue
+        seen.add(value)
+        p = ctx.producer.get(value)
+        if p is None or p.op not in arithmetic:
+            leaves.append(value)
+            continue
+        stack += [v for v in p.inputs if v]
+        if len(seen) > 256:
+            return None
+    if len(leaves) != 2 or ctx.shape(leaves[0]) is None or ctx.shape(leaves[0]) != ctx.shape(leaves[1]):
+        return None
+    selection = coordinate_selection(ctx, leaves)
+    if selection is None or selection.repeats():
+        return None
+    return selection, (leaves[0], leaves[1])
+
+
+def _householder_rounding(a: _Lin, b: _Lin, s: _Lin, m: torch.Tensor, norms: torch.Tensor, delta: torch.Tensor,
+                          u_norm: torch.Tensor) -> Rounding | None:
+    """Per entry, |fl(y) - y*| <= (gamma_d F + gamma_ds G + delta) |(x, y)| with y* the continuous map: F the
+    norm of the pieces' absolute products (their own roundings), G the gap between the pieces times the selector's
+    relative rounding (the other piece taken within that distance of the line), delta the mismatch on the line;
+    relative to |y*| >= sigma_min |(x, y)|, sigma_min = |det M| / ||M|| of either piece (less delta)."""
+    absc = torch.stack([a.absc, b.absc], dim=1).reshape(2, 2, 2, -1).permute(0, 3, 1, 2)
+    frob = torch.sqrt((absc ** 2).sum((-1, -2))).max(0).values * (1 + 1e-12)
+    abs_u = torch.sqrt((s.absc[0] ** 2).sum(0)).reshape(-1)
+    det = (m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]).abs() * (1 - 1e-12)
+    sigma = torch.minimum(det[0] / norms[0], det[1] / norms[1] - delta)
+    if bool((sigma <= 1e-6).any()):
+        return None  # a degenerate piece: the error is not relative to the output
+    gap = _norm2_up((m[0] - m[1]).unsqueeze(0))[0] + delta
+    own = a.depth if a.depth >= b.depth else b.depth
+    relative = own * max(1.0, float((frob / sigma).max())) + \
+        s.depth * max(1.0, float((gap * abs_u / u_norm.reshape(-1) / sigma).max()))
+    return Rounding(relative=math.ceil(relative * (1 + 1e-9)), fixed=float((delta / sigma).max()) * (1 + 1e-9))
+
+
+# ---------------------------------------------------------------------------- selections by angle
+
+def angle_selector(ctx: Context, node: Node) -> Step | None:
+    """An ``Atan`` of a quotient of two data values (an exported atan2, as orthogonium's HouseHolder_Order_2
+    computes the angle of each pair to choose among four pieces): no rule, and the reason says so; the sectors
+    it selects are not proven from the graph."""
+    quotient = ctx.producer.get(node.inputs[0]) if node.op == "Atan" else None
+    if quotient is None or quotient.op != "Div" or len(ctx.data_inputs(quotient)) != 2:
+        return None
+    return Step(NoRule(), "Atan (an angle that selects pieces)", [node.name], [node.inputs[0]], node.outputs[0],
+                reason=f"no rule: Atan node {node.name!r} computes an angle (an exported atan2) that selects "
+                       "pieces by sector; lipcert does not prove a selection by angle (HouseHolder_Order_2)")
+
+
+PATTERNS = [sll_block, householder, wrap_concat, groupsort_reduce, maxmin_select, maxmin_concat, relu_neg_concat,
+            l2_pool, l2_norm_combination, angle_selector]

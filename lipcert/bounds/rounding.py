@@ -125,6 +125,7 @@ class Site:
     relative: float = 0.0
     absolute: float = 0.0
     numel: int = 0
+    fixed: float = 0.0  # a relative error independent of the float format (``Rounding.fixed``)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ class _Evaluation:
             err = err + out.times(gamma(site.relative, u))
         if site.absolute:
             err = err + Affine(gamma(site.absolute, u) * math.sqrt(site.numel), 0.0)
+        if site.fixed:
+            err = err + out.times(site.fixed)
         return err
 
     def chain(self, start: str, sites: Sequence[Site], deviation: Affine, error: Affine) -> tuple[Affine, Affine]:
@@ -315,7 +318,7 @@ class _Compiler:
             if rebase:
                 pending = []
             out.append(Site(part.output, norm, rounds, rebase, r.terms, abs_norm, r.offset, r.relative, r.absolute,
-                            self.numel(part.output)))
+                            self.numel(part.output), r.fixed))
             self.needed.add(part.output)
         return tuple(out)
 
@@ -360,7 +363,7 @@ class _Compiler:
 
     def rounding_site(self, out: str, r) -> Site:
         """A nonlinear node's or pattern's own rounding (relative and absolute terms only)."""
-        return Site(out, 1.0, not r.exact, True, 0, 0.0, 0.0, r.relative, r.absolute, self.numel(out))
+        return Site(out, 1.0, not r.exact, True, 0, 0.0, 0.0, r.relative, r.absolute, self.numel(out), r.fixed)
 
 
 def reference_norms(graph: Graph, point: torch.Tensor) -> dict[str, float]:

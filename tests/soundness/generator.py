@@ -107,7 +107,7 @@ VARIANTS: dict[str, list[str]] = {
     "topk": ["unread", "unread", "side", "indices_only"],
     "nolip": ["Sign", "Sqrt", "Exp", "Log", "Reciprocal", "Pow", "Softmax", "LogSoftmax", "ReduceMax", "ReduceMin",
               "ReduceSum", "ReduceMean", "ReduceL2", "Gather", "Expand", "Tile", "Where", "MulSelf", "Mean",
-              "ArgMax", "DivBy", "CastRound", "Compare", "ConstFactor"],
+              "ArgMax", "DivBy", "CastRound", "Compare", "ConstFactor", "Atan", "Floor", "IsNaN"],
     "consts": ["reshape_shape_ops", "range_scale", "const_of_shape", "where_const", "constant_node", "size_div",
                "expand_const", "batch_size"],
     "cast": ["float", "double_roundtrip", "half_roundtrip", "half_weight"],
@@ -119,6 +119,8 @@ VARIANTS: dict[str, list[str]] = {
     "maxmin": ["split", "split", "split_num", "slices", "slices", "unequal_split", "unequal_slices", "three_way",
                "three_way_side", "overlap", "side_max", "cross_axis"],
     "relu_neg": ["ok", "ok", "side_neg", "other_source", "three"],
+    "maxmin_indexed": ["gather", "gather", "strided", "permutation", "permutation_repeat", "gather_repeat"],
+    "householder": ["ok", "ok", "where", "shifted", "both_ties", "long_v"],
     "l2pool": ["torch", "torch", "deel", "plain", "pow_half", "side_pool", "div"],
     "split_residual": ["concat", "concat", "concat_slices", "swapped", "overlap", "sum_parts", "sum_overlap",
                        "three_parts", "scaled"],
@@ -874,6 +876,11 @@ def blk_nolip(d: Draw, b: Builder, v: str) -> str:
         return b.node("Where", [c, v, b.node("Neg", [v])])
     if op == "MulSelf":
         return b.node("Mul", [v, v])
+    if op in ("Atan", "Floor"):
+        return b.node(op, [b.node("Mul", [v, b.const(np.float32(4.0))])])
+    if op == "IsNaN":  # a 0/0 guard: where v is 0, 1 (NaN, replaced), else v / v
+        ratio = b.node("Div", [v, v])
+        return b.node("Mul", [v, b.node("Where", [b.node("IsNaN", [ratio]), b.const(np.float32(1.0)), ratio])])
     if op == "Mean":
         return b.node("Mean", [v, b.node("Relu", [v])])
     if op == "ArgMax":
@@ -1226,6 +1233,72 @@ def blk_maxmin(d: Draw, b: Builder, v: str) -> str:
     if variant == "side_max":
         side(b, mx)
     return b.node("Concat", [mx, mn] if d.int(0, 3) else [mn, mx], axis=axis)
+
+
+def blk_maxmin_indexed(d: Draw, b: Builder, v: str) -> str:
+    """MaxMin with the halves picked by indexing: a reshape to pairs then Gather at 0 and 1, strided Slices, or a
+    fixed GatherElements permutation then a Split; near misses read a coordinate twice."""
+    s = shape(b, v)
+    n = math.prod(s)
+    need(n % 2 == 0 and n >= 2)
+    variant = d.variant("maxmin_indexed")
+    b.note(f"MaxMin by indexing ({variant})")
+    flat = b.reshape_const(v, [n])
+    if variant == "gather":
+        pairs = b.reshape_const(flat, [n // 2, 2])
+        a, c = (b.node("Gather", [pairs, b.const(np.int64(k), np.int64)], axis=2) for k in (0, 1))
+    elif variant == "strided":
+        a, c = b.slice(flat, [0], [n], [1], [2]), b.slice(flat, [1], [n], [1], [2])
+    elif variant in ("permutation", "permutation_repeat"):
+        index = b.rng.permutation(n)
+        if variant == "permutation_repeat":
+            index[-1] = index[0]
+        shuffled = b.node("GatherElements", [flat, b.node("Expand", [b.const(index[None].astype(np.int64), np.int64),
+                                                                     b.node("Shape", [flat])])], axis=1)
+        a, c = b.split(shuffled, 1, [n // 2, n // 2], 2)
+    else:  # gather_repeat: the second half reads the first's first coordinate
+        idx = list(range(1, n, 2))
+        a = b.node("Gather", [flat, b.ints(list(range(0, n, 2)))], axis=1)
+        c = b.node("Gather", [flat, b.ints([0] + idx[1:])], axis=1)
+    mx, mn = b.node("Max", [a, c]), b.node("Min", [a, c] if d.bool() else [c, a])
+    return b.node("Concat", [mx, mn] if d.int(0, 3) else [mn, mx], axis=1)
+
+
+def blk_householder(d: Draw, b: Builder, v: str) -> str:
+    """deel-torchlip's / orthogonium's HouseHolder on the two halves of one axis: s = x sin(t/2) - y cos(t/2), the
+    identity where s <= 0 and the reflection by angle t where s > 0 (Mul by cast comparisons, or Where); near
+    misses: a selector at another angle (pieces disagree on its zero line), both comparisons taking s = 0, a
+    reflection by a longer v (continuous, norm 1 - 2|v|^2)."""
+    s = shape(b, v)
+    even = [a for a in range(1, len(s) + 1) if s[a - 1] % 2 == 0]
+    need(bool(even))
+    axis = d.choice(even)
+    variant = d.variant("householder")
+    b.note(f"HouseHolder on axis {axis} of {s} ({variant})")
+    x, y = b.split(v, axis, [s[axis - 1] // 2] * 2, 2)
+    theta = b.rng.uniform(-math.pi, math.pi, shape(b, x))
+
+    def lin(cx: np.ndarray, cy: np.ndarray, op: str = "Add") -> str:
+        return b.node(op, [b.node("Mul", [x, b.const(cx.astype(np.float32))]),
+                           b.node("Mul", [y, b.const(cy.astype(np.float32))])])
+
+    half = theta / 2 + (0.2 if variant == "shifted" else 0.0)
+    if variant == "long_v":
+        v1, v2 = 1.1 * np.sin(theta / 2), -1.1 * np.cos(theta / 2)
+        sel = lin(v1, -v2, "Sub")
+        a2 = b.node("Sub", [x, b.node("Mul", [sel, b.const((2 * v1).astype(np.float32))])])
+        b2 = b.node("Sub", [y, b.node("Mul", [sel, b.const((2 * v2).astype(np.float32))])])
+    else:
+        sel = lin(np.sin(half), np.cos(half), "Sub")
+        a2, b2 = lin(np.cos(theta), np.sin(theta)), lin(np.sin(theta), np.cos(theta), "Sub")
+    zero = b.const(np.float32(0.0))
+    up = b.node("GreaterOrEqual" if variant == "both_ties" else "Greater", [sel, zero])
+    if variant == "where":
+        return b.node("Concat", [b.node("Where", [up, a2, x]), b.node("Where", [up, b2, y])], axis=axis)
+    down = b.node("Cast", [b.node("LessOrEqual", [sel, zero])], to=TensorProto.FLOAT)
+    up = b.node("Cast", [up], to=TensorProto.FLOAT)
+    return b.node("Concat", [b.node("Add", [b.node("Mul", [p, down]), b.node("Mul", [r, up])])
+                             for p, r in ((x, a2), (y, b2))], axis=axis)
 
 
 def blk_relu_neg(d: Draw, b: Builder, v: str) -> str:
@@ -1717,13 +1790,15 @@ BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "lppool": blk_lppool, "topk": blk_topk, "nolip": blk_nolip, "consts": blk_consts, "cast": blk_cast,
     "residual": blk_residual, "broadcast_pair": blk_broadcast_pair, "gated": blk_gated, "sll": blk_sll,
     "groupsort": blk_groupsort, "maxmin": blk_maxmin, "relu_neg": blk_relu_neg, "l2pool": blk_l2pool,
+    "maxmin_indexed": blk_maxmin_indexed, "householder": blk_householder,
     "split_residual": blk_split_residual, "l2norm": blk_l2norm, "linear_region": blk_linear_region,
     "region_forms": blk_region_forms, "rank_up": blk_rank_up, "slices": blk_slices, "region_whole": blk_region_whole,
 }
 #: how often a random program picks each block (patterns and the shapes that break things are favoured)
 WEIGHTS = {"dense": 3, "conv": 3, "act": 3, "residual": 2, "broadcast_pair": 2, "sll": 2, "maxmin": 2,
            "groupsort": 2, "wrap_conv": 2, "pad": 2, "l2pool": 2, "select": 2, "rearrange": 2, "split_residual": 2,
-           "l2norm": 2, "linear_region": 2, "region_forms": 2, "rank_up": 2, "slices": 2}
+           "l2norm": 2, "linear_region": 2, "region_forms": 2, "rank_up": 2, "slices": 2, "maxmin_indexed": 2,
+           "householder": 2}
 #: blocks whose natural input is an image (the focused tests start from a rank-3 sample shape)
 IMAGE_BLOCKS = {"conv", "conv_transpose", "batchnorm", "pad", "wrap_conv", "avgpool", "maxpool", "lppool",
                 "l2pool", "broadcast_pair", "groupsort", "region_forms", "region_whole"}

@@ -45,7 +45,8 @@ class Rounding:
 
     For the output y = op(u) computed from the computed input u, with gamma_n = n u / (1 - n u) and u the unit
     roundoff: ||fl(y) - y||_2 <= gamma_terms (||abs_op|| ||u|| + offset) + gamma_relative ||y||
-    + gamma_absolute sqrt(numel(y)). ``abs_op`` is the linear map with the absolute values of the node's matrix
+    + gamma_absolute sqrt(numel(y)) + fixed ||y||. ``abs_op`` is the linear map with the absolute values of the
+    node's matrix
     (|W|: conv with |kernel|, a copy for reshapes and pads); it is given for every linear node, exact or not, so
     that chains of them compose. ``terms`` is the longest accumulation of one output entry (a dot product of
     length n in any order, with or without FMA, is within gamma_n |W| |u|, Higham ch. 3), ``offset`` the norm of
@@ -59,10 +60,13 @@ class Rounding:
     #: the node adds non-zero constants to its linear map (a Concat with constants): exact, but its output's
     #: size is not that of |W| |u|
     affine: bool = False
+    #: an error relative to ||y|| that does not depend on the float format: a pattern whose constants meet its
+    #: condition only up to their own rounding (a HouseHolder's pieces on the selector's zero line), ``fixed`` ||y||
+    fixed: float = 0.0
 
     @property
     def exact(self) -> bool:
-        return not (self.terms or self.relative or self.absolute)
+        return not (self.terms or self.relative or self.absolute or self.fixed)
 
 
 EXACT = Rounding()

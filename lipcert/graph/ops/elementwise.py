@@ -195,6 +195,38 @@ class Sqrt(Unary):
 
 
 @register
+class Atan(Unary):
+    """No rule of its own: exporters write it to compute an angle (atan2), which then selects pieces."""
+
+    name = "Atan"
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.atan(x)
+
+
+@register
+class Floor(Unary):
+    """No rule: a step function (exporters write it for a floor remainder, ``%``)."""
+
+    name = "Floor"
+    exact = True
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.floor(x)
+
+
+@register
+class IsNaN(Unary):
+    """No rule: a test, whose boolean output selects between values."""
+
+    name = "IsNaN"
+    exact = True
+
+    def fn(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        return torch.isnan(x)
+
+
+@register
 class Exp(Unary):
     name = "Exp"
 
@@ -598,6 +630,22 @@ class Less(Compare):
 
     def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.lt(a, b)
+
+
+@register
+class LessOrEqual(Compare):
+    name = "LessOrEqual"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.le(a, b)
+
+
+@register
+class GreaterOrEqual(Compare):
+    name = "GreaterOrEqual"
+
+    def fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.ge(a, b)
 
 
 @register

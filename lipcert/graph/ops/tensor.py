@@ -185,22 +185,6 @@ class Range(Op):
 
 
 @register
-class Gather(Op):
-    name = "Gather"
-    size = sizes.GATHER
-    exact = True
-    attributes = frozenset({'axis'})
-
-    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
-        x, idx = (required(inputs, i, node) for i in range(len(inputs)))
-        axis = _axis(int(node.attr("axis", 0)), x.dim())
-        idx = idx.long().to(x.device)
-        flat = torch.where(idx < 0, idx + x.shape[axis], idx).reshape(-1)
-        out = torch.index_select(x, axis, flat)
-        return [out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))]
-
-
-@register
 class Expand(Op):
     name = "Expand"
     size = sizes.EXPAND
@@ -234,6 +218,82 @@ class Copies(Op):
         if op is not None:
             return Rounding(abs_op=op)
         return EXACT if self.lipschitz(node, consts, var, in_shape, out_shape) is not None else None
+
+
+def selection(name: str, index: torch.Tensor, forward, in_shape: tuple[int, ...],
+              out_shape: tuple[int, ...]) -> LinearOperator:
+    """The copy map of a gather: each output entry the input entry at ``index`` (per sample, flat). A projection
+    when no input entry is read twice (norm 1), else a non-negative map (its norm the root of the most reads)."""
+    flat = index.reshape(-1)
+    repeats = flat.numel() != int(torch.unique(flat).numel())
+    structure = NonnegativeStructure() if repeats else ProjectionStructure()
+    return from_function(forward, in_shape, out_shape, name=name, structure=structure)
+
+
+@register
+class Gather(Copies):
+    """Entries at constant indices along one axis: a copy map (see ``selection``)."""
+
+    name = "Gather"
+    size = sizes.GATHER
+    attributes = frozenset({'axis'})
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, idx = (required(inputs, i, node) for i in range(len(inputs)))
+        axis = _axis(int(node.attr("axis", 0)), x.dim())
+        idx = idx.long().to(x.device)
+        flat = torch.where(idx < 0, idx + x.shape[axis], idx).reshape(-1)
+        out = torch.index_select(x, axis, flat)
+        return [out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        idx = consts[1] if len(consts) > 1 else None
+        axis = _axis(int(node.attr("axis", 0)), len(in_shape) + 1)
+        if var != 0 or idx is None or axis < 1 or idx.is_floating_point():
+            return None  # a gather along the batch axis selects samples, not entries of one sample
+        positions = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape((1,) + tuple(in_shape))
+        index = self.run(node, [positions, idx], RunContext(torch.float64))[0]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self.run(node, [x, idx], RunContext(x.dtype))[0]
+
+        return selection(node.name, index, forward, in_shape, out_shape)
+
+
+@register
+class GatherElements(Copies):
+    """torch.gather: each output entry the input entry at its index along one axis; with constant indices a copy
+    map (``selection``), a fixed permutation when no entry is read twice."""
+
+    name = "GatherElements"
+    size = sizes.GATHER_ELEMENTS
+    attributes = frozenset({'axis'})
+
+    def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
+        x, idx = (required(inputs, i, node) for i in range(len(inputs)))
+        axis = _axis(int(node.attr("axis", 0)), x.dim())
+        if idx.dim() != x.dim():
+            raise bad(node, f"indices of rank {idx.dim()} for data of rank {x.dim()}")
+        idx = idx.long().to(x.device)
+        n = x.shape[axis]
+        if bool(((idx < -n) | (idx >= n)).any()):
+            raise bad(node, f"an index is outside [-{n}, {n - 1}]")
+        return [torch.gather(x, axis, torch.where(idx < 0, idx + n, idx))]
+
+    def linear(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], output: int = 0) -> LinearOperator | None:
+        idx = consts[1] if len(consts) > 1 else None
+        axis = _axis(int(node.attr("axis", 0)), len(in_shape) + 1)
+        if var != 0 or idx is None or axis < 1 or idx.dim() != len(in_shape) + 1 or idx.shape[0] != 1:
+            return None  # indices per sample of the batch, or along the batch axis: not one map of a sample
+        positions = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape((1,) + tuple(in_shape))
+        index = self.run(node, [positions, idx], RunContext(torch.float64))[0]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self.run(node, [x, idx.expand((x.shape[0],) + tuple(idx.shape[1:]))], RunContext(x.dtype))[0]
+
+        return selection(node.name, index, forward, in_shape, out_shape)
 
 
 class Rearrange(Copies):
