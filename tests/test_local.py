@@ -176,3 +176,22 @@ def test_groups_above_two_are_refused_by_the_relu_form_only(tmp_path: Path) -> N
     found = local_radii(graph, setup, x, logits, cert.radius)
     assert "GroupSort groups above 2" in found.reason
     assert bool((found.radius >= cert.radius).all())
+
+
+def test_requested_radii_only(tmp_path: Path) -> None:
+    """With ``at``, the searched method tests just above each requested radius: every radius is the global one
+    or just above a requested one, and it certifies at those radii what the bisection certifies."""
+    graph, setup = _setup(tmp_path, _expanding(4, 16, 3, MaxMin(), seed=1), 4, "expanding")
+    x = torch.rand(16, 4, generator=torch.Generator().manual_seed(2))
+    _, cert, error = _global(graph, setup, x)
+    asked = [0.3, 0.6, 0.9]
+    found = {at is None: LocalCertifier(graph, setup, method="lipschitz", at=at).radii(
+        x, cert.prediction, cert.radius, torch.as_tensor(error.base), error.slope) for at in (None, asked)}
+    tested = found[False].radius
+    on_asked = torch.stack([torch.isclose(tested, torch.tensor(v * (1 + 1e-9), dtype=torch.float64), rtol=1e-12)
+                            for v in asked]).any(dim=0)
+    assert bool((on_asked | (tested == cert.radius.double())).all())
+    assert bool((tested >= cert.radius).all())
+    for v in asked:
+        assert int((tested > v).sum()) >= int((found[True].radius > v).sum())
+    assert sum(int((tested > v).sum()) for v in asked) > sum(int((cert.radius > v).sum()) for v in asked)

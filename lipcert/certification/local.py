@@ -56,6 +56,8 @@ U64 = 2.0 ** -53
 MAX_ROW_ENTRIES = 2 ** 25
 #: bisection steps of the ``crown`` radius
 BISECTION_STEPS = 12
+#: with requested radii, each is tested this much above itself (a report counts radius > eps as certified)
+AT_MARGIN = 1e-9
 #: relative slack on float64 norms and sums of the analysis (far above their rounding, far below any margin)
 SLACK = 1e-9
 #: the elementwise rules whose only kink is at 0 (their switching functional is the entry itself)
@@ -104,14 +106,17 @@ class LocalCertifier:
     """Built once per model (bounds, tails and float64 error plans), then ``radii`` per batch. ``method``:
     ``linear`` (all tail activations stable), ``lipschitz`` (the margin's Lipschitz bound over the ball with the
     activations that may switch left free), ``crown`` (bound propagation), or ``best`` (linear and lipschitz,
-    the larger)."""
+    the larger). ``at``: the radii a report asks about; the searched methods then test only those (just above
+    each), instead of bisecting for the largest radius: a few times cheaper, and the same certified accuracy
+    at those radii."""
 
     def __init__(self, graph: Graph, setup: CertificateSetup, *, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, max_depth: int = 1, method: str = "best",
-                 prop: Propagation | None = None) -> None:
+                 prop: Propagation | None = None, at: Sequence[float] | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         self.graph, self.setup, self.method = graph, setup, method
+        self.at = None if at is None else sorted(float(v) for v in at if v > 0)
         self.mean, self.std = mean, std
         self.tails: list[Tail] = []
         self.reason = ""
@@ -122,6 +127,9 @@ class LocalCertifier:
             return
         if not math.isfinite(setup.lipschitz):
             self.reason = "no finite global bound"
+            return
+        if graph.fixed_batch is not None:
+            self.reason = "the model is fixed to one batch size"
             return
         self.prop = prop if prop is not None else propagate(graph, lower_bounds=False)
         self.tails, self.reason = _tails(graph, self.prop, max_depth, self.factor)
@@ -316,9 +324,16 @@ class LocalCertifier:
             bound = found - SQRT2 * (base[:, None] + slope * r[:, None])
             return bound.scatter(1, prediction[:, None], math.inf).amin(dim=1)
 
+        certified = torch.zeros(n, dtype=torch.float64)
+        if self.at is not None:
+            for value in self.at:
+                r = torch.full((n,), value * (1 + AT_MARGIN), dtype=torch.float64)
+                todo = start < r
+                if bool(todo.any()):
+                    certified = torch.where(todo & (lower(r) > 0), r, certified)
+            return certified
         lo_r = start.clone()
         hi_r = torch.maximum(2 * start, 4 * gaps.clamp_min(0).amin(dim=1) / max(tail.body_lipschitz, 1e-300))
-        certified = torch.zeros(n, dtype=torch.float64)
         for _ in range(BISECTION_STEPS):
             mid = (lo_r + hi_r) / 2
             ok = lower(mid) > 0
@@ -564,8 +579,8 @@ def _activation(graph: Graph, step: Step) -> Activation | str:
     names = set(step.nodes)
     nodes = [n for n in graph.nodes if n.name in names]
     shape = graph.value_shapes.get(step.inputs[0]) if step.inputs else None
-    if shape is None or len(step.inputs) != 1:
-        return f"{step.label}: not one input of known shape"
+    if shape is None or len(step.inputs) != 1 or step.output not in graph.value_shapes:
+        return f"{step.label}: not one input and an output of known shapes"
     width = math.prod(shape)
     ops = sorted(n.op for n in nodes)
     idx = torch.arange(width)
