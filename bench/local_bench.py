@@ -86,7 +86,7 @@ def main() -> None:
         lines += run(model, args.data, eps, labels, args.repeat) + [""]
     lines.append(f"Certified accuracy (%) at each L2 radius, {len(np.load(args.data)['y'])} samples of "
                  f"{args.data.name}. Machine: {machine('cpu')}; 2 cores shared with other jobs, so times are "
-                 "indicative only; local times are the best of {args.repeat} runs.")
+                 f"indicative only; local times are the best of {args.repeat} runs.")
     append_markdown("\n".join(lines), args.markdown)
 
 

@@ -14,7 +14,7 @@ linear map, and every activation is J0 p + G relu(S p) (checked in code on two p
   stability radii and the margins' radii.
 - ``lipschitz`` (the margin's own Lipschitz bound over the ball): a switch whose interval over the ball keeps
   its sign is fixed, one that may switch is left free (its Jacobian entry anywhere in [0, 1]); every gradient
-  of the margin on the ball lies in a zonotope, whose largest norm is bounded (``_Crown.gain``), and the
+  of the margin on the ball lies in a zonotope, whose largest norm is bounded (``_Bounds.gain``), and the
   margin drops by at most rho times that. Switch intervals: exact for the first activation (s(p(x)) +- rho
   ||s A||), by the same bound for later ones. Radius by bisection.
 - ``crown`` (bound propagation over the L2 ball): each relu(s) gets CROWN's linear lower or upper relaxation on
@@ -45,7 +45,7 @@ from lipcert.bounds.rounding import ErrorPlan, gamma, nonnegative_norm
 from lipcert.bounds.rounding import plan as error_plan
 from lipcert.bounds.steps import Step
 from lipcert.certification.radii import SQRT2, CertificateSetup, sample_norms
-from lipcert.graph.core import Graph
+from lipcert.graph.core import Graph, Node
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.ops import REGISTRY, RunContext
 
@@ -54,7 +54,7 @@ METHODS = ("linear", "lipschitz", "crown", "best")
 U64 = 2.0 ** -53
 #: the most entries (samples x rows x feature entries) one pull-back holds at once
 MAX_ROW_ENTRIES = 2 ** 25
-#: bisection steps of the ``crown`` radius
+#: bisection steps of the searched radii (``lipschitz``, ``crown``)
 BISECTION_STEPS = 12
 #: with requested radii, each is tested this much above itself (a report counts radius > eps as certified)
 AT_MARGIN = 1e-9
@@ -72,7 +72,7 @@ class Activation:
     step: Step
     first: torch.Tensor
     second: torch.Tensor
-    nodes: list
+    nodes: list[Node]
 
 
 @dataclass
@@ -301,7 +301,7 @@ class LocalCertifier:
         eye = torch.eye(gaps.shape[1], dtype=torch.float64)
         margin_rows = eye[prediction][:, None, :] - eye[None, :, :]
         switch_rows = [_switch_rows(a, values[a.step.inputs[0]].shape[1]) for a in tail.activations]
-        run = _Crown(self, tail, values, x_norm, forms)
+        run = _Bounds(self, tail, values, x_norm, forms)
         first_gain = run.gain(0, switch_rows[0][None], [])  # the first switches' gains: the same for every sample
 
         def lower(r: torch.Tensor) -> torch.Tensor:
@@ -343,9 +343,10 @@ class LocalCertifier:
         return certified
 
 
-class _Crown:
-    """CROWN's backward pass over the tail, relative to the centre: for rows Lambda on the output of linear step
-    t (p_t, or the logits), a lower bound of Lambda . p_t(x') over the ball, for each sample and row.
+class _Bounds:
+    """The tail's backward passes at a batch of samples: ``gain`` (the ``lipschitz`` method) and ``lower``
+    (CROWN). ``lower``, relative to the centre: for rows Lambda on the output of linear step t (p_t, or the
+    logits), a lower bound of Lambda . p_t(x') over the ball, for each sample and row.
 
     With p_t(x') - p_t(x) = L_t (h_{t-1}(x') - h_{t-1}(x)), each activation relaxed as
     mu . act(p') >= w . p' + gamma (w = mu J0 + beta S, beta from CROWN's relu bounds on the switches' intervals),
@@ -519,14 +520,6 @@ def _abs_norm(step: Step) -> float:
     if not step.parts or len(maps) < len(step.parts) or any(m is None for m in maps):
         return math.inf
     return math.prod(nonnegative_norm(m) for m in maps if m is not None) * (1 + SLACK)
-
-
-def _dense_rows(step: Step) -> torch.Tensor:
-    """The head's matrix (logits x inputs), from its adjoint in float64."""
-    op = step.linear
-    eye = torch.eye(op.out_numel, dtype=torch.float64).reshape((op.out_numel,) + tuple(op.out_shape))
-    with torch.no_grad():
-        return op.adjoint(eye).reshape(op.out_numel, -1)
 
 
 def _run_step(act: Activation, v: torch.Tensor, consts: dict[str, torch.Tensor]) -> torch.Tensor:
