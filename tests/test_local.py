@@ -72,12 +72,17 @@ def _pgd(graph, x: torch.Tensor, label: torch.Tensor, radius: torch.Tensor, step
     """Whether PGD (L2, margin loss, random starts) finds a point strictly inside each radius where the exact
     (float64) function predicts another class."""
     module = GraphModule(graph).to(torch.float64).eval()
-    x, r = x.double(), radius.double()[:, None] * (1 - 1e-6)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    x, r = x.double(), radius.double().reshape(view) * (1 - 1e-6)
+
+    def norms(v: torch.Tensor) -> torch.Tensor:
+        return v.flatten(1).norm(dim=1).reshape(view).clamp_min(1e-30)
+
     broken = torch.zeros(len(x), dtype=torch.bool)
     gen = torch.Generator().manual_seed(0)
     for _ in range(restarts):
         d = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        delta = d / d.norm(dim=1, keepdim=True) * r * torch.rand(len(x), 1, generator=gen, dtype=torch.float64)
+        delta = d / norms(d) * r * torch.rand(len(x), generator=gen, dtype=torch.float64).reshape(view)
         for _ in range(steps):
             delta.requires_grad_(True)
             z = module(x + delta)
@@ -85,8 +90,8 @@ def _pgd(graph, x: torch.Tensor, label: torch.Tensor, radius: torch.Tensor, step
             loss = (other - z.gather(1, label[:, None])[:, 0]).sum()
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta = delta + 2.5 * r / steps * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                delta = delta * torch.clamp(r / delta.norm(dim=1, keepdim=True).clamp_min(1e-30), max=1.0)
+                delta = delta + 2.5 * r / steps * grad / norms(grad)
+                delta = delta * torch.clamp(r / norms(delta), max=1.0)
         with torch.no_grad():
             broken |= module(x + delta).argmax(dim=1) != label
     return broken
