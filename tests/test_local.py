@@ -56,11 +56,13 @@ def _setup(tmp_path: Path, model: nn.Module, n_in: int, name: str):
     return graph, setup
 
 
-def _global(graph, setup, x: torch.Tensor):
-    """The deployed logits and the global certificates, with the per-sample error allowance."""
+def _global(graph, setup, x: torch.Tensor, scale: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The deployed logits and the global certificates, with the per-sample error allowance, as the report
+    engine computes them (``scale``: its normalisation (x - mean) / std before the model)."""
     module = GraphModule(graph).eval()
     with torch.no_grad():
-        logits, norms = module.forward_norms(x, set(setup.error_plan.needed))
+        model_input = x if scale is None else (x - scale[0]) / scale[1]
+        logits, norms = module.forward_norms(model_input, set(setup.error_plan.needed))
     error = setup.error_plan.evaluate(norms)
     pairs = pair_norms(setup.head_weight, setup.head_row_error) if setup.head_weight is not None else None
     cert = certificates_from_logits(logits, sample_norms(x.double()), setup, pairs, error)
@@ -68,10 +70,14 @@ def _global(graph, setup, x: torch.Tensor):
 
 
 def _pgd(graph, x: torch.Tensor, label: torch.Tensor, radius: torch.Tensor, steps: int = 50,
-         restarts: int = 3) -> torch.Tensor:
+         restarts: int = 3, scale: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Whether PGD (L2, margin loss, random starts) finds a point strictly inside each radius where the exact
-    (float64) function predicts another class."""
-    module = GraphModule(graph).to(torch.float64).eval()
+    (float64) function predicts another class; ``scale`` (mean, std): the model reads (x - mean) / std."""
+    graph_module = GraphModule(graph).to(torch.float64).eval()
+
+    def module(v: torch.Tensor) -> torch.Tensor:
+        return graph_module(v if scale is None else (v - scale[0].double()) / scale[1].double())
+
     view = (-1,) + (1,) * (x.dim() - 1)
     x, r = x.double(), radius.double().reshape(view) * (1 - 1e-6)
 
@@ -127,6 +133,24 @@ def test_local_radius_sound_and_larger(tmp_path: Path, activation: nn.Module, st
     assert not bool(_pgd(graph, x[gained], cert.prediction[gained], found.radius[gained]).any())
     # the attack is not toothless: at twice the local radius it breaks some of those points
     assert bool(_pgd(graph, x[gained], cert.prediction[gained], 3 * found.radius[gained]).any())
+
+
+@pytest.mark.slow
+def test_normalised_input(tmp_path: Path) -> None:
+    """With a normalisation before the model, the local radius is in pixel space: sound there, above global."""
+    graph = load_model(export_onnx(_expanding(4, 16, 3, MaxMin(), seed=1), tmp_path / "n.onnx", (4,), dynamo=False))
+    mean, std = [0.4, 0.5, 0.5, 0.6], [0.5, 0.8, 0.7, 0.9]
+    setup, _ = certificate_setup(graph, mean=mean, std=std)
+    scale = (torch.tensor(mean), torch.tensor(std))
+    x = torch.rand(32, 4, generator=torch.Generator().manual_seed(9))
+    _, cert, error = _global(graph, setup, x, scale)
+    found = LocalCertifier(graph, setup, mean=mean, std=std).radii(x, cert.prediction, cert.radius,
+                                                                  torch.as_tensor(error.base), error.slope)
+    assert found.reason == "" and bool((found.radius >= cert.radius).all())
+    gained = found.radius > cert.radius * 1.2
+    assert int(gained.sum()) >= 4
+    assert not bool(_pgd(graph, x[gained], cert.prediction[gained], found.radius[gained], scale=scale).any())
+    assert bool(_pgd(graph, x[gained], cert.prediction[gained], 3 * found.radius[gained], scale=scale).any())
 
 
 def test_unstable_point_keeps_the_global_radius(tmp_path: Path) -> None:
