@@ -42,7 +42,7 @@ U64 = 2.0 ** -53
 # of the exact one, relatively, where p(n) = c * n grows with the size n of the problem (Higham ch. 3 for
 # inner products, gamma_n = n u / (1 - n u); LAPACK Users' Guide, "Error bounds for the symmetric
 # eigenproblem"; each caller states its n). With c = ROUNDING_C = 8 and u = 2^-53 ~ 1.1e-16,
-# c * n * u <= 1e-9 for n up to 1.1e6; for larger n the margin grows as c * n * u (see ``_inflate``).
+# c * n * u <= 1e-9 for n up to 1.1e6; for larger n the margin grows as c * n * u (see ``inflate``).
 # Either way it is far below anything that matters for a certificate from float32 weights (precision 6e-8).
 ROUNDING_MARGIN = 1e-9
 ROUNDING_C = 8
@@ -70,7 +70,7 @@ class UpperBound:
     start: torch.Tensor | None = None
 
 
-def _inflate(value: float, n: int) -> float:
+def inflate(value: float, n: int) -> float:
     """``value`` raised by the rounding margin for a float64 computation of dimension ``n``, rounded up."""
     margin = max(ROUNDING_MARGIN, ROUNDING_C * n * U64)
     return math.nextafter(value * (1.0 + margin), math.inf)
@@ -81,7 +81,7 @@ def mul_up(a: float, b: float) -> float:
     return math.nextafter(a * b, math.inf)
 
 
-def _largest_singular_value(mat: torch.Tensor) -> float:
+def largest_singular_value(mat: torch.Tensor) -> float:
     """max over a batch of matrices of ||M||_2, from the top eigenvalue of the smaller Gram matrix M M^H.
 
     Much faster than a full SVD for wide or batched complex matrices. Rounding: fl(M M^H) = M M^H + E with
@@ -98,7 +98,7 @@ def _largest_singular_value(mat: torch.Tensor) -> float:
 
 def top_singular(mat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """||M||_2 with a top left and right singular vector of one 2-D matrix, from one eigendecomposition of the
-    smaller Gram matrix (the one ``_largest_singular_value`` takes), the other vector by one product: no SVD."""
+    smaller Gram matrix (the one ``largest_singular_value`` takes), the other vector by one product: no SVD."""
     wide = mat.shape[0] < mat.shape[1]
     values, vectors = torch.linalg.eigh(mat @ mat.mH if wide else mat.mH @ mat)
     sigma = math.sqrt(max(float(values[-1]), 0.0))
@@ -144,7 +144,7 @@ def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
     """
     record("spectral.svd")
     sigma, start = _dense_norm(op, device)
-    return UpperBound(_inflate(sigma, op.in_numel * op.out_numel), "svd", True, start)
+    return UpperBound(inflate(sigma, op.in_numel * op.out_numel), "svd", True, start)
 
 
 # ------------------------------------------------------------------------------------------ matrices
@@ -153,7 +153,7 @@ def _svd_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
 def kernel_matrix_norm(weight: torch.Tensor) -> float:
     """||weight.reshape(c_out, -1)||_2, what torch's spectral_norm normalises: for contrast, never a bound."""
     w = weight.detach().to(torch.float64)
-    return _largest_singular_value(w.reshape(w.shape[0], -1))
+    return largest_singular_value(w.reshape(w.shape[0], -1))
 
 
 def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
@@ -164,7 +164,7 @@ def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
     m x n, m >= n): with H normalised, fl(H^T H) = H^T H + E with ||E||_2 <= ||E||_F <= gamma_m and
     ||H^T H||_2 = ||H||_2^2 >= 1/n, so each step has relative error delta <= n gamma_m ~ m n u, i.e.
     ||G_t||_2^2 <= (1 + delta) ||G_{t+1}||_2; taking the 2^-t-th roots, these factors multiply to less than
-    (1 + delta), which ``_inflate(., m * n)`` covers (the log-scale bookkeeping adds O(iters u |log value|)).
+    (1 + delta), which ``inflate(., m * n)`` covers (the log-scale bookkeeping adds O(iters u |log value|)).
     """
     g = matrix.detach().to(torch.float64)
     if g.shape[0] < g.shape[1]:  # iterate on the smaller Gram matrix; ||M^T|| = ||M||
@@ -183,7 +183,7 @@ def gram_norm_bound(matrix: torch.Tensor, iters: int = 6) -> float:
     if f == 0.0:
         return 0.0
     value = math.exp((log_scale + math.log(f)) / 2.0 ** iters)
-    return _inflate(value, matrix.numel())
+    return inflate(value, matrix.numel())
 
 
 def matrix_upper_bound(m: torch.Tensor) -> float:
@@ -203,7 +203,7 @@ def _matrix_bound(m: torch.Tensor, dense_limit: int, device: str | torch.device)
     m = m.detach().to(device=device, dtype=torch.float64)
     if min(m.shape) <= dense_limit:
         record("spectral.matrix-svd")
-        return UpperBound(_inflate(_largest_singular_value(m), m.numel()), "svd", True)
+        return UpperBound(inflate(largest_singular_value(m), m.numel()), "svd", True)
     record("spectral.gram")
     return UpperBound(gram_norm_bound(m), "gram", False)
 
@@ -250,7 +250,7 @@ def _circular_norm(weight: torch.Tensor, grid: Sequence[int], dilation: Sequence
             prod = (idx[axis][:, None] * pos[None, :, axis]) % grid[axis]
             angle += prod.to(torch.float64) * (2.0 * math.pi / grid[axis])
         phase = torch.polar(torch.ones_like(angle), angle)
-        best = max(best, _largest_singular_value(torch.einsum("ft,goit->fgoi", phase, kw)))
+        best = max(best, largest_singular_value(torch.einsum("ft,goit->fgoi", phase, kw)))
     return best
 
 
@@ -260,12 +260,12 @@ def _circular_upper(kernel: torch.Tensor, grid: Sequence[int], groups: int,
 
     Each computed K_hat entry has an absolute error <= gamma_{T+4} sum_t |K_t| (T taps, 4 roundings for the
     phase), so ||E(w)||_2 <= ||E(w)||_F <= gamma_{T+4} sqrt(T) ||K||_F, added in full; the per-frequency
-    eigenvalue solve is then covered by ``_inflate`` with n = (c_out/groups) * (c_in/groups).
+    eigenvalue solve is then covered by ``inflate`` with n = (c_out/groups) * (c_in/groups).
     """
     taps = math.prod(kernel.shape[2:])
     err = ROUNDING_C * (taps + 4) * U64 * math.sqrt(taps) * float(torch.linalg.vector_norm(kernel))
     value = _circular_norm(kernel, grid, (1,) * (kernel.dim() - 2), groups, device)
-    return _inflate(value + err, kernel.shape[0] // groups * kernel.shape[1])
+    return inflate(value + err, kernel.shape[0] // groups * kernel.shape[1])
 
 
 def conv_circular_norm(weight: torch.Tensor, input_hw: Sequence[int], *,
@@ -425,8 +425,8 @@ def padded_conv_bound(absolute: LinearOperator, conv: LinearOperator) -> float |
     most = max(float(read.max()), 0.0) if read.numel() else 0.0
     c_out, c_in_g = w.shape[:2]
     kernel = w.reshape(groups, c_out // groups, c_in_g * math.prod(w.shape[2:]))
-    value = math.sqrt(most) * _largest_singular_value(kernel)
-    return _inflate(value, absolute.in_numel + absolute.out_numel + kernel.shape[1] * kernel.shape[2])
+    value = math.sqrt(most) * largest_singular_value(kernel)
+    return inflate(value, absolute.in_numel + absolute.out_numel + kernel.shape[1] * kernel.shape[2])
 
 
 # ---------------------------------------------------------------------------------------- dispatcher
@@ -440,7 +440,7 @@ def _schur_bound(op: LinearOperator, device: str | torch.device) -> UpperBound:
     # Sums of non-negative terms: relative error <= gamma_n, covered by the margin with n = in + out.
     value = math.sqrt(max(float(rows.max()), 0.0) * max(float(cols.max()), 0.0))
     record("spectral.schur")
-    return UpperBound(_inflate(value, op.in_numel + op.out_numel), "schur", False)
+    return UpperBound(inflate(value, op.in_numel + op.out_numel), "schur", False)
 
 
 def _product_bound(parts: Sequence[LinearOperator], device: str | torch.device,

@@ -25,7 +25,7 @@ import torch
 
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.kinds import Combination, Linear, Region
-from lipcert.bounds.spectral import ROUNDING_C, U64, _inflate, _largest_singular_value
+from lipcert.bounds.spectral import ROUNDING_C, U64, inflate, largest_singular_value
 from lipcert.bounds.steps import Step
 from lipcert.bounds.thresholds import current
 from lipcert.graph.linop import (
@@ -76,14 +76,14 @@ def transfer_bound(step: Step) -> float | None:
         form = _compose(step, region, freqs, grid)
         if form is None or tuple(step.linear.out_shape) != (form.t.shape[1],) + grid:
             return None
-        best = max(best, _largest_singular_value(form.t))
+        best = max(best, largest_singular_value(form.t))
         size, terms = form.size, form.terms
     if size is None:
         return None
     # every entry of T is a sum of products of weights and phases: its float error is at most gamma_terms times the
     # same sum in absolute values (``size``), so ||E(f)||_2 <= ||E(f)||_F <= 2 gamma_terms ||size||_F (complex)
     err = 2 * ROUNDING_C * terms * U64 * float(torch.linalg.vector_norm(size)) * (1 + 1e-6)
-    return _inflate(best + err, size.shape[0] * size.shape[1])
+    return inflate(best + err, size.shape[0] * size.shape[1])
 
 
 def _compose(step: Step, region: Region, freqs: torch.Tensor, grid: tuple[int, ...]) -> _Form | None:
