@@ -26,7 +26,7 @@ WRONG = {
     "backend": '"tf"', "layout": '"CHW"', "value_range": '"0-9"', "skip_bad_samples": '"no"', "workers": "-1",
     "attack": "1", "attack_steps": "2.5", "attack_restarts": '"two"', "attack_precision": '"fp16"',
     "min_clean_acc": '"high"', "min_certified_acc": '"36/255"', "max_violations": "-1", "baseline": "3",
-    "max_drop": '"x"', "require_claim": '"yes"', "empirical_budget": "0",
+    "max_drop": '"x"', "require_claim": '"yes"', "empirical_budget": "0", "gate_on": '"both"',
 }
 
 

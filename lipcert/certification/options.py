@@ -121,6 +121,7 @@ class CertifyOptions:
     require_claim: bool | None = _setting("require_claim")
     baseline: str | Path | Mapping[str, Any] | None = _setting("baseline")
     max_drop: float = _setting("max_drop")
+    gate_on: str = _setting("gate_on")
     checkpoint_dir: str | Path | None = _setting("checkpoint_dir")
     resume: bool = _setting("resume")
     #: what the settings above resolve to, set when the options are made

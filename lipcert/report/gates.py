@@ -62,11 +62,17 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                  min_certified: Sequence[tuple[str, float, float]] = (), min_mean_radius: float | None = None,
                  max_violations: int = 0,
                  max_lipschitz: float | None = None, baseline: dict | None = None,
-                 max_drop: float = 0.0, require_claim: bool | None = None) -> list[Gate]:
+                 max_drop: float = 0.0, require_claim: bool | None = None, gate_on: str = "float") -> list[Gate]:
     """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, and the
-    model's Lipschitz claim (``require_claim``; by default checked whenever a claim is declared)."""
+    model's Lipschitz claim (``require_claim``; by default checked whenever a claim is declared). The
+    certified-accuracy and mean-radius gates read the radius kind ``gate_on`` (float or exact), recorded in
+    ``report.gate_on``."""
     _check_fractions([("min_clean_acc", str(min_clean_acc), min_clean_acc), ("max_drop", str(max_drop), max_drop)]
                      + [("min_certified_acc", f"{label}={acc:g}", acc) for label, _, acc in min_certified])
+    if gate_on == "exact" and report.exact_mean_radius is None:
+        raise ConfigError("gate_on exact: the report has no exact-arithmetic radii", parameter="gate_on")
+    report.gate_on = gate_on
+    kind = "" if gate_on == "float" else " (exact)"
     gates: list[Gate] = []
     if require_claim or (require_claim is None and report.bound.claimed is not None):
         gates.append(claim_gate(report))
@@ -76,12 +82,13 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                           f">= {min_clean_acc:g}"))
     for label, eps, acc in min_certified:
         found = _find_eps(report, eps)
-        measured = found.certified_accuracy if found else 0.0
-        gates.append(Gate(f"certified accuracy at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
+        measured = (found.accuracy(gate_on) if found else None) or 0.0
+        gates.append(Gate(f"certified accuracy{kind} at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
                           f">= {acc:g}"))
     if min_mean_radius is not None:
-        mean = report.mean_radius.mean
-        gates.append(Gate(f"mean certified radius >= {min_mean_radius:g}", mean >= min_mean_radius, f"{mean:.4g}",
+        chosen = report.radius_mean(gate_on)
+        mean = chosen.mean if chosen is not None else 0.0
+        gates.append(Gate(f"mean certified radius{kind} >= {min_mean_radius:g}", mean >= min_mean_radius, f"{mean:.4g}",
                           f">= {min_mean_radius:g}"))
     if report.attack is not None:
         n = report.attack.violation_count
@@ -90,16 +97,16 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                           "" if n <= max_violations else "the attack broke certified points inside their radius: "
                                                          "the Lipschitz claim or the certificate is wrong"))
         for e in report.eps:
-            emp = e.extra.get("empirical robust")
-            if emp is not None:
-                gates.append(Gate(f"empirical robust accuracy >= certified at {e.label}", emp >= e.certified_accuracy,
-                                  f"{emp:.4f}", f">= {e.certified_accuracy:.4f}"))
+            emp, cert = e.extra.get("empirical robust"), e.accuracy(gate_on)
+            if emp is not None and cert is not None:
+                gates.append(Gate(f"empirical robust accuracy >= certified{kind} at {e.label}", emp >= cert,
+                                  f"{emp:.4f}", f">= {cert:.4f}"))
     if max_lipschitz is not None:
         value = report.bound.value
         gates.append(Gate(f"Lipschitz bound used <= {max_lipschitz:g}", value <= max_lipschitz, f"{value:.6g}",
                           f"<= {max_lipschitz:g}"))
     if baseline is not None:
-        gates += baseline_gates(report, baseline, max_drop)
+        gates += baseline_gates(report, baseline, max_drop, gate_on)
     return gates
 
 
@@ -117,21 +124,25 @@ def load_baseline(path: Path) -> dict:
     return data
 
 
-def baseline_gates(report: Report, baseline: dict, max_drop: float) -> list[Gate]:
-    """Certified accuracy at every eps both reports share must not fall by more than ``max_drop``."""
+def baseline_gates(report: Report, baseline: dict, max_drop: float, gate_on: str = "float") -> list[Gate]:
+    """Certified accuracy (of the radius kind ``gate_on``) at every eps both reports share must not fall by more
+    than ``max_drop``."""
     gates = []
+    key = "exact_certified_accuracy" if gate_on == "exact" else "certified_accuracy"
+    kind = "" if gate_on == "float" else " (exact)"
     for old in baseline["eps"]:
         try:
-            eps, old_acc = float(old["eps"]), float(old["certified_accuracy"])
+            eps, old_acc = float(old["eps"]), float(old[key])
         except (KeyError, TypeError, ValueError):
-            raise ConfigError("the baseline report has a malformed eps entry") from None
+            raise ConfigError(f"the baseline report has a malformed eps entry, or one without {key}") from None
         new = _find_eps(report, eps)
-        if new is None:
+        accuracy = None if new is None else new.accuracy(gate_on)
+        if new is None or accuracy is None:
             continue
-        change = new.certified_accuracy - old_acc
+        change = accuracy - old_acc
         ok = change >= -max_drop - 1e-12
-        gates.append(Gate(f"certified accuracy at {new.label} vs baseline (max drop {max_drop:g})", ok,
-                          f"{new.certified_accuracy:.4f} (baseline {old_acc:.4f}, change {change:+.4f})",
+        gates.append(Gate(f"certified accuracy{kind} at {new.label} vs baseline (max drop {max_drop:g})", ok,
+                          f"{accuracy:.4f} (baseline {old_acc:.4f}, change {change:+.4f})",
                           f">= {old_acc - max_drop:.4f}"))
     if not gates:
         raise ConfigError("the baseline report shares no eps with this run")
