@@ -90,7 +90,8 @@ class CertifyOptions:
     (``DEFAULT_BATCH_SIZE``). ``attack`` is True (PGD with ``AttackConfig``'s defaults), an ``AttackConfig``, or
     False/None (no attack); the attack always uses the run's norm. The gates (``min_clean_acc``,
     ``min_certified_acc``, ``min_mean_radius``, ``max_violations``, ``max_lipschitz``, ``require_claim``,
-    ``baseline``, ``max_drop``) are those of ``report_gates`` and end up in ``Report.gates``. ``out`` is the run's
+    ``baseline``, ``max_drop``) are those of ``report_gates`` and end up in ``Report.gates``; ``gate_on`` (float or
+    exact) chooses the certified radius they read. ``out`` is the run's
     folder: a checkpoint there while it runs (``resume`` continues it), the report written there at the end and
     the checkpoint removed; ``checkpoint_dir`` keeps the checkpoint without writing a report. Without ``resume``,
     an unfinished run's checkpoint in either is refused, never discarded. Options are frozen:
