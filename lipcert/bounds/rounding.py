@@ -20,6 +20,10 @@ model (else 1), and v_hat the computed value. Around a centre point p, for every
   add their inputs' errors (weighted by broadcasting) plus their own rounding; concatenations and maxima combine
   them in L2 (Minkowski keeps the bound affine in R).
 
+- **Sizes met.** Around a measured centre x, an accumulating node's || |W| P |u_hat(x')| || is at most
+  || |W| P |u_hat(x)| || (measured per sample: ``image_norms``) + || |W| P || ||u_hat(x') - u_hat(x)||, used in
+  place of || |W| P || ||u_hat(x')|| where measured.
+
 Every bound is affine in R: ``Affine(base, slope)``, ||z_hat(x') - z(x')|| <= base + slope R for the logits z.
 ``certify`` turns it into radii. Unknown rounding (an operator without a ``Rounding``, a step without a rule)
 makes it infinite. ``plan`` compiles the analysis once (plain numbers, so it travels to torchrun's processes);
@@ -179,15 +183,15 @@ def image_key(node: str) -> str:
 
 
 def image_norms(plan: ErrorPlan, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For a computed value of a batch: || |W| P |value| || per sample (float64, on the CPU) of every accumulating
-    node that reads it, by ``image_key``. The maps and |value| are non-negative, so float64 sums of them err
-    by at most gamma_n(2^-53) relatively, inside ``NORM_SLACK``."""
+    """For a computed value of a batch: || |W| P |value| || per sample (computed in float64 on the value's device,
+    returned on the CPU) of every accumulating node that reads it, by ``image_key``. The maps and |value| are
+    non-negative, so float64 sums of them err by at most gamma_n(2^-53) relatively, inside ``NORM_SLACK``."""
     out = {}
     for node, (read, op) in plan.images.items():
         if read == name and tuple(value.shape[1:]) == tuple(op.in_shape):
             with torch.no_grad():
-                image = op.forward(value.detach().abs().double().cpu())
-            out[image_key(node)] = torch.linalg.vector_norm(image.reshape(value.shape[0], -1), dim=1)
+                image = op.forward(value.detach().abs().double())
+            out[image_key(node)] = torch.linalg.vector_norm(image.reshape(value.shape[0], -1), dim=1).cpu()
     return out
 
 
