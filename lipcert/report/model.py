@@ -151,10 +151,6 @@ class Gate:
         return asdict(self)
 
 
-#: the two radius kinds a report gives (``radii.Certificates``), by the name ``gate_on`` takes
-RADIUS_KINDS = {"float": "float32-safe", "exact": "exact arithmetic"}
-
-
 @dataclass
 class EpsResult:
     """Certified accuracy at one requested radius: float32-safe (``certified_accuracy``) and in exact arithmetic
@@ -169,7 +165,7 @@ class EpsResult:
     exact_certified: int | None = None
 
     def accuracy(self, kind: str) -> float | None:
-        """The certified accuracy of one radius kind (``RADIUS_KINDS``)."""
+        """The certified accuracy of one radius kind (``render.RADIUS_KINDS``)."""
         return self.exact_certified_accuracy if kind == "exact" else self.certified_accuracy
 
 
@@ -217,7 +213,7 @@ class Report:
     gates: list[Gate] = field(default_factory=list)
     exact_mean_radius: MeanRadius | None = None  # None for a report without exact radii
     exact_curve: list[tuple[float, float]] = field(default_factory=list)
-    gate_on: str = "float"  # the radius kind the gates read (``RADIUS_KINDS``)
+    gate_on: str = "float"  # the radius kind the gates read (``render.RADIUS_KINDS``)
     schema: str = SCHEMA
     lipcert_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -235,7 +231,7 @@ class Report:
         return int(self.samples.labels.numel())
 
     def radius_mean(self, kind: str) -> MeanRadius | None:
-        """The mean certified radius of one radius kind (``RADIUS_KINDS``)."""
+        """The mean certified radius of one radius kind (``render.RADIUS_KINDS``)."""
         return self.exact_mean_radius if kind == "exact" else self.mean_radius
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from lipcert.report.model import Report
 
 FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
+#: the two radius kinds a report gives (``radii.Certificates``), by the name ``gate_on`` takes
+RADIUS_KINDS = {"float": "float32-safe", "exact": "exact arithmetic"}
 
 
 def to_json(report: Report) -> str:
@@ -43,8 +45,6 @@ def summary_line(report: Report) -> str:
 
 def gate_on_text(report: Report) -> str:
     """Which radius kind the gates read, in words."""
-    from lipcert.report.model import RADIUS_KINDS
-
     return f"gates read the {RADIUS_KINDS[report.gate_on]} radii (gate_on {report.gate_on})"
 
 
