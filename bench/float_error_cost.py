@@ -32,7 +32,7 @@ def main() -> None:
     y = torch.tensor(data["y"])
     setup, info = certificate_setup(graph)
     engine = Engine(graph, setup, backend=args.backend)
-    z, norms = choose_backend(graph, args.backend, "cpu", x, None, None, engine.measure, setup.error_plan)(x)
+    z, norms = choose_backend(graph, args.backend, "cpu", x, None, None, engine.measure)(x)
     x_norm = x.flatten(1).double().norm(dim=1)
     error = engine.error(x_norm, norms)
     pairs = pair_norms(setup.head_weight, setup.head_row_error) if setup.head_weight is not None else None

@@ -72,7 +72,7 @@ def allowance(model: Path, x: np.ndarray,
     setup, _ = certificate_setup(graph, declared=rep["bound"]["declared"])
     engine = Engine(graph, setup, backend=rep["backend"])
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    runner = choose_backend(graph, rep["backend"], "cpu", xt, None, None, engine.measure, setup.error_plan)
+    runner = choose_backend(graph, rep["backend"], "cpu", xt, None, None, engine.measure)
     _, norms = runner(xt)
     x_norm = xt.flatten(1).double().norm(dim=1)
     error = engine.error(x_norm, norms)

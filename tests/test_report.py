@@ -103,8 +103,7 @@ def allowance(model: Path, x: np.ndarray, rep: dict, mean: list[float] | None = 
     setup, _ = certificate_setup(graph, declared=rep["bound"]["declared"], mean=mean, std=std)
     engine = Engine(graph, setup, backend=rep["backend"], mean=mean, std=std)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    runner = choose_backend(graph, rep["backend"], "cpu", xt, engine.mean, engine.std, engine.measure,
-                            setup.error_plan)
+    runner = choose_backend(graph, rep["backend"], "cpu", xt, engine.mean, engine.std, engine.measure)
     _, norms = runner(xt)
     x_norm = xt.flatten(1).double().norm(dim=1)
     error = engine.error(x_norm, norms)

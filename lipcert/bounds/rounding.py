@@ -20,10 +20,6 @@ model (else 1), and v_hat the computed value. Around a centre point p, for every
   add their inputs' errors (weighted by broadcasting) plus their own rounding; concatenations and maxima combine
   them in L2 (Minkowski keeps the bound affine in R).
 
-- **Sizes met.** Around a measured centre x, an accumulating node's || |W| P |u_hat(x')| || is at most
-  || |W| P |u_hat(x)| || (measured per sample: ``image_norms``) + || |W| P || ||u_hat(x') - u_hat(x)||, used in
-  place of || |W| P || ||u_hat(x')|| where measured.
-
 Every bound is affine in R: ``Affine(base, slope)``, ||z_hat(x') - z(x')|| <= base + slope R for the logits z.
 ``certify`` turns it into radii. Unknown rounding (an operator without a ``Rounding``, a step without a rule)
 makes it infinite. ``plan`` compiles the analysis once (plain numbers, so it travels to torchrun's processes);
@@ -161,38 +157,12 @@ class ErrorPlan:
     normalised: bool  # lipcert normalises the input before the model (two roundings per entry)
     reference: Mapping[str, float] = field(default_factory=dict)  # ||v(c)||, c the zero image
     needed: tuple[str, ...] = ()  # the values whose norms the report engine reads
-    #: accumulating node -> (the value it reads through copies, || |W| P ||'s map |W| P): the engine measures
-    #: || |W| P |u_hat(x)| || at each sample (``image_norms``); not pickled (its maps are closures), so another
-    #: process falls back to || |W| P || ||u_hat(x)||
-    images: Mapping[str, tuple[str, LinearOperator]] = field(default_factory=dict, compare=False)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "images": {}}
 
     def evaluate(self, norms: Mapping[str, float | torch.Tensor] | None = None) -> Affine:
         """The error bound base + slope R of the logits. Without ``norms``: around the zero image (R =
         ||x|| + r). With ``norms`` (per-sample float64 norms of the computed values in ``needed``, as
-        tensors, and of the images ``image_key(node)`` where measured): around each certified point (R = r),
-        base one value per sample."""
+        tensors): around each certified point (R = r), base one value per sample."""
         return _Evaluation(self, norms).run()
-
-
-def image_key(node: str) -> str:
-    """The name under which measured norms hold || |W| P |u_hat(x)| || of an accumulating node."""
-    return f"|W||u| {node}"
-
-
-def image_norms(plan: ErrorPlan, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For a computed value of a batch: || |W| P |value| || per sample (computed in float64 on the value's device,
-    returned on the CPU) of every accumulating node that reads it, by ``image_key``. The maps and |value| are
-    non-negative, so float64 sums of them err by at most gamma_n(2^-53) relatively, inside ``NORM_SLACK``."""
-    out = {}
-    for node, (read, op) in plan.images.items():
-        if read == name and tuple(value.shape[1:]) == tuple(op.in_shape):
-            with torch.no_grad():
-                image = op.forward(value.detach().abs().double())
-            out[image_key(node)] = torch.linalg.vector_norm(image.reshape(value.shape[0], -1), dim=1).cpu()
-    return out
 
 
 class _Evaluation:
@@ -207,29 +177,17 @@ class _Evaluation:
         ref = self.reference.get(value, math.inf)
         return Affine(ref * (1 + NORM_SLACK), 0.0) + deviation + error.times(self.twice)
 
-    def site_error(self, site: Site, base: Affine, out: Affine, accumulated: Affine | None = None) -> Affine:
-        """What one node adds: gamma_terms (|| |W| P |u| || + offset) + gamma_rel ||y|| + gamma_abs sqrt(n), with
-        || |W| P |u| || <= ``accumulated``, by default || |W| P || ||u||."""
+    def site_error(self, site: Site, base: Affine, out: Affine) -> Affine:
+        """What one node adds: gamma_terms (|| |W| P || ||u|| + offset) + gamma_rel ||y|| + gamma_abs sqrt(n)."""
         u = self.plan.unit
         err = ZERO
         if site.terms:
-            accumulated = base.times(site.abs_norm) if accumulated is None else accumulated
-            err = err + (accumulated + Affine(site.offset, 0.0)).times(gamma(site.terms, u))
+            err = err + (base.times(site.abs_norm) + Affine(site.offset, 0.0)).times(gamma(site.terms, u))
         if site.relative:
             err = err + out.times(gamma(site.relative, u))
         if site.absolute:
             err = err + Affine(gamma(site.absolute, u) * math.sqrt(site.numel), 0.0)
         return err
-
-    def accumulated(self, site: Site, moved: Affine, added: Affine) -> Affine | None:
-        """|| |W| P |u_hat(x')| || for the computed input u_hat(x') of an accumulating node, from its measured value
-        at the centre x: |u_hat(x')| <= |u_hat(x)| + |u_hat(x') - u_hat(x)| entry by entry and |W| P >= 0, so it
-        is at most || |W| P |u_hat(x)| || + || |W| P || (||u_hat(x') - u(x')|| + ||u(x') - u(x)|| + ||u(x) -
-        u_hat(x)||), the last three within ``moved`` + 2 ``added``. None without a measurement."""
-        image = self.reference.get(image_key(site.output)) if self.twice == 2.0 else None
-        if image is None:
-            return None
-        return Affine(image * (1 + NORM_SLACK), 0.0) + (moved + added.times(self.twice)).times(site.abs_norm)
 
     def chain(self, start: str, sites: Sequence[Site], deviation: Affine, error: Affine) -> tuple[Affine, Affine]:
         """(error a linear chain's own nodes add at its output, its output's deviation bound), for an input
@@ -242,7 +200,7 @@ class _Evaluation:
             if site.rounds:
                 base = self.magnitude(base_value, base_moved, base_added)
                 out = self.magnitude(site.output, moved.times(site.norm), added.times(site.norm))
-                delta = self.site_error(site, base, out, self.accumulated(site, base_moved, base_added))
+                delta = self.site_error(site, base, out)
             moved, added = moved.times(site.norm), added.times(site.norm) + delta
             if site.rebase:
                 base_value, base_moved, base_added = site.output, moved, added
@@ -327,19 +285,16 @@ class _Compiler:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.needed: set[str] = set()
-        self.images: dict[str, tuple[str, LinearOperator]] = {}
 
     def numel(self, value: str) -> int:
         return math.prod(self.graph.value_shapes.get(value, ()))
 
-    def sites(self, parts: Sequence[Part], start: str) -> tuple[Site, ...] | None:
-        """The chain's sites (``start`` the value it reads); None when a node's rounding is unknown (or the chain
-        names no node at all)."""
+    def sites(self, parts: Sequence[Part]) -> tuple[Site, ...] | None:
+        """The chain's sites; None when a node's rounding is unknown (or the chain names no node at all)."""
         if not parts:
             return None
         out: list[Site] = []
         pending: list[LinearOperator] = []
-        read = start  # the value the next accumulating node reads through the copies in ``pending``
         for part in parts:
             r = part.rounding
             if r is None or r.abs_op is None:
@@ -356,11 +311,9 @@ class _Compiler:
                 for op in pending[1:]:
                     composed = composed.then(op)
                 abs_norm = nonnegative_norm(composed)
-                if r.terms:
-                    self.images[part.output] = (read, composed)
             rebase = rounds or r.affine
             if rebase:
-                pending, read = [], part.output
+                pending = []
             out.append(Site(part.output, norm, rounds, rebase, r.terms, abs_norm, r.offset, r.relative, r.absolute,
                             self.numel(part.output)))
             self.needed.add(part.output)
@@ -381,7 +334,7 @@ class _Compiler:
             case Region(substeps=substeps) | Pattern(substeps=substeps) if substeps:
                 return self.block(step, factor, substeps)  # a pattern or a linear region: its own steps
             case Linear():
-                chain = self.sites(step.parts, step.inputs[0])
+                chain = self.sites(step.parts)
                 return Instruction("linear", inputs, out, factor, sites=chain or (), known=chain is not None)
             case Rule():
                 r = step.parts[0].rounding if step.parts else None
@@ -399,7 +352,7 @@ class _Compiler:
         for sub in substeps:
             cheap = sub.constant if isinstance(sub.details, Rule) and sub.constant is not None else 0.0
             if isinstance(sub.details, Linear):
-                sites = self.sites(sub.parts, sub.inputs[0])
+                sites = self.sites(sub.parts)
                 cheap = math.prod(s.norm for s in sites) if sites else math.inf
             inner.append(self.instruction(sub, cheap))
         return Instruction("block", tuple(step.inputs), step.output, factor, inner=tuple(inner),
@@ -442,4 +395,4 @@ def plan(graph: Graph, steps: Sequence[Step], bounds: Mapping[str, float], *, fa
     return ErrorPlan(instructions=instructions, lipschitz=dict(bounds), input=graph.input_name,
                      output=graph.output, output_bounded=graph.output in bounds, scale=scale,
                      unit=UNIT_ROUNDOFF[dtype], normalised=bool(std), reference=reference_norms(graph, point),
-                     needed=tuple(sorted(compiler.needed | {graph.input_name})), images=compiler.images)
+                     needed=tuple(sorted(compiler.needed | {graph.input_name})))

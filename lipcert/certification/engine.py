@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from lipcert.bounds.rounding import UNIT_ROUNDOFF, Affine, ErrorPlan, image_norms
+from lipcert.bounds.rounding import UNIT_ROUNDOFF, Affine
 from lipcert.certification.radii import (
     Certificates,
     CertificateSetup,
@@ -89,13 +89,10 @@ class Runner:
     per-sample norms of the values the float error analysis reads (None when the backend cannot give them)."""
 
     def __init__(self, graph: Graph, backend: str, device: str, mean: torch.Tensor | None,
-                 std: torch.Tensor | None, measure: Sequence[str] = (), plan: ErrorPlan | None = None) -> None:
+                 std: torch.Tensor | None, measure: Sequence[str] = ()) -> None:
         self.graph, self.backend, self.device = graph, backend, device
         self.mean, self.std = mean, std
         self.measure = set(measure)
-        #: || |W| P |u_hat(x)| || of the plan's accumulating nodes, from each value they read as it is computed
-        self.images = (lambda name, value: image_norms(plan, name, value)) if plan is not None and plan.images \
-            else None
         if backend == "torch":
             self.module = GraphModule(graph).to(device).eval()
         else:
@@ -122,15 +119,13 @@ class Runner:
             with torch.inference_mode(), full_precision():
                 if not self.measure:
                     return self.module(x), None
-                return self.module.forward_norms(x, self.measure, self.images)
+                return self.module.forward_norms(x, self.measure)
         norms: dict[str, list[torch.Tensor]] = {}
 
         def run(chunk: torch.Tensor) -> torch.Tensor:
             outputs = self.session.run([self.graph.output] + self.fetch, {self.graph.input_name: chunk.cpu().numpy()})
             for name, value in zip(self.fetch, outputs[1:], strict=False):
                 norms.setdefault(name, []).append(sample_norms(torch.from_numpy(value).double()).cpu())
-                for key, numbers in (self.images(name, torch.from_numpy(value)) if self.images else {}).items():
-                    norms.setdefault(key, []).append(numbers)
             return torch.from_numpy(outputs[0])
 
         logits = in_fixed_batches(run, x, self.graph.fixed_batch).to(x.device)
@@ -139,7 +134,6 @@ class Runner:
         found = {name: torch.cat(parts)[: x.shape[0]] for name, parts in norms.items()}
         if self.graph.input_name in self.measure:
             found[self.graph.input_name] = sample_norms(x.detach().double()).cpu()
-            found.update(self.images(self.graph.input_name, x) if self.images else {})
         return logits, found
 
 
@@ -155,15 +149,14 @@ def _time(runner: Runner, x: torch.Tensor) -> float:
 
 
 def choose_backend(graph: Graph, requested: str, device: str, sample: torch.Tensor, mean: torch.Tensor | None,
-                   std: torch.Tensor | None, measure: Sequence[str] = (), plan: ErrorPlan | None = None) -> Runner:
+                   std: torch.Tensor | None, measure: Sequence[str] = ()) -> Runner:
     """The requested backend (one of ``options.BACKENDS``, onnxruntime only for an ONNX model, as
-    ``CertifyOptions`` checks), or for ``auto`` the faster of torch and onnxruntime on one batch. With the error
-    ``plan``, the runners measure what it reads."""
+    ``CertifyOptions`` checks), or for ``auto`` the faster of torch and onnxruntime on one batch."""
     if requested != "auto":
-        return Runner(graph, requested, device, mean, std, measure, plan)
-    candidates = [Runner(graph, "torch", device, mean, std, measure, plan)]
+        return Runner(graph, requested, device, mean, std, measure)
+    candidates = [Runner(graph, "torch", device, mean, std, measure)]
     if graph.onnx_model is not None:
-        candidates.append(Runner(graph, "onnxruntime", device, mean, std, measure, plan))
+        candidates.append(Runner(graph, "onnxruntime", device, mean, std, measure))
     if len(candidates) == 1:
         return candidates[0]
     return min(candidates, key=lambda r: _time(r, sample))
@@ -223,7 +216,7 @@ class Engine:
             x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
             if self.runner is None:
                 self.runner = choose_backend(self.graph, self.requested, self.device, x, self.mean, self.std,
-                                             self.measure, self.setup.error_plan)
+                                             self.measure)
             runner = self.runner
             began = time.perf_counter()
             logits, norms = runner(x)

@@ -74,19 +74,15 @@ class GraphModule(torch.nn.Module):
         return in_fixed_batches(lambda chunk: self._run(chunk, keep=False)[self.graph.output], x,
                                 self.graph.fixed_batch)
 
-    def forward_norms(self, x: torch.Tensor, names: set[str],
-                      derived: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_norms(self, x: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output, and the per-sample float64 L2 norm of each value in ``names`` (on the CPU), taken as
-        the values are computed; with ``derived(name, value)``, the per-sample numbers it returns too."""
+        the values are computed."""
         found: dict[str, list[torch.Tensor]] = {}
 
         def observe(name: str, value: torch.Tensor) -> None:
             if name in names and value.is_floating_point() and value.dim() >= 1:
                 flat = value.detach().reshape(value.shape[0], -1).double()
                 found.setdefault(name, []).append(torch.linalg.vector_norm(flat, dim=1).cpu())
-                for key, numbers in (derived(name, value) if derived is not None else {}).items():
-                    found.setdefault(key, []).append(numbers)
 
         out = in_fixed_batches(lambda chunk: self._run(chunk, keep=False, observe=observe)[self.graph.output], x,
                                self.graph.fixed_batch)
