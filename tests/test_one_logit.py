@@ -27,6 +27,7 @@ from lipcert.certification.setup import certificate_setup
 from lipcert.data import check_fits, open_dataset
 from lipcert.data.labels import BINARY_LABELS
 from lipcert.errors import DataError
+from lipcert.graph.executor import GraphModule
 from lipcert.report.render import figure
 
 from .conftest import export_onnx, one_line, run_main
@@ -62,23 +63,33 @@ def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(len(x))
 
 
-def allowance(model: Path, x: np.ndarray, rep: dict) -> tuple[np.ndarray, float]:
+def allowance(model: Path, x: np.ndarray,
+              rep: dict) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray]]:
     """lipcert's float error allowance of each sample (at the sample) and its growth with the radius, through its
-    Python API with the backend the report used: what the documented binary rule subtracts."""
+    Python API with the backend the report used: what the documented binary rule subtracts; and the float64
+    centre (lipcert's executor in float64, with lipcert's bound on its error)."""
     graph = lipcert.load_model(model)
     setup, _ = certificate_setup(graph, declared=rep["bound"]["declared"])
     engine = Engine(graph, setup, backend=rep["backend"])
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     runner = choose_backend(graph, rep["backend"], "cpu", xt, None, None, engine.measure)
     _, norms = runner(xt)
-    error = engine.error(xt.flatten(1).double().norm(dim=1), norms)
-    return np.broadcast_to(np.asarray(error.base, dtype=np.float64), (len(x),)), float(error.slope)
+    x_norm = xt.flatten(1).double().norm(dim=1)
+    error = engine.error(x_norm, norms)
+    s64 = GraphModule(graph).to(torch.float64)(xt.double()).reshape(-1).detach().numpy()
+    e64 = (engine.exact_error.base + engine.exact_error.slope * x_norm).numpy()
+    return (np.broadcast_to(np.asarray(error.base, dtype=np.float64), (len(x),)), float(error.slope), (s64, e64))
 
 
-def binary_radii(s: np.ndarray, lipschitz: float, error: tuple[np.ndarray, float]) -> np.ndarray:
-    """The binary rule, computed here: (|s| - 2 base) / (L + slope), 0 when not positive."""
-    base, slope = error
-    return np.maximum(0.0, (np.abs(s.astype(np.float64)) - 2 * base) / (lipschitz + slope))
+def binary_radii(s: np.ndarray, lipschitz: float,
+                 error: tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The binary rule, computed here: the larger over the centres (s, base) and (s64, e64) of
+    (+-centre - e_centre - base) / (L + slope) (the sign of the deployed prediction), 0 when not positive."""
+    base, slope, (s64, e64) = error
+    s = s.astype(np.float64)
+    sign = np.where(s > 0, 1.0, -1.0)
+    return np.maximum.reduce([np.maximum(0.0, (sign * c - e - base) / (lipschitz + slope))
+                              for c, e in ((s, base), (s64, e64))])
 
 
 def read_samples(out: Path) -> dict[str, np.ndarray]:

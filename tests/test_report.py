@@ -63,7 +63,7 @@ def samples(out: Path) -> dict[str, np.ndarray]:
     """samples.csv as columns, after checking its header."""
     with open(out / "samples.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["index", "label", "prediction", "margin", "radius"]
+    assert rows[0][:6] == ["index", "label", "prediction", "margin", "radius", "exact_radius"]
     cols = dict(zip(rows[0], np.array(rows[1:], dtype=object).T))
     return {k: v.astype(np.int64 if k in ("index", "label", "prediction") else np.float64) for k, v in cols.items()}
 
@@ -94,46 +94,71 @@ def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def allowance(model: Path, x: np.ndarray, rep: dict, mean: list[float] | None = None,
-              std: list[float] | None = None) -> tuple[np.ndarray, float]:
+              std: list[float] | None = None) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray]]:
     """lipcert's float error allowance for each sample (at the sample) and its growth with the radius, through
-    its Python API with the backend the report used: the numbers the documented radius rules take."""
+    its Python API with the backend the report used: the numbers the documented radius rules take; and the
+    second centre: the float64 logits (lipcert's executor in float64, normalised in float64 from the float32
+    mean and std) with lipcert's bound on their error."""
     graph = load_model(model)
     setup, _ = certificate_setup(graph, declared=rep["bound"]["declared"], mean=mean, std=std)
     engine = Engine(graph, setup, backend=rep["backend"], mean=mean, std=std)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     runner = choose_backend(graph, rep["backend"], "cpu", xt, engine.mean, engine.std, engine.measure)
     _, norms = runner(xt)
-    error = engine.error(xt.flatten(1).double().norm(dim=1), norms)
-    return np.broadcast_to(np.asarray(error.base, dtype=np.float64), (len(x),)), float(error.slope)
+    x_norm = xt.flatten(1).double().norm(dim=1)
+    error = engine.error(x_norm, norms)
+    xd = xt.double() if mean is None else (xt.double() - engine.mean.double()) / engine.std.double()
+    z64 = GraphModule(graph).to(torch.float64)(xd).reshape(len(x), -1).detach().numpy()
+    e64 = engine.exact_error.base + engine.exact_error.slope * x_norm.numpy()
+    assert (e64 < 1e-9).all()  # float64 rounding: about 1e-13 on these models
+    return (np.broadcast_to(np.asarray(error.base, dtype=np.float64), (len(x),)), float(error.slope),
+            (z64, e64))
+
+
+def _rules(c: np.ndarray, pred: np.ndarray, lip: float, head: np.ndarray | None, allow: np.ndarray,
+           slope: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sqrt(2) rule, the larger of it and the per-pair rule) for the centre logits ``c``: with the head's bound
+    L' = L / ||W||, (c_pred - max_j c_j - allow) / (sqrt(2) (L + slope)) and
+    min_j (c_pred - c_j - allow) / (L' ||w_pred - w_j|| + sqrt(2) slope)."""
+    rows = np.arange(len(c))
+    gap = c[rows, pred][:, None] - c
+    gap[rows, pred] = np.inf
+    sqrt2 = np.maximum(0, (gap.min(1) - allow) / (SQRT2 * (lip + slope)))
+    if head is None:
+        return sqrt2, sqrt2
+    w = head.astype(np.float64)
+    pairs = (lip / np.linalg.norm(w, 2)) * np.linalg.norm(w[:, None] - w[None], axis=2) + SQRT2 * slope
+    per = (gap - allow[:, None]) / pairs[pred].clip(1e-300)
+    return sqrt2, np.maximum(sqrt2, per.min(1).clip(0))
 
 
 def radii(z: np.ndarray, x: np.ndarray, bound: dict, head: np.ndarray | None,
-          error: tuple[np.ndarray, float]) -> dict[str, np.ndarray]:
-    """Prediction, margin and radii by certify.py's documented rules, from float32 logits, the report's bound
-    and the float error allowance E = base + slope r of each sample:
-    sqrt(2): (margin - 2 sqrt(2) base) / (sqrt(2) (L + slope)); per pair, with the head's bound L' = L / ||W||:
-    min_j (z_top - z_j - 2 sqrt(2) base) / (L' ||w_top - w_j|| + sqrt(2) slope); one logit:
-    (|z| - 2 base) / (L + slope).
+          error: tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Prediction, margin and radii by radii.py's documented rules, from float32 logits, the report's bound,
+    the float error allowance E = base + slope r of each sample and the float64 centre (c, e_c):
+    float32-safe: the larger over the centres (z, base) and (c, e_c) of the rules with the allowance
+    sqrt(2) (e_centre + base) and slope; exact: the rules on z with neither; one logit:
+    (+-c - e_centre - base) / (L + slope), exact |z| / L.
     """
     z = z.astype(np.float64)
     lip = bound["value"]
-    base, slope = error
+    base, slope, (z64, e64) = error
+    z64 = z64.reshape(z.shape)
     if z.shape[1] == 1:
-        r = np.maximum(0, (np.abs(z[:, 0]) - 2 * base) / (lip + slope))
-        return {"prediction": (z[:, 0] > 0).astype(np.int64), "margin": np.abs(z[:, 0]), "sqrt2": r, "radius": r}
+        pred = (z[:, 0] > 0).astype(np.int64)
+        sign = 2.0 * pred - 1
+        r = np.maximum.reduce([np.maximum(0, (sign * c[:, 0] - e - base) / (lip + slope))
+                               for c, e in ((z, base), (z64, e64))])
+        return {"prediction": pred, "margin": np.abs(z[:, 0]), "sqrt2": r, "radius": r,
+                "exact": np.abs(z[:, 0]) / lip}
+    pred = np.argsort(-z, axis=1, kind="stable")[:, 0]
     rows = np.arange(len(z))
-    order = np.argsort(-z, axis=1, kind="stable")
-    pred = order[:, 0]
-    margin = z[rows, pred] - z[rows, order[:, 1]]
-    sqrt2 = np.maximum(0, (margin - 2 * SQRT2 * base) / (SQRT2 * (lip + slope)))
-    out = {"prediction": pred, "margin": margin, "sqrt2": sqrt2, "radius": sqrt2}
-    if head is not None:
-        w = head.astype(np.float64)
-        pairs = (lip / np.linalg.norm(w, 2)) * np.linalg.norm(w[:, None] - w[None], axis=2) + SQRT2 * slope
-        per = (z[rows, pred][:, None] - z - 2 * SQRT2 * base[:, None]) / pairs[pred].clip(1e-300)
-        per[rows, pred] = np.inf
-        out["radius"] = np.maximum(sqrt2, per.min(1).clip(0))
-    return out
+    margin = z[rows, pred] - np.sort(z, axis=1)[:, -2]
+    ours = _rules(z, pred, lip, head, 2 * SQRT2 * base, slope)
+    centre = _rules(z64, pred, lip, head, SQRT2 * (e64 + base), slope)
+    _, exact = _rules(z, pred, lip, head, np.zeros(len(z)), 0.0)
+    return {"prediction": pred, "margin": margin, "sqrt2": np.maximum(ours[0], centre[0]),
+            "radius": np.maximum(ours[1], centre[1]), "exact": exact}
 
 
 def assert_counts(rep: dict, radius: np.ndarray, correct: np.ndarray) -> None:
@@ -152,6 +177,8 @@ def assert_matches(out: Path, rep: dict, expect: dict[str, np.ndarray], labels: 
     assert np.array_equal(s["prediction"], expect["prediction"])
     assert np.allclose(s["margin"], expect["margin"], rtol=1e-5, atol=1e-6)
     assert np.allclose(s["radius"], expect["radius"], rtol=1e-5, atol=SLACK)
+    assert np.allclose(s["exact_radius"], expect["exact"], rtol=1e-5, atol=SLACK)
+    assert (s["radius"] <= s["exact_radius"]).all()  # the float32-safe radius only subtracts rounding
     assert rep["dataset"]["num_samples"] == len(labels)
     assert rep["clean_accuracy"] == pytest.approx(float((expect["prediction"] == labels).mean()))
     assert_counts(rep, expect["radius"], expect["prediction"] == labels)
@@ -269,7 +296,8 @@ def test_quiet_prints_one_summary_line(digits, tmp_path: Path) -> None:
                      str(tmp_path), "--no-attack", "--quiet")
     assert result.returncode == 0, result.stderr
     rep = digits["digits_dense.onnx"][1]
-    pct = [f"{100 * e['certified_accuracy']:.2f}%" for e in rep["eps"]]
+    pct = [f"{100 * e['certified_accuracy']:.2f}% (exact {100 * e['exact_certified_accuracy']:.2f}%)"
+           for e in rep["eps"]]
     assert result.stdout.splitlines() == [f"clean {100 * rep['clean_accuracy']:.2f}%, "
                                           + ", ".join(f"certified@{e['label']} {p}" for e, p in zip(rep["eps"], pct))
                                           + ": all gates pass"]
@@ -631,3 +659,64 @@ def test_mean_radii_in_every_output(digits: dict[str, tuple[Path, dict]], tmp_pa
         assert code == code_wanted and (code == 0 or f"mean certified radius >= {gate}" in stdout)
         gates = json.loads((tmp_path / gate / "report.json").read_text())["gates"]
         assert [g["passed"] for g in gates if g["name"] == f"mean certified radius >= {gate}"] == [not code]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_conv.onnx", "digits_dense.onnx", "digits_broken.onnx"])
+def test_exact_radius_is_never_below_the_peers_rule(name: str) -> None:
+    """The exact radius is the peers' figure, margin / (sqrt(2) L) of the deployed logits (onnxruntime here, as a
+    peer runs the model), refined by the last layer's rows: never below it, sample by sample and in certified
+    accuracy, and never below the float32-safe radius, which only subtracts rounding."""
+    data = np.load(DIGITS)
+    x, y = data["x"], data["y"]
+    rep = certify(load_model(SAMPLES / name), DIGITS, EPS, attack=False)
+    z = ort_logits(SAMPLES / name, x).astype(np.float64)
+    top = np.sort(z, axis=1)
+    peers = (top[:, -1] - top[:, -2]) / (SQRT2 * rep.bound.value)
+    exact, safe = rep.samples.exact_radii.numpy(), rep.samples.radii.numpy()
+    assert (exact >= peers - SLACK).all() and (safe <= exact).all()
+    assert (exact > safe).mean() > 0.9  # the allowance is not zero
+    correct = z.argmax(1) == y
+    for e in rep.eps:
+        assert e.exact_certified_accuracy >= float(((peers > e.eps) & correct).mean()) - 1 / len(y)
+        assert e.exact_certified_accuracy >= e.certified_accuracy
+
+
+def test_gate_on_chooses_the_radius_the_gates_read(tmp_path: Path) -> None:
+    """A certified-accuracy threshold between the float32-safe and the exact figure fails with gate_on float
+    (the default) and passes with gate_on exact; report.json, report.md and the terminal say which was read."""
+    model = load_model(SAMPLES / "digits_conv.onnx")
+    eps = "72/255"
+    first = certify(model, DIGITS, eps, attack=False)
+    e = first.eps[0]
+    assert e.exact_certified_accuracy > e.certified_accuracy  # a few points have exact radii just above eps
+    threshold = (e.exact_certified_accuracy + e.certified_accuracy) / 2
+    code, stdout, _ = cli("report", str(SAMPLES / "digits_conv.onnx"), "--data", str(DIGITS), "--eps", eps,
+                          "--no-attack", "--out", str(tmp_path / "float"), "--min-certified-acc",
+                          f"{eps}={threshold:.6f}")
+    assert code == 1 and "gates read the float32-safe radii (gate_on float)" in " ".join(stdout.split())
+    code, stdout, _ = cli("report", str(SAMPLES / "digits_conv.onnx"), "--data", str(DIGITS), "--eps", eps,
+                          "--no-attack", "--out", str(tmp_path / "exact"), "--min-certified-acc",
+                          f"{eps}={threshold:.6f}", "--gate-on", "exact")
+    assert code == 0, stdout
+    rep = json.loads((tmp_path / "exact" / "report.json").read_text())
+    assert rep["gate_on"] == "exact" and rep["gates"][-1]["name"].startswith("certified accuracy (exact) at")
+    assert rep["eps"][0]["exact_certified_accuracy"] == pytest.approx(e.exact_certified_accuracy)
+    assert rep["exact_mean_radius"]["mean"] > rep["mean_radius"]["mean"]
+    assert "(gate_on exact)" in (tmp_path / "exact" / "report.md").read_text()
+    cols = samples(tmp_path / "exact")
+    assert (cols["exact_radius"] >= cols["radius"]).all()
+
+
+def test_a_checkpoint_without_exact_radii_is_refused() -> None:
+    """A batch saved before exact radii were recorded cannot be resumed: its radii came from another allowance
+    and the exact ones cannot be made up."""
+    from lipcert.certification.checkpoint import BatchResult
+    from lipcert.errors import ConfigError
+
+    result = BatchResult(np.zeros(2, np.int64), np.zeros(2, np.int64), np.ones(2), np.ones(2), "torch",
+                         exact_radii=np.full(2, 1.5))
+    assert np.array_equal(BatchResult.stored(result.arrays(), result.extra()).exact_radii, result.exact_radii)
+    old = {k: v for k, v in result.arrays().items() if k != "exact_radii"}
+    with pytest.raises(ConfigError, match="did not record exact-arithmetic radii"):
+        BatchResult.stored(old, result.extra())

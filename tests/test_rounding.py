@@ -110,3 +110,25 @@ def test_allowance_of_each_operator_covers_its_real_error(tmp_path: Path) -> Non
         assert (gap <= engine.error(x_norm, norms).base).all(), backend
         assert (gap <= info.error_base + info.error_slope * x_norm).all(), backend
     assert math.isfinite(info.error_base) and info.error_base > 0
+
+
+def test_float64_centre_error_covers_the_float64_rounding(tmp_path: Path) -> None:
+    """The float64 run's error bound (the plan at float64's unit roundoff) covers its real error against the
+    logits computed in extended precision (numpy's longdouble), with and without large values inside."""
+    if np.finfo(np.longdouble).nmant < 60:
+        pytest.skip("no extended precision on this platform")
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.random((64, 1, 4, 4), dtype=np.float32))
+    x_norm = x.flatten(1).double().norm(dim=1)
+    for shift in (1.0, 1e6):
+        path = _shifted(tmp_path, shift)
+        w = numpy_helper.to_array(next(i for i in onnx.load(str(path)).graph.initializer if i.name == "w"))
+        truth = x.flatten(1).numpy().astype(np.longdouble) @ w.astype(np.longdouble).T
+        graph = load_model(path)
+        centre = Engine(graph, certificate_setup(graph)[0], backend="torch").exact_logits(x, x_norm)
+        assert centre is not None
+        gap = torch.from_numpy(np.linalg.norm((centre[0].numpy().astype(np.longdouble) - truth).astype(np.float64),
+                                              axis=1))
+        assert gap.max() > 0 and (gap <= centre[1]).all(), shift
+        assert (centre[1] < (1e-12 if shift == 1.0 else 1e-8)).all(), shift  # large values widen it
+

@@ -54,6 +54,8 @@ class BatchResult:
     attack_radius: np.ndarray | None = None
     broken_at: np.ndarray | None = None
     violations: list[Violation] = field(default_factory=list)
+    #: the exact-arithmetic radii (``radii`` are the float32-safe ones); a batch always has them
+    exact_radii: np.ndarray | None = None
 
     @property
     def read(self) -> int:
@@ -61,7 +63,8 @@ class BatchResult:
         return len(self.labels) + len(self.skipped)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        optional = {"indices": self.indices, "attack_radius": self.attack_radius, "broken_at": self.broken_at}
+        optional = {"indices": self.indices, "attack_radius": self.attack_radius, "broken_at": self.broken_at,
+                    "exact_radii": self.exact_radii}
         return {"labels": self.labels, "predictions": self.predictions, "margins": self.margins, "radii": self.radii,
                 **{k: v for k, v in optional.items() if v is not None}}
 
@@ -73,11 +76,18 @@ class BatchResult:
 
     @classmethod
     def stored(cls, arrays: dict[str, np.ndarray], extra: list[dict[str, Any]]) -> BatchResult:
-        """The result a checkpoint file holds (``arrays()`` and ``extra()`` read back)."""
+        """The result a checkpoint file holds (``arrays()`` and ``extra()`` read back). A batch saved before
+        exact radii were recorded is refused: its float32-safe radii came from a looser allowance, and the
+        exact ones cannot be made up."""
+        if "exact_radii" not in arrays:
+            raise ConfigError("cannot resume: the checkpoint was made by an earlier lipcert that did not record "
+                              "exact-arithmetic radii; delete the checkpoint folder to start over",
+                              parameter="resume")
         meta = extra[0]
         return cls(arrays["labels"], arrays["predictions"], arrays["margins"], arrays["radii"], meta["backend"],
                    arrays.get("indices"), [(int(i), why) for i, why in meta.get("skipped", ())],
-                   arrays.get("attack_radius"), arrays.get("broken_at"), [Violation(**v) for v in extra[1:]])
+                   arrays.get("attack_radius"), arrays.get("broken_at"), [Violation(**v) for v in extra[1:]],
+                   arrays["exact_radii"])
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -12,11 +12,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
 
-from lipcert.bounds.rounding import Affine
+from lipcert.bounds.rounding import UNIT_ROUNDOFF, Affine
 from lipcert.certification.radii import (
     Certificates,
     CertificateSetup,
@@ -173,6 +174,10 @@ class Engine:
         self.pairs = (pair_norms(setup.head_weight, setup.head_row_error).to(device)
                       if setup.head_weight is not None else None)
         self.measure = setup.error_plan.needed if setup.error_plan is not None else ()
+        #: the float64 run's error bound, around the zero image: base + slope ||x|| at a sample x
+        self.exact_error = (replace(setup.error_plan, unit=UNIT_ROUNDOFF[torch.float64]).evaluate()
+                            if setup.error_plan is not None else None)
+        self._exact_module: GraphModule | None = None
         self.runner: Runner | None = None
         #: whether the executor was compared with onnxruntime on this run's data (``check_against_runtime``)
         self.checked = graph.onnx_model is None
@@ -222,7 +227,8 @@ class Engine:
             x_norm = sample_norms(x.detach().double()).cpu()  # float64 on the CPU, as the error analysis reads
             error = self.error(x_norm, norms)
             self._check_alone(runner, x, logits, error, batch.indices[0])
-            cert = certificates_from_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error)
+            cert = certificates_from_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error,
+                                            self.exact_logits(x, x_norm))
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - began
@@ -250,6 +256,23 @@ class Engine:
         self.crosscheck = check_points(self.graph, [("the data's first samples", model_input(x)),
                                                     ("points on their certified balls", model_input(ball))])
         self.checked = True
+
+    def exact_logits(self, x: torch.Tensor, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The logits of a float64 run of the graph at the pixel-space batch ``x`` (normalised in float64), and
+        a bound per sample on their L2 distance to the exact logits (the error plan at float64's unit roundoff);
+        None where the plan cannot bound it. The certificates' second centre: only the ball then needs the
+        float32 allowance."""
+        err = self.exact_error
+        if err is None or not math.isfinite(self.setup.lipschitz) or not math.isfinite(err.base + err.slope):
+            return None
+        if self._exact_module is None:
+            self._exact_module = GraphModule(self.graph).to(device=self.device, dtype=torch.float64).eval()
+        z = x.double()
+        if self.mean is not None and self.std is not None:
+            z = (z - self.mean.to(z)) / self.std.to(z)
+        with torch.inference_mode(), full_precision():
+            logits = self._exact_module(z).reshape(x.shape[0], -1)
+        return logits, err.base + err.slope * x_norm.double()
 
     def error(self, x_norm: torch.Tensor, norms: dict[str, torch.Tensor] | None) -> Affine:
         """The float error allowance of each sample of a batch: base (per sample, at the sample itself) +

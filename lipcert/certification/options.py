@@ -91,7 +91,8 @@ class CertifyOptions:
     False/None (no attack); the attack always uses the run's norm. The gates (``min_clean_acc``,
     ``min_certified_acc``, ``min_mean_radius``, ``max_violations``, ``max_lipschitz``, ``require_claim``,
     ``baseline``, ``missing_baseline``, ``max_drop``, ``allow_empty_certificates``) are those of ``report_gates``
-    and end up in ``Report.gates``. ``out`` is the run's folder: a checkpoint there while it runs, the report
+    and end up in ``Report.gates``; ``gate_on`` (float or exact) chooses the certified radius they
+    read. ``out`` is the run's folder: a checkpoint there while it runs, the report
     written there at the end and the checkpoint removed; ``checkpoint_dir`` keeps the checkpoint without writing a
     report. An unfinished run's checkpoint there is continued when it was made with the same model, data and
     settings (``resume`` or not); one made with others is refused with ``resume``, replaced without it (see
@@ -125,6 +126,7 @@ class CertifyOptions:
     missing_baseline: str = _setting("missing_baseline")
     max_drop: float = _setting("max_drop")
     allow_empty_certificates: bool = _setting("allow_empty_certificates")
+    gate_on: str = _setting("gate_on")
     checkpoint_dir: str | Path | None = _setting("checkpoint_dir")
     resume: bool = _setting("resume")
     #: what the settings above resolve to, set when the options are made

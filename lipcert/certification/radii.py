@@ -1,17 +1,28 @@
 """Certified radii from logits and a sound Lipschitz bound (Tsuzuku et al. 2018; Leino et al. 2021).
 
-With L the bound of the logit map z, and E(R) = base + slope R a bound on the L2 error of the deployed float
-logits at every input within R of the reference point (``rounding.float_error``; R = ||x|| at x itself and
-||x|| + r over the ball of radius r around x), a perturbation of norm below r cannot change the deployed
-prediction when:
+Two radii per sample, both from the same bound L of the logit map z:
 
-- several logits: (z_top - z_second) - 2 sqrt(2) E(||x||) - sqrt(2) (L + slope) r > 0, since each computed
-  difference z_i - z_j is within sqrt(2) E of the exact one, at x and at x + d;
-- a last dense layer W after a part bounded by L' (per pair, Leino et al. 2021): for every j != top,
-  (z_top - z_j) - 2 sqrt(2) E(||x||) - (L' ||w_top - w_j|| + sqrt(2) slope) r > 0; the larger radius of the
-  two rules is used;
-- one logit s: |s| - 2 E(||x||) - (L + slope) r > 0.
+- **exact**: the figure papers print. The computed (deployed float32) logits are taken as exact: margin /
+  (sqrt(2) L), and for a last dense layer W after a part bounded by L' the per-pair radius min_j (z_top - z_j) /
+  (L' ||w_top - w_j||) (Leino et al. 2021) when it is larger. It is never below the peers' rule margin /
+  (sqrt(2) L) on the same logits, and it ignores floating-point rounding.
+- **float** (float32-safe): no input within it changes the deployed float32 prediction. With E(r) = base + slope
+  r a bound on the L2 error of the deployed logits at every input within r of x (``rounding.float_error``, around
+  x: base is the error at x itself), and a centre estimate c of the exact logits z(x) within e_c of them (L2),
+  a perturbation of norm below r cannot change the prediction when
+
+  - several logits: (c_top - c_second) - sqrt(2) (e_c + base) - sqrt(2) (L + slope) r > 0, since the exact
+    difference z_i - z_j at x is within sqrt(2) e_c of c's, moves by at most sqrt(2) L r, and the deployed
+    difference at x + d is within sqrt(2) E(r) of the exact one;
+  - a last dense layer W: for every j != top, (c_top - c_j) - sqrt(2) (e_c + base) - (L' ||w_top - w_j|| +
+    sqrt(2) slope) r > 0; the larger radius of the two rules is used;
+  - one logit s: |s_c| - (e_c + base) - (L + slope) r > 0 (the sign of the deployed prediction).
+
+  Two centres are tried and the larger radius kept: the deployed logits themselves (e_c = base), and, when the
+  engine gives them, the logits of a float64 run of the same graph (e_c its float64 error bound, about 1e-13):
+  only the ball then needs the float32 allowance.
 """
+
 
 from __future__ import annotations
 
@@ -69,8 +80,8 @@ class Certificates:
 
     prediction: torch.Tensor
     margin: torch.Tensor
-    radius: torch.Tensor
-    radius_sqrt2: torch.Tensor
+    radius: torch.Tensor  # float32-safe
+    radius_exact: torch.Tensor  # exact arithmetic (the deployed logits taken as exact)
 
 
 def _ratio(gap: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
@@ -81,12 +92,28 @@ def _ratio(gap: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
     return torch.where(gap > 0, moving, torch.zeros_like(gap))
 
 
+def _radii(gap: torch.Tensor, allowance: torch.Tensor, slope: float, prediction: torch.Tensor,
+           setup: CertificateSetup, pairs: torch.Tensor | None) -> torch.Tensor:
+    """The radius of the rules above for one centre: ``gap`` is c_pred - c (samples x classes), ``allowance``
+    sqrt(2) (e_c + base) per sample, ``slope`` the error's growth per unit radius (0: exact arithmetic)."""
+    margin = gap.scatter(1, prediction[:, None], math.inf).amin(dim=1)
+    radius = _ratio(margin - allowance, SQRT2 * (setup.lipschitz + slope))
+    if setup.head_weight is not None and setup.head_lipschitz is not None and pairs is not None:
+        per_pair = _ratio(gap - allowance[:, None], setup.head_lipschitz * pairs[prediction] + SQRT2 * slope)
+        per_pair.scatter_(1, prediction[:, None], math.inf)
+        radius = torch.maximum(radius, per_pair.amin(dim=1))
+    return radius
+
+
 def certificates_from_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: CertificateSetup,
-                   pairs: torch.Tensor | None = None, error: Any = None) -> Certificates:
-    """Prediction, margin (top logit minus the runner-up) and certified L2 radius of each sample.
+                             pairs: torch.Tensor | None = None, error: Any = None,
+                             exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> Certificates:
+    """Prediction, margin (top logit minus the runner-up, of the deployed logits), float32-safe and exact radius
+    of each sample.
 
     ``error`` (a ``rounding.Affine``) bounds each sample's logit error by base + slope r over the ball of
-    radius r around it; by default, setup.error_base + setup.error_slope (||x|| + r)."""
+    radius r around it; by default, setup.error_base + setup.error_slope (||x|| + r). ``exact``: (float64
+    logits of the same samples, a bound per sample on their L2 distance to the exact logits), a second centre."""
     z = logits.double()
     if not math.isfinite(setup.lipschitz):
         top = z.topk(min(2, z.shape[1]), dim=1)
@@ -99,21 +126,21 @@ def certificates_from_logits(logits: torch.Tensor, x_norm: torch.Tensor, setup: 
     else:
         err, slope = torch.as_tensor(error.base, dtype=torch.float64).to(z.device), error.slope
     err = err.expand(z.shape[0]) if err.dim() == 0 else err
+    centres = [(z, err)]
+    if exact is not None:
+        centres.append((exact[0].double().to(z.device).reshape(z.shape), exact[1].double().to(z.device)))
     if z.shape[1] == 1:
-        score = z[:, 0]
-        prediction = (score > 0).long()
-        margin = score.abs()
-        radius = _ratio(margin - 2 * err, setup.lipschitz + slope)
-        return Certificates(prediction, margin, radius, radius)
+        prediction = (z[:, 0] > 0).long()
+        sign = prediction.double() * 2 - 1
+        margin = z[:, 0].abs()
+        radius = torch.stack([_ratio(sign * c[:, 0] - (e_c + err), setup.lipschitz + slope)
+                              for c, e_c in centres]).amax(dim=0)
+        return Certificates(prediction, margin, radius, _ratio(margin, setup.lipschitz))
     top2 = z.topk(2, dim=1)
     prediction = top2.indices[:, 0]
     margin = top2.values[:, 0] - top2.values[:, 1]
-    radius = _ratio(margin - 2 * SQRT2 * err, SQRT2 * (setup.lipschitz + slope))
-    sqrt2 = radius
-    if setup.head_weight is not None and setup.head_lipschitz is not None and pairs is not None:
-        gaps = z.gather(1, prediction[:, None]) - z - 2 * SQRT2 * err[:, None]
-        norms = setup.head_lipschitz * pairs[prediction] + SQRT2 * slope
-        per_pair = _ratio(gaps, norms)
-        per_pair.scatter_(1, prediction[:, None], math.inf)
-        radius = torch.maximum(radius, per_pair.amin(dim=1))
-    return Certificates(prediction, margin, radius, sqrt2)
+    radius = torch.stack([_radii(c.gather(1, prediction[:, None]) - c, SQRT2 * (e_c + err), slope, prediction,
+                                 setup, pairs) for c, e_c in centres]).amax(dim=0)
+    exact_radius = _radii(z.gather(1, prediction[:, None]) - z, torch.zeros_like(margin), 0.0, prediction, setup,
+                          pairs)
+    return Certificates(prediction, margin, radius, exact_radius)

@@ -170,7 +170,7 @@ def _gate(report: Report, opts: CertifyOptions, notes: list[str]) -> None:
                                 max_lipschitz=opts.max_lipschitz, baseline=opts.baseline_report,
                                 max_drop=opts.max_drop, require_claim=opts.require_claim,
                                 allow_empty_certificates=opts.allow_empty_certificates,
-                                baseline_missing=opts.baseline_missing)
+                                baseline_missing=opts.baseline_missing, gate_on=opts.gate_on)
 
 
 def _checkpoint_notes(ckpt: Checkpoint | None, opts: CertifyOptions) -> list[str]:
@@ -337,7 +337,8 @@ def _run_batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptio
         result = BatchResult(batch.y.astype(np.int64), cert.prediction.cpu().numpy(), cert.margin.cpu().numpy(),
                              (cert.radius * run.scale).cpu().numpy(), engine.backend,
                              batch.indices if opts.skip_bad_samples else None,
-                             [(int(i), why) for i, why in batch.skipped])
+                             [(int(i), why) for i, why in batch.skipped],
+                             exact_radii=(cert.radius_exact * run.scale).cpu().numpy())
         seconds = 0.0
         if cfg is not None:
             t0 = time.perf_counter()
@@ -378,7 +379,7 @@ def _merge(stored: dict[int, BatchResult], attack_seconds: float, computed: int,
         skipped=[s for p in parts for s in p.skipped],
         attack_radius=joined_arrays("attack_radius") if attacked else None,
         broken_at=joined_arrays("broken_at") if attacked else None,
-        violations=[v for p in parts for v in p.violations])
+        violations=[v for p in parts for v in p.violations], exact_radii=joined_arrays("exact_radii"))
     if opts.skip_bad_samples and not len(merged.labels):
         index, why = merged.skipped[0]
         raise DataError(f"every sample was skipped as unreadable or invalid (sample {index}: {why}); nothing is "
@@ -397,11 +398,13 @@ def _result(model: Graph, dataset: Dataset, labels: Labels, opts: CertifyOptions
                                   torch.from_numpy(m.broken_at), m.violations, merged.attack, binary=labels.binary)
     samples = SampleTable(torch.from_numpy(m.labels), torch.from_numpy(m.predictions), torch.from_numpy(m.margins),
                           torch.from_numpy(m.radii), {},
-                          torch.from_numpy(m.indices) if opts.skip_bad_samples else None)
+                          torch.from_numpy(m.indices) if opts.skip_bad_samples else None,
+                          torch.from_numpy(m.exact_radii))
     timings = RunTimings(run.bound_seconds, merged.inference, merged.crosscheck, merged.attack, seconds,
                          merged.computed, world.size)
     return RunResult(model, dataset.info, labels, opts.norm, opts.radii, opts.lipschitz, run.engine.device, m.backend,
-                     run.batch_size, run.info, samples, attack, m.skipped if opts.skip_bad_samples else None, timings)
+                     run.batch_size, run.info, samples, attack, m.skipped if opts.skip_bad_samples else None, timings,
+                     opts.gate_on)
 
 
 def attack(model: Graph | str | Path | torch.nn.Module, data: str | Path | Dataset | Any,

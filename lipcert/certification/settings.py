@@ -27,6 +27,8 @@ FORMATS = ("text", "json")
 PRECISIONS = ("float32", "bfloat16")
 #: what a run does when its baseline report does not exist
 MISSING_BASELINE = ("fail", "skip")
+#: the certified radius the gates read: float32-safe (sound for the deployed model) or exact arithmetic
+GATE_ON = ("float", "exact")
 #: radii certified when ``eps`` is not given, per norm: the usual benchmark radii of each norm
 DEFAULT_EPS = {"l2": "36/255,72/255,108/255", "linf": "1/255,2/255,4/255,8/255"}
 #: samples per batch when ``batch_size`` is not given, per kind of device
@@ -374,6 +376,9 @@ SETTINGS: dict[str, Setting] = _settings(
             lambda v: isinstance(v, bool), "True or False", switch=True),
     Setting("max_drop", _fraction, "largest allowed drop in certified accuracy against the baseline, a fraction "
             "(default 0)", frozenset({REPORT}), 0.0, metavar="D"),
+    Setting("gate_on", _choice(*GATE_ON), "the certified radius the gates read: float (default; float32-safe, "
+            "sound for the deployed model) or exact (exact arithmetic, the figure papers print)", frozenset({REPORT}),
+            "float", _in(*GATE_ON), "float or exact"),
     # --- the run's folder and processes (flags only)
     Setting("checkpoint_dir", _path, "a folder that keeps the run's checkpoint without writing a report",
             frozenset(), path=True, config=False),

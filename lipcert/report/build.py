@@ -65,6 +65,7 @@ class RunResult:
     attack: AttackSummary | None
     skipped: list[tuple[int, str]] | None  # None unless bad samples were to be skipped
     timings: RunTimings
+    gate_on: str = "float"  # the radius kind the gates read
 
 
 def model_sha256(model: Graph) -> str:
@@ -192,8 +193,12 @@ def build_report(run: RunResult) -> Report:
     """The report of a run (its gates come after: ``gates.report_gates``)."""
     samples = run.samples
     correct = samples.predictions == samples.labels
+    exact = samples.exact_radii
     results = [EpsResult(value, label, certified_accuracy(samples.radii, correct, value),
-                         int(((samples.radii > value) & correct).sum())) for label, value in run.radii]
+                         int(((samples.radii > value) & correct).sum()),
+                         exact_certified_accuracy=None if exact is None else certified_accuracy(exact, correct, value),
+                         exact_certified=None if exact is None else int(((exact > value) & correct).sum()))
+               for label, value in run.radii]
     computed_upper = run.bound.computed_upper / run.bound.normalisation_factor
     bound = _bound(run.model, run.bound, run.declared, computed_upper)
     notes = _notes(run, bound, computed_upper)
@@ -215,4 +220,5 @@ def build_report(run: RunResult) -> Report:
         notes=notes, attack=attack,
         skipped=None if run.skipped is None else SkippedSection(
             len(run.skipped), count, [SkippedSample(i, why) for i, why in run.skipped]),
-        samples=samples)
+        samples=samples, exact_mean_radius=None if exact is None else mean_radius(exact, correct),
+        exact_curve=[] if exact is None else accuracy_curve(exact, correct), gate_on=run.gate_on)

@@ -61,18 +61,20 @@ def claim_gate(report: Report) -> Gate:
                                              "cannot rest on it (run lipcert verify to find the layer)")
 
 
-def empty_gate(report: Report) -> Gate:
-    """Something is certified: the bound is finite and some sample is certified at a requested radius above 0 (a
-    run that certifies nothing, from a model ending in Softmax or a radius in the wrong unit, must not pass CI)."""
+def empty_gate(report: Report, gate_on: str = "float") -> Gate:
+    """Something is certified (by the radius kind ``gate_on``): the bound is finite and some sample is certified at
+    a requested radius above 0 (a run that certifies nothing, from a model ending in Softmax or a radius in the
+    wrong unit, must not pass CI)."""
     positive = [e for e in report.eps if e.eps > 0]
-    best = max(positive, key=lambda e: e.certified, default=None)
+    best = max(positive, key=lambda e: e.count(gate_on) or 0, default=None)
     if not math.isfinite(report.bound.value):
         passed, measured, why = False, "Lipschitz bound inf", "lipcert could not bound the model's Lipschitz constant"
     elif best is None:
         passed, measured, why = True, "no radius above 0 requested", ""
     else:
-        passed = best.certified > 0
-        measured = f"{best.certified} of {report.num_samples} sample(s) at {best.label}"
+        certified = best.count(gate_on) or 0
+        passed = certified > 0
+        measured = f"{certified} of {report.num_samples} sample(s) at {best.label}"
         why = "no sample is certified at any requested radius above 0"
     return Gate("something is certified", passed, measured, "a finite bound, and 1 sample at a radius above 0",
                 "" if passed else f"{why}: the report certifies nothing (see its notes; allow_empty_certificates "
@@ -90,30 +92,36 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                  max_violations: int = 0,
                  max_lipschitz: float | None = None, baseline: dict | None = None,
                  max_drop: float = 0.0, require_claim: bool | None = None, allow_empty_certificates: bool = False,
-                 baseline_missing: str | None = None) -> list[Gate]:
+                 baseline_missing: str | None = None, gate_on: str = "float") -> list[Gate]:
     """Accuracy thresholds, the attack's soundness check, the regression check against a baseline, the model's
     Lipschitz claim (``require_claim``; by default checked whenever a claim is declared) and, unless
     ``allow_empty_certificates``, that something is certified. ``baseline_missing`` is the path of a baseline
-    that does not exist (``missing_baseline`` skip): its gate passes, saying so."""
+    that does not exist (``missing_baseline`` skip): its gate passes, saying so. The certified-accuracy and
+    mean-radius gates read the radius kind ``gate_on`` (float or exact), recorded in ``report.gate_on``."""
     _check_fractions([("min_clean_acc", str(min_clean_acc), min_clean_acc), ("max_drop", str(max_drop), max_drop)]
                      + [("min_certified_acc", f"{label}={acc:g}", acc) for label, _, acc in min_certified])
+    if gate_on == "exact" and report.exact_mean_radius is None:
+        raise ConfigError("gate_on exact: the report has no exact-arithmetic radii", parameter="gate_on")
+    report.gate_on = gate_on
+    kind = "" if gate_on == "float" else " (exact)"
     gates: list[Gate] = []
     if require_claim or (require_claim is None and report.bound.claimed is not None):
         gates.append(claim_gate(report))
     if not allow_empty_certificates:
-        gates.append(empty_gate(report))
+        gates.append(empty_gate(report, gate_on))
     if min_clean_acc is not None:
         ok = report.clean_accuracy >= min_clean_acc
         gates.append(Gate(f"clean accuracy >= {min_clean_acc:g}", ok, f"{report.clean_accuracy:.4f}",
                           f">= {min_clean_acc:g}"))
     for label, eps, acc in min_certified:
         found = _find_eps(report, eps)
-        measured = found.certified_accuracy if found else 0.0
-        gates.append(Gate(f"certified accuracy at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
+        measured = (found.accuracy(gate_on) if found else None) or 0.0
+        gates.append(Gate(f"certified accuracy{kind} at {label} >= {acc:g}", measured >= acc, f"{measured:.4f}",
                           f">= {acc:g}"))
     if min_mean_radius is not None:
-        mean = report.mean_radius.mean
-        gates.append(Gate(f"mean certified radius >= {min_mean_radius:g}", mean >= min_mean_radius, f"{mean:.4g}",
+        chosen = report.radius_mean(gate_on)
+        mean = chosen.mean if chosen is not None else 0.0
+        gates.append(Gate(f"mean certified radius{kind} >= {min_mean_radius:g}", mean >= min_mean_radius, f"{mean:.4g}",
                           f">= {min_mean_radius:g}"))
     if report.attack is not None:
         n = report.attack.violation_count
@@ -122,16 +130,16 @@ def report_gates(report: Report, *, min_clean_acc: float | None = None,
                           "" if n <= max_violations else "the attack broke certified points inside their radius: "
                                                          "the Lipschitz claim or the certificate is wrong"))
         for e in report.eps:
-            emp = e.extra.get("empirical robust")
-            if emp is not None:
-                gates.append(Gate(f"empirical robust accuracy >= certified at {e.label}", emp >= e.certified_accuracy,
-                                  f"{emp:.4f}", f">= {e.certified_accuracy:.4f}"))
+            emp, cert = e.extra.get("empirical robust"), e.accuracy(gate_on)
+            if emp is not None and cert is not None:
+                gates.append(Gate(f"empirical robust accuracy >= certified{kind} at {e.label}", emp >= cert,
+                                  f"{emp:.4f}", f">= {cert:.4f}"))
     if max_lipschitz is not None:
         value = report.bound.value
         gates.append(Gate(f"Lipschitz bound used <= {max_lipschitz:g}", value <= max_lipschitz, f"{value:.6g}",
                           f"<= {max_lipschitz:g}"))
     if baseline is not None:
-        gates += baseline_gates(report, baseline, max_drop)
+        gates += baseline_gates(report, baseline, max_drop, gate_on)
     elif baseline_missing is not None:
         gates.append(missing_baseline_gate(baseline_missing))
     return gates
@@ -154,21 +162,25 @@ def load_baseline(path: Path, missing: str = "fail") -> dict | None:
     return data
 
 
-def baseline_gates(report: Report, baseline: dict, max_drop: float) -> list[Gate]:
-    """Certified accuracy at every eps both reports share must not fall by more than ``max_drop``."""
+def baseline_gates(report: Report, baseline: dict, max_drop: float, gate_on: str = "float") -> list[Gate]:
+    """Certified accuracy (of the radius kind ``gate_on``) at every eps both reports share must not fall by more
+    than ``max_drop``."""
     gates = []
+    key = "exact_certified_accuracy" if gate_on == "exact" else "certified_accuracy"
+    kind = "" if gate_on == "float" else " (exact)"
     for old in baseline["eps"]:
         try:
-            eps, old_acc = float(old["eps"]), float(old["certified_accuracy"])
+            eps, old_acc = float(old["eps"]), float(old[key])
         except (KeyError, TypeError, ValueError):
-            raise ConfigError("the baseline report has a malformed eps entry") from None
+            raise ConfigError(f"the baseline report has a malformed eps entry, or one without {key}") from None
         new = _find_eps(report, eps)
-        if new is None:
+        accuracy = None if new is None else new.accuracy(gate_on)
+        if new is None or accuracy is None:
             continue
-        change = new.certified_accuracy - old_acc
+        change = accuracy - old_acc
         ok = change >= -max_drop - 1e-12
-        gates.append(Gate(f"certified accuracy at {new.label} vs baseline (max drop {max_drop:g})", ok,
-                          f"{new.certified_accuracy:.4f} (baseline {old_acc:.4f}, change {change:+.4f})",
+        gates.append(Gate(f"certified accuracy{kind} at {new.label} vs baseline (max drop {max_drop:g})", ok,
+                          f"{accuracy:.4f} (baseline {old_acc:.4f}, change {change:+.4f})",
                           f">= {old_acc - max_drop:.4f}"))
     if not gates:
         raise ConfigError("the baseline report shares no eps with this run")

@@ -153,13 +153,24 @@ class Gate:
 
 @dataclass
 class EpsResult:
-    """Certified accuracy at one requested radius."""
+    """Certified accuracy at one requested radius: float32-safe (``certified_accuracy``) and in exact arithmetic
+    (``exact_certified_accuracy``, the figure papers print; None for a report without exact radii)."""
 
     eps: float
     label: str
     certified_accuracy: float
     certified: int
     extra: dict[str, Any] = field(default_factory=dict)
+    exact_certified_accuracy: float | None = None
+    exact_certified: int | None = None
+
+    def accuracy(self, kind: str) -> float | None:
+        """The certified accuracy of one radius kind (``render.RADIUS_KINDS``)."""
+        return self.exact_certified_accuracy if kind == "exact" else self.certified_accuracy
+
+    def count(self, kind: str) -> int | None:
+        """The number of samples certified by one radius kind."""
+        return self.exact_certified if kind == "exact" else self.certified
 
 
 @dataclass
@@ -169,9 +180,10 @@ class SampleTable:
     labels: torch.Tensor
     predictions: torch.Tensor
     margins: torch.Tensor
-    radii: torch.Tensor
+    radii: torch.Tensor  # float32-safe
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     indices: torch.Tensor | None = None  # each row's dataset index when samples were skipped; else 0, 1, 2, ...
+    exact_radii: torch.Tensor | None = None  # in exact arithmetic (the deployed logits taken as exact)
 
 
 @dataclass
@@ -203,6 +215,9 @@ class Report:
     attack: AttackSection | None = None
     skipped: SkippedSection | None = None  # only with skip_bad_samples
     gates: list[Gate] = field(default_factory=list)
+    exact_mean_radius: MeanRadius | None = None  # None for a report without exact radii
+    exact_curve: list[tuple[float, float]] = field(default_factory=list)
+    gate_on: str = "float"  # the radius kind the gates read (``render.RADIUS_KINDS``)
     schema: str = SCHEMA
     lipcert_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -219,10 +234,15 @@ class Report:
     def num_samples(self) -> int:
         return int(self.samples.labels.numel())
 
+    def radius_mean(self, kind: str) -> MeanRadius | None:
+        """The mean certified radius of one radius kind (``render.RADIUS_KINDS``)."""
+        return self.exact_mean_radius if kind == "exact" else self.mean_radius
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (schema ``lipcert.report/1``, see docs/report.md)."""
         data = {k: v for k, v in asdict(self).items() if k != "samples"}
         data["curve"] = [list(p) for p in self.curve]
+        data["exact_curve"] = [list(p) for p in self.exact_curve]
         return _clean(data)
 
     def to_json(self) -> str:

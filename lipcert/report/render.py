@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from lipcert.report.model import Report
 
 FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
+#: the two radius kinds a report gives (``radii.Certificates``), by the name ``gate_on`` takes
+RADIUS_KINDS = {"float": "float32-safe", "exact": "exact arithmetic"}
 
 
 def to_json(report: Report) -> str:
@@ -34,16 +36,24 @@ def _pct(value: float) -> str:
 
 
 def summary_line(report: Report) -> str:
-    """One line: clean accuracy and certified accuracy at each eps."""
+    """One line: clean accuracy and certified accuracy at each eps (float32-safe; exact in brackets)."""
     parts = [f"clean {_pct(report.clean_accuracy)}"]
-    parts += [f"certified@{e.label} {_pct(e.certified_accuracy)}" for e in report.eps]
+    parts += [f"certified@{e.label} {_pct(e.certified_accuracy)}"
+              + ("" if e.exact_certified_accuracy is None else f" (exact {_pct(e.exact_certified_accuracy)})")
+              for e in report.eps]
     return ", ".join(parts)
 
 
+def gate_on_text(report: Report) -> str:
+    """Which radius kind the gates read, in words."""
+    return f"gates read the {RADIUS_KINDS[report.gate_on]} radii (gate_on {report.gate_on})"
+
+
 def mean_radius_text(report: Report) -> str:
-    """The mean certified radius and the signed one, in words."""
-    m = report.mean_radius
-    return f"mean certified radius {m.mean:.4g} (signed {m.signed_mean:.4g})"
+    """The mean certified radius and the signed one (float32-safe, then exact), in words."""
+    m, x = report.mean_radius, report.exact_mean_radius
+    exact = "" if x is None else f"; exact {x.mean:.4g} (signed {x.signed_mean:.4g})"
+    return f"mean certified radius {m.mean:.4g} (signed {m.signed_mean:.4g}){exact}"
 
 
 CLAIM_NOTE = "LIPSCHITZ CLAIM NOT PROVEN"
@@ -104,13 +114,18 @@ def to_markdown(report: Report) -> str:
         + (f"; {report.skipped.count} unreadable or invalid samples skipped (listed in report.json), "
            "accuracies are over the samples evaluated." if report.skipped and report.skipped.count else "."),
         "",
-        f"| {report.norm.upper()} radius eps | certified accuracy | certified samples |",
-        "| --- | ---: | ---: |",
+        f"| {report.norm.upper()} radius eps | certified accuracy (float32-safe) | certified samples | "
+        "certified accuracy (exact) | certified samples (exact) |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for e in report.eps:
-        lines.append(f"| {e.label} ({e.eps:.4g}) | {_pct(e.certified_accuracy)} | {e.certified} |")
+        exact = ("- | -" if e.exact_certified_accuracy is None
+                 else f"{_pct(e.exact_certified_accuracy)} | {e.exact_certified}")
+        lines.append(f"| {e.label} ({e.eps:.4g}) | {_pct(e.certified_accuracy)} | {e.certified} | {exact} |")
     lines += [
         "",
+        "- Float32-safe radii hold for the deployed float32 model, rounding included; exact radii are the figure "
+        f"papers print (the computed logits taken as exact); {gate_on_text(report)}.",
         f"- {mean_radius_text(report).capitalize()}: a wrong prediction counts 0 (signed: minus its radius).",
         f"- Lipschitz bound used: **{b.value:.6g}** ({b.method}); computed sound upper bound "
         f"{b.computed_upper:.6g}; {claim_text(report)}.",
@@ -156,13 +171,17 @@ def to_markdown(report: Report) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """One row per sample: index, label, prediction, margin, radius (+ any extra columns)."""
+    """One row per sample: index, label, prediction, margin, radius (float32-safe), exact_radius (+ any extra
+    columns)."""
     s = report.samples
-    extra = list(s.columns)
+    columns = dict(s.columns)
+    if s.exact_radii is not None:
+        columns = {"exact_radius": s.exact_radii, **columns}
+    extra = list(columns)
     buf = io.StringIO()
     buf.write(",".join(["index", "label", "prediction", "margin", "radius"] + extra) + "\n")
     cols = [s.labels.tolist(), s.predictions.tolist(), s.margins.tolist(), s.radii.tolist()]
-    cols += [s.columns[c].tolist() for c in extra]
+    cols += [columns[c].tolist() for c in extra]
     indices = s.indices.tolist() if s.indices is not None else range(len(cols[0]))
     for i, row in zip(indices, zip(*cols, strict=False), strict=False):
         label, pred, margin, radius, *rest = row
@@ -220,7 +239,10 @@ def figure(report: Report) -> Any:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     radii = [p[0] for p in report.curve]
     accs = [100 * p[1] for p in report.curve]
-    ax.plot(radii, accs, label="certified", color="tab:blue")
+    ax.plot(radii, accs, label="certified (float32-safe)", color="tab:blue")
+    if report.exact_curve:
+        ax.plot([p[0] for p in report.exact_curve], [100 * p[1] for p in report.exact_curve],
+                label="certified (exact arithmetic)", color="tab:purple", linestyle="-.")
     attack_curve = report.attack.curve if report.attack else []
     if attack_curve:
         ax.plot([p[0] for p in attack_curve], [100 * p[1] for p in attack_curve], label="empirical (PGD)",
@@ -331,14 +353,18 @@ def render_terminal(report: Report, out: Console) -> None:
         out.print(f"[bold red]{CLAIM_NOTE}:[/] " + warning[len(CLAIM_NOTE) + 2:])
     table = Table(title=f"{report.model.path} on {report.dataset.path} ({report.num_samples} samples)")
     table.add_column(f"{report.norm.upper()} eps")
-    table.add_column("certified accuracy", justify="right")
+    table.add_column("certified accuracy (float32-safe)", justify="right")
     table.add_column("certified", justify="right")
+    table.add_column("certified accuracy (exact)", justify="right")
     for key in (report.eps[0].extra if report.eps else {}):
         table.add_column(key, justify="right")
     for e in report.eps:
         extra = [f"{100 * v:.2f}%" if isinstance(v, float) else str(v) for v in e.extra.values()]
-        table.add_row(f"{e.label} ({e.eps:.4g})", _pct(e.certified_accuracy), str(e.certified), *extra)
+        exact = "-" if e.exact_certified_accuracy is None else _pct(e.exact_certified_accuracy)
+        table.add_row(f"{e.label} ({e.eps:.4g})", _pct(e.certified_accuracy), str(e.certified), exact, *extra)
     out.print(table)
+    out.print(f"float32-safe radii hold for the deployed float32 model; exact radii are the figure papers print; "
+              f"{gate_on_text(report)}")
     b = report.bound
     out.print(f"clean accuracy {_pct(report.clean_accuracy)}; {mean_radius_text(report)}; Lipschitz bound "
               f"{b.value:.6g} ({b.method}); {claim_text(report)}; rule: {b.rule}")

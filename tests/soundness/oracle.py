@@ -17,11 +17,13 @@ ratio is a true lower bound on a Lipschitz constant, so it can prove an upper bo
    and outside [0, 1] (and at points that open gated branches) and the secant ratio of a pair gradient ascent.
 3. ``check_verify``: ``verify(graph, bound=c)`` must not prove a claim ``c`` below a measured ratio, nor raise.
 4. ``check_report``: ``lipcert.certify`` on a small dataset labelled by the model itself; each certified point
-   is attacked by PGD (float64, margin loss, restarts, a bisection) and by a random search of the float32
-   onnxruntime function (random directions at 0.999 r and small scales, a line along the gradient, to catch
-   rounding flips); an adversarial example confirmed by onnxruntime closer than the certified radius fails. On a
-   model with one logit (a binary classifier) lipcert's own PGD runs too, with its one-logit margin, and a
-   violation it reports fails as well.
+   (float32-safe radius) is attacked by PGD (float64, margin loss, restarts, a bisection) and by a random
+   search of the float32 onnxruntime function (random directions at 0.999 r and small scales, a line along the
+   gradient, to catch rounding flips); an adversarial example confirmed by onnxruntime closer than the
+   certified radius fails. On a model with one logit (a binary classifier) lipcert's own PGD runs too, with its
+   one-logit margin, and a violation it reports fails as well. Each exact radius is attacked by PGD on the
+   exact function too; it fails when the float64 margin inside it goes beyond the float error of the deployed
+   logits at the sample (what an exact radius ignores by definition).
 
 A model that lipcert refuses with a ``LipcertError`` is "refused"; any other exception is a failure. Between
 float types, Cast is run as the identity (the real-number function); onnxruntime's float32 session is what
@@ -569,6 +571,49 @@ def _project(x0: torch.Tensor, x: torch.Tensor, radius: torch.Tensor) -> torch.T
     return (x0 + (delta * factor).reshape(x.shape)).clamp(0.0, 1.0)
 
 
+def _attack_exact(report, x: torch.Tensor, margin: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  effort: Effort, gen: torch.Generator, out: Outcome) -> None:
+    """The exact radii against the exact function: PGD (float64, margin loss) inside 0.999 of each exact radius.
+    An exact radius takes the deployed logits as exact, so at the sample the exact margin may be below the
+    deployed one by the float error there, sqrt(2) (error_base + error_slope ||x||) (the report's zero-image
+    bound): a point inside the radius breaks it only when its float64 margin is beyond that."""
+    radii = report.samples.exact_radii
+    if radii is None:
+        out.fail("report", "the report has no exact radii")
+        return
+    radii = radii.double()
+    todo = torch.nonzero(radii > 0).flatten()
+    if todo.numel() == 0:
+        return
+    x0, cls = x[todo], report.samples.predictions.long()[todo]
+    ball = 0.999 * radii[todo].clamp(max=1e6)
+    b = report.bound
+    tolerance = math.sqrt(2) * (b.error_base + b.error_slope * x0.flatten(1).norm(dim=1)) * (1 + 1e-6) + 1e-12
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    for restart in range(effort.pgd_restarts):
+        noise = torch.randn(x0.shape, generator=gen, dtype=F64)
+        noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(view)
+        xa = _project(x0, x0 + noise * (ball * (0.5 if restart else 0.0)).reshape(view), ball).requires_grad_(True)
+        alpha = (2.5 * ball / effort.pgd_steps).reshape(view)
+        best = torch.full((x0.shape[0],), -math.inf, dtype=F64)
+        for _ in range(effort.pgd_steps):
+            with torch.enable_grad():
+                loss = margin(xa, cls)
+                (grad,) = torch.autograd.grad(loss.sum(), xa)
+            with torch.no_grad():
+                best = torch.maximum(best, loss.detach())
+                g = grad.flatten(1)
+                g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                xa = _project(x0, xa + alpha * g.reshape(xa.shape), ball).requires_grad_(True)
+        broken = torch.nonzero(best > tolerance).flatten()
+        if broken.numel():
+            i = int(broken[0])
+            out.fail("report", f"{broken.numel()} of {todo.numel()} exact radii broken by PGD on the exact function "
+                               f"(float64 margin {float(best[i]):.6g} beyond the tolerance {float(tolerance[i]):.3g}); "
+                               f"sample {int(todo[i])}: exact radius {float(radii[todo[i]]):.6g}")
+            return
+
+
 def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: Outcome, seed: int,
                  backend: str = "onnxruntime", data: np.ndarray | None = None) -> None:
     import lipcert
@@ -683,6 +728,7 @@ def check_report(graph: Graph, path: Path, inj: Injector, effort: Effort, out: O
         pts = x0[i].flatten()[None, :] + torch.cat([steps, line])
         pts = pts.clamp(0.0, 1.0).reshape((-1,) + tuple(x0.shape[1:]))
         confirm(torch.full((pts.shape[0],), i, dtype=torch.long), pts)
+    _attack_exact(report, torch.from_numpy(x).double(), margin, effort, gen, out)
     if worst:
         ratios = sorted(((dist / float(r[i]), i, dist, c) for i, (dist, c) in worst.items()))
         examples = "; ".join(f"sample {int(todo[i])}: radius {float(r[i]):.6g} (class {int(cls[i])}), onnxruntime "
