@@ -16,7 +16,7 @@ from lipcert.certification.radii import certificates_from_logits, pair_norms, sa
 from lipcert.certification.setup import certificate_setup
 from lipcert.graph.executor import GraphModule
 from lipcert.model.loader import load_model
-from tests.conftest import export_onnx
+from tests.conftest import SAMPLES, export_onnx
 
 
 class MaxMin(nn.Module):
@@ -224,3 +224,31 @@ def test_requested_radii_only(tmp_path: Path) -> None:
     for v in asked:
         assert int((tested > v).sum()) >= int((found[True].radius > v).sum())
     assert sum(int((tested > v).sum()) for v in asked) > sum(int((cert.radius > v).sum()) for v in asked)
+
+
+def test_report_local_radius_beside_the_global_ones(tmp_path: Path) -> None:
+    """``local=True``: a third radius per sample, never below the float32-safe one, its certified accuracy beside
+    the others, the attack held to it, and a checkpoint that keeps it."""
+    import numpy as np
+
+    import lipcert
+    from lipcert.certification.checkpoint import BatchResult
+
+    report = lipcert.certify(lipcert.load_model(SAMPLES / "digits_dense.onnx"), SAMPLES / "digits_test.npz",
+                             eps="0.25,0.5", local=True, attack=lipcert.AttackConfig(steps=10, restarts=1),
+                             out=tmp_path / "run")
+    local, radius = report.samples.columns["local_radius"], report.samples.radii
+    assert bool((local >= radius).all()) and bool((local > radius).any())
+    for e in report.eps:
+        assert e.extra["certified (local)"] >= e.certified_accuracy
+        assert e.extra["empirical robust"] >= e.extra["certified (local)"]
+    assert report.eps[1].extra["certified (local)"] > report.eps[1].certified_accuracy
+    assert report.attack is not None and report.attack.violation_count == 0
+    header = (tmp_path / "run" / "samples.csv").read_text().splitlines()[0].split(",")
+    assert "local_radius" in header
+    plain = lipcert.certify(lipcert.load_model(SAMPLES / "digits_dense.onnx"), SAMPLES / "digits_test.npz",
+                            eps="0.25,0.5", attack=False)
+    assert "local_radius" not in plain.samples.columns and "certified (local)" not in plain.eps[0].extra
+    stored = BatchResult(np.zeros(2, np.int64), np.zeros(2, np.int64), np.ones(2), np.ones(2), "torch",
+                         exact_radii=np.ones(2), local_radii=np.full(2, 2.0))
+    assert np.array_equal(BatchResult.stored(stored.arrays(), stored.extra()).local_radii, np.full(2, 2.0))

@@ -56,6 +56,8 @@ class BatchResult:
     violations: list[Violation] = field(default_factory=list)
     #: the exact-arithmetic radii (``radii`` are the float32-safe ones); a batch always has them
     exact_radii: np.ndarray | None = None
+    #: the local certificates' radii (``local``); None without them
+    local_radii: np.ndarray | None = None
 
     @property
     def read(self) -> int:
@@ -64,7 +66,7 @@ class BatchResult:
 
     def arrays(self) -> dict[str, np.ndarray]:
         optional = {"indices": self.indices, "attack_radius": self.attack_radius, "broken_at": self.broken_at,
-                    "exact_radii": self.exact_radii}
+                    "exact_radii": self.exact_radii, "local_radii": self.local_radii}
         return {"labels": self.labels, "predictions": self.predictions, "margins": self.margins, "radii": self.radii,
                 **{k: v for k, v in optional.items() if v is not None}}
 
@@ -87,7 +89,7 @@ class BatchResult:
         return cls(arrays["labels"], arrays["predictions"], arrays["margins"], arrays["radii"], meta["backend"],
                    arrays.get("indices"), [(int(i), why) for i, why in meta.get("skipped", ())],
                    arrays.get("attack_radius"), arrays.get("broken_at"), [Violation(**v) for v in extra[1:]],
-                   arrays["exact_radii"])
+                   arrays["exact_radii"], arrays.get("local_radii"))
 
 
 def _flatten(manifest: dict[str, Any]) -> dict[str, Any]:

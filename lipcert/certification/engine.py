@@ -18,6 +18,7 @@ from typing import TypeVar
 import torch
 
 from lipcert.bounds.rounding import UNIT_ROUNDOFF, Affine
+from lipcert.certification.local import LocalCertifier
 from lipcert.certification.radii import (
     Certificates,
     CertificateSetup,
@@ -168,9 +169,12 @@ class Engine:
     Its settings are those ``CertifyOptions`` checked (``certify`` and ``attack`` check them before they make one)."""
 
     def __init__(self, graph: Graph, setup: CertificateSetup, *, device: str = "cpu", backend: str = "auto",
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 local: LocalCertifier | None = None) -> None:
         self.mean, self.std = normalisation(graph, mean, std)
         self.graph, self.setup, self.device, self.requested = graph, setup, device, backend
+        #: local certificates, each batch's third radius (None: it is the float32-safe one)
+        self.local = local
         self.pairs = (pair_norms(setup.head_weight, setup.head_row_error).to(device)
                       if setup.head_weight is not None else None)
         self.measure = setup.error_plan.needed if setup.error_plan is not None else ()
@@ -210,7 +214,7 @@ class Engine:
             x = torch.from_numpy(xb)
             if not len(yb):
                 empty = torch.empty(0, dtype=torch.float64)
-                yield index, x, batch, Certificates(torch.empty(0, dtype=torch.int64), empty, empty, empty)
+                yield index, x, batch, Certificates(torch.empty(0, dtype=torch.int64), empty, empty, empty, empty)
                 index += 1
                 continue
             x = (x.pin_memory() if pin else x).to(self.device, non_blocking=True)
@@ -229,6 +233,8 @@ class Engine:
             self._check_alone(runner, x, logits, error, batch.indices[0])
             cert = certificates_from_logits(logits, x_norm.to(logits.device), self.setup, self.pairs, error,
                                             self.exact_logits(x, x_norm))
+            cert.radius_local = cert.radius if self.local is None else self.local.radii(
+                x, cert.prediction, cert.radius, error.base, error.slope).radius.to(cert.radius)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - began

@@ -143,7 +143,7 @@ class LocalCertifier:
         self.errors64 = {v: dataclasses.replace(self.plan64, output=v).evaluate() for v in self.needed}
 
     def radii(self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor,
-              error_base: torch.Tensor, error_slope: float) -> LocalRadii:
+              error_base: torch.Tensor | float, error_slope: float) -> LocalRadii:
         """Local radii of a batch of pixel-space inputs ``x`` whose deployed prediction and global radius are
         given; ``error_base`` (per sample) + ``error_slope`` r bounds the deployed logits' error over the ball of
         radius r around each sample (``Engine.error``)."""

@@ -127,6 +127,7 @@ class CertifyOptions:
     max_drop: float = _setting("max_drop")
     allow_empty_certificates: bool = _setting("allow_empty_certificates")
     gate_on: str = _setting("gate_on")
+    local: bool = _setting("local")
     checkpoint_dir: str | Path | None = _setting("checkpoint_dir")
     resume: bool = _setting("resume")
     #: what the settings above resolve to, set when the options are made

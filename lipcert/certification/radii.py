@@ -82,6 +82,7 @@ class Certificates:
     margin: torch.Tensor
     radius: torch.Tensor  # float32-safe
     radius_exact: torch.Tensor  # exact arithmetic (the deployed logits taken as exact)
+    radius_local: torch.Tensor | None = None  # local certificates (``local``), at least ``radius``; set by the engine
 
 
 def _ratio(gap: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:

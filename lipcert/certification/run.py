@@ -34,6 +34,7 @@ from lipcert.certification.attack import (
 from lipcert.certification.checkpoint import BatchResult, Checkpoint
 from lipcert.certification.distributed import World, broadcast, gather, joined, shard
 from lipcert.certification.engine import Engine, fixed_multiple, normalisation, pixel_model
+from lipcert.certification.local import LocalCertifier
 from lipcert.certification.options import CertifyOptions
 from lipcert.certification.radii import Certificates
 from lipcert.certification.setup import certificate_setup
@@ -144,7 +145,8 @@ def certify(model: Graph | str | Path | torch.nn.Module, data: str | Path | Data
         with _discard_on_bad_input(ckpt):
             run = _setup(graph, dataset, opts, device, world, progress, ckpt)
             warnings = [n for n in (output_note(graph, run.info.value),
-                                    radius_note(opts.radii, opts.norm, graph.input_shape)) if n]
+                                    radius_note(opts.radii, opts.norm, graph.input_shape),
+                                    _local_note(run.engine.local)) if n]
             for text in warnings:
                 progress.note(text)
             merged = _merge(*_batches(run, dataset, labels, opts, progress), run, opts, dataset, world)
@@ -157,6 +159,13 @@ def certify(model: Graph | str | Path | torch.nn.Module, data: str | Path | Data
         if ckpt is not None:
             ckpt.remove()
     return report
+
+
+def _local_note(local: LocalCertifier | None) -> str | None:
+    """What the local certificates could not use, when they can give nothing (or less) beyond the global radius."""
+    if local is None or not local.reason:
+        return None
+    return f"local certificates: {local.reason}; where they prove nothing more, the local radius is the global one"
 
 
 def _gate(report: Report, opts: CertifyOptions, notes: list[str]) -> None:
@@ -243,13 +252,15 @@ def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, wo
                                    progress=steps) if world.is_main else None)
         steps.close()
         setup, info = broadcast(bound, world)
+        scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
+        local = (LocalCertifier(model, setup, mean=opts.mean, std=opts.std, at=[v / scale for _, v in opts.radii])
+                 if opts.local else None)
     bound_seconds = time.perf_counter() - t_bound
-    engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std)
+    engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std, local=local)
     batch_size = engine.batch_size(opts.batch_size_on(device))
     total = dataset.info.num_samples
     first, last = shard(-(-total // batch_size), world)
     samples = max(0, min(last * batch_size, total) - first * batch_size)
-    scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
     return _Run(engine, info, bound_seconds, batch_size, first, last, samples, scale, ckpt)
 
 
@@ -339,6 +350,8 @@ def _run_batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptio
                              batch.indices if opts.skip_bad_samples else None,
                              [(int(i), why) for i, why in batch.skipped],
                              exact_radii=(cert.radius_exact * run.scale).cpu().numpy())
+        if opts.local and cert.radius_local is not None:
+            result.local_radii = (cert.radius_local * run.scale).cpu().numpy()
         seconds = 0.0
         if cfg is not None:
             t0 = time.perf_counter()
@@ -348,7 +361,7 @@ def _run_batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptio
                 progress.advance(ATTACK, done * size)
 
             part = attack_batch(engine.attack_model(), x, torch.from_numpy(batch.y).long().to(x.device),
-                                cert.prediction, torch.from_numpy(result.radii), 0, opts.radii, cfg,
+                                cert.prediction, torch.from_numpy(_attacked_radii(result)), 0, opts.radii, cfg,
                                 batch_generator(cfg.seed, index), advance)
             seconds = time.perf_counter() - t0
             for v in part.violations:  # attack_batch counts from the batch's first sample read
@@ -356,6 +369,11 @@ def _run_batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptio
             result.attack_radius, result.broken_at = part.attack_radius.numpy(), part.broken_at.numpy()
             result.violations = part.violations
         yield index, result, seconds
+
+
+def _attacked_radii(result: BatchResult) -> np.ndarray:
+    """The radii the attack must not break inside: the local ones when there are (never below the others)."""
+    return result.local_radii if result.local_radii is not None else result.radii
 
 
 def _merge(stored: dict[int, BatchResult], attack_seconds: float, computed: int, run: _Run, opts: CertifyOptions,
@@ -379,7 +397,8 @@ def _merge(stored: dict[int, BatchResult], attack_seconds: float, computed: int,
         skipped=[s for p in parts for s in p.skipped],
         attack_radius=joined_arrays("attack_radius") if attacked else None,
         broken_at=joined_arrays("broken_at") if attacked else None,
-        violations=[v for p in parts for v in p.violations], exact_radii=joined_arrays("exact_radii"))
+        violations=[v for p in parts for v in p.violations], exact_radii=joined_arrays("exact_radii"),
+        local_radii=joined_arrays("local_radii") if opts.local else None)
     if opts.skip_bad_samples and not len(merged.labels):
         index, why = merged.skipped[0]
         raise DataError(f"every sample was skipped as unreadable or invalid (sample {index}: {why}); nothing is "
@@ -400,6 +419,8 @@ def _result(model: Graph, dataset: Dataset, labels: Labels, opts: CertifyOptions
                           torch.from_numpy(m.radii), {},
                           torch.from_numpy(m.indices) if opts.skip_bad_samples else None,
                           torch.from_numpy(m.exact_radii))
+    if m.local_radii is not None:
+        samples.columns["local_radius"] = torch.from_numpy(m.local_radii)
     timings = RunTimings(run.bound_seconds, merged.inference, merged.crosscheck, merged.attack, seconds,
                          merged.computed, world.size)
     return RunResult(model, dataset.info, labels, opts.norm, opts.radii, opts.lipschitz, run.engine.device, m.backend,

@@ -379,6 +379,9 @@ SETTINGS: dict[str, Setting] = _settings(
     Setting("gate_on", _choice(*GATE_ON), "the certified radius the gates read: float (default; float32-safe, "
             "sound for the deployed model) or exact (exact arithmetic, the figure papers print)", frozenset({REPORT}),
             "float", _in(*GATE_ON), "float or exact"),
+    Setting("local", _switch, "also certify each point beyond the global radius from what the network does near it "
+            "(local certificates, a third radius; slower)", frozenset({REPORT}), False,
+            lambda v: isinstance(v, bool), "True or False", switch=True, checkpoint=True),
     # --- the run's folder and processes (flags only)
     Setting("checkpoint_dir", _path, "a folder that keeps the run's checkpoint without writing a report",
             frozenset(), path=True, config=False),

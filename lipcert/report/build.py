@@ -199,6 +199,9 @@ def build_report(run: RunResult) -> Report:
                          exact_certified_accuracy=None if exact is None else certified_accuracy(exact, correct, value),
                          exact_certified=None if exact is None else int(((exact > value) & correct).sum()))
                for label, value in run.radii]
+    if (local := samples.columns.get("local_radius")) is not None:
+        for result in results:
+            result.extra["certified (local)"] = certified_accuracy(local, correct, result.eps)
     computed_upper = run.bound.computed_upper / run.bound.normalisation_factor
     bound = _bound(run.model, run.bound, run.declared, computed_upper)
     notes = _notes(run, bound, computed_upper)
