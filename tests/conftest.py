@@ -208,7 +208,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"soundness ({profile} profile): {stats['models']} models generated ({stats['refused']} refused at load; "
             f"{stats['discarded']} more drawn but discarded, onnxruntime cannot run them), {stats['steps']} steps "
-            f"checked, {stats['values']} value bounds checked, {stats['certificates']} certificates attacked")
+            f"checked, {stats['values']} value bounds checked, {stats['certificates']} certificates attacked "
+            f"({stats['local']} of them raised by local certificates)")
     forms = sys.modules.get("tests.test_runtime_forms")
     if forms is not None and sum(forms.TALLY.values()):
         terminalreporter.write_line(f"runtime forms: {forms.tally_line()}")
