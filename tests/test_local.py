@@ -252,3 +252,18 @@ def test_report_local_radius_beside_the_global_ones(tmp_path: Path) -> None:
     stored = BatchResult(np.zeros(2, np.int64), np.zeros(2, np.int64), np.ones(2), np.ones(2), "torch",
                          exact_radii=np.ones(2), local_radii=np.full(2, 2.0))
     assert np.array_equal(BatchResult.stored(stored.arrays(), stored.extra()).local_radii, np.full(2, 2.0))
+
+
+def test_a_tail_wider_than_the_limit_keeps_the_global_radius(monkeypatch) -> None:
+    import lipcert.certification.local as local_module
+
+    graph = load_model(SAMPLES / "digits_dense.onnx")
+    setup, _ = certificate_setup(graph)
+    assert LocalCertifier(graph, setup).tails
+    monkeypatch.setattr(local_module, "MAX_SWITCHES", 4)
+    narrow = LocalCertifier(graph, setup)
+    assert not narrow.tails and "more than the 4 local certificates analyse" in narrow.reason
+    x = torch.rand((3,) + graph.input_shape)
+    radius = torch.full((3,), 0.1, dtype=torch.float64)
+    found = narrow.radii(x, torch.zeros(3, dtype=torch.long), radius, 0.0, 0.0)
+    assert torch.equal(found.radius, radius) and found.reason == narrow.reason

@@ -640,15 +640,22 @@ def test_global_pool_forms() -> None:
 # ------------------------------------------------------------------------------------------ shape plumbing
 
 def plumbing_forms() -> Iterator[Form]:
-    """Gather with negative and scalar indices on every axis; Split in every form; Squeeze/Unsqueeze with
-    negative and unsorted axes; Expand; Tile; Flatten on every axis; Reshape with 0, -1 and allowzero; every
-    Transpose; DepthToSpace/SpaceToDepth in both modes."""
+    """Gather with negative and scalar indices on every axis; GatherElements on every axis; Split in every form;
+    Squeeze/Unsqueeze with negative and unsorted axes; Expand; Tile; Flatten on every axis; Reshape with 0, -1 and
+    allowzero; every Transpose; DepthToSpace/SpaceToDepth in both modes."""
     x = grid(2, 3, 4, seed=13)
     for opset in OPSETS:
         for axis in (-3, -2, -1, 0, 1, 2):
             for idx in (np.array(-1, np.int64), i64(0, -1, 1), i64(-2, 0).reshape(2, 1), np.array([1, -1], np.int32),
                         np.array(0, np.int32), np.zeros(0, np.int64)):
                 yield Form("Gather", (x, idx), {"axis": axis}, opset)
+        for axis in (-3, -2, -1, 0, 1, 2):  # GatherElements: negative indices, a shorter axis, int32 indices
+            n = x.shape[axis]
+            shape = list(x.shape)
+            shape[axis] = 2
+            idx = (np.arange(int(np.prod(shape))).reshape(shape) % (2 * n) - n).astype(np.int64)
+            yield Form("GatherElements", (x, idx), {"axis": axis}, opset)
+            yield Form("GatherElements", (x, idx.astype(np.int32)), {"axis": axis}, opset)
         for axis, outputs in itertools.product((-1, 0, 1, 2), (1, 2, 3)):
             n = x.shape[axis]
             yield Form("Split", (x,), {"axis": axis}, opset, outputs)  # equal parts (refused by ORT if uneven)

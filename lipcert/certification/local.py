@@ -60,6 +60,9 @@ BISECTION_STEPS = 12
 AT_MARGIN = 1e-9
 #: relative slack on float64 norms and sums of the analysis (far above their rounding, far below any margin)
 SLACK = 1e-9
+#: the most switching functionals one tail activation may have: each costs a pull-back of the margin rows through
+#: the tail, so wider blocks (a convolution's feature map) leave the global radius, with the reason
+MAX_SWITCHES = 1024
 #: the elementwise rules whose only kink is at 0 (their switching functional is the entry itself)
 KINK_AT_ZERO = ("Relu", "Abs", "LeakyRelu")
 
@@ -635,6 +638,10 @@ def _tails(graph: Graph, prop: Propagation, max_depth: int, factor: float) -> tu
         act = _activation(graph, act_step)
         if isinstance(act, str):
             reason = act
+            break
+        if act.first.numel() > MAX_SWITCHES:
+            reason = (f"{act_step.label}: {act.first.numel()} switching activations, more than the {MAX_SWITCHES} "
+                      "local certificates analyse")
             break
         linears.insert(0, lin)
         acts.insert(0, act)
