@@ -23,7 +23,14 @@ import torch
 
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.kinds import Combination, Combine, Linear, Region
-from lipcert.bounds.spectral import UpperBound, conv_upper_bound, mul_up, padded_conv_bound, upper_bound
+from lipcert.bounds.spectral import (
+    UpperBound,
+    conv_upper_bound,
+    mul_up,
+    padded_conv_bound,
+    ungrouped_kernel,
+    upper_bound,
+)
 from lipcert.bounds.steps import Context, Step
 from lipcert.bounds.thresholds import record
 from lipcert.bounds.transfer import transfer_bound
@@ -407,18 +414,9 @@ def _apply(op: LinearOperator, form: _Kernel, grid: tuple[int, ...]) -> _Kernel 
             or any(v != 1 for v in s.dilation) or tuple(s.input_spatial) != grid \
             or tuple(op.out_shape[1:]) != grid:
         return None
-    w = s.weight.double()
-    groups = int(s.groups)
-    c_out, c_in_g = w.shape[:2]
-    if groups < 1 or c_out % groups or c_in_g * groups != c or op.out_shape[0] != c_out \
-            or len(s.pads) != 2 * len(grid):
+    w = ungrouped_kernel(s.weight.double(), int(s.groups), c)
+    if w is None or op.out_shape[0] != w.shape[0] or len(s.pads) != 2 * len(grid):
         return None
-    if groups > 1:  # the block-diagonal kernel of a grouped convolution
-        full = w.new_zeros((c_out, c) + tuple(w.shape[2:]))
-        per = c_out // groups
-        for g in range(groups):
-            full[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
-        w = full
     return _Kernel(w, tuple(int(p) for p in s.pads[:len(grid)]), bool(s.circular))
 
 

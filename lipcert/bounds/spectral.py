@@ -108,6 +108,21 @@ def top_singular(mat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     return (sigma, found, other) if wide else (sigma, other, found)
 
 
+def ungrouped_kernel(w: torch.Tensor, groups: int, c_in: int) -> torch.Tensor | None:
+    """A grouped convolution's kernel (c_out, c_in / groups, *k) as the block-diagonal kernel (c_out, c_in, *k) of
+    the same map; None when the shapes do not divide into ``groups``."""
+    c_out, c_in_g = w.shape[:2]
+    if groups < 1 or c_out % groups or c_in_g * groups != c_in:
+        return None
+    if groups == 1:
+        return w
+    full = w.new_zeros((c_out, c_in) + tuple(w.shape[2:]))
+    per = c_out // groups
+    for g in range(groups):
+        full[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
+    return full
+
+
 # ----------------------------------------------------------------------------------------------- dense
 
 

@@ -25,7 +25,7 @@ import torch
 
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.kinds import Combination, Linear, Region
-from lipcert.bounds.spectral import ROUNDING_C, U64, inflate, largest_singular_value
+from lipcert.bounds.spectral import ROUNDING_C, U64, inflate, largest_singular_value, ungrouped_kernel
 from lipcert.bounds.steps import Step
 from lipcert.bounds.thresholds import current
 from lipcert.graph.linop import (
@@ -174,16 +174,10 @@ def _conv(s: ConvStructure, op: LinearOperator, c: int, freqs: torch.Tensor,
         return None  # zero padding: not shift-equivariant
     if s.circular and any(p > n for p, n in zip(s.pads, grid + grid, strict=False)):
         return None
-    groups = int(s.groups)
-    c_out, c_in_g = w.shape[:2]
-    if groups < 1 or c_out % groups or c_in_g * groups != c:
+    full = ungrouped_kernel(w, int(s.groups), c)
+    if full is None:
         return None
-    if groups > 1:  # the block-diagonal kernel of a grouped convolution
-        full = w.new_zeros((c_out, c) + tuple(w.shape[2:]))
-        per = c_out // groups
-        for g in range(groups):
-            full[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
-        w = full
+    w, c_out = full, full.shape[0]
     taps = math.prod(w.shape[2:])
     kernel = w.reshape(c_out, c, taps).to(torch.complex128)
     offsets = torch.stack(torch.meshgrid(*[torch.arange(k) * int(d) - int(b) for k, d, b in
