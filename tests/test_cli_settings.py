@@ -27,7 +27,7 @@ WRONG = {
     "attack": "1", "attack_steps": "2.5", "attack_restarts": '"two"', "attack_precision": '"fp16"',
     "min_clean_acc": '"high"', "min_certified_acc": '"36/255"', "max_violations": "-1", "baseline": "3",
     "max_drop": '"x"', "require_claim": '"yes"', "empirical_budget": "0", "missing_baseline": '"maybe"',
-    "allow_empty_certificates": '"yes"', "witness": "5", "gate_on": '"both"', "local": '"yes"',
+    "allow_empty_certificates": '"yes"', "witness": "5", "gate_on": '"both"', "local": '"yes"', "local_depth": "0",
 }
 
 

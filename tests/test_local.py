@@ -267,3 +267,71 @@ def test_a_tail_wider_than_the_limit_keeps_the_global_radius(monkeypatch) -> Non
     radius = torch.full((3,), 0.1, dtype=torch.float64)
     found = narrow.radii(x, torch.zeros(3, dtype=torch.long), radius, 0.0, 0.0)
     assert torch.equal(found.radius, radius) and found.reason == narrow.reason
+
+
+class IndexedMaxMin(nn.Module):
+    """MaxMin on interleaved halves selected by indexing: a Slice with a step or a Gather, whatever the exporter."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spelling == "step":
+            a, b = x[:, 0::2], x[:, 1::2]
+        elif self.spelling == "index":
+            pairs = x.reshape(x.shape[0], -1, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+        else:
+            a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+@pytest.mark.parametrize(("spelling", "dynamo"), [("step", False), ("index", False), ("index", True),
+                                                  ("chunk", True)])
+def test_every_maxmin_spelling_gets_a_local_radius(tmp_path: Path, spelling: str, dynamo: bool) -> None:
+    """The tail's switches come from the pattern that proved the activation (``Pattern.switches``), so a MaxMin
+    written by indexing (orthogonium's) is analysed like deel-torchlip's: a tail, and larger radii somewhere."""
+    model = _expanding(4, 16, 3, IndexedMaxMin(spelling), seed=1)
+    graph = load_model(export_onnx(model, tmp_path / f"{spelling}.onnx", (4,), dynamo=dynamo))
+    setup, _ = certificate_setup(graph)
+    x = torch.rand(16, 4, generator=torch.Generator().manual_seed(2))
+    _, cert, error = _global(graph, setup, x)
+    found = LocalCertifier(graph, setup, method="lipschitz").radii(x, cert.prediction, cert.radius,
+                                                                   torch.as_tensor(error.base), error.slope)
+    assert found.reason == ""
+    assert bool((found.radius >= cert.radius).all()) and bool((found.radius > cert.radius * 1.2).any())
+
+
+@pytest.mark.parametrize("at", [None, [0.3, 0.6, 0.9]], ids=["searched", "asked"])
+def test_the_screen_drops_no_certificate(tmp_path: Path, monkeypatch, at: list[float] | None) -> None:
+    """The searched methods skip the samples whose own activation pattern cannot certify a radius left to prove;
+    with the screen open (every sample searched) the radii are the same."""
+    import lipcert.certification.local as local_module
+
+    graph, setup = _setup(tmp_path, _expanding(4, 16, 3, MaxMin(), seed=1), 4, "expanding")
+    x = torch.rand(32, 4, generator=torch.Generator().manual_seed(3))
+    _, cert, error = _global(graph, setup, x)
+
+    def radii() -> torch.Tensor:
+        return LocalCertifier(graph, setup, method="lipschitz", at=at).radii(
+            x, cert.prediction, cert.radius, torch.as_tensor(error.base), error.slope).radius
+
+    screened = radii()
+    monkeypatch.setattr(local_module, "SCREEN_SLACK", math.inf)
+    assert torch.equal(screened, radii())
+    assert bool((screened > cert.radius).any())
+
+
+@pytest.mark.slow
+def test_local_depth_reaches_the_block_before() -> None:
+    """``local_depth`` 2 analyses the last two MaxMin blocks of digits_dense too: at least as many points as one
+    block, and more at radius 0.25."""
+    import lipcert
+
+    graph = lipcert.load_model(SAMPLES / "digits_dense.onnx")
+    accuracy = {depth: lipcert.certify(graph, SAMPLES / "digits_test.npz", eps="0.25,0.5", local=True,
+                                       local_depth=depth, attack=False).eps for depth in (1, 2)}
+    for one, two in zip(accuracy[1], accuracy[2]):
+        assert two.extra["certified (local)"] >= one.extra["certified (local)"] >= one.certified_accuracy
+    assert accuracy[2][0].extra["certified (local)"] > accuracy[1][0].extra["certified (local)"]

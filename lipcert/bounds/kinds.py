@@ -55,6 +55,9 @@ class Pattern:
     rounding: Rounding | None = None
     substeps: list[Step] = field(default_factory=list)
     reads: tuple[str, ...] = ()
+    #: a piecewise-linear activation's switches, when its recogniser knows them: s_k = v[first[k]] - v[second[k]]
+    #: (second[k] = -1: v[first[k]]) over the flat per-sample entries of its one input v (``local``)
+    switches: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -72,10 +72,14 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
         return None
     if not all(int(p.attr("keepdims", 1)) for p in prods) or not all(ctx.only_user(i, node) for i in node.inputs):
         return None
-    size = ctx.known_shape(prods[0].inputs[0])[axis - 1]  # known: ``_reduce_axes`` reads it
+    shape = ctx.known_shape(prods[0].inputs[0])  # known: ``_reduce_axes`` reads it
+    size = shape[axis - 1]
     if size < 2:
         return None  # a group of one gives (x, x): its entry twice, sqrt(2)
-    return Step(Pattern(rounding=EXACT), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
+    groups = torch.arange(math.prod(shape)).reshape(shape).movedim(axis - 1, -1).reshape(-1, size)
+    pairs = torch.combinations(torch.arange(size), 2)  # the group's order changes where two entries tie
+    switches = (groups[:, pairs[:, 0]].reshape(-1), groups[:, pairs[:, 1]].reshape(-1))
+    return Step(Pattern(rounding=EXACT, switches=switches), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
                 [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
                 constant=1.0, reason=SORT_REASON)
 
@@ -138,7 +142,10 @@ def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
         neg = ctx.producer.get(negated.inputs[0])
         if neg is not None and neg.op == "Neg" and neg.inputs[0] == direct.inputs[0] \
                 and ctx.only_user(neg.outputs[0], negated) and direct.inputs[0] in ctx.data:
-            return Step(Pattern(rounding=EXACT), "MaxMin-style (Relu(x), Relu(-x))",
+            shape = ctx.shape(direct.inputs[0])
+            width = math.prod(shape) if shape is not None else 0
+            switches = (torch.arange(width), torch.full((width,), -1)) if shape is not None else None
+            return Step(Pattern(rounding=EXACT, switches=switches), "MaxMin-style (Relu(x), Relu(-x))",
                         [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
                         constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
     return None
@@ -691,9 +698,11 @@ def maxmin_select(ctx: Context, node: Node) -> Step | None:
     names = [n.name for n in selection.nodes + claimed]
     reason = ("(max(a, b), min(a, b)) permutes (a, b) per entry, and a and b are fixed selections of coordinates "
               "of one value, none selected twice: 1-Lipschitz")
-    if not others:
-        return Step(Pattern(rounding=EXACT), label, names, [selection.source], node.outputs[0], constant=1.0,
-                    reason=reason)
+    if not others:  # switches: where a pair's two selected coordinates tie
+        switches = (torch.cat([selection.index[k].reshape(-1) for k in range(0, len(operands), 2)]).long(),
+                    torch.cat([selection.index[k].reshape(-1) for k in range(1, len(operands), 2)]).long())
+        return Step(Pattern(rounding=EXACT, switches=switches), label, names, [selection.source], node.outputs[0],
+                    constant=1.0, reason=reason)
     return Step(Combination("concat", [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})", names,
                 [selection.source] + others, node.outputs[0],
                 reason=reason + "; concatenated with the other inputs")

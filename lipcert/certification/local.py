@@ -58,6 +58,9 @@ MAX_ROW_ENTRIES = 2 ** 25
 BISECTION_STEPS = 12
 #: with requested radii, each is tested this much above itself (a report counts radius > eps as certified)
 AT_MARGIN = 1e-9
+#: the searched methods skip a sample whose own pattern's radius (times this, for rounding) is below every radius
+#: left to prove: a screen, never a certificate
+SCREEN_SLACK = 1 + 1e-6
 #: relative slack on float64 norms and sums of the analysis (far above their rounding, far below any margin)
 SLACK = 1e-9
 #: the most switching functionals one tail activation may have: each costs a pull-back of the margin rows through
@@ -231,13 +234,20 @@ class LocalCertifier:
             rows, err = self._pull(tail, k, _switch_rows(act, p.shape[1]), values, shared=k == 0)
             norms = rows.norm(dim=2) * (1 + SLACK) + err
             best = torch.minimum(best, _ratio(margin, lip * norms).amin(dim=1))
+        return torch.minimum(best, self._pattern_radii(tail, values, x_norm, prediction, base, slope))
+
+    def _pattern_radii(self, tail: Tail, values: dict[str, torch.Tensor], x_norm: torch.Tensor,
+                       prediction: torch.Tensor, base: torch.Tensor, slope: float) -> torch.Tensor:
+        """The radius each sample's margins allow with the tail's Jacobian at the sample (its activation
+        pattern): the whole answer where the pattern holds on the ball (``linear``), and a ceiling of the
+        searched methods, whose gradient sets contain that Jacobian."""
         gaps = self._margins(values, x_norm, prediction)
         eye = torch.eye(gaps.shape[1], dtype=torch.float64)
         rows, err = self._pull(tail, tail.depth, eye[prediction][:, None, :] - eye[None, :, :], values, shared=False)
         norms = rows.norm(dim=2) * (1 + SLACK) + err
-        radii = _ratio(gaps - SQRT2 * base[:, None], lip * norms + SQRT2 * slope)
+        radii = _ratio(gaps - SQRT2 * base[:, None], tail.body_lipschitz * norms + SQRT2 * slope)
         radii.scatter_(1, prediction[:, None], math.inf)
-        return torch.minimum(best, radii.amin(dim=1))
+        return radii.amin(dim=1)
 
     def _pull(self, tail: Tail, level: int, rows: torch.Tensor, values: dict[str, torch.Tensor],
               shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,8 +302,19 @@ class LocalCertifier:
         chunk = max(1, MAX_ROW_ENTRIES // max(1, width * (switches + 1) * rows))
         for first in range(0, n, chunk):
             sl = slice(first, first + chunk)
-            out[sl] = self._search_chunk(tail, {k: v[sl] for k, v in values.items()}, x_norm[sl], prediction[sl],
-                                         base[sl], slope, start[sl], method, forms)
+            part = {k: v[sl] for k, v in values.items()}
+            # only the samples whose own pattern's radius passes a radius still to prove: every gradient set
+            # bounded below holds that pattern's Jacobian, so the others cannot be certified there
+            ceiling = self._pattern_radii(tail, part, x_norm[sl], prediction[sl], base[sl], slope) * SCREEN_SLACK
+            if self.at is None:
+                wanted = ceiling > start[sl]
+            else:
+                goals = torch.tensor(self.at, dtype=torch.float64)
+                wanted = ((goals > start[sl, None]) & (goals <= ceiling[:, None])).any(dim=1)
+            idx = first + wanted.nonzero().reshape(-1)
+            if idx.numel():
+                out[idx] = self._search_chunk(tail, {k: v[idx] for k, v in values.items()}, x_norm[idx],
+                                              prediction[idx], base[idx], slope, start[idx], method, forms)
         return out, ""
 
     def _search_chunk(self, tail: Tail, values: dict[str, torch.Tensor], x_norm: torch.Tensor,
@@ -577,28 +598,11 @@ def _activation(graph: Graph, step: Step) -> Activation | str:
     shape = graph.value_shapes.get(step.inputs[0]) if step.inputs else None
     if shape is None or len(step.inputs) != 1 or step.output not in graph.value_shapes:
         return f"{step.label}: not one input and an output of known shapes"
-    width = math.prod(shape)
-    ops = sorted(n.op for n in nodes)
-    idx = torch.arange(width)
+    idx = torch.arange(math.prod(shape))
     if isinstance(step.details, Rule) and len(nodes) == 1 and nodes[0].op in KINK_AT_ZERO:
         return Activation(step, idx, torch.full_like(idx, -1), nodes)
-    if isinstance(step.details, Pattern) and ops == ["Concat", "Neg", "Relu", "Relu"]:
-        return Activation(step, idx, torch.full_like(idx, -1), nodes)
-    if isinstance(step.details, Pattern) and ops == ["Concat", "ReduceMax", "ReduceMin"]:
-        reduce = next(n for n in nodes if n.op == "ReduceMax")
-        axes = reduce.attr("axes")
-        if len(reduce.inputs) > 1 and reduce.inputs[1]:
-            const = graph.params.get(reduce.inputs[1])
-            axes = None if const is None else const.reshape(-1).tolist()
-        if axes is None or len(axes) != 1:
-            return f"{step.label}: its reduction axes are not one constant axis"
-        axis = int(axes[0]) + (len(shape) + 1 if int(axes[0]) < 0 else 0)
-        if not 1 <= axis <= len(shape):
-            return f"{step.label}: its axis is the batch"
-        groups = idx.reshape(shape).movedim(axis - 1, -1).reshape(-1, shape[axis - 1])
-        pairs = torch.combinations(torch.arange(groups.shape[1]), 2)
-        first = groups[:, pairs[:, 0]].reshape(-1)
-        second = groups[:, pairs[:, 1]].reshape(-1)
+    if isinstance(step.details, Pattern) and step.details.switches is not None:
+        first, second = step.details.switches
         return Activation(step, first, second, nodes)
     return f"{step.label}: not a piecewise-linear activation with known switches"
 

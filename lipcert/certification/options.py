@@ -92,7 +92,8 @@ class CertifyOptions:
     ``min_certified_acc``, ``min_mean_radius``, ``max_violations``, ``max_lipschitz``, ``require_claim``,
     ``baseline``, ``missing_baseline``, ``max_drop``, ``allow_empty_certificates``) are those of ``report_gates``
     and end up in ``Report.gates``; ``gate_on`` (float or exact) chooses the certified radius they
-    read. ``out`` is the run's folder: a checkpoint there while it runs, the report
+    read. ``local`` adds a third radius per sample, the local certificate, from the network's last ``local_depth``
+    activation blocks (``LocalCertifier``). ``out`` is the run's folder: a checkpoint there while it runs, the report
     written there at the end and the checkpoint removed; ``checkpoint_dir`` keeps the checkpoint without writing a
     report. An unfinished run's checkpoint there is continued when it was made with the same model, data and
     settings (``resume`` or not); one made with others is refused with ``resume``, replaced without it (see
@@ -128,6 +129,7 @@ class CertifyOptions:
     allow_empty_certificates: bool = _setting("allow_empty_certificates")
     gate_on: str = _setting("gate_on")
     local: bool = _setting("local")
+    local_depth: int = _setting("local_depth")
     checkpoint_dir: str | Path | None = _setting("checkpoint_dir")
     resume: bool = _setting("resume")
     #: what the settings above resolve to, set when the options are made

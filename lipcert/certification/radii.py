@@ -27,7 +27,7 @@ Two radii per sample, both from the same bound L of the logit map z:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,12 @@ class CertificateSetup:
     error_base: float = 0.0  # the deployed logits err by at most error_base + error_slope R (L2), R >= ||x'||
     error_slope: float = 0.0
     error_plan: Any = None  # ``rounding.ErrorPlan``: the same bound around each sample, from measured norms
+    #: the ``Propagation`` that gave the bound, kept on the process that computed it for later analyses of the
+    #: same graph (``LocalCertifier``); never sent to other processes (``__getstate__``)
+    propagation: Any = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "propagation": None}
 
 
 def sample_norms(values: torch.Tensor, norm: str = "l2") -> torch.Tensor:

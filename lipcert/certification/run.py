@@ -253,8 +253,8 @@ def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, wo
         steps.close()
         setup, info = broadcast(bound, world)
         scale = 1.0 / math.sqrt(math.prod(model.input_shape)) if opts.norm == "linf" else 1.0
-        local = (LocalCertifier(model, setup, mean=opts.mean, std=opts.std, at=[v / scale for _, v in opts.radii])
-                 if opts.local else None)
+        local = (LocalCertifier(model, setup, mean=opts.mean, std=opts.std, at=[v / scale for _, v in opts.radii],
+                                max_depth=opts.local_depth, prop=setup.propagation) if opts.local else None)
     bound_seconds = time.perf_counter() - t_bound
     engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std, local=local)
     batch_size = engine.batch_size(opts.batch_size_on(device))

@@ -382,6 +382,9 @@ SETTINGS: dict[str, Setting] = _settings(
     Setting("local", _switch, "also certify each point beyond the global radius from what the network does near it "
             "(local certificates, a third radius; slower)", frozenset({REPORT}), False,
             lambda v: isinstance(v, bool), "True or False", switch=True, checkpoint=True),
+    Setting("local_depth", _whole(1), "how many of the network's last activation blocks the local certificates "
+            "analyse (default 2; more certifies more points, slower)", frozenset({REPORT}), 2, _at_least(1),
+            "a whole number of at least 1", metavar="N", checkpoint=True),
     # --- the run's folder and processes (flags only)
     Setting("checkpoint_dir", _path, "a folder that keeps the run's checkpoint without writing a report",
             frozenset(), path=True, config=False),

@@ -96,7 +96,7 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
     rule = BINARY_RULE if binary else PER_PAIR_RULE if head_weight is not None else SQRT2_RULE
     setup = CertificateSetup(lipschitz=value * factor, head_lipschitz=head_lip, head_weight=head_weight,
                              head_row_error=row_error, error_base=base, error_slope=error.slope,
-                             error_plan=errors)
+                             error_plan=errors, propagation=prop)
     info = BoundInfo(value=value * factor, method=method, computed_upper=computed * factor, declared=declared,
                      normalisation_factor=factor, rule=rule, error_base=base, error_slope=error.slope)
     return setup, info

@@ -28,6 +28,7 @@ from lipcert.report.model import (
     SkippedSection,
     TimingsSection,
 )
+from lipcert.report.render import LOCAL
 
 if TYPE_CHECKING:
     from lipcert.certification.attack import AttackSummary
@@ -201,7 +202,7 @@ def build_report(run: RunResult) -> Report:
                for label, value in run.radii]
     if (local := samples.columns.get("local_radius")) is not None:
         for result in results:
-            result.extra["certified (local)"] = certified_accuracy(local, correct, result.eps)
+            result.extra[LOCAL] = certified_accuracy(local, correct, result.eps)
     computed_upper = run.bound.computed_upper / run.bound.normalisation_factor
     bound = _bound(run.model, run.bound, run.declared, computed_upper)
     notes = _notes(run, bound, computed_upper)

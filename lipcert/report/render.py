@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 FILES = ("report.json", "report.md", "samples.csv", "certified_accuracy.png")
 #: the two radius kinds a report gives (``radii.Certificates``), by the name ``gate_on`` takes
+#: the ``EpsResult.extra`` key of the local certificates' certified accuracy (with ``local``)
+LOCAL = "certified (local)"
 RADIUS_KINDS = {"float": "float32-safe", "exact": "exact arithmetic"}
 
 
@@ -243,6 +245,10 @@ def figure(report: Report) -> Any:
     if report.exact_curve:
         ax.plot([p[0] for p in report.exact_curve], [100 * p[1] for p in report.exact_curve],
                 label="certified (exact arithmetic)", color="tab:purple", linestyle="-.")
+    local = sorted((e.eps, e.extra[LOCAL]) for e in report.eps if LOCAL in e.extra)
+    if local:  # local radii are proven at the radii asked only: points there, joined
+        ax.plot([p[0] for p in local], [100 * p[1] for p in local], "^-", label="certified (local, at the radii asked)",
+                color="tab:brown", markersize=5, linewidth=1)
     attack_curve = report.attack.curve if report.attack else []
     if attack_curve:
         ax.plot([p[0] for p in attack_curve], [100 * p[1] for p in attack_curve], label="empirical (PGD)",
