@@ -32,7 +32,7 @@ from lipcert.graph.linop import (
     from_function,
 )
 from lipcert.graph.ops import REGISTRY
-from lipcert.graph.ops.base import EXACT, Rounding
+from lipcert.graph.ops.base import EXACT, CombinationMode, Rounding
 from lipcert.graph.ops.tensor import Copies
 
 SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
@@ -75,9 +75,8 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
     size = ctx.known_shape(prods[0].inputs[0])[axis - 1]  # known: ``_reduce_axes`` reads it
     if size < 2:
         return None  # a group of one gives (x, x): its entry twice, sqrt(2)
-    return Step(Pattern(rounding=EXACT), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
-                [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
-                constant=1.0, reason=SORT_REASON)
+    return Step(Pattern(1.0, rounding=EXACT), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
+                [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0], reason=SORT_REASON)
 
 
 def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -121,7 +120,7 @@ def maxmin_concat(ctx: Context, node: Node) -> Step | None:
         claimed += [p.name, q.name]
     if not claimed:
         return None
-    return Step(Combination("concat", [1.0] * len(inputs), rounding=EXACT), "Concat (MaxMin pairs)",
+    return Step(Combination(CombinationMode.CONCAT, [1.0] * len(inputs), rounding=EXACT), "Concat (MaxMin pairs)",
                 claimed + [node.name], inputs, node.outputs[0],
                 reason="each Max/Min pair of the same two values is a permutation of them per entry: bounded "
                        "as the concatenation of those values")
@@ -138,9 +137,9 @@ def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
         neg = ctx.producer.get(negated.inputs[0])
         if neg is not None and neg.op == "Neg" and neg.inputs[0] == direct.inputs[0] \
                 and ctx.only_user(neg.outputs[0], negated) and direct.inputs[0] in ctx.data:
-            return Step(Pattern(rounding=EXACT), "MaxMin-style (Relu(x), Relu(-x))",
+            return Step(Pattern(1.0, rounding=EXACT), "MaxMin-style (Relu(x), Relu(-x))",
                         [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
-                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
+                        reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
     return None
 
 
@@ -242,8 +241,8 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
     heaviest = float(weights.max()) if weights.numel() else 0.0
     # sums of positive terms: relative error below 1e-12, covered by the factor
     constant = math.nextafter(math.sqrt(factor * heaviest) * (1 + 1e-12), math.inf)
-    return Step(Pattern(rounding=Rounding(relative=window + len(claimed) + 8)),
-                "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x], node.outputs[0], constant=constant,
+    return Step(Pattern(constant, rounding=Rounding(relative=window + len(claimed) + 8)),
+                "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x], node.outputs[0],
                 reason=f"sqrt(c P(x^2)) with P the average pool and c = {factor:g}: each output is a weighted "
                        f"L2 norm, so the constant is sqrt(c x the largest total weight of one input entry, "
                        f"{heaviest:.6g}); padding, overlap and partial windows included")
@@ -299,7 +298,7 @@ def l2_norm_combination(ctx: Context, node: Node) -> Step | None:
     if not all(all(r.name in inner or r is node for r in ctx.users.get(o, [])) for n in nodes for o in n.outputs):
         return None
     # squares, scalings, sums of non-negative terms and the root: relative roundings
-    details = Combination("concat", weights, rounding=Rounding(relative=4 * len(nodes) + 4))
+    details = Combination(CombinationMode.CONCAT, weights, rounding=Rounding(relative=4 * len(nodes) + 4))
     return Step(details, "L2-norm combination sqrt(sum c u^2 + e)", [n.name for n in nodes] + [node.name],
                 [u for u, _ in terms], node.outputs[0],
                 reason="per entry the Euclidean norm of (sqrt(c_k) u_k, sqrt(e)): 1-Lipschitz in the weighted u_k")
@@ -348,8 +347,8 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
 
     operator = from_function(forward, shape, out_shape, name=node.name,
                              structure=NonnegativeStructure(mode="wrap", pads=tuple(pads)))
-    return Step(Linear(), "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
-                operator=operator, parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
+    return Step(Linear(operator), "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x],
+                node.outputs[0], parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
 
 
 def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
@@ -529,14 +528,15 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         hidden, act_shape = act.inputs[0], ctx.known_shape(act.outputs[0])  # known: A's chain reads it
         act_rule = REGISTRY[act.op]
         substeps = [  # how the block is computed, for the float error analysis
-            Step(Linear(), "B", [], [skip], hidden, operator=b_op, parts=b_parts),
-            Step(Rule(), act.op, [act.name], [hidden], act.outputs[0], constant=1.0,
+            Step(Linear(b_op), "B", [], [skip], hidden, parts=b_parts),
+            Step(Rule(1.0), act.op, [act.name], [hidden], act.outputs[0],
                  parts=[Part(None, act_rule.rounding(act, ctx.const_inputs(act), 0, act_shape, act_shape),
                              act.outputs[0])]),
-            Step(Linear(), "A", [], [act.outputs[0]], branch, operator=a_op, parts=a_parts),
-            Step(Combination("sum", [1.0, 1.0], count=2), node.op, [node.name], [skip, branch], node.outputs[0])]
-        return Step(Pattern(substeps=substeps), "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
-                    constant=math.nextafter(core + slack, math.inf),
+            Step(Linear(a_op), "A", [], [act.outputs[0]], branch, parts=a_parts),
+            Step(Combination(CombinationMode.SUM, [1.0, 1.0], count=2), node.op, [node.name], [skip, branch],
+                 node.outputs[0])]
+        return Step(Pattern(math.nextafter(core + slack, math.inf), substeps=substeps),
+                    "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
                     reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
                             f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
                            + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}")
@@ -692,10 +692,9 @@ def maxmin_select(ctx: Context, node: Node) -> Step | None:
     reason = ("(max(a, b), min(a, b)) permutes (a, b) per entry, and a and b are fixed selections of coordinates "
               "of one value, none selected twice: 1-Lipschitz")
     if not others:
-        return Step(Pattern(rounding=EXACT), label, names, [selection.source], node.outputs[0], constant=1.0,
-                    reason=reason)
-    return Step(Combination("concat", [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})", names,
-                [selection.source] + others, node.outputs[0],
+        return Step(Pattern(1.0, rounding=EXACT), label, names, [selection.source], node.outputs[0], reason=reason)
+    return Step(Combination(CombinationMode.CONCAT, [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})",
+                names, [selection.source] + others, node.outputs[0],
                 reason=reason + "; concatenated with the other inputs")
 
 
@@ -932,9 +931,8 @@ def householder(ctx: Context, node: Node) -> Step | None:
                       f"{worst}): the map is not continuous")
     constant = float(torch.maximum(norms[0], norms[1] + delta).max())
     constant = math.nextafter(constant * (1 + 1e-12), math.inf)
-    return Step(Pattern(rounding=_householder_rounding(a, b, s, m, norms, delta, u_norm)),
+    return Step(Pattern(constant, rounding=_householder_rounding(a, b, s, m, norms, delta, u_norm)),
                 "HouseHolder (selector, two linear pieces)", names, [selection.source], node.outputs[0],
-                constant=constant,
                 reason=f"piecewise linear in (x, y) on the two sides of s = u.(x, y), s = 0 on one side only, the "
                        f"pieces equal on s = 0 up to {float(delta.max()):.2g}: max over entries of the pieces' "
                        f"norms, {constant:.10g}")
