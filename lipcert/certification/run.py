@@ -441,7 +441,7 @@ def attack(model: Graph | str | Path | torch.nn.Module, data: str | Path | Datas
     Example::
 
         summary = lipcert.attack(lipcert.load_model("model.onnx"), "test.npz", eps="36/255,72/255")
-        print([row["robust_accuracy"] for row in summary.per_eps])
+        print([row.robust_accuracy for row in summary.per_eps])
     """
     opts = CertifyOptions(eps=eps, norm=norm, device=device, batch_size=batch_size, mean=mean, std=std,
                           max_elements=max_elements, attack=AttackConfig(steps=steps, restarts=restarts, seed=seed))
