@@ -87,7 +87,7 @@ def main() -> None:
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - start
     summary = summarize_attack(cfg, eps, part.attack_radius, part.broken_at, part.violations, t_ours)
-    ours = [row["broken"] for row in summary.per_eps]
+    ours = [row.broken for row in summary.per_eps]
 
     lines = [f"### PGD-L2: lipcert ({args.our_steps or args.steps} steps) vs torchattacks ({args.steps} steps), "
              f"{name}, {len(y)} points",

@@ -26,7 +26,7 @@ from lipcert.version import __version__
 
 if TYPE_CHECKING:
     from lipcert.bounds.results import LayerResult, VerifyResult
-    from lipcert.certification.attack import AttackConfig, AttackSummary, Violation
+    from lipcert.certification.attack import AttackConfig, AttackSummary, EpsAttack, Violation
     from lipcert.certification.options import CertifyOptions
     from lipcert.certification.run import attack, certify
     from lipcert.errors import ConfigError, DataError, LipcertError, ModelError
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 _HOMES = {
     "LayerResult": "lipcert.bounds.results", "VerifyResult": "lipcert.bounds.results",
     "AttackConfig": "lipcert.certification.attack", "AttackSummary": "lipcert.certification.attack",
-    "Violation": "lipcert.certification.attack", "CertifyOptions": "lipcert.certification.options",
+    "EpsAttack": "lipcert.certification.attack", "Violation": "lipcert.certification.attack",
+    "CertifyOptions": "lipcert.certification.options",
     "attack": "lipcert.certification.run", "certify": "lipcert.certification.run",
     "ConfigError": "lipcert.errors", "DataError": "lipcert.errors", "LipcertError": "lipcert.errors",
     "ModelError": "lipcert.errors", "Graph": "lipcert.graph.core", "load_model": "lipcert.model.loader",
@@ -53,10 +54,10 @@ _HOMES = {
 }
 
 __all__ = [
-    "AttackConfig", "AttackSummary", "CertifyOptions", "Comparison", "ConfigError", "DataError", "EpsResult", "Gate",
-    "GatedVerifyResult", "Graph", "LayerResult", "LipcertError", "ModelError", "Progress", "Report", "VerifyResult",
-    "Violation", "attack", "certify", "compare", "load_model", "report_gates", "verify", "verify_gates",
-    "__version__",
+    "AttackConfig", "AttackSummary", "CertifyOptions", "Comparison", "ConfigError", "DataError", "EpsAttack",
+    "EpsResult", "Gate", "GatedVerifyResult", "Graph", "LayerResult", "LipcertError", "ModelError", "Progress",
+    "Report", "VerifyResult", "Violation", "attack", "certify", "compare", "load_model", "report_gates", "verify",
+    "verify_gates", "__version__",
 ]
 
 

@@ -76,7 +76,7 @@ def test_increasing_eps_attacks_only_unbroken_points() -> None:
     cfg = AttackConfig(steps=5, restarts=1)
     part = attack_batch(model, x, y, y.clone(), torch.zeros(32), 0, eps, cfg, batch_generator(cfg.seed, 0))
     summary = summarize_attack(cfg, eps, part.attack_radius, part.broken_at, part.violations, 0.0)
-    broken = [row["broken"] for row in summary.per_eps]
+    broken = [row.broken for row in summary.per_eps]
     assert broken == sorted(broken) and broken[-1] == 32
     first_batch = seen[0]
     assert first_batch == 32 and min(seen) < 32  # later eps see only the points still unbroken

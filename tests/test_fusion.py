@@ -143,7 +143,7 @@ def chain_of(b: Builder, output: str) -> LinearOperator:
     """The operator of the single fused linear step of a model that is one linear chain."""
     steps = decompose(graph_of(b, output))
     assert [s.kind for s in steps] == ["linear"], [(s.kind, s.label) for s in steps]
-    return steps[0].operator
+    return steps[0].linear
 
 
 @pytest.mark.parametrize("name", CHAINS)

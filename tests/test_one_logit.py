@@ -276,7 +276,7 @@ def test_deel_lip_labels_are_read_as_0_and_1(binary: Binary, tmp_path: Path, cap
     assert rep["notes"] == [note] and not plain["notes"]
     assert note in (tmp_path / "pm" / "report.md").read_text() and note in " ".join(stdout.split())
     api = lipcert.attack(lipcert.load_model(binary.model), pm, "0.1,0.3", steps=5, restarts=1)
-    assert api.per_eps[0]["robust_accuracy"] <= plain["clean_accuracy"]
+    assert api.per_eps[0].robust_accuracy <= plain["clean_accuracy"]
 
 
 BAD_LABELS = {
@@ -343,7 +343,7 @@ def test_api_and_a_scalar_output(binary: Binary, tmp_path: Path) -> None:
     assert torch.allclose(rep.samples.radii, same.samples.radii, atol=SLACK)
     summary = lipcert.attack(graph, binary.data, "0.05,0.1", steps=5, restarts=1)
     assert summary.method.startswith("PGD-L2, one-logit margin loss") and not summary.violations
-    assert [row["robust_accuracy"] for row in summary.per_eps] == [e.extra["empirical robust"] for e in rep.eps]
+    assert [row.robust_accuracy for row in summary.per_eps] == [e.extra["empirical robust"] for e in rep.eps]
 
 
 # ---------------------------------------------------------------- the soundness harness

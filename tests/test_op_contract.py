@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lipcert.bounds.decompose import decompose
+from lipcert.bounds.kinds import Combination
 from lipcert.bounds.spectral import upper_bound
 from lipcert.bounds.steps import Context
 from lipcert.graph import budget
@@ -27,6 +28,7 @@ from lipcert.graph.linop import (
     from_function,
 )
 from lipcert.graph.ops import REGISTRY, Op, RunContext
+from lipcert.graph.ops.base import CombinationMode
 from lipcert.graph.ops.fold_only import FOLD_ONLY
 from lipcert.graph.ops.pooling import PoolSettings, pool_settings
 from lipcert.graph.ops.sizes import SizeRule
@@ -54,7 +56,7 @@ def _graph(nodes: list, inits: dict[str, np.ndarray], shape: tuple[int, ...], ou
 def test_role_attributes_are_well_typed(name: str) -> None:
     op = REGISTRY[name]
     assert op.name == name
-    assert op.combination in (None, "sum", "concat", "max")  # the step kinds that propagate knows how to bound
+    assert op.combination is None or isinstance(op.combination, CombinationMode)  # the kinds propagate bounds
     assert isinstance(op.combination_reason, str) and bool(op.combination_reason) == (op.combination is not None)
     assert isinstance(op.shape_only, bool) and isinstance(op.row_suffix, bool)
     assert op.row_priority is None or (isinstance(op.row_priority, int) and not isinstance(op.row_priority, bool))
@@ -88,10 +90,10 @@ def test_combining_operators_combine_as_declared(name: str) -> None:
         return op.run(node, [x, y], F64)[0]
 
     zero = torch.zeros_like(a)
-    if op.combination == "sum":
+    if op.combination is CombinationMode.SUM:
         assert torch.allclose(f(a, b), f(a, zero) + f(zero, b))
         assert torch.allclose(f(2.5 * a, 2.5 * b), 2.5 * f(a, b))
-    elif op.combination == "max":
+    elif op.combination is CombinationMode.MAX:
         out = f(a, b)
         assert bool(((out == a) | (out == b)).all())
         assert bool(((f(a2, b2) - out).abs() <= torch.maximum((a2 - a).abs(), (b2 - b).abs()) + 1e-15).all())
@@ -110,7 +112,9 @@ def test_a_combining_node_becomes_a_step_of_its_combination(name: str) -> None:
              helper.make_node(name, ["r", "s"], ["logits"], name="combine", **extra)]
     steps = [s for s in decompose(_graph(nodes, {}, (4,))) if "combine" in s.nodes]
     assert len(steps) == 1
-    assert steps[0].kind == REGISTRY[name].combination and steps[0].reason == REGISTRY[name].combination_reason
+    details = steps[0].details
+    assert isinstance(details, Combination) and details.mode is REGISTRY[name].combination
+    assert steps[0].kind == details.mode.value and steps[0].reason == REGISTRY[name].combination_reason
 
 
 @pytest.mark.parametrize("name", SHAPE_ONLY)
@@ -244,11 +248,11 @@ def test_fold_only_operators_are_not_registered_and_have_size_rules() -> None:
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_a_linear_combination_is_what_the_operator_computes(name: str) -> None:
-    """``linear_combination`` is declared exactly by the "sum" combiners, and their output is sum(sign x) / divisor
+    """``linear_combination`` is declared exactly by the SUM combiners, and their output is sum(sign x) / divisor
     on random broadcast inputs."""
     op = REGISTRY[name]
     summed = op.linear_combination(2)
-    assert (summed is not None) == (op.combination == "sum"), name
+    assert (summed is not None) == (op.combination is CombinationMode.SUM), name
     if summed is None:
         return
     for n in (2, 3):

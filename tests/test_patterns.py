@@ -88,9 +88,9 @@ def test_sll_block_under_the_sqrt2_condition_is_1_lipschitz() -> None:
     graph, steps = analyse(b, sll_dense(b, b_w, s))
     (step,) = steps
     assert step.kind == "pattern" and step.label.startswith(SLL)
-    assert step.constant == pytest.approx(1.0, abs=1e-6)
-    assert measured(graph) <= step.constant * SOUND
-    assert network_bound(graph) == pytest.approx(step.constant, rel=1e-12)
+    assert step.details.constant == pytest.approx(1.0, abs=1e-6)
+    assert measured(graph) <= step.details.constant * SOUND
+    assert network_bound(graph) == pytest.approx(step.details.constant, rel=1e-12)
 
 
 def test_sll_block_beyond_the_condition_is_bounded_by_q2_minus_1_which_is_attained() -> None:
@@ -102,10 +102,10 @@ def test_sll_block_beyond_the_condition_is_bounded_by_q2_minus_1_which_is_attain
     (step,) = claimed(steps, SLL)
     b32 = b_w.astype(np.float32).astype(np.float64)
     q2 = np.linalg.norm(np.sqrt(s)[:, None] * b32, 2) ** 2
-    assert q2 > 2 and step.constant == pytest.approx(q2 - 1, rel=1e-6)
+    assert q2 > 2 and step.details.constant == pytest.approx(q2 - 1, rel=1e-6)
     active = torch.from_numpy(np.linalg.pinv(b32) @ np.ones(4))  # B x = 1 > 0: every unit active
-    assert jacobian_norm(graph, active) == pytest.approx(step.constant, rel=1e-5)
-    assert measured(graph) <= step.constant * SOUND
+    assert jacobian_norm(graph, active) == pytest.approx(step.details.constant, rel=1e-5)
+    assert measured(graph) <= step.details.constant * SOUND
 
 
 def sll_conv(b: Builder, b_k: np.ndarray, a_k: np.ndarray) -> str:
@@ -128,8 +128,8 @@ def test_convolutional_sll_block_is_1_lipschitz() -> None:
     b = Builder((2, 4, 4))
     graph, steps = analyse(b, sll_conv(b, b_k, b_k * s[:, None, None, None]))
     (step,) = claimed(steps, SLL)
-    assert step.constant == pytest.approx(1.0, abs=1e-6)
-    assert measured(graph) <= step.constant * SOUND
+    assert step.details.constant == pytest.approx(1.0, abs=1e-6)
+    assert measured(graph) <= step.details.constant * SOUND
 
 
 @pytest.mark.parametrize("miss", ["flipped kernel", "negative s"])
@@ -178,8 +178,8 @@ def test_circular_padding_is_claimed_and_bounded_exactly_as_a_circular_conv() ->
     graph, steps = analyse(b, circular_conv(b))
     (step,) = steps
     assert step.kind == "linear" and step.label.startswith(WRAP)
-    norm = float(torch.linalg.matrix_norm(step.operator.to_dense(), ord=2))
-    structural = upper_bound(refine(step.operator), dense_limit=0)  # from the structure, by DFT
+    norm = float(torch.linalg.matrix_norm(step.linear.to_dense(), ord=2))
+    structural = upper_bound(refine(step.linear), dense_limit=0)  # from the structure, by DFT
     assert norm <= structural.value <= norm * (1 + 1e-6)
     assert measured(graph, points=1) == pytest.approx(norm, rel=1e-9)  # a linear model: J is the operator
 
@@ -212,7 +212,7 @@ def test_groupsort_is_1_lipschitz() -> None:
     b = Builder((8,))
     graph, steps = analyse(b, groupsort(b))
     (step,) = claimed(steps, GROUPSORT)
-    assert step.kind == "pattern" and step.constant == 1.0
+    assert step.kind == "pattern" and step.details.constant == 1.0
     assert measured(graph) == pytest.approx(1.0)  # a permutation of the input at every point
     assert network_bound(graph) == pytest.approx(1.0, rel=1e-12)
 
@@ -292,7 +292,7 @@ def test_maxmin_of_selected_coordinates_is_1_lipschitz_in_every_spelling(form: s
     b = Builder((8,))
     graph, steps = analyse(b, selected_maxmin(b, form))
     (step,) = claimed(steps, SELECTED)
-    assert step.kind == "pattern" and step.constant == 1.0
+    assert step.kind == "pattern" and step.details.constant == 1.0
     assert measured(graph) == pytest.approx(1.0)  # a permutation of the input at every point
     assert network_bound(graph) == pytest.approx(1.0, rel=1e-9)
 
@@ -370,7 +370,7 @@ def test_householder_is_1_lipschitz_up_to_its_constants_rounding(where: bool, sp
     b = Builder((8,))
     graph, steps = analyse(b, householder_block(b, where=where, split=split))
     (step,) = claimed(steps, HOUSEHOLDER)
-    assert step.kind == "pattern" and 1.0 <= step.constant <= 1.0 + 1e-6
+    assert step.kind == "pattern" and 1.0 <= step.details.constant <= 1.0 + 1e-6
     assert isinstance(step.details.rounding, Rounding) and 0 < step.details.rounding.fixed < 1e-6
     assert measured(graph, points=16) == pytest.approx(1.0)  # identity or a reflection at every point
     assert measured(graph, points=16) <= network_bound(graph) * SOUND
@@ -381,8 +381,8 @@ def test_householder_by_a_longer_v_is_bounded_by_its_reflection_norm() -> None:
     b = Builder((8,))
     graph, steps = analyse(b, householder_block(b, miss="long v"))
     (step,) = claimed(steps, HOUSEHOLDER)
-    assert step.constant == pytest.approx(1.88, rel=1e-6) and step.constant >= 1.88
-    assert measured(graph, points=16) <= step.constant * SOUND
+    assert step.details.constant == pytest.approx(1.88, rel=1e-6) and step.details.constant >= 1.88
+    assert measured(graph, points=16) <= step.details.constant * SOUND
     assert measured(graph, points=64) > 1.5  # points on the reflected side see it
 
 
@@ -408,7 +408,7 @@ def test_relu_of_x_and_of_minus_x_is_1_lipschitz() -> None:
     b = Builder((6,))
     graph, steps = analyse(b, relu_neg(b))
     (step,) = steps
-    assert step.kind == "pattern" and step.label == RELU_NEG and step.constant == 1.0
+    assert step.kind == "pattern" and step.label == RELU_NEG and step.details.constant == 1.0
     assert measured(graph) == pytest.approx(1.0)
 
 
@@ -442,8 +442,8 @@ def test_l2_norm_pooling_constant(factor: float, stride: int, expected: float) -
     graph, steps = analyse(b, l2_pool(b, factor, stride))
     (step,) = steps
     assert step.kind == "pattern" and step.label.startswith(L2_POOL)
-    assert step.constant == pytest.approx(expected, rel=1e-9)
-    assert measured(graph) <= step.constant * SOUND
+    assert step.details.constant == pytest.approx(expected, rel=1e-9)
+    assert measured(graph) <= step.details.constant * SOUND
 
 
 @pytest.mark.parametrize("miss", ["fourth powers", "pool read elsewhere"])

@@ -485,7 +485,7 @@ def test_absolute_map_of_a_region_whose_constant_broadcasts_the_sum(tmp_path: Pa
     total = b.node("Sum", ["input", conv, b.const(np.arange(3, dtype=np.float32).reshape(3, 1, 1))])
     graph = graph_of(b, b.node("Flatten", [total], axis=1))
     (step,) = [s for s in propagate(graph, lower_bounds=False).steps if isinstance(s.details, Region)]
-    dense = torch.linalg.matrix_norm(step.operator.to_dense(), ord=2)
+    dense = torch.linalg.matrix_norm(step.linear.to_dense(), ord=2)
     assert nonnegative_norm(absolute_operator(step)) >= float(dense) * (1 - 1e-9)
 
 

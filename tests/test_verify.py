@@ -213,7 +213,7 @@ def test_layer_bounds_equal_dense_svd_of_the_whole_step(tmp_path: Path) -> None:
     result = verify(graph)
     rows = [r for r in result.layers if r.upper_method not in ("rule", "pattern")]
     for step, row in zip(steps, rows):
-        exact = torch.linalg.matrix_norm(step.operator.to_dense(), 2).item()
+        exact = torch.linalg.matrix_norm(step.linear.to_dense(), 2).item()
         assert row.upper >= exact * (1 - 1e-12)
         assert row.upper == pytest.approx(exact, rel=1e-6)
         assert row.lower <= exact * (1 + 1e-12)

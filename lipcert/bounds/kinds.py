@@ -1,5 +1,6 @@
-"""The kinds of step: one dataclass per kind holds what a step of that kind carries besides its operator or
-constant, and analyses dispatch on the class (``match``). ``kind`` is the kind's printed name."""
+"""The kinds of step: one dataclass per kind holds what a step of that kind carries (a linear step's operator, a
+rule's or pattern's constant, a combination's weights), and analyses dispatch on the class (``match``). ``kind``
+is the kind's printed name."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from lipcert.bounds.results import NO_RULE
-from lipcert.graph.ops.base import Rounding
+from lipcert.graph.ops.base import CombinationMode, Rounding
 
 if TYPE_CHECKING:
     from lipcert.bounds.steps import Step
+    from lipcert.graph.linop import LinearOperator
 
 #: how a region runs one of its combination steps: (step, values so far, a tensor of the batch, absolute) -> value;
 #: ``absolute`` gives the same map with every sign positive (``regions``)
@@ -22,10 +24,11 @@ Combine = Callable[["Step", "Combination", dict[str, torch.Tensor], torch.Tensor
 
 @dataclass
 class Linear:
-    """A fused chain of linear operators (``Step.operator``, each node's share in ``Step.parts``): bounded by its
-    operator norm."""
+    """A fused chain of linear operators, composed in ``operator`` (each node's share in ``Step.parts``): bounded
+    by its operator norm."""
 
     kind: ClassVar[str] = "linear"
+    operator: LinearOperator
 
 
 @dataclass
@@ -40,18 +43,20 @@ class Region(Linear):
 
 @dataclass
 class Rule:
-    """A nonlinear node with a registry rule: its Lipschitz constant is ``Step.constant``."""
+    """A nonlinear node with a registry rule: its Lipschitz constant is ``constant``."""
 
     kind: ClassVar[str] = "rule"
+    constant: float
 
 
 @dataclass
 class Pattern:
-    """A recognised subgraph (``patterns``) with the constant ``Step.constant``. Its float evaluation rounds as
-    ``rounding`` says, or as its own ``substeps`` compute it (neither: unknown); ``reads`` names the nodes it only
-    re-reads (``steps.claim_error``)."""
+    """A recognised subgraph (``patterns``) with the Lipschitz constant ``constant``. Its float evaluation rounds
+    as ``rounding`` says, or as its own ``substeps`` compute it (neither: unknown); ``reads`` names the nodes it
+    only re-reads (``steps.claim_error``)."""
 
     kind: ClassVar[str] = "pattern"
+    constant: float
     rounding: Rounding | None = None
     substeps: list[Step] = field(default_factory=list)
     reads: tuple[str, ...] = ()
@@ -62,10 +67,10 @@ class Pattern:
 
 @dataclass
 class Combination:
-    """Several data inputs combined, each weighted by ``weights`` (its broadcast repetitions): ``mode`` "sum"
-    bounds sum(w L), "concat" and "max" bound sqrt(sum((w L)^2)) (``Op.combination``)."""
+    """Several data inputs combined, each weighted by ``weights`` (its broadcast repetitions): ``mode`` SUM
+    bounds sum(w L), CONCAT and MAX bound sqrt(sum((w L)^2)) (``Op.combination``)."""
 
-    mode: str
+    mode: CombinationMode
     weights: list[float]
     #: sums: the number of terms added, and the norm of the constants added (their rounding)
     count: int = 0
@@ -82,7 +87,7 @@ class Combination:
 
     @property
     def kind(self) -> str:
-        return self.mode
+        return self.mode.value
 
 
 @dataclass

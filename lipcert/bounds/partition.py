@@ -21,6 +21,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from lipcert.graph.ops.base import CombinationMode
+
 Segment = tuple[int, int, float]
 
 
@@ -76,7 +78,7 @@ def _gain_at(profile: Profile, a: int, b: int) -> float:
     return next((g for s, e, g in profile.parts if s <= a and b <= e), 0.0)
 
 
-def combine(kind: str, inputs: Sequence[str], weights: Sequence[float], profiles: Mapping[str, Profile],
+def combine(mode: CombinationMode, inputs: Sequence[str], weights: Sequence[float], profiles: Mapping[str, Profile],
             order: Mapping[str, int], lengths: Mapping[tuple[str, int], int]) -> Profile | None:
     """The profile of a concatenation, max or sum of ``inputs`` (weighted), or None.
 
@@ -96,7 +98,7 @@ def combine(kind: str, inputs: Sequence[str], weights: Sequence[float], profiles
         if any(p is not None and p.axis != axis for _, p, _ in group) or (base, axis) not in lengths:
             return None
         whole = Profile(base, axis, ((0, lengths[(base, axis)], 1.0),))
-        merged = _merge(kind, [p or whole for _, p, _ in group], [w for _, _, w in group])
+        merged = _merge(mode, [p or whole for _, p, _ in group], [w for _, _, w in group])
         rest = [item for item in items if item not in group]
         if not rest:
             return merged
@@ -106,13 +108,13 @@ def combine(kind: str, inputs: Sequence[str], weights: Sequence[float], profiles
         items = rest + [("", rebased, 1.0)]
 
 
-def _merge(kind: str, found: list[Profile], weights: Sequence[float]) -> Profile:
+def _merge(mode: CombinationMode, found: list[Profile], weights: Sequence[float]) -> Profile:
     """Profiles on one base and axis, combined segment by segment."""
     base, axis = found[0].base, found[0].axis
     cuts = sorted({c for p in found for s, e, _ in p.parts for c in (s, e)})
     segments = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
     table = [[_mul(w, _gain_at(p, a, b)) for a, b in segments] for p, w in zip(found, weights, strict=False)]
-    if kind in ("concat", "max"):
+    if mode in (CombinationMode.CONCAT, CombinationMode.MAX):
         gains = [math.sqrt(math.fsum(row[i] ** 2 for row in table)) * (1 + 1e-12) for i in range(len(segments))]
     else:
         gains = _sum_gains(table)

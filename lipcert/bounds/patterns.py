@@ -32,7 +32,7 @@ from lipcert.graph.linop import (
     from_function,
 )
 from lipcert.graph.ops import REGISTRY
-from lipcert.graph.ops.base import EXACT, Rounding
+from lipcert.graph.ops.base import EXACT, CombinationMode, Rounding
 from lipcert.graph.ops.tensor import Copies
 
 SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
@@ -79,9 +79,8 @@ def groupsort_reduce(ctx: Context, node: Node) -> Step | None:
     groups = torch.arange(math.prod(shape)).reshape(shape).movedim(axis - 1, -1).reshape(-1, size)
     pairs = torch.combinations(torch.arange(size), 2)  # the group's order changes where two entries tie
     switches = (groups[:, pairs[:, 0]].reshape(-1), groups[:, pairs[:, 1]].reshape(-1))
-    return Step(Pattern(rounding=EXACT, switches=switches), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
-                [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0],
-                constant=1.0, reason=SORT_REASON)
+    return Step(Pattern(1.0, rounding=EXACT, switches=switches), f"GroupSort{size} (ReduceMax/ReduceMin/Concat)",
+                [prods[0].name, prods[1].name, node.name], [prods[0].inputs[0]], node.outputs[0], reason=SORT_REASON)
 
 
 def _slice_range(ctx: Context, node: Node, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -125,7 +124,7 @@ def maxmin_concat(ctx: Context, node: Node) -> Step | None:
         claimed += [p.name, q.name]
     if not claimed:
         return None
-    return Step(Combination("concat", [1.0] * len(inputs), rounding=EXACT), "Concat (MaxMin pairs)",
+    return Step(Combination(CombinationMode.CONCAT, [1.0] * len(inputs), rounding=EXACT), "Concat (MaxMin pairs)",
                 claimed + [node.name], inputs, node.outputs[0],
                 reason="each Max/Min pair of the same two values is a permutation of them per entry: bounded "
                        "as the concatenation of those values")
@@ -145,9 +144,9 @@ def relu_neg_concat(ctx: Context, node: Node) -> Step | None:
             shape = ctx.shape(direct.inputs[0])
             width = math.prod(shape) if shape is not None else 0
             switches = (torch.arange(width), torch.full((width,), -1)) if shape is not None else None
-            return Step(Pattern(rounding=EXACT, switches=switches), "MaxMin-style (Relu(x), Relu(-x))",
+            return Step(Pattern(1.0, rounding=EXACT, switches=switches), "MaxMin-style (Relu(x), Relu(-x))",
                         [direct.name, negated.name, neg.name, node.name], [direct.inputs[0]], node.outputs[0],
-                        constant=1.0, reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
+                        reason="|relu(a)-relu(b)|^2 + |relu(-a)-relu(-b)|^2 <= |a-b|^2")
     return None
 
 
@@ -249,8 +248,8 @@ def l2_pool(ctx: Context, node: Node) -> Step | None:
     heaviest = float(weights.max()) if weights.numel() else 0.0
     # sums of positive terms: relative error below 1e-12, covered by the factor
     constant = math.nextafter(math.sqrt(factor * heaviest) * (1 + 1e-12), math.inf)
-    return Step(Pattern(rounding=Rounding(relative=window + len(claimed) + 8)),
-                "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x], node.outputs[0], constant=constant,
+    return Step(Pattern(constant, rounding=Rounding(relative=window + len(claimed) + 8)),
+                "L2-norm pool (Pow/AveragePool/Sqrt)", [n.name for n in inner], [x], node.outputs[0],
                 reason=f"sqrt(c P(x^2)) with P the average pool and c = {factor:g}: each output is a weighted "
                        f"L2 norm, so the constant is sqrt(c x the largest total weight of one input entry, "
                        f"{heaviest:.6g}); padding, overlap and partial windows included")
@@ -306,7 +305,7 @@ def l2_norm_combination(ctx: Context, node: Node) -> Step | None:
     if not all(all(r.name in inner or r is node for r in ctx.users.get(o, [])) for n in nodes for o in n.outputs):
         return None
     # squares, scalings, sums of non-negative terms and the root: relative roundings
-    details = Combination("concat", weights, rounding=Rounding(relative=4 * len(nodes) + 4))
+    details = Combination(CombinationMode.CONCAT, weights, rounding=Rounding(relative=4 * len(nodes) + 4))
     return Step(details, "L2-norm combination sqrt(sum c u^2 + e)", [n.name for n in nodes] + [node.name],
                 [u for u, _ in terms], node.outputs[0],
                 reason="per entry the Euclidean norm of (sqrt(c_k) u_k, sqrt(e)): 1-Lipschitz in the weighted u_k")
@@ -355,8 +354,8 @@ def wrap_concat(ctx: Context, node: Node) -> Step | None:
 
     operator = from_function(forward, shape, out_shape, name=node.name,
                              structure=NonnegativeStructure(mode="wrap", pads=tuple(pads)))
-    return Step(Linear(), "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x], node.outputs[0],
-                operator=operator, parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
+    return Step(Linear(operator), "Pad (wrap: Slice/Concat)", [p.name for p in slices] + [node.name], [x],
+                node.outputs[0], parts=[Part(operator, Rounding(abs_op=operator), node.outputs[0])])
 
 
 def _affine_chain(ctx: Context, value: str, stop: Callable[[Node], bool],
@@ -536,14 +535,15 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         hidden, act_shape = act.inputs[0], ctx.known_shape(act.outputs[0])  # known: A's chain reads it
         act_rule = REGISTRY[act.op]
         substeps = [  # how the block is computed, for the float error analysis
-            Step(Linear(), "B", [], [skip], hidden, operator=b_op, parts=b_parts),
-            Step(Rule(), act.op, [act.name], [hidden], act.outputs[0], constant=1.0,
+            Step(Linear(b_op), "B", [], [skip], hidden, parts=b_parts),
+            Step(Rule(1.0), act.op, [act.name], [hidden], act.outputs[0],
                  parts=[Part(None, act_rule.rounding(act, ctx.const_inputs(act), 0, act_shape, act_shape),
                              act.outputs[0])]),
-            Step(Linear(), "A", [], [act.outputs[0]], branch, operator=a_op, parts=a_parts),
-            Step(Combination("sum", [1.0, 1.0], count=2), node.op, [node.name], [skip, branch], node.outputs[0])]
-        return Step(Pattern(substeps=substeps), "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
-                    constant=math.nextafter(core + slack, math.inf),
+            Step(Linear(a_op), "A", [], [act.outputs[0]], branch, parts=a_parts),
+            Step(Combination(CombinationMode.SUM, [1.0, 1.0], count=2), node.op, [node.name], [skip, branch],
+                 node.outputs[0])]
+        return Step(Pattern(math.nextafter(core + slack, math.inf), substeps=substeps),
+                    "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
                     reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
                             f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
                            + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}")
@@ -701,10 +701,10 @@ def maxmin_select(ctx: Context, node: Node) -> Step | None:
     if not others:  # switches: where a pair's two selected coordinates tie
         switches = (torch.cat([selection.index[k].reshape(-1) for k in range(0, len(operands), 2)]).long(),
                     torch.cat([selection.index[k].reshape(-1) for k in range(1, len(operands), 2)]).long())
-        return Step(Pattern(rounding=EXACT, switches=switches), label, names, [selection.source], node.outputs[0],
-                    constant=1.0, reason=reason)
-    return Step(Combination("concat", [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})", names,
-                [selection.source] + others, node.outputs[0],
+        return Step(Pattern(1.0, rounding=EXACT, switches=switches), label, names, [selection.source],
+                    node.outputs[0], reason=reason)
+    return Step(Combination(CombinationMode.CONCAT, [1.0] * (1 + len(others)), rounding=EXACT), f"Concat ({label})",
+                names, [selection.source] + others, node.outputs[0],
                 reason=reason + "; concatenated with the other inputs")
 
 
@@ -941,9 +941,8 @@ def householder(ctx: Context, node: Node) -> Step | None:
                       f"{worst}): the map is not continuous")
     constant = float(torch.maximum(norms[0], norms[1] + delta).max())
     constant = math.nextafter(constant * (1 + 1e-12), math.inf)
-    return Step(Pattern(rounding=_householder_rounding(a, b, s, m, norms, delta, u_norm)),
+    return Step(Pattern(constant, rounding=_householder_rounding(a, b, s, m, norms, delta, u_norm)),
                 "HouseHolder (selector, two linear pieces)", names, [selection.source], node.outputs[0],
-                constant=constant,
                 reason=f"piecewise linear in (x, y) on the two sides of s = u.(x, y), s = 0 on one side only, the "
                        f"pieces equal on s = 0 up to {float(delta.max()):.2g}: max over entries of the pieces' "
                        f"norms, {constant:.10g}")

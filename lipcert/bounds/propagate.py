@@ -23,6 +23,7 @@ from lipcert.errors import SelfCheckError
 from lipcert.graph.core import Graph
 from lipcert.graph.linop import ConvStructure, LinearOperator, MatrixStructure, ProjectionStructure
 from lipcert.graph.ops import REGISTRY
+from lipcert.graph.ops.base import CombinationMode
 from lipcert.model.fold import data_dependent
 from lipcert.progress import StepCallback
 
@@ -98,24 +99,25 @@ def _layer(step: Step, claim: float, tol: float, device: str, seed: int, graph: 
     main = [n for _, n in sorted(ranked, key=lambda ranked_node: ranked_node[0])]
     name = (main or step.nodes)[0]
     match step.details:
-        case Linear():
-            return _linear_layer(step, name, in_shape, out_shape, claim, tol, device, seed, graph_ops,
+        case Linear() as chain:
+            return _linear_layer(step, chain, name, in_shape, out_shape, claim, tol, device, seed, graph_ops,
                                  lower_bounds, max_iter)
-        case Rule() | Pattern() if step.constant is not None:
-            row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, step.constant,
-                              step.kind, None, None, status_of(None, step.constant, claim, tol), step.reason)
-            return row, float(step.constant)
+        case Rule(constant=constant) | Pattern(constant=constant):
+            row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, constant,
+                              step.kind, None, None, status_of(None, constant, claim, tol), step.reason)
+            return row, float(constant)
     row = LayerResult(name, step.label, step.nodes, in_shape, out_shape, None, None, None, None, "none", False,
                       None, NO_RULE, step.reason)
     return row, math.inf
 
 
-def _linear_layer(step: Step, name: str, in_shape: list[int] | None, out_shape: list[int] | None, claim: float,
-                  tol: float, device: str, seed: int, graph_ops: dict[str, str], lower_bounds: bool,
+def _linear_layer(step: Step, chain: Linear, name: str, in_shape: list[int] | None, out_shape: list[int] | None,
+                  claim: float, tol: float, device: str, seed: int, graph_ops: dict[str, str], lower_bounds: bool,
                   max_iter: int) -> tuple[LayerResult, float]:
-    """Bound a linear step (a chain or a region): its row and its factor, the sound upper bound of its norm."""
-    op = refine(step.linear)
-    region = isinstance(step.details, Region)
+    """Bound a linear step (a chain or a region, its details ``chain``): its row and its factor, the sound upper
+    bound of its norm."""
+    op = refine(chain.operator)
+    region = isinstance(chain, Region)
     label = graph_ops.get(name, step.label)
     if isinstance(op.structure, ConvStructure) and op.structure.circular:
         label += " (circular padding)"
@@ -124,7 +126,7 @@ def _linear_layer(step: Step, name: str, in_shape: list[int] | None, out_shape: 
     step.label = label + "".join(f" + {o}" for o in others)
     if region:
         step.label = "linear region (" + " + ".join(sorted({graph_ops[n] for n in step.nodes})) + ")"
-    step.operator = op
+    chain.operator = op
     ub: UpperBound = (region_bound(step, lambda o: upper_bound(o, device=device)) if region
                       else upper_bound(op, device=device))
     ub = _with_chain_rounding(ub, step) if math.isfinite(ub.value) else ub
@@ -185,7 +187,7 @@ def _with_chain_rounding(ub: UpperBound, step: Step) -> UpperBound:
 def _combine(combination: Combination, values: list[float]) -> float:
     """A sum's bound is sum(w L); a concatenation's or elementwise max's is sqrt(sum((w L)^2)), rounded up."""
     weighted = [scale_up(v, w) for v, w in zip(values, combination.weights, strict=False)]
-    if combination.mode == "sum":
+    if combination.mode is CombinationMode.SUM:
         return math.fsum(weighted) * (1 + 1e-12)
     return math.sqrt(math.fsum(v * v for v in weighted)) * (1 + 1e-12)
 

@@ -44,6 +44,7 @@ from lipcert.graph.linop import (
     from_function,
 )
 from lipcert.graph.ops import REGISTRY, RunContext
+from lipcert.graph.ops.base import CombinationMode
 
 #: how ``region_bound`` bounded a region (``thresholds.record``)
 BRANCHES = ("region.dense", "region.conv", "region.dft", "region.pad-conv", "region.split", "region.product")
@@ -53,9 +54,9 @@ def _linear_combination(step: Step) -> bool:
     """Whether a step is one node that is linear in its data inputs once constants are dropped: a concatenation,
     or a sum its operator declares a linear combination (``Op.linear_combination``)."""
     match step.details:
-        case Combination(node_op=True, mode="concat"):
+        case Combination(node_op=True, mode=CombinationMode.CONCAT):
             return True
-        case Combination(node_op=True, mode="sum", signs=signs):
+        case Combination(node_op=True, mode=CombinationMode.SUM, signs=signs):
             return signs is not None
     return False
 
@@ -145,7 +146,7 @@ def _region_step(ctx: Context, region: list[Step]) -> Step:
         ``absolute``, the same map with every sign positive (a sum's inputs added, then broadcast to the node's
         output shape as its constants broadcast them)."""
         out = (like.shape[0],) + shapes[s.output]
-        if absolute and d.mode != "concat":
+        if absolute and d.mode is not CombinationMode.CONCAT:
             total = env[s.inputs[0]]
             for v in s.inputs[1:]:
                 total = total + env[v]
@@ -155,8 +156,8 @@ def _region_step(ctx: Context, region: list[Step]) -> Step:
         return REGISTRY[node.op].run(node, args, RunContext(like.dtype))[0]
 
     operator = from_function(_runner(region, source, combine), shapes[source], shapes[end.output], name=end.nodes[0])
-    return Step(Region(region, shapes, combine), "linear region", [n for s in region for n in s.nodes], [source],
-                end.output, operator=operator)
+    return Step(Region(operator, region, shapes, combine), "linear region", [n for s in region for n in s.nodes],
+                [source], end.output)
 
 
 def _runner(substeps: list[Step], source: str, combine: Combine) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -302,8 +303,8 @@ def _split(step: Step) -> tuple[Step, list[Step]] | None:
     source, end = step.inputs[0], head[-1]
     operator = from_function(_runner(head, source, region.combine), region.shapes[source], region.shapes[end.output],
                              name=end.nodes[0])
-    first = Step(Region(head, region.shapes, region.combine), "linear region", [n for s in head for n in s.nodes],
-                 [source], end.output, operator=operator)
+    first = Step(Region(operator, head, region.shapes, region.combine), "linear region",
+                 [n for s in head for n in s.nodes], [source], end.output)
     return first, tail
 
 
@@ -318,7 +319,8 @@ def _propagated(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) ->
                 bounds[s.output] = mul_up(incoming[0], bound_of(refine(s.linear)).value)
             case Combination(mode=mode, weights=weights):
                 weighted = [mul_up(v, w) for v, w in zip(incoming, weights, strict=False)]
-                total = math.fsum(weighted) if mode == "sum" else math.sqrt(math.fsum(v * v for v in weighted))
+                total = (math.fsum(weighted) if mode is CombinationMode.SUM
+                         else math.sqrt(math.fsum(v * v for v in weighted)))
                 bounds[s.output] = total * (1 + 1e-12)
     return bounds[step.output]
 
@@ -438,7 +440,7 @@ def _combine(combination: Combination, forms: list[_Kernel], grid: tuple[int, ..
                                                          f.weight.shape[2 + i]) for i in range(len(grid)))
         w[index] = f.weight
         placed.append(w)
-    if combination.mode == "concat":
+    if combination.mode is CombinationMode.CONCAT:
         if combination.axis != 1:
             return None
         weight = torch.cat(placed, dim=0)

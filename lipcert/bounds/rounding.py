@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -41,6 +42,7 @@ from lipcert.bounds.steps import Part, Step
 from lipcert.graph.core import Graph
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.linop import LinearOperator
+from lipcert.graph.ops.base import CombinationMode, Rounding
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 #: relative slack on the float64 reference magnitudes and measured norms (their own rounding is far below)
@@ -128,11 +130,29 @@ class Site:
     fixed: float = 0.0  # a relative error independent of the float format (``Rounding.fixed``)
 
 
+class InstructionKind(Enum):
+    """How an instruction's own evaluation errs (``_Evaluation.local``)."""
+
+    LINEAR = "linear"  # a linear chain: its sites in order
+    RULE = "rule"  # a nonlinear node: its own rounding (one site)
+    PATTERN = "pattern"  # a pattern that rounds as its ``Rounding`` says (one site)
+    BLOCK = "block"  # a pattern or a linear region evaluated through its own steps (``inner``)
+    SUM = "sum"  # a weighted sum of its inputs
+    CONCAT = "concat"  # a concatenation: its inputs' errors combine in L2
+    MAX = "max"  # an elementwise max or min: as a concatenation
+    UNKNOWN = NO_RULE  # a step without a rule: infinite
+
+
+#: a combination step's instruction, by its mode (``Op.combination``)
+COMBINATION_KINDS = {CombinationMode.SUM: InstructionKind.SUM, CombinationMode.CONCAT: InstructionKind.CONCAT,
+                     CombinationMode.MAX: InstructionKind.MAX}
+
+
 @dataclass(frozen=True)
 class Instruction:
     """One step of the network for the error analysis."""
 
-    kind: str  # linear | rule | pattern | block | sum | concat | max | none
+    kind: InstructionKind
     inputs: tuple[str, ...]
     output: str
     factor: float = 0.0  # the step's Lipschitz bound (steps of one input)
@@ -211,29 +231,32 @@ class _Evaluation:
 
     def local(self, ins: Instruction, deviations: list[Affine], errors: list[Affine]) -> Affine:
         """The error an instruction's own evaluation adds to its output (its inputs' errors excluded)."""
-        if not ins.known or ins.kind == NO_RULE:
+        if not ins.known:
             return INFINITE
-        if ins.kind == "linear":
-            return self.chain(ins.inputs[0], ins.sites, deviations[0], errors[0])[0]
-        if ins.kind in ("rule", "pattern"):
-            site = ins.sites[0]
-            base = self.magnitude(ins.inputs[0], deviations[0], errors[0])
-            out = self.magnitude(ins.output, (deviations[0] + errors[0].times(self.twice)).times(ins.factor), ZERO)
-            return self.site_error(site, base, out)
-        if ins.kind == "sum":
-            total = Affine(ins.offset, 0.0)
-            for value, w, d, e in zip(ins.inputs, ins.weights, deviations, errors, strict=False):
-                total = total + self.magnitude(value, d, e).times(w)
-            return total.times(gamma(ins.count, self.plan.unit))
-        if ins.kind in ("concat", "max"):
-            if not ins.sites:
-                return ZERO
-            moved = Affine.norm([(d + e.times(self.twice)).times(w)
-                                 for d, e, w in zip(deviations, errors, ins.weights, strict=False)])
-            return self.site_error(ins.sites[0], ZERO, self.magnitude(ins.output, moved, ZERO))
-        if ins.kind == "block":
-            return self.block(ins, deviations[0], errors[0])
-        return INFINITE
+        match ins.kind:
+            case InstructionKind.LINEAR:
+                return self.chain(ins.inputs[0], ins.sites, deviations[0], errors[0])[0]
+            case InstructionKind.RULE | InstructionKind.PATTERN:
+                site = ins.sites[0]
+                base = self.magnitude(ins.inputs[0], deviations[0], errors[0])
+                out = self.magnitude(ins.output, (deviations[0] + errors[0].times(self.twice)).times(ins.factor),
+                                     ZERO)
+                return self.site_error(site, base, out)
+            case InstructionKind.SUM:
+                total = Affine(ins.offset, 0.0)
+                for value, w, d, e in zip(ins.inputs, ins.weights, deviations, errors, strict=False):
+                    total = total + self.magnitude(value, d, e).times(w)
+                return total.times(gamma(ins.count, self.plan.unit))
+            case InstructionKind.CONCAT | InstructionKind.MAX:
+                if not ins.sites:
+                    return ZERO
+                moved = Affine.norm([(d + e.times(self.twice)).times(w)
+                                     for d, e, w in zip(deviations, errors, ins.weights, strict=False)])
+                return self.site_error(ins.sites[0], ZERO, self.magnitude(ins.output, moved, ZERO))
+            case InstructionKind.BLOCK:
+                return self.block(ins, deviations[0], errors[0])
+            case InstructionKind.UNKNOWN:
+                return INFINITE
 
     def block(self, ins: Instruction, deviation: Affine, error: Affine) -> Affine:
         """The error a pattern adds, from the float evaluation of its inner steps (their factors are cheap
@@ -243,7 +266,7 @@ class _Evaluation:
         for sub in ins.inner:
             ins_d = [moved.get(i, INFINITE) for i in sub.inputs]
             ins_e = [added.get(i, INFINITE) for i in sub.inputs]
-            if sub.kind == "linear":
+            if sub.kind is InstructionKind.LINEAR:
                 delta, moved[sub.output] = self.chain(sub.inputs[0], sub.sites, ins_d[0], ins_e[0])
                 added[sub.output] = ins_e[0].times(sub.factor) + delta
                 continue
@@ -271,10 +294,10 @@ class _Evaluation:
         return Affine(result.base * (1 + NORM_SLACK), result.slope * (1 + NORM_SLACK))
 
 
-def _combined(kind: str, items: list[Affine]) -> Affine:
+def _combined(kind: InstructionKind, items: list[Affine]) -> Affine:
     """Errors (or deviations) of a step's output from its inputs' (already weighted): summed for sums and
     single-input steps, combined in L2 for concatenations and maxima."""
-    if kind in ("concat", "max"):
+    if kind in (InstructionKind.CONCAT, InstructionKind.MAX):
         return Affine.norm(items)
     total = ZERO
     for item in items:
@@ -332,36 +355,37 @@ class _Compiler:
             case Combination(mode=mode, weights=weights, count=count, offset=offset, rounding=r):
                 # a pattern computed as a combination may round (an L2-norm combination)
                 sites = (self.rounding_site(out, r),) if r is not None and not r.exact else ()
-                return Instruction(mode, inputs, out, weights=tuple(weights), count=count, offset=offset,
-                                   sites=sites)
+                return Instruction(COMBINATION_KINDS[mode], inputs, out, weights=tuple(weights), count=count,
+                                   offset=offset, sites=sites)
             case Region(substeps=substeps) | Pattern(substeps=substeps) if substeps:
                 return self.block(step, factor, substeps)  # a pattern or a linear region: its own steps
             case Linear():
                 chain = self.sites(step.parts)
-                return Instruction("linear", inputs, out, factor, sites=chain or (), known=chain is not None)
+                return Instruction(InstructionKind.LINEAR, inputs, out, factor, sites=chain or (),
+                                   known=chain is not None)
             case Rule():
                 r = step.parts[0].rounding if step.parts else None
                 if r is None:
-                    return Instruction("rule", inputs, out, factor, known=False)
-                return Instruction("rule", inputs, out, factor, sites=(self.rounding_site(out, r),))
+                    return Instruction(InstructionKind.RULE, inputs, out, factor, known=False)
+                return Instruction(InstructionKind.RULE, inputs, out, factor, sites=(self.rounding_site(out, r),))
             case Pattern(rounding=r) if r is not None:
-                return Instruction("pattern", inputs, out, factor, sites=(self.rounding_site(out, r),))
-        return Instruction(NO_RULE, inputs, out, factor, known=False)
+                return Instruction(InstructionKind.PATTERN, inputs, out, factor, sites=(self.rounding_site(out, r),))
+        return Instruction(InstructionKind.UNKNOWN, inputs, out, factor, known=False)
 
     def block(self, step: Step, factor: float, substeps: Sequence[Step]) -> Instruction:
         """A pattern or a linear region as its own steps, each with a cheap factor (its rule's constant, or the
         product of its chain's norms)."""
         inner = []
         for sub in substeps:
-            cheap = sub.constant if isinstance(sub.details, Rule) and sub.constant is not None else 0.0
+            cheap = sub.details.constant if isinstance(sub.details, Rule) else 0.0
             if isinstance(sub.details, Linear):
                 sites = self.sites(sub.parts)
                 cheap = math.prod(s.norm for s in sites) if sites else math.inf
             inner.append(self.instruction(sub, cheap))
-        return Instruction("block", tuple(step.inputs), step.output, factor, inner=tuple(inner),
+        return Instruction(InstructionKind.BLOCK, tuple(step.inputs), step.output, factor, inner=tuple(inner),
                            known=all(i.known for i in inner))
 
-    def rounding_site(self, out: str, r) -> Site:
+    def rounding_site(self, out: str, r: Rounding) -> Site:
         """A nonlinear node's or pattern's own rounding (relative and absolute terms only)."""
         return Site(out, 1.0, not r.exact, True, 0, 0.0, 0.0, r.relative, r.absolute, self.numel(out), r.fixed)
 

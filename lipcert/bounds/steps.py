@@ -19,7 +19,7 @@ from lipcert.graph.core import Graph, Node
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.linop import LinearOperator
 from lipcert.graph.ops import REGISTRY, Op
-from lipcert.graph.ops.base import Rounding
+from lipcert.graph.ops.base import CombinationMode, Rounding
 from lipcert.graph.ops.elementwise import broadcast_norm
 from lipcert.model.fold import data_dependent
 
@@ -43,8 +43,6 @@ class Step:
     nodes: list[str]
     inputs: list[str]
     output: str
-    operator: LinearOperator | None = None
-    constant: float | None = None
     reason: str = ""
     #: the nodes of a linear chain or rule in order, for the float error analysis
     parts: list[Part] = field(default_factory=list)
@@ -57,9 +55,9 @@ class Step:
     @property
     def linear(self) -> LinearOperator:
         """The operator of a linear step (a chain or a region)."""
-        if self.operator is None:
+        if not isinstance(self.details, Linear):
             raise TypeError(f"step {self.label!r} ({self.kind}) has no linear operator")
-        return self.operator
+        return self.details.operator
 
 
 class Context:
@@ -115,14 +113,14 @@ def _combine_step(ctx: Context, node: Node, op: Op, data_idx: list[int], out: st
     """A sum, concatenation or elementwise max of several data inputs (``op.combination``), each weighted by its
     broadcast repetitions (and divided as ``op.linear_combination`` divides, 1/count for Mean); None when a shape
     is unknown or an input does not broadcast. A linear combination keeps the signs of its data inputs."""
-    kind = op.combination
-    if kind is None:
+    mode = op.combination
+    if mode is None:
         return None
     out_shape = ctx.shape(out)
     weights = []
     for i in data_idx:
-        k = 1 if kind == "concat" else repetitions(ctx.shape(node.inputs[i]), out_shape)
-        if k is None or (kind == "concat" and ctx.shape(node.inputs[i]) is None):
+        k = 1 if mode is CombinationMode.CONCAT else repetitions(ctx.shape(node.inputs[i]), out_shape)
+        if k is None or (mode is CombinationMode.CONCAT and ctx.shape(node.inputs[i]) is None):
             return None
         weights.append(math.sqrt(k))
     count = sum(1 for name in node.inputs if name)
@@ -131,12 +129,13 @@ def _combine_step(ctx: Context, node: Node, op: Op, data_idx: list[int], out: st
         weights = [w / summed.divisor for w in weights]
     consts = [c for i, c in enumerate(ctx.const_inputs(node)) if c is not None and i not in data_idx]
     # a sum's out_shape is known: each data input broadcasts to it (``repetitions``)
-    offset = math.fsum(broadcast_norm(c, out_shape) for c in consts) if kind == "sum" and out_shape is not None else 0.0
+    offset = (math.fsum(broadcast_norm(c, out_shape) for c in consts)
+              if mode is CombinationMode.SUM and out_shape is not None else 0.0)
     axis = None
-    if kind == "concat" and out_shape is not None:
+    if mode is CombinationMode.CONCAT and out_shape is not None:
         axis = int(node.attr("axis", 0))
         axis = axis + len(out_shape) + 1 if axis < 0 else axis
-    details = Combination(kind, weights, count, offset, node_op=True, axis=axis,
+    details = Combination(mode, weights, count, offset, node_op=True, axis=axis,
                           signs=None if summed is None else tuple(summed.signs[i] for i in data_idx),
                           divisor=1 if summed is None else summed.divisor)
     return Step(details, node.op, [node.name], [node.inputs[i] for i in data_idx], out, reason=op.combination_reason)
@@ -164,10 +163,10 @@ def node_step(ctx: Context, node: Node) -> list[Step]:
                 if operator is not None or rule is not None:
                     part = Part(operator, op.rounding(node, consts, var, in_shape, out_shape, k), out)
             if operator is not None:
-                steps.append(Step(Linear(), node.op, [node.name], [src], out, operator=operator, parts=[part]))
+                steps.append(Step(Linear(operator), node.op, [node.name], [src], out, parts=[part]))
             elif rule is not None:
-                steps.append(Step(Rule(), node.op, [node.name], [src], out, constant=rule.constant,
-                                  reason=rule.reason, parts=[part]))
+                steps.append(Step(Rule(rule.constant), node.op, [node.name], [src], out, reason=rule.reason,
+                                  parts=[part]))
             else:
                 steps.append(Step(NoRule(), node.op, [node.name], [src], out,
                                   reason=f"no Lipschitz rule for {node.op} (output {k})"))
@@ -191,8 +190,9 @@ def fuse_chains(ctx: Context, steps: list[Step]) -> list[Step]:
     for s in steps:
         if isinstance(s.details, Linear):
             prev = tail.get(s.inputs[0])
-            if prev is not None and readers.get(prev.output, 0) == 1 and prev.output not in ctx.graph.outputs:
-                prev.operator = prev.linear.then(s.linear)
+            if prev is not None and isinstance(prev.details, Linear) and readers.get(prev.output, 0) == 1 \
+                    and prev.output not in ctx.graph.outputs:
+                prev.details.operator = prev.details.operator.then(s.details.operator)
                 prev.nodes += s.nodes
                 prev.parts += s.parts
                 prev.label = f"{prev.label}+{s.label}"

@@ -38,6 +38,7 @@ from lipcert.graph.linop import (
     ProjectionStructure,
     ScalarStructure,
 )
+from lipcert.graph.ops.base import CombinationMode
 
 #: the most entries of the explicit (c_out, c_in, *grid) matrix read to check that a step is a spatial reduction
 REDUCE_ENTRIES = 2 ** 24
@@ -216,7 +217,7 @@ def _combination(d: Combination, forms: list[_Form], grid: tuple[int, ...],
     if out is None or len(out) != len(grid) + 1 or tuple(out[1:]) != grid:
         return None
     terms = max(f.terms for f in forms) + len(forms) + 2
-    if d.mode == "concat":
+    if d.mode is CombinationMode.CONCAT:
         if d.axis != 1 or any(f.lifted for f in forms):
             return None
         return _Form(torch.cat([f.t for f in forms], dim=1), torch.cat([f.size for f in forms], dim=0), terms)

@@ -83,6 +83,17 @@ class Violation:
     logit_adversarial: float
 
 
+@dataclass(frozen=True)
+class EpsAttack:
+    """The attack at one radius: the empirical robust accuracy over all samples (correct and unbroken up to
+    ``eps``), and how many correctly classified points it broke at or below ``eps``."""
+
+    eps: float
+    label: str
+    robust_accuracy: float
+    broken: int
+
+
 @dataclass
 class AttackSummary:
     """What the attack found over the whole dataset."""
@@ -92,7 +103,7 @@ class AttackSummary:
     restarts: int
     step_rule: str
     seed: int
-    per_eps: list[dict]
+    per_eps: list[EpsAttack]
     violations: list[Violation]
     attack_radius: torch.Tensor = field(repr=False)
     seconds: float = 0.0
@@ -298,9 +309,8 @@ def summarize_attack(cfg: AttackConfig, eps: Sequence[tuple[str, float]], attack
     """Per-eps empirical robust accuracy over all samples (robust: correct and unbroken up to eps); ``binary``
     names the one-logit loss in the method."""
     total = int(broken_at.numel())
-    per_eps = [{"eps": value, "label": label,
-                "robust_accuracy": float((broken_at > value).double().mean()) if total else 0.0,
-                "broken": int(((broken_at <= value) & (broken_at > 0)).sum())} for label, value in eps]
+    per_eps = [EpsAttack(value, label, float((broken_at > value).double().mean()) if total else 0.0,
+                         int(((broken_at <= value) & (broken_at > 0)).sum())) for label, value in eps]
     loss = "one-logit margin loss (s for label 0, -s for label 1)" if binary else "margin loss"
     method = f"PGD-{'L2' if cfg.ball == 'l2' else 'Linf'}, {loss}, random start"
     return AttackSummary(method, cfg.steps, cfg.restarts, f"alpha = {STEP_FACTOR} * eps / steps", cfg.seed, per_eps,

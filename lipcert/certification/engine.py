@@ -193,10 +193,6 @@ class Engine:
     def backend(self) -> str:
         return self.runner.backend if self.runner else self.requested
 
-    def batch_size(self, requested: int) -> int:
-        """The batch size to use: ``requested``, made a multiple of a fixed batch the model may declare."""
-        return fixed_multiple(self.graph, requested)
-
     def batches(self, dataset: Dataset, batch_size: int, first: int = 0, last: int | None = None, *,
                 skip_bad_samples: bool = False,
                 labels: Labels | None = None) -> Iterator[tuple[int, torch.Tensor, Batch, Certificates]]:

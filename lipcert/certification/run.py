@@ -141,9 +141,10 @@ def certify(model: Graph | str | Path | torch.nn.Module, data: str | Path | Data
     progress = as_progress(progress)
     with joined(world, opts.run_device()) as device:
         graph, dataset, labels = _data(model, data, opts, progress, example_input)
-        ckpt = _checkpoint(opts, graph, dataset, fixed_multiple(graph, opts.batch_size_on(device)), world)
+        batch_size = fixed_multiple(graph, opts.batch_size_on(device))
+        ckpt = _checkpoint(opts, graph, dataset, batch_size, world)
         with _discard_on_bad_input(ckpt):
-            run = _setup(graph, dataset, opts, device, world, progress, ckpt)
+            run = _setup(graph, dataset, opts, device, batch_size, world, progress, ckpt)
             warnings = [n for n in (output_note(graph, run.info.value),
                                     radius_note(opts.radii, opts.norm, graph.input_shape),
                                     _local_note(run.engine.local)) if n]
@@ -241,10 +242,11 @@ def _data(model: Graph | str | Path | torch.nn.Module, data: Any, opts: CertifyO
     return graph, dataset, labels
 
 
-def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, world: World,
+def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, batch_size: int, world: World,
            progress: Progress, ckpt: Checkpoint | None) -> _Run:
-    """The bound (computed by rank 0, then shared), the engine and this process's shard, with the checkpoint
-    (made, and checked against the settings, before the bound: a resume with other settings is refused at once)."""
+    """The bound (computed by rank 0, then shared), the engine and this process's shard of batches of
+    ``batch_size``, with the checkpoint (made, and checked against the settings, before the bound: a resume with
+    other settings is refused at once)."""
     t_bound = time.perf_counter()
     with phase(progress, BOUND):
         steps = Steps(progress)
@@ -257,7 +259,6 @@ def _setup(model: Graph, dataset: Dataset, opts: CertifyOptions, device: str, wo
                                 max_depth=opts.local_depth, prop=setup.propagation) if opts.local else None)
     bound_seconds = time.perf_counter() - t_bound
     engine = Engine(model, setup, device=device, backend=opts.backend, mean=opts.mean, std=opts.std, local=local)
-    batch_size = engine.batch_size(opts.batch_size_on(device))
     total = dataset.info.num_samples
     first, last = shard(-(-total // batch_size), world)
     samples = max(0, min(last * batch_size, total) - first * batch_size)
@@ -441,7 +442,7 @@ def attack(model: Graph | str | Path | torch.nn.Module, data: str | Path | Datas
     Example::
 
         summary = lipcert.attack(lipcert.load_model("model.onnx"), "test.npz", eps="36/255,72/255")
-        print([row["robust_accuracy"] for row in summary.per_eps])
+        print([row.robust_accuracy for row in summary.per_eps])
     """
     opts = CertifyOptions(eps=eps, norm=norm, device=device, batch_size=batch_size, mean=mean, std=std,
                           max_elements=max_elements, attack=AttackConfig(steps=steps, restarts=restarts, seed=seed))

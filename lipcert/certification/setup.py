@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from lipcert.bounds.empirical import jacobian_lower_bound
+from lipcert.bounds.kinds import Linear
 from lipcert.bounds.propagate import check_network, propagate
 from lipcert.bounds.rounding import gamma
 from lipcert.bounds.rounding import plan as error_plan
@@ -83,7 +84,7 @@ def certificate_setup(graph: Graph, *, device: str = "cpu", declared: float | No
     head_weight, head_lip, row_error = None, None, None
     last = prop.steps[-1] if prop.steps else None
     binary = math.prod(graph.value_shapes.get(graph.output, (2,))) == 1
-    if declared is None and not binary and last is not None and last.kind == "linear" \
+    if declared is None and not binary and last is not None and isinstance(last.details, Linear) \
             and last.output == graph.output:
         head = head_rows(last)
         if head is not None:

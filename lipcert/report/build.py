@@ -160,9 +160,9 @@ def attack_section(summary: AttackSummary, radii: torch.Tensor, correct: torch.T
                    results: list[EpsResult]) -> AttackSection:
     """The attack's part of the report: per-eps empirical accuracy beside the certified one, gaps, curve."""
     for res, row in zip(results, summary.per_eps, strict=False):
-        res.extra["empirical robust"] = row["robust_accuracy"]
+        res.extra["empirical robust"] = row.robust_accuracy
     inconsistent = [r.label for r, row in zip(results, summary.per_eps, strict=False)
-                    if row["robust_accuracy"] < r.certified_accuracy]
+                    if row.robust_accuracy < r.certified_accuracy]
     attacked = correct & torch.isfinite(summary.attack_radius)
     gaps = (summary.attack_radius - radii.double())[attacked]
     finite = summary.attack_radius[torch.isfinite(summary.attack_radius)]
@@ -172,7 +172,7 @@ def attack_section(summary: AttackSummary, radii: torch.Tensor, correct: torch.T
     n = len(summary.violations)
     verdict = (f"{n} soundness violation(s): certified points broken inside their certified radius"
                if n else "no certified point was broken (consistent)")
-    per = ", ".join(f"{row['label']}: {100 * row['robust_accuracy']:.2f}%" for row in summary.per_eps)
+    per = ", ".join(f"{row.label}: {100 * row.robust_accuracy:.2f}%" for row in summary.per_eps)
     return AttackSection(
         summary.method, summary.steps, summary.restarts, summary.step_rule, summary.seed, summary.per_eps,
         summary.violations,

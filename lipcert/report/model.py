@@ -17,7 +17,7 @@ from lipcert.report import render
 from lipcert.version import __version__
 
 if TYPE_CHECKING:
-    from lipcert.certification.attack import Violation
+    from lipcert.certification.attack import EpsAttack, Violation
 
 SCHEMA = "lipcert.report/1"
 
@@ -110,7 +110,7 @@ class AttackSection:
     restarts: int
     step_rule: str
     seed: int
-    per_eps: list[dict[str, Any]]  # ``AttackSummary.per_eps``: eps, label, robust_accuracy, broken
+    per_eps: list[EpsAttack]  # ``AttackSummary.per_eps``
     violations: list[Violation]
     summary: str
     violation_count: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 import onnx
@@ -29,6 +30,16 @@ class RunContext:
     """What an operator needs besides its inputs: the floating-point type the graph runs in."""
 
     dtype: torch.dtype = torch.float32
+
+
+class CombinationMode(Enum):
+    """How a node with several data-dependent inputs combines them (``Op.combination``): ``SUM`` a weighted sum,
+    bounded by sum(w L); ``CONCAT`` a concatenation and ``MAX`` an elementwise max or min, both bounded by
+    sqrt(sum((w L)^2)). The value is the step kind's printed name."""
+
+    SUM = "sum"
+    CONCAT = "concat"
+    MAX = "max"
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,8 @@ class Op:
     and role attributes that apply to them:
 
     - ``combination``: how a node with several data-dependent inputs combines them, the kind of its step in
-      ``lipcert.bounds.steps``: ``"sum"`` (a weighted sum: bound sum(w L)), ``"concat"`` or ``"max"`` (an
-      elementwise max or min: both bound sqrt(sum((w L)^2))); None: such a node has no rule.
+      ``lipcert.bounds.steps`` (``CombinationMode``): ``SUM`` (a weighted sum: bound sum(w L)), ``CONCAT`` or
+      ``MAX`` (an elementwise max or min: both bound sqrt(sum((w L)^2))); None: such a node has no rule.
       ``combination_reason`` states the fact the bound rests on.
     - ``shape_only``: the output depends only on the input's shape, never on its values (``Shape``), so it cuts
       data dependence (``lipcert.model.fold``).
@@ -121,7 +132,7 @@ class Op:
     accumulates: ClassVar[bool] = False
     attributes: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[dict[str, str]] = {}
-    combination: ClassVar[str | None] = None
+    combination: ClassVar[CombinationMode | None] = None
     combination_reason: ClassVar[str] = ""
     shape_only: ClassVar[bool] = False
     row_priority: ClassVar[int | None] = None

@@ -14,6 +14,7 @@ from lipcert.graph.ops import sizes
 from lipcert.graph.ops.base import (
     EXACT,
     TRANSCENDENTAL_ULPS,
+    CombinationMode,
     LinearCombination,
     LipschitzRule,
     Op,
@@ -26,9 +27,9 @@ from lipcert.graph.ops.base import (
 
 Inputs = Sequence[torch.Tensor | None]
 
-#: why a weighted sum of data-dependent inputs (``Op.combination`` "sum") is bounded by the sum of their bounds
+#: why a weighted sum of data-dependent inputs (``Op.combination`` SUM) is bounded by the sum of their bounds
 SUM_REASON = "L(w1 f + w2 g) <= |w1| L(f) + |w2| L(g); an input broadcast k times counts sqrt(k) times"
-#: why an elementwise max or min of data-dependent inputs (``Op.combination`` "max") is bounded by sqrt(sum(L^2))
+#: why an elementwise max or min of data-dependent inputs (``Op.combination`` MAX) is bounded by sqrt(sum(L^2))
 MAX_REASON = ("|max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): sqrt(sum of (sqrt(k) L)^2), k the broadcast "
               "repetitions of each input")
 
@@ -419,7 +420,7 @@ class Shift(Binary):
     """Add or Sub: with one data input, x + c (or c - x): one rounding of each entry, relative to |x| + |c|; with
     several, a sum."""
 
-    combination, combination_reason = "sum", SUM_REASON
+    combination, combination_reason = CombinationMode.SUM, SUM_REASON
 
     def rounding(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], output: int = 0) -> Rounding | None:
@@ -556,7 +557,7 @@ class Extremum(Variadic):
     """Elementwise max or min: with one data input and constants, 1-Lipschitz per entry (``broadcast_rule``),
     and exact in floating point."""
 
-    combination, combination_reason = "max", MAX_REASON
+    combination, combination_reason = CombinationMode.MAX, MAX_REASON
 
     def lipschitz(self, node: Node, consts: Inputs, var: int, in_shape: tuple[int, ...],
                   out_shape: tuple[int, ...]) -> LipschitzRule | None:
@@ -587,7 +588,7 @@ class Min(Extremum):
 class Sum(Variadic):
     name = "Sum"
     accumulates = True
-    combination, combination_reason = "sum", SUM_REASON
+    combination, combination_reason = CombinationMode.SUM, SUM_REASON
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
@@ -600,7 +601,7 @@ class Sum(Variadic):
 class Mean(Variadic):
     name = "Mean"
     accumulates = True
-    combination, combination_reason = "sum", SUM_REASON
+    combination, combination_reason = CombinationMode.SUM, SUM_REASON
 
     def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b

@@ -22,6 +22,7 @@ from lipcert.graph.linop import (
 from lipcert.graph.ops import sizes
 from lipcert.graph.ops.base import (
     EXACT,
+    CombinationMode,
     LipschitzRule,
     Op,
     Rounding,
@@ -464,7 +465,7 @@ class Concat(Copies):
     name = "Concat"
     size = sizes.CONCAT
     attributes = frozenset({'axis'})
-    combination, combination_reason = "concat", "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)"
+    combination, combination_reason = CombinationMode.CONCAT, "L([f; g]) <= sqrt(L(f)^2 + L(g)^2)"
     row_priority, row_suffix = 10, False
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
