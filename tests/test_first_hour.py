@@ -365,3 +365,18 @@ def test_pixels_in_0_255_are_read_as_a_files_would_be(files: dict[str, Path]) ->
         assert scaled.clean_accuracy == unit.clean_accuracy
     with pytest.raises(DataError, match="outside the float range"):
         lipcert.certify(graph, (x * 1.5, y), value_range="0-1", **settings)
+
+
+@pytest.mark.parametrize(("made", "resumed", "named"), [
+    ({}, {"local": True}, "local"), ({"local": True}, {}, "local"),
+    ({"local": True, "local_depth": 2}, {"local": True, "local_depth": 1}, "local_depth")])
+def test_a_checkpoint_without_the_local_radii_asked_is_never_continued(
+        tmp_path: Path, files: dict[str, Path], made: dict, resumed: dict, named: str) -> None:
+    """The local certificates change the stored radii: a checkpoint made with other local settings is refused."""
+    graph = lipcert.load_model(files["plain"])
+    settings = dict(eps="1/255", attack=False, backend="torch", checkpoint_dir=tmp_path, batch_size=16)
+    with pytest.raises(RuntimeError):
+        lipcert.certify(graph, files["data"], progress=Crash(RuntimeError("crash"), 32), **settings, **made)
+    with pytest.raises(ConfigError) as info:
+        lipcert.certify(graph, files["data"], resume=True, **settings, **resumed)
+    assert named in str(info.value)

@@ -10,7 +10,6 @@ each process takes a contiguous shard of batches and rank 0 merges the results.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,12 +38,11 @@ from lipcert.certification.options import CertifyOptions
 from lipcert.certification.radii import Certificates
 from lipcert.certification.setup import certificate_setup
 from lipcert.data import Batch, Dataset, Labels, as_dataset, check_fits, read_batches
-from lipcert.data.base import sha256_file
 from lipcert.errors import DataError, LipcertError
 from lipcert.graph.core import Graph
 from lipcert.model.loader import as_graph
 from lipcert.progress import ATTACK, BOUND, INFERENCE, READING, Progress, Steps, as_progress, phase
-from lipcert.report.build import RunResult, RunTimings, build_report
+from lipcert.report.build import RunResult, RunTimings, build_report, model_sha256
 from lipcert.report.gates import report_gates
 from lipcert.report.model import BoundInfo, Report, SampleTable
 from lipcert.report.sanity import output_note, radius_note
@@ -298,15 +296,6 @@ def _batches(run: _Run, dataset: Dataset, labels: Labels, opts: CertifyOptions,
     return stored, attack_seconds, computed
 
 
-def _model_sha256(model: Graph) -> str:
-    """The model file's sha256; for a model that is not a file (a module exported in memory), its ONNX model's."""
-    if Path(model.source).is_file():
-        return sha256_file(Path(model.source))
-    if model.onnx_model is not None:
-        return hashlib.sha256(model.onnx_model.SerializeToString(deterministic=True)).hexdigest()
-    return ""
-
-
 def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size: int,
                 world: World) -> Checkpoint | None:
     """The run's checkpoint in ``opts.folder`` (made or checked by rank 0, then opened by the others), or None.
@@ -316,13 +305,14 @@ def _checkpoint(opts: CertifyOptions, model: Graph, dataset: Dataset, batch_size
     if opts.folder is None:
         return None
     cfg = opts.attack_config
-    model_sha256 = _model_sha256(model)
-    manifest = {"model_sha256": model_sha256, "data_sha256": dataset.info.sha256, "eps": opts.radii,
+    manifest = {"model_sha256": model_sha256(model), "data_sha256": dataset.info.sha256, "eps": opts.radii,
                 "norm": opts.norm, "batch_size": batch_size, "backend": opts.backend, "mean": opts.mean,
                 "std": opts.std, "lipschitz": opts.lipschitz, "attack": None if cfg is None else cfg.__dict__,
                 "world_size": world.size, "lipcert_version": __version__}
     if opts.skip_bad_samples:  # only when set, so that checkpoints made before the setting existed still resume
         manifest["skip_bad_samples"] = True
+    if opts.local:  # the same
+        manifest.update(local=True, local_depth=opts.local_depth)
     ckpt = Checkpoint(opts.folder, manifest, opts.resume) if world.is_main else None
     gather(None, world)
     return ckpt if world.is_main else Checkpoint(opts.folder, manifest, True)

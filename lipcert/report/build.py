@@ -3,6 +3,7 @@ part, the notes and the timings."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,8 +71,13 @@ class RunResult:
 
 
 def model_sha256(model: Graph) -> str:
-    """The model file's sha256 ("" for a model that is not a file)."""
-    return sha256_file(Path(model.source)) if Path(model.source).is_file() else ""
+    """The model file's sha256; for a model that is not a file (a module exported in memory), its ONNX model's
+    ("" with neither): what a report names the model by and a checkpoint checks."""
+    if Path(model.source).is_file():
+        return sha256_file(Path(model.source))
+    if model.onnx_model is not None:
+        return hashlib.sha256(model.onnx_model.SerializeToString(deterministic=True)).hexdigest()
+    return ""
 
 
 def _bound(model: Graph, info: BoundInfo, declared: float | None, computed: float) -> BoundSection:
