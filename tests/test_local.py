@@ -124,8 +124,9 @@ def test_local_radius_at_least_global_and_larger_here(tmp_path: Path, method: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("activation", "stable"), [(MaxMin(), False), (nn.ReLU(), False), (nn.ReLU(), True)],
-                         ids=["maxmin", "relu", "relu-stable"])
+@pytest.mark.parametrize(("activation", "stable"), [(MaxMin(), False), (nn.ReLU(), False), (nn.ReLU(), True),
+                                                    (nn.PReLU(16, init=0.3), False)],
+                         ids=["maxmin", "relu", "relu-stable", "prelu"])
 def test_local_radius_sound_and_larger(tmp_path: Path, activation: nn.Module, stable: bool) -> None:
     graph, x, cert, found = _local(tmp_path, activation, 48, stable=stable)
     gained = found.radius > cert.radius * 1.2

@@ -66,8 +66,6 @@ SLACK = 1e-9
 #: the most switching functionals one tail activation may have: each costs a pull-back of the margin rows through
 #: the tail, so wider blocks (a convolution's feature map) leave the global radius, with the reason
 MAX_SWITCHES = 1024
-#: the elementwise rules whose only kink is at 0 (their switching functional is the entry itself)
-KINK_AT_ZERO = ("Relu", "Abs", "LeakyRelu")
 
 
 @dataclass
@@ -599,7 +597,7 @@ def _activation(graph: Graph, step: Step) -> Activation | str:
     if shape is None or len(step.inputs) != 1 or step.output not in graph.value_shapes:
         return f"{step.label}: not one input and an output of known shapes"
     idx = torch.arange(math.prod(shape))
-    if isinstance(step.details, Rule) and len(nodes) == 1 and nodes[0].op in KINK_AT_ZERO:
+    if isinstance(step.details, Rule) and len(nodes) == 1 and REGISTRY[nodes[0].op].kink_at_zero:
         return Activation(step, idx, torch.full_like(idx, -1), nodes)
     if isinstance(step.details, Pattern) and step.details.switches is not None:
         first, second = step.details.switches

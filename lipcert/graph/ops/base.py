@@ -134,6 +134,9 @@ class Op:
     refused: ClassVar[dict[str, str]] = {}
     combination: ClassVar[CombinationMode | None] = None
     combination_reason: ClassVar[str] = ""
+    #: an elementwise activation linear on each side of 0, its only kink: its switch is the entry's sign
+    #: (``lipcert.certification.local``)
+    kink_at_zero: ClassVar[bool] = False
     shape_only: ClassVar[bool] = False
     row_priority: ClassVar[int | None] = None
     row_suffix: ClassVar[bool] = True

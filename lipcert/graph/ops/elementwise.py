@@ -96,6 +96,7 @@ class Unary(Op):
 @register
 class Relu(Unary):
     name = "Relu"
+    kink_at_zero = True
     exact = True
     constant, reason = 1.0, "ReLU is 1-Lipschitz"
 
@@ -109,6 +110,7 @@ class Relu(Unary):
 @register
 class LeakyRelu(Unary):
     name = "LeakyRelu"
+    kink_at_zero = True
     attributes = frozenset({'alpha'})
     error = Rounding(relative=1)  # slope * x: one rounding
 
@@ -132,6 +134,7 @@ class PRelu(Op):
     deel-torchlip's LPReLU)."""
 
     name = "PRelu"
+    kink_at_zero = True
     size = sizes.BROADCAST
 
     def run(self, node: Node, inputs: Inputs, ctx: RunContext) -> list[torch.Tensor]:
@@ -158,6 +161,7 @@ class PRelu(Op):
 @register
 class Abs(Unary):
     name = "Abs"
+    kink_at_zero = True
     exact = True
     constant, reason = 1.0, "|x| is 1-Lipschitz"
 
