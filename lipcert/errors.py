@@ -25,13 +25,18 @@ class LipcertError(Exception):
         return f"{self.source}: {text}" if self.source else text
 
     def spelled(self, names: Callable[[str], str]) -> str:
-        """The one-line message with each of its parameters spelled ``names(parameter)`` (wherever the message
-        has it as a word of its own; the source, a path, is left as it is)."""
-        text = self.text
-        for name in self.parameter:
-            flag = names(name).replace("\\", "\\\\")  # a replacement string: its backslashes kept as they are
-            text = re.sub(rf"(?<![\w./\\-]){re.escape(name)}(?![\w/\\-])", flag, text)
-        return self._line(text)
+        """The one-line message with each of its parameters spelled ``names(parameter)`` (the source, a path, is
+        left as it is)."""
+        return self._line(spell(self.text, self.parameter, names))
+
+
+def spell(text: str, parameters: tuple[str, ...], names: Callable[[str], str]) -> str:
+    """``text`` with each parameter spelled ``names(parameter)`` wherever it is a word of its own (the command
+    line's flags for the API's names)."""
+    for name in parameters:
+        flag = names(name).replace("\\", "\\\\")  # a replacement string: its backslashes kept as they are
+        text = re.sub(rf"(?<![\w./\\-]){re.escape(name)}(?![\w/\\-])", flag, text)
+    return text
 
 
 class ModelError(LipcertError):

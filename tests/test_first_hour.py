@@ -138,7 +138,9 @@ def test_the_empty_table_gate_is_the_same_from_the_cli_and_the_api(capsys, tmp_p
     code, out, err = run_main(capsys, *args, "--out", str(tmp_path / "cli"))
     assert code == 1, err
     assert "RADIUS BEYOND THE DATA" in flat(out) and "FAILED something is certified" in flat(out)
+    assert "--allow-empty-certificates passes this gate" in flat(out)  # the terminal spells the flag
     document = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert "allow_empty_certificates passes this gate" in document["gates"][-1]["message"]  # the API, its name
     assert any(n.startswith("RADIUS BEYOND THE DATA") for n in document["notes"])
     assert "RADIUS BEYOND THE DATA" in (tmp_path / "cli" / "report.md").read_text()
     api = lipcert.certify(lipcert.load_model(files["plain"]), files["data"], eps="36", attack=False)

@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lipcert.certification.settings import SETTINGS
 from lipcert.cli.config import Settings, parameter_flag
 from lipcert.cli.options import Debug, debug_option, with_settings
 from lipcert.errors import ConfigError, LipcertError
@@ -145,6 +146,8 @@ def finish(command: str, gates: list[Gate], data: dict, markdown: str, verdict: 
     from lipcert.atomic import write_text_atomic
     from lipcert.report.gates import gates_markdown, junit_xml
 
+    named = tuple(name for name in SETTINGS if "_" in name)  # settings a gate's text may name (none a plain word)
+    gates = [g.spelled(named, parameter_flag) for g in gates]  # as flags, in what people read
     failed = [g for g in gates if not g.passed]
     document = json.dumps(data, indent=2) + "\n"
     json_file, junit_file = s.get("json"), s.get("junit")

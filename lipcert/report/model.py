@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lipcert.errors import spell
 from lipcert.report import render
 from lipcert.version import __version__
 
@@ -149,6 +151,11 @@ class Gate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def spelled(self, parameters: tuple[str, ...], names: Callable[[str], str]) -> Gate:
+        """The gate with each of ``parameters`` (API names) its text names spelled ``names(parameter)``."""
+        return replace(self, measured=spell(self.measured, parameters, names),
+                       required=spell(self.required, parameters, names), message=spell(self.message, parameters, names))
 
 
 @dataclass
