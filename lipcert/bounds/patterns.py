@@ -30,6 +30,7 @@ from lipcert.graph.linop import (
     NonnegativeStructure,
     ProjectionStructure,
     ScalarStructure,
+    Structure,
     from_function,
 )
 from lipcert.graph.ops import REGISTRY
@@ -413,7 +414,7 @@ def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator,
 
 #: how an SLL block's condition was checked (``thresholds.record``); above ``thresholds.current().sll_dense_entries``
 #: entries an operator is not materialised as a matrix
-BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense")
+BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense", "sll.skip_convolutions")
 
 
 @dataclass
@@ -487,6 +488,61 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
                     conv_bound(a, sa, residual.reshape(wa.shape)), "convolutions, by DFT")
 
 
+def _same_size_conv(st: Structure) -> bool:
+    """A plain stride-1 convolution that keeps the spatial size with pads p = (k - 1) / 2 on both sides."""
+    return (isinstance(st, ConvStructure) and not st.circular and st.groups == 1 and not any(st.output_padding)
+            and all(v == 1 for v in st.stride) and all(v == 1 for v in st.dilation)
+            and len(st.pads) == 2 * (st.weight.dim() - 2)
+            and all(2 * p == k - 1 for p, k in zip(st.pads, 2 * tuple(st.weight.shape[2:]), strict=True)))
+
+
+def _sll_skip_structured(a: LinearOperator, b: LinearOperator, skip: LinearOperator) -> SllCheck | None:
+    """The SLL quantities for y = Q x - A s(Bx + b) on kernels (orthogonium's fused SLLxAOC block at stride 1):
+    Q a 1x1 convolution (its channel matrix M), B a same-size convolution and A a transposed one with B's geometry
+    or a convolution (same-size, stride 1, pads p on both sides: Conv(W) = ConvTranspose(flip(W)^T), the adjoint's
+    form). Q B^T is the transposed convolution with kernel M W_B (per hidden channel), fitted against A's; the
+    residual's float64 rounding is bounded per tap (each tap a shift of norm <= 1): sqrt(taps) gamma_{c+2}
+    (||A||_F + max S ||M||_F ||W_B||_F)."""
+    ops = (a, b, skip)
+    if not all(_plain(op) for op in ops) or not all(_same_size_conv(op.structure) for op in ops):
+        return None
+    sa, sb, sq = a.structure, b.structure, skip.structure
+    assert isinstance(sa, ConvStructure) and isinstance(sb, ConvStructure) and isinstance(sq, ConvStructure)
+    wb, wq = sb.weight.double(), sq.weight.double()
+    if sb.transpose or sq.transpose or any(k != 1 for k in wq.shape[2:]) or tuple(sa.pads) != tuple(sb.pads) \
+            or tuple(skip.in_shape) != tuple(b.in_shape) or tuple(skip.out_shape) != tuple(a.out_shape):
+        return None
+    spatial = tuple(range(2, wb.dim()))
+    kernel = sa.weight.double() if sa.transpose else sa.weight.double().flip(spatial).transpose(0, 1)
+    if kernel.shape != wb.shape or wq.shape[:2] != (wb.shape[1], wb.shape[1]) or len(spatial) not in (1, 2, 3):
+        return None  # Q square, so that the residual's kernel is bounded in B's geometry
+    transposed = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                  torch.nn.functional.conv_transpose3d)[len(spatial) - 1]
+    probe = torch.randn((1,) + tuple(a.in_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the form read from the structure is the operator's (a guard on the reading)
+        expected = transposed(probe, kernel, padding=tuple(sb.pads[:len(spatial)]))
+        if not torch.allclose(a.forward(probe), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())):
+            return None
+    m = wq.reshape(wq.shape[0], wq.shape[1])
+    qbt = torch.einsum("oi,hi...->ho...", m, wb)  # the kernel of Q B^T (as a transposed convolution, h -> c)
+    fit = _diagonal_fit(kernel.reshape(kernel.shape[0], -1), qbt.reshape(qbt.shape[0], -1))
+    if fit is None:
+        return None
+    s, residual = fit
+    view = (-1,) + (1,) * (wb.dim() - 1)
+    taps = math.prod(wb.shape[2:])
+    rounding = math.sqrt(taps) * gamma(m.shape[1] + 2, UNIT_ROUNDOFF[torch.float64]) * (
+        float(kernel.norm()) + float(s.max()) * float(m.norm()) * float(wb.norm())) * (1 + 1e-12)
+
+    def conv_bound(weight: torch.Tensor) -> float:  # B's geometry: also the adjoint of A's transposed form
+        return spectral.conv_upper_bound(replace(b, structure=replace(sb, weight=weight)))
+
+    record("sll.skip_convolutions")
+    return SllCheck(conv_bound(s.sqrt().reshape(view) * wb), conv_bound(wb),
+                    math.nextafter(conv_bound(residual.reshape(wb.shape)) + rounding, math.inf),
+                    "convolutions, by DFT", spectral.matrix_upper_bound(m))
+
+
 def _sll_dense(a: LinearOperator, b: LinearOperator, skip: LinearOperator | None = None) -> SllCheck | None:
     """The SLL quantities from the explicit matrices, for small operators of any structure. With a skip Q
     (y = Q x - A s(Bx + b)), A is compared with Q B^T S, and the residual's bound carries the float64 rounding of
@@ -521,7 +577,8 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
     (the identity when the skip is x itself): y = Q (x - B^T S s(Bx + b)), and the Jacobian of the inner map,
     I - (S^(1/2) B)^T D (S^(1/2) B), is symmetric with eigenvalues in [1 - q^2, 1], q = ||S^(1/2) B||, so the block is
     ||Q|| max(1, q^2 - 1)-Lipschitz (1 for an orthogonal Q under the sqrt(2) condition of Araujo et al., ICLR 2023);
-    a residual R = A - Q B^T S adds ||R|| ||B||. A skip other than x is checked with explicit matrices only."""
+    a residual R = A - Q B^T S adds ||R|| ||B||. A skip other than x is checked on kernels when Q is a 1x1
+    convolution and A, B same-size stride-1 convolutions, else with explicit matrices."""
     summed = REGISTRY[node.op].linear_combination(len(node.inputs))
     if summed is None or summed.divisor != 1 or len(ctx.data_inputs(node)) != 2 or len(node.inputs) != 2 \
             or summed.signs[0] != 1.0 or summed.signs[1] not in (1.0, -1.0):
@@ -548,7 +605,7 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         if s_chain is None:
             check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
         else:
-            check = _sll_dense(a_ref, b_ref, s_chain[0])
+            check = _sll_skip_structured(a_ref, b_ref, refine(s_chain[0])) or _sll_dense(a_ref, b_ref, s_chain[0])
         if check is None or check.residual > 1e-5 * max(mul_up(check.b_norm, check.skip_norm), 1e-30):
             return None
         slack = mul_up(check.residual, check.b_norm)

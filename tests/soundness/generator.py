@@ -115,7 +115,7 @@ VARIANTS: dict[str, list[str]] = {
     "broadcast_pair": ["Add", "Sub", "Max", "Min", "Sum", "Mean"],
     "sll": ["ok", "ok", "ok", "add_form", "perturbed", "tiny_perturbed", "negative_s", "too_large", "leaky_out",
             "side_pre", "side_act", "split_b", "split_b_wrong", "split_a", "chain", "orth_skip", "orth_skip",
-            "orth_skip_scaled", "orth_skip_wrong"],
+            "orth_skip_fused", "orth_skip_scaled", "orth_skip_wrong"],
     "groupsort": ["ok", "ok", "ok", "group1", "group_big", "side", "other_input", "wrong_concat_axis"],
     "maxmin": ["split", "split", "split_num", "slices", "slices", "unequal_split", "unequal_slices", "three_way",
                "three_way_side", "overlap", "side_max", "cross_axis"],
@@ -1060,12 +1060,14 @@ def blk_gated(d: Draw, b: Builder, v: str) -> str:
 
 def blk_sll(d: Draw, b: Builder, v: str) -> str:
     """SLL block x - A s(B x + b), A = B^T S, S >= 0 with ||S^1/2 B||^2 <= 2, dense or convolutional, or with an
-    orthogonal skip Q x - Q B^T S s(Bx + b) (orthogonium's fused SLLxAOC form: Q a Gemm or 1x1 Conv, A fused with Q
-    or a chain); and near misses (A perturbed, S < 0, S too large, slope outside [0, 1], intermediates read
-    elsewhere, a Split in B, Q scaled by 1.1 in the skip and in A, A without Q)."""
+    orthogonal skip Q x - Q B^T S s(Bx + b) (orthogonium's fused SLLxAOC form: Q a Gemm or 1x1 Conv, A fused with
+    Q, ``orth_skip_fused`` as one Conv of the flipped, transposed kernel, or a chain); and near misses (A perturbed,
+    S < 0, S too large, slope outside [0, 1], intermediates read elsewhere, a Split in B, Q scaled by 1.1 in the
+    skip and in A, A without Q)."""
     variant = d.variant("sll")
     act = d.choice(["Relu", "Relu", "Tanh", "Sigmoid", "LeakyRelu"])
-    conv = len(shape(b, v)) == 3 and d.bool() and variant not in ("split_b", "split_b_wrong", "split_a")
+    conv = len(shape(b, v)) == 3 and (variant == "orth_skip_fused" or d.bool()) \
+        and variant not in ("split_b", "split_b_wrong", "split_a")
     if not conv:
         v = flatten(d, b, v)
     s = shape(b, v)
@@ -1140,6 +1142,9 @@ def blk_sll(d: Draw, b: Builder, v: str) -> str:
         if d.bool():
             side(b, halves[1 - which])
         r = halves[which]
+    elif conv and variant == "orth_skip_fused":  # Q and A fused into one Conv, as orthogonium exports them
+        fused = np.einsum("oi,hikl->hokl", q_in_a, aw)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        r = b.node("Conv", [a, b.const(np.ascontiguousarray(fused).astype(np.float32))], **attrs)
     elif conv:
         r = b.node("ConvTranspose", [a, b.const((sign * aw).astype(np.float32))], **attrs)
         if q is not None:
