@@ -157,6 +157,47 @@ def test_dense_sll_near_misses() -> None:
     assert assert_near_miss(b, b.node("Concat", [out, relu], axis=1), SLL) > 1.5
 
 
+def sll_skip(b: Builder, q: np.ndarray, b_w: np.ndarray, s: np.ndarray, a_w: np.ndarray | None = None) -> str:
+    """Q x - A relu(B x + c) on a flat input (orthogonium's fused SLLxAOC form), A = Q B^T diag(s) unless given."""
+    a_w = q @ b_w.T * s[None, :] if a_w is None else a_w
+    h = b.node("Gemm", ["input", b.const(b_w.astype(np.float32)), b.const(np.full(len(s), 0.1, np.float32))],
+               transB=1)
+    skip = b.node("Gemm", ["input", b.const(q.astype(np.float32))], transB=1)
+    return b.node("Sub", [skip, b.node("Gemm", [b.node("Relu", [h]), b.const(a_w.astype(np.float32))], transB=1)])
+
+
+def skip_matrix(rows: int, seed: int = 3) -> np.ndarray:
+    """``rows`` orthonormal rows of a random 6 x 6 orthogonal matrix (6: an isometry; fewer: a co-isometry)."""
+    return np.linalg.qr(np.random.default_rng(seed).standard_normal((6, 6)))[0][:rows]
+
+
+@pytest.mark.parametrize("rows", [6, 4], ids=["orthogonal", "co-isometry"])
+def test_sll_block_with_a_linear_skip_is_bounded_through_the_skip(rows: int) -> None:
+    """y = Q x - Q B^T S relu(Bx + c) = Q (x - B^T S relu(Bx + c)): bounded by ||Q|| = 1 with the skip's chain
+    counted in the float error analysis (its substep Q)."""
+    b_w, s = sll_weights()
+    b = Builder((6,))
+    graph, steps = analyse(b, sll_skip(b, skip_matrix(rows), b_w, s))
+    (step,) = steps
+    assert step.label.startswith(SLL + " Q x") and step.details.constant == pytest.approx(1.0, abs=1e-6)
+    assert [t.label for t in step.details.substeps] == ["Q", "B", "Relu", "A", "Sub"]
+    assert measured(graph) <= step.details.constant * SOUND
+    assert network_bound(graph) == pytest.approx(step.details.constant, rel=1e-12)
+
+
+def test_sll_block_with_a_linear_skip_near_misses() -> None:
+    """A = B^T S without the skip's Q is not the form (the sum rule bounds it instead); and with no structured
+    check of a skip, operators above ``sll_dense_entries`` step aside rather than being materialised."""
+    from lipcert.bounds import thresholds
+
+    b_w, s = sll_weights()
+    b = Builder((6,))
+    assert assert_near_miss(b, sll_skip(b, skip_matrix(6), b_w, s, b_w.T * s[None, :]), SLL) > 1.5
+    b = Builder((6,))
+    with thresholds.override(sll_dense_entries=30):  # B and A have 24 entries, Q 36
+        assert assert_near_miss(b, sll_skip(b, skip_matrix(6), b_w, s), SLL) > 1.5
+
+
 # ------------------------------------------------------------------------------------------ circular padding
 
 

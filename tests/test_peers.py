@@ -352,3 +352,101 @@ def test_householder_networks_trained_on_digits(tmp_path: Path, library: str, dy
     assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
     assert _jacobian_max(model) <= result.network_upper * (1 + 1e-9)
     _assert_report_beats_library(path, tmp_path, x[test])
+
+
+SLLXAOC_SHAPE = (4, 8, 8)
+
+
+def _sllxaoc(stride: int) -> torch.nn.Module:
+    """orthogonium's SLLxAOCLipschitzResBlock (4 channels, inner factor 2): its kernels fused, the export is
+    conv(x, pre post) - 2 conv(relu(conv(x, pre K) + b), K^T post), with no SLL form x - A s(Bx + b)."""
+    from orthogonium.layers.conv.SLL.sll_layer import SLLxAOCLipschitzResBlock
+
+    torch.manual_seed(0)
+    return strip_parametrizations(SLLxAOCLipschitzResBlock(4, 4, 2, kernel_size=3, stride=stride).eval())
+
+
+class FusedSll(torch.nn.Module):
+    """SLLxAOCLipschitzResBlock's forward with its kernels computed once (orthogonium recomputes them on every
+    call, which makes exact Jacobians slow), optionally changed: Q and A scaled, or A perturbed."""
+
+    def __init__(self, block: torch.nn.Module, scale: float = 1.0, perturb: float = 0.0) -> None:
+        from orthogonium.layers.conv.AOC.fast_block_ortho_conv import fast_matrix_conv, transpose_kernel
+
+        super().__init__()
+        with torch.no_grad():
+            k1b = fast_matrix_conv(transpose_kernel(block.kernel, groups=1), block.post_conv.weight, groups=1)
+            noise = torch.randn(k1b.shape, generator=torch.Generator().manual_seed(1))
+            self.register_buffer("k1a", fast_matrix_conv(block.pre_conv.weight, block.kernel, groups=1))
+            self.register_buffer("k1b", scale * k1b + perturb * k1b.abs().max() * noise)
+            self.register_buffer("k2", scale * fast_matrix_conv(block.pre_conv.weight, block.post_conv.weight,
+                                                                groups=1))
+            self.register_buffer("bias", block.bias.detach().clone())
+        self.stride = block.stride
+        self.padding, self.skip_padding = block.padding, block.skip_kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = torch.nn.functional.conv2d
+        branch = conv(torch.relu(conv(x, self.k1a, padding=self.padding) + self.bias), self.k1b,
+                      padding=self.padding, stride=self.stride)
+        return conv(x, self.k2, padding=self.skip_padding, stride=self.stride) - 2 * branch
+
+
+def _fused_jacobian_max(model: torch.nn.Module, points: int = 8) -> float:
+    """_jacobian_max of a block (computed on its ``FusedSll`` copy, checked to agree with it), all rows of each
+    Jacobian from one backward pass over a batch of copies of the point."""
+    fused = model if isinstance(model, FusedSll) else FusedSll(model)
+    x = torch.rand((3,) + SLLXAOC_SHAPE)
+    assert torch.allclose(fused(x), model(x), atol=1e-5)
+    fused = copy.deepcopy(fused).double()
+    gen = torch.Generator().manual_seed(8)
+    best = 0.0
+    n = fused(x[:1].double()).numel()
+    for _ in range(points):
+        x = torch.rand((1,) + SLLXAOC_SHAPE, generator=gen, dtype=torch.float64).expand(n, *SLLXAOC_SHAPE)
+        x = x.clone().requires_grad_(True)
+        (fused(x).reshape(n, n) * torch.eye(n, dtype=torch.float64)).sum().backward()
+        best = max(best, float(torch.linalg.matrix_norm(x.grad.reshape(n, -1), ord=2)))
+    return best
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_fused_sllxaoc_block_is_proven(tmp_path: Path, dynamo: bool) -> None:
+    """At stride 1 the skip is an orthogonal 1x1 convolution Q and A = Q B^T S: the SLL rule with that skip,
+    checked on the kernels, proves the block 1-Lipschitz (before: 1.62 by propagation), above its exact Jacobian
+    norms."""
+    model = _sllxaoc(1)
+    path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
+    rows = [r for r in result.layers if r.op.startswith("SLL block Q x")]
+    assert len(rows) == 1 and len(result.layers) == 1 and rows[0].upper <= 1 + 1e-5, rows
+    assert "by DFT" in rows[0].reason  # checked on the kernels, not on materialised matrices
+    assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9) <= 1 + 1e-5
+
+
+def test_fused_sllxaoc_block_at_stride_2_stays_unproven(tmp_path: Path) -> None:
+    """At stride 2 the fused kernels factor through a larger grid (pre as a full convolution), so on the block's
+    own grid A is not Q B^T S: the rule steps aside, and the propagated bound stays sound (not proven)."""
+    model = _sllxaoc(2)
+    path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo=False)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status != PROVEN and not [r for r in result.layers if "SLL" in r.op]
+    assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("change", ["skip scaled", "A perturbed"])
+def test_fused_sll_off_the_form_is_not_proven(tmp_path: Path, change: str) -> None:
+    """orthogonium's stride-1 kernels changed: Q and A scaled by 1.1 (y = 1.1 Q g(x), bounded by the rule at ||Q||
+    = 1.1), or A perturbed by 1% (A is no longer Q B^T S: the rule steps aside). Neither is proven, and the bound
+    stays above the exact Jacobian norms."""
+    model = FusedSll(_sllxaoc(1), *((1.1, 0.0) if change == "skip scaled" else (1.0, 0.01)))
+    path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo=False)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status != PROVEN
+    rows = [r for r in result.layers if "SLL" in r.op]
+    if change == "skip scaled":
+        assert len(rows) == 1 and rows[0].upper == pytest.approx(1.1, rel=1e-5), rows
+    else:
+        assert not rows, rows
+    assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9)

@@ -140,7 +140,8 @@ STRUCTURED = [("conv", "pads"), ("conv", "SAME_LOWER"), ("conv_transpose", "pads
               ("region_forms", "neg_sub"), ("region_forms", "concat_const"), ("rank_up", "scale"),
               ("rank_up", "broadcast_self"), ("slices", "concat_parts"), ("slices", "sum_parts"), ("sll", "ok"),
               ("sll", "chain"), ("split_residual", "concat"), ("region_whole", "sym_pad_conv"),
-              ("region_whole", "centred"), ("region_whole", "tail")]
+              ("region_whole", "centred"), ("region_whole", "tail"), ("sll", "orth_skip"),
+              ("sll", "orth_skip_fused")]
 #: (kind, variant, thresholds): ci runs the structured variants, each under one setting; long every variant,
 #: drawing the setting per program
 LOWERED_CASES = [(k, v, sorted(LOWERED)[i % len(LOWERED)]) for i, (k, v) in enumerate(STRUCTURED)] \

@@ -17,6 +17,7 @@ from lipcert.bounds import spectral
 from lipcert.bounds.fusion import core as core_shapes
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.kinds import Combination, Linear, NoRule, Pattern, Rule
+from lipcert.bounds.rounding import UNIT_ROUNDOFF, gamma
 from lipcert.bounds.spectral import mul_up
 from lipcert.bounds.steps import Context, Part, Step, repetitions
 from lipcert.bounds.thresholds import current, record
@@ -29,6 +30,7 @@ from lipcert.graph.linop import (
     NonnegativeStructure,
     ProjectionStructure,
     ScalarStructure,
+    Structure,
     from_function,
 )
 from lipcert.graph.ops import REGISTRY
@@ -412,7 +414,7 @@ def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator,
 
 #: how an SLL block's condition was checked (``thresholds.record``); above ``thresholds.current().sll_dense_entries``
 #: entries an operator is not materialised as a matrix
-BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense")
+BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense", "sll.skip_convolutions")
 
 
 @dataclass
@@ -424,6 +426,8 @@ class SllCheck:
     b_norm: float
     residual: float
     method: str
+    #: a bound on ||Q||, Q the skip's linear map (1: the skip is x itself)
+    skip_norm: float = 1.0
 
 
 def _plain(op: LinearOperator) -> bool:
@@ -484,25 +488,97 @@ def _sll_structured(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
                     conv_bound(a, sa, residual.reshape(wa.shape)), "convolutions, by DFT")
 
 
-def _sll_dense(a: LinearOperator, b: LinearOperator) -> SllCheck | None:
-    """The SLL quantities from the explicit matrices, for small operators of any structure."""
-    if max(a.in_numel * a.out_numel, b.in_numel * b.out_numel) > current().sll_dense_entries:
+def _same_size_conv(st: Structure) -> bool:
+    """A plain stride-1 convolution that keeps the spatial size with pads p = (k - 1) / 2 on both sides."""
+    return (isinstance(st, ConvStructure) and not st.circular and st.groups == 1 and not any(st.output_padding)
+            and all(v == 1 for v in st.stride) and all(v == 1 for v in st.dilation)
+            and len(st.pads) == 2 * (st.weight.dim() - 2)
+            and all(2 * p == k - 1 for p, k in zip(st.pads, 2 * tuple(st.weight.shape[2:]), strict=True)))
+
+
+def _sll_skip_structured(a: LinearOperator, b: LinearOperator, skip: LinearOperator) -> SllCheck | None:
+    """The SLL quantities for y = Q x - A s(Bx + b) on kernels (orthogonium's fused SLLxAOC block at stride 1):
+    Q a 1x1 convolution (its channel matrix M), B a same-size convolution and A a transposed one with B's geometry
+    or a convolution (same-size, stride 1, pads p on both sides: Conv(W) = ConvTranspose(flip(W)^T), the adjoint's
+    form). Q B^T is the transposed convolution with kernel M W_B (per hidden channel), fitted against A's; the
+    residual's float64 rounding is bounded per tap (each tap a shift of norm <= 1): sqrt(taps) gamma_{c+2}
+    (||A||_F + max S ||M||_F ||W_B||_F)."""
+    ops = (a, b, skip)
+    if not all(_plain(op) for op in ops) or not all(_same_size_conv(op.structure) for op in ops):
         return None
-    ma, mb = a.to_dense(), b.to_dense()
-    fit = _diagonal_fit(ma.T, mb)
+    sa, sb, sq = a.structure, b.structure, skip.structure
+    assert isinstance(sa, ConvStructure) and isinstance(sb, ConvStructure) and isinstance(sq, ConvStructure)
+    wb, wq = sb.weight.double(), sq.weight.double()
+    if sb.transpose or sq.transpose or any(k != 1 for k in wq.shape[2:]) or tuple(sa.pads) != tuple(sb.pads) \
+            or tuple(skip.in_shape) != tuple(b.in_shape) or tuple(skip.out_shape) != tuple(a.out_shape):
+        return None
+    spatial = tuple(range(2, wb.dim()))
+    kernel = sa.weight.double() if sa.transpose else sa.weight.double().flip(spatial).transpose(0, 1)
+    if kernel.shape != wb.shape or wq.shape[:2] != (wb.shape[1], wb.shape[1]) or len(spatial) not in (1, 2, 3):
+        return None  # Q square, so that the residual's kernel is bounded in B's geometry
+    transposed = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                  torch.nn.functional.conv_transpose3d)[len(spatial) - 1]
+    probe = torch.randn((1,) + tuple(a.in_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the form read from the structure is the operator's (a guard on the reading)
+        expected = transposed(probe, kernel, padding=tuple(sb.pads[:len(spatial)]))
+        if not torch.allclose(a.forward(probe), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())):
+            return None
+    m = wq.reshape(wq.shape[0], wq.shape[1])
+    qbt = torch.einsum("oi,hi...->ho...", m, wb)  # the kernel of Q B^T (as a transposed convolution, h -> c)
+    fit = _diagonal_fit(kernel.reshape(kernel.shape[0], -1), qbt.reshape(qbt.shape[0], -1))
     if fit is None:
         return None
     s, residual = fit
+    view = (-1,) + (1,) * (wb.dim() - 1)
+    taps = math.prod(wb.shape[2:])
+    rounding = math.sqrt(taps) * gamma(m.shape[1] + 2, UNIT_ROUNDOFF[torch.float64]) * (
+        float(kernel.norm()) + float(s.max()) * float(m.norm()) * float(wb.norm())) * (1 + 1e-12)
+
+    def conv_bound(weight: torch.Tensor) -> float:  # B's geometry: also the adjoint of A's transposed form
+        return spectral.conv_upper_bound(replace(b, structure=replace(sb, weight=weight)))
+
+    record("sll.skip_convolutions")
+    return SllCheck(conv_bound(s.sqrt().reshape(view) * wb), conv_bound(wb),
+                    math.nextafter(conv_bound(residual.reshape(wb.shape)) + rounding, math.inf),
+                    "convolutions, by DFT", spectral.matrix_upper_bound(m))
+
+
+def _sll_dense(a: LinearOperator, b: LinearOperator, skip: LinearOperator | None = None) -> SllCheck | None:
+    """The SLL quantities from the explicit matrices, for small operators of any structure. With a skip Q
+    (y = Q x - A s(Bx + b)), A is compared with Q B^T S, and the residual's bound carries the float64 rounding of
+    Q B^T: |fl(A - S fl(Q B^T)) - (A - S Q B^T)| <= gamma_{n+2} (|A| + S |Q| |B^T|) (Higham 3.5), whose Frobenius
+    norm is at most gamma_{n+2} (||A||_F + max S ||Q||_F ||B||_F)."""
+    ops = (a, b) if skip is None else (a, b, skip)
+    if max(op.in_numel * op.out_numel for op in ops) > current().sll_dense_entries:
+        return None
+    ma, mb = a.to_dense(), b.to_dense()
     bound = spectral.matrix_upper_bound
+    if skip is None:
+        fit = _diagonal_fit(ma.T, mb)
+        if fit is None:
+            return None
+        s, residual = fit
+        record("sll.dense")
+        return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "explicit matrices")
+    mq = skip.to_dense()
+    fit = _diagonal_fit(ma.T, mb @ mq.T)
+    if fit is None:
+        return None
+    s, residual = fit
+    rounding = gamma(mq.shape[1] + 2, UNIT_ROUNDOFF[torch.float64]) * (
+        float(ma.norm()) + float(s.max()) * float(mq.norm()) * float(mb.norm())) * (1 + 1e-12)
     record("sll.dense")
-    return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), bound(residual), "explicit matrices")
+    return SllCheck(bound(s.sqrt()[:, None] * mb), bound(mb), math.nextafter(bound(residual) + rounding, math.inf),
+                    "explicit matrices", bound(mq))
 
 
 def sll_block(ctx: Context, node: Node) -> Step | None:
-    """y = x -/+ A s(B x + b) with A = +/- B^T S, S >= 0 diagonal, s slope in [0, 1]: the Jacobian
-    I - (S^(1/2) B)^T D (S^(1/2) B) is symmetric with eigenvalues in [1 - q^2, 1], q = ||S^(1/2) B||, so
-    the block is max(1, q^2 - 1)-Lipschitz (1 under the sqrt(2) condition of Araujo et al., ICLR 2023); a
-    residual R = A - B^T S adds ||R|| ||B||."""
+    """y = Q x -/+ A s(B x + b) with A = +/- Q B^T S, S >= 0 diagonal, s slope in [0, 1], Q the skip's linear map
+    (the identity when the skip is x itself): y = Q (x - B^T S s(Bx + b)), and the Jacobian of the inner map,
+    I - (S^(1/2) B)^T D (S^(1/2) B), is symmetric with eigenvalues in [1 - q^2, 1], q = ||S^(1/2) B||, so the block is
+    ||Q|| max(1, q^2 - 1)-Lipschitz (1 for an orthogonal Q under the sqrt(2) condition of Araujo et al., ICLR 2023);
+    a residual R = A - Q B^T S adds ||R|| ||B||. A skip other than x is checked on kernels when Q is a 1x1
+    convolution and A, B same-size stride-1 convolutions, else with explicit matrices."""
     summed = REGISTRY[node.op].linear_combination(len(node.inputs))
     if summed is None or summed.divisor != 1 or len(ctx.data_inputs(node)) != 2 or len(node.inputs) != 2 \
             or summed.signs[0] != 1.0 or summed.signs[1] not in (1.0, -1.0):
@@ -516,37 +592,52 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         found = _sll_branch(ctx, node, skip, branch)
         if found is None:
             continue
-        a_nodes, act, b_nodes = found
+        a_nodes, act, b_nodes, s_nodes, source = found
         a_chain, b_chain = _chain(ctx, a_nodes), _chain(ctx, b_nodes)
-        if a_chain is None or b_chain is None:
+        s_chain = _chain(ctx, s_nodes) if s_nodes else None
+        if a_chain is None or b_chain is None or (s_nodes and s_chain is None):
             continue
         (a_op, a_parts), (b_op, b_parts) = a_chain, b_chain
         a_signed = a_op if subtracts else a_op.then(
             from_function(lambda v: -v, a_op.out_shape, a_op.out_shape,
                           structure=ScalarStructure(value=-1.0), adjoint=lambda v: -v))
         a_ref, b_ref = refine(a_signed), refine(b_op)
-        check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
-        if check is None or check.residual > 1e-5 * max(check.b_norm, 1e-30):
+        if s_chain is None:
+            check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
+        else:
+            check = _sll_skip_structured(a_ref, b_ref, refine(s_chain[0])) or _sll_dense(a_ref, b_ref, s_chain[0])
+        if check is None or check.residual > 1e-5 * max(mul_up(check.b_norm, check.skip_norm), 1e-30):
             return None
         slack = mul_up(check.residual, check.b_norm)
         q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)
         core = max(1.0, math.nextafter(q2 - 1.0, math.inf))
-        names = [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
+        if s_chain is not None:
+            core = mul_up(check.skip_norm, core)
+        constant = math.nextafter(core + slack, math.inf)
+        s_names = [n.name for n, _ in s_nodes]
+        names = s_names + [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
         hidden, act_shape = act.inputs[0], ctx.known_shape(act.outputs[0])  # known: A's chain reads it
         act_rule = REGISTRY[act.op]
         substeps = [  # how the block is computed, for the float error analysis
-            Step(Linear(b_op), "B", [], [skip], hidden, parts=b_parts),
+            Step(Linear(b_op), "B", [], [source], hidden, parts=b_parts),
             Step(Rule(1.0), act.op, [act.name], [hidden], act.outputs[0],
                  parts=[Part(None, act_rule.rounding(act, ctx.const_inputs(act), 0, act_shape, act_shape),
                              act.outputs[0])]),
             Step(Linear(a_op), "A", [], [act.outputs[0]], branch, parts=a_parts),
             Step(Combination(CombinationMode.SUM, [1.0, 1.0], count=2), node.op, [node.name], [skip, branch],
                  node.outputs[0])]
-        return Step(Pattern(math.nextafter(core + slack, math.inf), substeps=substeps),
-                    "SLL block x - B^T S s(Bx + b)", names, [skip], node.outputs[0],
+        form, fit, skip_note = "x - B^T S s(Bx + b)", "A = B^T S", ""
+        if s_chain is not None:
+            s_op, s_parts = s_chain
+            substeps.insert(0, Step(Linear(s_op), "Q", [], [source], skip, parts=s_parts))
+            form, fit = "Q x - Q B^T S s(Bx + b)", "A = Q B^T S"
+            skip_note = f"; the skip {', '.join(s_names)} is Q with ||Q|| <= {check.skip_norm:.10g}"
+        return Step(Pattern(constant, substeps=substeps),
+                    f"SLL block {form}", names, [source], node.outputs[0],
                     reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
                             f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
-                           + f", from the {check.method}; A = B^T S up to {check.residual:.2g}, adding {slack:.2g}")
+                           + f", from the {check.method}; {fit} up to {check.residual:.2g}, adding {slack:.2g}"
+                           + skip_note)
     return None
 
 
@@ -556,9 +647,27 @@ def _slope_01(node: Node) -> bool:
     return slopes is not None and 0.0 <= slopes[0] and slopes[1] <= 1.0
 
 
+def _linear_values(ctx: Context, value: str) -> list[str]:
+    """``value`` and the values behind it through single-data-input linear nodes, nearest first; the walk stops
+    after a value read by another node than the chain's next one (``_affine_chain``'s condition)."""
+    values, reader = [value], None
+    while True:
+        node = ctx.producer.get(value)
+        if node is None or (reader is not None and not ctx.only_user(value, reader)):
+            return values
+        data = ctx.data_inputs(node)
+        shape_in, shape_out = (ctx.shape(node.inputs[data[0]]), ctx.shape(value)) if len(data) == 1 else (None, None)
+        if shape_in is None or shape_out is None or REGISTRY[node.op].linear(
+                node, ctx.const_inputs(node), data[0], shape_in, shape_out, node.outputs.index(value)) is None:
+            return values
+        reader, value = node, node.inputs[data[0]]
+        values.append(value)
+
+
 def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
-    """Nodes of the branch A s(B skip + b), or None when the branch has another form."""
-    if skip not in ctx.data or not ctx.only_user(branch, node):
+    """Nodes of the branch A s(B x + b) and of the skip's linear chain S from the same x (empty when the skip is
+    x itself), and x; None when the block has another form."""
+    if not ctx.only_user(branch, node):
         return None
     found = _affine_chain(ctx, branch, _slope_01)
     if found is None or not found[0]:
@@ -567,13 +676,17 @@ def _sll_branch(ctx: Context, node: Node, skip: str, branch: str):
     act = ctx.producer[act_out]
     if not ctx.only_user(act_out, a_nodes[0][0]):
         return None
-    found_b = _affine_chain(ctx, act.inputs[0], lambda n: False, target=skip)
-    if found_b is None or not found_b[0] or found_b[1] != skip:
+    skip_values = _linear_values(ctx, skip)
+    source = next((v for v in _linear_values(ctx, act.inputs[0]) if v in skip_values), None)
+    if source is None or source not in ctx.data:
         return None
-    b_nodes = found_b[0]
+    found_b = _affine_chain(ctx, act.inputs[0], lambda n: False, target=source)
+    found_s = _affine_chain(ctx, skip, lambda n: False, target=source)
+    if found_b is None or not found_b[0] or found_s is None or (found_s[0] and not ctx.only_user(skip, node)):
+        return None
     if not ctx.only_user(act.inputs[0], act):
         return None
-    return a_nodes, act, b_nodes
+    return a_nodes, act, found_b[0], found_s[0], source
 
 
 # ------------------------------------------------------------------------- coordinate selections (MaxMin)

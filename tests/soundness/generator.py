@@ -114,7 +114,8 @@ VARIANTS: dict[str, list[str]] = {
     "residual": ["Add", "Add", "Sub", "Sum", "Mean", "Max", "Min", "Concat", "Mul"],
     "broadcast_pair": ["Add", "Sub", "Max", "Min", "Sum", "Mean"],
     "sll": ["ok", "ok", "ok", "add_form", "perturbed", "tiny_perturbed", "negative_s", "too_large", "leaky_out",
-            "side_pre", "side_act", "split_b", "split_b_wrong", "split_a", "chain"],
+            "side_pre", "side_act", "split_b", "split_b_wrong", "split_a", "chain", "orth_skip", "orth_skip",
+            "orth_skip_fused", "orth_skip_scaled", "orth_skip_wrong"],
     "groupsort": ["ok", "ok", "ok", "group1", "group_big", "side", "other_input", "wrong_concat_axis"],
     "maxmin": ["split", "split", "split_num", "slices", "slices", "unequal_split", "unequal_slices", "three_way",
                "three_way_side", "overlap", "side_max", "cross_axis"],
@@ -1058,11 +1059,15 @@ def blk_gated(d: Draw, b: Builder, v: str) -> str:
 
 
 def blk_sll(d: Draw, b: Builder, v: str) -> str:
-    """SLL block x - A s(B x + b), A = B^T S, S >= 0 with ||S^1/2 B||^2 <= 2, dense or convolutional; and near
-    misses (A perturbed, S < 0, S too large, slope outside [0, 1], intermediates read elsewhere, a Split in B)."""
+    """SLL block x - A s(B x + b), A = B^T S, S >= 0 with ||S^1/2 B||^2 <= 2, dense or convolutional, or with an
+    orthogonal skip Q x - Q B^T S s(Bx + b) (orthogonium's fused SLLxAOC form: Q a Gemm or 1x1 Conv, A fused with
+    Q, ``orth_skip_fused`` as one Conv of the flipped, transposed kernel, or a chain); and near misses (A perturbed,
+    S < 0, S too large, slope outside [0, 1], intermediates read elsewhere, a Split in B, Q scaled by 1.1 in the
+    skip and in A, A without Q)."""
     variant = d.variant("sll")
     act = d.choice(["Relu", "Relu", "Tanh", "Sigmoid", "LeakyRelu"])
-    conv = len(shape(b, v)) == 3 and d.bool() and variant not in ("split_b", "split_b_wrong", "split_a")
+    conv = len(shape(b, v)) == 3 and (variant == "orth_skip_fused" or d.bool()) \
+        and variant not in ("split_b", "split_b_wrong", "split_a")
     if not conv:
         v = flatten(d, b, v)
     s = shape(b, v)
@@ -1124,6 +1129,11 @@ def blk_sll(d: Draw, b: Builder, v: str) -> str:
     if variant == "side_act":
         sides.append(a)
     sign = -1.0 if variant == "add_form" else 1.0
+    q = None  # the orthogonal skip's matrix (channels), and the one fused into A
+    q_in_a = np.eye(s[0])
+    if variant.startswith("orth_skip"):
+        q = np.linalg.qr(b.rng.standard_normal((s[0], s[0])))[0] * (1.1 if variant == "orth_skip_scaled" else 1.0)
+        q_in_a = q if variant != "orth_skip_wrong" else q_in_a
     if variant == "split_a":  # A is output 1 of a Split of a Gemm to 2n; A is matched by output 0's rows
         which = d.int(0, 1)
         other = aw.T * b.rng.uniform(-1, 1, (1, m)) if d.bool() else aw.T[::-1]  # rows for the other output
@@ -1132,17 +1142,25 @@ def blk_sll(d: Draw, b: Builder, v: str) -> str:
         if d.bool():
             side(b, halves[1 - which])
         r = halves[which]
+    elif conv and variant == "orth_skip_fused":  # Q and A fused into one Conv, as orthogonium exports them
+        fused = np.einsum("oi,hikl->hokl", q_in_a, aw)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        r = b.node("Conv", [a, b.const(np.ascontiguousarray(fused).astype(np.float32))], **attrs)
     elif conv:
         r = b.node("ConvTranspose", [a, b.const((sign * aw).astype(np.float32))], **attrs)
+        if q is not None:
+            r = b.node("Conv", [r, b.const(q_in_a[:, :, None, None].astype(np.float32))])
     elif variant == "chain":
         r = b.node("Mul", [b.node("Gemm", [a, b.const((sign * aw.T * 2).astype(np.float32))], transB=1),
                            b.const(np.float32(0.5))])
     else:
-        r = b.node("Gemm", [a, b.const((sign * aw.T).astype(np.float32))], transB=1)
+        r = b.node("Gemm", [a, b.const((sign * q_in_a @ aw.T).astype(np.float32))], transB=1)
     for x in sides:
         side(b, x)
     if variant == "add_form":
         return b.node("Add", [v, r] if d.bool() else [r, v])
+    if q is not None:
+        v = b.node("Conv", [v, b.const(q[:, :, None, None].astype(np.float32))]) if conv else \
+            b.node("Gemm", [v, b.const(q.astype(np.float32))], transB=1)
     return b.node("Sub", [v, r])
 
 
