@@ -427,11 +427,14 @@ def test_fused_sllxaoc_block_is_proven(tmp_path: Path, dynamo: bool) -> None:
 
 def test_fused_sllxaoc_block_at_stride_2_stays_unproven(tmp_path: Path) -> None:
     """At stride 2 the fused kernels factor through a larger grid (pre as a full convolution), so on the block's
-    own grid A is not Q B^T S: the rule steps aside, and the propagated bound stays sound (not proven)."""
+    own grid A is not Q B^T S: the rule steps aside, saying so on the sum it leaves, and the propagated bound stays
+    sound (not proven)."""
     model = _sllxaoc(2)
     path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo=False)
     result = verify(load_model(path), empirical_budget=0.5)
     assert result.status != PROVEN and not [r for r in result.layers if "SLL" in r.op]
+    (sub,) = [c for c in result.combinations if c["op"] == "Sub"]
+    assert "not an SLL block" in sub["rule"] and "A = Q B^T S" in sub["rule"]
     assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9)
 
 

@@ -26,7 +26,11 @@ def decompose(graph: Graph) -> list[Step]:
                 break
     for node in graph.nodes:
         if node.name not in ctx.claimed and ctx.data_inputs(node):
-            steps.extend(node_step(ctx, node))
+            for step in node_step(ctx, node):
+                if node.name in ctx.near_misses:  # the pattern that recognised it says why it did not prove it
+                    step.reason = f"{step.reason}; {ctx.near_misses[node.name]}" if step.reason \
+                        else ctx.near_misses[node.name]
+                steps.append(step)
     position = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs}
     steps.sort(key=lambda s: position[s.output])
     from lipcert.bounds.regions import merge_regions

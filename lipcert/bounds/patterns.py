@@ -606,7 +606,13 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
             check = _sll_structured(a_ref, b_ref) or _sll_dense(a_ref, b_ref)
         else:
             check = _sll_skip_structured(a_ref, b_ref, refine(s_chain[0])) or _sll_dense(a_ref, b_ref, s_chain[0])
-        if check is None or check.residual > 1e-5 * max(mul_up(check.b_norm, check.skip_norm), 1e-30):
+        allowed = 1e-5 * max(mul_up(check.b_norm, check.skip_norm), 1e-30) if check is not None else 0.0
+        if check is None or check.residual > allowed:
+            fit = "A = B^T S" if s_chain is None else "A = Q B^T S"
+            ctx.near_misses[node.name] = (
+                f"not an SLL block: no diagonal S >= 0 with {fit} was found, or the operators are too large to check"
+                if check is None else f"not an SLL block: {fit} only up to {check.residual:.3g} ({allowed:.3g} "
+                                      "allowed)")
             return None
         slack = mul_up(check.residual, check.b_norm)
         q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)

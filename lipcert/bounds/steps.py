@@ -72,6 +72,8 @@ class Context:
         self.producer = graph.producers()
         self.users = graph.consumers()
         self.claimed: set[str] = set()
+        #: why a pattern that recognised a node's form did not prove it, by the node (added to its step's reason)
+        self.near_misses: dict[str, str] = {}
 
     def only_user(self, value: str, node: Node) -> bool:
         """True when ``node`` is the only reader of ``value`` and it is not a graph output."""
