@@ -21,7 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 
-torch.set_num_threads(2)
+# the CLI's terminal width is 140 off a terminal unless COLUMNS says otherwise; pytest-xdist's workers set
+# COLUMNS=80, and the tests that read wrapped output expect the same width in every run
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+# one thread per pytest-xdist worker (the README runs one per core), both cores otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...], dynamo: bool,
