@@ -1486,14 +1486,15 @@ def _ray_gap(m: torch.Tensor, angle: float) -> float:
 
 @dataclass
 class _EntryProof:
-    """One entry's sectors: its constant, its pieces' smallest gain, the selection error (``fixed`` relative to
-    |z|, ``ulps`` units of u), a hole (None, or why), the largest mismatch."""
+    """One entry's sectors: its constant, its pieces' smallest gain, per constant set (float32 folded, then
+    float64) the selection error (``fixed`` relative to |z|, ``ulps`` units of u) and a hole (None, or why), the
+    largest mismatch."""
 
     constant: float
     sigma: float
-    fixed: float
-    ulps: float
-    hole: str | None
+    fixed: list[float]
+    ulps: list[float]
+    hole: list[str | None]
     mismatch: float
 
 
@@ -1546,8 +1547,8 @@ def _sector_entry(p: torch.Tensor, pieces: list[torch.Tensor], c: float, eps_fix
         return next(j for j in range(n) for shift in (-_TWO_PI, 0.0, _TWO_PI)
                     if starts[j] < e + shift <= cells[j][1])
 
-    fixed, worst_ulps, hole = 0.0, 0.0, None
-    for pset in pieces:
+    fixed, worst_ulps, hole = [0.0] * len(pieces), [0.0] * len(pieces), [None] * len(pieces)
+    for i, pset in enumerate(pieces):
         slot_norms = _norm2_up(torch.stack([pset[s] for _, _, s in slots]))
         for (lo, hi, s), ns in zip(slots, slot_norms.tolist(), strict=True):
             inside = next((j for j in range(n) if cells[j][0] <= lo and hi <= cells[j][1]
@@ -1559,11 +1560,11 @@ def _sector_entry(p: torch.Tensor, pieces: list[torch.Tensor], c: float, eps_fix
                 e = min(max(lo, 0.0), _TWO_PI)
                 j, reach = owner(e), max(hi - e, e - lo)
                 gap = _ray_gap(pset[s] - mats[j], c + e)
-            if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and hole is None:
-                hole = (f"the float evaluation takes a piece {gap:.3g} away from the continuous map for r in "
-                        f"[{lo:.9g}, {hi:.9g}] (a hole, or a piece that does not fit there)")
-            fixed = max(fixed, (ns + constant) * (reach + eps_fixed) + gap + rho[j])
-            worst_ulps = max(worst_ulps, (ns + constant) * ulps)
+            if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and hole[i] is None:
+                hole[i] = (f"the float evaluation takes a piece {gap:.3g} away from the continuous map for r in "
+                           f"[{lo:.9g}, {hi:.9g}] (a hole, or a piece that does not fit there)")
+            fixed[i] = max(fixed[i], (ns + constant) * (reach + eps_fixed) + gap + rho[j])
+            worst_ulps[i] = max(worst_ulps[i], (ns + constant) * ulps)
     return _EntryProof(constant, sigma, fixed, worst_ulps, hole, max(gaps))
 
 
@@ -1595,16 +1596,20 @@ def _angle_sectors(points: torch.Tensor, pieces: list[tuple[_Lin, _Lin]], per_se
     mismatch = max(p.mismatch for p in proofs)
     why = f"the pieces agree on the boundaries up to {mismatch:.2g}: max over entries and sectors of " \
           f"||M_j|| + the slope of the correction that closes the gaps, {constant:.10g}"
-    hole = next((p.hole for p in proofs if p.hole is not None), None)
+    holes = [next((p.hole[i] for p in proofs if p.hole[i] is not None), None) for i in range(len(pieces))]
     sigma = min(p.sigma for p in proofs)
-    if hole is not None:
-        return constant, None, f"{why}; float rounding unknown: {hole}"
+    if holes[0] is not None:
+        return constant, None, f"{why}; float rounding unknown: {holes[0]}"
     if sigma <= 1e-6:
         return constant, None, f"{why}; float rounding unknown: a piece is degenerate"
+    sets = [i for i in range(len(pieces)) if holes[i] is None]  # a float64 hole: the rounding is float32's only
     depth = max(max(a.depth, b.depth) for a, b in pieces)
-    relative = depth * max(1.0, float(frob.max()) / sigma) + max(p.ulps for p in proofs) / sigma
+    relative = depth * max(1.0, float(frob.max()) / sigma) + max(p.ulps[i] for p in proofs for i in sets) / sigma
     rounding = Rounding(relative=math.ceil(relative * (1 + 1e-9)),
-                        fixed=max(p.fixed for p in proofs) / sigma * (1 + 1e-9))
+                        fixed=max(p.fixed[i] for p in proofs for i in sets) / sigma * (1 + 1e-9),
+                        float64_run=len(sets) == len(pieces))
+    if not rounding.float64_run:
+        why += f"; lipcert's float64 run (its constants folded in float64) is not covered: {holes[1]}"
     return constant, rounding, why
 
 
