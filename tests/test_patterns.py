@@ -495,6 +495,15 @@ def test_householder_order_2_float_hole_makes_its_rounding_unknown() -> None:
     assert bool(((out[:, :4] == 0) & (out[:, 4:] == 0)).any())
 
 
+def test_two_householder_order_2_blocks_in_a_row_are_each_proven() -> None:
+    b = Builder((8,))
+    first = _order2(b, "ok")
+    x, y = b.split(first, 1, [4, 4], 2)
+    graph, steps = analyse(b, householder_order2(b, x, y, 1, np.random.default_rng(9).uniform(0.05, 3, (3, 4))))
+    assert [s.kind for s in claimed(steps, HOUSEHOLDER2)] == ["pattern", "pattern"]
+    assert network_bound(graph) <= 1 + 1e-4
+
+
 @pytest.mark.parametrize("variant, why", [("perturbed", "differ by"), ("swapped", "differ by"),
                                           ("uncovered", "differ by"), ("bad_pi", "is not pi"),
                                           ("bad_mod", "is not 2 pi")])

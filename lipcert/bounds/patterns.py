@@ -1247,7 +1247,8 @@ def _angle(ctx: Context, atan: Node) -> _Angle | str | None:
     floor = _sole_user(ctx, div.outputs[0], "Floor") if div is not None else None
     mul = _sole_user(ctx, floor.outputs[0], "Mul") if floor is not None else None
     m2 = _offset(ctx, mul, "Mul", floor.outputs[0]) if mul is not None and floor is not None else None
-    if len(readers) != 2 or div is None or sub is None or mul is None or m2 is None or sub.inputs[1] != mul.outputs[0]:
+    if len(readers) != 2 or div is None or sub is None or floor is None or mul is None or m2 is None \
+            or sub.inputs[1] != mul.outputs[0]:
         return f"{where} is not reduced as a - Floor(a / m) m (a modulus with a constant m)"
     m, m_again = (_entry_const(ctx.consts, ctx, v, shape) for v in (div.inputs[1], m2))
     if m is None or m_again is None or not torch.equal(m, m_again):
@@ -1264,16 +1265,13 @@ def _sole_user(ctx: Context, value: str, op: str) -> Node | None:
 
 class _AngleForm(_HouseHolderForm):
     """The symbolic evaluation of a block from its two leaves x and y and an angle r that it only compares with
-    constants: each value per angular slot (``samples[slot, entry]``, a value of r inside the slot), with the
-    constants ``consts`` (float32 folded, or float64 as lipcert's float64 run computes them)."""
+    constants: each value per angular slot (``samples[slot, entry]``, a value of r inside the slot). Constants
+    are read as the loader folded them (float32: the deployed run's values, and those of lipcert's float64 run)."""
 
     def __init__(self, ctx: Context, leaves: dict[str, int], shape: tuple[int, ...], angle: str,
-                 samples: torch.Tensor, consts: dict[str, torch.Tensor]) -> None:
+                 samples: torch.Tensor) -> None:
         super().__init__(ctx, leaves, shape, sides=samples.shape[0])
-        self.angle, self.samples, self.consts = angle, samples, consts
-
-    def const(self, value: str) -> torch.Tensor | None:
-        return _entry_const(self.consts, self.ctx, value, self.shape)
+        self.angle, self.samples = angle, samples
 
     def value(self, name: str) -> _Lin | _Mask | None:
         if name == self.angle:
@@ -1318,22 +1316,13 @@ def _block_leaves(ctx: Context, node: Node, stop: str) -> tuple[list[str], list[
 
 
 def _find_atan(ctx: Context, node: Node) -> Node | None:
-    """The one ``Atan`` node among the ancestors of ``node`` within 512 values, or None."""
-    seen: set[str] = set()
-    stack = [v for v in node.inputs if v in ctx.data]
-    found: list[Node] = []
-    while stack and len(seen) <= 512:
-        value = stack.pop()
-        if value in seen:
-            continue
-        seen.add(value)
-        p = ctx.producer.get(value)
-        if p is None:
-            continue
-        if p.op == "Atan":
-            found.append(p)
-        stack += [v for v in p.inputs if v and v in ctx.data]
-    return found[0] if len(found) == 1 and len(seen) <= 512 else None
+    """The one ``Atan`` node that the block ending at ``node`` reaches through its arithmetic and masks (the
+    exported atan2 is arithmetic around it), or None."""
+    walked = _block_leaves(ctx, node, "")
+    if walked is None:
+        return None
+    found = {p.name: p for p in (ctx.producer.get(v) for v in walked[0]) if p is not None and p.op == "Atan"}
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def householder_angle(ctx: Context, node: Node) -> Step | None:
@@ -1355,7 +1344,7 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
     - a segment crosses each boundary ray once, so g is L-Lipschitz, L the largest of these over sectors and
       entries, and the pairs read disjoint coordinates.
     Sectors narrower than ``ANGLE_SLIVER`` are slivers: the continuous map gives them to their neighbours and the
-    float evaluation's piece there goes into the rounding (``_angle_rounding``)."""
+    float evaluation's piece there goes into the rounding (``_sector_entry``)."""
     if node.op != "Concat" or len(node.inputs) != 2 or len(ctx.data_inputs(node)) != 2:
         return None
     if not all(ctx.only_user(v, node) for v in node.inputs):
@@ -1390,39 +1379,31 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
     if outside is not None or angle.value in ctx.graph.outputs:
         return refuse(f"the angle {angle.value!r} is read by {outside.op if outside else 'the graph'} "
                       f"{outside.name if outside else 'output'!r}, not only by comparisons with constants")
-    sets = [ctx.consts, ctx.float64_consts()]
     thresholds = []
-    for consts in sets:
-        for u in readers:
-            t = _entry_const(consts, ctx, u.inputs[1 - ctx.data_inputs(u)[0]], shape) \
-                if len(ctx.data_inputs(u)) == 1 else None
-            if t is None:
-                return refuse(f"{u.op} node {u.name!r} compares the angle with something other than a constant")
-            thresholds.append(t)
-    per_set = [_angle_constants(consts, ctx, angle, shape) for consts in sets]
-    if any(c is None for c in per_set):
-        return refuse("the angle's constants are unknown in lipcert's float64 run")
-    span = _angle_range(per_set)
+    for u in readers:
+        t = _entry_const(ctx.consts, ctx, u.inputs[1 - ctx.data_inputs(u)[0]], shape) \
+            if len(ctx.data_inputs(u)) == 1 else None
+        if t is None or bool(t.isnan().any()):
+            return refuse(f"{u.op} node {u.name!r} compares the angle with something other than a number")
+        thresholds.append(t)
+    constants = _angle_constants(ctx, angle, shape)
+    span = _angle_range(*constants)
     points = torch.sort(torch.stack([span.lo, torch.zeros(shape, dtype=torch.float64),
                                      torch.full(shape, _TWO_PI, dtype=torch.float64), span.hi]
                                     + [t.clamp(span.lo, span.hi) for t in thresholds]), dim=0).values
     samples = torch.cat([points, (points[:-1] + points[1:]) / 2])  # the points, then the open intervals
-    forms, pieces = [], []
-    for consts in sets:
-        form = _AngleForm(ctx, {angle.x: 0, angle.y: 1}, shape, angle.value, samples, consts)
-        a, b = (form.value(v) for v in node.inputs)
-        if form.why:
-            return refuse(form.why, form)
-        if not isinstance(a, _Lin) or not isinstance(b, _Lin):
-            return refuse(f"the block ending at Concat node {node.name!r} is not linear in x and y on each sector")
-        forms.append(form)
-        pieces.append((a, b))
-    proof = _angle_sectors(points, pieces, per_set, span)
+    form = _AngleForm(ctx, {angle.x: 0, angle.y: 1}, shape, angle.value, samples)
+    a, b = (form.value(v) for v in node.inputs)
+    if form.why:
+        return refuse(form.why, form)
+    if not isinstance(a, _Lin) or not isinstance(b, _Lin):
+        return refuse(f"the block ending at Concat node {node.name!r} is not linear in x and y on each sector")
+    proof = _angle_sectors(points, a, b, constants[0], span)
     if isinstance(proof, str):
-        return refuse(proof, forms[0])
+        return refuse(proof, form)
     constant, rounding, why = proof
-    return Step(Pattern(constant, rounding=rounding), _ANGLE_LABEL, names + [n.name for n in forms[0].nodes]
-                + [node.name], [selection.source], node.outputs[0],
+    return Step(Pattern(constant, rounding=rounding), _ANGLE_LABEL, names + [n.name for n in form.nodes]
+                + [node.name], [source], node.outputs[0],
                 reason=f"linear pieces on the sectors of r = (atan2(y, x) - c) mod 2 pi, continuous across each "
                        f"boundary ray up to their constants' rounding: {why}")
 
@@ -1438,39 +1419,35 @@ class _Span:
     ulps: torch.Tensor
 
 
-def _angle_constants(consts: dict[str, torch.Tensor], ctx: Context, angle: _Angle,
-                     shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(c, P, m) per entry from ``consts`` (c = 0 without a shift), or None."""
-    found = [_entry_const(consts, ctx, v, shape) if v is not None else torch.zeros(shape, dtype=torch.float64)
-             for v in (angle.shift, angle.p, angle.m)]
-    c, p, m = found
-    return None if c is None or p is None or m is None else (c, p, m)
+def _angle_constants(ctx: Context, angle: _Angle, shape: tuple[int, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c, P, m) per entry (c = 0 without a shift); ``_angle`` has read each of them."""
+    zero = torch.zeros(shape, dtype=torch.float64)
+    c, p, m = (_entry_const(ctx.consts, ctx, v, shape) if v is not None else zero
+               for v in (angle.shift, angle.p, angle.m))
+    assert c is not None and p is not None and m is not None
+    return c, p, m
 
 
-def _angle_range(per_set: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]) -> _Span:
-    """The float angle r against the ideal (atan2(y, x) - c) mod 2 pi, per entry, over both constant sets.
+def _angle_range(c: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> _Span:
+    """The float angle r against the ideal (atan2(y, x) - c) mod 2 pi, per entry.
 
     Error (a rounding of a result v errs by at most |v| u): the quotient's relative u moves atan by <= u / 2; Atan
     is within ``TRANSCENDENTAL_ULPS`` ulps (each <= 2 u |v|) of a value <= pi / 2; +-P, - c and the modulus's
     Mul and Sub err by their results' sizes (<= P, P + |c|, |k| m, P + |c| + |k| m) times u, with
     |k| <= (P + |c|) / m + 1 (a floor off by one moves r by m: the same direction); the constants add |P - pi|,
-    |k| |m - 2 pi| and the float64 run's change of c. Twice that, for slack.
+    |k| |m - 2 pi|. Twice that, for slack.
     Range: with c in [ANGLE_TINY_SHIFT, P] and m >= 2 P, psi lies in [-P, P] and a = fl(psi - c) in [-m, P], so
     fl(a / m) is in [-1, 1/2] (not -0: a nonzero a is at least 2^-124 away from 0, an exact Sterbenz difference
     of two floats >= 2^-101, or half of c), the floor is -1 or 0 and r = fl(a + m) or a lies in [0, m]; otherwise
     r may leave [0, 2 pi] by the error."""
-    sets = [s for s in per_set if s is not None]
-    c0 = sets[0][0]
-    cmax = torch.stack([s[0].abs() for s in sets]).max(0).values
-    pmax = torch.stack([s[1].abs() for s in sets]).max(0).values
-    mmin = torch.stack([s[2] for s in sets]).min(0).values
-    k = (pmax + cmax) / mmin + 1
-    ulps = 2 * (0.5 + TRANSCENDENTAL_ULPS * pmax + pmax + (pmax + cmax) + k * mmin + (pmax + cmax + k * mmin))
-    fixed = torch.stack([(s[1] - math.pi).abs() + k * (s[2] - _TWO_PI).abs() + (s[0] - c0).abs()
-                         for s in sets]).max(0).values * 2
-    eps = fixed + ulps * UNIT_ROUNDOFF[torch.float32]  # the float32 run's, the larger
-    simple = torch.stack([(s[0] >= ANGLE_TINY_SHIFT) & (s[0] <= s[1]) & (s[2] >= 2 * s[1]) for s in sets]).all(0)
-    top = torch.stack([s[2] for s in sets]).max(0).values.clamp_min(_TWO_PI)
+    cmax, pmax = c.abs(), p.abs()
+    k = (pmax + cmax) / m + 1
+    ulps = 2 * (0.5 + TRANSCENDENTAL_ULPS * pmax + pmax + (pmax + cmax) + k * m + (pmax + cmax + k * m))
+    fixed = ((p - math.pi).abs() + k * (m - _TWO_PI).abs()) * 2
+    eps = fixed + ulps * UNIT_ROUNDOFF[torch.float32]  # float32's, the larger (lipcert's float64 run errs less)
+    simple = (c >= ANGLE_TINY_SHIFT) & (c <= p) & (m >= 2 * p)
+    top = m.clamp_min(_TWO_PI)
     return _Span(torch.where(simple, torch.zeros_like(eps), -eps), torch.where(simple, top, _TWO_PI + eps),
                  fixed, ulps)
 
@@ -1486,22 +1463,21 @@ def _ray_gap(m: torch.Tensor, angle: float) -> float:
 
 @dataclass
 class _EntryProof:
-    """One entry's sectors: its constant, its pieces' smallest gain, per constant set (float32 folded, then
-    float64) the selection error (``fixed`` relative to |z|, ``ulps`` units of u) and a hole (None, or why), the
-    largest mismatch."""
+    """One entry's sectors: its constant, its pieces' smallest gain, the selection error (``fixed`` relative to
+    |z|, ``ulps`` units of u), a hole (None, or why), the largest mismatch."""
 
     constant: float
     sigma: float
-    fixed: list[float]
-    ulps: list[float]
-    hole: list[str | None]
+    fixed: float
+    ulps: float
+    hole: str | None
     mismatch: float
 
 
-def _sector_entry(p: torch.Tensor, pieces: list[torch.Tensor], c: float, eps_fixed: float,
+def _sector_entry(p: torch.Tensor, pieces: torch.Tensor, c: float, eps_fixed: float,
                   ulps: float) -> _EntryProof | str:
     """The sectors of one entry: ``p`` its sorted points (slots: point k is slot k, the interval after it slot
-    K + k), ``pieces[set][slot]`` its 2 x 2 pieces for each constant set (float32 folded first); the boundary ray
+    K + k), ``pieces[slot]`` its 2 x 2 pieces; the boundary ray
     at r = t is at the absolute angle c + t."""
     k_pts = p.shape[0]
     pts = [float(v) for v in p]
@@ -1509,18 +1485,17 @@ def _sector_entry(p: torch.Tensor, pieces: list[torch.Tensor], c: float, eps_fix
     slots += [(pts[k], pts[k + 1], k_pts + k) for k in range(k_pts - 1) if pts[k + 1] > pts[k]]
     slots.sort(key=lambda s: (s[0], s[1]))
     ideal = [s for s in slots if s[0] >= 0 and s[1] <= _TWO_PI and not (s[0] == s[1] == _TWO_PI)]
-    m0 = pieces[0]
     groups: list[list[tuple[float, float, int]]] = []  # runs of one piece (float32 constants)
-    for s in ideal:
-        if groups and torch.equal(m0[groups[-1][-1][2]], m0[s[2]]):
-            groups[-1].append(s)
+    for slot in ideal:
+        if groups and torch.equal(pieces[groups[-1][-1][2]], pieces[slot[2]]):
+            groups[-1].append(slot)
         else:
-            groups.append([s])
+            groups.append([slot])
     cells = [(g[0][0], g[-1][1], g[0][2]) for g in groups if g[-1][1] - g[0][0] >= ANGLE_SLIVER]
     if not cells:
         return f"no sector is wider than {ANGLE_SLIVER:.3g}"
     n = len(cells)
-    mats = torch.stack([m0[s] for _, _, s in cells])
+    mats = torch.stack([pieces[s] for _, _, s in cells])
     norms = [float(v) for v in _norm2_up(mats)]
     gaps = []
     for j in range(n):
@@ -1547,48 +1522,45 @@ def _sector_entry(p: torch.Tensor, pieces: list[torch.Tensor], c: float, eps_fix
         return next(j for j in range(n) for shift in (-_TWO_PI, 0.0, _TWO_PI)
                     if starts[j] < e + shift <= cells[j][1])
 
-    fixed, worst_ulps, hole = [0.0] * len(pieces), [0.0] * len(pieces), [None] * len(pieces)
-    for i, pset in enumerate(pieces):
-        slot_norms = _norm2_up(torch.stack([pset[s] for _, _, s in slots]))
-        for (lo, hi, s), ns in zip(slots, slot_norms.tolist(), strict=True):
-            inside = next((j for j in range(n) if cells[j][0] <= lo and hi <= cells[j][1]
-                           and (lo < hi or cells[j][0] < lo < cells[j][1])), None)
-            if inside is not None:  # the float angle is within eps of r, inside the same sector
-                j, reach = inside, 0.0
-                gap = float(_norm2_up((pset[s] - mats[j]).unsqueeze(0))[0])
-            else:  # a point, a sliver or past [0, 2 pi): compared with the sector at its nearest ray
-                e = min(max(lo, 0.0), _TWO_PI)
-                j, reach = owner(e), max(hi - e, e - lo)
-                gap = _ray_gap(pset[s] - mats[j], c + e)
-            if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and hole[i] is None:
-                hole[i] = (f"the float evaluation takes a piece {gap:.3g} away from the continuous map for r in "
-                           f"[{lo:.9g}, {hi:.9g}] (a hole, or a piece that does not fit there)")
-            fixed[i] = max(fixed[i], (ns + constant) * (reach + eps_fixed) + gap + rho[j])
-            worst_ulps[i] = max(worst_ulps[i], (ns + constant) * ulps)
+    fixed, worst_ulps, hole = 0.0, 0.0, None
+    slot_norms = _norm2_up(torch.stack([pieces[s] for _, _, s in slots]))
+    for (lo, hi, s), ns in zip(slots, slot_norms.tolist(), strict=True):
+        inside = next((j for j in range(n) if cells[j][0] <= lo and hi <= cells[j][1]
+                       and (lo < hi or cells[j][0] < lo < cells[j][1])), None)
+        if inside is not None:  # the float angle is within eps of r, inside the same sector
+            j, reach = inside, 0.0
+            gap = float(_norm2_up((pieces[s] - mats[j]).unsqueeze(0))[0])
+        else:  # a point, a sliver or past [0, 2 pi): compared with the sector at its nearest ray
+            e = min(max(lo, 0.0), _TWO_PI)
+            j, reach = owner(e), max(hi - e, e - lo)
+            gap = _ray_gap(pieces[s] - mats[j], c + e)
+        if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and hole is None:
+            hole = (f"the float evaluation takes a piece {gap:.3g} away from the continuous map for r in "
+                    f"[{lo:.9g}, {hi:.9g}] (a hole, or a piece that does not fit there)")
+        fixed = max(fixed, (ns + constant) * (reach + eps_fixed) + gap + rho[j])
+        worst_ulps = max(worst_ulps, (ns + constant) * ulps)
     return _EntryProof(constant, sigma, fixed, worst_ulps, hole, max(gaps))
 
 
-def _angle_sectors(points: torch.Tensor, pieces: list[tuple[_Lin, _Lin]], per_set: list, span: _Span
+def _angle_sectors(points: torch.Tensor, a: _Lin, b: _Lin, shift: torch.Tensor, span: _Span
                    ) -> tuple[float, Rounding | None, str] | str:
     """The constant and the rounding over every entry (entries with equal points, pieces and constants are
     proven once), or the failed assumption."""
     k_pts = points.shape[0]
     entries = points.reshape(k_pts, -1).shape[1]
-    mats = [torch.stack([a.coef, b.coef], dim=1).reshape(a.coef.shape[0], 2, 2, entries).permute(3, 0, 1, 2)
-            for a, b in pieces]
-    frob = torch.stack([torch.sqrt((torch.stack([a.absc, b.absc], dim=1) ** 2).sum((1, 2)))
-                        .reshape(a.coef.shape[0], entries).max(0).values for a, b in pieces]).max(0).values
-    c = per_set[0][0].reshape(-1)
+    slots = a.coef.shape[0]
+    mats = torch.stack([a.coef, b.coef], dim=1).reshape(slots, 2, 2, entries).permute(3, 0, 1, 2)
+    frob = torch.sqrt((torch.stack([a.absc, b.absc], dim=1) ** 2).sum((1, 2))).reshape(slots, entries).max(0).values
+    c = shift.reshape(-1)
     fixed, ulps = span.fixed.reshape(-1), span.ulps.reshape(-1)
-    rows = torch.cat([points.reshape(k_pts, -1).T] + [m.reshape(entries, -1) for m in mats]
-                     + [torch.stack([c, fixed, ulps, frob], dim=1)], dim=1)
+    rows = torch.cat([points.reshape(k_pts, -1).T, mats.reshape(entries, -1),
+                      torch.stack([c, fixed, ulps, frob], dim=1)], dim=1)
     unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
     first = torch.full((unique.shape[0],), entries, dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(entries), "amin")
     proofs: list[_EntryProof] = []
     for e in first.tolist():
-        proof = _sector_entry(points.reshape(k_pts, -1)[:, e], [m[e] for m in mats], float(c[e]), float(fixed[e]),
-                              float(ulps[e]))
+        proof = _sector_entry(points.reshape(k_pts, -1)[:, e], mats[e], float(c[e]), float(fixed[e]), float(ulps[e]))
         if isinstance(proof, str):
             return f"{proof} (entry {e})"
         proofs.append(proof)
@@ -1596,20 +1568,15 @@ def _angle_sectors(points: torch.Tensor, pieces: list[tuple[_Lin, _Lin]], per_se
     mismatch = max(p.mismatch for p in proofs)
     why = f"the pieces agree on the boundaries up to {mismatch:.2g}: max over entries and sectors of " \
           f"||M_j|| + the slope of the correction that closes the gaps, {constant:.10g}"
-    holes = [next((p.hole[i] for p in proofs if p.hole[i] is not None), None) for i in range(len(pieces))]
+    hole = next((p.hole for p in proofs if p.hole is not None), None)
     sigma = min(p.sigma for p in proofs)
-    if holes[0] is not None:
-        return constant, None, f"{why}; float rounding unknown: {holes[0]}"
+    if hole is not None:
+        return constant, None, f"{why}; float rounding unknown: {hole}"
     if sigma <= 1e-6:
         return constant, None, f"{why}; float rounding unknown: a piece is degenerate"
-    sets = [i for i in range(len(pieces)) if holes[i] is None]  # a float64 hole: the rounding is float32's only
-    depth = max(max(a.depth, b.depth) for a, b in pieces)
-    relative = depth * max(1.0, float(frob.max()) / sigma) + max(p.ulps[i] for p in proofs for i in sets) / sigma
+    relative = max(a.depth, b.depth) * max(1.0, float(frob.max()) / sigma) + max(p.ulps for p in proofs) / sigma
     rounding = Rounding(relative=math.ceil(relative * (1 + 1e-9)),
-                        fixed=max(p.fixed[i] for p in proofs for i in sets) / sigma * (1 + 1e-9),
-                        float64_run=len(sets) == len(pieces))
-    if not rounding.float64_run:
-        why += f"; lipcert's float64 run (its constants folded in float64) is not covered: {holes[1]}"
+                        fixed=max(p.fixed for p in proofs) / sigma * (1 + 1e-9))
     return constant, rounding, why
 
 

@@ -128,7 +128,6 @@ class Site:
     absolute: float = 0.0
     numel: int = 0
     fixed: float = 0.0  # a relative error independent of the float format (``Rounding.fixed``)
-    float64_run: bool = True  # the bound holds at float64's unit roundoff too (``Rounding.float64_run``)
 
 
 class InstructionKind(Enum):
@@ -202,8 +201,6 @@ class _Evaluation:
     def site_error(self, site: Site, base: Affine, out: Affine) -> Affine:
         """What one node adds: gamma_terms (|| |W| P || ||u|| + offset) + gamma_rel ||y|| + gamma_abs sqrt(n)."""
         u = self.plan.unit
-        if not site.float64_run and u < UNIT_ROUNDOFF[torch.float32]:
-            return INFINITE
         err = ZERO
         if site.terms:
             err = err + (base.times(site.abs_norm) + Affine(site.offset, 0.0)).times(gamma(site.terms, u))
@@ -390,8 +387,7 @@ class _Compiler:
 
     def rounding_site(self, out: str, r: Rounding) -> Site:
         """A nonlinear node's or pattern's own rounding (relative and absolute terms only)."""
-        return Site(out, 1.0, not r.exact, True, 0, 0.0, 0.0, r.relative, r.absolute, self.numel(out), r.fixed,
-                    r.float64_run)
+        return Site(out, 1.0, not r.exact, True, 0, 0.0, 0.0, r.relative, r.absolute, self.numel(out), r.fixed)
 
 
 def reference_norms(graph: Graph, point: torch.Tensor) -> dict[str, float]:

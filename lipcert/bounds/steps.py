@@ -74,17 +74,6 @@ class Context:
         self.claimed: set[str] = set()
         #: why a pattern that recognised a node's form did not prove it, by the node (added to its step's reason)
         self.near_misses: dict[str, str] = {}
-        self._consts64: dict[str, torch.Tensor] | None = None
-
-    def float64_consts(self) -> dict[str, torch.Tensor]:
-        """The constant values as lipcert's float64 run computes them (constant subgraphs folded in float64), for
-        patterns whose float evaluation depends on them discontinuously (thresholds)."""
-        if self._consts64 is None:
-            with torch.no_grad():
-                env = GraphModule(self.graph).to(torch.float64).run_all(
-                    torch.zeros((1,) + self.graph.input_shape, dtype=torch.float64))
-            self._consts64 = {k: v for k, v in env.items() if k not in self.data}
-        return self._consts64
 
     def only_user(self, value: str, node: Node) -> bool:
         """True when ``node`` is the only reader of ``value`` and it is not a graph output."""

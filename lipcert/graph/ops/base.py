@@ -74,10 +74,6 @@ class Rounding:
     #: an error relative to ||y|| that does not depend on the float format: a pattern whose constants meet its
     #: condition only up to their own rounding (a HouseHolder's pieces on the selector's zero line), ``fixed`` ||y||
     fixed: float = 0.0
-    #: False: the bound holds for the deployed float32 evaluation only, not for lipcert's float64 run of the graph,
-    #: which folds constant subgraphs in float64 (thresholds that land on a boundary there): that run's error is
-    #: then unknown and the certificates centre on the float32 logits
-    float64_run: bool = True
 
     @property
     def exact(self) -> bool:
