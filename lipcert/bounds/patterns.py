@@ -1354,7 +1354,6 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
     if not isinstance(angle, _Angle) or atan is None:
         return None  # ``angle_selector`` names the failed assumption on the Atan node
     walked = _block_leaves(ctx, node, angle.value)
-    shape = ctx.known_shape(angle.x)
     if walked is None or sorted(walked[0]) != sorted([angle.x, angle.y]):
         ctx.near_misses[atan.name] = (f"the block ending at Concat node {node.name!r} reads other values than "
                                       f"x, y and the angle through its arithmetic")
@@ -1365,6 +1364,7 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
         return None
     source = selection.source
     names = [n.name for n in selection.nodes] + [n.name for n in angle.nodes]
+    shape = _varying_shape(ctx, node, walked[1], angle)
 
     def refuse(why: str, form: _HouseHolderForm | None = None) -> Step | None:
         """The failed assumption: on this block's step once its nodes are known, else on the Atan node's."""
@@ -1406,6 +1406,26 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
                 + [node.name], [source], node.outputs[0],
                 reason=f"linear pieces on the sectors of r = (atan2(y, x) - c) mod 2 pi, continuous across each "
                        f"boundary ray up to their constants' rounding: {why}")
+
+
+def _varying_shape(ctx: Context, node: Node, values: list[str], angle: _Angle) -> tuple[int, ...]:
+    """x's per-sample shape with 1 on the axes along which no constant of the block varies (per-channel angles
+    over a feature map): the entries there are alike, and are proven once."""
+    shape = ctx.known_shape(angle.x)
+    readers = [n for v in values + [angle.value] for n in ([ctx.producer[v]] if v in ctx.producer else [])
+               + (ctx.users.get(v, []) if v == angle.value else [])]
+    names = {i for n in readers + angle.nodes + [node] for i in n.inputs if i and i not in ctx.data}
+    varying = [False] * len(shape)
+    for name in names:
+        c = ctx.consts.get(name)
+        if c is None or not c.is_floating_point():
+            continue
+        size = tuple(c.shape[1:]) if c.dim() > len(shape) else tuple(c.shape)
+        if len(size) > len(shape):
+            return shape
+        size = (1,) * (len(shape) - len(size)) + size
+        varying = [v or s != 1 for v, s in zip(varying, size, strict=True)]
+    return tuple(n if v else 1 for n, v in zip(shape, varying, strict=True))
 
 
 @dataclass
