@@ -2,7 +2,8 @@
 
 Each recogniser is called with the *last* node of its pattern and returns a ``Step`` covering every node
 it claims, or None. Patterns: GroupSort/MaxMin (ReduceMax+ReduceMin+Concat, Split+Max+Min+Concat,
-Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt) and the SLL / SDP residual block.
+Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt), the SLL / SDP residual block and
+HouseHolder activations (a selector and two pieces, or the sectors of an exported atan2).
 """
 
 from __future__ import annotations
@@ -1497,8 +1498,9 @@ class _EntryProof:
 def _sector_entry(p: torch.Tensor, pieces: torch.Tensor, c: float, eps_fixed: float,
                   ulps: float) -> _EntryProof | str:
     """The sectors of one entry: ``p`` its sorted points (slots: point k is slot k, the interval after it slot
-    K + k), ``pieces[slot]`` its 2 x 2 pieces; the boundary ray
-    at r = t is at the absolute angle c + t."""
+    K + k), ``pieces[slot]`` its 2 x 2 pieces; the ray at r = t is at the absolute angle c + t. The float angle is
+    within ``eps_fixed`` + ``ulps`` u of the ideal one; each slot's piece is compared with the continuous map at
+    its own angles (inside a sector) or at its nearest ray (a point, a sliver, past [0, 2 pi))."""
     k_pts = p.shape[0]
     pts = [float(v) for v in p]
     slots = [(pts[k], pts[k], k) for k in range(k_pts) if k == 0 or pts[k] > pts[k - 1]]
