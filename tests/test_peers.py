@@ -318,30 +318,36 @@ def _order_2(thetas: str) -> torch.nn.Module:
     return layer
 
 
-def _close_top(layer: torch.nn.Module) -> None:
+def _set_top(layer: torch.nn.Module, where: str = "above") -> None:
     """Move each pair's theta1 and theta2 by float32 ulps (in turn) until the top sector's end, computed as the
-    layer computes it, rounds above fl(2 pi): the sector then covers every float angle (the layer's intent; its
-    own rounding leaves a hole at r = fl(2 pi) for most angles, see test_householder_order_2_float_hole)."""
+    layer computes it, is ``above`` fl(2 pi) (the sector then covers every float angle: the layer's intent), ``at``
+    fl(2 pi) (the float angle reaches it: a hole of the float evaluation only) or ``below`` it, so below 2 pi
+    (a sliver of angles without a piece, in exact arithmetic too). orthogonium's own rounding gives any of them."""
     two_pi = torch.tensor(2 * np.pi, dtype=torch.float32)
+    wanted = {"above": lambda end: end > two_pi, "at": lambda end: end == two_pi, "below": lambda end: end < two_pi}
     with torch.no_grad():
         for k in range(layer.theta2.numel()):
             for step in range(1000):
                 t1, t2 = (torch.clamp(v[k:k + 1], 0.0, 2 * np.pi) for v in (layer.theta1, layer.theta2))
-                if bool(0.5 * (t1 + t2 + (2 * np.pi - t1) + (2 * np.pi - t2)) > two_pi):
+                if bool(wanted[where](0.5 * (t1 + t2 + (2 * np.pi - t1) + (2 * np.pi - t2)))):
                     break
                 theta = layer.theta1 if step % 2 else layer.theta2
                 theta[k] = torch.nextafter(theta[k], torch.tensor(3.0) if theta[k] < 3.0 else torch.tensor(0.0))
             else:
-                raise AssertionError("no theta near the trained one closes the top sector")
+                raise AssertionError(f"no theta near the given one puts the top sector's end {where} fl(2 pi)")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("thetas", ["random", "zero", "two_pi", "tiny"])
 def test_householder_order_2_is_proven(tmp_path: Path, thetas: str, dynamo: bool) -> None:
-    """orthogonium's HouseHolder_Order_2 (four pieces chosen by the angle atan2(y, x)), both exporters: proven,
-    the activation at 1 within 1e-4 (so the network at 1/sqrt(2)), above the exact Jacobian norms."""
-    model = _activation_net(_order_2(thetas))
+    """orthogonium's HouseHolder_Order_2 (four pieces chosen by the angle atan2(y, x)), both exporters, its top
+    sector ending above fl(2 pi) as the layer means it to: proven, the activation at 1 within 1e-4 (so the network
+    at 1/sqrt(2)), above the exact Jacobian norms."""
+    layer = _order_2(thetas)
+    if thetas == "random":
+        _set_top(layer)
+    model = _activation_net(layer)
     path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo)
     result = verify(load_model(path), empirical_budget=0.5)
     assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
@@ -351,35 +357,57 @@ def test_householder_order_2_is_proven(tmp_path: Path, thetas: str, dynamo: bool
     assert result.network_upper == pytest.approx(1 / math.sqrt(2), abs=1e-4)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-def test_householder_order_2_float_hole(tmp_path: Path, dynamo: bool) -> None:
-    """With its own float32 thresholds the layer's top sector ends at or below fl(2 pi), which the float angle
-    reaches: there it takes no piece and outputs 0 (onnxruntime shows it). lipcert proves the constant but states
-    the float rounding unknown, so the report certifies nothing rather than lean on a wrong allowance; with the
-    top sector closed (``_close_top``) the same network is certified."""
-    layer = _order_2("random")
-    model = _activation_net(layer)
-    path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo)
-    result = verify(load_model(path), empirical_budget=0.5)
-    (row,) = [r for r in result.layers if r.op.startswith(ORDER_2)]
-    assert result.status == PROVEN and "hole" in row.reason
-    alone = export_onnx(torch.nn.Sequential(layer), tmp_path / "a.onnx", (4, 1, 1), dynamo)
+def _zero_outputs(layer: torch.nn.Module, path: Path, dynamo: bool) -> bool:
+    """Whether onnxruntime maps a pair of unit length to 0, for directions just below each pair's c = theta0/2."""
+    alone = export_onnx(torch.nn.Sequential(layer), path, (4, 1, 1), dynamo)
     session = ort.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
     c = torch.clamp(layer.theta0.detach(), 0, 2 * np.pi).numpy().astype(np.float32) / 2
     phi = c[None, :] - np.linspace(0, 2e-6, 801, dtype=np.float32)[:, None]
     z = np.concatenate([np.cos(phi), np.sin(phi)], axis=1).astype(np.float32)[..., None, None]
     out = session.run(None, {session.get_inputs()[0].name: z})[0].reshape(len(z), 2, 2)
-    assert bool((np.abs(out).sum(1) == 0).any())  # a pair of unit length mapped to 0
+    return bool((np.abs(out).sum(1) == 0).any())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_householder_order_2_float_hole(tmp_path: Path, dynamo: bool) -> None:
+    """With its own float32 thresholds the layer's top sector often ends at fl(2 pi), which the float angle
+    reaches: there it takes no piece and outputs 0 (onnxruntime shows it). lipcert proves the constant of the
+    exact map but states the float rounding unknown, so the report certifies nothing rather than lean on a wrong
+    allowance; with the top sector closed (``_set_top``) the same network is certified."""
+    layer = _order_2("random")
+    _set_top(layer, "at")
+    path = export_onnx(_activation_net(layer), tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    (row,) = [r for r in result.layers if r.op.startswith(ORDER_2)]
+    assert result.status == PROVEN and "hole" in row.reason
+    assert _zero_outputs(layer, tmp_path / "a.onnx", dynamo)
     x = np.random.default_rng(0).random((8,) + SHAPE).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros(8, dtype=np.int64))
     report = certify(load_model(path), tmp_path / "d.npz", "0.01", attack=False)
     assert report.eps[0].certified == 0
-    _close_top(layer)
+    _set_top(layer)
     path = export_onnx(_activation_net(layer), tmp_path / "closed.onnx", SHAPE, dynamo)
     result = verify(load_model(path), empirical_budget=0.5)
     (row,) = [r for r in result.layers if r.op.startswith(ORDER_2)]
     assert result.status == PROVEN and "hole" not in row.reason, row.reason
+    assert not _zero_outputs(layer, tmp_path / "b.onnx", dynamo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_householder_order_2_with_a_sliver_is_not_proven(tmp_path: Path, dynamo: bool) -> None:
+    """When the top sector's end rounds below 2 pi, the graph gives no piece to the angles between it and 2 pi
+    even in exact arithmetic: the map jumps there (onnxruntime maps unit pairs to 0), and the verdict is not
+    proven, naming the jump on the block's row."""
+    layer = _order_2("random")
+    _set_top(layer, "below")
+    path = export_onnx(_activation_net(layer), tmp_path / "m.onnx", SHAPE, dynamo)
+    result = verify(load_model(path), empirical_budget=0.5)
+    assert result.status != PROVEN
+    (row,) = [r for r in result.layers if "jumps there" in r.reason]
+    assert row.reason.startswith("no rule")
+    assert _zero_outputs(layer, tmp_path / "a.onnx", dynamo)
 
 
 @pytest.mark.slow
@@ -399,7 +427,7 @@ def test_maxmin_by_indexing_is_proven(tmp_path: Path, form: str, dynamo: bool) -
 @pytest.mark.parametrize("library", ["deel-torchlip", "orthogonium", "orthogonium order 2"])
 def test_householder_networks_trained_on_digits(tmp_path: Path, library: str, dynamo: bool) -> None:
     """A small network with the library's HouseHolder (or orthogonium's HouseHolder_Order_2, its top sector closed
-    after training, ``_close_top``), trained a few epochs on scikit-learn's digits: proven, its bound above the
+    after training, ``_set_top``), trained a few epochs on scikit-learn's digits: proven, its bound above the
     exact Jacobian norms, and its report at least as good as the library's certificate."""
     from sklearn.datasets import load_digits
 
@@ -419,7 +447,7 @@ def test_householder_networks_trained_on_digits(tmp_path: Path, library: str, dy
     model.zero_grad(set_to_none=True)
     model = strip_parametrizations(model.eval()).requires_grad_(False)
     if library == "orthogonium order 2":
-        _close_top(model[1])
+        _set_top(model[1])
     path = export_onnx(model, tmp_path / "m.onnx", SHAPE, dynamo)
     result = verify(load_model(path), empirical_budget=0.5)
     assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]

@@ -1344,8 +1344,10 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
       / omega_j) (the polar derivatives of |z| rho(phi));
     - a segment crosses each boundary ray once, so g is L-Lipschitz, L the largest of these over sectors and
       entries, and the pairs read disjoint coordinates.
-    Sectors narrower than ``ANGLE_SLIVER`` are slivers: the continuous map gives them to their neighbours and the
-    float evaluation's piece there goes into the rounding (``_sector_entry``)."""
+    Sectors narrower than ``ANGLE_SLIVER`` are slivers: the continuous map gives them to their neighbours, and a
+    sliver (or a threshold's ray) whose piece does not fit them is refused, since the graph's map jumps there in
+    exact arithmetic; angles only the float evaluation reaches (past [0, 2 pi)) go into the rounding, unknown when
+    their piece does not fit (a hole) (``_sector_entry``)."""
     if node.op != "Concat" or len(node.inputs) != 2 or len(ctx.data_inputs(node)) != 2:
         return None
     if not all(ctx.only_user(v, node) for v in node.inputs):
@@ -1556,6 +1558,11 @@ def _sector_entry(p: torch.Tensor, pieces: torch.Tensor, c: float, eps_fixed: fl
             e = min(max(lo, 0.0), _TWO_PI)
             j, reach = owner(e), max(hi - e, e - lo)
             gap = _ray_gap(pieces[s] - mats[j], c + e)
+        if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and (lo, hi, s) in ideal:
+            # reached in exact arithmetic (a sliver the float32 thresholds leave, or a threshold's own ray):
+            # the graph's map itself jumps there, which no rounding allowance covers
+            return (f"the piece taken for r in [{lo:.9g}, {hi:.9g}] (exact arithmetic on the graph's float32 "
+                    f"thresholds) is {gap:.3g} away from its neighbours' continuous map: the map jumps there")
         if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and hole is None:
             hole = (f"the float evaluation takes a piece {gap:.3g} away from the continuous map for r in "
                     f"[{lo:.9g}, {hi:.9g}] (a hole, or a piece that does not fit there)")
