@@ -13,6 +13,7 @@ from lipcert.bounds.decompose import decompose
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.patterns import PATTERNS
 from lipcert.bounds.propagate import propagate
+from lipcert.bounds.rounding import gamma
 from lipcert.bounds.spectral import upper_bound
 from lipcert.bounds.steps import Step
 from lipcert.graph.core import Graph
@@ -21,6 +22,7 @@ from lipcert.graph.ops.base import Rounding
 
 from .conftest import dense_norm, graph_of
 from .soundness.build import Builder
+from .soundness.generator import householder_order2
 
 SOUND = 1 + 1e-9  # a measured Jacobian norm may exceed a sound constant by float64 noise only
 
@@ -436,6 +438,84 @@ def test_householder_near_misses_are_refused_with_the_failed_assumption(miss: st
     assert network_bound(graph) == math.inf
 
 
+HOUSEHOLDER2 = "HouseHolder by angle"
+
+
+def householder2(variant: str) -> tuple[Graph, list[Step], np.ndarray]:
+    """orthogonium's HouseHolder_Order_2 on 8 entries (4 pairs), as ``householder_order2`` writes it; with its
+    angles (theta0, theta1, theta2 per pair)."""
+    b = Builder((8,))
+    graph, steps = analyse(b, _order2(b, variant))
+    return graph, steps, np.random.default_rng(3).uniform(0.05, np.pi, (3, 4))
+
+
+def _pair_outputs(graph: Graph, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.no_grad():
+        return GraphModule(graph).to(dtype)(z.to(dtype)).double()
+
+
+@pytest.mark.parametrize("variant", ["ok", "dynamo"])
+def test_householder_order_2_is_1_lipschitz_up_to_its_constants_rounding(variant: str) -> None:
+    """Four pieces (identity, two reflections, a rotation) on the sectors of the angle: proven at 1 up to the
+    float32 thresholds' and sines' rounding, with a finite rounding that covers the float32 evaluation, even for
+    directions within 1e-6 of every boundary ray and of the wrap."""
+    graph, steps, theta = householder2(variant)
+    (step,) = claimed(steps, HOUSEHOLDER2)
+    assert step.kind == "pattern" and 1.0 <= step.details.constant <= 1.0 + 1e-4
+    rounding = step.details.rounding
+    assert isinstance(rounding, Rounding) and 0 < rounding.fixed < 1e-4 and rounding.relative > 0
+    assert measured(graph, points=16) == pytest.approx(1.0)
+    assert measured(graph, points=16) <= network_bound(graph) * SOUND
+    c = theta[0] / 2
+    t1, t2 = theta[1] / 2, (theta[1] + theta[2]) / 2
+    rays = np.concatenate([c + t for t in (0.0, t1, t2, 2 * np.pi - t1, 2 * np.pi)])  # boundaries, per pair
+    offsets = np.linspace(-1e-6, 1e-6, 41)
+    phi = (rays[None, :] + offsets[:, None]).reshape(-1, 1) + np.zeros((1, 4))
+    phi = np.concatenate([phi, np.random.default_rng(4).uniform(-np.pi, np.pi, (400, 4))])
+    radius = np.random.default_rng(5).uniform(0.1, 10, phi.shape)
+    z = torch.from_numpy(np.concatenate([radius * np.cos(phi), radius * np.sin(phi)], axis=1))
+    low, high = _pair_outputs(graph, z, torch.float32), _pair_outputs(graph, z, torch.float64)
+    pair = lambda v: torch.sqrt(v[:, :4] ** 2 + v[:, 4:] ** 2)  # noqa: E731
+    allowed = (gamma(rounding.relative, 2.0 ** -24) + rounding.fixed) * pair(high) + 1e-12
+    assert bool((pair(low - high) <= allowed).all()), float((pair(low - high) / pair(high)).max())
+
+
+def test_householder_order_2_float_hole_makes_its_rounding_unknown() -> None:
+    """orthogonium's own float32 thresholds end the top sector at fl(2 pi) or below, while the float angle reaches
+    fl(2 pi): there the float evaluation takes no piece and outputs 0. The constant is proven; the rounding is
+    unknown (no certificate leans on it), and the reason says why. The hole is real: directions just below the
+    angle c give a zero output."""
+    graph, steps, theta = householder2("raw")
+    (step,) = claimed(steps, HOUSEHOLDER2)
+    assert step.kind == "pattern" and 1.0 <= step.details.constant <= 1.0 + 1e-4
+    assert step.details.rounding is None and "hole" in step.reason
+    phi = np.float32(theta[0] / 2)[None, :] - np.linspace(0, 2e-6, 401)[:, None]
+    z = torch.from_numpy(np.concatenate([np.cos(phi), np.sin(phi)], axis=1).astype(np.float32))
+    out = _pair_outputs(graph, z, torch.float32)
+    assert bool(((out[:, :4] == 0) & (out[:, 4:] == 0)).any())
+
+
+def test_two_householder_order_2_blocks_in_a_row_are_each_proven() -> None:
+    b = Builder((8,))
+    first = _order2(b, "ok")
+    x, y = b.split(first, 1, [4, 4], 2)
+    graph, steps = analyse(b, householder_order2(b, x, y, 1, np.random.default_rng(9).uniform(0.05, 3, (3, 4))))
+    assert [s.kind for s in claimed(steps, HOUSEHOLDER2)] == ["pattern", "pattern"]
+    assert network_bound(graph) <= 1 + 1e-4
+
+
+@pytest.mark.parametrize("variant, why", [("perturbed", "differ by"), ("swapped", "differ by"),
+                                          ("uncovered", "differ by"), ("bad_pi", "is not pi"),
+                                          ("bad_mod", "is not 2 pi")])
+def test_householder_order_2_near_misses_are_refused_with_the_failed_assumption(variant: str, why: str) -> None:
+    """A piece off by 1e-2 (discontinuous at its boundaries), sectors that overlap (thresholds out of order) or
+    that no mask covers, and an atan2 whose pi or modulus is not pi or 2 pi: no rule, the assumption named."""
+    graph, steps, _ = householder2(variant)
+    refusals = [s for s in steps if s.kind == "no rule" and why in s.reason]
+    assert refusals and all(s.reason.startswith("no rule: ") for s in refusals), [(s.label, s.reason) for s in steps]
+    assert network_bound(graph) == math.inf
+
+
 RELU_NEG = "MaxMin-style (Relu(x), Relu(-x))"
 
 
@@ -558,6 +638,11 @@ def _angle(b: Builder) -> str:
     return b.node("Mul", [x, turn])
 
 
+def _order2(b: Builder, variant: str) -> str:
+    x, y = b.split("input", 1, [4, 4], 2)
+    return householder_order2(b, x, y, 1, np.random.default_rng(3).uniform(0.05, np.pi, (3, 4)), variant)
+
+
 #: for each recogniser in ``PATTERNS`` (by name): the input shape, a model it claims, a near miss it must not
 #: claim, and the label of its step
 CASES: dict[str, tuple[tuple[int, ...], Callable[[Builder], str], Callable[[Builder], str], str]] = {
@@ -568,6 +653,7 @@ CASES: dict[str, tuple[tuple[int, ...], Callable[[Builder], str], Callable[[Buil
     "maxmin_select": ((8,), lambda b: selected_maxmin(b, "gather"), lambda b: selected_maxmin(b, "gather", True),
                       SELECTED),
     "householder": ((8,), householder_block, _householder_miss, HOUSEHOLDER),
+    "householder_angle": ((8,), lambda b: _order2(b, "ok"), lambda b: _order2(b, "bad_pi"), HOUSEHOLDER2),
     "angle_selector": ((8,), _angle, lambda b: b.node("Atan", ["input"]), ANGLE),
     "relu_neg_concat": ((6,), relu_neg, lambda b: relu_neg(b, source_copy=True), RELU_NEG),
     "l2_pool": ((1, 4, 4), lambda b: l2_pool(b, 4.0, 2), lambda b: l2_pool(b, 4.0, 2, exponent=4.0), L2_POOL),

@@ -252,14 +252,14 @@ def test_generator_covers_every_pattern(tmp_path: Path) -> None:
               "relu_neg": ("Relu(x), Relu(-x)",), "l2pool": ("L2-norm pool",), "wrap_conv": ("wrap", "circular"),
               "l2norm": ("L2-norm combination",), "linear_region": ("linear region",),
               "split_residual": ("disjoint parts",), "maxmin_indexed": ("selected coordinates",),
-              "householder": ("HouseHolder",)}
+              "householder": ("HouseHolder",), "householder2": ("HouseHolder by angle",)}
     found: dict[str, bool] = {}
     for kind, label in wanted.items():
         found[kind] = False
         for seed in range(40):
             variant = {"maxmin": "split", "sll": "ok", "groupsort": "ok", "relu_neg": "ok", "wrap_conv": "ok",
                        "l2norm": "ok", "linear_region": "identity_conv", "split_residual": "concat",
-                       "maxmin_indexed": "gather", "householder": "ok"}.get(kind)
+                       "maxmin_indexed": "gather", "householder": "ok", "householder2": "ok"}.get(kind)
             program = draw_program(RandomDraw(77 * seed + 5), focus=kind, variant=variant)
             if program.invalid:
                 continue

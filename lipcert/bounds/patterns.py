@@ -2,7 +2,8 @@
 
 Each recogniser is called with the *last* node of its pattern and returns a ``Step`` covering every node
 it claims, or None. Patterns: GroupSort/MaxMin (ReduceMax+ReduceMin+Concat, Split+Max+Min+Concat,
-Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt) and the SLL / SDP residual block.
+Relu/Neg/Concat), L2-norm pooling (Pow/AveragePool/guards/Sqrt), the SLL / SDP residual block and
+HouseHolder activations (a selector and two pieces, or the sectors of an exported atan2).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lipcert.graph.linop import (
     from_function,
 )
 from lipcert.graph.ops import REGISTRY
-from lipcert.graph.ops.base import EXACT, CombinationMode, Rounding
+from lipcert.graph.ops.base import EXACT, TRANSCENDENTAL_ULPS, CombinationMode, Rounding
 from lipcert.graph.ops.tensor import Copies
 
 SORT_REASON = "each group's entries come out sorted (a permutation per sample): 1-Lipschitz (Anil et al. 2019)"
@@ -851,16 +852,17 @@ class _Lin:
 
 @dataclass
 class _Mask:
-    """A 0/1 value: 1 on the sides listed (``on[side]``)."""
+    """A 0/1 value: 1 on the sides (or the angular cells) where ``on[side, ...]`` holds (a bool tensor that
+    broadcasts to the entries)."""
 
-    on: tuple[bool, bool]
+    on: torch.Tensor
 
 
 class _HouseHolderForm:
     """The symbolic evaluation of a HouseHolder-like block from its two inputs x and y, each node once."""
 
-    def __init__(self, ctx: Context, leaves: dict[str, int], shape: tuple[int, ...]) -> None:
-        self.ctx, self.leaves, self.shape = ctx, leaves, shape
+    def __init__(self, ctx: Context, leaves: dict[str, int], shape: tuple[int, ...], sides: int = 2) -> None:
+        self.ctx, self.leaves, self.shape, self.sides = ctx, leaves, shape, sides
         self.memo: dict[str, _Lin | _Mask] = {}
         self.nodes: list[Node] = []
         self.selector: str | None = None
@@ -868,18 +870,7 @@ class _HouseHolderForm:
         self.why = ""
 
     def const(self, value: str) -> torch.Tensor | None:
-        c = self.ctx.consts.get(value) if value not in self.ctx.data else None
-        if c is None or not c.is_floating_point():
-            return None
-        c = c.double()
-        if c.dim() > len(self.shape):
-            if c.dim() > len(self.shape) + 1 or c.shape[0] != 1:
-                return None
-            c = c[0]
-        try:
-            return torch.broadcast_to(c, self.shape)
-        except RuntimeError:
-            return None
+        return _entry_const(self.ctx.consts, self.ctx, value, self.shape)
 
     def fail(self, why: str) -> None:
         if not self.why:
@@ -889,7 +880,7 @@ class _HouseHolderForm:
         if name in self.memo:
             return self.memo[name]
         if name in self.leaves:
-            coef = torch.zeros((2, 2) + self.shape, dtype=torch.float64)
+            coef = torch.zeros((self.sides, 2) + self.shape, dtype=torch.float64)
             coef[:, self.leaves[name]] = 1.0
             found: _Lin | _Mask | None = _Lin(coef, coef.clone(), 0)
         else:
@@ -923,7 +914,7 @@ class _HouseHolderForm:
             self.fail(f"{node.op} node {node.name!r} gives s = 0 to the other side than the other comparison: "
                       "both pieces (or neither) would be taken on the zero line")
         self.selector, self.tie = self.selector or inputs[0], self.tie or tie
-        return _Mask((side == "neg", side == "pos"))
+        return _Mask(torch.tensor([side == "neg", side == "pos"]).reshape((2,) + (1,) * len(self.shape)))
 
     def evaluate(self, node: Node) -> _Lin | _Mask | None:
         ctx, op = self.ctx, node.op
@@ -932,12 +923,17 @@ class _HouseHolderForm:
         if op in ("Identity", "Cast", "Not", "Neg"):
             inner = self.value(node.inputs[0])
             if isinstance(inner, _Mask):
-                return _Mask((not inner.on[0], not inner.on[1])) if op == "Not" else (None if op == "Neg" else inner)
+                return _Mask(~inner.on) if op == "Not" else (None if op == "Neg" else inner)
             if inner is None or op == "Not" or (op == "Cast" and int(node.attr("to", 1)) not in (1, 11)):
                 return None
             if op == "Cast":  # float to float: at most one rounding (to float32)
                 return _Lin(inner.coef, inner.absc, inner.depth + 1)
             return _Lin(-inner.coef, inner.absc, inner.depth) if op == "Neg" else inner
+        if op in ("And", "Or", "Xor"):
+            p, q = (self.value(v) for v in node.inputs)
+            if not isinstance(p, _Mask) or not isinstance(q, _Mask):
+                return None
+            return _Mask(p.on & q.on if op == "And" else (p.on | q.on if op == "Or" else p.on ^ q.on))
         if op == "Where":
             cond, parts = self.value(node.inputs[0]), [self.value(v) if v in ctx.data else self.zero(v)
                                                        for v in node.inputs[1:]]
@@ -975,19 +971,17 @@ class _HouseHolderForm:
         c = self.const(value)
         if c is None or bool((c != 0).any()):
             return None
-        z = torch.zeros((2, 2) + self.shape, dtype=torch.float64)
+        z = torch.zeros((self.sides, 2) + self.shape, dtype=torch.float64)
         return _Lin(z, z.clone(), 0)
 
     @staticmethod
     def select(mask: _Mask, a: _Lin, b: _Lin | None, depth: int) -> _Lin:
         """Side by side: ``a`` where the mask is 1, else ``b`` (zero when None); selecting and multiplying by 0
         or 1 are exact."""
-        coef, absc = a.coef.clone(), a.absc.clone()
-        for side in (0, 1):
-            if not mask.on[side]:
-                coef[side] = 0.0 if b is None else b.coef[side]
-                absc[side] = 0.0 if b is None else b.absc[side]
-        return _Lin(coef, absc, depth)
+        on = mask.on.unsqueeze(1)  # the variable axis
+        zero = torch.zeros((), dtype=torch.float64)
+        return _Lin(torch.where(on, a.coef, zero if b is None else b.coef),
+                    torch.where(on, a.absc, zero if b is None else b.absc), depth)
 
 
 _U = 2.0 ** -53
@@ -1116,17 +1110,517 @@ def _householder_rounding(a: _Lin, b: _Lin, s: _Lin, m: torch.Tensor, norms: tor
 
 # ---------------------------------------------------------------------------- selections by angle
 
+#: how far the exported atan2's pi and the modulus's 2 pi may be from their true values
+ANGLE_CONSTANT_TOLERANCE = 1e-6
+#: sectors narrower than this (radians, 8 float32 ulps of 2 pi) are slivers left by the thresholds' rounding: the
+#: neighbouring sectors' pieces cover them in the continuous map, and the float evaluation's piece there is rounding
+ANGLE_SLIVER = 2.0 ** -18
+#: a shift c in [ANGLE_TINY_SHIFT, P] keeps the float angle r in [0, m] (see ``_angle_range``)
+ANGLE_TINY_SHIFT = 2.0 ** -100
+_TWO_PI = 2 * math.pi
+_ORDER = {"Less": torch.lt, "LessOrEqual": torch.le, "Greater": torch.gt, "GreaterOrEqual": torch.ge}
+_ANGLE_LABEL = "HouseHolder by angle (sectors of atan2, linear pieces)"
+
+
+@dataclass
+class _Angle:
+    """r = (psi - c) mod m, psi the exported atan2(y, x) of the leaves ``x``, ``y``: ``value`` is r, ``shift`` c,
+    ``p`` the graph's pi and ``m`` its 2 pi (each per entry, float64; c is 0 when absent), ``nodes`` its nodes."""
+
+    x: str
+    y: str
+    value: str
+    shift: str | None
+    p: str
+    m: str
+    nodes: list[Node]
+
+
+def _entry_const(consts: dict[str, torch.Tensor], ctx: Context, value: str,
+                 shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The float constant ``value`` as float64 broadcast to the per-sample ``shape`` (a leading batch axis of 1
+    dropped), or None."""
+    c = consts.get(value) if value not in ctx.data else None
+    if c is None or not c.is_floating_point():
+        return None
+    c = c.double()
+    if c.dim() > len(shape):
+        if c.dim() > len(shape) + 1 or c.shape[0] != 1:
+            return None
+        c = c[0]
+    try:
+        return torch.broadcast_to(c, shape)
+    except RuntimeError:
+        return None
+
+
+def _sign_test(ctx: Context, value: str, ops: set[str], shape: tuple[int, ...]) -> tuple[Node, str] | None:
+    """The comparison producing ``value`` as ``v op 0`` (op in ``ops``, either spelling), and v; else None."""
+    node = ctx.producer.get(value)
+    if node is None or node.op not in _COMPARE:
+        return None
+    op, inputs, data = node.op, list(node.inputs), ctx.data_inputs(node)
+    if data == [1]:
+        op, inputs = _MIRROR[op], inputs[::-1]
+    elif data != [0]:
+        return None
+    zero = _entry_const(ctx.consts, ctx, inputs[1], shape)
+    return (node, inputs[0]) if op in ops and zero is not None and not bool((zero != 0).any()) else None
+
+
+def _offset(ctx: Context, node: Node | None, op: str, value: str) -> str | None:
+    """The constant added to (``Add``, either order) or subtracted from (``Sub``) ``value`` by ``node``."""
+    if node is None or node.op != op or ctx.data_inputs(node) not in ([0], [1]):
+        return None
+    k = ctx.data_inputs(node)[0]
+    if node.inputs[k] != value or (op == "Sub" and k != 0):
+        return None
+    return node.inputs[1 - k]
+
+
+def _exported_atan2(ctx: Context, atan: Node) -> tuple[str, str, str, str, list[Node]] | str | None:
+    """(x, y, psi, P, nodes) for ``Where(Less(x, 0), Where(Greater(y, 0), t + P, t - P), t)``, t = Atan(y / x),
+    optionally guarded by ``Where(IsNaN(psi), k, psi)`` (dynamo); the failed assumption, or None when ``atan``
+    reads no quotient of two data values."""
+    div = ctx.producer.get(atan.inputs[0]) if atan.op == "Atan" else None
+    if div is None or div.op != "Div" or len(ctx.data_inputs(div)) != 2:
+        return None
+    y, x = div.inputs
+    shape = ctx.shape(x)
+    where = f"Atan node {atan.name!r} (of {y!r} / {x!r})"
+    if shape is None or ctx.shape(y) != shape:
+        return f"{where}: its two values have unknown or different shapes"
+    t = atan.outputs[0]
+    outer = next((u for u in ctx.users.get(t, []) if u.op == "Where" and u.inputs[2] == t), None)
+    if outer is None:
+        return f"{where} is not corrected by quadrant (no Where(x < 0, ..., atan)): not an exported atan2"
+    less = _sign_test(ctx, outer.inputs[0], {"Less"}, shape)
+    inner = ctx.producer.get(outer.inputs[1])
+    if less is None or less[1] != x or inner is None or inner.op != "Where":
+        return f"{where}: Where node {outer.name!r} does not test x < 0 (strictly) to correct the quadrant"
+    greater = _sign_test(ctx, inner.inputs[0], {"Greater", "GreaterOrEqual"}, shape)
+    plus, minus = (ctx.producer.get(v) for v in inner.inputs[1:])
+    p1, p2 = _offset(ctx, plus, "Add", t), _offset(ctx, minus, "Sub", t)
+    if greater is None or greater[1] != y or p1 is None or p2 is None or plus is None or minus is None:
+        return f"{where}: Where node {inner.name!r} is not Where(y > 0, atan + P, atan - P)"
+    pi1, pi2 = (_entry_const(ctx.consts, ctx, v, shape) for v in (p1, p2))
+    if pi1 is None or pi2 is None or not torch.equal(pi1, pi2):
+        return f"{where}: the quadrant corrections add and subtract different constants"
+    if float((pi1 - math.pi).abs().max()) > ANGLE_CONSTANT_TOLERANCE:
+        return f"{where}: the quadrant correction P = {float(pi1.reshape(-1)[0]):.9g} is not pi"
+    nodes = [div, atan, less[0], greater[0], plus, minus, inner, outer]
+    psi = outer.outputs[0]
+    guard = next((u for u in ctx.users.get(psi, []) if u.op == "IsNaN"), None)
+    if guard is not None:
+        clean = next((u for u in ctx.users.get(guard.outputs[0], []) if u.op == "Where"
+                      and u.inputs[0] == guard.outputs[0] and u.inputs[2] == psi and u.inputs[1] not in ctx.data),
+                     None)
+        if clean is None:
+            return f"{where}: IsNaN node {guard.name!r} does not guard the angle as Where(IsNaN(a), k, a)"
+        nodes += [guard, clean]
+        psi = clean.outputs[0]
+    return x, y, psi, p1, nodes
+
+
+def _angle(ctx: Context, atan: Node) -> _Angle | str | None:
+    """The angle r = (atan2(y, x) - c) mod m that ``atan`` starts, as ``Sub(a, Mul(Floor(Div(a, m)), m))`` with
+    a = psi - c (or psi): its form, the failed assumption, or None when ``atan`` is no exported atan2."""
+    found = _exported_atan2(ctx, atan)
+    if not isinstance(found, tuple):
+        return found
+    x, y, psi, p, nodes = found
+    shape = ctx.known_shape(x)
+    users = ctx.users.get(psi, [])
+    where = f"the angle of Atan node {atan.name!r}"
+    if len(users) != 1:
+        return f"{where} ({psi!r}) is read by {len(users)} nodes, not by one shift or modulus"
+    a, shift = psi, None
+    for op in ("Sub", "Add"):
+        c = _offset(ctx, users[0], op, psi)
+        if c is not None and _entry_const(ctx.consts, ctx, c, shape) is not None:
+            a, shift = users[0].outputs[0], c
+            nodes.append(users[0])
+            if op == "Add":
+                return f"{where} is shifted by Add node {users[0].name!r} (lipcert reads the shift as Sub)"
+    readers = ctx.users.get(a, [])
+    div = next((u for u in readers if u.op == "Div" and u.inputs[0] == a and ctx.data_inputs(u) == [0]), None)
+    sub = next((u for u in readers if u.op == "Sub" and u.inputs[0] == a and len(ctx.data_inputs(u)) == 2), None)
+    floor = _sole_user(ctx, div.outputs[0], "Floor") if div is not None else None
+    mul = _sole_user(ctx, floor.outputs[0], "Mul") if floor is not None else None
+    m2 = _offset(ctx, mul, "Mul", floor.outputs[0]) if mul is not None and floor is not None else None
+    if len(readers) != 2 or div is None or sub is None or floor is None or mul is None or m2 is None \
+            or sub.inputs[1] != mul.outputs[0]:
+        return f"{where} is not reduced as a - Floor(a / m) m (a modulus with a constant m)"
+    m, m_again = (_entry_const(ctx.consts, ctx, v, shape) for v in (div.inputs[1], m2))
+    if m is None or m_again is None or not torch.equal(m, m_again):
+        return f"{where}: the modulus divides and multiplies by different constants"
+    if float((m - _TWO_PI).abs().max()) > ANGLE_CONSTANT_TOLERANCE:
+        return f"{where}: the modulus m = {float(m.reshape(-1)[0]):.9g} is not 2 pi"
+    return _Angle(x, y, sub.outputs[0], shift, p, div.inputs[1], nodes + [div, floor, mul, sub])
+
+
+def _sole_user(ctx: Context, value: str, op: str) -> Node | None:
+    users = ctx.users.get(value, [])
+    return users[0] if len(users) == 1 and users[0].op == op and value not in ctx.graph.outputs else None
+
+
+class _AngleForm(_HouseHolderForm):
+    """The symbolic evaluation of a block from its two leaves x and y and an angle r that it only compares with
+    constants: each value per angular slot (``samples[slot, entry]``, a value of r inside the slot). Constants
+    are read as the loader folded them (float32: the deployed run's values, and those of lipcert's float64 run)."""
+
+    def __init__(self, ctx: Context, leaves: dict[str, int], shape: tuple[int, ...], angle: str,
+                 samples: torch.Tensor) -> None:
+        super().__init__(ctx, leaves, shape, sides=samples.shape[0])
+        self.angle, self.samples = angle, samples
+
+    def value(self, name: str) -> _Lin | _Mask | None:
+        if name == self.angle:
+            self.fail(f"the angle {name!r} is used as a value, not only compared with constants")
+            return None
+        return super().value(name)
+
+    def compare(self, node: Node) -> _Mask | None:
+        op, inputs, data = node.op, list(node.inputs), self.ctx.data_inputs(node)
+        if data == [1]:
+            op, inputs = _MIRROR[op], inputs[::-1]
+        elif data != [0]:
+            return None
+        t = self.const(inputs[1])
+        if inputs[0] != self.angle or t is None:
+            self.fail(f"{node.op} node {node.name!r} compares another value than the angle with a constant")
+            return None
+        return _Mask(_ORDER[op](self.samples, t))
+
+
+def _block_leaves(ctx: Context, node: Node, stop: str) -> tuple[list[str], list[str]] | None:
+    """The data values the block ending at ``node`` reads through arithmetic and masks (stopping at ``stop``),
+    and the values it walked; None past 512 values."""
+    leaves: list[str] = []
+    seen: set[str] = set()
+    stack = list(node.inputs)
+    arithmetic = set(_COMPARE) | {"Identity", "Cast", "Not", "Neg", "Where", "Add", "Sub", "Mul", "Div", "And", "Or",
+                                  "Xor"}
+    while stack:
+        value = stack.pop()
+        if value in seen or value not in ctx.data or value == stop:
+            continue
+        seen.add(value)
+        p = ctx.producer.get(value)
+        if p is None or p.op not in arithmetic:
+            leaves.append(value)
+            continue
+        stack += [v for v in p.inputs if v]
+        if len(seen) > 512:
+            return None
+    return leaves, sorted(seen)
+
+
+def _find_atan(ctx: Context, node: Node) -> Node | None:
+    """The one ``Atan`` node that the block ending at ``node`` reaches through its arithmetic and masks (the
+    exported atan2 is arithmetic around it), or None."""
+    walked = _block_leaves(ctx, node, "")
+    if walked is None:
+        return None
+    found = {p.name: p for p in (ctx.producer.get(v) for v in walked[0]) if p is not None and p.op == "Atan"}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def householder_angle(ctx: Context, node: Node) -> Step | None:
+    """Concat(a, b) with (a, b) linear in two disjoint coordinate selections (x, y) of one value on each angular
+    sector of r = (atan2(y, x) - c) mod 2 pi, the sectors told apart by comparisons of r with per-entry constant
+    thresholds (orthogonium's ``HouseHolder_Order_2``: identity, two reflections and a rotation on four sectors).
+
+    Assumptions, each checked (refused with the one that fails): the angle is the exported atan2 (P = pi and
+    m = 2 pi within ``ANGLE_CONSTANT_TOLERANCE``), read only by comparisons with constants; per entry the
+    thresholds cut [0, 2 pi) into sectors, each taking one linear piece M_j (a sector no mask covers has the
+    piece 0); consecutive pieces agree on their boundary ray up to d (at most ``HOUSEHOLDER_TOLERANCE`` of their
+    norms). The constant, with d_b the mismatch (M_j - M_j+1) w_b on the boundary ray b ending sector j, and
+    omega_j the sector's width:
+    - g(z) = M_j z + |z| rho_j(phi) on sector j, rho_j linear in the angle from (1 - s_(b-1)) d_(b-1) at its start
+      to -s_b d_b at its end, s_b = omega_j / (omega_j + omega_j+1) (the wider sector takes more of the gap);
+    - g is continuous (the two shares of each mismatch meet) and within max|rho_j| |z| of the block;
+    - on sector j, ||Dg|| <= ||M_j|| + ||(rho, rho')||_F <= ||M_j|| + hypot(max|rho_j|, (|rho_start| + |rho_end|)
+      / omega_j) (the polar derivatives of |z| rho(phi));
+    - a segment crosses each boundary ray once, so g is L-Lipschitz, L the largest of these over sectors and
+      entries, and the pairs read disjoint coordinates.
+    Sectors narrower than ``ANGLE_SLIVER`` are slivers: the continuous map gives them to their neighbours, and a
+    sliver (or a threshold's ray) whose piece does not fit them is refused, since the graph's map jumps there in
+    exact arithmetic; angles only the float evaluation reaches (past [0, 2 pi)) go into the rounding, unknown when
+    their piece does not fit (a hole) (``_sector_entry``)."""
+    if node.op != "Concat" or len(node.inputs) != 2 or len(ctx.data_inputs(node)) != 2:
+        return None
+    if not all(ctx.only_user(v, node) for v in node.inputs):
+        return None
+    atan = _find_atan(ctx, node)
+    angle = _angle(ctx, atan) if atan is not None else None
+    if not isinstance(angle, _Angle) or atan is None:
+        return None  # ``angle_selector`` names the failed assumption on the Atan node
+    walked = _block_leaves(ctx, node, angle.value)
+    if walked is None or sorted(walked[0]) != sorted([angle.x, angle.y]):
+        ctx.near_misses[atan.name] = (f"the block ending at Concat node {node.name!r} reads other values than "
+                                      f"x, y and the angle through its arithmetic")
+        return None
+    selection = coordinate_selection(ctx, [angle.x, angle.y])
+    if selection is None or selection.repeats():
+        ctx.near_misses[atan.name] = f"{angle.x!r} and {angle.y!r} are not disjoint selections of one value"
+        return None
+    source = selection.source
+    names = [n.name for n in selection.nodes] + [n.name for n in angle.nodes]
+    shape = _varying_shape(ctx, node, walked[1], angle)
+
+    def refuse(why: str, form: _HouseHolderForm | None = None) -> Step | None:
+        """The failed assumption: on this block's step once its nodes are known, else on the Atan node's."""
+        ctx.near_misses[atan.name] = why
+        if form is None:
+            return None
+        return Step(NoRule(), _ANGLE_LABEL, names + [n.name for n in form.nodes] + [node.name], [source],
+                    node.outputs[0], reason=f"no rule: {why}")
+
+    readers = ctx.users.get(angle.value, [])
+    outside = next((u for u in readers if u.op not in _COMPARE), None)
+    if outside is not None or angle.value in ctx.graph.outputs:
+        return refuse(f"the angle {angle.value!r} is read by {outside.op if outside else 'the graph'} "
+                      f"{outside.name if outside else 'output'!r}, not only by comparisons with constants")
+    thresholds = []
+    for u in readers:
+        t = _entry_const(ctx.consts, ctx, u.inputs[1 - ctx.data_inputs(u)[0]], shape) \
+            if len(ctx.data_inputs(u)) == 1 else None
+        if t is None or bool(t.isnan().any()):
+            return refuse(f"{u.op} node {u.name!r} compares the angle with something other than a number")
+        thresholds.append(t)
+    constants = _angle_constants(ctx, angle, shape)
+    span = _angle_range(*constants)
+    points = torch.sort(torch.stack([span.lo, torch.zeros(shape, dtype=torch.float64),
+                                     torch.full(shape, _TWO_PI, dtype=torch.float64), span.hi]
+                                    + [t.clamp(span.lo, span.hi) for t in thresholds]), dim=0).values
+    samples = torch.cat([points, (points[:-1] + points[1:]) / 2])  # the points, then the open intervals
+    form = _AngleForm(ctx, {angle.x: 0, angle.y: 1}, shape, angle.value, samples)
+    a, b = (form.value(v) for v in node.inputs)
+    if form.why:
+        return refuse(form.why, form)
+    if not isinstance(a, _Lin) or not isinstance(b, _Lin):
+        return refuse(f"the block ending at Concat node {node.name!r} is not linear in x and y on each sector")
+    proof = _angle_sectors(points, a, b, constants[0], span)
+    if isinstance(proof, str):
+        return refuse(proof, form)
+    constant, rounding, why = proof
+    return Step(Pattern(constant, rounding=rounding), _ANGLE_LABEL, names + [n.name for n in form.nodes]
+                + [node.name], [source], node.outputs[0],
+                reason=f"linear pieces on the sectors of r = (atan2(y, x) - c) mod 2 pi, continuous across each "
+                       f"boundary ray up to their constants' rounding: {why}")
+
+
+def _varying_shape(ctx: Context, node: Node, values: list[str], angle: _Angle) -> tuple[int, ...]:
+    """x's per-sample shape with 1 on the axes along which no constant of the block varies (per-channel angles
+    over a feature map): the entries there are alike, and are proven once."""
+    shape = ctx.known_shape(angle.x)
+    readers = [n for v in values + [angle.value] for n in ([ctx.producer[v]] if v in ctx.producer else [])
+               + (ctx.users.get(v, []) if v == angle.value else [])]
+    names = {i for n in readers + angle.nodes + [node] for i in n.inputs if i and i not in ctx.data}
+    varying = [False] * len(shape)
+    for name in names:
+        c = ctx.consts.get(name)
+        if c is None or not c.is_floating_point():
+            continue
+        size = tuple(c.shape[1:]) if c.dim() > len(shape) else tuple(c.shape)
+        if len(size) > len(shape):
+            return shape
+        size = (1,) * (len(shape) - len(size)) + size
+        varying = [v or s != 1 for v, s in zip(varying, size, strict=True)]
+    return tuple(n if v else 1 for n, v in zip(shape, varying, strict=True))
+
+
+@dataclass
+class _Span:
+    """Per entry: the float angle's range [lo, hi] and its error against the ideal angle, ``fixed`` radians plus
+    ``ulps`` times the format's unit roundoff."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    fixed: torch.Tensor
+    ulps: torch.Tensor
+
+
+def _angle_constants(ctx: Context, angle: _Angle, shape: tuple[int, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c, P, m) per entry (c = 0 without a shift); ``_angle`` has read each of them."""
+    zero = torch.zeros(shape, dtype=torch.float64)
+    c, p, m = (_entry_const(ctx.consts, ctx, v, shape) if v is not None else zero
+               for v in (angle.shift, angle.p, angle.m))
+    assert c is not None and p is not None and m is not None
+    return c, p, m
+
+
+def _angle_range(c: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> _Span:
+    """The float angle r against the ideal (atan2(y, x) - c) mod 2 pi, per entry.
+
+    Error (a rounding of a result v errs by at most |v| u): the quotient's relative u moves atan by <= u / 2; Atan
+    is within ``TRANSCENDENTAL_ULPS`` ulps (each <= 2 u |v|) of a value <= pi / 2; +-P, - c and the modulus's
+    Mul and Sub err by their results' sizes (<= P, P + |c|, |k| m, P + |c| + |k| m) times u, with
+    |k| <= (P + |c|) / m + 1 (a floor off by one moves r by m: the same direction); the constants add |P - pi|,
+    |k| |m - 2 pi|. Twice that, for slack.
+    Range: with c in [ANGLE_TINY_SHIFT, P] and m >= 2 P, psi lies in [-P, P] and a = fl(psi - c) in [-m, P], so
+    fl(a / m) is in [-1, 1/2] (not -0: a nonzero a is at least 2^-124 away from 0, an exact Sterbenz difference
+    of two floats >= 2^-101, or half of c), the floor is -1 or 0 and r = fl(a + m) or a lies in [0, m]; otherwise
+    r may leave [0, 2 pi] by the error."""
+    cmax, pmax = c.abs(), p.abs()
+    k = (pmax + cmax) / m + 1
+    ulps = 2 * (0.5 + TRANSCENDENTAL_ULPS * pmax + pmax + (pmax + cmax) + k * m + (pmax + cmax + k * m))
+    fixed = ((p - math.pi).abs() + k * (m - _TWO_PI).abs()) * 2
+    eps = fixed + ulps * UNIT_ROUNDOFF[torch.float32]  # float32's, the larger (lipcert's float64 run errs less)
+    simple = (c >= ANGLE_TINY_SHIFT) & (c <= p) & (m >= 2 * p)
+    top = m.clamp_min(_TWO_PI)
+    return _Span(torch.where(simple, torch.zeros_like(eps), -eps), torch.where(simple, top, _TWO_PI + eps),
+                 fixed, ulps)
+
+
+def _direction(angle: float) -> torch.Tensor:
+    return torch.tensor([math.cos(angle), math.sin(angle)], dtype=torch.float64)
+
+
+def _ray_gap(m: torch.Tensor, angle: float) -> float:
+    """|m w| for the unit direction w at ``angle``, rounded up (float64 evaluation of a 2 x 2 product)."""
+    return float((m @ _direction(angle)).norm()) * (1 + 1e-9) + 1e-14 * float(m.abs().sum())
+
+
+@dataclass
+class _EntryProof:
+    """One entry's sectors: its constant, its pieces' smallest gain, the selection error (``fixed`` relative to
+    |z|, ``ulps`` units of u), a hole (None, or why), the largest mismatch."""
+
+    constant: float
+    sigma: float
+    fixed: float
+    ulps: float
+    hole: str | None
+    mismatch: float
+
+
+def _sector_entry(p: torch.Tensor, pieces: torch.Tensor, c: float, eps_fixed: float,
+                  ulps: float) -> _EntryProof | str:
+    """The sectors of one entry: ``p`` its sorted points (slots: point k is slot k, the interval after it slot
+    K + k), ``pieces[slot]`` its 2 x 2 pieces; the ray at r = t is at the absolute angle c + t. The float angle is
+    within ``eps_fixed`` + ``ulps`` u of the ideal one; each slot's piece is compared with the continuous map at
+    its own angles (inside a sector) or at its nearest ray (a point, a sliver, past [0, 2 pi))."""
+    k_pts = p.shape[0]
+    pts = [float(v) for v in p]
+    slots = [(pts[k], pts[k], k) for k in range(k_pts) if k == 0 or pts[k] > pts[k - 1]]
+    slots += [(pts[k], pts[k + 1], k_pts + k) for k in range(k_pts - 1) if pts[k + 1] > pts[k]]
+    slots.sort(key=lambda s: (s[0], s[1]))
+    ideal = [s for s in slots if s[0] >= 0 and s[1] <= _TWO_PI and not (s[0] == s[1] == _TWO_PI)]
+    groups: list[list[tuple[float, float, int]]] = []  # runs of one piece (float32 constants)
+    for slot in ideal:
+        if groups and torch.equal(pieces[groups[-1][-1][2]], pieces[slot[2]]):
+            groups[-1].append(slot)
+        else:
+            groups.append([slot])
+    cells = [(g[0][0], g[-1][1], g[0][2]) for g in groups if g[-1][1] - g[0][0] >= ANGLE_SLIVER]
+    if not cells:
+        return f"no sector is wider than {ANGLE_SLIVER:.3g}"
+    n = len(cells)
+    mats = torch.stack([pieces[s] for _, _, s in cells])
+    norms = [float(v) for v in _norm2_up(mats)]
+    gaps = []
+    for j in range(n):
+        nxt = (j + 1) % n
+        d = _ray_gap(mats[j] - mats[nxt], c + cells[j][1])
+        if d > HOUSEHOLDER_TOLERANCE * max(norms[j], norms[nxt], 1e-30):
+            ray = math.remainder(c + cells[j][1], _TWO_PI)
+            return (f"the pieces differ by {d:.3g} on the boundary at angle {ray:.9g} (r = {cells[j][1]:.9g}): the "
+                    "map is not continuous there")
+        gaps.append(d)
+    starts = [cells[j - 1][1] - (_TWO_PI if j == 0 else 0.0) for j in range(n)]
+    width = [cells[j][1] - starts[j] for j in range(n)]
+    share = [width[j] / (width[j] + width[(j + 1) % n]) for j in range(n)]  # of boundary j's gap, on sector j
+    rho_end = [share[j] * gaps[j] for j in range(n)]
+    rho_start = [(1 - share[j - 1]) * gaps[j - 1] for j in range(n)]
+    rho = [max(rho_start[j], rho_end[j]) for j in range(n)]
+    constant = max(norms[j] + math.hypot(rho[j], (rho_start[j] + rho_end[j]) / width[j]) * (1 + 1e-12)
+                   for j in range(n))
+    det = (mats[:, 0, 0] * mats[:, 1, 1] - mats[:, 0, 1] * mats[:, 1, 0]).abs() * (1 - 1e-12)
+    sigma = min(float(det[j]) / norms[j] - rho[j] for j in range(n))
+
+    def owner(e: float) -> int:
+        """The sector whose extended span (start, end] holds the ray at r = e."""
+        return next(j for j in range(n) for shift in (-_TWO_PI, 0.0, _TWO_PI)
+                    if starts[j] < e + shift <= cells[j][1])
+
+    fixed, worst_ulps, hole = 0.0, 0.0, None
+    slot_norms = _norm2_up(torch.stack([pieces[s] for _, _, s in slots]))
+    for (lo, hi, s), ns in zip(slots, slot_norms.tolist(), strict=True):
+        inside = next((j for j in range(n) if cells[j][0] <= lo and hi <= cells[j][1]
+                       and (lo < hi or cells[j][0] < lo < cells[j][1])), None)
+        if inside is not None:  # the float angle is within eps of r, inside the same sector
+            j, reach = inside, 0.0
+            gap = float(_norm2_up((pieces[s] - mats[j]).unsqueeze(0))[0])
+        else:  # a point, a sliver or past [0, 2 pi): compared with the sector at its nearest ray
+            e = min(max(lo, 0.0), _TWO_PI)
+            j, reach = owner(e), max(hi - e, e - lo)
+            gap = _ray_gap(pieces[s] - mats[j], c + e)
+        if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and (lo, hi, s) in ideal:
+            # reached in exact arithmetic (a sliver the float32 thresholds leave, or a threshold's own ray):
+            # the graph's map itself jumps there, which no rounding allowance covers
+            return (f"the piece taken for r in [{lo:.9g}, {hi:.9g}] (exact arithmetic on the graph's float32 "
+                    f"thresholds) is {gap:.3g} away from its neighbours' continuous map: the map jumps there")
+        if gap > HOUSEHOLDER_TOLERANCE * max(ns, norms[j], 1e-30) and hole is None:
+            hole = (f"the float evaluation takes a piece {gap:.3g} away from the continuous map for r in "
+                    f"[{lo:.9g}, {hi:.9g}] (a hole, or a piece that does not fit there)")
+        fixed = max(fixed, (ns + constant) * (reach + eps_fixed) + gap + rho[j])
+        worst_ulps = max(worst_ulps, (ns + constant) * ulps)
+    return _EntryProof(constant, sigma, fixed, worst_ulps, hole, max(gaps))
+
+
+def _angle_sectors(points: torch.Tensor, a: _Lin, b: _Lin, shift: torch.Tensor, span: _Span
+                   ) -> tuple[float, Rounding | None, str] | str:
+    """The constant and the rounding over every entry (entries with equal points, pieces and constants are
+    proven once), or the failed assumption."""
+    k_pts = points.shape[0]
+    entries = points.reshape(k_pts, -1).shape[1]
+    slots = a.coef.shape[0]
+    mats = torch.stack([a.coef, b.coef], dim=1).reshape(slots, 2, 2, entries).permute(3, 0, 1, 2)
+    frob = torch.sqrt((torch.stack([a.absc, b.absc], dim=1) ** 2).sum((1, 2))).reshape(slots, entries).max(0).values
+    c = shift.reshape(-1)
+    fixed, ulps = span.fixed.reshape(-1), span.ulps.reshape(-1)
+    rows = torch.cat([points.reshape(k_pts, -1).T, mats.reshape(entries, -1),
+                      torch.stack([c, fixed, ulps, frob], dim=1)], dim=1)
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((unique.shape[0],), entries, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(entries), "amin")
+    proofs: list[_EntryProof] = []
+    for e in first.tolist():
+        proof = _sector_entry(points.reshape(k_pts, -1)[:, e], mats[e], float(c[e]), float(fixed[e]), float(ulps[e]))
+        if isinstance(proof, str):
+            return f"{proof} (entry {e})"
+        proofs.append(proof)
+    constant = math.nextafter(max(p.constant for p in proofs) * (1 + 1e-12), math.inf)
+    mismatch = max(p.mismatch for p in proofs)
+    why = f"the pieces agree on the boundaries up to {mismatch:.2g}: max over entries and sectors of " \
+          f"||M_j|| + the slope of the correction that closes the gaps, {constant:.10g}"
+    hole = next((p.hole for p in proofs if p.hole is not None), None)
+    sigma = min(p.sigma for p in proofs)
+    if hole is not None:
+        return constant, None, f"{why}; float rounding unknown: {hole}"
+    if sigma <= 1e-6:
+        return constant, None, f"{why}; float rounding unknown: a piece is degenerate"
+    relative = max(a.depth, b.depth) * max(1.0, float(frob.max()) / sigma) + max(p.ulps for p in proofs) / sigma
+    rounding = Rounding(relative=math.ceil(relative * (1 + 1e-9)),
+                        fixed=max(p.fixed for p in proofs) / sigma * (1 + 1e-9))
+    return constant, rounding, why
+
+
 def angle_selector(ctx: Context, node: Node) -> Step | None:
-    """An ``Atan`` of a quotient of two data values (an exported atan2, as orthogonium's HouseHolder_Order_2
-    computes the angle of each pair to choose among four pieces): no rule, and the reason says so; the sectors
-    it selects are not proven from the graph."""
+    """An ``Atan`` of a quotient of two data values that no block proof claimed (``householder_angle``): no rule,
+    and the reason names the assumption that failed."""
     quotient = ctx.producer.get(node.inputs[0]) if node.op == "Atan" else None
     if quotient is None or quotient.op != "Div" or len(ctx.data_inputs(quotient)) != 2:
         return None
+    found = _angle(ctx, node)
+    why = found if isinstance(found, str) else ctx.near_misses.get(
+        node.name, "its angle does not select among linear pieces of one Concat (the form householder_angle proves)")
     return Step(NoRule(), "Atan (an angle that selects pieces)", [node.name], [node.inputs[0]], node.outputs[0],
-                reason=f"no rule: Atan node {node.name!r} computes an angle (an exported atan2) that selects "
-                       "pieces by sector; lipcert does not prove a selection by angle (HouseHolder_Order_2)")
+                reason=f"no rule: Atan node {node.name!r} computes an angle that selects pieces by sector: {why}")
 
 
-PATTERNS = [sll_block, householder, wrap_concat, groupsort_reduce, maxmin_select, maxmin_concat, relu_neg_concat,
-            l2_pool, l2_norm_combination, angle_selector]
+PATTERNS = [sll_block, householder, householder_angle, wrap_concat, groupsort_reduce, maxmin_select, maxmin_concat,
+            relu_neg_concat, l2_pool, l2_norm_combination, angle_selector]

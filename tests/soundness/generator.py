@@ -122,6 +122,7 @@ VARIANTS: dict[str, list[str]] = {
     "relu_neg": ["ok", "ok", "side_neg", "other_source", "three"],
     "maxmin_indexed": ["gather", "gather", "strided", "permutation", "permutation_repeat", "gather_repeat"],
     "householder": ["ok", "ok", "where", "shifted", "both_ties", "long_v"],
+    "householder2": ["ok", "ok", "dynamo", "raw", "perturbed", "swapped", "uncovered", "bad_pi", "bad_mod"],
     "l2pool": ["torch", "torch", "deel", "plain", "pow_half", "side_pool", "div"],
     "split_residual": ["concat", "concat", "concat_slices", "swapped", "overlap", "sum_parts", "sum_overlap",
                        "three_parts", "scaled"],
@@ -1319,6 +1320,71 @@ def blk_householder(d: Draw, b: Builder, v: str) -> str:
                              for p, r in ((x, a2), (y, b2))], axis=axis)
 
 
+def householder_order2(b: Builder, x: str, y: str, axis: int, theta: np.ndarray, variant: str = "ok") -> str:
+    """orthogonium's HouseHolder_Order_2 on the halves x, y as its TorchScript export writes it (``dynamo``: with
+    the IsNaN guard), its thresholds and sines folded in float32: r = (atan2(y, x) - theta0 / 2) mod 2 pi picks
+    the identity, two reflections or a rotation by four sectors. ``theta`` holds (theta0, theta1, theta2) per pair.
+    ``ok`` and ``dynamo`` move the top threshold above fl(2 pi), as the layer means (``raw`` keeps it: a float
+    hole at r = m); near misses: ``perturbed`` (a piece off by 1e-2: discontinuous), ``swapped`` (the first two
+    thresholds swapped: sectors overlap), ``uncovered`` (a sector no mask covers), ``bad_pi``, ``bad_mod``."""
+    f32 = np.float32
+    zero = b.const(f32(0.0))
+    p = b.const(f32(3.2 if variant == "bad_pi" else np.pi))
+    t = b.node("Atan", [b.node("Div", [y, x])])
+    turn = b.node("Where", [b.node("Greater", [y, zero]), b.node("Add", [t, p]), b.node("Sub", [t, p])])
+    psi = b.node("Where", [b.node("Less", [x, zero]), turn, t])
+    if variant == "dynamo":
+        psi = b.node("Where", [b.node("IsNaN", [psi]), zero, psi])
+    th0, th1, th2 = (np.clip(v, 0, 2 * np.pi).astype(f32) for v in theta)
+    a = b.node("Sub", [psi, b.const(f32(0.5) * th0)])
+    m = f32(6.0 if variant == "bad_mod" else 2 * np.pi)
+    r = b.node("Sub", [a, b.node("Mul", [b.node("Floor", [b.node("Div", [a, b.const(m)])]), b.const(m)])])
+    two_pi = f32(2 * np.pi)
+    th3, th4 = two_pi - th1, two_pi - th2
+    ends = [f32(0.5) * th1, f32(0.5) * (th1 + th2), f32(0.5) * (th1 + th2 + th3), f32(0.5) * (th1 + th2 + th3 + th4)]
+    if variant not in ("raw", "bad_pi", "bad_mod"):
+        ends[3] = np.maximum(ends[3], np.nextafter(two_pi, f32(7.0)))
+    starts = [np.zeros_like(th0)] + ends[:3]
+    if variant == "swapped":
+        ends[0], ends[1] = ends[1], ends[0]
+        starts = [np.zeros_like(th0)] + ends[:3]
+    if variant == "uncovered":
+        starts[3] = starts[3] + f32(0.3)
+    masks = [b.node("Cast", [b.node("And", [b.node("Cast", [b.node("GreaterOrEqual", [r, b.const(lo)])],
+                                                    to=TensorProto.BOOL),
+                                             b.node("Cast", [b.node("Less", [r, b.const(hi)])], to=TensorProto.BOOL)])],
+                    to=TensorProto.FLOAT) for lo, hi in zip(starts, ends, strict=True)]
+
+    def lin(cx: np.ndarray, cy: np.ndarray, op: str = "Add") -> str:
+        return b.node(op, [b.node("Mul", [x, b.const(cx.astype(f32))]), b.node("Mul", [y, b.const(cy.astype(f32))])])
+
+    t01 = th0 + th1
+    c2 = np.cos(th2) + (f32(1e-2) if variant == "perturbed" else f32(0.0))
+    pieces = [(x, y), (lin(np.cos(t01), np.sin(t01)), lin(np.sin(t01), np.cos(t01), "Sub")),
+              (lin(c2, np.sin(th2)), lin(-np.sin(th2), np.cos(th2))),
+              (lin(np.cos(th0), np.sin(th0)), lin(np.sin(th0), np.cos(th0), "Sub"))]
+    outs = []
+    for k in range(2):
+        total = b.node("Mul", [pieces[0][k], masks[0]])
+        for piece, mask in zip(pieces[1:], masks[1:], strict=True):
+            total = b.node("Add", [total, b.node("Mul", [piece[k], mask])])
+        outs.append(total)
+    return b.node("Concat", outs, axis=axis)
+
+
+def blk_householder2(d: Draw, b: Builder, v: str) -> str:
+    """orthogonium's HouseHolder_Order_2 on the two halves of one axis (``householder_order2``), random angles."""
+    s = shape(b, v)
+    even = [a for a in range(1, len(s) + 1) if s[a - 1] % 2 == 0]
+    need(bool(even))
+    axis = d.choice(even)
+    variant = d.variant("householder2")
+    b.note(f"HouseHolder_Order_2 on axis {axis} of {s} ({variant})")
+    x, y = b.split(v, axis, [s[axis - 1] // 2] * 2, 2)
+    theta = b.rng.uniform(0.05, math.pi, (3,) + shape(b, x))
+    return householder_order2(b, x, y, axis, theta, variant)
+
+
 def blk_relu_neg(d: Draw, b: Builder, v: str) -> str:
     s = shape(b, v)
     variant = d.variant("relu_neg")
@@ -1808,7 +1874,7 @@ BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "lppool": blk_lppool, "topk": blk_topk, "nolip": blk_nolip, "consts": blk_consts, "cast": blk_cast,
     "residual": blk_residual, "broadcast_pair": blk_broadcast_pair, "gated": blk_gated, "sll": blk_sll,
     "groupsort": blk_groupsort, "maxmin": blk_maxmin, "relu_neg": blk_relu_neg, "l2pool": blk_l2pool,
-    "maxmin_indexed": blk_maxmin_indexed, "householder": blk_householder,
+    "maxmin_indexed": blk_maxmin_indexed, "householder": blk_householder, "householder2": blk_householder2,
     "split_residual": blk_split_residual, "l2norm": blk_l2norm, "linear_region": blk_linear_region,
     "region_forms": blk_region_forms, "rank_up": blk_rank_up, "slices": blk_slices, "region_whole": blk_region_whole,
 }
