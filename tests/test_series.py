@@ -238,3 +238,49 @@ def test_the_peak_on_the_imaginary_axis_is_an_upper_bound_and_tight() -> None:
         lam = np.linspace(0.0, rho, 20001)
         sampled = float(np.abs(sum(c * (1j * lam) ** k for k, c in enumerate(coeffs))).max())
         assert sampled <= bound <= sampled * (1 + 1e-6) + 1e-9, (coeffs, rho, bound, sampled)
+
+
+class Spelling(torch.nn.Module):
+    """p(C) of a zero-padded skew conv spelt otherwise: Horner's form, the original SOC loop of 13 terms
+    (``curr = conv(curr) / i``), and a Sub/Mul/Neg form x - Cx / 2 - C^2 x / 4."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        with torch.no_grad():
+            w = self.conv.weight
+            w.copy_(w - w.transpose(0, 1).flip(2, 3))
+            w.mul_(1.2 / float(torch.linalg.vector_norm(w)))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if self.form == "horner":
+            return x + c(x + c(x / 2 + c(x) / 6))
+        if self.form == "soc":
+            total = term = x
+            for i in range(1, 14):
+                term = c(term) / float(i)
+                total = total + term
+            return total
+        return x - c(x) * 0.5 + (-c(c(x))) * 0.25
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+@pytest.mark.parametrize("form", ["horner", "soc", "sub"])
+def test_other_spellings_of_a_series_are_read_as_one(tmp_path: Path, form: str) -> None:
+    """Each spelling is bounded by ``series (region)``, never below the dense norm; the exponential's (an
+    orthogonal map up to truncation) within 1e-4 of it."""
+    torch.manual_seed(1)
+    model = Spelling(form).eval()
+    path = export_onnx(torch.nn.Sequential(model, torch.nn.Flatten()), tmp_path / "s.onnx", (3, 5, 5), False)
+    wide = Spelling(form).double()
+    wide.load_state_dict(model.state_dict())
+    exact = dense_norm(wide.linear, (3, 5, 5))
+    rows = _regions(path, **WHOLE)
+    assert len(rows) == 1 and rows[0].upper_method == "series (region)", [r.upper_method for r in rows]
+    assert rows[0].upper >= exact * (1 - 1e-9)
+    if form != "sub":
+        assert rows[0].upper <= exact + 1e-4, (rows[0].upper, exact)
