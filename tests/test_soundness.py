@@ -141,7 +141,7 @@ STRUCTURED = [("conv", "pads"), ("conv", "SAME_LOWER"), ("conv_transpose", "pads
               ("rank_up", "broadcast_self"), ("slices", "concat_parts"), ("slices", "sum_parts"), ("sll", "ok"),
               ("sll", "chain"), ("split_residual", "concat"), ("region_whole", "sym_pad_conv"),
               ("region_whole", "centred"), ("region_whole", "tail"), ("sll", "orth_skip"),
-              ("sll", "orth_skip_fused")]
+              ("sll", "orth_skip_fused"), ("series", "skew"), ("series", "perturbed"), ("series", "cancelled")]
 #: (kind, variant, thresholds): ci runs the structured variants, each under one setting; long every variant,
 #: drawing the setting per program
 LOWERED_CASES = [(k, v, sorted(LOWERED)[i % len(LOWERED)]) for i, (k, v) in enumerate(STRUCTURED)] \

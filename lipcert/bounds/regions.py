@@ -10,7 +10,8 @@ smallest of: the DFT bound of one convolution when A is a sum or concatenation o
 scales on one grid (their kernels add, aligned by their padding, with zero padding or circular padding alike);
 the DFT of the composed map when every step commutes with the grid's circular shifts (``transfer``); a pad and
 the convolution starting the tail by the tap count (``spectral.padded_conv_bound``); the region before its tail
-times the tail; the bound propagated through the steps. Which one was used is recorded (``BRANCHES``).
+times the tail; the bound propagated through the steps; a polynomial in one convolution by its spectrum when the
+convolution is skew, else by its coefficients (``series``). Which one was used is recorded (``BRANCHES``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.kinds import Combination, Combine, Linear, Region
+from lipcert.bounds.series import series_bound
 from lipcert.bounds.spectral import (
     UpperBound,
     conv_upper_bound,
@@ -47,7 +49,8 @@ from lipcert.graph.ops import REGISTRY, RunContext
 from lipcert.graph.ops.base import CombinationMode
 
 #: how ``region_bound`` bounded a region (``thresholds.record``)
-BRANCHES = ("region.dense", "region.conv", "region.dft", "region.pad-conv", "region.split", "region.product")
+BRANCHES = ("region.dense", "region.conv", "region.dft", "region.pad-conv", "region.split", "region.product",
+            "region.series", "region.series-sum")
 
 
 def _linear_combination(step: Step) -> bool:
@@ -240,7 +243,7 @@ def region_bound(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -
 def _candidates(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) -> list[tuple[str, UpperBound]]:
     """Every bound that applies to a region too large for its dense norm, with its branch: one convolution, the
     DFT of the composed map (``transfer``), a pad and the convolution after it, the region before its tail times
-    the tail, and the product of its steps (which always applies)."""
+    the tail, the product of its steps (which always applies), and a polynomial in one convolution (``series``)."""
     found = _whole(step, True)
     split = _split(step)
     if split is not None:
@@ -257,6 +260,9 @@ def _candidates(step: Step, bound_of: Callable[[LinearOperator], UpperBound]) ->
                 value = mul_up(value, bound_of(refine(t.linear)).value)
             found.append(("region.split", UpperBound(value, "product(region, tail)", False)))
     found.append(("region.product", UpperBound(_propagated(step, bound_of), "product(region steps)", False)))
+    series = series_bound(step)  # after the product: taken only when strictly smaller
+    if series is not None:
+        found.append((series[0], UpperBound(series[1], "series (region)", False)))
     return found
 
 

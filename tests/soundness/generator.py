@@ -26,6 +26,8 @@ concatenations and means with constants), reshapes to a higher rank with constan
 INT_MIN/INT_MAX, steps above 1 and negative) inside and around regions, concatenations and partitions.
 Heads: Gemm, MatMul, 1x1 conv + global pooling, and a Gemm followed by Reshape/Transpose permuting the logits; a
 single logit (a binary model) also as a ReduceSum of the features, (N, 1) or (N,), or a Slice of one feature.
+Polynomials in one zero-padded convolution (SOC's truncated exponential): a skew kernel, shared or copied, off skew
+by a drawn amount, or a raw kernel with cancelling terms.
 
 Every block has a main *variant* (``VARIANTS``); the focused property tests walk through all of them.
 """
@@ -134,6 +136,7 @@ VARIANTS: dict[str, list[str]] = {
     "rank_up": ["scale", "shift", "copies", "broadcast_self", "broadcast_self"],
     "slices": ["one", "one", "two_axes", "concat_parts", "sum_parts", "region_inside", "region_around"],
     "region_whole": ["sym_pad_conv", "centred", "tail"],
+    "series": ["skew", "skew", "copies", "perturbed", "cancelled"],
 }
 
 
@@ -1866,6 +1869,42 @@ def blk_region_whole(d: Draw, b: Builder, v: str) -> str:
     return blk_dense(d, b, total)
 
 
+def blk_series(d: Draw, b: Builder, v: str) -> str:
+    """A polynomial in one zero-padded "same" convolution C, as SOC's truncated exponential sum_k C^k x / k!: a skew
+    kernel sharing one initializer (``skew``) or in equal copies (``copies``), a kernel off skew by a drawn amount
+    (``perturbed``), and a term that cancels part of another (``cancelled``: x + Cx + C^2 x / 2 - C(Cx) / 4, a
+    raw kernel), so that both the spectral and the coefficient bound of the ``series`` region are met."""
+    variant = d.variant("series")
+    s = shape(b, v)
+    need(len(s) == 3)
+    c = s[0]
+    kernel = [d.choice([1, 3]) if n >= 2 else 1 for n in s[1:]]
+    dil = [d.int(1, 2) if k > 1 else 1 for k in kernel]
+    attrs: dict[str, Any] = {"pads": [x * (k // 2) for k, x in zip(kernel, dil)] * 2}
+    if any(x != 1 for x in dil):
+        attrs["dilations"] = dil
+    raw = b.rng.standard_normal((c, c) + tuple(kernel))
+    w = raw if variant == "cancelled" else raw - raw.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+    if variant == "perturbed":
+        w = w + d.choice([1e-6, 1e-3, 0.3]) * b.rng.standard_normal(w.shape)
+    w = normalised(w, operator_norm("Conv", s, [t64(w)], **attrs), d.choice([0.5, 1.0, 1.5, None]))
+    shared = weight(d, b, w) if variant != "copies" else None
+    b.note(f"series of one conv ({variant}) k{kernel} {attrs}")
+
+    def conv(x: str) -> str:
+        return b.node("Conv", [x, shared if shared is not None else b.weight(w, "float32")], **attrs)
+
+    total, power = v, v
+    for i in range(1, d.int(2, 4) + 1):
+        power = conv(power)
+        term = b.node("Div", [power, b.const(np.float32(i))]) \
+            if d.bool() else b.node("Mul", [power, b.const(np.float32(1 / i))])
+        total, power = b.node("Add", [total, term]), term
+        if variant == "cancelled" and i == 2:
+            total = b.node("Sub", [total, b.node("Div", [conv(conv(v)), b.const(np.float32(4))])])
+    return b.node("Relu", [total])
+
+
 BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "dense": blk_dense, "matmul_last": blk_matmul_last, "conv": blk_conv, "conv_transpose": blk_conv_transpose,
     "batchnorm": blk_batchnorm, "scale": blk_scale, "shift": blk_shift, "unary_linear": blk_unary_linear,
@@ -1877,6 +1916,7 @@ BLOCKS: dict[str, Callable[[Draw, Builder, str], str]] = {
     "maxmin_indexed": blk_maxmin_indexed, "householder": blk_householder, "householder2": blk_householder2,
     "split_residual": blk_split_residual, "l2norm": blk_l2norm, "linear_region": blk_linear_region,
     "region_forms": blk_region_forms, "rank_up": blk_rank_up, "slices": blk_slices, "region_whole": blk_region_whole,
+    "series": blk_series,
 }
 #: how often a random program picks each block (patterns and the shapes that break things are favoured)
 WEIGHTS = {"dense": 3, "conv": 3, "act": 3, "residual": 2, "broadcast_pair": 2, "sll": 2, "maxmin": 2,
@@ -1885,7 +1925,7 @@ WEIGHTS = {"dense": 3, "conv": 3, "act": 3, "residual": 2, "broadcast_pair": 2, 
            "householder": 2}
 #: blocks whose natural input is an image (the focused tests start from a rank-3 sample shape)
 IMAGE_BLOCKS = {"conv", "conv_transpose", "batchnorm", "pad", "wrap_conv", "avgpool", "maxpool", "lppool",
-                "l2pool", "broadcast_pair", "groupsort", "region_forms", "region_whole"}
+                "l2pool", "broadcast_pair", "groupsort", "region_forms", "region_whole", "series"}
 
 
 #: variants that need an image (a rank-3 sample) to apply

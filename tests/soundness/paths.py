@@ -24,7 +24,7 @@ LOWERED: dict[str, dict[str, int]] = {
 #: of parts' bounds)
 METHODS = ("svd", "fft-circular", "fft-embedding", "gram", "schur", "structural", "product(",
            "fft-circular (region)", "fft-embedding (region)", "product(region steps)", "pad-conv", "dft (region)",
-           "pad-conv (region)", "product(region, tail)")
+           "pad-conv (region)", "product(region, tail)", "series (region)")
 
 #: every structured branch the bounds declare
 BRANCHES = spectral.BRANCHES + regions.BRANCHES + fusion.BRANCHES + patterns.BRANCHES + propagate.BRANCHES
