@@ -260,8 +260,8 @@ def test_trained_soc_with_one_term_is_violated_with_a_witness(trained: Trained, 
 def test_default_size_patch_based_cnn_is_proven(tmp_path: Path, dynamo: bool) -> None:
     """orthogonium's PatchBasedCNN at its default size (CIFAR 3x32x32, 128 channels, depth 8), untrained: every
     block's linear region bound whole by the DFT, within 2e-6 of its power-iteration norm, and the network proven
-    at a tolerance of 1e-4. At the default 1e-5 it is not: the 8 regions' rounding allowances (1.4e-6 to 1.7e-6
-    each) put the bound at 1.0000126."""
+    at a tolerance of 1e-4. At the default 1e-5 it is not: the DFT gives each region's norm as 1.0000014 to
+    1.0000016 (its float32 weights are orthogonal to about 1e-6), and the 8 of them multiply to 1.0000126."""
     from orthogonium.layers.normalization import LayerCentering2D
     from orthogonium.model_factory.classparam import ClassParam
     from orthogonium.model_factory.models_factory import PatchBasedCNN
