@@ -28,8 +28,8 @@ def decompose(graph: Graph) -> list[Step]:
         if node.name not in ctx.claimed and ctx.data_inputs(node):
             for step in node_step(ctx, node):
                 if node.name in ctx.near_misses:  # the pattern that recognised it says why it did not prove it
-                    step.reason = f"{step.reason}; {ctx.near_misses[node.name]}" if step.reason \
-                        else ctx.near_misses[node.name]
+                    step.near_miss = ctx.near_misses[node.name]
+                    step.reason = f"{step.reason}; {step.near_miss}" if step.reason else step.near_miss
                 steps.append(step)
     position = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs}
     steps.sort(key=lambda s: position[s.output])

@@ -217,6 +217,8 @@ class Propagation:
     profiles: dict = field(default_factory=dict)
     #: whether the graph's output depends on the input's values (a constant output has bound 0)
     output_is_data: bool = True
+    #: "node: why", for each step whose form a pattern recognised but could not prove (``Step.near_miss``)
+    near_misses: list[str] = field(default_factory=list)
 
     @property
     def upper(self) -> float:
@@ -240,6 +242,8 @@ def propagate(graph: Graph, claim: float = 1.0, tol: float = DEFAULT_TOL, device
             progress("layer bounds", done, len(steps), "layers")
         # a value no step bounds has no bound: infinite, never 0
         incoming = [prop.bounds.get(i, math.inf) for i in step.inputs]
+        if step.near_miss:
+            prop.near_misses.append(f"{step.nodes[0]}: {step.near_miss}")
         if isinstance(step.details, Combination):
             combination = step.details
             bound = _combine(combination, incoming)

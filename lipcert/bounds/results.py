@@ -66,6 +66,8 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     witness: dict | None = None  # the witness pair of a violated claim (``witness.Witness.summary``)
+    #: "node: why" for each step whose form a pattern recognised but could not prove (``Propagation.near_misses``)
+    near_misses: list[str] = field(default_factory=list)
 
     @property
     def why(self) -> str:
@@ -76,12 +78,13 @@ class VerifyResult:
                   f"pairs with ratio up to {self.network_lower:.6g}")
         if self.status == VIOLATED:
             return f"{search}, above the claim {self.claimed:g}: the claim is false"
+        missed = f"; recognised but not proven: {'; '.join(self.near_misses)}" if self.near_misses else ""
         if self.no_rule:
-            return (f"no rule bounds {', '.join(self.no_rule)}, so the network bound is unknown; {search}")
+            return f"no rule bounds {', '.join(self.no_rule)}, so the network bound is unknown{missed}; {search}"
         factors = ", ".join(f"{c['layer']} ({c['factor']:.4g})" for c in self.top_contributors)
         return (f"the sound bound {self.network_upper:.6g} is above the claim {self.claimed:g}"
                 + (f"; the factors above 1 are {factors}" if factors else "")
-                + f"; {search}, so the claim may hold with a tighter bound")
+                + f"{missed}; {search}, so the claim may hold with a tighter bound")
 
     @property
     def breaking_layers(self) -> list[LayerResult]:

@@ -44,6 +44,8 @@ class Step:
     inputs: list[str]
     output: str
     reason: str = ""
+    #: why a pattern that recognised this step's form did not prove it (also at the end of ``reason``)
+    near_miss: str = ""
     #: the nodes of a linear chain or rule in order, for the float error analysis
     parts: list[Part] = field(default_factory=list)
 

@@ -93,7 +93,7 @@ def verify(graph: Graph, bound: float | None = None, *, tol: float = DEFAULT_TOL
         network_lower_steps=steps, network_lower_stopped=stopped, status=status,
         top_contributors=[{"layer": n, "factor": f} for f, n in top],
         no_rule=[row.name for row in layers if row.status == NO_RULE], combinations=prop.combinations,
-        notes=notes, seconds=time.perf_counter() - start, witness=evidence)
+        notes=notes, seconds=time.perf_counter() - start, witness=evidence, near_misses=prop.near_misses)
 
 
 def _witness(graph: Graph, pair: tuple[torch.Tensor, torch.Tensor] | None, claim: float, tol: float,
