@@ -45,7 +45,6 @@ from lipcert.bounds.rounding import ErrorPlan, gamma, nonnegative_norm
 from lipcert.bounds.rounding import plan as error_plan
 from lipcert.bounds.steps import Step
 from lipcert.certification.radii import SQRT2, CertificateSetup, sample_norms
-from lipcert.certification.settings import SETTINGS
 from lipcert.graph.core import Graph, Node
 from lipcert.graph.executor import GraphModule
 from lipcert.graph.ops import REGISTRY, RunContext
@@ -67,8 +66,6 @@ SLACK = 1e-9
 #: the most switching functionals one tail activation may have: each costs a pull-back of the margin rows through
 #: the tail, so wider blocks (a convolution's feature map) leave the global radius, with the reason
 MAX_SWITCHES = 1024
-#: how many of the network's last activation blocks are analysed by default: ``report``'s ``local_depth``
-DEPTH: int = SETTINGS["local_depth"].default
 
 
 @dataclass
@@ -118,7 +115,7 @@ class LocalCertifier:
     at those radii."""
 
     def __init__(self, graph: Graph, setup: CertificateSetup, *, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, max_depth: int = DEPTH, method: str = "best",
+                 std: Sequence[float] | None = None, max_depth: int = 1, method: str = "best",
                  prop: Propagation | None = None, at: Sequence[float] | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -668,7 +665,7 @@ def local_radii(graph: Graph, setup: CertificateSetup, x: torch.Tensor, logits: 
                 radius: torch.Tensor, *, error_base: torch.Tensor | float | None = None,
                 error_slope: float | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                method: str = "best", max_depth: int = DEPTH) -> LocalRadii:
+                method: str = "best", max_depth: int = 1) -> LocalRadii:
     """Local radii for one batch (``LocalCertifier`` once per model is cheaper for many). Without an error
     allowance, the global one around the zero image: setup.error_base + setup.error_slope (||x|| + r)."""
     certifier = LocalCertifier(graph, setup, mean=mean, std=std, max_depth=max_depth, method=method)
