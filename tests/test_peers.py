@@ -18,6 +18,7 @@ from lipcert.bounds.results import PROVEN
 from lipcert.bounds.verify import verify
 
 from .conftest import dense_norm, export_onnx, strip_parametrizations
+from .peers_training import jacobian_max, library_radii
 
 SHAPE = (1, 8, 8)
 
@@ -211,8 +212,7 @@ def _assert_report_beats_library(path: Path, tmp_path: Path, x: np.ndarray) -> N
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     z = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
     y = z.argmax(1)
-    top2 = np.sort(z, axis=1)[:, -2:]
-    theirs = (top2[:, 1] - top2[:, 0]) / math.sqrt(2)
+    theirs = library_radii(z)
     eps = np.quantile(theirs, [0.25, 0.5, 0.75])
     np.savez(tmp_path / "d.npz", x=x, y=y)
     report = certify(load_model(path), tmp_path / "d.npz", ",".join(f"{e:.6g}" for e in eps), attack=False)
@@ -273,14 +273,7 @@ def _householder(library: str, strip: bool = True) -> torch.nn.Module:
 
 def _jacobian_max(model: torch.nn.Module, points: int = 24) -> float:
     """The largest ||J(x)||_2 of the torch model at random points of [0, 1]: a lower bound on its constant."""
-    gen = torch.Generator().manual_seed(8)
-    wide = copy.deepcopy(model).double()
-    best = 0.0
-    for _ in range(points):
-        x = torch.rand((1,) + SHAPE, generator=gen, dtype=torch.float64)
-        jac = torch.autograd.functional.jacobian(lambda v: wide(v).reshape(-1), x).reshape(10, -1)
-        best = max(best, float(torch.linalg.matrix_norm(jac, ord=2)))
-    return best
+    return jacobian_max(model, SHAPE, points)
 
 
 @pytest.mark.slow

@@ -834,6 +834,10 @@ def maxmin_select(ctx: Context, node: Node) -> Step | None:
 _COMPARE = {"Greater": ("pos", "neg"), "LessOrEqual": ("neg", "neg"), "Less": ("neg", "pos"),
             "GreaterOrEqual": ("pos", "pos")}
 _MIRROR = {"Greater": "Less", "Less": "Greater", "LessOrEqual": "GreaterOrEqual", "GreaterOrEqual": "LessOrEqual"}
+#: the operators a HouseHolder-like block computes with (its arithmetic on x, y and the selector's comparisons)
+_ARITHMETIC = frozenset(_COMPARE) | {"Identity", "Cast", "Not", "Neg", "Where", "Add", "Sub", "Mul", "Div"}
+#: and the masks' logic, which the angle form also reads
+_ARITHMETIC_AND_MASKS = _ARITHMETIC | {"And", "Or", "Xor"}
 #: the largest mismatch of the two pieces on the selector's zero line, relative to their size, that is taken for
 #: the rounding of their constants (a larger one is a discontinuity: no rule)
 HOUSEHOLDER_TOLERANCE = 1e-5
@@ -870,7 +874,7 @@ class _HouseHolderForm:
         self.why = ""
 
     def const(self, value: str) -> torch.Tensor | None:
-        return _entry_const(self.ctx.consts, self.ctx, value, self.shape)
+        return _entry_const(self.ctx, value, self.shape)
 
     def fail(self, why: str) -> None:
         if not self.why:
@@ -1064,22 +1068,10 @@ def householder(ctx: Context, node: Node) -> Step | None:
 def _householder_leaves(ctx: Context, node: Node) -> tuple[Selection, tuple[str, str]] | None:
     """The two values x and y the block computes from (read by its arithmetic), as coordinate selections of one
     value, disjoint; None otherwise."""
-    leaves: list[str] = []
-    seen: set[str] = set()
-    stack = list(node.inputs)
-    arithmetic = set(_COMPARE) | {"Identity", "Cast", "Not", "Neg", "Where", "Add", "Sub", "Mul", "Div"}
-    while stack:
-        value = stack.pop()
-        if value in seen or value not in ctx.data:
-            continue
-        seen.add(value)
-        p = ctx.producer.get(value)
-        if p is None or p.op not in arithmetic:
-            leaves.append(value)
-            continue
-        stack += [v for v in p.inputs if v]
-        if len(seen) > 256:
-            return None
+    walked = _block_leaves(ctx, node, "", _ARITHMETIC, 256)
+    if walked is None:
+        return None
+    leaves = walked[0]
     if len(leaves) != 2 or ctx.shape(leaves[0]) is None or ctx.shape(leaves[0]) != ctx.shape(leaves[1]):
         return None
     selection = coordinate_selection(ctx, leaves)
@@ -1136,11 +1128,10 @@ class _Angle:
     nodes: list[Node]
 
 
-def _entry_const(consts: dict[str, torch.Tensor], ctx: Context, value: str,
-                 shape: tuple[int, ...]) -> torch.Tensor | None:
+def _entry_const(ctx: Context, value: str, shape: tuple[int, ...]) -> torch.Tensor | None:
     """The float constant ``value`` as float64 broadcast to the per-sample ``shape`` (a leading batch axis of 1
     dropped), or None."""
-    c = consts.get(value) if value not in ctx.data else None
+    c = ctx.consts.get(value) if value not in ctx.data else None
     if c is None or not c.is_floating_point():
         return None
     c = c.double()
@@ -1164,7 +1155,7 @@ def _sign_test(ctx: Context, value: str, ops: set[str], shape: tuple[int, ...]) 
         op, inputs = _MIRROR[op], inputs[::-1]
     elif data != [0]:
         return None
-    zero = _entry_const(ctx.consts, ctx, inputs[1], shape)
+    zero = _entry_const(ctx, inputs[1], shape)
     return (node, inputs[0]) if op in ops and zero is not None and not bool((zero != 0).any()) else None
 
 
@@ -1203,7 +1194,7 @@ def _exported_atan2(ctx: Context, atan: Node) -> tuple[str, str, str, str, list[
     p1, p2 = _offset(ctx, plus, "Add", t), _offset(ctx, minus, "Sub", t)
     if greater is None or greater[1] != y or p1 is None or p2 is None or plus is None or minus is None:
         return f"{where}: Where node {inner.name!r} is not Where(y > 0, atan + P, atan - P)"
-    pi1, pi2 = (_entry_const(ctx.consts, ctx, v, shape) for v in (p1, p2))
+    pi1, pi2 = (_entry_const(ctx, v, shape) for v in (p1, p2))
     if pi1 is None or pi2 is None or not torch.equal(pi1, pi2):
         return f"{where}: the quadrant corrections add and subtract different constants"
     if float((pi1 - math.pi).abs().max()) > ANGLE_CONSTANT_TOLERANCE:
@@ -1237,7 +1228,7 @@ def _angle(ctx: Context, atan: Node) -> _Angle | str | None:
     a, shift = psi, None
     for op in ("Sub", "Add"):
         c = _offset(ctx, users[0], op, psi)
-        if c is not None and _entry_const(ctx.consts, ctx, c, shape) is not None:
+        if c is not None and _entry_const(ctx, c, shape) is not None:
             a, shift = users[0].outputs[0], c
             nodes.append(users[0])
             if op == "Add":
@@ -1251,7 +1242,7 @@ def _angle(ctx: Context, atan: Node) -> _Angle | str | None:
     if len(readers) != 2 or div is None or sub is None or floor is None or mul is None or m2 is None \
             or sub.inputs[1] != mul.outputs[0]:
         return f"{where} is not reduced as a - Floor(a / m) m (a modulus with a constant m)"
-    m, m_again = (_entry_const(ctx.consts, ctx, v, shape) for v in (div.inputs[1], m2))
+    m, m_again = (_entry_const(ctx, v, shape) for v in (div.inputs[1], m2))
     if m is None or m_again is None or not torch.equal(m, m_again):
         return f"{where}: the modulus divides and multiplies by different constants"
     if float((m - _TWO_PI).abs().max()) > ANGLE_CONSTANT_TOLERANCE:
@@ -1293,25 +1284,24 @@ class _AngleForm(_HouseHolderForm):
         return _Mask(_ORDER[op](self.samples, t))
 
 
-def _block_leaves(ctx: Context, node: Node, stop: str) -> tuple[list[str], list[str]] | None:
-    """The data values the block ending at ``node`` reads through arithmetic and masks (stopping at ``stop``),
-    and the values it walked; None past 512 values."""
+def _block_leaves(ctx: Context, node: Node, stop: str, ops: frozenset[str] = _ARITHMETIC_AND_MASKS,
+                  limit: int = 512) -> tuple[list[str], list[str]] | None:
+    """The data values the block ending at ``node`` reads through ``ops`` (stopping at ``stop``), and the values
+    it walked; None past ``limit`` values."""
     leaves: list[str] = []
     seen: set[str] = set()
     stack = list(node.inputs)
-    arithmetic = set(_COMPARE) | {"Identity", "Cast", "Not", "Neg", "Where", "Add", "Sub", "Mul", "Div", "And", "Or",
-                                  "Xor"}
     while stack:
         value = stack.pop()
         if value in seen or value not in ctx.data or value == stop:
             continue
         seen.add(value)
         p = ctx.producer.get(value)
-        if p is None or p.op not in arithmetic:
+        if p is None or p.op not in ops:
             leaves.append(value)
             continue
         stack += [v for v in p.inputs if v]
-        if len(seen) > 512:
+        if len(seen) > limit:
             return None
     return leaves, sorted(seen)
 
@@ -1384,7 +1374,7 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
                       f"{outside.name if outside else 'output'!r}, not only by comparisons with constants")
     thresholds = []
     for u in readers:
-        t = _entry_const(ctx.consts, ctx, u.inputs[1 - ctx.data_inputs(u)[0]], shape) \
+        t = _entry_const(ctx, u.inputs[1 - ctx.data_inputs(u)[0]], shape) \
             if len(ctx.data_inputs(u)) == 1 else None
         if t is None or bool(t.isnan().any()):
             return refuse(f"{u.op} node {u.name!r} compares the angle with something other than a number")
@@ -1446,7 +1436,7 @@ def _angle_constants(ctx: Context, angle: _Angle, shape: tuple[int, ...]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(c, P, m) per entry (c = 0 without a shift); ``_angle`` has read each of them."""
     zero = torch.zeros(shape, dtype=torch.float64)
-    c, p, m = (_entry_const(ctx.consts, ctx, v, shape) if v is not None else zero
+    c, p, m = (_entry_const(ctx, v, shape) if v is not None else zero
                for v in (angle.shift, angle.p, angle.m))
     assert c is not None and p is not None and m is not None
     return c, p, m

@@ -1286,18 +1286,24 @@ def blk_maxmin_indexed(d: Draw, b: Builder, v: str) -> str:
     return b.node("Concat", [mx, mn] if d.int(0, 3) else [mn, mx], axis=1)
 
 
+def _householder_halves(d: Draw, b: Builder, v: str, kind: str, label: str) -> tuple[str, str, int, str]:
+    """The two halves (x, y) of a drawn even axis of ``v`` for a HouseHolder block, the axis and the drawn variant."""
+    s = shape(b, v)
+    even = [a for a in range(1, len(s) + 1) if s[a - 1] % 2 == 0]
+    need(bool(even))
+    axis = d.choice(even)
+    variant = d.variant(kind)
+    b.note(f"{label} on axis {axis} of {s} ({variant})")
+    x, y = b.split(v, axis, [s[axis - 1] // 2] * 2, 2)
+    return x, y, axis, variant
+
+
 def blk_householder(d: Draw, b: Builder, v: str) -> str:
     """deel-torchlip's / orthogonium's HouseHolder on the two halves of one axis: s = x sin(t/2) - y cos(t/2), the
     identity where s <= 0 and the reflection by angle t where s > 0 (Mul by cast comparisons, or Where); near
     misses: a selector at another angle (pieces disagree on its zero line), both comparisons taking s = 0, a
     reflection by a longer v (continuous, norm 1 - 2|v|^2)."""
-    s = shape(b, v)
-    even = [a for a in range(1, len(s) + 1) if s[a - 1] % 2 == 0]
-    need(bool(even))
-    axis = d.choice(even)
-    variant = d.variant("householder")
-    b.note(f"HouseHolder on axis {axis} of {s} ({variant})")
-    x, y = b.split(v, axis, [s[axis - 1] // 2] * 2, 2)
+    x, y, axis, variant = _householder_halves(d, b, v, "householder", "HouseHolder")
     theta = b.rng.uniform(-math.pi, math.pi, shape(b, x))
 
     def lin(cx: np.ndarray, cy: np.ndarray, op: str = "Add") -> str:
@@ -1377,13 +1383,7 @@ def householder_order2(b: Builder, x: str, y: str, axis: int, theta: np.ndarray,
 
 def blk_householder2(d: Draw, b: Builder, v: str) -> str:
     """orthogonium's HouseHolder_Order_2 on the two halves of one axis (``householder_order2``), random angles."""
-    s = shape(b, v)
-    even = [a for a in range(1, len(s) + 1) if s[a - 1] % 2 == 0]
-    need(bool(even))
-    axis = d.choice(even)
-    variant = d.variant("householder2")
-    b.note(f"HouseHolder_Order_2 on axis {axis} of {s} ({variant})")
-    x, y = b.split(v, axis, [s[axis - 1] // 2] * 2, 2)
+    x, y, axis, variant = _householder_halves(d, b, v, "householder2", "HouseHolder_Order_2")
     theta = b.rng.uniform(0.05, math.pi, (3,) + shape(b, x))
     return householder_order2(b, x, y, axis, theta, variant)
 
