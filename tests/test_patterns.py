@@ -27,6 +27,10 @@ from .soundness.generator import householder_order2
 SOUND = 1 + 1e-9  # a measured Jacobian norm may exceed a sound constant by float64 noise only
 
 
+#: HouseHolder by angle proves nothing for now (lipcert.bounds.patterns.WITHDRAWN): its positive tests must fail
+WITHDRAWN = pytest.mark.xfail(strict=True, reason="HouseHolder by angle is withdrawn until the harness's "
+                              "counterexample is understood (issue 22)")
+
 def analyse(b: Builder, output: str) -> tuple[Graph, list[Step]]:
     graph = graph_of(b, output)
     return graph, decompose(graph)
@@ -454,6 +458,7 @@ def _pair_outputs(graph: Graph, z: torch.Tensor, dtype: torch.dtype) -> torch.Te
         return GraphModule(graph).to(dtype)(z.to(dtype)).double()
 
 
+@WITHDRAWN
 @pytest.mark.parametrize("variant", ["ok", "dynamo"])
 def test_householder_order_2_is_1_lipschitz_up_to_its_constants_rounding(variant: str) -> None:
     """Four pieces (identity, two reflections, a rotation) on the sectors of the angle: proven at 1 up to the
@@ -480,6 +485,7 @@ def test_householder_order_2_is_1_lipschitz_up_to_its_constants_rounding(variant
     assert bool((pair(low - high) <= allowed).all()), float((pair(low - high) / pair(high)).max())
 
 
+@WITHDRAWN
 def test_householder_order_2_float_hole_makes_its_rounding_unknown() -> None:
     """orthogonium's own float32 thresholds end the top sector at fl(2 pi) or below, while the float angle reaches
     fl(2 pi): there the float evaluation takes no piece and outputs 0. The constant is proven; the rounding is
@@ -495,6 +501,7 @@ def test_householder_order_2_float_hole_makes_its_rounding_unknown() -> None:
     assert bool(((out[:, :4] == 0) & (out[:, 4:] == 0)).any())
 
 
+@WITHDRAWN
 def test_two_householder_order_2_blocks_in_a_row_are_each_proven() -> None:
     b = Builder((8,))
     first = _order2(b, "ok")

@@ -20,6 +20,10 @@ from lipcert.bounds.verify import verify
 from .conftest import dense_norm, export_onnx, strip_parametrizations
 from .peers_training import jacobian_max, library_radii
 
+#: HouseHolder by angle proves nothing for now (lipcert.bounds.patterns.WITHDRAWN): its positive tests must fail
+WITHDRAWN = pytest.mark.xfail(strict=True, reason="HouseHolder by angle is withdrawn until the harness's "
+                              "counterexample is understood (issue 22)")
+
 SHAPE = (1, 8, 8)
 
 
@@ -330,6 +334,7 @@ def _set_top(layer: torch.nn.Module, where: str = "above") -> None:
                 raise AssertionError(f"no theta near the given one puts the top sector's end {where} fl(2 pi)")
 
 
+@WITHDRAWN
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("thetas", ["random", "zero", "two_pi", "tiny"])
@@ -361,6 +366,7 @@ def _zero_outputs(layer: torch.nn.Module, path: Path, dynamo: bool) -> bool:
     return bool((np.abs(out).sum(1) == 0).any())
 
 
+@WITHDRAWN
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_householder_order_2_float_hole(tmp_path: Path, dynamo: bool) -> None:
@@ -417,7 +423,8 @@ def test_maxmin_by_indexing_is_proven(tmp_path: Path, form: str, dynamo: bool) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("library", ["deel-torchlip", "orthogonium", "orthogonium order 2"])
+@pytest.mark.parametrize("library", ["deel-torchlip", "orthogonium",
+                                     pytest.param("orthogonium order 2", marks=WITHDRAWN)])
 def test_householder_networks_trained_on_digits(tmp_path: Path, library: str, dynamo: bool) -> None:
     """A small network with the library's HouseHolder (or orthogonium's HouseHolder_Order_2, its top sector closed
     after training, ``_set_top``), trained a few epochs on scikit-learn's digits: proven, its bound above the
