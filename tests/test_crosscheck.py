@@ -122,3 +122,32 @@ def test_report_compares_its_own_data_and_balls(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ModelError, match=r"\(ReduceMax\) is the first to differ from onnxruntime at the data's "
                                          "first samples"):
         lipcert.certify(graph, DIGITS_TEST, attack=False, backend="onnxruntime")
+
+
+def _quotient_model() -> onnx.ModelProto:
+    """x (N, 4) -> its first half divided by its second, NaN replaced by 0 (as dynamo's atan2 does): 0 / 0 is NaN
+    in both runtimes at zero inputs."""
+    inits = {"half": np.array([2, 2], np.int64), "zero": np.zeros((), np.float32)}
+    nodes = [helper.make_node("Split", ["x", "half"], ["a", "b"], name="halves", axis=1),
+             helper.make_node("Div", ["a", "b"], ["q"], name="quotient"),
+             helper.make_node("IsNaN", ["q"], ["nan"], name="test"),
+             helper.make_node("Where", ["nan", "zero", "q"], ["clean"], name="guard"),
+             helper.make_node("Concat", ["clean", "a"], ["y"], name="out", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_nan_matches_nan_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN both runtimes compute (0 / 0) is no difference; a finite value where onnxruntime has NaN is one."""
+    graph = graph_from_onnx(_quotient_model(), "quotient.onnx")
+    zeros = torch.zeros((3, 4))
+    zeros[1] = torch.tensor([1.0, 0.0, 2.0, 0.5])
+    assert cc.check_points(graph, [("zero inputs", zeros)]).values >= 3
+    div = type(REGISTRY["Div"])
+    original = div.run
+    monkeypatch.setattr(div, "run", lambda self, node, inputs, ctx: [original(self, node, inputs, ctx)[0].nan_to_num()])
+    with pytest.raises(ModelError, match=r"node 'quotient' \(Div\) is the first to differ from onnxruntime at zero "
+                                         r"inputs: its output 'q' is 0 at entry \(0, 0\) where onnxruntime gives nan"):
+        cc.check_points(graph, [("zero inputs", zeros)])

@@ -20,10 +20,6 @@ from lipcert.bounds.verify import verify
 from .conftest import dense_norm, export_onnx, strip_parametrizations
 from .peers_training import jacobian_max, library_radii
 
-#: HouseHolder by angle proves nothing for now (lipcert.bounds.patterns.WITHDRAWN): its positive tests must fail
-WITHDRAWN = pytest.mark.xfail(strict=True, reason="HouseHolder by angle is withdrawn until the harness's "
-                              "counterexample is understood (issue 22)")
-
 SHAPE = (1, 8, 8)
 
 
@@ -334,7 +330,6 @@ def _set_top(layer: torch.nn.Module, where: str = "above") -> None:
                 raise AssertionError(f"no theta near the given one puts the top sector's end {where} fl(2 pi)")
 
 
-@WITHDRAWN
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("thetas", ["random", "zero", "two_pi", "tiny"])
@@ -366,7 +361,6 @@ def _zero_outputs(layer: torch.nn.Module, path: Path, dynamo: bool) -> bool:
     return bool((np.abs(out).sum(1) == 0).any())
 
 
-@WITHDRAWN
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_householder_order_2_float_hole(tmp_path: Path, dynamo: bool) -> None:
@@ -424,7 +418,7 @@ def test_maxmin_by_indexing_is_proven(tmp_path: Path, form: str, dynamo: bool) -
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("library", ["deel-torchlip", "orthogonium",
-                                     pytest.param("orthogonium order 2", marks=WITHDRAWN)])
+                                     "orthogonium order 2"])
 def test_householder_networks_trained_on_digits(tmp_path: Path, library: str, dynamo: bool) -> None:
     """A small network with the library's HouseHolder (or orthogonium's HouseHolder_Order_2, its top sector closed
     after training, ``_set_top``), trained a few epochs on scikit-learn's digits: proven, its bound above the
@@ -527,31 +521,32 @@ def test_fused_sllxaoc_block_is_proven(tmp_path: Path, dynamo: bool) -> None:
     assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9) <= 1 + 1e-5
 
 
-def test_fused_sllxaoc_block_at_stride_2_stays_unproven(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_fused_sllxaoc_block_at_stride_2_is_proven_by_the_s_procedure(tmp_path: Path, dynamo: bool) -> None:
     """At stride 2 the fused kernels factor through a larger grid (pre as a full convolution), so on the block's
-    own grid A is not Q B^T S: the rule steps aside, saying so on the sum it leaves, and the propagated bound stays
-    sound (not proven)."""
+    own grid A is not Q B^T S; the S-procedure on the block's explicit matrices (one multiplier) proves it
+    1-Lipschitz, above its exact Jacobian norms."""
     model = _sllxaoc(2)
-    path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo=False)
+    path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo)
     result = verify(load_model(path), empirical_budget=0.5)
-    assert result.status != PROVEN and not [r for r in result.layers if "SLL" in r.op]
-    (sub,) = [c for c in result.combinations if c["op"] == "Sub"]
-    assert "not an SLL block" in sub["rule"] and "A = Q B^T S" in sub["rule"]
-    assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9)
+    assert result.status == PROVEN, [(r.name, r.op, r.upper, r.reason) for r in result.layers]
+    (row,) = [r for r in result.layers if r.op.startswith("residual block (S-procedure) Q x - A s(Bx + b)")]
+    assert row.upper <= 1 + 1e-6 and "S-procedure" in row.reason, row
+    assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9) <= 1 + 1e-5
 
 
 @pytest.mark.parametrize("change", ["skip scaled", "A perturbed"])
 def test_fused_sll_off_the_form_is_not_proven(tmp_path: Path, change: str) -> None:
     """orthogonium's stride-1 kernels changed: Q and A scaled by 1.1 (y = 1.1 Q g(x), bounded by the rule at ||Q||
-    = 1.1), or A perturbed by 1% (A is no longer Q B^T S: the rule steps aside). Neither is proven, and the bound
-    stays above the exact Jacobian norms."""
+    = 1.1), or A perturbed by 1% (A is no longer Q B^T S: the S-procedure bounds it, above 1). Neither is proven,
+    and the bound stays above the exact Jacobian norms."""
     model = FusedSll(_sllxaoc(1), *((1.1, 0.0) if change == "skip scaled" else (1.0, 0.01)))
     path = export_onnx(model, tmp_path / "m.onnx", SLLXAOC_SHAPE, dynamo=False)
     result = verify(load_model(path), empirical_budget=0.5)
     assert result.status != PROVEN
-    rows = [r for r in result.layers if "SLL" in r.op]
+    rows = [r for r in result.layers if "SLL" in r.op or "residual block" in r.op]
     if change == "skip scaled":
-        assert len(rows) == 1 and rows[0].upper == pytest.approx(1.1, rel=1e-5), rows
+        assert len(rows) == 1 and rows[0].op.startswith("SLL") and rows[0].upper == pytest.approx(1.1, rel=1e-5), rows
     else:
-        assert not rows, rows
+        assert len(rows) == 1 and "S-procedure" in rows[0].op and rows[0].upper > 1 + 1e-5, rows
     assert _fused_jacobian_max(model) <= result.network_upper * (1 + 1e-9)

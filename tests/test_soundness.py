@@ -178,7 +178,7 @@ def test_random_programs_lowered(tmp_path: Path) -> None:
 PATH_SWEEP = [("sll", "ok"), ("sll", "split_b"), ("region_forms", "circular"), ("linear_region", "identity_conv"),
               ("wrap_conv", "ok"), ("pad", "reflect"), ("batchnorm", None), ("scale", "full"), ("dense", "gemm"),
               ("split_residual", "concat"), ("slices", "concat_parts"), ("region_whole", "sym_pad_conv"),
-              ("region_whole", "centred"), ("region_whole", "tail")] + STRUCTURED
+              ("region_whole", "centred"), ("region_whole", "tail")] + STRUCTURED + [("sll", "factored")]
 
 
 def test_generator_reaches_every_bound_path(tmp_path: Path) -> None:

@@ -512,3 +512,25 @@ def test_a_single_logit_near_zero_is_compared_at_the_size_of_its_terms() -> None
     _compare_output(graph, mine, rounding, 1e-4, "test points", magnitude)
     with pytest.raises(ModelError, match="differs from onnxruntime's"):
         _compare_output(graph, mine, (mine.double() + 1e-3 * magnitude).numpy(), 1e-4, "test points", magnitude)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_householder_by_angle_reading_negative_zero(tmp_path: Path, dynamo: bool) -> None:
+    """A scale with negative entries before HouseHolder_Order_2: an input pixel at 0 gives x = -0.0, which the
+    exported atan2 turns by half a turn, a jump of the deployed function (the harness broke a certified radius
+    through it). The block must not be proven there; with +0.0 added first (no -0.0 left) it is, and certifies."""
+    from .soundness.generator import householder_order2
+
+    for guard in (False, True):
+        b = Builder((2, 3, 3), seed=0)
+        rng = np.random.default_rng(334590430)
+        v = b.node("Mul", ["input", b.const(rng.uniform(-1.5, 1.5, (2, 3, 3)).astype(np.float32))])
+        if guard:
+            v = b.node("Add", [v, b.const(np.zeros((2, 3, 3), np.float32))])
+        x, y = b.split(v, 1, [1, 1], 2)
+        h = householder_order2(b, x, y, 1, rng.uniform(0.05, np.pi, (3, 1, 3, 3)), "dynamo" if dynamo else "ok")
+        w = b.const(rng.standard_normal((6, 2, 1, 1)).astype(np.float32))
+        out = b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Conv", [h, w])])], axis=1)
+        zeros = np.random.default_rng(1).random((24, 2, 3, 3)) * (np.random.default_rng(2).random((24, 2, 3, 3)) > 0.4)
+        outcome = check(tmp_path, b, out, seed=430, data=zeros)
+        assert (outcome.upper < float("inf")) == guard

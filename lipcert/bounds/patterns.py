@@ -18,7 +18,9 @@ from lipcert.bounds import spectral
 from lipcert.bounds.fusion import core as core_shapes
 from lipcert.bounds.fusion import refine
 from lipcert.bounds.kinds import Combination, Linear, NoRule, Pattern, Rule
+from lipcert.bounds.quadratic import residual_block_bound
 from lipcert.bounds.rounding import UNIT_ROUNDOFF, gamma
+from lipcert.bounds.signed_zero import never_negative_zero
 from lipcert.bounds.spectral import mul_up
 from lipcert.bounds.steps import Context, Part, Step, repetitions
 from lipcert.bounds.thresholds import current, record
@@ -415,7 +417,7 @@ def _chain(ctx: Context, nodes: list[tuple[Node, int]]) -> tuple[LinearOperator,
 
 #: how an SLL block's condition was checked (``thresholds.record``); above ``thresholds.current().sll_dense_entries``
 #: entries an operator is not materialised as a matrix
-BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense", "sll.skip_convolutions")
+BRANCHES = ("sll.matrices", "sll.convolutions", "sll.dense", "sll.skip_convolutions", "sll.quadratic")
 
 
 @dataclass
@@ -608,19 +610,31 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         else:
             check = _sll_skip_structured(a_ref, b_ref, refine(s_chain[0])) or _sll_dense(a_ref, b_ref, s_chain[0])
         allowed = 1e-5 * max(mul_up(check.b_norm, check.skip_norm), 1e-30) if check is not None else 0.0
+        form, fit = ("x - B^T S s(Bx + b)", "A = B^T S") if s_chain is None else \
+            ("Q x - Q B^T S s(Bx + b)", "A = Q B^T S")
         if check is None or check.residual > allowed:
-            fit = "A = B^T S" if s_chain is None else "A = Q B^T S"
-            ctx.near_misses[node.name] = (
-                f"not an SLL block: no diagonal S >= 0 with {fit} was found, or the operators are too large to check"
-                if check is None else f"not an SLL block: {fit} only up to {check.residual:.3g} ({allowed:.3g} "
-                                      "allowed)")
-            return None
-        slack = mul_up(check.residual, check.b_norm)
-        q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)
-        core = max(1.0, math.nextafter(q2 - 1.0, math.inf))
-        if s_chain is not None:
-            core = mul_up(check.skip_norm, core)
-        constant = math.nextafter(core + slack, math.inf)
+            miss = (f"not an SLL block: no diagonal S >= 0 with {fit} was found, or the operators are too large to "
+                    "check" if check is None else
+                    f"not an SLL block: {fit} only up to {check.residual:.3g} ({allowed:.3g} allowed)")
+            quadratic = _sll_quadratic(a_ref, b_ref, s_chain[0] if s_chain is not None else None)
+            if isinstance(quadratic, str):
+                ctx.near_misses[node.name] = f"{miss}; {quadratic}"
+                return None
+            constant, reason = quadratic
+            label = "residual block (S-procedure) " + ("x - A s(Bx + b)" if s_chain is None else "Q x - A s(Bx + b)")
+        else:
+            label = f"SLL block {form}"
+            slack = mul_up(check.residual, check.b_norm)
+            q2 = mul_up(check.sqrt_s_b, check.sqrt_s_b)
+            core = max(1.0, math.nextafter(q2 - 1.0, math.inf))
+            if s_chain is not None:
+                core = mul_up(check.skip_norm, core)
+            constant = math.nextafter(core + slack, math.inf)
+            reason = ((f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
+                       f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
+                      + f", from the {check.method}; {fit} up to {check.residual:.2g}, adding {slack:.2g}"
+                      + (f"; the skip {', '.join(n.name for n, _ in s_nodes)} is Q with ||Q|| <= "
+                         f"{check.skip_norm:.10g}" if s_chain is not None else ""))
         s_names = [n.name for n, _ in s_nodes]
         names = s_names + [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
         hidden, act_shape = act.inputs[0], ctx.known_shape(act.outputs[0])  # known: A's chain reads it
@@ -633,19 +647,32 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
             Step(Linear(a_op), "A", [], [act.outputs[0]], branch, parts=a_parts),
             Step(Combination(CombinationMode.SUM, [1.0, 1.0], count=2), node.op, [node.name], [skip, branch],
                  node.outputs[0])]
-        form, fit, skip_note = "x - B^T S s(Bx + b)", "A = B^T S", ""
         if s_chain is not None:
             s_op, s_parts = s_chain
             substeps.insert(0, Step(Linear(s_op), "Q", [], [source], skip, parts=s_parts))
-            form, fit = "Q x - Q B^T S s(Bx + b)", "A = Q B^T S"
-            skip_note = f"; the skip {', '.join(s_names)} is Q with ||Q|| <= {check.skip_norm:.10g}"
-        return Step(Pattern(constant, substeps=substeps),
-                    f"SLL block {form}", names, [source], node.outputs[0],
-                    reason=(f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
-                            f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
-                           + f", from the {check.method}; {fit} up to {check.residual:.2g}, adding {slack:.2g}"
-                           + skip_note)
+        return Step(Pattern(constant, substeps=substeps), label, names, [source], node.outputs[0], reason=reason)
     return None
+
+
+def _sll_quadratic(a: LinearOperator, b: LinearOperator, skip: LinearOperator | None) -> tuple[float, str] | str:
+    """The constant of y = Q x - A s(Bx + b) by the S-procedure (``quadratic.residual_block_bound``) from the
+    explicit matrices, and its reason, when it is below the product bound ||Q|| + ||A|| ||B||; else why not."""
+    m, h, n = a.out_numel, a.in_numel, b.in_numel
+    if (m + h) * (n + h) > current().sll_dense_entries or n + h > current().sll_quadratic_side:
+        return f"the block is too large for the S-procedure on explicit matrices ({m + h} x {n + h})"
+    ma, mb = a.to_dense(), b.to_dense()
+    mq = skip.to_dense() if skip is not None else torch.eye(n, dtype=torch.float64)
+    found = residual_block_bound(mq, ma, mb)
+    bound = spectral.matrix_upper_bound
+    product = (bound(mq) if skip is not None else 1.0) + mul_up(bound(ma), bound(mb))
+    if found is None or found.value >= product:
+        return (f"the S-procedure gives {found.value:.6g}, not below the product bound {product:.6g}" if found
+                else "the S-procedure finds no multiplier")
+    record("sll.quadratic")
+    return found.value, (f"the S-procedure with multipliers in [{found.lam[0]:.6g}, {found.lam[1]:.6g}] (LipSDP, "
+                         "Fazlyab et al. 2019), "
+                         f"on the explicit matrices: ||N|| <= {found.nu:.10g} at L = {found.level:.10g}, below the "
+                         f"product bound {product:.6g}")
 
 
 def _slope_01(node: Node) -> bool:
@@ -841,9 +868,6 @@ _ARITHMETIC_AND_MASKS = _ARITHMETIC | {"And", "Or", "Xor"}
 #: the largest mismatch of the two pieces on the selector's zero line, relative to their size, that is taken for
 #: the rounding of their constants (a larger one is a discontinuity: no rule)
 HOUSEHOLDER_TOLERANCE = 1e-5
-#: HouseHolder by angle proves nothing until the harness's counterexample (householder2, dynamo spelling) is
-#: understood: its steps say no rule, with the constant the proof would give
-WITHDRAWN = True
 
 
 @dataclass
@@ -1328,8 +1352,10 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
     m = 2 pi within ``ANGLE_CONSTANT_TOLERANCE``), read only by comparisons with constants; per entry the
     thresholds cut [0, 2 pi) into sectors, each taking one linear piece M_j (a sector no mask covers has the
     piece 0); consecutive pieces agree on their boundary ray up to d (at most ``HOUSEHOLDER_TOLERANCE`` of their
-    norms). The constant, with d_b the mismatch (M_j - M_j+1) w_b on the boundary ray b ending sector j, and
-    omega_j the sector's width:
+    norms); x is never -0.0 (``never_negative_zero``: the exported atan2 reads y / -0.0 as the opposite infinity
+    of y / +0.0 and -0.0 < 0 as false, so it turns such a direction by half a turn, a jump that every input pixel
+    at 0 times a negative weight reaches). The constant, with d_b the mismatch (M_j - M_j+1) w_b on the boundary
+    ray b ending sector j, and omega_j the sector's width:
     - g(z) = M_j z + |z| rho_j(phi) on sector j, rho_j linear in the angle from (1 - s_(b-1)) d_(b-1) at its start
       to -s_b d_b at its end, s_b = omega_j / (omega_j + omega_j+1) (the wider sector takes more of the gap);
     - g is continuous (the two shares of each mismatch meet) and within max|rho_j| |z| of the block;
@@ -1398,9 +1424,11 @@ def householder_angle(ctx: Context, node: Node) -> Step | None:
     if isinstance(proof, str):
         return refuse(proof, form)
     constant, rounding, why = proof
-    if WITHDRAWN:
-        return refuse(f"the sector proof would give {constant:.10g}, but it is withdrawn: the soundness harness "
-                      "found a certified radius past an adversarial example on a block of this form (issue 22)", form)
+    signed = never_negative_zero(ctx, angle.x)
+    if signed is not None:
+        return refuse(f"the sectors give {constant:.10g}, but the exported atan2 turns x = -0.0 by half a turn "
+                      f"(y / -0.0 is the opposite infinity and x < 0 is false), a jump, and {angle.x!r} is not "
+                      f"proven never -0.0: {signed}", form)
     return Step(Pattern(constant, rounding=rounding), _ANGLE_LABEL, names + [n.name for n in form.nodes]
                 + [node.name], [source], node.outputs[0],
                 reason=f"linear pieces on the sectors of r = (atan2(y, x) - c) mod 2 pi, continuous across each "

@@ -29,6 +29,9 @@ class Thresholds:
     chunk_elems: int = 2 ** 22
     #: patterns: an SLL block's operators are compared as explicit matrices when each has at most this many entries
     sll_dense_entries: int = 2 ** 24
+    #: patterns: a residual block is bounded by the S-procedure when its input and hidden sizes sum to at most this
+    #: (each step of its search factors and diagonalises matrices of about that side)
+    sll_quadratic_side: int = 1536
 
 
 DEFAULT = Thresholds()

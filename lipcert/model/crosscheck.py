@@ -175,11 +175,12 @@ def _differs(mine: torch.Tensor, theirs: np.ndarray, tol: np.ndarray) -> str:
             return "has other values than onnxruntime's"
         return ""
     a, b = ours.astype(np.float64), theirs.astype(np.float64)
-    # both overflowed (inf - inf may be NaN in one order and inf in another), or the magnitude did
-    same = (a == b) | (~np.isfinite(a) & ~np.isfinite(b)) | ~np.isfinite(tol)
+    # both overflowed or are NaN (inf - inf may be NaN in one order and inf in another), or the magnitude of a
+    # finite value did
+    same = (a == b) | (~np.isfinite(a) & ~np.isfinite(b)) | (~np.isfinite(tol) & np.isfinite(b))
     with np.errstate(invalid="ignore"):
         gap = np.where(same, 0.0, np.abs(a - b))
-    over = ~(gap <= tol)
+    over = ~same & ~(gap <= tol)
     if not over.any():
         return ""
     worst = np.unravel_index(int(np.argmax(np.where(over, gap / np.maximum(tol, 1e-300), 0))), gap.shape)

@@ -117,7 +117,7 @@ VARIANTS: dict[str, list[str]] = {
     "broadcast_pair": ["Add", "Sub", "Max", "Min", "Sum", "Mean"],
     "sll": ["ok", "ok", "ok", "add_form", "perturbed", "tiny_perturbed", "negative_s", "too_large", "leaky_out",
             "side_pre", "side_act", "split_b", "split_b_wrong", "split_a", "chain", "orth_skip", "orth_skip",
-            "orth_skip_fused", "orth_skip_scaled", "orth_skip_wrong"],
+            "orth_skip_fused", "orth_skip_scaled", "orth_skip_wrong", "factored", "factored"],
     "groupsort": ["ok", "ok", "ok", "group1", "group_big", "side", "other_input", "wrong_concat_axis"],
     "maxmin": ["split", "split", "split_num", "slices", "slices", "unequal_split", "unequal_slices", "three_way",
                "three_way_side", "overlap", "side_max", "cross_axis"],
@@ -1070,6 +1070,8 @@ def blk_sll(d: Draw, b: Builder, v: str) -> str:
     skip and in A, A without Q)."""
     variant = d.variant("sll")
     act = d.choice(["Relu", "Relu", "Tanh", "Sigmoid", "LeakyRelu"])
+    if variant == "factored":
+        return _sll_factored(d, b, flatten(d, b, v), act)
     conv = len(shape(b, v)) == 3 and (variant == "orth_skip_fused" or d.bool()) \
         and variant not in ("split_b", "split_b_wrong", "split_a")
     if not conv:
@@ -1166,6 +1168,26 @@ def blk_sll(d: Draw, b: Builder, v: str) -> str:
         v = b.node("Conv", [v, b.const(q[:, :, None, None].astype(np.float32))]) if conv else \
             b.node("Gemm", [v, b.const(q.astype(np.float32))], transB=1)
     return b.node("Sub", [v, r])
+
+
+def _sll_factored(d: Draw, b: Builder, v: str, act: str) -> str:
+    """The SLL core between two maps fused into its weights, as orthogonium's stride-2 SLLxAOC block is on a
+    finite grid: y = Post (Pre x - K^T S s(K Pre x + b)) with Pre a contraction (an orthogonal matrix less a row),
+    Post rows of an orthogonal matrix, exported as Q = Post Pre, B = K Pre, A = Post K^T S (no A = Q B^T S)."""
+    n = shape(b, v)[0]
+    m, rows = d.int(2, 8), d.int(1, n)
+    k = b.rng.standard_normal((m, n))
+    k = k / float(np.linalg.norm(k, 2))
+    sdiag = b.rng.uniform(0.2, 1.0, m) * 2.0
+    pre = np.linalg.qr(b.rng.standard_normal((n, n)))[0]
+    pre[d.int(0, n - 1)] = 0.0
+    post = np.linalg.qr(b.rng.standard_normal((n, n)))[0][:rows]
+    b.note(f"SLL core between a contraction and {rows} orthonormal rows, fused ({act}, {m} hidden)")
+    bias = b.const((b.rng.standard_normal(m) * 0.1).astype(np.float32))
+    h = b.node(act, [b.node("Gemm", [v, b.const((k @ pre).astype(np.float32)), bias], transB=1)],
+               **({"alpha": d.choice([0.1, 0.5])} if act == "LeakyRelu" else {}))
+    r = b.node("Gemm", [h, b.const((post @ k.T * sdiag).astype(np.float32))], transB=1)
+    return b.node("Sub", [b.node("Gemm", [v, b.const((post @ pre).astype(np.float32))], transB=1), r])
 
 
 def blk_groupsort(d: Draw, b: Builder, v: str) -> str:
@@ -1382,7 +1404,16 @@ def householder_order2(b: Builder, x: str, y: str, axis: int, theta: np.ndarray,
 
 
 def blk_householder2(d: Draw, b: Builder, v: str) -> str:
-    """orthogonium's HouseHolder_Order_2 on the two halves of one axis (``householder_order2``), random angles."""
+    """orthogonium's HouseHolder_Order_2 on the two halves of one axis (``householder_order2``), random angles,
+    after an Add of +0.0, of a bias, of -0.0 or nothing (the exported atan2 jumps at x = -0.0, which an input pixel
+    at 0 times a negative scale reaches: only the first two keep x from -0.0)."""
+    guard = d.choice(["plus_zero", "bias", "bias", "minus_zero", "none"])
+    if guard != "none":
+        s = shape(b, v)
+        c = {"plus_zero": np.zeros(s), "minus_zero": np.full(s, -0.0),
+             "bias": b.rng.uniform(0.05, 0.5, s) * b.rng.choice([-1.0, 1.0], s)}[guard]
+        v = b.node("Add", [v, b.const(c.astype(np.float32))])
+        b.note(f"Add ({guard})")
     x, y, axis, variant = _householder_halves(d, b, v, "householder2", "HouseHolder_Order_2")
     theta = b.rng.uniform(0.05, math.pi, (3,) + shape(b, x))
     return householder_order2(b, x, y, axis, theta, variant)

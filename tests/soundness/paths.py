@@ -15,8 +15,10 @@ from lipcert.bounds import fusion, patterns, propagate, regions, spectral
 #: to one column or frequency; a mix (small operators dense, others structured, SLL blocks either way); the
 #: production sizes with small chunks
 LOWERED: dict[str, dict[str, int]] = {
-    "structured": {"dense_limit": 0, "dense_max_entries": 0, "chunk_elems": 1, "sll_dense_entries": 0},
-    "mixed": {"dense_limit": 6, "dense_max_entries": 300, "chunk_elems": 40, "sll_dense_entries": 300},
+    "structured": {"dense_limit": 0, "dense_max_entries": 0, "chunk_elems": 1, "sll_dense_entries": 0,
+                   "sll_quadratic_side": 0},
+    "mixed": {"dense_limit": 6, "dense_max_entries": 300, "chunk_elems": 40, "sll_dense_entries": 300,
+              "sll_quadratic_side": 12},
     "chunked": {"chunk_elems": 16},
 }
 

@@ -1,0 +1,69 @@
+"""Values that a graph never computes as -0.0, for the rules whose operators tell -0.0 from +0.0 (an exported atan2
+divides by x, and y / -0.0 is the opposite infinity of y / +0.0).
+
+Under IEEE 754 rounding to nearest, a + b is -0.0 only when a and b both are, so a sum is -0.0 only when every
+summand is: an ``Add`` one of whose operands is never -0.0, and a ``Conv``, ``ConvTranspose`` or ``Gemm`` whose
+added bias has no zero entry (whatever the order of its accumulation), never give -0.0. Copies and rearrangements
+keep the property; any other operator may produce -0.0 (0 times a negative weight, ``Neg``, a ``Relu`` written as
+a product, a graph input)."""
+
+from __future__ import annotations
+
+import torch
+
+from lipcert.bounds.steps import Context
+from lipcert.graph.core import Node
+
+#: operators whose output entries are copies of their data inputs' entries
+_COPIES = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice",
+                     "Concat", "DepthToSpace", "SpaceToDepth"})
+#: how many producers the walk looks through
+_DEPTH = 64
+
+
+def _operand_free(ctx: Context, value: str, zero_sign: bool, depth: int) -> bool:
+    """Whether the operand ``value`` never holds the zero of sign ``zero_sign`` (True: -0.0): a float constant
+    without such an entry, or (for -0.0) a data value that ``never_negative_zero`` proves."""
+    if value in ctx.data:
+        return zero_sign and never_negative_zero(ctx, value, depth - 1) is None
+    c = ctx.consts.get(value)
+    return c is not None and c.is_floating_point() and not bool(((c == 0) & (torch.signbit(c) == zero_sign)).any())
+
+
+def _bias(ctx: Context, node: Node) -> torch.Tensor | None:
+    """The constant that ``node`` adds to its accumulation, as the runtime adds it (Gemm: beta C), or None."""
+    if len(node.inputs) < 3 or not node.inputs[2] or node.inputs[2] in ctx.data:
+        return None
+    c = ctx.consts.get(node.inputs[2])
+    if c is None or not c.is_floating_point():
+        return None
+    return c * float(node.attr("beta", 1.0)) if node.op == "Gemm" else c
+
+
+def never_negative_zero(ctx: Context, value: str, depth: int = _DEPTH) -> str | None:
+    """None when ``value`` is never -0.0 (round to nearest); otherwise why that is not proven, naming the node."""
+    node = ctx.producer.get(value)
+    if node is None:
+        return f"{value!r} is a graph input, which may hold -0.0"
+    if depth <= 0:
+        return f"{value!r} is computed by more than {_DEPTH} copies"
+    if node.op in _COPIES:
+        data = [node.inputs[i] for i in ctx.data_inputs(node)]
+        if node.op != "Concat":
+            data = data[:1]
+        for v in data:
+            why = never_negative_zero(ctx, v, depth - 1)
+            if why is not None:
+                return why
+        return None
+    if node.op == "Add" and any(_operand_free(ctx, v, True, depth) for v in node.inputs[:2]):
+        return None  # a + b is -0.0 only when both are
+    if node.op == "Sub" and (_operand_free(ctx, node.inputs[0], True, depth)
+                             or _operand_free(ctx, node.inputs[1], False, depth)):
+        return None  # a - b is -0.0 only when a is -0.0 and b is +0.0
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        bias = _bias(ctx, node)
+        if bias is not None and not bool((bias == 0).any()):
+            return None
+        return f"{node.op} node {node.name!r} has no bias without zero entries, so it may give -0.0"
+    return f"{node.op} node {node.name!r} may give -0.0"
