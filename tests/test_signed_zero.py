@@ -13,6 +13,7 @@ import torch
 from lipcert.bounds.decompose import decompose
 from lipcert.bounds.signed_zero import never_negative_zero
 from lipcert.bounds.steps import Context
+from lipcert.bounds.verify import verify
 from lipcert.graph.executor import GraphModule
 from lipcert.model.onnx_loader import graph_from_onnx
 
@@ -83,7 +84,8 @@ def test_what_is_proven_never_gives_negative_zero(case: str) -> None:
 
 def test_householder_by_angle_is_refused_where_its_x_may_be_negative_zero() -> None:
     """The exported atan2 turns x = -0.0 by half a turn: reading the input (or a value plus -0.0) the block jumps in
-    onnxruntime between x = -0.0 and x = +0.0, and lipcert says no rule, naming -0.0; plus +0.0, it is proven."""
+    onnxruntime between x = -0.0 and x = +0.0, and lipcert says no rule, naming -0.0 on the row and in ``why``; plus
+    +0.0, it is proven."""
     theta = np.random.default_rng(3).uniform(0.05, np.pi, (3, 4))
     for zero, proven in [(None, False), (-0.0, False), (0.0, True)]:  # a jump where not proven
         b = Builder((8,))
@@ -95,6 +97,7 @@ def test_householder_by_angle_is_refused_where_its_x_may_be_negative_zero() -> N
         assert (step.kind == "pattern") == proven, step.reason
         if not proven:
             assert "-0.0" in step.reason and step.reason.startswith("no rule")
+            assert "is not proven never -0.0" in verify(graph, empirical=False).why  # the verdict names it too
         z = np.zeros((2, 8), np.float32)
         z[:, 4:] = -np.linspace(0.5, 2.0, 4, dtype=np.float32)
         z[0, :4] = -0.0  # x = -0.0 in the first row, +0.0 in the second

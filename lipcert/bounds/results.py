@@ -80,7 +80,10 @@ class VerifyResult:
             return f"{search}, above the claim {self.claimed:g}: the claim is false"
         missed = f"; recognised but not proven: {'; '.join(self.near_misses)}" if self.near_misses else ""
         if self.no_rule:
-            return f"no rule bounds {', '.join(self.no_rule)}, so the network bound is unknown{missed}; {search}"
+            reasons = {row.name: row.reason.removeprefix("no rule: ") for row in self.layers
+                       if row.reason.startswith("no rule: ")}  # the assumption a recognised form failed
+            named = ", ".join(f"{name} ({reasons[name]})" if name in reasons else name for name in self.no_rule)
+            return f"no rule bounds {named}, so the network bound is unknown{missed}; {search}"
         factors = ", ".join(f"{c['layer']} ({c['factor']:.4g})" for c in self.top_contributors)
         return (f"the sound bound {self.network_upper:.6g} is above the claim {self.claimed:g}"
                 + (f"; the factors above 1 are {factors}" if factors else "")

@@ -65,5 +65,5 @@ def never_negative_zero(ctx: Context, value: str, depth: int = _DEPTH) -> str | 
         bias = _bias(ctx, node)
         if bias is not None and not bool((bias == 0).any()):
             return None
-        return f"{node.op} node {node.name!r} has no bias without zero entries, so it may give -0.0"
+        return f"{node.op} node {node.name!r} has no bias, or its bias has a zero entry, so it may give -0.0"
     return f"{node.op} node {node.name!r} may give -0.0"
