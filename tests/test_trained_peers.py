@@ -279,3 +279,35 @@ def test_default_size_patch_based_cnn_is_proven(tmp_path: Path, dynamo: bool) ->
     regions = [r for r in result.layers if r.op.startswith("linear region")]
     assert len(regions) == 8 and all(r.upper_method == "dft (region)" for r in regions)
     assert all(r.lower is not None and r.lower <= r.upper <= r.lower + 2e-6 for r in regions)
+
+
+@pytest.mark.slow
+@EXPORTERS
+def test_default_size_bcop_large_cnn_is_proven(tmp_path: Path, dynamo: bool) -> None:
+    """orthogonium's BCOPLargeCNN at its default size (CIFAR, 2.5M parameters), untrained: its BCOP x RKO
+    convolutions compose their kernels at run time (a constant subgraph), which lipcert folds a few ulps away from
+    onnxruntime (another order of summation); it takes onnxruntime's values, says so, and proves the network."""
+    from orthogonium.model_factory.models_factory import BCOPLargeCNN
+
+    torch.manual_seed(0)
+    model = strip_parametrizations(BCOPLargeCNN().eval())
+    path = export_onnx(model, tmp_path / "bcop.onnx", (3, 32, 32), dynamo)
+    graph = load_model(path)
+    assert any("taken from onnxruntime" in note for note in graph.notes), graph.notes
+    result = verify(graph, empirical=False)
+    assert result.status == PROVEN, result.why
+
+
+@pytest.mark.slow
+@EXPORTERS
+def test_default_size_conv_mixer_is_proven(tmp_path: Path, dynamo: bool) -> None:
+    """orthogonium's ConvMixerInspired at its default size (CIFAR, 128 channels, depth 8; without its default norm
+    layer, which the library cannot build: ``LayerCentering2D`` is called without ``num_features``), untrained:
+    proven, with its bound below 1 (its pooling)."""
+    from orthogonium.model_factory.models_factory import ConvMixerInspired
+
+    torch.manual_seed(0)
+    model = strip_parametrizations(ConvMixerInspired(norm=None).eval())
+    path = export_onnx(model, tmp_path / "mixer.onnx", (3, 32, 32), dynamo)
+    result = verify(load_model(path), empirical=False)
+    assert result.status == PROVEN and result.network_upper <= 1.0, result.why

@@ -5,7 +5,8 @@ Under IEEE 754 rounding to nearest, a + b is -0.0 only when a and b both are, so
 summand is: an ``Add`` one of whose operands is never -0.0, and a ``Conv``, ``ConvTranspose`` or ``Gemm`` whose
 added bias has no zero entry (whatever the order of its accumulation), never give -0.0. Copies and rearrangements
 keep the property; any other operator may produce -0.0 (0 times a negative weight, ``Neg``, a ``Relu`` written as
-a product, a graph input)."""
+a product, a graph input). Assumed, as in lipcert's float error analysis: IEEE 754's default mode (a runtime that
+flushes subnormal results to zero turns a tiny negative sum into -0.0)."""
 
 from __future__ import annotations
 
