@@ -616,7 +616,8 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
             miss = (f"not an SLL block: no diagonal S >= 0 with {fit} was found, or the operators are too large to "
                     "check" if check is None else
                     f"not an SLL block: {fit} only up to {check.residual:.3g} ({allowed:.3g} allowed)")
-            quadratic = _sll_quadratic(a_ref, b_ref, s_chain[0] if s_chain is not None else None)
+            quadratic = _sll_quadratic(a_ref, b_ref, s_chain[0] if s_chain is not None else None,
+                                       [a_parts, b_parts, s_chain[1] if s_chain is not None else []])
             if isinstance(quadratic, str):
                 ctx.near_misses[node.name] = f"{miss}; {quadratic}"
                 return None
@@ -654,15 +655,20 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
     return None
 
 
-def _sll_quadratic(a: LinearOperator, b: LinearOperator, skip: LinearOperator | None) -> tuple[float, str] | str:
+def _sll_quadratic(a: LinearOperator, b: LinearOperator, skip: LinearOperator | None,
+                   parts: list[list[Part]]) -> tuple[float, str] | str:
     """The constant of y = Q x - A s(Bx + b) by the S-procedure (``quadratic.residual_block_bound``) from the
-    explicit matrices, and its reason, when it is below the product bound ||Q|| + ||A|| ||B||; else why not."""
+    explicit matrices, and its reason, when it is below the product bound ||Q|| + ||A|| ||B||; else why not.
+    ``parts``: the nodes of A, B and Q, whose roundings bound the matrices' own float64 errors."""
     m, h, n = a.out_numel, a.in_numel, b.in_numel
     if (m + h) * (n + h) > current().sll_dense_entries or n + h > current().sll_quadratic_side:
         return f"the block is too large for the S-procedure on explicit matrices ({m + h} x {n + h})"
+    errors = [_materialised_error(p) for p in parts]
+    if not all(math.isfinite(e) for e in errors):
+        return "the rounding of a chain's explicit matrix is unknown (a node without an absolute map)"
     ma, mb = a.to_dense(), b.to_dense()
     mq = skip.to_dense() if skip is not None else torch.eye(n, dtype=torch.float64)
-    found = residual_block_bound(mq, ma, mb)
+    found = residual_block_bound(mq, ma, mb, (errors[2], errors[0], errors[1]))
     bound = spectral.matrix_upper_bound
     product = (bound(mq) if skip is not None else 1.0) + mul_up(bound(ma), bound(mb))
     if found is None or found.value >= product:
@@ -673,6 +679,23 @@ def _sll_quadratic(a: LinearOperator, b: LinearOperator, skip: LinearOperator | 
                          "Fazlyab et al. 2019), "
                          f"on the explicit matrices: ||N|| <= {found.nu:.10g} at L = {found.level:.10g}, below the "
                          f"product bound {product:.6g}")
+
+
+def _materialised_error(parts: list[Part]) -> float:
+    """A bound on the Frobenius norm of the float64 error of a chain's explicit matrix (its operator run on the unit
+    vectors): gamma_T || |A_k| ... |A_1| ||_F with T the chain's accumulations plus 4 per node (as
+    ``setup.head_rows``); 0 for no node (the identity); inf when a node has no absolute map."""
+    if not parts:
+        return 0.0
+    roundings = [p.rounding for p in parts]
+    maps = [r.abs_op for r in roundings if r is not None and r.abs_op is not None]
+    if len(maps) < len(roundings):
+        return math.inf
+    absolute = maps[0]
+    for abs_op in maps[1:]:
+        absolute = absolute.then(abs_op)
+    terms = sum(r.terms + 4 for r in roundings if r is not None)
+    return gamma(terms, UNIT_ROUNDOFF[torch.float64]) * float(absolute.to_dense().norm()) * (1 + 1e-12)
 
 
 def _slope_01(node: Node) -> bool:

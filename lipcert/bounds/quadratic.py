@@ -30,8 +30,6 @@ SEARCH_STEPS = 32
 REFINE_STEPS = 60
 #: how far above ||A||^2 / 2 (relative) and up to how many times it lambda is searched
 _LOW, _SPAN = 1e-9, 1e4
-#: roundings of one materialised entry of Q, A or B (a chain of a few products and sums), counted generously
-MATERIALISED_TERMS = 64
 
 
 @dataclass
@@ -106,12 +104,15 @@ def _search(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shape: torch.Tens
     return (fc, math.exp(c) * shape) if fc <= fd else (fd, math.exp(d) * shape)
 
 
-def residual_block_bound(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> QuadraticBound | None:
-    """A proven Lipschitz constant of x -> Q x - A s(Bx + b) (Q: m x n, A: m x h, B: h x n, exact float64 matrices
-    up to ``MATERIALISED_TERMS`` roundings per entry), s entrywise with slopes in [0, 1]; None when no multiplier
-    makes the LMI hold."""
+def residual_block_bound(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         errors: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> QuadraticBound | None:
+    """A proven Lipschitz constant of x -> Q x - A s(Bx + b) (Q: m x n, A: m x h, B: h x n), s entrywise with slopes
+    in [0, 1], from float64 matrices within ``errors`` (Frobenius norms) of the exact Q, A, B; None when no
+    multiplier makes the LMI hold."""
     q, a, b = (t.to(torch.float64) for t in (q, a, b))
-    keep = (a.abs().sum(0) > 0) & (b.abs().sum(1) > 0)  # a unit that A or B ignores adds nothing
+    keep = (a.abs().sum(0) > 0) & (b.abs().sum(1) > 0)  # a unit that A or B ignores adds nothing to the matrices
+    if errors[1] > 0 or errors[2] > 0:
+        keep = torch.ones_like(keep)  # ... but the exact A or B may not ignore it
     a, b = a[:, keep], b[keep]
     if a.shape[1] == 0:
         return None
@@ -127,8 +128,8 @@ def residual_block_bound(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Q
         return None
     level2, lam = _refine(q, a, b, level2, lam)
     level = math.sqrt(max(level2, 0.0)) * (1 + 1e-10) + 1e-300
-    nu = _proven_norm(q, a, b, lam, level)
-    b_norm = spectral.matrix_upper_bound(b)
+    nu = _proven_norm(q, a, b, lam, level, errors)
+    b_norm = math.nextafter(spectral.matrix_upper_bound(b) + errors[2], math.inf)
     square = spectral.mul_up(spectral.mul_up(nu, nu), spectral.mul_up(level, level))
     excess = max(0.0, spectral.mul_up(nu, nu) - 1.0)
     if excess > 0:
@@ -138,15 +139,23 @@ def residual_block_bound(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Q
     return QuadraticBound(value, (float(lam.min()), float(lam.max())), level, nu)
 
 
-def _proven_norm(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, level: float) -> float:
+def _proven_norm(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, level: float,
+                 errors: tuple[float, float, float]) -> float:
     """An upper bound on ||N|| for the exact Q, A, B: ||fl(N)|| proven, plus the Frobenius norm of a bound on the
-    rounding of N's entries (the product A B of h terms, the scalings, and the materialisation of Q, A, B)."""
+    rounding of N's entries (the product A B of h terms, the scalings), plus what the matrices' own errors
+    (``errors``: dQ, dA, dB) move N by: (dQ + (dA |B| + |A| dB + dA dB) / 2) / L, dA / sqrt(2 min Lambda) and
+    sqrt(max Lambda / 2) dB / L."""
     h = a.shape[1]
+    dq, da, db = errors
+    frob_a, frob_b = float(a.norm()), float(b.norm())
+    moved = ((dq + 0.5 * (da * frob_b + frob_a * db + da * db)) / level + da / math.sqrt(2 * float(lam.min()))
+             + math.sqrt(float(lam.max()) / 2) * db / level)
     left, right = 1 / (2 * lam).sqrt(), (lam / 2).sqrt()[:, None]
     top = torch.cat([(q - 0.5 * (a @ b)) / level, -a * left], dim=1)
     bottom = torch.cat([right * b / level, torch.zeros((h, h), dtype=a.dtype)], dim=1)
     abs_top = torch.cat([(q.abs() + 0.5 * (a.abs() @ b.abs())) / level, a.abs() * left], dim=1)
     abs_bottom = torch.cat([right * b.abs() / level, torch.zeros((h, h), dtype=a.dtype)], dim=1)
-    rounding = gamma(h + MATERIALISED_TERMS + 8, UNIT_ROUNDOFF[torch.float64]) * float(
+    rounding = gamma(h + 8, UNIT_ROUNDOFF[torch.float64]) * float(
         torch.linalg.matrix_norm(torch.cat([abs_top, abs_bottom]), ord="fro"))
-    return math.nextafter(spectral.matrix_upper_bound(torch.cat([top, bottom])) + rounding * (1 + 1e-12), math.inf)
+    return math.nextafter(spectral.matrix_upper_bound(torch.cat([top, bottom])) + (rounding + moved) * (1 + 1e-12),
+                          math.inf)
