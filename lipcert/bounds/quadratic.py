@@ -116,17 +116,18 @@ def residual_block_bound(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     a, b = a[:, keep], b[keep]
     if a.shape[1] == 0:
         return None
-    ratio = a.norm(dim=0) / b.norm(dim=1)
-    qbt = q @ b.T  # A = Q B^T S in an SLL block: S fitted per unit, where positive
-    fit = (a * qbt).sum(0) / (qbt * qbt).sum(0).clamp_min(1e-300)
-    shapes = [torch.ones_like(ratio)]
-    for shape in [ratio] + ([fit] if bool((fit > 0).all()) else []):
-        if all(float((shape / float(shape.mean()) - seen / float(seen.mean())).abs().max()) > 1e-3 for seen in shapes):
-            shapes.append(shape)  # a shape already searched (up to its scale) is not searched again
-    level2, lam = min((_search(q, a, b, shape) for shape in shapes), key=lambda t: t[0])
-    if not math.isfinite(level2):
-        return None
-    level2, lam = _refine(q, a, b, level2, lam)
+    level2, lam = _search(q, a, b, torch.ones(a.shape[1], dtype=a.dtype))
+    # L >= ||Q|| (the Jacobian where s is flat): at that level the choice cannot be improved
+    if not level2 <= float(torch.linalg.eigvalsh(q.T @ q)[-1]) * (1 + 1e-9):
+        ratio = a.norm(dim=0).clamp_min(1e-300) / b.norm(dim=1).clamp_min(1e-300)
+        qbt = q @ b.T  # A = Q B^T S in an SLL block: S fitted per unit, where positive
+        fit = (a * qbt).sum(0) / (qbt * qbt).sum(0).clamp_min(1e-300)
+        for shape in [ratio] + ([fit] if bool((fit > 0).all()) else []):
+            found = _search(q, a, b, shape)
+            level2, lam = min((level2, lam), found, key=lambda t: t[0])
+        if not math.isfinite(level2):
+            return None
+        level2, lam = _refine(q, a, b, level2, lam)
     level = math.sqrt(max(level2, 0.0)) * (1 + 1e-10) + 1e-300
     nu = _proven_norm(q, a, b, lam, level, errors)
     b_norm = math.nextafter(spectral.matrix_upper_bound(b) + errors[2], math.inf)
