@@ -186,3 +186,22 @@ def test_a_folded_constant_off_by_summation_order_is_taken_from_onnxruntime(monk
     assert not torch.equal(ours, graph.params["weight"])
     assert np.array_equal(graph.params["weight"].numpy(), expected)
     assert any("'weight'" in note and "taken from onnxruntime" in note for note in graph.notes)
+
+
+def test_a_report_on_a_model_loaded_unchecked_stops_where_onnxruntime_folds_another_constant(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Loaded without its cross-check, lipcert's own folded weight is what the bound is computed on: when the report's
+    cross-check finds onnxruntime computing another one, the run stops rather than certify the
+    deployed model with a bound on other weights."""
+    mul = type(REGISTRY["Mul"])
+    original = mul.run
+    monkeypatch.setattr(mul, "run", lambda self, node, inputs, ctx: [
+        original(self, node, inputs, ctx)[0] + 1e-4 * float(inputs[0].abs().max()) * (node.name == "compose")])
+    path = tmp_path / "scaled.onnx"
+    onnx.save(_scaled_weight_model(), path)
+    graph = lipcert.load_model(path, check=False)
+    x = np.random.default_rng(1).random((8, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(8, dtype=np.int64))
+    with pytest.raises(ModelError, match=r"onnxruntime computes the folded constant\(s\) weight differently"):
+        lipcert.certify(graph, str(tmp_path / "d.npz"), eps="0.1", attack=False, backend="onnxruntime")
+    assert lipcert.load_model(path).crosscheck.adopted == ["weight"]  # checked at load: onnxruntime's values

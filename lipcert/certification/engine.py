@@ -257,6 +257,11 @@ class Engine:
 
         self.crosscheck = check_points(self.graph, [("the data's first samples", model_input(x)),
                                                     ("points on their certified balls", model_input(ball))])
+        if self.crosscheck.adopted:
+            raise ModelError(f"onnxruntime computes the folded constant(s) {', '.join(self.crosscheck.adopted)} "
+                             "differently from lipcert, after the bound was computed on lipcert's: load the model with "
+                             "its cross-check (lipcert.load_model(..., check=True)), which takes onnxruntime's values",
+                             source=self.graph.source)
         self.checked = True
 
     def exact_logits(self, x: torch.Tensor, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

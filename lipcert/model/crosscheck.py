@@ -22,7 +22,7 @@ outside [0, 1]; ``lipcert report`` checks its own first samples and their certif
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -56,6 +56,8 @@ class CrossCheck:
     provider: str
     values: int = 0
     points: str = ""
+    #: folded constants this check replaced by onnxruntime's values (``_compare_constants``)
+    adopted: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,6 +229,7 @@ def check_points(graph: Graph, groups: list[tuple[str, torch.Tensor]], *, rtol: 
     module = GraphModule(graph)
     constants = module.constants()
     worst, largest, compared, total = 0.0, 0.0, 0, 0
+    adopted: list[str] = []
     for what, points in groups:
         for chunk, n in runtime_batches(graph, points.float().cpu()):
             try:
@@ -236,9 +239,10 @@ def check_points(graph: Graph, groups: list[tuple[str, torch.Tensor]], *, rtol: 
                 raise ModelError(f"onnxruntime cannot run the model at {what}: {str(exc).splitlines()[0]}",
                                  source=graph.source) from None
             if compared == 0:
-                folded, adopted = _compare_constants(graph, theirs)
+                folded, found = _compare_constants(graph, theirs)
                 compared += folded
-                if adopted:  # run with onnxruntime's constants from here on
+                adopted += found
+                if found:  # run with onnxruntime's constants from here on
                     module = GraphModule(graph)
                     constants = module.constants()
             with torch.no_grad():
@@ -251,7 +255,7 @@ def check_points(graph: Graph, groups: list[tuple[str, torch.Tensor]], *, rtol: 
             worst, largest, total = max(worst, rel), max(largest, gap), total + n
     return CrossCheck(max_abs_diff=largest, max_rel_diff=worst, tolerance=rtol, samples=total,
                       provider="CPUExecutionProvider", values=compared,
-                      points="; ".join(f"{len(p)} {what}" for what, p in groups))
+                      points="; ".join(f"{len(p)} {what}" for what, p in groups), adopted=adopted)
 
 
 def _require_finite(graph: Graph, mine: torch.Tensor, deployed: np.ndarray, what: str) -> None:
@@ -323,14 +327,15 @@ def constant_tolerance(ref: np.ndarray) -> np.ndarray:
 
 #: a float constant lipcert folded that differs from onnxruntime's by at most this much of its largest entry is
 #: the same computation in another order of summation (an ill-conditioned chain, such as a kernel composed at run
-#: time, moves its small entries): onnxruntime's values, which the deployed model runs, are taken
+#: time, moves its small entries): onnxruntime's values, which the deployed model runs, are taken, so that the
+#: bounds are about them
 ADOPT_TOLERANCE = 2.0 ** -12
 
 
 def _compare_constants(graph: Graph, theirs: dict[str, np.ndarray]) -> tuple[int, list[str]]:
     """Values lipcert computed at load and holds as constants (folding), against onnxruntime's; a float one that
-    differs only within ``ADOPT_TOLERANCE`` of its largest entry is replaced by onnxruntime's (noted on the graph).
-    Returns how many were compared and the names replaced."""
+    differs at all, but only within ``ADOPT_TOLERANCE`` of its largest entry, is replaced by onnxruntime's (noted on
+    the graph). Returns how many were compared and the names replaced."""
     producers = {o: n for n in graph.onnx_model.graph.node for o in n.output}
     count, adopted = 0, []
     for name, value in list(graph.params.items()):
@@ -341,7 +346,8 @@ def _compare_constants(graph: Graph, theirs: dict[str, np.ndarray]) -> tuple[int
         tol = np.zeros(ref.shape) if ref.dtype.kind != "f" else constant_tolerance(ref)
         problem = _differs(value, ref, tol)
         where = f"the constant {name!r} that lipcert folded from node {node.name or node.op_type!r} ({node.op_type})"
-        if problem and ref.dtype.kind == "f" and value.is_floating_point() and np.isfinite(ref).all():
+        if ref.dtype.kind == "f" and value.is_floating_point() and tuple(value.shape) == ref.shape \
+                and np.isfinite(ref).all() and not np.array_equal(value.detach().cpu().numpy(), ref):
             scale = float(np.abs(ref.astype(np.float64)).max())
             gap = float(np.abs(value.detach().cpu().double().numpy() - ref.astype(np.float64)).max())
             if gap <= ADOPT_TOLERANCE * scale:
