@@ -25,6 +25,14 @@ from .conftest import SAMPLES
 DIGITS_DENSE, DIGITS_TEST = SAMPLES / "digits_dense.onnx", SAMPLES / "digits_test.npz"
 
 
+def _flat_model(nodes: list, inputs: int, outputs: int, inits: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """An opset-13 model from ``nodes``, its input ``x`` (N, inputs) and output ``y`` (N, outputs) float."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])],
+                              [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
 def _hidden_behind_a_large_logit() -> onnx.ModelProto:
     """x (N, 6) -> reversed by Slice(step -1) -> Gemm to 2 logits, then a constant logit of 1e6 appended: a
     wrong slice changes the first two logits by O(1), far below 1e-4 of the largest output."""
@@ -39,10 +47,7 @@ def _hidden_behind_a_large_logit() -> onnx.ModelProto:
              helper.make_node("Mul", ["t", "zero"], ["nothing"], name="scale"),
              helper.make_node("Add", ["nothing", "big"], ["huge"], name="constant"),
              helper.make_node("Concat", ["z", "huge"], ["y"], name="logits", axis=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return _flat_model(nodes, 6, 3, inits)
 
 
 def test_a_difference_hidden_behind_a_large_logit_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,9 +68,7 @@ def test_a_difference_hidden_behind_a_large_logit_is_found(monkeypatch: pytest.M
 
 def _relu_model() -> onnx.ModelProto:
     nodes = [helper.make_node("Relu", ["x"], ["y"], name="act")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return _flat_model(nodes, 8, 8)
 
 
 def test_a_difference_only_far_outside_the_data_range_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,10 +85,7 @@ def test_a_folded_constant_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
     inits = {"start": np.array(0, np.int64), "limit": np.array(8, np.int64), "delta": np.array(1, np.int64)}
     nodes = [helper.make_node("Range", ["start", "limit", "delta"], ["idx"], name="positions"),
              helper.make_node("Gather", ["x", "idx"], ["y"], name="pick", axis=1)]
-    graph_proto = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
-                                    [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = _flat_model(nodes, 8, 8, inits)
     range_op = type(REGISTRY["Range"])
     original = range_op.run
     monkeypatch.setattr(range_op, "run", lambda self, node, inputs, ctx: [original(self, node, inputs, ctx)[0].flip(0)])
@@ -133,10 +133,7 @@ def _quotient_model() -> onnx.ModelProto:
              helper.make_node("IsNaN", ["q"], ["nan"], name="test"),
              helper.make_node("Where", ["nan", "zero", "q"], ["clean"], name="guard"),
              helper.make_node("Concat", ["clean", "a"], ["y"], name="out", axis=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return _flat_model(nodes, 4, 4, inits)
 
 
 def test_nan_matches_nan_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,10 +156,7 @@ def _scaled_weight_model() -> onnx.ModelProto:
     inits = {"w": w, "three": np.array(3.0, np.float32)}
     nodes = [helper.make_node("Mul", ["w", "three"], ["weight"], name="compose"),
              helper.make_node("MatMul", ["x", "weight"], ["y"], name="dense")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return _flat_model(nodes, 4, 3, inits)
 
 
 @pytest.mark.parametrize("shift", [1e-4, 1e-2])

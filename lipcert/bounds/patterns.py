@@ -22,7 +22,7 @@ from lipcert.bounds.quadratic import residual_block_bound
 from lipcert.bounds.rounding import UNIT_ROUNDOFF, gamma
 from lipcert.bounds.signed_zero import never_negative_zero
 from lipcert.bounds.spectral import mul_up
-from lipcert.bounds.steps import Context, Part, Step, repetitions
+from lipcert.bounds.steps import Context, Part, Step, absolute_chain, repetitions
 from lipcert.bounds.thresholds import current, record
 from lipcert.graph.core import Node
 from lipcert.graph.linop import (
@@ -683,18 +683,14 @@ def _sll_quadratic(a: LinearOperator, b: LinearOperator, skip: LinearOperator | 
 
 def _materialised_error(parts: list[Part]) -> float:
     """A bound on the Frobenius norm of the float64 error of a chain's explicit matrix (its operator run on the unit
-    vectors): gamma_T || |A_k| ... |A_1| ||_F with T the chain's accumulations plus 4 per node (as
-    ``setup.head_rows``); 0 for no node (the identity); inf when a node has no absolute map."""
+    vectors): gamma_T || |A_k| ... |A_1| ||_F (``absolute_chain``); 0 for no node (the identity); inf when a node
+    has no absolute map."""
     if not parts:
         return 0.0
-    roundings = [p.rounding for p in parts]
-    maps = [r.abs_op for r in roundings if r is not None and r.abs_op is not None]
-    if len(maps) < len(roundings):
+    chain = absolute_chain(parts)
+    if chain is None:
         return math.inf
-    absolute = maps[0]
-    for abs_op in maps[1:]:
-        absolute = absolute.then(abs_op)
-    terms = sum(r.terms + 4 for r in roundings if r is not None)
+    absolute, terms = chain
     return gamma(terms, UNIT_ROUNDOFF[torch.float64]) * float(absolute.to_dense().norm()) * (1 + 1e-12)
 
 

@@ -84,9 +84,7 @@ def _refine(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, level2: float,
 def _search(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shape: torch.Tensor) -> tuple[float, torch.Tensor]:
     """The least L^2 over Lambda = lambda ``shape`` (golden section on log lambda from where 2 Lambda > A^T A may
     start, up to ``_SPAN`` times it), and that Lambda."""
-    scaled = a / shape.sqrt()
-    top = float(torch.linalg.eigvalsh(scaled.T @ scaled)[-1]) if scaled.shape[1] <= scaled.shape[0] else \
-        float(torch.linalg.eigvalsh(scaled @ scaled.T)[-1])
+    top = spectral.largest_singular_value(a / shape.sqrt()) ** 2
     lo = math.log(max(top, 1e-300) / 2 * (1 + _LOW) + 1e-300)
     hi = lo + math.log(_SPAN)
     ratio = (math.sqrt(5) - 1) / 2
@@ -118,7 +116,7 @@ def residual_block_bound(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return None
     level2, lam = _search(q, a, b, torch.ones(a.shape[1], dtype=a.dtype))
     # L >= ||Q|| (the Jacobian where s is flat): at that level the choice cannot be improved
-    if not level2 <= float(torch.linalg.eigvalsh(q.T @ q)[-1]) * (1 + 1e-9):
+    if not level2 <= spectral.largest_singular_value(q) ** 2 * (1 + 1e-9):
         ratio = a.norm(dim=0).clamp_min(1e-300) / b.norm(dim=1).clamp_min(1e-300)
         qbt = q @ b.T  # A = Q B^T S in an SLL block: S fitted per unit, where positive
         fit = (a * qbt).sum(0) / (qbt * qbt).sum(0).clamp_min(1e-300)

@@ -34,6 +34,20 @@ class Part:
     output: str
 
 
+def absolute_chain(parts: list[Part]) -> tuple[LinearOperator, int] | None:
+    """The map |A_k| ... |A_1| of a chain of linear parts and its accumulations T (each part's terms plus 4), so
+    that its float64 evaluation errs by at most gamma_T times that map's output (Higham 3.5); None when a part's
+    float evaluation is unknown (no absolute map), or for no part."""
+    roundings = [p.rounding for p in parts]
+    maps = [r.abs_op for r in roundings if r is not None and r.abs_op is not None]
+    if not maps or len(maps) < len(roundings):
+        return None
+    absolute = maps[0]
+    for abs_op in maps[1:]:
+        absolute = absolute.then(abs_op)
+    return absolute, sum(r.terms + 4 for r in roundings if r is not None)
+
+
 @dataclass
 class Step:
     """One piece of the network: ``output = f(inputs)`` with a way to bound the Lipschitz constant of f."""

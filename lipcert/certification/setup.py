@@ -13,7 +13,7 @@ from lipcert.bounds.kinds import Linear
 from lipcert.bounds.propagate import check_network, propagate
 from lipcert.bounds.rounding import gamma
 from lipcert.bounds.rounding import plan as error_plan
-from lipcert.bounds.steps import Step
+from lipcert.bounds.steps import Step, absolute_chain
 from lipcert.certification.radii import BINARY_RULE, PER_PAIR_RULE, SQRT2_RULE, CertificateSetup
 from lipcert.errors import ConfigError
 from lipcert.graph.core import Graph
@@ -43,15 +43,11 @@ def head_rows(step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
     eye = torch.eye(op.out_numel, dtype=torch.float64).reshape((op.out_numel,) + tuple(op.out_shape))
     with torch.no_grad():
         rows = op.adjoint(eye).reshape(op.out_numel, -1)
-        roundings = [p.rounding for p in step.parts]
-        maps = [r.abs_op for r in roundings if r is not None and r.abs_op is not None]
-        if len(maps) < len(roundings):  # a part whose float evaluation is unknown
+        chain = absolute_chain(step.parts)
+        if chain is None:  # a part whose float evaluation is unknown
             return rows, torch.full((op.out_numel,), math.inf, dtype=torch.float64)
-        absolute = maps[0]
-        for abs_op in maps[1:]:
-            absolute = absolute.then(abs_op)
+        absolute, terms = chain
         magnitude = absolute.adjoint(eye).reshape(op.out_numel, -1).norm(dim=1)
-    terms = sum(r.terms + 4 for r in roundings if r is not None)
     return rows, magnitude * gamma(terms, 2.0 ** -53)
 
 
