@@ -57,6 +57,8 @@ CASES: dict[str, tuple[Callable[[Builder, str], str], bool, bool]] = {
     "conv_zero_bias": (lambda b, v: _conv(b, v, np.array([0.5, 0.0])), False, False),
     "copies": (lambda b, v: b.node("Transpose", [b.node("Concat", b.split(
         b.node("Add", [v, b.const(np.float32(1.0))]), 1, [1, 1], 2)[::-1], axis=1)], perm=[0, 2, 1, 3]), True, False),
+    "gather": (lambda b, v: b.node("Gather", [b.node("Add", [v, b.const(np.float32(1.0))]),
+                                              b.const(np.array([1, 0], np.int64), np.int64)], axis=1), True, False),
     "residual": (lambda b, v: b.node("Add", [b.node("Mul", [v, b.const(np.float32(-1.0))]),
                                              _conv(b, v, np.array([0.5, 0.5]))]), True, False),
     "gemm_beta": (lambda b, v: b.node("Gemm", [b.node("Flatten", [v], axis=1), b.const(-np.ones((8, 3), np.float32)),
@@ -105,3 +107,27 @@ def test_householder_by_angle_is_refused_where_its_x_may_be_negative_zero() -> N
         negative, positive = session.run(None, {"input": z})[0]
         jumped = float(np.abs(negative - positive).max())
         assert (jumped > 0.1) == (not proven), jumped
+
+
+@pytest.mark.parametrize("fill, proven", [(-0.0, False), (0.5, True)])
+def test_a_copy_of_a_constant_is_checked_too(fill: float, proven: bool) -> None:
+    """Concat(x + 0.0, c) at a fixed batch of 1: its entries copied from the constant c are -0.0 when c holds it
+    (onnxruntime shows them), so only a c without -0.0 is proven."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+             numpy_helper.from_array(np.full((1,) + SHAPE, fill, np.float32), "c")]
+    nodes = [helper.make_node("Add", ["input", "zero"], ["shifted"], name="shift"),
+             helper.make_node("Concat", ["shifted", "c"], ["logits"], name="join", axis=1)]
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+              for name, shape in (("input", (1,) + SHAPE), ("logits", (1, 4, 2, 2)))]
+    graph_proto = helper.make_graph(nodes, "g", values[:1], values[1:], inits)
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    graph = graph_from_onnx(model, "concat.onnx")
+    why = never_negative_zero(Context(graph), graph.output)
+    assert (why is None) == proven, why
+    if not proven:
+        assert why is not None and "copies a constant 'c'" in why
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    deployed = session.run(None, {"input": np.full((1,) + SHAPE, -0.0, np.float32)})[0]
+    assert (_negative_zeros(deployed) > 0) == (not proven)

@@ -14,10 +14,9 @@ import torch
 
 from lipcert.bounds.steps import Context
 from lipcert.graph.core import Node
+from lipcert.graph.ops import REGISTRY
+from lipcert.graph.ops.tensor import Copies
 
-#: operators whose output entries are copies of their data inputs' entries
-_COPIES = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice",
-                     "Concat", "DepthToSpace", "SpaceToDepth"})
 #: how many producers the walk looks through
 _DEPTH = 64
 
@@ -48,14 +47,15 @@ def never_negative_zero(ctx: Context, value: str, depth: int = _DEPTH) -> str | 
         return f"{value!r} is a graph input, which may hold -0.0"
     if depth <= 0:
         return f"{value!r} is computed by more than {_DEPTH} copies"
-    if node.op in _COPIES:
-        data = [node.inputs[i] for i in ctx.data_inputs(node)]
-        if node.op != "Concat":
-            data = data[:1]
-        for v in data:
-            why = never_negative_zero(ctx, v, depth - 1)
-            if why is not None:
-                return why
+    if node.op == "Identity" or (isinstance(REGISTRY.get(node.op), Copies) and node.op != "Pad"):
+        # copies of the entries of input 0 (a Concat: of every input); Pad also writes its value, maybe -0.0
+        for v in (node.inputs if node.op == "Concat" else node.inputs[:1]):
+            if v in ctx.data:
+                why = never_negative_zero(ctx, v, depth - 1)
+                if why is not None:
+                    return why
+            elif not _operand_free(ctx, v, True, depth):
+                return f"{node.op} node {node.name!r} copies a constant {v!r} that may hold -0.0"
         return None
     if node.op == "Add" and any(_operand_free(ctx, v, True, depth) for v in node.inputs[:2]):
         return None  # a + b is -0.0 only when both are
