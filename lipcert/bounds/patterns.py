@@ -612,6 +612,7 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
         allowed = 1e-5 * max(mul_up(check.b_norm, check.skip_norm), 1e-30) if check is not None else 0.0
         form, fit = ("x - B^T S s(Bx + b)", "A = B^T S") if s_chain is None else \
             ("Q x - Q B^T S s(Bx + b)", "A = Q B^T S")
+        s_names = [n.name for n, _ in s_nodes]
         if check is None or check.residual > allowed:
             miss = (f"not an SLL block: no diagonal S >= 0 with {fit} was found, or the operators are too large to "
                     "check" if check is None else
@@ -634,9 +635,8 @@ def sll_block(ctx: Context, node: Node) -> Step | None:
             reason = ((f"||S^1/2 B|| <= {check.sqrt_s_b:.6g} <= sqrt(2) (Araujo et al. 2023)" if q2 <= 2.0 else
                        f"||S^1/2 B||^2 <= {q2:.10g} > 2: I - B^T S D B has eigenvalues in [1 - {q2:.10g}, 1]")
                       + f", from the {check.method}; {fit} up to {check.residual:.2g}, adding {slack:.2g}"
-                      + (f"; the skip {', '.join(n.name for n, _ in s_nodes)} is Q with ||Q|| <= "
-                         f"{check.skip_norm:.10g}" if s_chain is not None else ""))
-        s_names = [n.name for n, _ in s_nodes]
+                      + (f"; the skip {', '.join(s_names)} is Q with ||Q|| <= {check.skip_norm:.10g}"
+                         if s_chain is not None else ""))
         names = s_names + [n.name for n, _ in a_nodes] + [act.name] + [n.name for n, _ in b_nodes] + [node.name]
         hidden, act_shape = act.inputs[0], ctx.known_shape(act.outputs[0])  # known: A's chain reads it
         act_rule = REGISTRY[act.op]
